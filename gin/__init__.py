@@ -1,0 +1,1 @@
+"""Gin configuration files shipped with parti_jax (installed as `parti_jax.gin`)."""

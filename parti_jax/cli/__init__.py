@@ -1,0 +1,1 @@
+"""Thin entry points: parse flags and gin, then call library code."""

@@ -1,0 +1,21 @@
+"""`parti-jax demo`: The whole pipeline on the embedded shapes world, small and on CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from parti_jax.cli import flags
+
+DESCRIPTION = "The whole pipeline on the embedded shapes world, small and on CPU."
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = flags.make_parser("demo", DESCRIPTION)
+    args = flags.parse_args(parser, argv)
+    flags.setup_gin(args)
+    if args.workdir:
+        flags.write_config(flags.check_workdir(args.workdir))
+    raise flags.UsageError(
+        "the `demo` stage is not built yet (tracked in issue 6); "
+        "flags and gin config were parsed and are valid"
+    )

@@ -1,0 +1,1 @@
+"""parti_jax.vqgan"""

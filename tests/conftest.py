@@ -1,0 +1,38 @@
+"""Test set-up: an 8-device CPU platform (a 2x4 mesh), float32, a shared compile cache.
+
+XLA_FLAGS must be set before jax is imported anywhere, so this file sets it at
+import time; pytest imports conftest.py before the test modules.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# TensorFlow must not grab every core's threads or any accelerator.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+_CACHE = pathlib.Path(
+    os.environ.get("PARTI_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "parti_jax_tests")
+)
+_CACHE.mkdir(parents=True, exist_ok=True)
+# Subprocesses (CLI and multi-process tests) share the persistent compile cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def cpu_devices():
+    devices = jax.devices()
+    assert len(devices) == 8, f"tests expect 8 CPU devices, got {len(devices)}"
+    return devices
