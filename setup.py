@@ -62,7 +62,7 @@ setup(
         "parti_jax.gin": "gin",
     },
     package_data={
-        "parti_jax.gin": ["*.gin", "models/*.gin", "runs/*.gin", "vqgan/*.gin", "upsampler/*.gin"],
+        "parti_jax.gin": ["*/*.gin"],
         "parti_jax.data": ["assets/*"],
         "parti_jax.launch": ["templates/*"],
         "parti_jax.eval": ["static/*"],

@@ -29,8 +29,19 @@ class UsageError(Exception):
 
 
 def gin_dir() -> Path:
-    """The gin folder shipped inside the package (`parti_jax.gin`)."""
-    return Path(str(importlib.resources.files("parti_jax.gin")))
+    """The gin folder shipped with parti_jax.
+
+    A wheel installs it as `parti_jax/gin/` (package data of the namespace
+    `parti_jax.gin`); an editable install leaves it at the repository's top
+    level beside `parti_jax/`. The folder has no `__init__.py` on purpose: one
+    would shadow the gin-config package whenever the repository root is on
+    sys.path.
+    """
+    package = Path(str(importlib.resources.files("parti_jax")))
+    for candidate in (package / "gin", package.parent / "gin"):
+        if (candidate / "models").is_dir():
+            return candidate
+    raise UsageError(f"the gin folder shipped with parti_jax is missing (looked in {package})")
 
 
 @dataclasses.dataclass

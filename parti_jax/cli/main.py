@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("parti_jax.cli.launch", "run on TPU pods, GKE, SLURM or local processes"),
     "demo": ("parti_jax.cli.demo", "the whole pipeline on the shapes world, on CPU"),
     "benchmark": ("parti_jax.cli.benchmark", "speed of train step, sampling, VQGAN, input"),
+    "train-vocab": ("parti_jax.cli.train_vocab", "train the SentencePiece text vocabulary"),
 }
 
 

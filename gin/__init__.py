@@ -1,1 +1,0 @@
-"""Gin configuration files shipped with parti_jax (installed as `parti_jax.gin`)."""
