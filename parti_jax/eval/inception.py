@@ -1,0 +1,486 @@
+"""Inception-v3 as used for FID (pytorch-fid / clean-fid's `pt_inception-2015-12-05`), in Flax.
+
+The network is TensorFlow's 2015-12-05 Inception graph that the original FID
+code used, as ported to PyTorch by pytorch-fid (`FIDInceptionV3`). It differs
+from torchvision's Inception-v3 in its weights and in four blocks:
+
+- Mixed_5b/5c/5d (FIDInceptionA), Mixed_6b..6e (FIDInceptionC) and Mixed_7b
+  (FIDInceptionE_1): the pooling branch averages over the 3x3 window without
+  counting zero padding (TF's avg-pool; `count_include_pad=False`).
+- Mixed_7c (FIDInceptionE_2): the pooling branch is a 3x3 *max* pool.
+
+Features are the 2048-d output of the final average pool ("pool3"). Input:
+images float in [0, 1], [B, H, W, 3] (uint8 is divided by 255), resized to
+299x299 bilinearly (half-pixel centres, no antialiasing, as torch's
+`F.interpolate(mode="bilinear", align_corners=False)`), then scaled to [-1, 1].
+
+Weights: a `.npz` with one array per parameter, keyed by the PyTorch
+state_dict names of pytorch-fid's FID Inception (`fc.*` and
+`*.num_batches_tracked` left out); `EXPECTED_PARAMS` lists every key and shape,
+for example::
+
+    Conv2d_1a_3x3.conv.weight      (32, 3, 3, 3)   torch conv layout (O, I, kH, kW)
+    Conv2d_1a_3x3.bn.weight        (32,)           BatchNorm scale (gamma)
+    Conv2d_1a_3x3.bn.bias          (32,)           BatchNorm shift (beta)
+    Conv2d_1a_3x3.bn.running_mean  (32,)
+    Conv2d_1a_3x3.bn.running_var   (32,)
+    Mixed_5b.branch1x1.conv.weight (64, 192, 1, 1)
+    ...
+
+`load_params` converts conv kernels to Flax's (kH, kW, I, O). Every conv has
+no bias and is followed by BatchNorm (eps 1e-3) and ReLU. Make the file with
+scripts/convert_fid_inception.py where torch and the official weights exist.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+IMAGE_SIZE = 299
+FEATURE_DIM = 2048
+BN_EPS = 1e-3
+BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+
+
+class WeightsError(ValueError):
+    """The Inception weights file is missing keys, has extra keys or misshaped arrays."""
+
+
+# --------------------------------------------------------------------------- expected table
+# One entry per BasicConv2d: (torch module path, in channels, out channels, (kH, kW)).
+# Written from the torchvision / pytorch-fid module definitions, independently of the
+# Flax modules below (a test checks the two agree).
+
+
+def _block_a(name: str, cin: int, pool: int) -> list[tuple[str, int, int, tuple[int, int]]]:
+    return [
+        (f"{name}.branch1x1", cin, 64, (1, 1)),
+        (f"{name}.branch5x5_1", cin, 48, (1, 1)),
+        (f"{name}.branch5x5_2", 48, 64, (5, 5)),
+        (f"{name}.branch3x3dbl_1", cin, 64, (1, 1)),
+        (f"{name}.branch3x3dbl_2", 64, 96, (3, 3)),
+        (f"{name}.branch3x3dbl_3", 96, 96, (3, 3)),
+        (f"{name}.branch_pool", cin, pool, (1, 1)),
+    ]
+
+
+def _block_b(name: str, cin: int) -> list[tuple[str, int, int, tuple[int, int]]]:
+    return [
+        (f"{name}.branch3x3", cin, 384, (3, 3)),
+        (f"{name}.branch3x3dbl_1", cin, 64, (1, 1)),
+        (f"{name}.branch3x3dbl_2", 64, 96, (3, 3)),
+        (f"{name}.branch3x3dbl_3", 96, 96, (3, 3)),
+    ]
+
+
+def _block_c(name: str, cin: int, c7: int) -> list[tuple[str, int, int, tuple[int, int]]]:
+    return [
+        (f"{name}.branch1x1", cin, 192, (1, 1)),
+        (f"{name}.branch7x7_1", cin, c7, (1, 1)),
+        (f"{name}.branch7x7_2", c7, c7, (1, 7)),
+        (f"{name}.branch7x7_3", c7, 192, (7, 1)),
+        (f"{name}.branch7x7dbl_1", cin, c7, (1, 1)),
+        (f"{name}.branch7x7dbl_2", c7, c7, (7, 1)),
+        (f"{name}.branch7x7dbl_3", c7, c7, (1, 7)),
+        (f"{name}.branch7x7dbl_4", c7, c7, (7, 1)),
+        (f"{name}.branch7x7dbl_5", c7, 192, (1, 7)),
+        (f"{name}.branch_pool", cin, 192, (1, 1)),
+    ]
+
+
+def _block_d(name: str, cin: int) -> list[tuple[str, int, int, tuple[int, int]]]:
+    return [
+        (f"{name}.branch3x3_1", cin, 192, (1, 1)),
+        (f"{name}.branch3x3_2", 192, 320, (3, 3)),
+        (f"{name}.branch7x7x3_1", cin, 192, (1, 1)),
+        (f"{name}.branch7x7x3_2", 192, 192, (1, 7)),
+        (f"{name}.branch7x7x3_3", 192, 192, (7, 1)),
+        (f"{name}.branch7x7x3_4", 192, 192, (3, 3)),
+    ]
+
+
+def _block_e(name: str, cin: int) -> list[tuple[str, int, int, tuple[int, int]]]:
+    return [
+        (f"{name}.branch1x1", cin, 320, (1, 1)),
+        (f"{name}.branch3x3_1", cin, 384, (1, 1)),
+        (f"{name}.branch3x3_2a", 384, 384, (1, 3)),
+        (f"{name}.branch3x3_2b", 384, 384, (3, 1)),
+        (f"{name}.branch3x3dbl_1", cin, 448, (1, 1)),
+        (f"{name}.branch3x3dbl_2", 448, 384, (3, 3)),
+        (f"{name}.branch3x3dbl_3a", 384, 384, (1, 3)),
+        (f"{name}.branch3x3dbl_3b", 384, 384, (3, 1)),
+        (f"{name}.branch_pool", cin, 192, (1, 1)),
+    ]
+
+
+CONV_SPECS: tuple[tuple[str, int, int, tuple[int, int]], ...] = tuple(
+    [
+        ("Conv2d_1a_3x3", 3, 32, (3, 3)),
+        ("Conv2d_2a_3x3", 32, 32, (3, 3)),
+        ("Conv2d_2b_3x3", 32, 64, (3, 3)),
+        ("Conv2d_3b_1x1", 64, 80, (1, 1)),
+        ("Conv2d_4a_3x3", 80, 192, (3, 3)),
+    ]
+    + _block_a("Mixed_5b", 192, 32)
+    + _block_a("Mixed_5c", 256, 64)
+    + _block_a("Mixed_5d", 288, 64)
+    + _block_b("Mixed_6a", 288)
+    + _block_c("Mixed_6b", 768, 128)
+    + _block_c("Mixed_6c", 768, 160)
+    + _block_c("Mixed_6d", 768, 160)
+    + _block_c("Mixed_6e", 768, 192)
+    + _block_d("Mixed_7a", 768)
+    + _block_e("Mixed_7b", 1280)
+    + _block_e("Mixed_7c", 2048)
+)
+
+
+def expected_params() -> dict[str, tuple[int, ...]]:
+    """Every key of the weights .npz and its shape (torch layout)."""
+    table: dict[str, tuple[int, ...]] = {}
+    for name, cin, cout, (kh, kw) in CONV_SPECS:
+        table[f"{name}.conv.weight"] = (cout, cin, kh, kw)
+        for field in BN_FIELDS:
+            table[f"{name}.bn.{field}"] = (cout,)
+    return table
+
+
+EXPECTED_PARAMS: dict[str, tuple[int, ...]] = expected_params()
+
+
+# --------------------------------------------------------------------------- Flax modules
+
+
+class BasicConv(nn.Module):
+    """Conv (no bias) + BatchNorm (running statistics, eps 1e-3) + ReLU."""
+
+    features: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        ph, pw = self.padding
+        x = nn.Conv(
+            self.features,
+            self.kernel,
+            strides=self.strides,
+            padding=((ph, ph), (pw, pw)),
+            use_bias=False,
+            name="conv",
+        )(x)
+        x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, name="bn")(x)
+        return nn.relu(x)
+
+
+def _avg_pool_same(x: Array) -> Array:
+    """3x3 stride-1 average pool that ignores the zero padding (TF's avg-pool)."""
+    return nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+def _max_pool_valid(x: Array) -> Array:
+    return nn.max_pool(x, (3, 3), (2, 2), padding="VALID")
+
+
+class InceptionA(nn.Module):
+    pool_features: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b1 = BasicConv(64, (1, 1), name="branch1x1")(x)
+        b5 = BasicConv(48, (1, 1), name="branch5x5_1")(x)
+        b5 = BasicConv(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
+        b3 = BasicConv(64, (1, 1), name="branch3x3dbl_1")(x)
+        b3 = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
+        b3 = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
+        bp = BasicConv(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_same(x))
+        return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+class InceptionB(nn.Module):
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b3 = BasicConv(384, (3, 3), strides=(2, 2), name="branch3x3")(x)
+        bd = BasicConv(64, (1, 1), name="branch3x3dbl_1")(x)
+        bd = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
+        bd = BasicConv(96, (3, 3), strides=(2, 2), name="branch3x3dbl_3")(bd)
+        return jnp.concatenate([b3, bd, _max_pool_valid(x)], axis=-1)
+
+
+class InceptionC(nn.Module):
+    channels_7x7: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c7 = self.channels_7x7
+        b1 = BasicConv(192, (1, 1), name="branch1x1")(x)
+        b7 = BasicConv(c7, (1, 1), name="branch7x7_1")(x)
+        b7 = BasicConv(c7, (1, 7), padding=(0, 3), name="branch7x7_2")(b7)
+        b7 = BasicConv(192, (7, 1), padding=(3, 0), name="branch7x7_3")(b7)
+        bd = BasicConv(c7, (1, 1), name="branch7x7dbl_1")(x)
+        bd = BasicConv(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_2")(bd)
+        bd = BasicConv(c7, (1, 7), padding=(0, 3), name="branch7x7dbl_3")(bd)
+        bd = BasicConv(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_4")(bd)
+        bd = BasicConv(192, (1, 7), padding=(0, 3), name="branch7x7dbl_5")(bd)
+        bp = BasicConv(192, (1, 1), name="branch_pool")(_avg_pool_same(x))
+        return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+class InceptionD(nn.Module):
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b3 = BasicConv(192, (1, 1), name="branch3x3_1")(x)
+        b3 = BasicConv(320, (3, 3), strides=(2, 2), name="branch3x3_2")(b3)
+        b7 = BasicConv(192, (1, 1), name="branch7x7x3_1")(x)
+        b7 = BasicConv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
+        b7 = BasicConv(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
+        b7 = BasicConv(192, (3, 3), strides=(2, 2), name="branch7x7x3_4")(b7)
+        return jnp.concatenate([b3, b7, _max_pool_valid(x)], axis=-1)
+
+
+class InceptionE(nn.Module):
+    """`pool="avg"`: FIDInceptionE_1 (Mixed_7b); `pool="max"`: FIDInceptionE_2 (Mixed_7c)."""
+
+    pool: str = "avg"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b1 = BasicConv(320, (1, 1), name="branch1x1")(x)
+        b3 = BasicConv(384, (1, 1), name="branch3x3_1")(x)
+        b3 = jnp.concatenate(
+            [
+                BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+                BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+            ],
+            axis=-1,
+        )
+        bd = BasicConv(448, (1, 1), name="branch3x3dbl_1")(x)
+        bd = BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
+        bd = jnp.concatenate(
+            [
+                BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+                BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+            ],
+            axis=-1,
+        )
+        if self.pool == "max":
+            pooled = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
+        else:
+            pooled = _avg_pool_same(x)
+        bp = BasicConv(192, (1, 1), name="branch_pool")(pooled)
+        return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+
+
+def resize_images(images: Array, size: int = IMAGE_SIZE) -> Array:
+    """Bilinear resize to size x size as torch's `F.interpolate(..., align_corners=False)`.
+
+    Half-pixel centres and no antialiasing: downscaling samples two input pixels
+    per axis, as pytorch-fid does (jax.image.resize antialiases by default).
+    """
+    if images.shape[1:3] == (size, size):
+        return images
+    shape = (images.shape[0], size, size, images.shape[3])
+    return jax.image.resize(images, shape, "bilinear", antialias=False)
+
+
+class FIDInceptionV3(nn.Module):
+    """Images [B, H, W, 3] in [0, 1] -> pool3 features [B, 2048] (float32)."""
+
+    resize_input: bool = True
+
+    @nn.compact
+    def __call__(self, images: Array) -> Array:
+        x = images.astype(jnp.float32)
+        if self.resize_input:
+            x = resize_images(x)
+        x = 2.0 * x - 1.0
+        x = BasicConv(32, (3, 3), strides=(2, 2), name="Conv2d_1a_3x3")(x)
+        x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
+        x = BasicConv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
+        x = _max_pool_valid(x)
+        x = BasicConv(80, (1, 1), name="Conv2d_3b_1x1")(x)
+        x = BasicConv(192, (3, 3), name="Conv2d_4a_3x3")(x)
+        x = _max_pool_valid(x)
+        x = InceptionA(32, name="Mixed_5b")(x)
+        x = InceptionA(64, name="Mixed_5c")(x)
+        x = InceptionA(64, name="Mixed_5d")(x)
+        x = InceptionB(name="Mixed_6a")(x)
+        x = InceptionC(128, name="Mixed_6b")(x)
+        x = InceptionC(160, name="Mixed_6c")(x)
+        x = InceptionC(160, name="Mixed_6d")(x)
+        x = InceptionC(192, name="Mixed_6e")(x)
+        x = InceptionD(name="Mixed_7a")(x)
+        x = InceptionE("avg", name="Mixed_7b")(x)
+        x = InceptionE("max", name="Mixed_7c")(x)
+        return jnp.mean(x, axis=(1, 2))
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _iter_leaves(
+    tree: dict, prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], object]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _iter_leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def flax_to_torch_name(collection: str, path: tuple[str, ...]) -> str:
+    """Maps a Flax variable (collection, module path) to its torch state_dict name."""
+    *modules, layer, leaf = path
+    name = {
+        ("params", "conv", "kernel"): "conv.weight",
+        ("params", "bn", "scale"): "bn.weight",
+        ("params", "bn", "bias"): "bn.bias",
+        ("batch_stats", "bn", "mean"): "bn.running_mean",
+        ("batch_stats", "bn", "var"): "bn.running_var",
+    }.get((collection, layer, leaf))
+    if name is None:
+        raise KeyError(f"no torch name for Flax variable {collection}/{'/'.join(path)}")
+    return ".".join([*modules, name])
+
+
+def flax_variable_shapes() -> dict[str, tuple[int, ...]]:
+    """The Flax module's variables as torch names with torch-layout shapes (no compute)."""
+    model = FIDInceptionV3(resize_input=False)
+    shapes = jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
+    )
+    out: dict[str, tuple[int, ...]] = {}
+    for collection, tree in shapes.items():
+        for path, leaf in _iter_leaves(tree):
+            shape = tuple(leaf.shape)
+            if len(shape) == 4:  # flax (kH, kW, I, O) -> torch (O, I, kH, kW)
+                shape = (shape[3], shape[2], shape[0], shape[1])
+            out[flax_to_torch_name(collection, path)] = shape
+    return out
+
+
+def npz_key_for_torch_key(key: str) -> str | None:
+    """The .npz key for a pytorch-fid state_dict key, or None for keys the .npz leaves out.
+
+    The .npz keeps torch's names; it drops the classifier (`fc.*`), the auxiliary
+    head (`AuxLogits.*`, absent from the FID network) and BatchNorm's
+    `num_batches_tracked` counters. scripts/convert_fid_inception.py uses this.
+    """
+    if key.startswith(("fc.", "AuxLogits.")) or key.endswith(".num_batches_tracked"):
+        return None
+    return key
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
+    """Raises WeightsError naming every missing, extra or misshaped key (vs EXPECTED_PARAMS)."""
+    problems = []
+    missing = sorted(set(EXPECTED_PARAMS) - set(arrays))
+    extra = sorted(set(arrays) - set(EXPECTED_PARAMS))
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:10])}")
+    if extra:
+        problems.append(
+            f"{len(extra)} extra key(s): {', '.join(extra[:10])} "
+            "(leave out fc.* and *.num_batches_tracked)"
+        )
+    for key in sorted(set(EXPECTED_PARAMS) & set(arrays)):
+        shape = tuple(np.shape(arrays[key]))
+        if shape != EXPECTED_PARAMS[key]:
+            problems.append(f"key {key} has shape {shape}, expected {EXPECTED_PARAMS[key]}")
+        elif not np.issubdtype(np.asarray(arrays[key]).dtype, np.floating):
+            problems.append(f"key {key} has dtype {arrays[key].dtype}, expected a float type")
+    if problems:
+        raise WeightsError(f"{where}: " + "; ".join(problems))
+
+
+def torch_state_to_npz_arrays(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A pytorch-fid state_dict (as numpy arrays) -> the .npz's arrays (float32, torch layout)."""
+    arrays = {}
+    for key, value in state.items():
+        npz_key = npz_key_for_torch_key(key)
+        if npz_key is not None:
+            arrays[npz_key] = np.asarray(value, dtype=np.float32)
+    check_arrays(arrays, "state_dict")
+    return arrays
+
+
+def validate_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Checks a weights .npz against EXPECTED_PARAMS; returns its arrays (float32).
+
+    Raises WeightsError naming every missing, extra or misshaped key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(
+            f"{path}: no such Inception weights file; make one with "
+            "scripts/convert_fid_inception.py"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+    except Exception as e:  # zipfile/pickle/format errors all mean "not our npz"
+        raise WeightsError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    check_arrays(arrays, str(path))
+    return {k: v.astype(np.float32, copy=False) for k, v in arrays.items()}
+
+
+def params_from_arrays(arrays: dict[str, np.ndarray]) -> dict:
+    """Torch-named arrays -> Flax variables {'params': ..., 'batch_stats': ...}."""
+    variables: dict = {"params": {}, "batch_stats": {}}
+    for name, *_ in CONV_SPECS:
+        node_p = variables["params"]
+        node_s = variables["batch_stats"]
+        for part in name.split("."):
+            node_p = node_p.setdefault(part, {})
+            node_s = node_s.setdefault(part, {})
+        w = arrays[f"{name}.conv.weight"]
+        node_p["conv"] = {"kernel": np.ascontiguousarray(w.transpose(2, 3, 1, 0))}
+        node_p["bn"] = {"scale": arrays[f"{name}.bn.weight"], "bias": arrays[f"{name}.bn.bias"]}
+        node_s["bn"] = {
+            "mean": arrays[f"{name}.bn.running_mean"],
+            "var": arrays[f"{name}.bn.running_var"],
+        }
+    return variables
+
+
+def load_params(path: str | os.PathLike) -> dict:
+    """Validates and loads a weights .npz as Flax variables for FIDInceptionV3.
+
+    Cached per (path, size, mtime), so several suites in one process read it once.
+    """
+    path = Path(path)
+    stat = path.stat() if path.is_file() else None
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns) if stat else None
+    if key is None:
+        validate_npz(path)  # raises the "no such file" error
+    return _load_params_cached(key)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_params_cached(key: tuple[str, int, int]) -> dict:
+    return jax.tree.map(jnp.asarray, params_from_arrays(validate_npz(key[0])))
+
+
+@functools.partial(jax.jit, static_argnames=("resize_input",))
+def _features(variables: dict, images: Array, resize_input: bool = True) -> Array:
+    return FIDInceptionV3(resize_input=resize_input).apply(variables, images)
+
+
+def inception_features(variables: dict, images: np.ndarray | Array) -> Array:
+    """pool3 features [B, 2048] for images [B, H, W, 3] in [0, 1] (uint8 is scaled by 1/255)."""
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [B, H, W, 3], got shape {tuple(images.shape)}")
+    if images.dtype == jnp.uint8:
+        images = images.astype(jnp.float32) / 255.0
+    return _features(variables, images.astype(jnp.float32))
