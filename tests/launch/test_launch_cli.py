@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 import shlex
 import sys
-from pathlib import Path
 
 import pytest
 
-
-def _import_gin_config() -> None:
-    """Imports gin-config, not the repository's `gin/` data folder.
-
-    pytest puts the repository root on sys.path (tests/ is a package), where
-    `gin/__init__.py` shadows gin-config. Until that folder stops being a
-    regular package, import the real one with the root hidden.
-    """
-    if hasattr(sys.modules.get("gin"), "parse_config"):
-        return
-    sys.modules.pop("gin", None)
-    root = Path(__file__).resolve().parents[2]
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    try:
-        importlib.import_module("gin")
-    finally:
-        sys.path[:] = saved
-
-
-_import_gin_config()
-
-from parti_jax.cli import flags  # noqa: E402
-from parti_jax.cli import main as cli  # noqa: E402
+from parti_jax.cli import flags
+from parti_jax.cli import main as cli
 
 TRAIN = ["parti-jax", "train", "--gin_file=runs/x.gin", "--workdir=gs://bucket/run1"]
 
