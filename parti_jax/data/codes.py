@@ -1,0 +1,457 @@
+"""Precomputed image codes: TFRecord shards plus `codes_meta.json`.
+
+A codes folder holds shards of `tf.train.Example` records
+
+    id           bytes   the example's id (str ids are stored UTF-8)
+    text         bytes   the caption, UTF-8
+    image_codes  bytes   h * w raw codebook indices in raster order, little-endian
+                         uint16 when the codebook has <= 65536 entries (2 bytes a
+                         code: a 32x32 grid is 2 KiB), else int32 ("codes_dtype")
+
+and `codes_meta.json` (docs/DESIGN.md §3 "Compatibility records"):
+codebook_size, grid [h, w], codebook_hash, image_size, vqgan_checkpoint,
+vqgan_step, source_task, split, num_examples, shards [{path, count}] (paths
+relative to the folder), plus codes_dtype and format_version.
+
+Writing is crash-safe: `CodesShardWriter` writes `<shard>.incomplete` and
+renames it to `<shard>` only when closed, so a complete-looking shard is
+always complete and an interrupted run loses only the shard in progress;
+`finalize_codes_meta` writes the meta last, after every shard is complete.
+precompute-codes writes per-host shards (`shard-{host:03d}-{index:05d}.tfrecord`)
+and resumes by skipping those for which `shard_is_complete` holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+META_FILE = "codes_meta.json"
+INCOMPLETE_SUFFIX = ".incomplete"
+FORMAT_VERSION = 1
+REQUIRED_META_KEYS = (
+    "codebook_size",
+    "grid",
+    "codebook_hash",
+    "image_size",
+    "vqgan_checkpoint",
+    "vqgan_step",
+    "source_task",
+    "split",
+    "num_examples",
+    "shards",
+)
+
+
+def codes_dtype_for(codebook_size: int) -> str:
+    """Storage dtype: uint16 when every index fits (K <= 65536), else int32."""
+    return "uint16" if codebook_size <= 65536 else "int32"
+
+
+def _check_codes(
+    codes: np.ndarray, *, codebook_size: int, num_codes: int, where: str
+) -> np.ndarray:
+    """Flattened int64 codes, or a ValueError naming `where` and the problem."""
+    codes = np.asarray(codes)
+    if codes.dtype.kind not in "iu":
+        raise ValueError(f"{where}: image codes must be integers, got dtype {codes.dtype}")
+    codes = codes.reshape(-1).astype(np.int64)
+    if codes.size != num_codes:
+        raise ValueError(
+            f"{where}: {codes.size} image codes, expected {num_codes} (the grid's h * w)"
+        )
+    bad = (codes < 0) | (codes >= codebook_size)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ValueError(
+            f"{where}: image code {int(codes[first])} at position {first} is outside "
+            f"[0, {codebook_size}) (codebook_size {codebook_size}); these codes come from "
+            "another VQGAN or the shard is corrupt"
+        )
+    return codes
+
+
+# ------------------------------------------------------------------ writing
+class CodesShardWriter:
+    """Writes one shard atomically: `.write(...)` records, `.close()` publishes it.
+
+    Use as a context manager: on an exception the partial `.incomplete` file is
+    removed and the shard name never appears.
+    """
+
+    def __init__(
+        self, codes_dir: str, shard_name: str, *, codebook_size: int, grid: Sequence[int]
+    ) -> None:
+        if os.path.basename(shard_name) != shard_name or shard_name in ("", ".", ".."):
+            raise ValueError(f"shard_name must be a plain file name, got {shard_name!r}")
+        if shard_name == META_FILE or shard_name.endswith(INCOMPLETE_SUFFIX):
+            raise ValueError(f"shard_name {shard_name!r} is reserved")
+        self.codebook_size = int(codebook_size)
+        self.grid = tuple(int(g) for g in grid)
+        self.num_codes = self.grid[0] * self.grid[1]
+        self.dtype = codes_dtype_for(self.codebook_size)
+        self.path = os.path.join(codes_dir, shard_name)
+        self.tmp_path = self.path + INCOMPLETE_SUFFIX
+        if tf.io.gfile.exists(self.path):
+            raise FileExistsError(
+                f"{self.path}: a complete shard already exists; skip it when resuming "
+                "(codes.shard_is_complete) or delete it to rewrite it"
+            )
+        tf.io.gfile.makedirs(codes_dir)
+        self._writer = tf.io.TFRecordWriter(self.tmp_path)
+        self.count = 0
+        self._closed = False
+
+    def write(self, example_id: str | bytes, text: str, image_codes: np.ndarray) -> None:
+        """Appends one record; codes are validated against the codebook and grid."""
+        if self._closed:
+            raise ValueError(f"{self.path}: write after close")
+        codes = _check_codes(
+            image_codes,
+            codebook_size=self.codebook_size,
+            num_codes=self.num_codes,
+            where=f"{self.path}: record {self.count} (id {example_id!r})",
+        )
+        example_id = example_id.encode("utf-8") if isinstance(example_id, str) else example_id
+        raw = codes.astype("<u2" if self.dtype == "uint16" else "<i4").tobytes()
+        features = {
+            "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[bytes(example_id)])),
+            "text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode("utf-8")])),
+            "image_codes": tf.train.Feature(bytes_list=tf.train.BytesList(value=[raw])),
+        }
+        record = tf.train.Example(features=tf.train.Features(feature=features))
+        self._writer.write(record.SerializeToString())
+        self.count += 1
+
+    def close(self) -> int:
+        """Flushes, renames `<shard>.incomplete` to `<shard>` and returns the record count."""
+        if not self._closed:
+            self._writer.close()
+            tf.io.gfile.rename(self.tmp_path, self.path, overwrite=False)
+            self._closed = True
+        return self.count
+
+    def abort(self) -> None:
+        """Drops the partial shard (the final name is never created)."""
+        if not self._closed:
+            self._writer.close()
+            if tf.io.gfile.exists(self.tmp_path):
+                tf.io.gfile.remove(self.tmp_path)
+            self._closed = True
+
+    def __enter__(self) -> CodesShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def shard_is_complete(codes_dir: str, shard_name: str) -> bool:
+    """True when `shard_name` was closed by a writer (resume skips it)."""
+    return tf.io.gfile.exists(os.path.join(codes_dir, shard_name))
+
+
+def count_records(path: str) -> int:
+    """Number of records in a TFRecord file (reads it once, in C++)."""
+    ds = tf.data.TFRecordDataset(path)
+    count = tf.autograph.experimental.do_not_convert(lambda n, _: n + 1)
+    return int(ds.reduce(np.int64(0), count).numpy())
+
+
+def finalize_codes_meta(
+    codes_dir: str,
+    *,
+    codebook_size: int,
+    grid: Sequence[int],
+    codebook_hash: str,
+    image_size: int,
+    vqgan_checkpoint: str,
+    vqgan_step: int,
+    source_task: str,
+    split: str,
+    shard_pattern: str = "*.tfrecord",
+) -> dict:
+    """Gathers the complete shards of `codes_dir` and writes `codes_meta.json` last.
+
+    Refuses while `.incomplete` files remain (an interrupted writer: resume it
+    first), so a meta never describes a partial set.
+    """
+    leftovers = tf.io.gfile.glob(os.path.join(codes_dir, "*" + INCOMPLETE_SUFFIX))
+    if leftovers:
+        raise ValueError(
+            f"{codes_dir}: {len(leftovers)} unfinished shard(s), e.g. {leftovers[0]}; "
+            "resume precompute-codes to finish them (or delete them) before writing the meta"
+        )
+    paths = sorted(tf.io.gfile.glob(os.path.join(codes_dir, shard_pattern)))
+    if not paths:
+        raise ValueError(f"{codes_dir}: no shards matching {shard_pattern!r}")
+    shards = [{"path": os.path.basename(p), "count": count_records(p)} for p in paths]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "codebook_size": int(codebook_size),
+        "grid": [int(g) for g in grid],
+        "codebook_hash": str(codebook_hash),
+        "codes_dtype": codes_dtype_for(int(codebook_size)),
+        "image_size": int(image_size),
+        "vqgan_checkpoint": str(vqgan_checkpoint),
+        "vqgan_step": int(vqgan_step),
+        "source_task": str(source_task),
+        "split": str(split),
+        "num_examples": sum(s["count"] for s in shards),
+        "shards": shards,
+    }
+    path = os.path.join(codes_dir, META_FILE)
+    with tf.io.gfile.GFile(path + INCOMPLETE_SUFFIX, "w") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+    tf.io.gfile.rename(path + INCOMPLETE_SUFFIX, path, overwrite=True)
+    return meta
+
+
+# ------------------------------------------------------------------ meta
+def _meta_path(codes_dir: str) -> str:
+    return codes_dir if codes_dir.endswith(".json") else os.path.join(codes_dir, META_FILE)
+
+
+def load_codes_meta(codes_dir: str) -> dict:
+    """Reads and checks `<codes_dir>/codes_meta.json`; `meta["_path"]` records where from."""
+    path = _meta_path(codes_dir)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(
+            f"{path}: not found; the meta is written when precompute-codes finishes, so "
+            "this folder is unfinished or not a codes folder"
+        )
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in REQUIRED_META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; rerun precompute-codes")
+    if len(meta["grid"]) != 2:
+        raise ValueError(f"{path}: grid must be [h, w], got {meta['grid']}")
+    for i, shard in enumerate(meta["shards"]):
+        if not isinstance(shard, Mapping) or "path" not in shard or "count" not in shard:
+            raise ValueError(f"{path}: shards[{i}] must be {{path, count}}, got {shard!r}")
+    meta.setdefault("codes_dtype", codes_dtype_for(meta["codebook_size"]))
+    meta["_path"] = path
+    return meta
+
+
+def validate_codes_meta(
+    meta: Mapping,
+    *,
+    codebook_size: int | None = None,
+    grid: Sequence[int] | None = None,
+    codebook_hash: str | None = None,
+) -> None:
+    """Checks a codes meta against what a model / VQGAN expects; None skips a field.
+
+    Raises:
+      ValueError naming the meta file and, for each mismatch, both values.
+    """
+    where = meta.get("_path", META_FILE)
+    problems = []
+    if codebook_size is not None and int(meta["codebook_size"]) != int(codebook_size):
+        problems.append(f"codebook_size {meta['codebook_size']} != expected {codebook_size}")
+    if grid is not None and [int(g) for g in meta["grid"]] != [int(g) for g in grid]:
+        problems.append(f"grid {list(meta['grid'])} != expected {list(grid)}")
+    if codebook_hash is not None and str(meta["codebook_hash"]) != str(codebook_hash):
+        problems.append(f"codebook_hash {meta['codebook_hash']} != expected {codebook_hash}")
+    if problems:
+        raise ValueError(
+            f"{where}: codes do not match: {'; '.join(problems)}; recompute the codes with "
+            "the VQGAN the model uses (parti-jax precompute-codes) or pick the matching codes"
+        )
+
+
+def shard_paths(meta: Mapping) -> list[str]:
+    """Absolute shard paths listed in a loaded meta, in meta order."""
+    base = os.path.dirname(meta["_path"])
+    return [os.path.join(base, s["path"]) for s in meta["shards"]]
+
+
+# ------------------------------------------------------------------ reading
+@dataclasses.dataclass(frozen=True)
+class CodesRecord:
+    id: bytes
+    text: str
+    image_codes: np.ndarray  # int32 [h * w]
+
+
+def read_codes(
+    codes_dir: str,
+    *,
+    codebook_size: int | None = None,
+    grid: Sequence[int] | None = None,
+    codebook_hash: str | None = None,
+) -> Iterator[CodesRecord]:
+    """Python-side reader: every record, validated, with errors naming file and record."""
+    meta = load_codes_meta(codes_dir)
+    validate_codes_meta(meta, codebook_size=codebook_size, grid=grid, codebook_hash=codebook_hash)
+    dtype = "<u2" if meta["codes_dtype"] == "uint16" else "<i4"
+    num_codes = int(meta["grid"][0]) * int(meta["grid"][1])
+    for path in shard_paths(meta):
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"{meta['_path']}: lists shard {path}, which is missing")
+        for index, raw in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+            where = f"{path}: record {index}"
+            example = tf.train.Example.FromString(raw)
+            feature = example.features.feature
+            for key in ("id", "text", "image_codes"):
+                if key not in feature:
+                    raise ValueError(f"{where}: missing feature {key!r}")
+            codes = np.frombuffer(feature["image_codes"].bytes_list.value[0], dtype=dtype)
+            codes = _check_codes(
+                codes, codebook_size=int(meta["codebook_size"]), num_codes=num_codes, where=where
+            )
+            yield CodesRecord(
+                id=feature["id"].bytes_list.value[0],
+                text=feature["text"].bytes_list.value[0].decode("utf-8"),
+                image_codes=codes.astype(np.int32),
+            )
+
+
+class CodesDataSource(seqio.DataSource):
+    """A seqio data source over codes folders: {id, text, image_codes int32 [h*w]}.
+
+    `split_dirs` maps split names to codes folders that must agree on codebook
+    size, grid and hash. Each record's codes are checked in the pipeline; a bad
+    record fails with "<shard>: record <i>: image code c outside [0, K)".
+    Host sharding: whole files when there are at least as many files as
+    shards, else every num_shards-th example (so every host reads all files).
+    """
+
+    def __init__(
+        self,
+        split_dirs: Mapping[str, str],
+        *,
+        codebook_size: int | None = None,
+        grid: Sequence[int] | None = None,
+        codebook_hash: str | None = None,
+        cycle_length: int = 4,
+    ) -> None:
+        self.metas = {split: load_codes_meta(d) for split, d in split_dirs.items()}
+        first = next(iter(self.metas.values()))
+        codebook_size = first["codebook_size"] if codebook_size is None else codebook_size
+        grid = first["grid"] if grid is None else grid
+        codebook_hash = first["codebook_hash"] if codebook_hash is None else codebook_hash
+        for meta in self.metas.values():
+            validate_codes_meta(
+                meta, codebook_size=codebook_size, grid=grid, codebook_hash=codebook_hash
+            )
+        self.codebook_size = int(codebook_size)
+        self.grid = [int(g) for g in grid]
+        self.codebook_hash = str(codebook_hash)
+        self._cycle_length = cycle_length
+        super().__init__(
+            splits=list(self.metas),
+            num_input_examples={s: int(m["num_examples"]) for s, m in self.metas.items()},
+            caching_permitted=False,
+        )
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return True
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        return shard_paths(self.metas[split])
+
+    def get_dataset(
+        self,
+        split: str = "train",
+        shuffle: bool = True,
+        seed: int | None = None,
+        shard_info: seqio.ShardInfo | None = None,
+        *,
+        sequence_length: Mapping[str, int] | None = None,
+        use_cached: bool = False,
+        num_epochs: int | None = 1,
+    ) -> tf.data.Dataset:
+        del sequence_length, use_cached, num_epochs
+        meta = self.metas[split]
+        files = self.list_shards(split)
+        missing = [p for p in files if not tf.io.gfile.exists(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"{meta['_path']}: lists {len(missing)} missing shard(s), e.g. {missing[0]}"
+            )
+        shard_examples = False
+        if shard_info is not None and shard_info.num_shards > 1:
+            if len(files) >= shard_info.num_shards:
+                files = files[shard_info.index :: shard_info.num_shards]
+            else:
+                shard_examples = True
+        ds = tf.data.Dataset.from_tensor_slices(files)
+        if shuffle:
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        parse = _make_parser(self.codebook_size, self.grid, meta["codes_dtype"])
+
+        @tf.autograph.experimental.do_not_convert
+        def read_file(path):
+            records = tf.data.TFRecordDataset(path).enumerate()
+            return records.map(lambda i, raw: parse(path, i, raw))
+
+        ds = ds.interleave(
+            read_file,
+            cycle_length=min(self._cycle_length, len(files)),
+            block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        if shard_examples:
+            ds = ds.shard(shard_info.num_shards, shard_info.index)
+        return ds
+
+
+def _make_parser(codebook_size: int, grid: Sequence[int], codes_dtype: str):
+    num_codes = int(grid[0]) * int(grid[1])
+    spec = {
+        "id": tf.io.FixedLenFeature([], tf.string),
+        "text": tf.io.FixedLenFeature([], tf.string),
+        "image_codes": tf.io.FixedLenFeature([], tf.string),
+    }
+    out_type = tf.uint16 if codes_dtype == "uint16" else tf.int32
+
+    @tf.autograph.experimental.do_not_convert
+    def parse(path, index, raw):
+        example = tf.io.parse_single_example(raw, spec)
+        codes = tf.cast(tf.io.decode_raw(example["image_codes"], out_type), tf.int32)
+        num = tf.size(codes)
+        low = tf.reduce_min(tf.concat([codes, [0]], 0))
+        high = tf.reduce_max(tf.concat([codes, [0]], 0))
+        in_range = tf.logical_and(low >= 0, high < codebook_size)
+        checks = [
+            tf.debugging.Assert(
+                tf.equal(num, num_codes),
+                [
+                    tf.strings.format(
+                        "{}: record {}: {} image codes, expected {}", [path, index, num, num_codes]
+                    )
+                ],
+            ),
+            tf.debugging.Assert(
+                in_range,
+                [
+                    tf.strings.format(
+                        "{}: record {}: image code outside [0, {}) (min {}, max {}); these "
+                        "codes come from another VQGAN or the shard is corrupt",
+                        [path, index, codebook_size, low, high],
+                    )
+                ],
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            codes = tf.reshape(codes, [num_codes])
+        return {"id": example["id"], "text": example["text"], "image_codes": codes}
+
+    return parse

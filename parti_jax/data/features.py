@@ -1,0 +1,175 @@
+"""Output features of the tasks, the encoder-decoder feature converter, registration.
+
+Token-id contract (docs/DESIGN.md §3 "Token ids" and "Batches"):
+- `encoder_input_tokens` int32 [B, L_text]: SentencePiece ids, EOS appended,
+  0-padded.
+- `decoder_target_tokens` int32 [B, N]: image codes + 1 (the task applies the
+  offset), no EOS, never packed, exactly N = h * w per example.
+- `decoder_input_tokens` int32 [B, N]: targets shifted right with BOS = 0.
+- `decoder_loss_weights` float32 [B, N]: 1 on every target (targets are never 0).
+
+`ImageCodesFeatureConverter` is seqio's `EncDecFeatureConverter(pack=False)`
+with float32 loss weights, a check that every target row is a full grid of
+offset codes, and `text_truncated` carried through so the iterator can count
+truncated captions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import seqio
+import tensorflow as tf
+
+from parti_jax.data.preprocessors import TEXT_TRUNCATED
+
+TEXT_LENGTH = 128
+CODES_BATCH_KEYS = (
+    "encoder_input_tokens",
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "decoder_loss_weights",
+)
+_FeatureSpec = seqio.FeatureConverter.FeatureSpec
+
+
+# ------------------------------------------------------------ output features
+def text_vocabulary(vocab_path: str | None = None) -> seqio.Vocabulary:
+    """The caption vocabulary: `vocab_path`, default the shipped shapes SentencePiece model."""
+    from parti_jax.data import vocab as vocab_lib
+
+    return vocab_lib.get_seqio_vocabulary(vocab_path or vocab_lib.default_vocab_path())
+
+
+def text_feature(vocabulary: seqio.Vocabulary) -> seqio.Feature:
+    """Caption tokens: SentencePiece ids with EOS."""
+    return seqio.Feature(vocabulary=vocabulary, add_eos=True)
+
+
+def image_codes_feature(codebook_size: int) -> seqio.Feature:
+    """Image targets: ids 1..K (codes + 1) in a vocabulary of K + 1, no EOS."""
+    return seqio.Feature(
+        vocabulary=seqio.PassThroughVocabulary(size=codebook_size + 1, eos_id=None),
+        add_eos=False,
+    )
+
+
+def pixel_output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+    """Features of every `<name>_pixels` task: image (uint8 HxWx3), text, inputs."""
+    passthrough = seqio.PassThroughVocabulary(size=0, eos_id=None)
+    return {
+        "image": seqio.Feature(passthrough, add_eos=False, dtype=tf.uint8, rank=3),
+        "text": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=0),
+        "inputs": text_feature(vocabulary),
+    }
+
+
+def codes_output_features(
+    vocabulary: seqio.Vocabulary, codebook_size: int
+) -> dict[str, seqio.Feature]:
+    """Features of every `<name>_codes` task: inputs (text ids), targets (codes + 1)."""
+    return {"inputs": text_feature(vocabulary), "targets": image_codes_feature(codebook_size)}
+
+
+# ------------------------------------------------------------ registration
+def add_task(name: str, **kwargs) -> seqio.Task:
+    """`seqio.TaskRegistry.add` that replaces an existing task of the same name.
+
+    Registration modules run at import and register factories may be called
+    again with new arguments (a test, a notebook re-run); neither should fail
+    with "duplicate provider".
+    """
+    seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(name, **kwargs)
+
+
+def add_mixture(name: str, tasks: Sequence[tuple[str, float]], **kwargs) -> seqio.Mixture:
+    """`seqio.MixtureRegistry.add` that replaces an existing mixture of the same name."""
+    seqio.MixtureRegistry.remove(name)
+    return seqio.MixtureRegistry.add(name, list(tasks), **kwargs)
+
+
+# ------------------------------------------------------------ feature converter
+class ImageCodesFeatureConverter(seqio.EncDecFeatureConverter):
+    """Task features {inputs, targets} -> the 4 batch keys of docs/DESIGN.md §3.
+
+    Never packs (image targets are a whole grid each). With
+    `count_truncations=True` the scalar `text_truncated` is passed through
+    (the pipeline pops it from the batch and sums it).
+    """
+
+    MODEL_FEATURES = {
+        "encoder_input_tokens": _FeatureSpec(dtype=tf.int32),
+        "decoder_target_tokens": _FeatureSpec(dtype=tf.int32),
+        "decoder_input_tokens": _FeatureSpec(dtype=tf.int32),
+        "decoder_loss_weights": _FeatureSpec(dtype=tf.float32),
+    }
+
+    def __init__(self, *, count_truncations: bool = True, bos_id: int = 0) -> None:
+        passthrough = {TEXT_TRUNCATED: _FeatureSpec(dtype=tf.int32, rank=0)}
+        super().__init__(
+            pack=False,
+            bos_id=bos_id,
+            # Lengths are enforced here (full target grids) and by the tokenizer.
+            apply_length_check=False,
+            passthrough_features=passthrough if count_truncations else None,
+        )
+
+    def __call__(
+        self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+    ) -> tf.data.Dataset:
+        lengths = dict(task_feature_lengths)
+        for key in self._passthrough_features:
+            lengths.setdefault(key, 1)  # rank-0: the length is never checked
+        return super().__call__(ds, lengths)
+
+    def _convert_features(
+        self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+    ) -> tf.data.Dataset:
+        num_image_tokens = task_feature_lengths["targets"]
+
+        @tf.autograph.experimental.do_not_convert
+        def _check_targets(example):
+            targets = example["targets"]
+            checks = [
+                tf.debugging.assert_equal(
+                    tf.size(targets),
+                    num_image_tokens,
+                    message=f"image targets must be a full grid of {num_image_tokens} "
+                    "codes (feature_lengths['targets'] = h * w of the codes)",
+                ),
+                tf.debugging.assert_greater_equal(
+                    tf.reduce_min(targets),
+                    1,
+                    message="image target id 0 found: codes must be offset by +1 "
+                    "(preprocessors.offset_image_codes)",
+                ),
+            ]
+            with tf.control_dependencies(checks):
+                example = dict(example)
+                example["targets"] = tf.identity(targets)
+            return example
+
+        text_length = task_feature_lengths["inputs"]
+
+        @tf.autograph.experimental.do_not_convert
+        def _convert(features):
+            # Unpacked rows only, so seqio's trim_and_pad / make_autoregressive_inputs
+            # reduce to a pad and a shift (written out: no autograph tracing cost).
+            inputs = features["inputs"][:text_length]
+            inputs = tf.pad(inputs, [[0, text_length - tf.size(inputs)]])
+            inputs.set_shape([text_length])
+            targets = tf.reshape(features["targets"], [num_image_tokens])
+            converted = {
+                "encoder_input_tokens": inputs,
+                "decoder_target_tokens": targets,
+                "decoder_input_tokens": tf.concat(
+                    [tf.constant([self.bos_id], tf.int32), targets[:-1]], axis=0
+                ),
+                "decoder_loss_weights": tf.cast(tf.not_equal(targets, 0), tf.float32),
+            }
+            converted.update({k: features[k] for k in self._passthrough_features})
+            return converted
+
+        ds = ds.map(_check_targets, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.map(_convert, num_parallel_calls=tf.data.AUTOTUNE)

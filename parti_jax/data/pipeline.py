@@ -1,0 +1,413 @@
+"""Host-sharded, checkpointable input iterators over SeqIO tasks and mixtures.
+
+Each host builds its own iterator for its data shard: `shard_index` /
+`num_shards` are the host's position along the mesh's batch axes, computed by
+the caller (`partitioning.host_data_shard(mesh)`); this module never calls jax.
+
+    it = make_codes_iterator("shapes_codes", batch_size=8, shard_index=0, num_shards=1)
+    batch = next(it)       # the 4 batch keys of docs/DESIGN.md §3, numpy
+    it.save(path)          # the data position (docs/DESIGN.md §3 "Data position")
+    it.restore(path)       # continue exactly after the saved batch
+
+The data position is the tf.data iterator itself, saved with
+`tf.train.Checkpoint` (T5X's approach): shuffle buffers, file offsets,
+per-example seed streams and prefetched elements are all inside it; there is
+no Python-side buffering that a save could miss. A saved position needs the
+same (task, split, seed, batch size, shard_index, num_shards) to restore; a
+sidecar JSON records them and `restore` refuses a mismatch with an error
+naming both values.
+
+Counters travel in the same checkpoint: `it.stats` gives the examples served
+and the number whose caption was truncated to fit the text length
+(`text_truncated`), summed over the iterator's life.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from parti_jax.data import preprocessors
+from parti_jax.data.features import TEXT_LENGTH, ImageCodesFeatureConverter
+from parti_jax.data.preprocessors import TEXT_TRUNCATED
+
+logger = logging.getLogger(__name__)
+_DROPOUT_SEED_OFFSET = 0x5EED
+
+
+class DataPipelineError(ValueError):
+    """Bad data met while iterating (the message names the file / record)."""
+
+
+class DataPositionMismatch(ValueError):
+    """A saved data position written by a differently configured iterator."""
+
+
+def data_checkpoint_path(step_dir: str, shard_index: int, num_shards: int) -> str:
+    """`<step_dir>/data/shard_<i>_of_<n>`: where a host saves its position for a step."""
+    return os.path.join(step_dir, "data", f"shard_{shard_index}_of_{num_shards}")
+
+
+def _provider(name: str | seqio.Task | seqio.Mixture):
+    if isinstance(name, (seqio.Task, seqio.Mixture)):
+        return name
+    import parti_jax.tasks  # noqa: F401  (registers the built-in tasks)
+
+    return seqio.get_mixture_or_task(name)
+
+
+def _tasks_of(provider) -> list[seqio.Task]:
+    return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+
+
+def _options(num_threads: int | None) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    # Image decoding and the shapes world run in tf.numpy_function: pure
+    # functions of their inputs, so saving the iterator without them is exact.
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    if num_threads:
+        options.threading.private_threadpool_size = num_threads
+    return options
+
+
+def _task_dataset(
+    provider,
+    *,
+    sequence_length: Mapping[str, int],
+    split: str,
+    shuffle: bool,
+    seed: int,
+    shard_index: int,
+    num_shards: int,
+    repeat: bool,
+    shuffle_buffer_size: int | None,
+) -> tf.data.Dataset:
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} must be in [0, num_shards={num_shards})")
+    shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
+    kwargs = dict(
+        split=split,
+        shuffle=shuffle,
+        seed=seed,
+        shard_info=shard_info if num_shards > 1 else None,
+        num_epochs=None if repeat else 1,
+        try_in_mem_cache=False,  # a cache would be written into every data checkpoint
+    )
+    if isinstance(provider, seqio.Mixture):
+        return provider.get_dataset(
+            sequence_length,
+            passthrough_features=[TEXT_TRUNCATED],
+            log_mixing_proportions=False,
+            **kwargs,
+        )
+    if split not in provider.splits:
+        raise ValueError(
+            f"task {provider.name!r} has no split {split!r}; it has {list(provider.splits)}"
+        )
+    return provider.get_dataset(sequence_length, shuffle_buffer_size=shuffle_buffer_size, **kwargs)
+
+
+def num_image_tokens(task_or_mixture: str | seqio.Task | seqio.Mixture) -> int:
+    """h * w of a codes task (from its codes meta)."""
+    for task in _tasks_of(_provider(task_or_mixture)):
+        grid = getattr(task.source, "grid", None)
+        if grid is not None:
+            return int(grid[0]) * int(grid[1])
+    raise ValueError(f"{task_or_mixture}: not a codes task; pass feature_lengths['targets']")
+
+
+def make_codes_dataset(
+    task_or_mixture: str | seqio.Task | seqio.Mixture,
+    *,
+    batch_size: int,
+    split: str = "train",
+    feature_lengths: Mapping[str, int] | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    conditioning_dropout_rate: float = 0.0,
+    shuffle_buffer_size: int | None = None,
+    drop_remainder: bool = True,
+    num_threads: int | None = None,
+    prefetch: int = 2,
+) -> tf.data.Dataset:
+    """The batched tf.data pipeline behind `make_codes_iterator` (same arguments).
+
+    Elements: the 4 batch keys (tf tensors) plus `text_truncated` [B].
+    """
+    provider = _provider(task_or_mixture)
+    lengths = {"inputs": TEXT_LENGTH, "targets": None}
+    lengths.update(feature_lengths or {})
+    if lengths["targets"] is None:
+        lengths["targets"] = num_image_tokens(provider)
+    ds = _task_dataset(
+        provider,
+        sequence_length=lengths,
+        split=split,
+        shuffle=shuffle,
+        seed=seed,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        repeat=repeat,
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+    if conditioning_dropout_rate > 0:
+        eos_id = _tasks_of(provider)[0].output_features["inputs"].vocabulary.eos_id
+        # Each host draws its own dropout stream (hosts see different examples).
+        with seqio.utils.map_seed_manager(seed + _DROPOUT_SEED_OFFSET + 7919 * shard_index):
+            ds = preprocessors.conditioning_dropout(
+                ds, rate=conditioning_dropout_rate, eos_id=eos_id
+            )
+    ds = ImageCodesFeatureConverter()(ds, lengths)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(prefetch).with_options(_options(num_threads))
+
+
+def make_pixels_dataset(
+    task_or_mixture: str | seqio.Task | seqio.Mixture,
+    *,
+    batch_size: int,
+    split: str = "train",
+    image_size: int | None = None,
+    text_length: int = TEXT_LENGTH,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    shuffle_buffer_size: int | None = None,
+    drop_remainder: bool = True,
+    num_threads: int | None = None,
+    prefetch: int = 2,
+) -> tf.data.Dataset:
+    """The batched tf.data pipeline behind `make_pixels_iterator`: {image uint8, text, text_truncated}."""
+    provider = _provider(task_or_mixture)
+    ds = _task_dataset(
+        provider,
+        sequence_length={"inputs": text_length},
+        split=split,
+        shuffle=shuffle,
+        seed=seed,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        repeat=repeat,
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+    shape = ds.element_spec["image"].shape
+    if image_size is not None and tuple(shape[:2]) != (image_size, image_size):
+        raise ValueError(
+            f"{getattr(provider, 'name', provider)}: yields images of shape {shape} but "
+            f"image_size={image_size} was asked; register the task with image_size={image_size}"
+        )
+    keep = ("image", "text", TEXT_TRUNCATED)
+    select = tf.autograph.experimental.do_not_convert(lambda ex: {k: ex[k] for k in keep})
+    ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(prefetch).with_options(_options(num_threads))
+
+
+# ------------------------------------------------------------------ iterator
+_ASSERT = re.compile(r"assertion failed: \[(.*?)\]\s*(?:\n|$)", re.S)
+
+
+def _clean_error(error: tf.errors.OpError) -> str:
+    """The one useful line of a tf.data error (assert message or Python exception)."""
+    message = error.message
+    match = _ASSERT.search(message)
+    if match:
+        return match.group(1).replace('\\"', '"').replace('"', "")
+    for marker in ("ImageDecodeError: ", "ValueError: "):
+        if marker in message:
+            return message.split(marker, 1)[1].split("\n", 1)[0]
+    return message.split("\n", 1)[0]
+
+
+class DataIterator:
+    """`next(it)` -> dict of numpy arrays; `save(path)` / `restore(path)` the data position."""
+
+    def __init__(self, dataset: tf.data.Dataset, *, kind: str, description: Mapping) -> None:
+        if kind not in ("codes", "pixels"):
+            raise ValueError(f"kind must be 'codes' or 'pixels', got {kind!r}")
+        self.kind = kind
+        self.description = dict(description)
+        self._dataset = dataset
+        self._iterator = iter(dataset)
+        self._examples = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._truncated = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._checkpoint = tf.train.Checkpoint(
+            iterator=self._iterator, examples=self._examples, text_truncated=self._truncated
+        )
+        self._warned = False
+
+    def __iter__(self) -> DataIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        try:
+            element = next(self._iterator)
+        except tf.errors.OpError as e:
+            raise DataPipelineError(_clean_error(e)) from None
+        batch = {k: v.numpy() for k, v in element.items()}
+        truncated = batch.pop(TEXT_TRUNCATED)
+        self._examples.assign_add(len(truncated))
+        if truncated.any():
+            self._truncated.assign_add(int(truncated.sum()))
+            if not self._warned:
+                logger.warning(
+                    "captions longer than the text length were truncated (%d so far); "
+                    "see DataIterator.stats",
+                    int(self._truncated.numpy()),
+                )
+                self._warned = True
+        if self.kind == "pixels":
+            batch["image"] = batch["image"].astype(np.float32) / np.float32(255.0)
+            batch["text"] = np.array([t.decode("utf-8") for t in batch["text"]], dtype=object)
+        return batch
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """{'examples': served so far, 'text_truncated': of those, captions cut to fit}."""
+        return {
+            "examples": int(self._examples.numpy()),
+            "text_truncated": int(self._truncated.numpy()),
+        }
+
+    @property
+    def element_spec(self):
+        return self._dataset.element_spec
+
+    def save(self, path: str) -> str:
+        """Writes the data position under the prefix `path` (+ `path.json` describing it)."""
+        tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+        written = self._checkpoint.write(path)
+        with tf.io.gfile.GFile(path + ".json", "w") as f:
+            json.dump(self.description, f, indent=2, sort_keys=True)
+        return written
+
+    def restore(self, path: str) -> None:
+        """Continues from a position saved by `save(path)` of an identically built iterator."""
+        sidecar = path + ".json"
+        if not tf.io.gfile.exists(sidecar):
+            raise FileNotFoundError(f"{sidecar}: no saved data position at {path}")
+        with tf.io.gfile.GFile(sidecar) as f:
+            saved = json.load(f)
+        diffs = [
+            f"{k}: saved {saved.get(k)!r}, now {v!r}"
+            for k, v in self.description.items()
+            if saved.get(k) != v
+        ]
+        if diffs:
+            raise DataPositionMismatch(
+                f"{path}: data position was saved by a different pipeline ({'; '.join(diffs)}); "
+                "resume with the same data settings and number of data shards, or start a "
+                "fresh data order (train.allow_data_reshuffle=True)"
+            )
+        self._checkpoint.read(path).assert_consumed()
+
+
+def _describe(kind: str, task_or_mixture, **kwargs) -> dict:
+    name = task_or_mixture if isinstance(task_or_mixture, str) else task_or_mixture.name
+    return {"kind": kind, "task": name, **{k: v for k, v in kwargs.items()}}
+
+
+def make_codes_iterator(
+    task_or_mixture: str | seqio.Task | seqio.Mixture,
+    *,
+    batch_size: int,
+    split: str = "train",
+    feature_lengths: Mapping[str, int] | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    conditioning_dropout_rate: float = 0.0,
+    shuffle_buffer_size: int | None = None,
+    drop_remainder: bool = True,
+    num_threads: int | None = None,
+) -> DataIterator:
+    """Host-local encoder-decoder batches from a codes task or mixture.
+
+    Args:
+      task_or_mixture: a registered `<name>_codes` task or a mixture of them.
+      batch_size: examples per host batch.
+      split: the split to read.
+      feature_lengths: {'inputs': text length (128), 'targets': h * w (from the meta)}.
+      shard_index, num_shards: this host's position along the mesh batch axes.
+      seed: shuffling and per-example randomness; the order is a function of it.
+      shuffle, repeat: training (True, True) or one pass in order (False, False).
+      conditioning_dropout_rate: share of examples whose text becomes `[EOS]`.
+      shuffle_buffer_size: overrides the task's buffer (tasks only).
+      num_threads: tf.data private thread pool size (None: TensorFlow's default).
+
+    Returns:
+      A DataIterator yielding {encoder_input_tokens, decoder_input_tokens,
+      decoder_target_tokens (int32), decoder_loss_weights (float32)}.
+    """
+    settings = dict(
+        batch_size=batch_size,
+        split=split,
+        feature_lengths=dict(feature_lengths) if feature_lengths else None,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        seed=seed,
+        shuffle=shuffle,
+        repeat=repeat,
+        conditioning_dropout_rate=conditioning_dropout_rate,
+        shuffle_buffer_size=shuffle_buffer_size,
+        drop_remainder=drop_remainder,
+    )
+    ds = make_codes_dataset(task_or_mixture, num_threads=num_threads, **settings)
+    return DataIterator(
+        ds, kind="codes", description=_describe("codes", task_or_mixture, **settings)
+    )
+
+
+def make_pixels_iterator(
+    task_or_mixture: str | seqio.Task | seqio.Mixture,
+    *,
+    batch_size: int,
+    split: str = "train",
+    image_size: int | None = None,
+    text_length: int = TEXT_LENGTH,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    shuffle_buffer_size: int | None = None,
+    drop_remainder: bool = True,
+    num_threads: int | None = None,
+) -> DataIterator:
+    """Host-local pixel batches: {image float32 [B, H, W, 3] in [0, 1], text (str) [B]}.
+
+    Same arguments as `make_codes_iterator`; `image_size` checks the task's
+    image side (tasks resize at registration).
+    """
+    settings = dict(
+        batch_size=batch_size,
+        split=split,
+        image_size=image_size,
+        text_length=text_length,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        seed=seed,
+        shuffle=shuffle,
+        repeat=repeat,
+        shuffle_buffer_size=shuffle_buffer_size,
+        drop_remainder=drop_remainder,
+    )
+    ds = make_pixels_dataset(task_or_mixture, num_threads=num_threads, **settings)
+    return DataIterator(
+        ds, kind="pixels", description=_describe("pixels", task_or_mixture, **settings)
+    )

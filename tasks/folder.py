@@ -1,0 +1,57 @@
+"""Folder tasks: `register_folder_task(name, folder, image_size=...)` -> `<name>_pixels`.
+
+See `parti_jax.data.folder` for the layout (images + captions.jsonl or
+captions.tsv), the path rules and the bad-row handling. Gin-callable: bind
+`register_folder_task.folder = '/data/my_photos'` etc. in a run's gin file.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import seqio
+
+from parti_jax.data import features, preprocessors
+from parti_jax.data import folder as folder_lib
+
+
+def register_folder_task(
+    name: str,
+    folder: str,
+    *,
+    image_size: int,
+    random_crop: bool = False,
+    validation_fraction: float = 0.0,
+    skip_bad_examples: bool = False,
+    verify_images: bool = True,
+    vocab_path: str | None = None,
+    shuffle_buffer_size: int = 1000,
+) -> seqio.Task:
+    """Scans `folder` (errors name the captions file and line) and registers `<name>_pixels`.
+
+    Args:
+      name: task prefix; the task is `<name>_pixels`.
+      folder: images plus captions.jsonl / captions.tsv.
+      image_size: output side; shorter side resized, then a centre (or random) crop.
+      random_crop: random crops from a stateless per-example seed.
+      validation_fraction: share of images hashed into 'validation' when rows
+        have no split.
+      skip_bad_examples: count and skip bad rows (the count is logged and kept
+        in `task.source.index.skipped`) instead of failing.
+      verify_images: decode every image at registration (see folder.scan_folder).
+      vocab_path: SentencePiece model; default the shipped shapes vocabulary.
+    """
+    index = folder_lib.scan_folder(
+        folder,
+        validation_fraction=validation_fraction,
+        skip_bad_examples=skip_bad_examples,
+        verify_images=verify_images,
+    )
+    crop = preprocessors.random_crop_image if random_crop else preprocessors.center_crop_image
+    return features.add_task(
+        f"{name}_pixels",
+        source=folder_lib.FolderDataSource(index),
+        output_features=features.pixel_output_features(features.text_vocabulary(vocab_path)),
+        preprocessors=[functools.partial(crop, image_size=image_size), preprocessors.tokenize_text],
+        shuffle_buffer_size=max(1, min(shuffle_buffer_size, len(index.records))),
+    )
