@@ -3,9 +3,31 @@
 Layers name *logical* axes only (the constants below); which mesh axis each
 one lands on is decided by a rule table chosen at the edge (gin). Mesh axes
 are ('data', 'fsdp', 'tensor') with Auto axis types.
+
+Also here: `MeshConfig` / `create_mesh`, `get_rules`, `with_sharding_rules`,
+`sharded_init` (a model bigger than one device never materialises on one),
+`logical_shardings` and `state_shardings` (optimizer state, factored moments
+included), `host_data_shard` (a host's position on the batch axes),
+divisibility checks that fail before compiling, and `params_without_axes`.
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+PyTree = Any
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
 
 # ---------------------------------------------------------------- mesh axes
 DATA = "data"
@@ -43,3 +65,475 @@ ACT_VOCAB = "activation_vocab"
 ACT_HEIGHT = "activation_height"
 ACT_WIDTH = "activation_width"
 ACT_CHANNELS = "activation_channels"
+
+# All logical names; every rule table maps each of them (a test checks).
+LOGICAL_AXES = (
+    EMBED,
+    MLP,
+    HEADS,
+    KV,
+    VOCAB,
+    LAYERS,
+    POSITION,
+    CODEBOOK,
+    CODE_DIM,
+    CONV_HEIGHT,
+    CONV_WIDTH,
+    CONV_IN,
+    CONV_OUT,
+    NORM,
+    PATCH,
+    ACT_BATCH,
+    ACT_LENGTH,
+    ACT_EMBED,
+    ACT_HEADS,
+    ACT_KV,
+    ACT_MLP,
+    ACT_VOCAB,
+    ACT_HEIGHT,
+    ACT_WIDTH,
+    ACT_CHANNELS,
+)
+
+# ------------------------------------------------------------ rule tables
+# Order matters: for each array dim the first rule whose mesh axis is still
+# free wins, so EMBED comes before MLP/VOCAB/HEADS in `fsdp` (a 2-D kernel is
+# split once, on its width). Convolution channels, codebooks, norms of conv
+# nets and patch pixels stay replicated in every table: those parameters are
+# small and their sizes (3 RGB channels, 32-d codes) rarely divide a mesh axis.
+_ALWAYS_REPLICATED: Rules = (
+    (KV, None),
+    (LAYERS, None),
+    (POSITION, None),
+    (CODEBOOK, None),
+    (CODE_DIM, None),
+    (CONV_HEIGHT, None),
+    (CONV_WIDTH, None),
+    (CONV_IN, None),
+    (CONV_OUT, None),
+    (NORM, None),
+    (PATCH, None),
+    (ACT_LENGTH, None),
+    (ACT_EMBED, None),
+    (ACT_KV, None),
+    (ACT_HEIGHT, None),
+    (ACT_WIDTH, None),
+    (ACT_CHANNELS, None),
+)
+
+# Pure data parallelism: parameters replicated, batch split over data x fsdp.
+DATA_PARALLEL_RULES: Rules = (
+    (ACT_BATCH, BATCH_MESH_AXES),
+    (EMBED, None),
+    (MLP, None),
+    (HEADS, None),
+    (VOCAB, None),
+    (ACT_HEADS, None),
+    (ACT_MLP, None),
+    (ACT_VOCAB, None),
+    *_ALWAYS_REPLICATED,
+)
+
+# ZeRO-3 style: parameters (and so optimizer state) split over 'fsdp' on
+# their width, gathered per layer; batch over data x fsdp.
+FSDP_RULES: Rules = (
+    (ACT_BATCH, BATCH_MESH_AXES),
+    (EMBED, FSDP),
+    (MLP, FSDP),
+    (VOCAB, FSDP),
+    (HEADS, FSDP),
+    (ACT_HEADS, None),
+    (ACT_MLP, None),
+    (ACT_VOCAB, None),
+    *_ALWAYS_REPLICATED,
+)
+
+# fsdp plus Megatron tensor parallelism: heads, MLP hidden and vocabulary on
+# 'tensor' (parameters and the matching activations), width on 'fsdp'.
+FSDP_TP_RULES: Rules = (
+    (ACT_BATCH, BATCH_MESH_AXES),
+    (HEADS, TENSOR),
+    (MLP, TENSOR),
+    (VOCAB, TENSOR),
+    (EMBED, FSDP),
+    (ACT_HEADS, TENSOR),
+    (ACT_MLP, TENSOR),
+    (ACT_VOCAB, TENSOR),
+    *_ALWAYS_REPLICATED,
+)
+
+RULE_TABLES: dict[str, Rules] = {
+    "data_parallel": DATA_PARALLEL_RULES,
+    "fsdp": FSDP_RULES,
+    "fsdp_tp": FSDP_TP_RULES,
+}
+
+
+def get_rules(name: str) -> Rules:
+    """The rule table called `name` ('data_parallel', 'fsdp' or 'fsdp_tp')."""
+    if name not in RULE_TABLES:
+        raise ValueError(
+            f"unknown partitioning rules {name!r}; choose one of {', '.join(RULE_TABLES)}"
+        )
+    return RULE_TABLES[name]
+
+
+# -------------------------------------------------------------------- mesh
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh degrees and the rule table; -1 fills with the remaining devices."""
+
+    # Pure data-parallel degree inside a slice (parameters replicated along it).
+    data: int = 1
+    # Fully-sharded data-parallel degree inside a slice (parameters split along it).
+    fsdp: int = -1
+    # Tensor-parallel degree inside a slice (heads / MLP / vocab split along it).
+    tensor: int = 1
+    # Degrees across slices (DCN) for multi-slice pods; their product is the number
+    # of slices (or of processes where devices carry no slice index).
+    # Data parallelism across slices (the usual choice: least DCN traffic).
+    dcn_data: int = 1
+    # FSDP across slices (parameters gathered over DCN every step).
+    dcn_fsdp: int = 1
+    # Tensor parallelism across slices (rarely sensible: per-layer DCN traffic).
+    dcn_tensor: int = 1
+    # Name of the logical-axis rule table: 'data_parallel', 'fsdp' or 'fsdp_tp'.
+    rules: str = "fsdp"
+
+    def __post_init__(self) -> None:
+        ici = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, value in ici.items():
+            if not isinstance(value, int) or (value < 1 and value != -1):
+                raise ValueError(f"MeshConfig.{name}={value!r} must be a positive integer or -1")
+        fills = [name for name, value in ici.items() if value == -1]
+        if len(fills) > 1:
+            raise ValueError(
+                f"MeshConfig: at most one degree may be -1 (fill), got {', '.join(fills)} = -1"
+            )
+        for name in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MeshConfig.{name}={value!r} must be a positive integer")
+        get_rules(self.rules)
+
+    @property
+    def rule_table(self) -> Rules:
+        return get_rules(self.rules)
+
+    @property
+    def num_slices(self) -> int:
+        return self.dcn_data * self.dcn_fsdp * self.dcn_tensor
+
+
+def _fill_degrees(config: MeshConfig, num_devices: int, where: str) -> tuple[int, int, int]:
+    degrees = {"data": config.data, "fsdp": config.fsdp, "tensor": config.tensor}
+    text = " x ".join(f"{k}={v}" for k, v in degrees.items())
+    known = math.prod(v for v in degrees.values() if v != -1)
+    fill = [k for k, v in degrees.items() if v == -1]
+    if fill:
+        if num_devices % known:
+            raise ValueError(
+                f"MeshConfig {text}: cannot fill {fill[0]}=-1, the other degrees multiply to "
+                f"{known}, which does not divide the {num_devices} devices{where}"
+            )
+        degrees[fill[0]] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(
+            f"MeshConfig {text} = {known} devices, but there are {num_devices} devices{where}; "
+            "make the product match or set one degree to -1 to fill"
+        )
+    return degrees["data"], degrees["fsdp"], degrees["tensor"]
+
+
+def create_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axes; hybrid ICI x DCN across slices."""
+    devices = list(jax.devices() if devices is None else devices)
+    num_slices = config.num_slices
+    if len(devices) % num_slices:
+        raise ValueError(
+            f"MeshConfig dcn_data*dcn_fsdp*dcn_tensor = {num_slices} slices does not divide "
+            f"the {len(devices)} devices"
+        )
+    per_slice = len(devices) // num_slices
+    where = f" per slice ({num_slices} slices)" if num_slices > 1 else ""
+    ici = _fill_degrees(config, per_slice, where)
+    dcn = (config.dcn_data, config.dcn_fsdp, config.dcn_tensor)
+    if num_slices == 1:
+        array = mesh_utils.create_device_mesh(ici, devices)
+    else:
+        by_slice = getattr(devices[0], "slice_index", None) is not None
+        attr = "slice_index" if by_slice else "process_index"
+        found = len({getattr(d, attr) for d in devices})
+        if found != num_slices:
+            raise ValueError(
+                f"MeshConfig dcn_data*dcn_fsdp*dcn_tensor = {num_slices} slices, but the devices "
+                f"come from {found} {'slices' if by_slice else 'processes'}; set the dcn_* "
+                f"degrees to multiply to {found}"
+            )
+        array = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=not by_slice
+        )
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@contextlib.contextmanager
+def with_sharding_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Runs the body under `jax.set_mesh(mesh)` and flax logical-axis `rules`."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+# ----------------------------------------------------------- divisibility
+def _mesh_axes_size(mesh: Mesh, axes: MeshAxes) -> tuple[str, int]:
+    if axes is None:
+        return "", 1
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return "*".join(names), math.prod(mesh.shape[a] for a in names)
+
+
+def check_divisibility(abstract: PyTree, mesh: Mesh, rules: Rules, what: str = "") -> None:
+    """Raises (before any compile) if a boxed array dim does not divide its mesh axes."""
+    problems = []
+    for path, leaf in _leaves_with_path(abstract):
+        if not isinstance(leaf, nn.Partitioned):
+            continue
+        spec = nn.logical_to_mesh_axes(leaf.names, rules)
+        for dim, (size, axes, name) in enumerate(
+            zip(leaf.value.shape, spec, leaf.names, strict=True)
+        ):
+            label, parts = _mesh_axes_size(mesh, axes)
+            if size % parts:
+                problems.append(
+                    f"{path} dim {dim} ({name}) = {size} is not divisible by {label}={parts}"
+                )
+    if problems:
+        raise ValueError(f"{what or 'parameters'} do not fit the mesh: " + "; ".join(problems))
+
+
+# Config fields of the encoder-decoder and the logical axes of the arrays they size.
+_MODEL_FIELD_LAYOUTS = (
+    (("d_model", "num_heads", "kv_dim"), (EMBED, HEADS, KV)),
+    (("num_heads", "kv_dim", "d_model"), (HEADS, KV, EMBED)),
+    (("d_model", "mlp_dim"), (EMBED, MLP)),
+    (("mlp_dim", "d_model"), (MLP, EMBED)),
+    (("text_vocab_size", "d_model"), (VOCAB, EMBED)),
+    (("decoder_vocab_size", "d_model"), (VOCAB, EMBED)),
+    (("d_model", "decoder_vocab_size"), (EMBED, VOCAB)),
+)
+
+
+def check_mesh_compat(config: Any, mesh: Mesh, rules: Rules) -> None:
+    """Checks a ModelConfig against a mesh and rules before anything is compiled.
+
+    Raises ValueError naming the field and the mesh axes, e.g.
+    "num_heads=16 is not divisible by tensor=3".
+    """
+    problems: list[str] = []
+    for fields, names in _MODEL_FIELD_LAYOUTS:
+        spec = nn.logical_to_mesh_axes(names, rules)
+        for field, axes in zip(fields, spec, strict=True):
+            value = getattr(config, field)
+            label, parts = _mesh_axes_size(mesh, axes)
+            message = f"{'head_dim' if field == 'kv_dim' else field}={value} is not divisible by {label}={parts}"
+            if value % parts and message not in problems:
+                problems.append(message)
+    if problems:
+        raise ValueError(
+            "ModelConfig does not fit the mesh "
+            f"({' x '.join(f'{k}={v}' for k, v in mesh.shape.items())}): " + "; ".join(problems)
+        )
+
+
+# ------------------------------------------------------ sharded creation
+def logical_shardings(abstract: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
+    """NamedShardings for a pytree: boxed leaves by their logical names, others replicated.
+
+    The result has the structure of `nn.unbox(abstract)`.
+    """
+    specs = nn.get_partition_spec(abstract)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Sharding of batch arrays ([B, ...]): the leading dim over the ACT_BATCH mesh axes."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes((ACT_BATCH,), rules))
+
+
+def sharded_init(
+    init_fn: Callable[..., PyTree], mesh: Mesh, rules: Rules, *args: Any
+) -> tuple[PyTree, PyTree]:
+    """Initialises a (boxed) pytree directly in its sharded layout.
+
+    `jax.eval_shape` gives the logical names, `check_divisibility` fails early
+    on a bad mesh, and `jax.jit(init_fn, out_shardings=...)` creates every array
+    on its devices. Returns (unboxed arrays, matching tree of NamedShardings).
+    """
+    with with_sharding_rules(mesh, rules):
+        abstract = jax.eval_shape(init_fn, *args)
+        check_divisibility(abstract, mesh, rules)
+        shardings = logical_shardings(abstract, mesh, rules)
+        params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return params, shardings
+
+
+def state_shardings(state: PyTree, params: PyTree, param_shardings: PyTree) -> PyTree:
+    """Shardings for any pytree built from the parameters (train state, optimizer state).
+
+    Each leaf of `state` (arrays or ShapeDtypeStructs) is matched to the
+    parameter whose key path is the longest suffix of the leaf's key path
+    (a leading 'params' key of `params` is optional). Then:
+      * same shape as the parameter: the parameter's sharding (params, momenta);
+      * one dim fewer (factored Adafactor moments, e.g. optax's v_row / v_col):
+        the parameter's spec with the reduced dim dropped. If several dims
+        could have been reduced (equal sizes) and they would give different
+        specs, optax's rule decides for 'v_row' (largest dim reduced) and
+        'v_col' (second largest); otherwise the leaf is replicated;
+      * anything else (step counters, (1,)-shaped placeholders): replicated.
+    """
+    param_leaves = _leaves_with_path(params, as_tuple=True)
+    sharding_leaves = jax.tree.leaves(
+        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
+    )
+    if len(param_leaves) != len(sharding_leaves):
+        raise ValueError(
+            f"state_shardings: {len(param_leaves)} parameters but {len(sharding_leaves)} shardings"
+        )
+    by_path: dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]] = {}
+    for (path, leaf), sharding in zip(param_leaves, sharding_leaves, strict=True):
+        entry = (tuple(np.shape(leaf)), sharding)
+        by_path[path] = entry
+        if path and path[0] == "params":
+            by_path.setdefault(path[1:], entry)
+    mesh = sharding_leaves[0].mesh if sharding_leaves else None
+
+    def leaf_sharding(path: tuple[str, ...], leaf: Any) -> NamedSharding:
+        shape = tuple(np.shape(leaf))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        match = next((by_path[path[i:]] for i in range(len(path)) if path[i:] in by_path), None)
+        if match is None:
+            return replicated
+        param_shape, sharding = match
+        spec = tuple(sharding.spec) + (None,) * (len(param_shape) - len(sharding.spec))
+        if shape == param_shape:
+            return sharding
+        if len(shape) != len(param_shape) - 1:
+            return replicated
+        candidates = {
+            d: spec[:d] + spec[d + 1 :]
+            for d in range(len(param_shape))
+            if param_shape[:d] + param_shape[d + 1 :] == shape
+        }
+        if not candidates:
+            return replicated
+        if len(set(candidates.values())) > 1:
+            order = np.argsort(param_shape, kind="stable")
+            if "v_row" in path:
+                chosen = candidates.get(int(order[-1]))
+            elif "v_col" in path:
+                chosen = candidates.get(int(order[-2]))
+            else:
+                chosen = None
+            if chosen is None:
+                return replicated
+            return NamedSharding(mesh, PartitionSpec(*chosen))
+        return NamedSharding(mesh, PartitionSpec(*next(iter(candidates.values()))))
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    return jax.tree_util.tree_unflatten(
+        treedef, [leaf_sharding(_path_strings(p), leaf) for p, leaf in flat]
+    )
+
+
+# -------------------------------------------------------- axes coverage
+def params_without_axes(variables: PyTree) -> list[str]:
+    """Paths of parameters that carry no logical axis names (or the wrong number).
+
+    Pass the boxed output of `model.init` (or `jax.eval_shape(model.init, ...)`).
+    """
+    missing = []
+    for path, leaf in _leaves_with_path(variables):
+        if not isinstance(leaf, nn.Partitioned):
+            missing.append(f"{path} (no logical axes)")
+        elif len(leaf.names) != len(np.shape(leaf.value)):
+            missing.append(f"{path} (names {leaf.names} for shape {np.shape(leaf.value)})")
+    return missing
+
+
+def assert_all_params_have_axes(variables: PyTree) -> None:
+    """Fails listing every parameter without logical axes."""
+    missing = params_without_axes(variables)
+    if missing:
+        raise AssertionError(
+            f"{len(missing)} parameters without logical axes: " + ", ".join(missing)
+        )
+
+
+# ------------------------------------------------------- host data shard
+def data_shard_of_process(
+    process_grid: np.ndarray, axis_names: Sequence[str], process_index: int
+) -> tuple[int, int]:
+    """(shard index, number of shards) of one process along the batch axes.
+
+    `process_grid` has the mesh's shape and holds the process index of each
+    device. A process's batch positions are the flattened ('data', 'fsdp')
+    coordinates of its devices; processes with the same positions (differing
+    only along 'tensor') read the same shard. Shards are ordered by position.
+    """
+    grid = np.asarray(process_grid)
+    names = list(axis_names)
+    batch = [names.index(a) for a in BATCH_MESH_AXES if a in names]
+    rest = [i for i in range(grid.ndim) if i not in batch]
+    moved = np.transpose(grid, batch + rest)
+    rows = moved.reshape(math.prod(moved.shape[: len(batch)]), -1)
+    positions: dict[int, frozenset[int]] = {}
+    for p in np.unique(rows):
+        positions[int(p)] = frozenset(np.nonzero((rows == p).any(axis=1))[0].tolist())
+    if process_index not in positions:
+        raise ValueError(f"process {process_index} owns no device of the mesh")
+    groups = sorted(set(positions.values()), key=min)
+    for i, a in enumerate(groups):
+        for b in groups[i + 1 :]:
+            if a & b:
+                owners = sorted(p for p, s in positions.items() if s in (a, b))
+                raise ValueError(
+                    f"processes {owners} hold overlapping but different positions on the batch "
+                    "axes (data, fsdp); lay the mesh out so each host's devices cover whole "
+                    "batch rows"
+                )
+    if len({len(g) for g in groups}) > 1:
+        raise ValueError(
+            "hosts hold different numbers of batch positions "
+            f"({sorted(len(g) for g in groups)}); the batch cannot be split evenly"
+        )
+    return groups.index(positions[process_index]), len(groups)
+
+
+def host_data_shard(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:
+    """This host's (shard index, number of shards) for reading data, from its mesh position."""
+    if process_index is None:
+        process_index = jax.process_index()
+    grid = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+    return data_shard_of_process(grid, mesh.axis_names, process_index)
+
+
+# ---------------------------------------------------------------- helpers
+def _key_string(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _path_strings(path: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(_key_string(k) for k in path)
+
+
+def _leaves_with_path(tree: PyTree, as_tuple: bool = False) -> list[tuple[Any, Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+    out = []
+    for path, leaf in flat:
+        keys = _path_strings(path)
+        out.append((keys if as_tuple else "/".join(keys), leaf))
+    return out

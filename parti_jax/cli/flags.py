@@ -14,8 +14,10 @@ and writes the resulting config into the work directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.resources
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -141,12 +143,38 @@ def setup_gin(args: CommonArgs, *, finalize: bool = True) -> None:
     for p in [*args.gin_search_paths, str(gin_dir())]:
         gin.add_config_file_search_path(p)
     files = [resolve_gin_file(f, args.gin_search_paths) for f in args.gin_files]
+    with _quiet_gin_path_probes():
+        _parse(files, args.gin_bindings)
+    if finalize:
+        gin.finalize()
+
+
+class _DropGinPathProbe(logging.Filter):
+    # gin tries each `include` as a package resource before the search path and
+    # logs "Path not found" at ERROR level for every miss; the include then
+    # resolves normally. A real miss still raises (and is reported by us).
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _quiet_gin_path_probes():
+    root = logging.getLogger()
+    f = _DropGinPathProbe()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
+def _parse(files: Sequence[str], bindings: Sequence[str]) -> None:
     for f in files:
         try:
             gin.parse_config_file(f, skip_unknown=False)
         except (ValueError, KeyError, SyntaxError, TypeError, OSError) as e:
             raise UsageError(f"gin file {f}: {_first_line(e)}") from e
-    for b in args.gin_bindings:
+    for b in bindings:
         try:
             gin.parse_config(b)
         except (ValueError, KeyError, SyntaxError, TypeError) as e:
@@ -154,8 +182,6 @@ def setup_gin(args: CommonArgs, *, finalize: bool = True) -> None:
                 f"--gin.{b.replace(' = ', '=')}: {_first_line(e)} "
                 "(values are gin literals: quote strings, e.g. --gin.train.task=\"'shapes_codes'\")"
             ) from e
-    if finalize:
-        gin.finalize()
 
 
 def _first_line(e: BaseException) -> str:

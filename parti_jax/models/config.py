@@ -1,0 +1,196 @@
+"""`ModelConfig`: one frozen dataclass that describes the Parti encoder-decoder.
+
+Sizes are gin files (gin/models/*.gin) that set these fields; library code
+takes the dataclass. Every field is checked in `__post_init__`, so a bad
+config fails at construction with the field named, not deep inside jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Decoder vocabulary is padded to a multiple of this (MXU/tensor-core friendly,
+# and divisible by any tensor-parallel degree up to 128).
+VOCAB_MULTIPLE = 128
+
+MLP_ACTIVATIONS = ("gelu", "relu", "gated_gelu", "swiglu")
+ATTENTION_IMPLS = ("xla", "cudnn")
+DECODER_ATTENTIONS = ("full", "conv_sparse")
+NORM_TYPES = ("layernorm", "rmsnorm")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# 'none': no rematerialisation; 'full': save nothing (recompute the whole block);
+# the others name a policy in `jax.checkpoint_policies`.
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
+    "everything_saveable",
+    "nothing_saveable",
+)
+
+
+def round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` that is >= `value`."""
+    return -(-value // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of the text-to-image encoder-decoder."""
+
+    # SentencePiece vocabulary size of the text encoder (pad 0, eos 1, unk 2).
+    text_vocab_size: int = 16384
+    # Number of VQGAN codebook entries K; decoder tokens are codes + 1 (0 = pad/BOS).
+    codebook_size: int = 8192
+    # Image-token grid (rows, columns); the decoder writes rows * columns tokens.
+    image_grid: tuple[int, int] = (32, 32)
+    # Longest text the encoder accepts (size of the learned text position table).
+    max_text_length: int = 128
+    # Model (residual stream) width.
+    d_model: int = 1024
+    # Attention heads per attention layer.
+    num_heads: int = 16
+    # Per-head width; None means d_model // num_heads.
+    head_dim: int | None = None
+    # Hidden width of the feed-forward block.
+    mlp_dim: int = 4096
+    # Transformer layers in the text encoder.
+    num_encoder_layers: int = 12
+    # Transformer layers in the image-token decoder.
+    num_decoder_layers: int = 12
+    # 'gelu' / 'relu': plain 2-matrix MLP (Parti); 'gated_gelu' / 'swiglu': gated, 3 matrices.
+    mlp_activation: str = "gelu"
+    # Dropout on embeddings and on every residual branch (attention, MLP) in training.
+    dropout_rate: float = 0.1
+    # Compute dtype of matmuls and attention ('bfloat16' on accelerators, 'float32' on CPU).
+    dtype: str = "bfloat16"
+    # Storage dtype of parameters (and so of optimizer state).
+    weight_dtype: str = "float32"
+    # jax.nn.dot_product_attention implementation for full-sequence attention:
+    # 'cudnn' on GPUs, 'xla' on CPU/TPU and in exported functions. Single-step
+    # cached decoding always uses 'xla' (one query row; memory bound).
+    attention_impl: str = "xla"
+    # Decoder self-attention: 'full' causal, or 'conv_sparse' (Parti's conv-shaped
+    # causal mask: a token sees earlier tokens in a conv_kernel_size window on the grid).
+    decoder_attention: str = "full"
+    # Side of the 2-D window of 'conv_sparse' attention (odd).
+    conv_kernel_size: int = 11
+    # Scan over layers (one compiled block, parameters stacked on a LAYERS axis).
+    scan_layers: bool = True
+    # Rematerialisation of each block in training: see REMAT_POLICIES.
+    remat_policy: str = "none"
+    # 'layernorm' (scale and bias) or 'rmsnorm' (scale only); computed in float32.
+    norm_type: str = "layernorm"
+    # Epsilon of every norm.
+    layer_norm_epsilon: float = 1e-6
+    # dtype of the output logits (float32 so the loss and sampling are exact).
+    logits_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_grid", tuple(int(v) for v in self.image_grid))
+        _check(len(self.image_grid) == 2, f"image_grid={self.image_grid} must be (rows, columns)")
+        for name in (
+            "text_vocab_size",
+            "codebook_size",
+            "max_text_length",
+            "d_model",
+            "num_heads",
+            "mlp_dim",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "conv_kernel_size",
+        ):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"{name}={value!r} must be a positive integer",
+            )
+        _check(min(self.image_grid) > 0, f"image_grid={self.image_grid} must be positive")
+        _check(
+            self.text_vocab_size > 2,
+            f"text_vocab_size={self.text_vocab_size} must exceed the 3 reserved ids (pad, eos, unk)",
+        )
+        if self.head_dim is None:
+            _check(
+                self.d_model % self.num_heads == 0,
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "change one of them or set head_dim explicitly",
+            )
+        else:
+            _check(
+                isinstance(self.head_dim, int) and self.head_dim > 0,
+                f"head_dim={self.head_dim!r} must be a positive integer or None",
+            )
+        _choice("mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
+        _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _choice("decoder_attention", self.decoder_attention, DECODER_ATTENTIONS)
+        _choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _choice("norm_type", self.norm_type, NORM_TYPES)
+        for name in ("dtype", "weight_dtype", "logits_dtype"):
+            _choice(name, getattr(self, name), tuple(DTYPES))
+        _check(
+            self.conv_kernel_size % 2 == 1,
+            f"conv_kernel_size={self.conv_kernel_size} must be odd (a window centred on the token)",
+        )
+        _check(
+            0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)"
+        )
+        _check(
+            self.layer_norm_epsilon > 0,
+            f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0",
+        )
+
+    # ----------------------------------------------------------- derived
+    @property
+    def kv_dim(self) -> int:
+        """Per-head width actually used."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    @property
+    def decoder_vocab_size(self) -> int:
+        """K codes + pad/BOS id 0, padded up to a multiple of 128."""
+        return round_up(self.codebook_size + 1, VOCAB_MULTIPLE)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens the decoder writes per image (rows * columns)."""
+        return self.image_grid[0] * self.image_grid[1]
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    @property
+    def param_dtype(self) -> Any:
+        return DTYPES[self.weight_dtype]
+
+    @property
+    def logits_jnp_dtype(self) -> Any:
+        return DTYPES[self.logits_dtype]
+
+    @property
+    def remat_policy_fn(self) -> Any:
+        """The jax.checkpoint policy for `nn.remat` (None means save nothing)."""
+        if self.remat_policy in ("none", "full"):
+            return None
+        return getattr(jax.checkpoint_policies, self.remat_policy)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"ModelConfig: {message}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{name}={value!r} is not one of {', '.join(allowed)}")

@@ -1,0 +1,321 @@
+"""EncoderDecoder behaviour: cached decoding, masks, scan layouts, MLP/remat/dropout/dtype options.
+
+Parameters are drawn with numpy from `jax.eval_shape(model.init)` (random
+values, every leaf non-trivial) so that only the functions under test are
+compiled; `model.init` itself is compiled in test_partitioning.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parti_jax.models.config import ModelConfig
+from parti_jax.models.layers import conv_sparse_mask
+from parti_jax.models.transformer import (
+    CACHE_KEYS,
+    EncoderDecoder,
+    make_tokens_to_logits,
+    scan_to_unscanned,
+    unscanned_to_scan,
+)
+from parti_jax.partitioning import EMBED, LAYERS
+
+# A 3x4 grid (not square) so that row/column positions cannot be swapped unnoticed.
+CFG = ModelConfig(
+    text_vocab_size=64,
+    codebook_size=40,
+    image_grid=(3, 4),
+    max_text_length=8,
+    d_model=32,
+    num_heads=2,
+    mlp_dim=64,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    dtype="float32",
+    dropout_rate=0.1,
+    conv_kernel_size=3,
+)
+N = CFG.num_image_tokens
+# Two prompts of different lengths, right-padded with 0, ending in EOS (1).
+ENC = np.array([[5, 6, 7, 1, 0, 0], [9, 1, 0, 0, 0, 0]], np.int32)
+DEC = np.random.default_rng(0).integers(1, CFG.codebook_size + 1, (2, N)).astype(np.int32)
+DEC[:, 0] = 0  # BOS
+
+
+def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Random float32 params with the model's structure (scanned or not, per cfg)."""
+    shapes = nn.unbox(
+        jax.eval_shape(EncoderDecoder(cfg).init, jax.random.key(0), ENC, DEC)["params"]
+    )
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape).astype(np.float32)), shapes
+    )
+
+
+@functools.cache
+def apply_fn(cfg: ModelConfig):
+    return jax.jit(EncoderDecoder(cfg).apply, static_argnames=("enable_dropout",))
+
+
+def logits_of(cfg, params, enc=ENC, dec=DEC, **kw):
+    return np.asarray(apply_fn(cfg)({"params": params}, enc, dec, **kw))
+
+
+@functools.cache
+def greedy_fn(cfg: ModelConfig):
+    """Greedy decoding through the sampling contract, in one jitted loop."""
+    model = EncoderDecoder(cfg)
+
+    @jax.jit
+    def greedy(params, enc):
+        tokens_to_logits, cache = make_tokens_to_logits(model, params, enc)
+        batch = enc.shape[0]
+
+        def body(carry, step):
+            tokens, cache = carry
+            logits, cache = tokens_to_logits(tokens, cache, step)
+            best = jnp.argmax(logits[:, 1 : cfg.codebook_size + 1], axis=-1) + 1
+            return (best[:, None].astype(jnp.int32), cache), (tokens[:, 0], logits)
+
+        start = (jnp.zeros((batch, 1), jnp.int32), cache)
+        _, (inputs, logits) = jax.lax.scan(body, start, jnp.arange(N, dtype=jnp.int32))
+        return inputs.T, jnp.swapaxes(logits, 0, 1), cache
+
+    return greedy
+
+
+CASES = {
+    "full_scanned": CFG,
+    "conv_sparse_unscanned": CFG.replace(decoder_attention="conv_sparse", scan_layers=False),
+}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(CFG)
+
+
+def _layout(cfg, params):
+    return params if cfg.scan_layers else scan_to_unscanned(params)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cached_decoding_matches_teacher_forcing(case, params):
+    cfg = CASES[case]
+    p = _layout(cfg, params)
+    inputs, step_logits, cache = greedy_fn(cfg)(p, ENC)
+    inputs, step_logits = np.asarray(inputs), np.asarray(step_logits)
+    assert inputs.shape == (2, N) and step_logits.shape == (2, N, cfg.decoder_vocab_size)
+    assert step_logits.dtype == np.float32
+    # Cache layout promised to samplers: every leaf [layers, batch, ...].
+    assert sorted(cache) == sorted(CACHE_KEYS)
+    for leaf in cache.values():
+        assert leaf.shape[:2] == (cfg.num_decoder_layers, 2)
+    assert cache["self_key"].shape[2] == N
+    full = logits_of(cfg, p, dec=inputs)
+    np.testing.assert_allclose(step_logits, full, atol=2e-4, rtol=2e-4)
+    # Same greedy tokens: the token chosen at step t is the input at t + 1.
+    greedy = np.argmax(full[:, :, 1 : cfg.codebook_size + 1], axis=-1) + 1
+    np.testing.assert_array_equal(greedy[:, :-1], inputs[:, 1:])
+    # The encoder's text lengths reached the cross-attention cache.
+    np.testing.assert_array_equal(np.asarray(cache["text_lengths"][0]), [4, 2])
+
+
+def test_make_tokens_to_logits_accepts_variables(params):
+    model = EncoderDecoder(CFG)
+    cache_a = jax.eval_shape(lambda p: make_tokens_to_logits(model, p, ENC)[1], params)
+    cache_b = jax.eval_shape(lambda p: make_tokens_to_logits(model, {"params": p}, ENC)[1], params)
+    assert jax.tree.map(lambda x: x.shape, cache_a) == jax.tree.map(lambda x: x.shape, cache_b)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_decoder_is_causal(case, params):
+    cfg = CASES[case]
+    p = _layout(cfg, params)
+    base = logits_of(cfg, p)
+    t = 5
+    changed = DEC.copy()
+    changed[:, t:] = (changed[:, t:] % cfg.codebook_size) + 1  # new tokens from slot t on
+    assert (changed[:, t:] != DEC[:, t:]).all()
+    other = logits_of(cfg, p, dec=changed)
+    np.testing.assert_allclose(other[:, :t], base[:, :t], atol=1e-6)
+    # Slot t sees its own input, so its logits must move: the test can fail.
+    assert np.abs(other[:, t] - base[:, t]).max() > 1e-3
+
+
+def test_text_padding_is_masked(params):
+    base = logits_of(CFG, params)
+    longer = np.pad(ENC, ((0, 0), (0, 2)))  # two more pad ids
+    np.testing.assert_allclose(logits_of(CFG, params, enc=longer), base, atol=1e-5)
+    # A real token in place of padding does change the image logits.
+    altered = ENC.copy()
+    altered[1, 2] = 7
+    assert np.abs(logits_of(CFG, params, enc=altered)[1] - base[1]).max() > 1e-3
+
+
+def _naive_conv_mask(rows: int, cols: int, k: int) -> np.ndarray:
+    n = rows * cols
+    mask = np.zeros((n, n), bool)
+    for t in range(n):
+        for s in range(n):
+            tr, tc = divmod(t, cols)
+            sr, sc = divmod(s, cols)
+            mask[t, s] = s <= t and abs(tr - sr) <= k // 2 and abs(tc - sc) <= k // 2
+    return mask
+
+
+@pytest.mark.parametrize(
+    "grid,k", [((3, 4), 3), ((4, 4), 3), ((5, 3), 5), ((2, 6), 1), ((6, 6), 5)]
+)
+def test_conv_sparse_mask_matches_reference(grid, k):
+    mask = conv_sparse_mask(grid, k)
+    np.testing.assert_array_equal(mask, _naive_conv_mask(*grid, k))
+    assert not np.triu(mask, 1).any()  # causal
+    assert mask.diagonal().all()  # no row is fully masked
+    if k < 2 * max(grid) - 1:
+        assert mask.sum() < np.tril(np.ones_like(mask)).sum()  # really sparse
+
+
+def test_conv_sparse_mask_with_a_wide_kernel_is_full_causal():
+    np.testing.assert_array_equal(conv_sparse_mask((3, 4), 9), np.tril(np.ones((12, 12), bool)))
+
+
+def test_scan_and_unscanned_layers_agree(params):
+    cfg_scan = CASES["conv_sparse_unscanned"].replace(scan_layers=True)
+    cfg_unrolled = CASES["conv_sparse_unscanned"]
+    unrolled = scan_to_unscanned(params)
+    assert "layers_1" in unrolled["decoder"] and "layers" not in unrolled["decoder"]
+    np.testing.assert_allclose(
+        logits_of(cfg_scan, params), logits_of(cfg_unrolled, unrolled), atol=1e-5, rtol=1e-5
+    )
+    # Round trip is exact.
+    back = unscanned_to_scan(unrolled)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The structures match what each layout's init produces.
+    shapes_unrolled = nn.unbox(
+        jax.eval_shape(EncoderDecoder(cfg_unrolled).init, jax.random.key(0), ENC, DEC)["params"]
+    )
+    assert jax.tree.structure(shapes_unrolled) == jax.tree.structure(unrolled)
+
+
+def test_scan_conversion_keeps_logical_axes():
+    boxed = {
+        "layers": {
+            "w": nn.LogicallyPartitioned(jnp.arange(6.0).reshape(2, 3), names=(LAYERS, EMBED))
+        }
+    }
+    unrolled = scan_to_unscanned(boxed)
+    assert unrolled["layers_1"]["w"].names == (EMBED,)
+    np.testing.assert_array_equal(unrolled["layers_1"]["w"].value, [3.0, 4.0, 5.0])
+    back = unscanned_to_scan(unrolled)
+    assert back["layers"]["w"].names == (LAYERS, EMBED)
+    with pytest.raises(ValueError, match="not 0..1"):
+        unscanned_to_scan({"layers_0": {"w": 1}, "layers_2": {"w": 1}})
+
+
+@pytest.mark.parametrize("activation", ["gated_gelu", "swiglu"])
+def test_gated_mlp(activation):
+    cfg = CFG.replace(mlp_activation=activation)
+    shapes = jax.eval_shape(EncoderDecoder(cfg).init, jax.random.key(0), ENC, DEC)["params"]
+    mlp = nn.unbox(shapes)["decoder"]["layers"]["mlp"]
+    assert sorted(mlp) == ["wi_0", "wi_1", "wo"]
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(nn.unbox(tree)))  # noqa: E731
+    plain = jax.eval_shape(EncoderDecoder(CFG).init, jax.random.key(0), ENC, DEC)["params"]
+    layers = CFG.num_encoder_layers + CFG.num_decoder_layers
+    assert count(shapes) - count(plain) == layers * CFG.d_model * CFG.mlp_dim
+    if activation == "swiglu":  # one compile is enough to show it runs
+        logits = logits_of(cfg, random_params(cfg))
+        assert logits.shape == (2, N, cfg.decoder_vocab_size) and np.isfinite(logits).all()
+
+
+def _loss(cfg):
+    model = EncoderDecoder(cfg)
+    return lambda p: jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, ENC, DEC))[..., 3])
+
+
+def test_remat_policies_are_applied_and_keep_gradients(params):
+    for policy in ("full", "dots_with_no_batch_dims_saveable"):
+        jaxpr = str(jax.make_jaxpr(jax.grad(_loss(CFG.replace(remat_policy=policy))))(params))
+        assert "checkpoint" in jaxpr or "remat" in jaxpr, policy
+    plain = str(jax.make_jaxpr(jax.grad(_loss(CFG)))(params))
+    assert "checkpoint" not in plain and "remat" not in plain
+    # One compile for both: remat recomputes, it must not change the gradients.
+    both = jax.jit(
+        lambda p: (jax.grad(_loss(CFG))(p), jax.grad(_loss(CFG.replace(remat_policy="full")))(p))
+    )
+    reference, remat = both(params)
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(remat), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(remat)) > 0
+
+
+def test_dropout_only_when_enabled(params):
+    base = logits_of(CFG, params)
+    key_a, key_b = jax.random.key(1), jax.random.key(2)
+    np.testing.assert_array_equal(
+        logits_of(CFG, params, enable_dropout=False, rngs={"dropout": key_a}), base
+    )
+    drop_a = logits_of(CFG, params, enable_dropout=True, rngs={"dropout": key_a})
+    drop_a2 = logits_of(CFG, params, enable_dropout=True, rngs={"dropout": key_a})
+    drop_b = logits_of(CFG, params, enable_dropout=True, rngs={"dropout": key_b})
+    np.testing.assert_array_equal(drop_a, drop_a2)
+    assert np.abs(drop_a - base).max() > 1e-3
+    assert np.abs(drop_a - drop_b).max() > 1e-3
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(params):
+    cfg = CFG.replace(dtype="bfloat16")
+    shapes = jax.eval_shape(EncoderDecoder(cfg).init, jax.random.key(0), ENC, DEC)
+    assert {x.dtype for x in jax.tree.leaves(nn.unbox(shapes))} == {jnp.dtype("float32")}
+    encoded = jax.eval_shape(
+        functools.partial(EncoderDecoder(cfg).apply, method=EncoderDecoder.encode),
+        {"params": params},
+        ENC,
+    )
+    assert encoded.dtype == jnp.bfloat16 and encoded.shape == (2, ENC.shape[1], cfg.d_model)
+    logits = logits_of(cfg, params)
+    assert logits.dtype == np.float32
+    reference = logits_of(CFG, params)
+    scale = np.abs(reference).max()
+    assert np.abs(logits - reference).max() < 0.1 * scale  # same model, bf16 rounding only
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = EncoderDecoder(CFG)
+    too_long = np.ones((1, CFG.max_text_length + 1), np.int32)
+    with pytest.raises(ValueError, match="max_text_length=8"):
+        jax.eval_shape(model.init, jax.random.key(0), too_long, DEC[:1])
+    with pytest.raises(ValueError, match="3x4 = 12 tokens"):
+        jax.eval_shape(model.init, jax.random.key(0), ENC, np.zeros((2, N + 1), np.int32))
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(d_model=30, num_heads=4), "d_model=30 is not divisible by num_heads=4"),
+        (dict(mlp_activation="gelux"), "mlp_activation='gelux' is not one of"),
+        (dict(remat_policy="some"), "remat_policy='some'"),
+        (dict(conv_kernel_size=4), "conv_kernel_size=4 must be odd"),
+        (dict(image_grid=(4, 4, 4)), "image_grid"),
+        (dict(dtype="float64"), "dtype='float64'"),
+        (dict(num_decoder_layers=0), "num_decoder_layers=0"),
+    ],
+)
+def test_config_validation(changes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        CFG.replace(**changes)
+
+
+def test_config_derived_sizes():
+    assert ModelConfig().decoder_vocab_size == 8320  # 8192 + 1 -> multiple of 128
+    assert CFG.decoder_vocab_size == 128 and CFG.num_image_tokens == 12
+    assert CFG.replace(head_dim=8).kv_dim == 8 and CFG.kv_dim == 16
