@@ -1,0 +1,200 @@
+"""Reranking the samples of each prompt: the scorer interface and a likelihood scorer.
+
+Parti draws `num_samples` images per prompt and keeps the best by a scorer.
+A scorer follows the contract of docs/DESIGN.md section 3::
+
+    scorer.score(images [B, H, W, 3] float in [0, 1], prompts [B], *,
+                 image_tokens=None [B, N]) -> np.ndarray [B]   (higher is better)
+
+Rows are prompt-major, as `parti_jax.decoding.sample_ids` lays them out: row
+`p * num_samples + s` is sample `s` of prompt `p`.
+
+Where a contrastive image-text model plugs in: the paper reranks with a
+CoCa-style contrastive model. Such a model is a class with a `score` method
+that embeds the images and the prompts and returns their cosine similarity
+per row; it needs no change here or in the sampler. parti_jax ships no
+contrastive weights, so `LikelihoodScorer` (the model's own log-likelihood of
+its tokens given the prompt) is the generic fallback, and the shapes world has
+its exact pixel judge (`parti_jax.data.judge`).
+
+This module imports no model code: `LikelihoodScorer` is built on a
+teacher-forced logits callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+ArrayLike = np.ndarray
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores how well each image matches its prompt; higher is better."""
+
+    def score(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        *,
+        image_tokens: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """images float [B, H, W, 3] in [0, 1], one prompt per row -> float [B]."""
+        ...
+
+
+def rerank(
+    scores: ArrayLike,
+    *,
+    num_samples: int,
+    keep_top_k: int,
+    prompts: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Row indices [num_prompts, keep_top_k] of the best samples of each prompt, best first.
+
+    Args:
+      scores: float [num_prompts * num_samples], prompt-major.
+      num_samples: samples per prompt.
+      keep_top_k: how many to keep per prompt (1 <= keep_top_k <= num_samples).
+      prompts: optional prompt of each row; checked to be constant within a
+        prompt's group, which catches a batch that is not prompt-major.
+
+    Ties keep the lower sample index first; NaN scores rank last.
+    """
+    scores = np.asarray(scores, np.float64)
+    if scores.ndim != 1:
+        raise ValueError(f"rerank: scores must be [rows], got shape {scores.shape}")
+    if num_samples < 1 or scores.shape[0] % num_samples:
+        raise ValueError(
+            f"rerank: {scores.shape[0]} scores are not a whole number of prompts with "
+            f"num_samples={num_samples}; pass num_samples as sampled"
+        )
+    if not 1 <= keep_top_k <= num_samples:
+        raise ValueError(
+            f"rerank: keep_top_k={keep_top_k} must be in [1, num_samples={num_samples}]"
+        )
+    num_prompts = scores.shape[0] // num_samples
+    if prompts is not None:
+        if len(prompts) != scores.shape[0]:
+            raise ValueError(f"rerank: {len(prompts)} prompts for {scores.shape[0]} scores")
+        for p in range(num_prompts):
+            group = prompts[p * num_samples : (p + 1) * num_samples]
+            if any(q != group[0] for q in group):
+                raise ValueError(
+                    f"rerank: rows {p * num_samples}..{(p + 1) * num_samples - 1} hold different "
+                    f"prompts; rows must be prompt-major (decoding.sample_ids)"
+                )
+    grouped = scores.reshape(num_prompts, num_samples)
+    key = np.where(np.isnan(grouped), np.inf, -grouped)  # ascending: best first, NaN last
+    order = np.argsort(key, axis=1, kind="stable")[:, :keep_top_k]
+    return (order + np.arange(num_prompts)[:, None] * num_samples).astype(np.int64)
+
+
+def score_and_rerank(
+    scorer: Scorer,
+    images: np.ndarray,
+    prompts: Sequence[str],
+    *,
+    num_samples: int,
+    keep_top_k: int,
+    image_tokens: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores every row with `scorer` and reranks; returns (indices [P, k], scores [B])."""
+    scores = np.asarray(scorer.score(images, prompts, image_tokens=image_tokens), np.float32)
+    if scores.shape != (len(prompts),):
+        raise ValueError(
+            f"score_and_rerank: {type(scorer).__name__}.score returned shape {scores.shape}, "
+            f"expected [{len(prompts)}] (one score per row)"
+        )
+    return rerank(scores, num_samples=num_samples, keep_top_k=keep_top_k, prompts=prompts), scores
+
+
+class LikelihoodScorer:
+    """Scores image tokens by the model's own mean log-probability given the prompt.
+
+    The generic fallback scorer (no extra model): for each row it runs the
+    decoder teacher-forced on the sampled image tokens and averages
+    `log p(token_t | tokens_<t, prompt)` over the grid, with id 0 and the
+    vocabulary padding masked out as in sampling. It ignores the pixels, so it
+    needs `image_tokens`.
+
+    Args:
+      logits_fn: `(encoder_input_tokens int32 [B, L], decoder_input_tokens
+        int32 [B, N]) -> logits [B, N, V]`, e.g. a jitted
+        `lambda e, d: model.apply(variables, e, d)`.
+      encode_prompts: prompts -> encoder_input_tokens int32 [B, L] (the text
+        vocabulary with EOS, padded), as used for sampling.
+      num_valid_tokens: codebook_size + 1; None masks only id 0.
+      batch_size: rows per `logits_fn` call (None: all at once).
+    """
+
+    def __init__(
+        self,
+        logits_fn: Callable[[np.ndarray, np.ndarray], ArrayLike],
+        encode_prompts: Callable[[Sequence[str]], np.ndarray],
+        *,
+        num_valid_tokens: int | None = None,
+        batch_size: int | None = None,
+    ):
+        self.logits_fn = logits_fn
+        self.encode_prompts = encode_prompts
+        self.num_valid_tokens = num_valid_tokens
+        self.batch_size = batch_size
+
+    def score(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        *,
+        image_tokens: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Mean log-likelihood per row, float32 [B] (higher is better)."""
+        del images  # the likelihood lives in token space
+        if image_tokens is None:
+            raise ValueError(
+                "LikelihoodScorer.score needs image_tokens= (the sampled decoder ids [B, N], "
+                "codes + 1); it scores tokens, not pixels"
+            )
+        tokens = np.asarray(image_tokens).astype(np.int32)
+        if tokens.ndim != 2 or tokens.shape[0] != len(prompts):
+            raise ValueError(
+                f"LikelihoodScorer.score: image_tokens must be [B={len(prompts)}, N], "
+                f"got {tokens.shape}"
+            )
+        if tokens.min(initial=1) < 1:
+            raise ValueError(
+                "LikelihoodScorer.score: image_tokens contain id 0 (pad/BOS); pass decoder "
+                "ids (codes + 1), not codes"
+            )
+        step = self.batch_size or len(prompts)
+        out = [
+            self._score_batch(list(prompts[i : i + step]), tokens[i : i + step])
+            for i in range(0, len(prompts), step)
+        ]
+        return np.concatenate(out).astype(np.float32)
+
+    def _score_batch(self, prompts: list[str], tokens: np.ndarray) -> np.ndarray:
+        encoder_input = np.asarray(self.encode_prompts(prompts), np.int32)
+        decoder_input = np.concatenate([np.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+        logits = np.asarray(self.logits_fn(encoder_input, decoder_input), np.float64)
+        rows, length, vocab = logits.shape
+        if (rows, length) != tokens.shape:
+            raise ValueError(
+                f"LikelihoodScorer: logits_fn returned {logits.shape}, expected "
+                f"[{tokens.shape[0]}, {tokens.shape[1]}, vocab]"
+            )
+        limit = vocab if self.num_valid_tokens is None else self.num_valid_tokens
+        if tokens.max() >= limit:
+            raise ValueError(
+                f"LikelihoodScorer: image token {int(tokens.max())} is >= num_valid_tokens "
+                f"{limit} (codebook_size + 1); the tokens do not come from this model"
+            )
+        ids = np.arange(vocab)
+        logits = np.where((ids > 0) & (ids < limit), logits, -np.inf)
+        top = logits.max(-1, keepdims=True)
+        log_z = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
+        chosen = np.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+        return (chosen - log_z).mean(-1)
