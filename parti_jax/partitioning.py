@@ -261,7 +261,11 @@ def create_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mes
     if num_slices == 1:
         array = mesh_utils.create_device_mesh(ici, devices)
     else:
-        by_slice = getattr(devices[0], "slice_index", None) is not None
+        # Devices on TPU pods carry a slice index; elsewhere (GPU clusters, CPU
+        # processes) every device reports slice 0 or none, and the DCN granule
+        # is the process.
+        slices = {getattr(d, "slice_index", None) for d in devices}
+        by_slice = len(slices) > 1 and None not in slices
         attr = "slice_index" if by_slice else "process_index"
         found = len({getattr(d, attr) for d in devices})
         if found != num_slices:

@@ -1,0 +1,457 @@
+"""Checkpoints: orbax CheckpointManager with the data position, resume and warm starts.
+
+Layout of a work directory:
+
+    <workdir>/checkpoints/<step>/state/...                     TrainState arrays
+    <workdir>/checkpoints/<step>/data/shard_<i>_of_<n>[...]    data iterator position
+
+`Checkpointer` saves asynchronously (arrays are copied off the devices, then
+written in the background), keeps the newest `max_to_keep`, and resumes the
+latest step. Each data shard's iterator state is written by one process (the
+first process that reads that shard) next to the arrays of the same step, so
+a resumed run neither repeats nor skips examples; a resume with another
+number of data shards is refused unless `allow_data_reshuffle=True`.
+
+`restore_params_from` warm-starts parameters from another run: all of them or
+those whose path matches a regex, converting the layer layout (scanned <->
+unscanned) with a hook supplied by the model, with an error naming the
+parameter when shapes differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from parti_jax.train.optimizers import path_str
+from parti_jax.train.state import TrainState
+
+PyTree = Any
+log = logging.getLogger(__name__)
+
+_SHARD_RE = re.compile(r"^shard_(\d+)_of_(\d+)")
+# Replicated arrays are written by several replicas in parallel only when each
+# replica's slice is at least this big: for small arrays the per-device slice
+# programs orbax compiles on the first save cost more than they save.
+MIN_REPLICA_SLICE_BYTES = 4 << 20
+_HANDLERS_SET = False
+
+
+def _configure_array_handler() -> None:
+    """Registers orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES (once per process)."""
+    global _HANDLERS_SET
+    if _HANDLERS_SET:
+        return
+    from orbax.checkpoint import type_handlers
+
+    handler = type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
+    )
+    type_handlers.register_type_handler(jax.Array, handler, override=True)
+    _HANDLERS_SET = True
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit this run (shapes, data shards, missing files)."""
+
+
+# ------------------------------------------------------------ data iterator item
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Writes/reads one data shard's iterator state per process (`it.save` / `it.restore`)."""
+
+    def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
+        if args.write:
+            args.iterator.save(str(directory / f"shard_{args.shard_index}_of_{args.shard_count}"))
+
+    def restore(self, directory: epath.Path, args: DataIteratorRestore) -> bool:
+        """Restores the iterator; False when the shard count changed and reshuffle is allowed."""
+        counts = sorted(
+            {int(m.group(2)) for p in directory.iterdir() if (m := _SHARD_RE.match(p.name))}
+        )
+        if counts != [args.shard_count]:
+            if args.allow_reshuffle:
+                log.warning(
+                    "data position was saved for %s data shard(s), this run reads %d; "
+                    "starting a fresh data order (allow_data_reshuffle=True)",
+                    counts,
+                    args.shard_count,
+                )
+                return False
+            raise CheckpointError(
+                f"{directory}: the data position was saved for {counts} data shard(s) but this "
+                f"run reads {args.shard_count}; resume on a mesh with the same number of data "
+                "shards, or pass allow_data_reshuffle=True to start a fresh data order"
+            )
+        path = directory / f"shard_{args.shard_index}_of_{args.shard_count}"
+        matches = [p for p in directory.iterdir() if p.name.startswith(path.name)]
+        if not matches:
+            raise CheckpointError(f"{path}: no saved data position for this data shard")
+        args.iterator.restore(str(path))
+        return True
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    iterator: Any
+    shard_index: int
+    shard_count: int
+    write: bool
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    iterator: Any
+    shard_index: int
+    shard_count: int
+    allow_reshuffle: bool = False
+
+
+def _has_position(iterator: Any) -> bool:
+    return iterator is not None and callable(getattr(iterator, "save", None))
+
+
+# -------------------------------------------------------------- the manager
+
+
+@dataclasses.dataclass(frozen=True)
+class DataShard:
+    """This process's data shard and whether it writes that shard's position."""
+
+    index: int = 0
+    count: int = 1
+    writer: bool = True
+
+
+class Checkpointer:
+    """Saves/restores TrainState plus the data position under `<workdir>/checkpoints`."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        save_interval_steps: int = 1000,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        data_shard: DataShard = DataShard(),
+    ) -> None:
+        _configure_array_handler()
+        self.directory = epath.Path(_absolute(workdir)) / "checkpoints"
+        self.data_shard = data_shard
+        self.save_interval_steps = save_interval_steps
+        self._last_saved: int | None = None
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps,
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": DataIteratorHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> Sequence[int]:
+        return self.manager.all_steps()
+
+    def should_save(self, step: int) -> bool:
+        """Every `save_interval_steps` steps (absolute step numbers, so resumes align)."""
+        return self.save_interval_steps > 0 and step % self.save_interval_steps == 0
+
+    def save(self, step: int, state: TrainState, data_iterator: Any = None) -> bool:
+        """Starts an (async) save of `state` and the data position; True if one started."""
+        if step == self._last_saved or step in self.manager.all_steps():
+            return False
+        self._last_saved = step
+        items = {"state": ocp.args.StandardSave(state.checkpoint_items())}
+        if _has_position(data_iterator):
+            items["data"] = DataIteratorSave(
+                data_iterator,
+                self.data_shard.index,
+                self.data_shard.count,
+                self.data_shard.writer,
+            )
+        # The caller decides when to save (see should_save); orbax's own policy is bypassed.
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(
+        self,
+        state: TrainState,
+        *,
+        step: int | None = None,
+        data_iterator: Any = None,
+        allow_data_reshuffle: bool = False,
+    ) -> tuple[TrainState, bool]:
+        """Restores onto the shapes/dtypes/shardings of `state` (concrete or abstract).
+
+        `state`'s shardings decide where arrays land, so a checkpoint saved on
+        one mesh restores onto another. Returns (state, data_restored):
+        data_restored is False when the data position was not restored (no
+        iterator state saved, or a reshuffle was allowed).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        target = jax.tree.map(_abstract, state.checkpoint_items())
+        self._check_shapes(step, target)
+        items = {"state": ocp.args.StandardRestore(target)}
+        step_dir = self.directory / str(step)
+        has_data = (step_dir / "data").exists()
+        if _has_position(data_iterator) and has_data:
+            items["data"] = DataIteratorRestore(
+                data_iterator,
+                self.data_shard.index,
+                self.data_shard.count,
+                allow_data_reshuffle,
+            )
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        data_restored = bool(restored.get("data", False)) if "data" in items else False
+        if _has_position(data_iterator) and not has_data:
+            log.warning("%s: no data position saved; the data starts from its beginning", step_dir)
+        return state.replace_checkpoint_items(restored["state"]), data_restored
+
+    def _check_shapes(self, step: int, target: PyTree) -> None:
+        meta = state_metadata(self.directory / str(step) / "state")
+        if meta is None:
+            return
+        flat_meta = {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
+        flat_target = jax.tree_util.tree_flatten_with_path(target)[0]
+        missing = []
+        for p, t in flat_target:
+            name = path_str(p)
+            m = flat_meta.get(name)
+            if m is None:
+                missing.append(name)
+                continue
+            if tuple(getattr(m, "shape", ())) != tuple(t.shape):
+                raise CheckpointError(
+                    f"{self.directory / str(step)}: {name} has shape {tuple(m.shape)} in the "
+                    f"checkpoint but {tuple(t.shape)} in this model; restore a checkpoint of the "
+                    "same model config (or use restore_from for a partial warm start)"
+                )
+        if missing:
+            raise CheckpointError(
+                f"{self.directory / str(step)}: the checkpoint has no {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''}; it was written by a different model "
+                "or optimizer (use restore_from to warm-start parameters only)"
+            )
+
+    def wait_until_finished(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _absolute(path: str | Path) -> str:
+    """orbax needs absolute paths; cloud paths (gs://...) are kept as they are."""
+    path = str(path)
+    return path if "://" in path else str(Path(path).expanduser().absolute())
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def state_metadata(state_dir: epath.Path) -> PyTree | None:
+    """The saved TrainState's tree of array metadata (shape, dtype), or None."""
+    try:
+        meta = ocp.PyTreeCheckpointHandler().metadata(state_dir)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return getattr(meta, "tree", meta)
+
+
+# ------------------------------------------------------------- warm starts
+
+
+def resolve_checkpoint_dir(path: str | Path, step: int | None = None) -> epath.Path:
+    """The `<step>` directory of a work directory, a checkpoints folder or a step folder."""
+    p = epath.Path(_absolute(path))
+    if (p / "state").exists():
+        return p
+    if (p / "checkpoints").exists():
+        p = p / "checkpoints"
+    steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit()) if p.exists() else []
+    if not steps:
+        raise CheckpointError(
+            f"{path}: no checkpoint found (expected <workdir>/checkpoints/<step>/state)"
+        )
+    if step is None:
+        return p / str(steps[-1])
+    if step not in steps:
+        raise CheckpointError(f"{path}: no checkpoint for step {step}; steps are {steps}")
+    return p / str(step)
+
+
+def restore_params_from(
+    path: str | Path,
+    params: PyTree,
+    *,
+    include: str | None = None,
+    convert: Callable[[PyTree], PyTree] | None = None,
+    step: int | None = None,
+) -> tuple[PyTree, list[str]]:
+    """Warm-starts `params` (concrete, sharded) from another run's checkpoint.
+
+    Args:
+      path: a work directory, its `checkpoints` folder or one `<step>` folder.
+      params: this model's initialised parameters; those not restored keep
+        their values.
+      include: regex searched in '/'-joined parameter paths
+        (e.g. 'encoder/.*'); None restores every parameter the checkpoint has.
+        Every parameter matching `include` must be in the checkpoint.
+      convert: applied to the checkpoint's parameters (as numpy) before
+        matching, e.g. the model's `scan_to_unscanned`; None: same layout.
+      step: which step (default: the latest).
+
+    Returns:
+      (params, names of restored parameters).
+    """
+    step_dir = resolve_checkpoint_dir(path, step)
+    meta = state_metadata(step_dir / "state")
+    if meta is None or "params" not in meta:
+        raise CheckpointError(f"{step_dir}: not a parti_jax checkpoint (no state/params)")
+    pattern = re.compile(include) if include else None
+    flat_target = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    wanted = [n for n in flat_target if pattern is None or pattern.search(n)]
+    if not wanted:
+        raise CheckpointError(f"restore_from include={include!r} matches no parameter")
+
+    ckpt_meta = {"params": meta["params"]}
+    if convert is None:
+        # Same layout: restore only the wanted arrays, straight onto their shardings.
+        flat_meta = {
+            path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(meta["params"])[0]
+        }
+        _check_warm_start(step_dir, wanted, flat_target, flat_meta, include)
+        item = _subset_tree(meta["params"], set(wanted), flat_target)
+        restored = ocp.PyTreeCheckpointer().restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item={"params": item},
+                restore_args={"params": jax.tree.map(_restore_args, item)},
+                partial_restore=True,
+            ),
+        )["params"]
+        flat_restored = {
+            path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]
+        }
+    else:
+        host = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), ckpt_meta)
+        restored = ocp.PyTreeCheckpointer().restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item=host,
+                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), host),
+                partial_restore=True,
+            ),
+        )["params"]
+        converted = convert(restored)
+        flat_conv = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(converted)[0]}
+        _check_warm_start(step_dir, wanted, flat_target, flat_conv, include)
+        flat_restored = {
+            n: jax.device_put(
+                np.asarray(flat_conv[n], flat_target[n].dtype), _sharding(flat_target[n])
+            )
+            for n in wanted
+            if n in flat_conv
+        }
+
+    names = [n for n in wanted if n in flat_restored]
+    new_params = jax.tree_util.tree_map_with_path(
+        lambda p, x: flat_restored.get(path_str(p), x), params
+    )
+    skipped = [n for n in flat_target if n not in flat_restored]
+    log.info(
+        "restore_from %s: restored %d parameter(s), kept %d initialised",
+        step_dir,
+        len(names),
+        len(skipped),
+    )
+    return new_params, names
+
+
+def _check_warm_start(step_dir, wanted, flat_target, flat_ckpt, include) -> None:
+    missing = [n for n in wanted if n not in flat_ckpt]
+    if include is not None and missing:
+        raise CheckpointError(
+            f"{step_dir}: restore_from include={include!r} matches {', '.join(missing[:5])} "
+            "which the checkpoint does not have (the layouts differ: scanned vs unscanned "
+            "layers, or another model)"
+        )
+    if include is None and len(missing) == len(wanted):
+        raise CheckpointError(
+            f"{step_dir}: no parameter of this model is in the checkpoint (e.g. "
+            f"{wanted[0]}); the layouts differ (scanned vs unscanned layers?)"
+        )
+    for n in wanted:
+        if n in flat_ckpt:
+            have = tuple(flat_ckpt[n].shape)
+            want = tuple(flat_target[n].shape)
+            if have != want:
+                raise CheckpointError(
+                    f"{step_dir}: parameter {n} has shape {have} in the checkpoint but "
+                    f"{want} in this model; change the model config to match or exclude it "
+                    "from restore_from"
+                )
+
+
+def _subset_tree(tree: PyTree, names: set[str], flat_target: dict[str, Any]) -> PyTree:
+    """Nested dict of target ShapeDtypeStructs (with shardings) for the chosen names."""
+
+    def walk(node, prefix):
+        out = {}
+        for k, v in node.items():
+            name = f"{prefix}/{k}" if prefix else str(k)
+            if isinstance(v, dict):
+                sub = walk(v, name)
+                if sub:
+                    out[k] = sub
+            elif name in names:
+                t = flat_target[name]
+                out[k] = jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=_sharding(t))
+        return out
+
+    return walk(dict(tree), "")
+
+
+def _sharding(x: Any) -> jax.sharding.Sharding | None:
+    return getattr(x, "sharding", None)
+
+
+def _restore_args(x: jax.ShapeDtypeStruct) -> ocp.RestoreArgs:
+    if x.sharding is None:
+        return ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
+    return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)

@@ -1,0 +1,168 @@
+"""Multi-process start-up and the host -> data shard mapping.
+
+`maybe_initialize_distributed` must run before anything touches a jax
+backend: asking jax how many processes there are would start the backend,
+after which `jax.distributed.initialize` fails. So the decision is taken from
+flags and the launch environment only:
+
+- explicit arguments, or PARTI_JAX_COORDINATOR / PARTI_JAX_NUM_PROCESSES /
+  PARTI_JAX_PROCESS_ID (set by parti_jax's launchers), or JAX_COORDINATOR_ADDRESS
+  with JAX_NUM_PROCESSES / JAX_PROCESS_ID;
+- SLURM with more than one task, Open MPI (OMPI_MCA_orte_hnp_uri), multi-host
+  Cloud TPU / GKE (TPU_WORKER_HOSTNAMES with several hosts, or
+  MEGASCALE_COORDINATOR_ADDRESS): jax's own cluster detection fills in the
+  arguments, so `initialize()` is called without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from parti_jax import partitioning
+
+log = logging.getLogger(__name__)
+
+
+def _env_int(*names: str) -> int | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            try:
+                return int(v)
+            except ValueError as e:
+                raise ValueError(f"environment variable {n}={v!r} is not an integer") from e
+    return None
+
+
+def distributed_settings(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> dict[str, Any] | None:
+    """The arguments for `jax.distributed.initialize`, or None for a single process.
+
+    Pure function of its arguments and `os.environ` (testable without jax).
+    """
+    env = os.environ
+    coordinator_address = (
+        coordinator_address
+        or env.get("PARTI_JAX_COORDINATOR")
+        or env.get("JAX_COORDINATOR_ADDRESS")
+    )
+    if num_processes is None:
+        num_processes = _env_int("PARTI_JAX_NUM_PROCESSES", "JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _env_int("PARTI_JAX_PROCESS_ID", "JAX_PROCESS_ID")
+    if coordinator_address or num_processes is not None:
+        if num_processes is not None and num_processes <= 1:
+            return None
+        missing = [
+            n
+            for n, v in (
+                ("coordinator_address (PARTI_JAX_COORDINATOR)", coordinator_address),
+                ("num_processes (PARTI_JAX_NUM_PROCESSES)", num_processes),
+                ("process_id (PARTI_JAX_PROCESS_ID)", process_id),
+            )
+            if v is None
+        ]
+        if missing and not _auto_detectable():
+            raise ValueError(
+                "multi-process start-up needs coordinator address, process count and process "
+                f"id; missing: {', '.join(missing)}"
+            )
+        return {
+            "coordinator_address": coordinator_address,
+            "num_processes": num_processes,
+            "process_id": process_id,
+        }
+    if _auto_detectable():
+        return {}
+    return None
+
+
+def _auto_detectable() -> bool:
+    """Whether jax's own cluster detection applies to a multi-process launch."""
+    env = os.environ
+    if env.get("PARTI_JAX_AUTO_DETECT") == "1":
+        # Set by `parti-jax launch tpu`: jax finds coordinator and process id
+        # in the TPU VM metadata.
+        return True
+    if "SLURM_JOB_ID" in env and (_env_int("SLURM_NTASKS", "SLURM_NPROCS") or 1) > 1:
+        return True
+    if "OMPI_MCA_orte_hnp_uri" in env:
+        return True
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    if len([h for h in hosts.split(",") if h]) > 1:
+        return True
+    return bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Calls `jax.distributed.initialize` when several processes are launched.
+
+    Returns True when it initialised (or jax already was initialised). On CPU
+    the cross-process collectives use gloo.
+    """
+    settings = distributed_settings(coordinator_address, num_processes, process_id)
+    if settings is None:
+        return False
+    import jax
+
+    if _already_initialized():
+        return True
+    # Only affects the CPU backend (CPU runs and host-side collectives elsewhere).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {k: v for k, v in settings.items() if v is not None}
+    log.info("jax.distributed.initialize(%s)", kwargs)
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def barrier(name: str, timeout_s: float = 900.0) -> None:
+    """Waits until every process reaches `name` (the coordination service, not a collective).
+
+    Used after compiling a step in multi-process runs: CPU collectives (gloo)
+    give up after 30 s when one process is still compiling while another
+    already runs the step, which happens on loaded machines. A no-op when
+    running as a single process.
+    """
+    mod = sys.modules.get("jax._src.distributed")
+    client = getattr(getattr(mod, "global_state", None), "client", None)
+    if client is None:
+        return
+    client.wait_at_barrier(f"parti_jax/{name}", int(timeout_s * 1000))
+
+
+def _already_initialized() -> bool:
+    mod = sys.modules.get("jax._src.distributed")
+    state = getattr(mod, "global_state", None)
+    return getattr(state, "client", None) is not None
+
+
+# ------------------------------------------------------------- data shards
+
+
+def data_shard(mesh: Any) -> tuple[int, int, bool]:
+    """(index, count, writer) of this process's data shard (`partitioning.host_data_shard`).
+
+    `writer` marks the lowest-numbered process of the shard: it alone saves
+    the shard's iterator position (processes that differ only along 'tensor'
+    read the same shard and hold identical positions).
+    """
+    import jax
+
+    processes = sorted({d.process_index for d in np.asarray(mesh.devices).flat})
+    shards = {p: partitioning.host_data_shard(mesh, p) for p in processes}
+    me = jax.process_index()
+    index, count = shards[me]
+    writer = me == min(p for p, s in shards.items() if s == (index, count))
+    return index, count, writer

@@ -1,0 +1,203 @@
+"""Metric writing (metrics.jsonl always, TensorBoard when TF is loaded), throughput and MFU.
+
+`<workdir>/metrics.jsonl` gets one JSON object per logged step
+(`{"step": 100, "loss": 2.3, ...}`) and one per evaluation (`{"step": 500,
+"eval/loss": ...}`); the demo report draws loss curves from it and the resume
+test compares it line by line. TensorBoard summaries are
+written through clu when TensorFlow is already loaded in the process (the
+SeqIO input pipeline loads it) or when asked for explicitly; the trainer never
+imports TensorFlow just to log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device (no sparsity).
+PEAK_FLOPS: dict[str, float] = {
+    "h100": 989e12,
+    "h200": 989e12,
+    "gh200": 989e12,
+    "a100": 312e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+}
+
+
+def device_peak_flops(device_kind: str, override: float | None = None) -> float | None:
+    """Peak bf16 FLOP/s of one device by its `device_kind` (None when unknown)."""
+    if override:
+        return float(override)
+    kind = device_kind.lower()
+    # Longest key first, so 'tpu v5 lite' wins over 'tpu v5'.
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in kind:
+            return PEAK_FLOPS[key]
+    return None
+
+
+def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int, peak: float) -> float:
+    """Model FLOPs utilisation: useful FLOP/s over the devices' peak."""
+    return flops_per_step / seconds_per_step / (num_devices * peak)
+
+
+class MetricWriter:
+    """Writes scalars to `<workdir>/metrics.jsonl` (process 0 only) and optionally TensorBoard."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        tensorboard: bool | None = None,
+        is_primary: bool = True,
+        filename: str = "metrics.jsonl",
+    ) -> None:
+        self.is_primary = is_primary
+        self.path = Path(workdir) / filename
+        if is_primary:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1) if is_primary else None  # noqa: SIM115
+        self._tb = None
+        if is_primary and (tensorboard or (tensorboard is None and "tensorflow" in sys.modules)):
+            self._tb = _tensorboard_writer(Path(workdir) / "tensorboard")
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if not self.is_primary:
+            return
+        clean = {k: _to_float(v) for k, v in scalars.items()}
+        self._file.write(json.dumps({"step": int(step), **clean}, allow_nan=True) + "\n")
+        if self._tb is not None:
+            self._tb.write_scalars(int(step), clean)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _to_float(v: Any) -> float | int:
+    if isinstance(v, int | bool):
+        return int(v)
+    return float(v)
+
+
+def _tensorboard_writer(logdir: Path) -> Any:
+    try:
+        import tensorflow as tf
+        from clu import metric_writers
+
+        # The trainer owns the accelerators; TensorFlow must not claim them.
+        tf.config.set_visible_devices([], "GPU")
+        return metric_writers.create_default_writer(str(logdir), asynchronous=True)
+    except Exception as e:  # noqa: BLE001 - TensorBoard is optional.
+        log.warning("TensorBoard summaries disabled (%s)", e)
+        return None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The logged lines of a metrics.jsonl (for reports and tests)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Throughput:
+    """Examples/s, tokens/s and MFU between two logging points."""
+
+    def __init__(
+        self,
+        *,
+        examples_per_step: int,
+        tokens_per_step: int = 0,
+        flops_per_step: float | None = None,
+        num_devices: int = 1,
+        peak_flops: float | None = None,
+    ) -> None:
+        self.examples_per_step = examples_per_step
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_step
+        self.num_devices = num_devices
+        self.peak_flops = peak_flops
+        self._t = time.perf_counter()
+        self._step: int | None = None
+
+    def reset(self, step: int) -> None:
+        self._t = time.perf_counter()
+        self._step = step
+
+    def measure(self, step: int) -> dict[str, float]:
+        """Rates since the last call (empty on the first call)."""
+        now = time.perf_counter()
+        out: dict[str, float] = {}
+        if self._step is not None and step > self._step:
+            dt = (now - self._t) / (step - self._step)
+            out["seconds_per_step"] = dt
+            out["examples_per_second"] = self.examples_per_step / dt
+            if self.tokens_per_step:
+                out["tokens_per_second"] = self.tokens_per_step / dt
+            if self.flops_per_step and self.peak_flops:
+                out["mfu"] = mfu(self.flops_per_step, dt, self.num_devices, self.peak_flops)
+        self._t, self._step = now, step
+        return out
+
+
+def progress_line(
+    step: int, num_steps: int, scalars: Mapping[str, Any], eta_s: float | None
+) -> str:
+    """One console line: step, loss and friends, throughput, ETA."""
+    parts = [f"step {step}/{num_steps}"]
+    for key, fmt in (
+        ("loss", "{:.4f}"),
+        ("accuracy", "{:.3f}"),
+        ("learning_rate", "{:.2e}"),
+        ("grad_norm", "{:.3f}"),
+        ("examples_per_second", "{:.1f} ex/s"),
+        ("tokens_per_second", "{:.0f} tok/s"),
+        ("mfu", "MFU {:.1%}"),
+    ):
+        if key in scalars:
+            text = fmt.format(float(scalars[key]))
+            parts.append(text if " " in fmt else f"{key} {text}")
+    if eta_s is not None and math.isfinite(eta_s):
+        parts.append(f"eta {_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+def console(message: str) -> None:
+    """Prints on process 0 only (flushes, so logs of killed runs are complete)."""
+    if os.environ.get("PARTI_JAX_QUIET"):
+        return
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.process_index() != 0:
+        return
+    print(message, flush=True)

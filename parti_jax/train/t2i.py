@@ -1,0 +1,587 @@
+"""The text-to-image encoder-decoder task: loss, steps, FLOPs and `train`.
+
+Loss: mean cross-entropy of the image tokens, weighted by
+`decoder_loss_weights`, on float32 logits, plus an optional z-loss
+(z_loss * log(Z)^2, PaLM style) that keeps the softmax normaliser near 1.
+`train_step` and `eval_step` are top-level pure functions; `train` is the
+library entry point that `parti-jax train` wraps with gin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from parti_jax.models.config import ModelConfig
+from parti_jax.models.transformer import EncoderDecoder
+from parti_jax.train import checkpoints, distributed, loop, optimizers
+from parti_jax.train import metrics as metrics_lib
+from parti_jax.train.optimizers import OptimizerConfig
+from parti_jax.train.state import (
+    TrainState,
+    create_sharded_train_state,
+    train_state_shardings,
+)
+from parti_jax.train.synthetic import SyntheticCodesIterator
+
+log = logging.getLogger(__name__)
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+BATCH_KEYS = (
+    "encoder_input_tokens",
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "decoder_loss_weights",
+)
+
+
+# ------------------------------------------------------------------- loss
+
+
+def cross_entropy_sums(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float = 0.0
+) -> dict[str, jax.Array]:
+    """Weighted sums over tokens: cross-entropy, z-loss, correct predictions, weight."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = log_z - target_logit
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    return {
+        "ce": jnp.sum(ce * weights),
+        "z_loss": z_loss * jnp.sum(jnp.square(log_z) * weights),
+        "correct": jnp.sum(correct * weights),
+        "weight": jnp.sum(weights),
+    }
+
+
+def _loss_fn(params, batch, rng, *, model, z_loss, scale):
+    """Loss of a (micro-)batch, normalised by `scale` = whole-batch weight / micro-batches."""
+    logits = model.apply(
+        {"params": params},
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        enable_dropout=True,
+        rngs={"dropout": rng},
+    )
+    sums = cross_entropy_sums(
+        logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss
+    )
+    loss = (sums["ce"] + sums["z_loss"]) / scale
+    aux = {
+        "cross_entropy": sums["ce"] / scale,
+        "z_loss": sums["z_loss"] / scale,
+        "accuracy": sums["correct"] / scale,
+    }
+    return loss, aux
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: EncoderDecoder,
+    learning_rate_fn: Callable[[jax.Array], jax.Array],
+    z_loss: float = 0.0,
+    num_micro_batches: int = 1,
+    nan_policy: str = "stop",
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step. Pure; the loop jits it once with shardings and donation.
+
+    The weighted mean is exact under gradient accumulation: each micro-batch
+    normalises by the whole batch's weight (times the number of slices).
+    """
+    weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
+    scale = weight / num_micro_batches
+    loss_fn = functools.partial(_loss_fn, model=model, z_loss=z_loss, scale=scale)
+    loss, aux, grads = loop.accumulate_gradients(
+        loss_fn, state.params, batch, state.step_rng("dropout"), num_micro_batches
+    )
+    grad_norm = optax.tree.norm(grads)
+    new_state = state.apply_gradients(grads)
+    metrics = {
+        "loss": aux["cross_entropy"],
+        "total_loss": loss,
+        "z_loss": aux["z_loss"],
+        "accuracy": aux["accuracy"],
+        "perplexity": jnp.exp(aux["cross_entropy"]),
+        "grad_norm": grad_norm,
+        "learning_rate": learning_rate_fn(state.step),
+        "tokens": weight,
+    }
+    if nan_policy == "skip":
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = loop.keep_if_finite(ok, new_state, state)
+        metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+    return new_state, metrics
+
+
+def eval_step(params: PyTree, batch: Batch, *, model: EncoderDecoder) -> dict[str, jax.Array]:
+    """Weighted sums (ce, correct, weight) of one batch, without dropout."""
+    logits = model.apply(
+        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    )
+    sums = cross_entropy_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+    return {k: sums[k] for k in ("ce", "correct", "weight")}
+
+
+# ------------------------------------------------------------------ FLOPs
+
+
+def t2i_flops_per_step(config: ModelConfig, batch_size: int, text_len: int) -> float:
+    """Useful training FLOPs of one step, counted per stack (docs/DESIGN.md §6).
+
+    Encoder weights see the text tokens; decoder self-attention and MLP
+    weights the image tokens; cross-attention K/V projections the text
+    tokens and Q/O the image tokens; plus attention scores (causal for the
+    decoder's self-attention); logits projection on image tokens; embedding
+    lookups excluded; x3 for forward + backward (remat not counted).
+    """
+    d = config.d_model
+    attn = config.num_heads * config.kv_dim
+    n_img = config.num_image_tokens
+    mlp_mats = 3 if config.mlp_activation in ("gated_gelu", "swiglu") else 2
+    mlp = 2 * mlp_mats * d * config.mlp_dim  # per token
+    qkvo = 2 * 4 * d * attn
+    enc_layer = text_len * (qkvo + mlp) + 2 * 2 * text_len * text_len * attn
+    dec_layer = (
+        n_img * (qkvo + mlp)  # self-attention projections + MLP
+        + 2 * 2 * attn * n_img * (n_img + 1) / 2  # causal self-attention scores
+        + n_img * 2 * 2 * d * attn  # cross-attention Q, O
+        + text_len * 2 * 2 * d * attn  # cross-attention K, V
+        + 2 * 2 * n_img * text_len * attn  # cross-attention scores
+    )
+    logits = n_img * 2 * d * config.decoder_vocab_size
+    forward = config.num_encoder_layers * enc_layer + config.num_decoder_layers * dec_layer + logits
+    return 3.0 * forward * batch_size
+
+
+# --------------------------------------------------------------- helpers
+
+
+def _check_codes_task(
+    task: Any, config: ModelConfig, codebook_hash: str | None, eval_split: str | None
+) -> dict:
+    """Checks a codes task's codes_meta (and eval split) against the model; returns a meta."""
+    import seqio  # the input pipeline needs TensorFlow/SeqIO anyway
+
+    import parti_jax.tasks  # noqa: F401
+    from parti_jax.data import codes as codes_lib
+
+    provider = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
+    tasks = list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+    first = {}
+    for t in tasks:
+        source = t.source
+        for meta in getattr(source, "metas", {}).values():
+            codes_lib.validate_codes_meta(
+                meta,
+                codebook_size=config.codebook_size,
+                grid=config.image_grid,
+                codebook_hash=codebook_hash,
+            )
+            first = first or dict(meta)
+        if eval_split is not None and eval_split not in t.splits:
+            raise ValueError(
+                f"task {t.name} has no {eval_split!r} split for evaluation (it has "
+                f"{sorted(t.splits)}); set train.eval_split to one of them or train.eval_every=None"
+            )
+    return first
+
+
+def _make_iterator(
+    *,
+    task: Any,
+    data_factory: Callable[..., Iterator] | None,
+    config: ModelConfig,
+    local_batch: int,
+    text_length: int,
+    shard_index: int,
+    num_shards: int,
+    seed: int,
+    split: str,
+    conditioning_dropout_rate: float,
+) -> Iterator:
+    if data_factory is not None:
+        return data_factory(
+            batch_size=local_batch, shard_index=shard_index, num_shards=num_shards, seed=seed
+        )
+    if task is None or task == "synthetic":
+        return SyntheticCodesIterator(
+            batch_size=local_batch,
+            text_length=text_length,
+            text_vocab_size=config.text_vocab_size,
+            codebook_size=config.codebook_size,
+            image_grid=config.image_grid,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            seed=seed + (0 if split == "train" else 1_000_003),
+        )
+    from parti_jax.data import pipeline
+
+    train = split == "train"
+    return pipeline.make_codes_iterator(
+        task,
+        batch_size=local_batch,
+        split=split,
+        feature_lengths={"inputs": text_length, "targets": config.num_image_tokens},
+        shard_index=shard_index,
+        num_shards=num_shards,
+        seed=seed,
+        shuffle=train,
+        repeat=train,
+        conditioning_dropout_rate=conditioning_dropout_rate if train else 0.0,
+    )
+
+
+def _resolve_mesh_and_rules(mesh_config: Any, rules: Any) -> tuple[jax.sharding.Mesh, Any]:
+    """A Mesh and rule table from a MeshConfig (or a ready Mesh) and a name/table/None."""
+    from parti_jax import partitioning
+
+    if isinstance(mesh_config, jax.sharding.Mesh):
+        mesh = mesh_config
+        rules = "fsdp" if rules is None else rules
+    else:
+        mesh_config = mesh_config or partitioning.MeshConfig()
+        mesh = partitioning.create_mesh(mesh_config)
+        rules = mesh_config.rules if rules is None else rules
+    if isinstance(rules, str):
+        rules = partitioning.get_rules(rules)
+    return mesh, tuple(tuple(r) for r in rules)
+
+
+def _layout_converter(ckpt_dir: Any, params: PyTree) -> Callable[[PyTree], PyTree] | None:
+    """scan_to_unscanned / unscanned_to_scan when that makes the checkpoint's parameter
+    names match this model's better than as saved; None when the layouts agree."""
+    from parti_jax.models import transformer
+
+    meta = checkpoints.state_metadata(ckpt_dir / "state")
+    if meta is None or "params" not in meta:
+        return None
+
+    def names(tree):
+        return {optimizers.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    want = names(params)
+    best, best_score = None, len(names(meta["params"]) & want)
+    if best_score == len(want):
+        return None
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta["params"])
+    for fn in (transformer.scan_to_unscanned, transformer.unscanned_to_scan):
+        try:
+            score = len(names(jax.eval_shape(fn, abstract)) & want)
+        except Exception:  # noqa: BLE001 - this direction does not apply
+            continue
+        if score > best_score:
+            best, best_score = fn, score
+    return best
+
+
+def _batch_hash(local: Mapping[str, np.ndarray]) -> int:
+    h = 0
+    for k in sorted(local):
+        h = zlib.crc32(np.ascontiguousarray(local[k]).tobytes(), h)
+    return h & 0xFFFFFF  # exactly representable as a float in metrics.jsonl
+
+
+def check_workdir(workdir: str | os.PathLike) -> Path:
+    """Creates `workdir` and fails at start (not after hours) if it is not writable."""
+    path = Path(workdir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(
+            f"work directory {path} is not writable ({e.strerror or e}); pass a folder you "
+            "can write to"
+        ) from e
+    return path
+
+
+# ------------------------------------------------------------------ train
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    step: int
+    status: str
+    last_metrics: dict[str, float]
+
+
+def train(
+    *,
+    workdir: str,
+    model_config: ModelConfig,
+    batch_size: int,
+    num_steps: int,
+    mesh_config: Any = None,
+    rules: Any = None,
+    optimizer_config: OptimizerConfig | None = None,
+    task: Any = None,
+    data_factory: Callable[..., Iterator] | None = None,
+    text_length: int = 128,
+    seed: int = 0,
+    conditioning_dropout_rate: float = 0.0,
+    num_micro_batches: int = 1,
+    z_loss: float = 0.0,
+    nan_policy: str = "stop",
+    log_every: int = 50,
+    checkpoint_every: int = 1000,
+    keep_checkpoints: int = 3,
+    async_checkpoints: bool = True,
+    eval_every: int | None = None,
+    eval_steps: int = 10,
+    eval_split: str = "validation",
+    restore_from: str | None = None,
+    restore_include: str | None = None,
+    allow_data_reshuffle: bool = False,
+    codebook_hash: str | None = None,
+    profile_steps: tuple[int, int] | None = None,
+    peak_flops: float | None = None,
+    tensorboard: bool | None = None,
+    log_data_hash: bool = False,
+) -> TrainResult:
+    """Trains the encoder-decoder; resumes from `<workdir>/checkpoints` when present.
+
+    Args:
+      workdir: checkpoints, metrics.jsonl, model_config.json, profile/.
+      model_config: the encoder-decoder (ModelConfig).
+      batch_size: global batch (all hosts together).
+      num_steps: total optimizer steps (a resumed run continues up to it).
+      mesh_config: partitioning.MeshConfig (or a ready jax Mesh); None: the
+        default MeshConfig (all devices on 'fsdp').
+      rules: rule table name ('data_parallel', 'fsdp', 'fsdp_tp') or table;
+        None: `mesh_config.rules`.
+      optimizer_config: OptimizerConfig (None: the paper's Adafactor).
+      task: a registered `<name>_codes` task or mixture (name or seqio
+        object, e.g. from `register_codes_task`); None or 'synthetic':
+        structured synthetic codes (no TensorFlow).
+      data_factory: instead of `task`: f(batch_size=, shard_index=,
+        num_shards=, seed=) -> iterator of host-local batches.
+      text_length: encoder input length.
+      seed: parameters, dropout and data order.
+      conditioning_dropout_rate: share of captions replaced by [EOS] (for
+        classifier-free guidance; codes tasks only).
+      num_micro_batches: gradient accumulation slices per step.
+      z_loss: weight of the log(Z)^2 term (0: off).
+      nan_policy: 'stop' (raise naming the step) or 'skip' (drop the update).
+      log_every, checkpoint_every, keep_checkpoints, async_checkpoints: cadence.
+      eval_every, eval_steps, eval_split: periodic validation (None: off).
+      restore_from: warm start (params only) from another run's work
+        directory or checkpoint, when this workdir has no checkpoint yet;
+        scanned/unscanned layouts are converted.
+      restore_include: regex of parameter paths to warm-start (e.g. 'encoder/.*').
+      allow_data_reshuffle: resume with a different number of data shards,
+        starting a fresh data order.
+      codebook_hash: expected codebook hash of the codes (checked when set).
+      profile_steps: (first, last) step of a profiler trace in workdir/profile.
+      peak_flops: per-device peak FLOP/s for MFU (default: known devices).
+      tensorboard: TensorBoard summaries (None: when TensorFlow is loaded).
+      log_data_hash: write a hash of each host-local batch to
+        `data_hash.process_<i>.jsonl` (multi-host data checks).
+    """
+    workdir_path = check_workdir(workdir)
+    optimizer_config = optimizer_config or OptimizerConfig()
+    if nan_policy not in loop.NAN_POLICIES:
+        raise ValueError(f"nan_policy={nan_policy!r}: expected one of {loop.NAN_POLICIES}")
+    if num_micro_batches < 1 or batch_size % num_micro_batches:
+        raise ValueError(
+            f"num_micro_batches={num_micro_batches} must be >= 1 and divide batch_size={batch_size}"
+        )
+    mesh, rules = _resolve_mesh_and_rules(mesh_config, rules)
+    from parti_jax import partitioning
+
+    partitioning.check_mesh_compat(model_config, mesh, rules)  # before anything compiles
+    shard_index, num_shards, writer_proc = distributed.data_shard(mesh)
+    if batch_size % num_shards:
+        raise ValueError(
+            f"batch_size={batch_size} does not divide over {num_shards} data shards "
+            "(the mesh's data x fsdp hosts); choose a multiple"
+        )
+    batch_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    if batch_size % batch_devices:
+        raise ValueError(
+            f"batch_size={batch_size} does not divide over the mesh's data x fsdp = "
+            f"{batch_devices} devices; choose a multiple of {batch_devices}"
+        )
+    if text_length > model_config.max_text_length:
+        raise ValueError(
+            f"text_length={text_length} exceeds ModelConfig.max_text_length="
+            f"{model_config.max_text_length}"
+        )
+    local_batch = batch_size // num_shards
+    codes_meta = {}
+    if task not in (None, "synthetic") and data_factory is None:
+        codes_meta = _check_codes_task(
+            task, model_config, codebook_hash, eval_split if eval_every else None
+        )
+    make_data = functools.partial(
+        _make_iterator,
+        task=task,
+        data_factory=data_factory,
+        config=model_config,
+        local_batch=local_batch,
+        text_length=text_length,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        conditioning_dropout_rate=conditioning_dropout_rate,
+    )
+    data = make_data(seed=seed, split="train")
+
+    model = EncoderDecoder(model_config)
+    tx = optimizers.make_optimizer(optimizer_config)
+    lr_fn = optimizers.learning_rate_fn(optimizer_config)
+
+    def init_fn(key):
+        text = jnp.ones((1, text_length), jnp.int32)
+        image = jnp.zeros((1, model_config.num_image_tokens), jnp.int32)
+        return model.init({"params": key}, text, image)
+
+    key = jax.random.PRNGKey(seed)
+    init_kw = dict(mesh=mesh, rules=rules, rng=jax.random.fold_in(key, 1), init_rng=key)
+    ckpt = checkpoints.Checkpointer(
+        workdir_path,
+        save_interval_steps=checkpoint_every,
+        max_to_keep=keep_checkpoints,
+        async_save=async_checkpoints,
+        data_shard=checkpoints.DataShard(shard_index, num_shards, writer_proc),
+    )
+    resumed = ckpt.latest_step() is not None
+    if resumed:
+        # Resume: restore straight into the shardings; nothing is initialised first.
+        abstract, state_shardings = train_state_shardings(init_fn, tx, **init_kw)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract,
+            state_shardings,
+        )
+        state, data_restored = ckpt.restore(
+            target, data_iterator=data, allow_data_reshuffle=allow_data_reshuffle
+        )
+        if not data_restored and allow_data_reshuffle:
+            data = make_data(seed=seed + int(jax.device_get(state.step)), split="train")
+        metrics_lib.console(f"resumed from {ckpt.directory}/{int(jax.device_get(state.step))}")
+    else:
+        state, state_shardings = create_sharded_train_state(init_fn, tx, **init_kw)
+    if not resumed and restore_from:
+        step_dir = checkpoints.resolve_checkpoint_dir(restore_from)
+        params, names = checkpoints.restore_params_from(
+            step_dir,
+            state.params,
+            include=restore_include,
+            convert=_layout_converter(step_dir, state.params),
+        )
+        state = state.replace(params=params)
+        metrics_lib.console(f"warm start: {len(names)} parameter(s) from {step_dir}")
+
+    is_primary = jax.process_index() == 0
+    if is_primary:
+        info = {
+            "model_config": dataclasses.asdict(model_config),
+            "optimizer_config": dataclasses.asdict(optimizer_config),
+            "batch_size": batch_size,
+            "text_length": text_length,
+            "task": getattr(task, "name", task) or "synthetic",
+            "codes_meta": {k: v for k, v in codes_meta.items() if k != "shards"},
+        }
+        (workdir_path / "model_config.json").write_text(json.dumps(info, indent=2, default=str))
+
+    step_fn = functools.partial(
+        train_step,
+        model=model,
+        learning_rate_fn=lr_fn,
+        z_loss=z_loss,
+        num_micro_batches=num_micro_batches,
+        nan_policy=nan_policy,
+    )
+    bsh = loop.batch_sharding(mesh)
+    jitted = loop.compile_step(step_fn, state_shardings, {k: bsh for k in BATCH_KEYS})
+
+    eval_fn = None
+    if eval_every:
+        eval_jit = jax.jit(functools.partial(eval_step, model=model))
+
+        def eval_fn(st: TrainState, step: int) -> dict[str, float]:
+            it = make_data(seed=seed, split=eval_split)
+            totals: dict[str, float] = {}
+            for _ in range(eval_steps):
+                try:
+                    local = next(it)
+                except StopIteration:
+                    break
+                sums = jax.device_get(
+                    eval_jit(st.params, loop.make_global_batch(local, bsh, num_shards))
+                )
+                for k, v in sums.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+            w = max(totals.get("weight", 0.0), 1.0)
+            return {"loss": totals.get("ce", 0.0) / w, "accuracy": totals.get("correct", 0.0) / w}
+
+    hash_file = None
+    if log_data_hash:
+        hash_file = open(  # noqa: SIM115
+            workdir_path / f"data_hash.process_{jax.process_index()}.jsonl", "a", buffering=1
+        )
+
+    def batch_hook(step: int, local: Mapping[str, np.ndarray]) -> dict[str, float]:
+        missing = [k for k in BATCH_KEYS if k not in local]
+        if missing:
+            raise ValueError(f"the data iterator's batch lacks {missing}; expected {BATCH_KEYS}")
+        if hash_file is None:
+            return {}
+        h = _batch_hash(local)
+        hash_file.write(json.dumps({"step": step, "data_hash": h, "shard": shard_index}) + "\n")
+        return {"data_hash": float(h)}
+
+    device_kind = jax.devices()[0].device_kind
+    throughput = metrics_lib.Throughput(
+        examples_per_step=batch_size,
+        tokens_per_step=batch_size * (text_length + model_config.num_image_tokens),
+        flops_per_step=t2i_flops_per_step(model_config, batch_size, text_length),
+        num_devices=mesh.size,
+        peak_flops=metrics_lib.device_peak_flops(device_kind, peak_flops),
+    )
+    writer = metrics_lib.MetricWriter(workdir_path, tensorboard=tensorboard, is_primary=is_primary)
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            result = loop.run(
+                train_step=jitted,
+                state=state,
+                data_iterator=data,
+                batch_sharding=bsh,
+                num_data_shards=num_shards,
+                num_steps=num_steps,
+                workdir=workdir_path,
+                checkpointer=ckpt,
+                writer=writer,
+                throughput=throughput,
+                log_every=log_every,
+                eval_every=eval_every,
+                eval_fn=eval_fn,
+                profile_steps=profile_steps,
+                nan_policy=nan_policy,
+                batch_hook=batch_hook,
+            )
+    finally:
+        writer.close()
+        ckpt.close()
+        if hash_file is not None:
+            hash_file.close()
+    return TrainResult(result.state, result.step, result.status, result.last_metrics)
