@@ -1,0 +1,673 @@
+"""Speed benchmarks: train step, sampling, VQGAN, input pipeline (docs/DESIGN.md §6).
+
+Each `bench_*` function builds its model from a config dataclass, feeds it
+synthetic data already on the device, compiles once, runs `warmup` calls and
+then `steps` timed calls (each ended by `jax.block_until_ready`), and returns
+JSON-ready dicts: the median time and the rates derived from it, the device
+and software versions, and the config knobs that change speed.
+
+Accounting (BENCHMARKS.md gives the formulas):
+  * train step MFU: `t2i.t2i_flops_per_step` (FLOPs counted per stack, causal
+    self-attention scores counted as the lower triangle, x3 for forward +
+    backward, remat recomputation not counted) over the step time and the
+    devices' dense bf16 peak;
+  * sampling: the memory-bandwidth floor of `decoding.sampling_bandwidth_floor`
+    (decoder weights + cross-attention K/V + the filled self-attention prefix,
+    read once per step) over the measured seconds per batch.
+
+Nothing here imports TensorFlow or gin at module level: the model benchmarks
+run on a host with only jax/flax/optax/orbax. Model sizes come from gin files;
+where gin-config is missing, `parti_jax.gin_reader` reads the literal bindings
+of the shipped size files (gin/models/*.gin, gin/vqgan/*.gin) instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import importlib.metadata
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parti_jax.models.config import ModelConfig
+
+PyTree = Any
+
+# ------------------------------------------------------------ device specs
+
+# (substring of the lower-cased `device_kind`, dense bf16 peak FLOP/s, memory
+# bandwidth in bytes/s), vendor data sheets, no sparsity. The longest matching
+# substring wins, so 'h100 pcie' beats 'h100' and 'tpu v5 lite' beats 'tpu v5'.
+DEVICE_SPECS: tuple[tuple[str, float, float], ...] = (
+    ("h100", 989e12, 3.35e12),  # H100 SXM5 80GB HBM3 ('NVIDIA H100 80GB HBM3')
+    ("h100 pcie", 756e12, 2.0e12),
+    ("h100 nvl", 835e12, 3.9e12),
+    ("h200", 989e12, 4.8e12),  # H200 SXM 141GB HBM3e
+    ("gh200", 989e12, 4.0e12),  # GH200 96GB HBM3
+    ("a100", 312e12, 2.039e12),  # A100 SXM4 80GB
+    ("a100-sxm4-40gb", 312e12, 1.555e12),
+    ("a100-pcie-40gb", 312e12, 1.555e12),
+    ("a100 80gb pcie", 312e12, 1.935e12),
+    ("tpu v4", 275e12, 1.228e12),
+    ("tpu v5 lite", 197e12, 8.19e11),  # v5e
+    ("tpu v5e", 197e12, 8.19e11),
+    ("tpu v5", 459e12, 2.765e12),  # v5p
+    ("tpu v5p", 459e12, 2.765e12),
+    ("tpu v6 lite", 918e12, 1.64e12),  # v6e (Trillium)
+    ("tpu v6e", 918e12, 1.64e12),
+)
+
+
+def device_spec(device_kind: str) -> tuple[float | None, float | None]:
+    """(peak bf16 FLOP/s, memory bytes/s) of one device by its `device_kind`; Nones if unknown."""
+    kind = device_kind.lower()
+    for key, peak, bandwidth in sorted(DEVICE_SPECS, key=lambda s: len(s[0]), reverse=True):
+        if key in kind:
+            return peak, bandwidth
+    return None, None
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Device, software versions, host and date: the fields every result line carries."""
+    device = jax.devices()[0]
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    return {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "jax": jax.__version__,
+        "jaxlib": _package_version("jaxlib"),
+        "flax": _package_version("flax"),
+        "optax": _package_version("optax"),
+        "orbax": _package_version("orbax-checkpoint"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "host_cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": load,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+# ------------------------------------------------------------ timing
+
+
+def _time_calls(fn: Callable[[], Any], *, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls of `fn` after `warmup` calls, each waited for."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _timing_fields(times: Sequence[float], prefix: str) -> dict[str, float]:
+    return {
+        f"{prefix}": float(statistics.median(times)),
+        f"{prefix.removesuffix('_s')}_min_s": float(min(times)),
+        f"{prefix.removesuffix('_s')}_max_s": float(max(times)),
+    }
+
+
+def _compiled_memory(compiled: Any) -> dict[str, int]:
+    """XLA's buffer sizes of a compiled executable (what must fit on one device)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return {}
+    if stats is None:
+        return {}
+    out = {}
+    for key in ("argument", "output", "temp", "alias"):
+        value = getattr(stats, f"{key}_size_in_bytes", None)
+        if value is not None:
+            out[f"compiled_{key}_bytes"] = int(value)
+    return out
+
+
+def _device_peak_memory() -> dict[str, int]:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - CPU has none
+        return {}
+    if not stats:
+        return {}
+    out = {}
+    if "peak_bytes_in_use" in stats:
+        out["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+    if "bytes_limit" in stats:
+        out["bytes_limit"] = int(stats["bytes_limit"])
+    return out
+
+
+def param_count(tree: PyTree) -> int:
+    """Scalars in a (boxed or abstract) parameter tree."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree))))
+
+
+def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
+    """Floating leaves cast to `dtype` (inference holds weights in the compute dtype)."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def _model_fields(config: ModelConfig) -> dict[str, Any]:
+    return {
+        "d_model": config.d_model,
+        "num_encoder_layers": config.num_encoder_layers,
+        "num_decoder_layers": config.num_decoder_layers,
+        "image_tokens": config.num_image_tokens,
+        "dtype": config.dtype,
+        "attention_impl": config.attention_impl,
+        "remat_policy": config.remat_policy,
+        "scan_layers": config.scan_layers,
+    }
+
+
+def synthetic_codes_batch(
+    config: ModelConfig, batch_size: int, text_length: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A batch with the four keys of docs/DESIGN.md §3: full-length text, random codes + 1."""
+    rng = np.random.default_rng(seed)
+    text = rng.integers(3, config.text_vocab_size, (batch_size, text_length), dtype=np.int32)
+    text[:, -1] = 1  # EOS
+    targets = rng.integers(
+        1, config.codebook_size + 1, (batch_size, config.num_image_tokens), dtype=np.int32
+    )
+    inputs = np.concatenate([np.zeros((batch_size, 1), np.int32), targets[:, :-1]], axis=1)
+    return {
+        "encoder_input_tokens": text,
+        "decoder_input_tokens": inputs,
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": np.ones(targets.shape, np.float32),
+    }
+
+
+# ------------------------------------------------------------ train step
+
+
+def bench_train_step(
+    model_config: ModelConfig,
+    *,
+    batch_size: int,
+    mesh_config: Any = None,
+    text_length: int | None = None,
+    steps: int = 10,
+    warmup: int = 2,
+    peak_flops: float | None = None,
+    optimizer_config: Any = None,
+    num_micro_batches: int = 1,
+    num_devices: int | None = None,
+    profile_dir: str | None = None,
+    profile_steps: int = 3,
+    seed: int = 0,
+    label: str = "",
+) -> dict[str, Any]:
+    """Median step time, examples/s, tokens/s and MFU of `t2i.train_step` on a mesh.
+
+    Args:
+      model_config: the encoder-decoder.
+      batch_size: global batch (a multiple of the mesh's data x fsdp devices).
+      mesh_config: partitioning.MeshConfig (None: all devices on 'fsdp').
+      text_length: encoder length (None: model_config.max_text_length).
+      steps, warmup: timed and untimed steps after compilation.
+      peak_flops: per-device peak FLOP/s (None: DEVICE_SPECS by device kind).
+      optimizer_config: OptimizerConfig (None: the paper's Adafactor).
+      num_micro_batches: gradient accumulation slices.
+      num_devices: use the first N devices (None: all).
+      profile_dir: if set, a jax.profiler trace of `profile_steps` more steps.
+    """
+    from parti_jax import partitioning
+    from parti_jax.models.transformer import EncoderDecoder
+    from parti_jax.train import loop, optimizers, t2i
+    from parti_jax.train.state import create_sharded_train_state
+
+    cfg = model_config
+    text_length = int(text_length or cfg.max_text_length)
+    if text_length > cfg.max_text_length:
+        raise ValueError(
+            f"text_length={text_length} exceeds ModelConfig.max_text_length={cfg.max_text_length}"
+        )
+    mesh_config = mesh_config or partitioning.MeshConfig()
+    devices = jax.devices()[:num_devices] if num_devices else jax.devices()
+    mesh = partitioning.create_mesh(mesh_config, devices)
+    rules = mesh_config.rule_table
+    partitioning.check_mesh_compat(cfg, mesh, rules)
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size < 1 or batch_size % batch_devices:
+        raise ValueError(
+            f"batch_size={batch_size} must be a positive multiple of the mesh's data x fsdp = "
+            f"{batch_devices} devices"
+        )
+    opt = optimizer_config or optimizers.OptimizerConfig()
+    model = EncoderDecoder(cfg)
+
+    def init_fn(key):
+        text = jnp.ones((1, text_length), jnp.int32)
+        image = jnp.zeros((1, cfg.num_image_tokens), jnp.int32)
+        return model.init({"params": key}, text, image)
+
+    key = jax.random.PRNGKey(seed)
+    t0 = time.perf_counter()
+    state, shardings = create_sharded_train_state(
+        init_fn,
+        optimizers.make_optimizer(opt),
+        mesh=mesh,
+        rules=rules,
+        rng=jax.random.fold_in(key, 1),
+        init_rng=key,
+    )
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0
+    bsh = loop.batch_sharding(mesh)
+    batch = {
+        k: jax.device_put(v, bsh)
+        for k, v in synthetic_codes_batch(cfg, batch_size, text_length, seed).items()
+    }
+    step_fn = functools.partial(
+        t2i.train_step,
+        model=model,
+        learning_rate_fn=optimizers.learning_rate_fn(opt),
+        num_micro_batches=num_micro_batches,
+    )
+    jitted = loop.compile_step(step_fn, shardings, {k: bsh for k in batch})
+    holder = {"state": state}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        t0 = time.perf_counter()
+        compiled = jitted.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+
+        def call():
+            holder["state"], metrics = compiled(holder["state"], batch)
+            return holder["state"], metrics
+
+        times = _time_calls(call, warmup=warmup, steps=steps)
+        _, metrics = call()
+        loss = float(jax.device_get(metrics["loss"]))
+        if profile_dir:
+            jax.profiler.start_trace(profile_dir)
+            for i in range(profile_steps):
+                with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
+                    jax.block_until_ready(call())
+            jax.profiler.stop_trace()
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"train_step benchmark: the loss is {loss} after {steps} steps")
+
+    step_s = float(statistics.median(times))
+    flops = float(t2i.t2i_flops_per_step(cfg, batch_size, text_length))
+    device_kind = devices[0].device_kind
+    peak = float(peak_flops) if peak_flops else device_spec(device_kind)[0]
+    n = mesh.size
+    return {
+        "benchmark": "train_step",
+        "model": label,
+        **environment(),
+        "mesh_devices": n,
+        "mesh": dict(mesh.shape),
+        "rules": mesh_config.rules,
+        **_model_fields(cfg),
+        "params": param_count(state.params),
+        "optimizer": opt.name,
+        "batch_size": batch_size,
+        "text_length": text_length,
+        "num_micro_batches": num_micro_batches,
+        "steps": steps,
+        "warmup": warmup,
+        "init_s": init_s,
+        "compile_s": compile_s,
+        **_timing_fields(times, "step_time_s"),
+        "examples_per_s": batch_size / step_s,
+        "tokens_per_s": batch_size * (text_length + cfg.num_image_tokens) / step_s,
+        "image_tokens_per_s": batch_size * cfg.num_image_tokens / step_s,
+        "flops_per_step": flops,
+        "tflops_per_s_per_device": flops / step_s / n / 1e12,
+        "peak_flops": peak,
+        "mfu": (flops / step_s / (n * peak)) if peak else None,
+        "loss": loss,
+        "profile_dir": profile_dir,
+        **_compiled_memory(compiled),
+        **_device_peak_memory(),
+    }
+
+
+# --------------------------------------------------------------- sampling
+
+
+def decoder_step_params(params: Mapping[str, Any]) -> int:
+    """Decoder parameters read by one cached decoding step.
+
+    All decoder parameters but the token and position embeddings (gathered one
+    row at a time) and the cross-attention key/value kernels (their output is
+    in the cache, computed once from the prompt).
+    """
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params["decoder"]))[0]:
+        names = [str(getattr(p, "key", p)) for p in path]
+        if names[0] in ("token_embedder", "position_embedder"):
+            continue
+        if "cross_attention" in names and ("key" in names or "value" in names):
+            continue
+        total += int(np.prod(leaf.shape))
+    return total
+
+
+def bench_sample(
+    model_config: ModelConfig,
+    *,
+    num_prompts: int,
+    guidance_scale: float | None = None,
+    text_length: int | None = None,
+    steps: int = 3,
+    warmup: int = 1,
+    memory_bandwidth: float | None = None,
+    cast_weights: bool = True,
+    seed: int = 0,
+    label: str = "",
+) -> dict[str, Any]:
+    """Seconds to sample full token grids for `num_prompts` prompts on one device.
+
+    One jitted call: encode the prompts, build the cache, `decoding.sample`
+    over the whole grid (temperature 1, no top-k/top-p). With guidance the
+    model runs 2 x num_prompts rows (the second half the `[EOS]` prompt).
+    The ratio to the bandwidth floor uses `memory_bandwidth` (bytes/s; None:
+    DEVICE_SPECS). `cast_weights` holds the weights in the compute dtype, as
+    an inference server would; the floor counts them at that width.
+    """
+    from parti_jax import decoding
+    from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
+
+    cfg = model_config
+    text_length = int(text_length or cfg.max_text_length)
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+    model = EncoderDecoder(cfg)
+    text = synthetic_codes_batch(cfg, num_prompts, text_length, seed)["encoder_input_tokens"]
+    if guidance_scale is not None:
+        empty = np.zeros_like(text)
+        empty[:, 0] = 1  # the unconditional prompt: [EOS]
+        text = np.concatenate([text, empty])
+    rows = text.shape[0]
+    key = jax.random.PRNGKey(seed)
+    params = jax.jit(model.init)(
+        {"params": key}, jnp.asarray(text[:1]), jnp.zeros((1, cfg.num_image_tokens), jnp.int32)
+    )["params"]
+    params = nn.meta.unbox(params)
+    if cast_weights:
+        params = cast_floating(params, cfg.compute_dtype)
+    weight_bytes = jax.tree.leaves(params)[0].dtype.itemsize
+    prompt_ids, sample_indices = decoding.sample_ids(num_prompts, 1)
+
+    def run(params, text):
+        tokens_to_logits, cache = make_tokens_to_logits(model, params, text)
+        out = decoding.sample(
+            tokens_to_logits,
+            cache,
+            num_steps=cfg.num_image_tokens,
+            prompt_ids=prompt_ids,
+            sample_indices=sample_indices,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            num_valid_tokens=cfg.codebook_size + 1,
+        )
+        return out.tokens
+
+    text = jnp.asarray(text)
+    t0 = time.perf_counter()
+    compiled = jax.jit(run).lower(params, text).compile()
+    compile_s = time.perf_counter() - t0
+    times = _time_calls(lambda: compiled(params, text), warmup=warmup, steps=steps)
+    tokens = np.asarray(compiled(params, text))
+    if tokens.shape != (num_prompts, cfg.num_image_tokens) or not (
+        tokens.min() >= 1 and tokens.max() <= cfg.codebook_size
+    ):
+        raise AssertionError(
+            f"sample benchmark: tokens {tokens.shape} in [{tokens.min()}, {tokens.max()}], "
+            f"expected [{num_prompts}, {cfg.num_image_tokens}] in [1, {cfg.codebook_size}]"
+        )
+
+    seconds = float(statistics.median(times))
+    bandwidth = memory_bandwidth or device_spec(jax.devices()[0].device_kind)[1]
+    n = cfg.num_image_tokens
+    floor = decoding.sampling_bandwidth_floor(
+        decoder_params=decoder_step_params(params),
+        num_layers=cfg.num_decoder_layers,
+        kv_width=cfg.num_heads * cfg.kv_dim,
+        text_length=text_length,
+        num_steps=n,
+        rows=rows,
+        memory_bandwidth=bandwidth or 1.0,
+        param_bytes=weight_bytes,
+        cache_bytes=jnp.dtype(cfg.compute_dtype).itemsize,
+    )
+    # What the same run reads if every step reads the whole preallocated
+    # self-attention cache (N positions) instead of its filled prefix (t + 1).
+    full_cache_bytes = floor.total_bytes - floor.self_attention_bytes
+    full_cache_bytes += floor.self_attention_bytes * 2 * n / (n + 1)
+    return {
+        "benchmark": "sample",
+        "model": label,
+        **environment(),
+        **_model_fields(cfg),
+        "params": param_count(params),
+        "weights_dtype": str(jax.tree.leaves(params)[0].dtype),
+        "num_prompts": num_prompts,
+        "guidance_scale": guidance_scale,
+        "rows": rows,
+        "text_length": text_length,
+        "steps": steps,
+        "warmup": warmup,
+        "compile_s": compile_s,
+        **_timing_fields(times, "seconds_per_batch"),
+        "images_per_s": num_prompts / seconds,
+        "image_tokens_per_s": num_prompts * n / seconds,
+        "decoder_step_params": decoder_step_params(params),
+        "floor_bytes": floor.total_bytes,
+        "floor_weight_bytes": floor.weight_bytes,
+        "floor_cross_attention_bytes": floor.cross_attention_bytes,
+        "floor_self_attention_bytes": floor.self_attention_bytes,
+        "full_cache_read_bytes": full_cache_bytes,
+        "memory_bandwidth": bandwidth,
+        "floor_s": floor.seconds if bandwidth else None,
+        "floor_ratio": seconds / floor.seconds if bandwidth else None,
+        "full_cache_read_s": full_cache_bytes / bandwidth if bandwidth else None,
+        **_compiled_memory(compiled),
+    }
+
+
+# ------------------------------------------------------------------ VQGAN
+
+
+def bench_vqgan(
+    vqgan_config: Any,
+    *,
+    batch_size: int,
+    steps: int = 5,
+    warmup: int = 1,
+    cast_weights: bool = True,
+    seed: int = 0,
+    label: str = "",
+) -> list[dict[str, Any]]:
+    """Images/s of `ViTVQGAN.encode` (pixels -> codes) and `decode_codes` on one device."""
+    from parti_jax.vqgan.vit_vqgan import ViTVQGAN
+
+    cfg = vqgan_config
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model = ViTVQGAN(cfg)
+    rng = np.random.default_rng(seed)
+    size = cfg.image_size
+    images = jnp.asarray(rng.random((batch_size, size, size, 3), dtype=np.float32))
+    codes = jnp.asarray(rng.integers(0, cfg.codebook_size, (batch_size, cfg.grid, cfg.grid)))
+    params = jax.jit(model.init)({"params": jax.random.PRNGKey(seed)}, images[:1])["params"]
+    params = nn.meta.unbox(params)
+    if cast_weights:
+        params = cast_floating(params, cfg.compute_dtype)
+    results = []
+    for op, method, data, stack in (
+        ("encode", ViTVQGAN.encode, images, "encoder"),
+        ("decode", ViTVQGAN.decode_codes, codes, "decoder"),
+    ):
+
+        def fn(params, x, method=method):
+            return model.apply({"params": params}, x, method=method)
+
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(params, data).compile()
+        compile_s = time.perf_counter() - t0
+        times = _time_calls(lambda c=compiled, d=data: c(params, d), warmup=warmup, steps=steps)
+        seconds = float(statistics.median(times))
+        results.append(
+            {
+                "benchmark": "vqgan",
+                "op": op,
+                "model": label,
+                **environment(),
+                "image_size": size,
+                "patch_size": cfg.patch_size,
+                "width": getattr(cfg, f"{stack}_width"),
+                "depth": getattr(cfg, f"{stack}_depth"),
+                "stack_params": param_count(params[stack]),
+                "dtype": cfg.dtype,
+                "attention_impl": cfg.attention_impl,
+                "weights_dtype": str(jax.tree.leaves(params)[0].dtype),
+                "batch_size": batch_size,
+                "steps": steps,
+                "warmup": warmup,
+                "compile_s": compile_s,
+                **_timing_fields(times, "seconds_per_batch"),
+                "images_per_s": batch_size / seconds,
+                **_compiled_memory(compiled),
+            }
+        )
+    return results
+
+
+# ----------------------------------------------------------- input pipeline
+
+
+def write_synthetic_codes(
+    codes_dir: str, *, num_examples: int, codebook_size: int, grid: Sequence[int], seed: int = 0
+) -> None:
+    """A complete codes folder (4 shards) of shapes-world captions and random codes."""
+    from parti_jax.data import codes as codes_lib
+    from parti_jax.data import shapes
+
+    rng = np.random.default_rng(seed)
+    num_shards = 4
+    for s in range(num_shards):
+        with codes_lib.CodesShardWriter(
+            codes_dir, f"bench-{s:05d}.tfrecord", codebook_size=codebook_size, grid=grid
+        ) as writer:
+            for i in range(s, num_examples, num_shards):
+                _, caption = shapes.generate_scene(i, "train", seed)
+                writer.write(f"bench-{i}", caption, rng.integers(0, codebook_size, size=grid))
+    codes_lib.finalize_codes_meta(
+        codes_dir,
+        codebook_size=codebook_size,
+        grid=grid,
+        codebook_hash="benchmark",
+        image_size=int(grid[0]) * 8,
+        vqgan_checkpoint="none (synthetic benchmark codes)",
+        vqgan_step=0,
+        source_task="synthetic",
+        split="train",
+    )
+
+
+def bench_input(
+    model_config: ModelConfig,
+    *,
+    batch_size: int,
+    num_batches: int = 20,
+    warmup: int = 3,
+    codes_dir: str | None = None,
+    num_examples: int = 2048,
+    text_length: int | None = None,
+    num_threads: int | None = None,
+    seed: int = 0,
+    label: str = "",
+) -> dict[str, Any]:
+    """Examples/s of the codes input pipeline on this host's CPU (imports TensorFlow).
+
+    Reads `codes_dir` (a folder written by precompute-codes), or a synthetic
+    folder of `num_examples` shapes-world captions with random codes of the
+    model's grid and codebook, written to a temporary folder first.
+    """
+    import tempfile
+
+    from parti_jax.data.benchmark_input import benchmark_input
+    from parti_jax.tasks import register_codes_task
+
+    cfg = model_config
+    text_length = int(text_length or cfg.max_text_length)
+    with tempfile.TemporaryDirectory(prefix="parti_jax_bench_codes_") as tmp:
+        synthetic = codes_dir is None
+        if synthetic:
+            codes_dir = tmp
+            write_synthetic_codes(
+                tmp,
+                num_examples=num_examples,
+                codebook_size=cfg.codebook_size,
+                grid=cfg.image_grid,
+                seed=seed,
+            )
+        task = register_codes_task(f"benchmark_input_{os.getpid()}", codes_dir)
+        result = benchmark_input(
+            task,
+            "train",
+            batch_size=batch_size,
+            num_batches=num_batches,
+            warmup_batches=warmup,
+            feature_lengths={"inputs": text_length, "targets": cfg.num_image_tokens},
+            seed=seed,
+            num_threads=num_threads,
+        )
+    result.pop("benchmark", None)
+    result.pop("host", None)
+    return {
+        "benchmark": "input",
+        "model": label,
+        **environment(),
+        "codes_dir": None if synthetic else codes_dir,
+        "synthetic_examples": num_examples if synthetic else None,
+        "text_length": text_length,
+        "image_tokens": cfg.num_image_tokens,
+        **result,
+    }
