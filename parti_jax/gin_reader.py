@@ -95,7 +95,9 @@ def _statements(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def _resolve_include(name: str, including: Path | None, search_paths: Sequence[str]) -> Path:
+def resolve_gin_file(
+    name: str, search_paths: Sequence[str] = (), including: Path | None = None
+) -> Path:
     """A gin file as given, in the search paths, in the shipped folder, beside its includer."""
     candidates = [Path(name), *(Path(p) / name for p in search_paths), shipped_gin_dir() / name]
     if including is not None:
@@ -124,7 +126,7 @@ def read_gin_bindings(
     """
     path = Path(path)
     if not path.is_file():
-        path = _resolve_include(str(path), None, search_paths)
+        path = resolve_gin_file(str(path), search_paths)
     if path.resolve() in _seen:
         raise ValueError(f"{path}: include cycle ({' -> '.join(map(str, _seen))})")
     macros = {} if _macros is None else _macros
@@ -133,7 +135,7 @@ def read_gin_bindings(
         where = f"{path}:{number}"
         include = _INCLUDE.match(text)
         if include:
-            child = _resolve_include(include.group(2), path, search_paths)
+            child = resolve_gin_file(include.group(2), search_paths, including=path)
             sub = read_gin_bindings(
                 child, search_paths, _macros=macros, _seen=(*_seen, path.resolve())
             )

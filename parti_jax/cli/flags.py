@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.resources
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import gin
+from parti_jax import gin_reader
 
 
 class UsageError(Exception):
@@ -31,19 +30,11 @@ class UsageError(Exception):
 
 
 def gin_dir() -> Path:
-    """The gin folder shipped with parti_jax.
-
-    A wheel installs it as `parti_jax/gin/` (package data of the namespace
-    `parti_jax.gin`); an editable install leaves it at the repository's top
-    level beside `parti_jax/`. The folder has no `__init__.py` on purpose: one
-    would shadow the gin-config package whenever the repository root is on
-    sys.path.
-    """
-    package = Path(str(importlib.resources.files("parti_jax")))
-    for candidate in (package / "gin", package.parent / "gin"):
-        if (candidate / "models").is_dir():
-            return candidate
-    raise UsageError(f"the gin folder shipped with parti_jax is missing (looked in {package})")
+    """The gin folder shipped with parti_jax (see `gin_reader.shipped_gin_dir`)."""
+    try:
+        return gin_reader.shipped_gin_dir()
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
 
 
 @dataclasses.dataclass
@@ -121,21 +112,15 @@ def list_gin_files() -> list[str]:
 
 def resolve_gin_file(name: str, search_paths: Sequence[str] = ()) -> str:
     """Finds a gin file as given, in the search paths, or in the shipped folder."""
-    candidates = [Path(name)]
-    candidates += [Path(p) / name for p in search_paths]
-    candidates.append(gin_dir() / name)
-    for c in candidates:
-        if c.is_file():
-            return str(c)
-    shipped = ", ".join(list_gin_files())
-    raise UsageError(
-        f"gin file {name!r} not found (looked in: {', '.join(str(c) for c in candidates)}). "
-        f"Shipped files: {shipped}"
-    )
+    try:
+        return str(gin_reader.resolve_gin_file(name, search_paths))
+    except FileNotFoundError as e:
+        raise UsageError(f"{e}. Shipped files: {', '.join(list_gin_files())}") from e
 
 
 def setup_gin(args: CommonArgs, *, finalize: bool = True) -> None:
     """Registers configurables, parses gin files and bindings; errors name the culprit."""
+    import gin
     from parti_jax.cli import configurables
 
     configurables.register_all()
@@ -169,6 +154,8 @@ def _quiet_gin_path_probes():
 
 
 def _parse(files: Sequence[str], bindings: Sequence[str]) -> None:
+    import gin
+
     for f in files:
         try:
             gin.parse_config_file(f, skip_unknown=False)
@@ -209,6 +196,8 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
 
 def write_config(workdir: str | os.PathLike, *, operative: bool = False) -> Path:
     """Writes the parsed (`config.gin`) or operative (`operative_config.gin`) gin config."""
+    import gin
+
     name = "operative_config.gin" if operative else "config.gin"
     text = gin.operative_config_str() if operative else gin.config_str()
     path = Path(workdir) / name

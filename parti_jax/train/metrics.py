@@ -21,34 +21,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from parti_jax import devices
+
 log = logging.getLogger(__name__)
 
+
 # Dense bf16 peak FLOP/s per device (no sparsity).
-PEAK_FLOPS: dict[str, float] = {
-    "h100": 989e12,
-    "h200": 989e12,
-    "gh200": 989e12,
-    "a100": 312e12,
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    "tpu v6 lite": 918e12,
-    "tpu v6e": 918e12,
-}
-
-
 def device_peak_flops(device_kind: str, override: float | None = None) -> float | None:
     """Peak bf16 FLOP/s of one device by its `device_kind` (None when unknown)."""
     if override:
         return float(override)
-    kind = device_kind.lower()
-    # Longest key first, so 'tpu v5 lite' wins over 'tpu v5'.
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if key in kind:
-            return PEAK_FLOPS[key]
-    return None
+    return devices.device_spec(device_kind)[0]
 
 
 def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int, peak: float) -> float:
