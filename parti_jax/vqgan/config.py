@@ -1,0 +1,134 @@
+"""`VQGANConfig`: one frozen config object for the ViT-VQGAN image tokenizer.
+
+Sizes follow the ViT-VQGAN paper (arXiv 2110.04627, Table 1), counted per
+stack: Small (8 blocks, d 512, mlp 2048, 8 heads), Base (12, 768, 3072, 12),
+Large (32, 1280, 5120, 16). Encoder and decoder are sized separately because
+Parti pairs a Small encoder with a Large decoder fine-tuned afterwards on the
+frozen encoder and codebook (and without the final sigmoid). The gin files in
+gin/vqgan/ bind these fields; library code receives the dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+OUTPUTS = ("sigmoid", "linear")
+POSITION_EMBEDDINGS = ("learned", "sinusoidal")
+ATTENTION_IMPLS = ("xla", "cudnn", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANConfig:
+    """ViT-VQGAN hyper-parameters (defaults: the paper's Small, 256px, 8x8 patches)."""
+
+    # Side of the square input images in pixels; every batch must match it.
+    image_size: int = 256
+    # Side of the non-overlapping square patches that become tokens (8 in the paper).
+    patch_size: int = 8
+    # Encoder transformer width (d_model), blocks, attention heads and MLP hidden width.
+    encoder_width: int = 512
+    encoder_depth: int = 8
+    encoder_heads: int = 8
+    encoder_mlp_dim: int = 2048
+    # Decoder transformer width, blocks, heads and MLP hidden width.
+    decoder_width: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    # Number of codebook entries K; image tokens are integers in [0, K).
+    codebook_size: int = 8192
+    # Width of the factorized lookup space (the encoder output is projected to it).
+    code_dim: int = 32
+    # Commitment weight in the VQ loss ||sg[z] - e||^2 + beta ||z - sg[e]||^2.
+    beta: float = 0.25
+    # Decoder output: 'sigmoid' squashes pixels into [0, 1]; 'linear' (Parti's
+    # fine-tuned decoder) leaves them unbounded in training and clips at inference.
+    output: str = "sigmoid"
+    # Predict a per-pixel logit-Laplace distribution (6 output channels: mu and
+    # log b in logit space, see losses.logit_laplace_nll); needs output='sigmoid'.
+    logit_laplace: bool = False
+    # Images are squeezed into (eps, 1 - eps) for the logit-Laplace likelihood (DALL-E: 0.1).
+    logit_laplace_eps: float = 0.1
+    # 'learned' position tables or fixed 2-D 'sinusoidal' ones (no parameters).
+    position_embedding: str = "learned"
+    # Computation dtype of matmuls and attention (bfloat16 on accelerators);
+    # norms, the quantizer lookup and the outputs stay float32.
+    dtype: str = "float32"
+    # Parameter dtype (float32: optimizer state and weights).
+    weight_dtype: str = "float32"
+    # Dropout rate on attention outputs and MLP outputs inside the blocks.
+    dropout: float = 0.0
+    # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (GPU) or None (jax picks).
+    attention_impl: str | None = "xla"
+    # Stack each stack's blocks with nn.scan (one compiled block; parameters get a 'layers' axis).
+    scan_layers: bool = False
+    # Rematerialise each block in the backward pass (saves activation memory).
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"VQGANConfig.image_size={self.image_size} is not a multiple of "
+                f"VQGANConfig.patch_size={self.patch_size}; pick sizes that divide"
+            )
+        for side in ("encoder", "decoder"):
+            width, heads = getattr(self, f"{side}_width"), getattr(self, f"{side}_heads")
+            if width % heads:
+                raise ValueError(
+                    f"VQGANConfig.{side}_width={width} is not divisible by "
+                    f"VQGANConfig.{side}_heads={heads}"
+                )
+        if self.output not in OUTPUTS:
+            raise ValueError(f"VQGANConfig.output={self.output!r}; expected one of {OUTPUTS}")
+        if self.logit_laplace and self.output != "sigmoid":
+            raise ValueError(
+                "VQGANConfig.logit_laplace=True needs VQGANConfig.output='sigmoid' (the "
+                "likelihood lives in logit space); set logit_laplace=False for a linear decoder"
+            )
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"VQGANConfig.position_embedding={self.position_embedding!r}; "
+                f"expected one of {POSITION_EMBEDDINGS}"
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"VQGANConfig.attention_impl={self.attention_impl!r}; "
+                f"expected one of {ATTENTION_IMPLS}"
+            )
+        if not 0.0 < self.logit_laplace_eps < 0.5:
+            raise ValueError(
+                f"VQGANConfig.logit_laplace_eps={self.logit_laplace_eps} must be in (0, 0.5)"
+            )
+        for name in ("dtype", "weight_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError as e:
+                raise ValueError(
+                    f"VQGANConfig.{name}={getattr(self, name)!r} is not a dtype name "
+                    "(use 'float32' or 'bfloat16')"
+                ) from e
+
+    @property
+    def grid(self) -> int:
+        """Image tokens per side: image_size // patch_size."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Image tokens per image: grid ** 2."""
+        return self.grid * self.grid
+
+    @property
+    def out_channels(self) -> int:
+        """Channels per pixel predicted by the decoder: 6 (mu, log b) with logit-Laplace, else 3."""
+        return 6 if self.logit_laplace else 3
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def param_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.weight_dtype)

@@ -1,0 +1,232 @@
+"""Factorized, l2-normalised vector quantizer of ViT-VQGAN (arXiv 2110.04627, §3.2).
+
+The encoder output (width D_enc) is projected by a linear layer to a small
+lookup space (code_dim, 32 in the paper); there both the projected latent and
+every codebook entry are l2-normalised, so the nearest code by Euclidean
+distance is the one with the highest cosine similarity. The straight-through
+estimator passes the decoder's gradient to the encoder unchanged; the codebook
+learns only from the VQ loss
+
+    vq = ||sg[z] - e||^2 + beta * ||z - sg[e]||^2   (on the normalised vectors).
+
+The chosen code is projected back up to the decoder width.
+
+Also here: `codebook_hash` (the compatibility fingerprint recorded in
+vqgan_meta.json and codes_meta.json) and `reinit_dead_codes`, a pure function
+the trainer calls to restart codes that went unused for a window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parti_jax.partitioning import CODE_DIM, CODEBOOK, EMBED
+
+Array = jax.Array
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
+    """x / ||x||, safe at zero (the gradient stays finite)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + eps * eps)
+
+
+class FactorizedQuantizer(nn.Module):
+    """Projects to code_dim, looks up the nearest l2-normalised code, projects to out_dim.
+
+    Attributes:
+      codebook_size: K, the number of codes.
+      code_dim: width of the lookup space.
+      out_dim: width handed to the decoder.
+      beta: commitment weight inside the VQ loss.
+      dtype / param_dtype: matmul and parameter dtypes of the two projections.
+    """
+
+    codebook_size: int
+    code_dim: int
+    out_dim: int
+    beta: float = 0.25
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        dense = nn.initializers.xavier_uniform()
+        self.in_proj = nn.Dense(
+            self.code_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(dense, (EMBED, CODE_DIM)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (CODE_DIM,)),
+            name="in_proj",
+        )
+        self.out_proj = nn.Dense(
+            self.out_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(dense, (CODE_DIM, EMBED)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
+            name="out_proj",
+        )
+        # Rows have norm ~1 at init; they are normalised at every lookup anyway.
+        self.codebook = self.param(
+            "codebook",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=self.code_dim**-0.5), (CODEBOOK, CODE_DIM)
+            ),
+            (self.codebook_size, self.code_dim),
+            self.param_dtype,
+        )
+
+    def project(self, z: Array) -> Array:
+        """Encoder output [..., D_enc] -> normalised lookup-space latents [..., code_dim] (f32)."""
+        return l2_normalize(self.in_proj(z))
+
+    def lookup(self, latents: Array) -> Array:
+        """Normalised latents [..., code_dim] -> nearest code indices [...] (int32)."""
+        codebook = l2_normalize(jnp.asarray(self.codebook, jnp.float32))
+        # For unit vectors, argmin ||z - e||^2 = argmax <z, e>.
+        sim = jnp.einsum("...d,kd->...k", latents, codebook)
+        return jnp.argmax(sim, axis=-1).astype(jnp.int32)
+
+    def embed_codes(self, codes: Array) -> Array:
+        """Code indices [...] -> decoder-width vectors [..., out_dim] (no gradient tricks)."""
+        codebook = l2_normalize(jnp.asarray(self.codebook, jnp.float32))
+        return self.out_proj(jnp.take(codebook, codes, axis=0))
+
+    def __call__(self, z: Array) -> tuple[Array, dict[str, Array]]:
+        """Quantizes encoder outputs z [B, N, D_enc].
+
+        Returns:
+          (quantized [B, N, out_dim], aux) with aux keys: `codes` int32 [B, N];
+          `latents` f32 [B, N, code_dim] (normalised, for dead-code restarts);
+          `vq_loss` = codebook_loss + beta * commitment_loss (scalars, mean squared
+          difference over tokens and code_dim); `code_counts`
+          f32 [K] (tokens per code in this batch); `perplexity` (exp of the
+          entropy of the batch's code distribution); `usage` (fraction of the
+          codebook used in the batch).
+        """
+        latents = self.project(z)
+        codes = self.lookup(latents)
+        codebook = l2_normalize(jnp.asarray(self.codebook, jnp.float32))
+        quantized = jnp.take(codebook, codes, axis=0)
+        # Means over tokens and code_dim (the VQ-VAE / taming convention): a sum over
+        # code_dim would make the commitment pull code_dim times stronger than the
+        # pixel-mean reconstruction loss and collapse the encoder onto few codes.
+        codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(latents) - quantized))
+        commitment_loss = jnp.mean(jnp.square(latents - jax.lax.stop_gradient(quantized)))
+        # Straight-through: forward value is the code, gradient goes to the latent.
+        straight = latents + jax.lax.stop_gradient(quantized - latents)
+        out = self.out_proj(straight)
+        counts = jnp.zeros((self.codebook_size,), jnp.float32).at[codes.reshape(-1)].add(1.0)
+        probs = counts / jnp.maximum(jnp.sum(counts), 1.0)
+        entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.maximum(probs, 1e-12)), 0.0))
+        aux = {
+            "codes": codes,
+            "latents": latents,
+            "vq_loss": codebook_loss + self.beta * commitment_loss,
+            "codebook_loss": codebook_loss,
+            "commitment_loss": commitment_loss,
+            "code_counts": counts,
+            "perplexity": jnp.exp(entropy),
+            "usage": jnp.mean((counts > 0).astype(jnp.float32)),
+        }
+        return out, aux
+
+
+def reinit_dead_codes(
+    codebook: Array,
+    usage_counts: Array,
+    recent_latents: Array,
+    rng: Array,
+    threshold: float = 1.0,
+    weighted: bool = True,
+) -> tuple[Array, Array]:
+    """Restarts codes used fewer than `threshold` times with random recent encoder outputs.
+
+    A code the encoder never picks gets no gradient (the VQ loss only pulls
+    chosen codes), so it stays dead forever; moving it onto a latent the encoder
+    actually produces brings it back. Pure and jittable: the trainer keeps
+    `usage_counts` over a window of steps and a buffer of recent latents.
+
+    Args:
+      codebook: [K, code_dim] raw codebook parameter.
+      usage_counts: [K] how often each code was chosen in the window.
+      recent_latents: [M, code_dim] lookup-space latents (`aux['latents']`
+        flattened); any leading shape is flattened.
+      rng: PRNG key choosing which latents replace the dead codes.
+      threshold: codes with usage_counts < threshold are dead.
+      weighted: draw replacements with probability proportional to their
+        squared distance from the nearest live code (k-means++ seeding), so
+        restarts go where the codebook is thin; False draws uniformly.
+
+    Returns:
+      (new_codebook [K, code_dim] in codebook's dtype, dead mask bool [K]).
+    """
+    codebook = jnp.asarray(codebook)
+    k, d = codebook.shape
+    if usage_counts.shape != (k,):
+        raise ValueError(
+            f"reinit_dead_codes: usage_counts has shape {usage_counts.shape}, codebook has "
+            f"{k} codes; pass one count per code"
+        )
+    latents = jnp.reshape(recent_latents, (-1, recent_latents.shape[-1]))
+    if latents.shape[-1] != d or latents.shape[0] == 0:
+        raise ValueError(
+            f"reinit_dead_codes: recent_latents has shape {recent_latents.shape}, expected "
+            f"[..., {d}] with at least one latent (use aux['latents'], not encoder outputs)"
+        )
+    dead = usage_counts < threshold
+    latents = l2_normalize(latents)
+    if weighted:
+        # k-means++ style: prefer latents that the live codes represent badly,
+        # so restarted codes do not all land on the (frequent) easy patches.
+        live = l2_normalize(jnp.asarray(codebook, jnp.float32))
+        sim = jnp.where(dead[None, :], -jnp.inf, latents @ live.T)
+        best = jnp.max(sim, axis=-1)
+        dist = jnp.where(jnp.isfinite(best), jnp.maximum(2.0 - 2.0 * best, 0.0), 1.0)
+        logits = jnp.log(dist + 1e-6)
+        picks = jax.random.categorical(rng, logits, shape=(k,))
+    else:
+        picks = jax.random.randint(rng, (k,), 0, latents.shape[0])
+    replacement = latents[picks].astype(codebook.dtype)
+    return jnp.where(dead[:, None], replacement, codebook), dead
+
+
+def _find_codebook(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        if "codebook" in tree:
+            return tree["codebook"]
+        for value in tree.values():
+            found = _find_codebook(value)
+            if found is not None:
+                return found
+    return None
+
+
+def codebook_hash(params_or_codebook: Any) -> str:
+    """First 16 hex digits of sha256 over the codebook as float32 little-endian bytes.
+
+    Accepts the codebook array itself or any params tree (boxed or not)
+    holding a leaf named `codebook` (e.g. the ViTVQGAN variables).
+    """
+    if isinstance(params_or_codebook, Mapping):
+        codebook = _find_codebook(params_or_codebook)
+        if codebook is None:
+            raise ValueError(
+                "codebook_hash: no 'codebook' entry in the given params tree; pass the "
+                "ViTVQGAN variables or the codebook array"
+            )
+    else:
+        codebook = params_or_codebook
+    codebook = nn.meta.unbox(codebook)
+    array = np.ascontiguousarray(np.asarray(jax.device_get(codebook), dtype="<f4"))
+    if array.ndim != 2:
+        raise ValueError(f"codebook_hash: codebook must be [K, code_dim], got {array.shape}")
+    return hashlib.sha256(array.tobytes()).hexdigest()[:16]

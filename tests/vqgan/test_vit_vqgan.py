@@ -1,0 +1,279 @@
+"""ViT-VQGAN: shapes, errors, logical axes, parameter counts of the paper's sizes, training.
+
+Parameter counts are taken with `jax.eval_shape` (nothing allocated, nothing
+compiled). Counted per stack: the encoder's patch embedding + position table +
+transformer blocks + final LayerNorm + tanh feed-forward; the decoder's tanh
+feed-forward + position table + blocks + final LayerNorm + patch unembedding.
+The quantizer (projections and codebook) is counted apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import gin
+from parti_jax import partitioning
+from parti_jax.cli import flags
+from parti_jax.partitioning import LAYERS
+from parti_jax.vqgan.config import VQGANConfig
+from parti_jax.vqgan.losses import LossConfig
+from parti_jax.vqgan.vit_vqgan import ViTVQGAN, param_count, patchify, unpatchify
+
+# The ViT-VQGAN paper's per-stack sizes (encoder, decoder parameters); Parti pairs
+# a Small encoder with a Large decoder.
+PAPER = {
+    "vqgan/small.gin": (32e6, 32e6),
+    "vqgan/base.gin": (91e6, 91e6),
+    "vqgan/large.gin": (599e6, 599e6),
+    "vqgan/parti_finetune.gin": (32e6, 599e6),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiling_rng():
+    # Partitionable threefry (JAX's default) takes minutes to compile a model
+    # init on XLA:CPU; the classic stream takes seconds. No test here depends
+    # on the random values themselves.
+    with jax.threefry_partitionable(False):
+        yield
+
+
+def tiny_config(**overrides) -> VQGANConfig:
+    fields = dict(
+        image_size=16,
+        patch_size=4,
+        encoder_width=32,
+        encoder_depth=1,
+        encoder_heads=2,
+        encoder_mlp_dim=64,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        decoder_mlp_dim=64,
+        codebook_size=64,
+        code_dim=8,
+    )
+    fields.update(overrides)
+    return VQGANConfig(**fields)
+
+
+def images(n: int = 2, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, size, size, 3), dtype=np.float32)
+
+
+def init(cfg: VQGANConfig, abstract: bool = False):
+    model = ViTVQGAN(cfg)
+    x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    if abstract:
+        return model, jax.eval_shape(model.init, jax.random.key(0), x)
+    return model, jax.jit(model.init)(jax.random.key(0), x)
+
+
+def gin_config(name: str) -> tuple[VQGANConfig, LossConfig]:
+    args = flags.CommonArgs([name], [], [], None, argparse.Namespace())
+    flags.setup_gin(args, finalize=False)
+    try:
+        return gin.get_configurable("VQGANConfig")(), gin.get_configurable("LossConfig")()
+    finally:
+        gin.clear_config()
+
+
+def stated(name: str, what: str) -> int:
+    text = (flags.gin_dir() / name).read_text()
+    match = re.search(rf"^#\s*{what} params:\s*([\d,]+)", text, re.MULTILINE)
+    assert match, f"{name}: state '# {what} params: N' in a comment"
+    return int(match.group(1).replace(",", ""))
+
+
+def test_shapes_of_call_encode_decode():
+    cfg = tiny_config()
+    model, variables = init(cfg)
+    x = images()
+    apply = jax.jit(model.apply, static_argnames="method")
+    recon, aux = apply(variables, x)
+    assert recon.shape == (2, 16, 16, 3) and recon.dtype == jnp.float32
+    assert aux["codes"].shape == (2, 4, 4) and aux["codes"].dtype == jnp.int32
+    assert aux["decoder_output"].shape == (2, 16, 16, 3)
+    assert aux["latents"].shape == (2, 16, 8) and aux["code_counts"].shape == (64,)
+    assert float(jnp.sum(aux["code_counts"])) == 2 * 16
+    assert 1.0 <= float(aux["perplexity"]) <= 64.0 and 0.0 < float(aux["usage"]) <= 1.0
+    for key in ("vq_loss", "codebook_loss", "commitment_loss"):
+        assert aux[key].shape == () and float(aux[key]) >= 0.0
+    codes = apply(variables, x, method=ViTVQGAN.encode)
+    np.testing.assert_array_equal(codes, aux["codes"])
+    out = apply(variables, codes, method=ViTVQGAN.decode_codes)
+    assert out.shape == (2, 16, 16, 3) and out.dtype == jnp.float32
+    # Decoding the codes reproduces the training-path reconstruction (sigmoid: already in range).
+    np.testing.assert_allclose(out, recon, atol=1e-5)
+    flat = apply(variables, codes.reshape(2, 16), method=ViTVQGAN.decode_codes)
+    np.testing.assert_allclose(flat, out, atol=1e-6)
+
+
+def test_logit_laplace_and_linear_outputs():
+    cfg = tiny_config(logit_laplace=True)
+    model, variables = init(cfg)
+    recon, aux = jax.jit(model.apply)(variables, images())
+    assert aux["decoder_output"].shape == (2, 16, 16, 6)
+    eps = cfg.logit_laplace_eps
+    mu = aux["decoder_output"][..., :3]
+    np.testing.assert_allclose(recon, (jax.nn.sigmoid(mu) - eps) / (1 - 2 * eps), atol=1e-6)
+
+    cfg = tiny_config(output="linear")
+    model, variables = init(cfg)
+    # Push the decoder output far out of range: training path unclipped, decode clipped.
+    variables = jax.tree_util.tree_map(lambda a: a * 40.0, variables)
+    apply = jax.jit(model.apply, static_argnames="method")
+    recon, aux = apply(variables, images())
+    assert float(jnp.max(jnp.abs(recon - 0.5))) > 0.5
+    out = apply(variables, aux["codes"], method=ViTVQGAN.decode_codes)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    with pytest.raises(ValueError, match="logit_laplace=True needs VQGANConfig.output='sigmoid'"):
+        tiny_config(output="linear", logit_laplace=True)
+
+
+def test_bad_inputs_name_the_sizes():
+    cfg = tiny_config()
+    model, variables = init(cfg)
+    with pytest.raises(ValueError, match=r"\(2, 32, 32, 3\).*image_size=16"):
+        model.apply(variables, images(size=32))
+    with pytest.raises(ValueError, match="image_size=16"):
+        model.apply(variables, images(size=32), method=ViTVQGAN.encode)
+    with pytest.raises(ValueError, match="grid is 4x4"):
+        model.apply(variables, jnp.zeros((2, 5, 5), jnp.int32), method=ViTVQGAN.decode_codes)
+    with pytest.raises(ValueError, match=r"\[64, 64\].*codebook_size=64"):
+        model.apply(variables, jnp.full((2, 4, 4), 64, jnp.int32), method=ViTVQGAN.decode_codes)
+    with pytest.raises(ValueError, match="not a multiple of VQGANConfig.patch_size"):
+        tiny_config(image_size=18)
+
+
+def test_patchify_roundtrip_is_row_major():
+    x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+    tokens = patchify(x, 4)
+    assert tokens.shape == (2, 4, 48)
+    # Token 1 is the top-right patch.
+    np.testing.assert_array_equal(tokens[0, 1].reshape(4, 4, 3), x[0, :4, 4:])
+    np.testing.assert_array_equal(unpatchify(tokens, 4, 2, 3), x)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_parameter_has_logical_axes(scan):
+    cfg = tiny_config(scan_layers=scan, encoder_depth=2)
+    _, variables = init(cfg, abstract=True)
+    flat = jax.tree_util.tree_flatten_with_path(
+        variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )[0]
+    missing = [
+        jax.tree_util.keystr(path)
+        for path, leaf in flat
+        if not isinstance(leaf, nn.LogicallyPartitioned) or len(leaf.names) != leaf.value.ndim
+    ]
+    assert not missing, f"parameters without logical axes: {missing}"
+    assert len(flat) > 20
+    layered = [leaf for _, leaf in flat if leaf.names[0] == LAYERS]
+    assert bool(layered) == scan
+
+
+def test_sharded_scanned_remat_dropout_training_on_a_mesh(cpu_devices):
+    mesh = partitioning.create_mesh(partitioning.MeshConfig(data=2, fsdp=2, tensor=2))
+    rules = partitioning.get_rules("fsdp_tp")
+    # Unscanned layout, abstractly: the query kernel [E, H, D] splits on fsdp x tensor.
+    model = ViTVQGAN(tiny_config())
+    with partitioning.with_sharding_rules(mesh, rules):
+        abstract = jax.eval_shape(model.init, jax.random.key(0), images(4))
+        shardings = partitioning.logical_shardings(abstract, mesh, rules)
+    query = shardings["params"]["encoder"]["transformer"]["block_0"]["attention"]["query"]
+    assert query["kernel"].spec == P("fsdp", "tensor", None)
+
+    # Scanned + remat + dropout: sharded init, then gradients under the mesh.
+    cfg = tiny_config(scan_layers=True, remat=True, dropout=0.5, decoder_depth=2)
+    model = ViTVQGAN(cfg)
+    x = images(4)
+    variables, _ = partitioning.sharded_init(model.init, mesh, rules, jax.random.key(0), x)
+    blocks = variables["params"]["encoder"]["transformer"]["blocks"]
+    assert blocks["attention"]["query"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
+
+    def loss(v, key):
+        recon, aux = model.apply(v, x, train=True, rngs={"dropout": key})
+        return jnp.mean(jnp.square(recon - x)) + aux["vq_loss"], aux["codes"]
+
+    with partitioning.with_sharding_rules(mesh, rules):
+        grad_fn = jax.jit(jax.grad(loss, has_aux=True))
+        g1, codes = grad_fn(variables, jax.random.key(1))
+        g2, _ = grad_fn(variables, jax.random.key(2))
+    assert codes.shape == (4, 4, 4)
+    wi1 = g1["params"]["decoder"]["transformer"]["blocks"]["mlp"]["wi"]["kernel"]
+    wi2 = g2["params"]["decoder"]["transformer"]["blocks"]["mlp"]["wi"]["kernel"]
+    assert wi1.shape[0] == 2  # the stacked 'layers' axis
+    assert float(jnp.abs(wi1).sum()) > 0
+    assert not np.allclose(wi1, wi2)  # dropout masks differ per key
+
+
+def test_sinusoidal_positions_have_no_table():
+    _, variables = init(tiny_config(position_embedding="sinusoidal"), abstract=True)
+    assert "position_embedding" not in variables["params"]["encoder"]
+    _, variables = init(tiny_config(), abstract=True)
+    assert variables["params"]["encoder"]["position_embedding"]["table"].value.shape == (16, 32)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_sizes_per_stack(name):
+    cfg, loss_cfg = gin_config(name)
+    assert (cfg.image_size, cfg.patch_size, cfg.codebook_size, cfg.code_dim) == (256, 8, 8192, 32)
+    assert cfg.grid == 32 and cfg.num_tokens == 1024
+    if name == "vqgan/parti_finetune.gin":
+        assert cfg.output == "linear" and not cfg.logit_laplace
+        assert loss_cfg == LossConfig(logit_laplace_weight=0.0)
+    else:
+        assert loss_cfg == LossConfig()  # the paper's loss weights
+        assert cfg.logit_laplace and cfg.output == "sigmoid"
+    _, variables = init(cfg, abstract=True)
+    params = variables["params"]
+    for stack, paper in zip(("encoder", "decoder"), PAPER[name]):
+        count = param_count(params[stack])
+        assert abs(count / paper - 1) < 0.15, f"{name} {stack}: {count:,}"
+        assert count == stated(name, stack), f"{name}: update the '# {stack} params' comment"
+
+
+@pytest.mark.parametrize("name", ["vqgan/shapes.gin", "vqgan/tiny.gin"])
+def test_small_gin_configs_build(name):
+    cfg, _ = gin_config(name)
+    _, variables = init(cfg, abstract=True)
+    total = param_count(variables["params"])
+    assert total == stated(name, "total"), f"{name}: update the '# total params' comment"
+
+
+def test_training_steps_lower_reconstruction_loss():
+    cfg = tiny_config()
+    model, variables = init(cfg)
+    params = nn.meta.unbox(variables["params"])
+    yy, xx = np.mgrid[0:16, 0:16]
+    batch = np.full((4, 16, 16, 3), 0.1, np.float32)
+    for i, color in enumerate(np.eye(3, dtype=np.float32).tolist() + [[1.0, 1.0, 0.0]]):
+        batch[i][(xx - 4 - 2 * i) ** 2 + (yy - 8) ** 2 <= 9] = color
+    opt = optax.adam(3e-3)
+
+    def loss_fn(p):
+        recon, aux = model.apply({"params": p}, batch, train=True)
+        return jnp.mean(jnp.square(recon - batch)) + aux["vq_loss"]
+
+    @jax.jit
+    def step(p, state):
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, state = opt.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+    state = opt.init(params)
+    losses = []
+    for _ in range(30):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
