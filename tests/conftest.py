@@ -23,12 +23,17 @@ _CACHE.mkdir(parents=True, exist_ok=True)
 # Subprocesses (CLI and multi-process tests) share the persistent compile cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# As parti_jax does on CPU (train.distributed.configure_for_backend): XLA:CPU
+# compiles the partitionable threefry generator ~20x slower. Subprocesses
+# inherit the variable.
+os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_threefry_partitionable", False)
 
 
 @pytest.fixture(scope="session")

@@ -23,15 +23,6 @@ from parti_jax.upsampler.model import Upsampler, pixel_shuffle
 from parti_jax.vqgan.losses import LossConfig, generator_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiling_rng():
-    # Partitionable threefry (JAX's default) takes minutes to compile a model
-    # init on XLA:CPU; the classic stream takes seconds. No test here depends
-    # on the random values themselves.
-    with jax.threefry_partitionable(False):
-        yield
-
-
 def count(cfg: UpsamplerConfig) -> int:
     x = jax.ShapeDtypeStruct((1, cfg.input_size, cfg.input_size, 3), jnp.float32)
     shapes = jax.eval_shape(Upsampler(cfg).init, jax.random.key(0), x)

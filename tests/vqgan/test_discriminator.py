@@ -20,15 +20,6 @@ from parti_jax.vqgan.discriminator import (
 TINY = DiscriminatorConfig(base_channels=8, max_channels=16, mbstd_group_size=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiling_rng():
-    # Partitionable threefry (JAX's default) takes minutes to compile a model
-    # init on XLA:CPU; the classic stream takes seconds. No test here depends
-    # on the random values themselves.
-    with jax.threefry_partitionable(False):
-        yield
-
-
 def _images(n: int = 4, size: int = 32) -> jnp.ndarray:
     return jnp.asarray(np.random.default_rng(0).random((n, size, size, 3), dtype=np.float32))
 

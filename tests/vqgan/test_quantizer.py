@@ -20,15 +20,6 @@ from parti_jax.vqgan.quantizer import (
 K, D_IN, CODE, D_OUT = 16, 12, 4, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiling_rng():
-    # Partitionable threefry (JAX's default) takes minutes to compile a model
-    # init on XLA:CPU; the classic stream takes seconds. No test here depends
-    # on the random values themselves.
-    with jax.threefry_partitionable(False):
-        yield
-
-
 @pytest.fixture(scope="module")
 def setup():
     q = FactorizedQuantizer(codebook_size=K, code_dim=CODE, out_dim=D_OUT, beta=0.25)

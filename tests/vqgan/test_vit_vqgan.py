@@ -38,15 +38,6 @@ PAPER = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiling_rng():
-    # Partitionable threefry (JAX's default) takes minutes to compile a model
-    # init on XLA:CPU; the classic stream takes seconds. No test here depends
-    # on the random values themselves.
-    with jax.threefry_partitionable(False):
-        yield
-
-
 def tiny_config(**overrides) -> VQGANConfig:
     fields = dict(
         image_size=16,
