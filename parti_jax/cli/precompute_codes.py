@@ -1,21 +1,93 @@
-"""`parti-jax precompute-codes`: Encode a *_pixels task split with a trained VQGAN into code shards."""
+"""`parti-jax precompute-codes`: encode a `*_pixels` task split with a trained VQGAN into code shards.
+
+    parti-jax precompute-codes --gin_file=runs/shapes_precompute.gin \\
+        --vqgan=/tmp/shapes_vqgan --output_dir=/tmp/shapes_codes --split=train --split=validation
+
+Gin binds `precompute_codes.*` (parti_jax.data.precompute.precompute_codes):
+`task`, `batch_size`, `shard_size`, ...; the flags `--vqgan`, `--output_dir`
+and `--split` (repeatable: with several splits each goes to
+`<output_dir>/<split>`, the layout `register_codes_task(codes_dir=...)` reads)
+override them. Interrupted runs resume: run the same command again. With
+several processes (hosts), start it on every host; each writes its own shards
+and process 0 writes codes_meta.json last.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from parti_jax.cli import flags
+from parti_jax.cli.train import _one_line
 
 DESCRIPTION = "Encode a *_pixels task split with a trained VQGAN into code shards."
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = flags.make_parser("precompute-codes", DESCRIPTION)
+    parser = flags.make_parser("precompute-codes", DESCRIPTION, workdir=False)
+    parser.add_argument("--vqgan", default=None, help="train-vqgan work directory.")
+    parser.add_argument("--vqgan_step", type=int, default=None, help="checkpoint step (latest).")
+    parser.add_argument("--output_dir", default=None, help="codes folder to write (or resume).")
+    parser.add_argument("--split", action="append", default=[], help="split to encode; repeatable.")
+    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0.")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
     args = flags.parse_args(parser, argv)
+    ns = args.namespace
+
+    from parti_jax.train import distributed
+
+    try:
+        distributed.maybe_initialize_distributed(
+            ns.coordinator_address, ns.num_processes, ns.process_id
+        )
+    except ValueError as e:
+        raise flags.UsageError(str(e)) from e
     flags.setup_gin(args)
-    if args.workdir:
-        flags.write_config(flags.check_workdir(args.workdir))
-    raise flags.UsageError(
-        "the `precompute-codes` stage is not built yet (tracked in issue 4); "
-        "flags and gin config were parsed and are valid"
-    )
+
+    import gin
+
+    def bound(name: str, flag_value):
+        if flag_value not in (None, []):
+            return flag_value
+        try:
+            return gin.query_parameter(f"precompute_codes.{name}")
+        except ValueError:
+            return None
+
+    vqgan = bound("vqgan", ns.vqgan)
+    output_dir = bound("output_dir", ns.output_dir)
+    splits = ns.split or [bound("split", None) or "train"]
+    if not vqgan:
+        raise flags.UsageError("pass --vqgan=<train-vqgan work directory>")
+    if not output_dir:
+        raise flags.UsageError("pass --output_dir=<codes folder>")
+    try:
+        gin.query_parameter("precompute_codes.task")
+    except ValueError:
+        raise flags.UsageError(
+            "missing gin binding precompute_codes.task (e.g. "
+            "precompute_codes.task = @register_shapes_task())"
+        ) from None
+    out = flags.check_workdir(output_dir)
+    flags.write_config(out)
+
+    from parti_jax.data import precompute
+    from parti_jax.train import checkpoints
+
+    fn = gin.config.get_configurable("precompute_codes")
+    for split, folder in precompute.output_dirs(str(out), splits).items():
+        kwargs = {"vqgan": vqgan, "output_dir": folder, "split": split}
+        if ns.vqgan_step is not None:
+            kwargs["vqgan_step"] = ns.vqgan_step
+        try:
+            result = fn(**kwargs)
+        except (ValueError, FileNotFoundError, RuntimeError, checkpoints.CheckpointError) as e:
+            raise flags.UsageError(_one_line(e)) from e
+        if result.meta is not None:
+            print(
+                f"{split}: {result.meta['num_examples']} examples in "
+                f"{len(result.meta['shards'])} shard(s) -> {folder} "
+                f"(codebook {result.meta['codebook_hash']}, {result.status})"
+            )
+    flags.write_config(out, operative=True)
+    return 0

@@ -1,0 +1,290 @@
+"""precompute-codes: a `*_pixels` task split through a trained VQGAN encoder into code shards.
+
+Each process (host) encodes its own data shard (index = process index, count
+= process count) on its local devices, reading the split in a fixed,
+unshuffled order, and writes shards of exactly `shard_size` examples
+(the host's last shard holds the rest):
+
+    <output_dir>/shard-{host:03d}-{index:05d}.tfrecord     (parti_jax.data.codes format)
+    <output_dir>/precompute.json    the settings; a resume with other settings is refused
+    <output_dir>/host-{host:03d}.done    written when a host has finished its shard
+    <output_dir>/codes_meta.json    written last, by process 0, after every host is done
+
+Shards appear atomically (CodesShardWriter), so after an interruption the
+complete shards are exactly the first ones of each host; a resumed run skips
+them and the examples they hold, and writes the rest byte-for-byte as an
+uninterrupted run would (encoding does not depend on the batch an image is
+in). Example ids are `<split>/<host>/<position>` (position in the host's
+order). Progress is shown with tqdm on process 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from parti_jax.data import codes as codes_lib
+from parti_jax.data import pipeline
+
+SETTINGS_FILE = "precompute.json"
+
+
+def shard_name(host: int, index: int) -> str:
+    """`shard-{host:03d}-{index:05d}.tfrecord`."""
+    return f"shard-{host:03d}-{index:05d}.tfrecord"
+
+
+def _done_file(output_dir: str, host: int) -> str:
+    return os.path.join(output_dir, f"host-{host:03d}.done")
+
+
+@dataclasses.dataclass
+class PrecomputeResult:
+    output_dir: str
+    status: str  # 'done' | 'stopped' (test hook) | 'already_done'
+    examples_written: int  # by this process in this call
+    shards_written: int  # by this process in this call
+    shards_skipped: int  # complete shards found from an earlier run
+    meta: dict | None  # codes_meta.json (process 0, when finished)
+
+
+def _task_name(task: Any) -> str:
+    return task if isinstance(task, str) else task.name
+
+
+def _check_settings(output_dir: str, settings: dict) -> None:
+    path = os.path.join(output_dir, SETTINGS_FILE)
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            saved = json.load(f)
+        diffs = [
+            f"{k}: earlier run {saved.get(k)!r}, now {v!r}"
+            for k, v in settings.items()
+            if saved.get(k) != v
+        ]
+        if diffs:
+            raise ValueError(
+                f"{output_dir}: holds codes written with other settings ({'; '.join(diffs)}); "
+                "resume with the same settings or write to an empty output_dir"
+            )
+        return
+    tf.io.gfile.makedirs(output_dir)
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        f.write(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def _resume_point(output_dir: str, host: int, shard_size: int) -> tuple[int, bool]:
+    """(complete shards at the start of this host's sequence, whether the host already finished)."""
+    index = 0
+    while codes_lib.shard_is_complete(output_dir, shard_name(host, index)):
+        index += 1
+    if (
+        index
+        and codes_lib.count_records(os.path.join(output_dir, shard_name(host, index - 1)))
+        < shard_size
+    ):
+        return index, True  # a short shard is the host's last one
+    return index, tf.io.gfile.exists(_done_file(output_dir, host))
+
+
+def _pixels_dataset(
+    task: Any, split: str, image_size: int, host: int, num_hosts: int, skip: int, batch_size: int
+) -> tf.data.Dataset:
+    """This host's examples in a fixed order, the first `skip` dropped, batched."""
+    ds = pipeline.make_pixels_dataset(
+        task,
+        batch_size=batch_size,
+        split=split,
+        image_size=image_size,
+        shard_index=host,
+        num_shards=num_hosts,
+        shuffle=False,
+        repeat=False,
+        drop_remainder=False,
+    )
+    if skip:
+        ds = ds.unbatch().skip(skip).batch(batch_size)
+    return ds.prefetch(2)
+
+
+def precompute_codes(
+    *,
+    vqgan: str,
+    task: Any,
+    output_dir: str,
+    split: str = "train",
+    vqgan_step: int | None = None,
+    batch_size: int = 64,
+    shard_size: int = 1024,
+    progress: bool = True,
+    max_shards: int | None = None,
+) -> PrecomputeResult:
+    """Encodes `task`'s `split` with the VQGAN of work directory `vqgan` into `output_dir`.
+
+    Args:
+      vqgan: a train-vqgan work directory (its latest checkpoint, or `vqgan_step`).
+      task: a `<name>_pixels` seqio task (name or object).
+      output_dir: the codes folder (created; resumed when it holds earlier shards).
+      split: the task split to encode.
+      batch_size: images per encoder call on this host.
+      shard_size: examples per shard (fixed, so a resume finds the same boundaries).
+      progress: a tqdm progress bar on process 0.
+      max_shards: stop after writing this many new shards in this call, without the
+        meta (a test hook that stands in for an interruption).
+
+    Returns:
+      PrecomputeResult; `meta` is the written codes_meta.json on process 0.
+    """
+    import jax
+
+    from parti_jax.train import distributed
+    from parti_jax.vqgan.tokenizer import ImageTokenizer
+
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be >= 1")
+    host, num_hosts = jax.process_index(), jax.process_count()
+    tokenizer = ImageTokenizer.load(vqgan, step=vqgan_step, batch_size=batch_size)
+    tmeta = tokenizer.meta
+    if isinstance(task, str):
+        import parti_jax.tasks  # noqa: F401  (registers the built-in tasks)
+
+        provider = seqio.get_mixture_or_task(task)
+    else:
+        provider = task
+    task_name = _task_name(provider)
+    if not isinstance(provider, seqio.Task):
+        raise ValueError(
+            f"precompute_codes.task={task_name!r} is a {type(provider).__name__}; encode "
+            "each `<name>_pixels` task of a mixture separately"
+        )
+    if split not in provider.splits:
+        raise ValueError(
+            f"task {task_name!r} has no split {split!r}; it has {list(provider.splits)}"
+        )
+    settings = {
+        "source_task": task_name,
+        "split": split,
+        "codebook_hash": tokenizer.codebook_hash,
+        "vqgan_checkpoint": tmeta["checkpoint"],
+        "shard_size": int(shard_size),
+        "num_hosts": num_hosts,
+    }
+    meta_file = os.path.join(output_dir, codes_lib.META_FILE)
+    if tf.io.gfile.exists(meta_file):
+        existing = codes_lib.load_codes_meta(output_dir)
+        tokenizer.check_codes_meta(existing)
+        if existing["source_task"] != task_name or existing["split"] != split:
+            raise ValueError(
+                f"{meta_file}: already holds codes of {existing['source_task']}/"
+                f"{existing['split']}, not {task_name}/{split}; pick another output_dir"
+            )
+        return PrecomputeResult(output_dir, "already_done", 0, 0, 0, existing)
+    if host == 0:
+        _check_settings(output_dir, settings)
+    distributed.barrier("precompute_settings")
+    if host != 0:
+        _check_settings(output_dir, settings)
+
+    first_shard, finished = _resume_point(output_dir, host, shard_size)
+    written = shards_written = 0
+    status = "done"
+    if not finished:
+        skip = first_shard * shard_size
+        total = None
+        try:
+            total = int(provider.num_input_examples(split)) // num_hosts
+        except Exception:  # noqa: BLE001 - unknown size: the bar counts without a total
+            total = None
+        bar = None
+        if progress and host == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=skip, unit="img", desc=f"precompute {split}")
+        ds = _pixels_dataset(
+            provider, split, tokenizer.image_size, host, num_hosts, skip, batch_size
+        )
+        index, position = first_shard, skip
+        writer = None
+        try:
+            for batch in ds.as_numpy_iterator():
+                images = batch["image"].astype(np.float32) / np.float32(255.0)
+                codes = tokenizer.encode(images)
+                for text, image_codes in zip(batch["text"], codes):
+                    if writer is None:
+                        writer = codes_lib.CodesShardWriter(
+                            output_dir,
+                            shard_name(host, index),
+                            codebook_size=tokenizer.codebook_size,
+                            grid=tokenizer.grid,
+                        )
+                    writer.write(
+                        f"{split}/{host:03d}/{position:09d}", text.decode("utf-8"), image_codes
+                    )
+                    position += 1
+                    if writer.count == shard_size:
+                        writer.close()
+                        writer, index = None, index + 1
+                        shards_written += 1
+                if bar is not None:
+                    bar.update(len(codes))
+                written += len(codes)
+                if max_shards is not None and shards_written >= max_shards:
+                    status = "stopped"
+                    break
+            if writer is not None:
+                if status == "stopped":
+                    writer.abort()
+                else:
+                    writer.close()
+                    shards_written += 1
+                writer = None
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if status == "stopped":
+            return PrecomputeResult(output_dir, status, written, shards_written, first_shard, None)
+        with tf.io.gfile.GFile(_done_file(output_dir, host), "w") as f:
+            f.write(json.dumps({"host": host, "examples": position}) + "\n")
+
+    distributed.barrier("precompute_done")
+    meta = None
+    if host == 0:
+        missing = [h for h in range(num_hosts) if not tf.io.gfile.exists(_done_file(output_dir, h))]
+        if missing:
+            raise RuntimeError(
+                f"{output_dir}: host(s) {missing} have not finished their shards; rerun "
+                "precompute-codes on every host"
+            )
+        meta = codes_lib.finalize_codes_meta(
+            output_dir,
+            codebook_size=tokenizer.codebook_size,
+            grid=tokenizer.grid,
+            codebook_hash=tokenizer.codebook_hash,
+            image_size=tokenizer.image_size,
+            vqgan_checkpoint=tmeta["checkpoint"],
+            vqgan_step=int(tmeta["step"]),
+            source_task=task_name,
+            split=split,
+            shard_pattern="shard-*.tfrecord",
+        )
+    distributed.barrier("precompute_meta")
+    return PrecomputeResult(output_dir, status, written, shards_written, first_shard, meta)
+
+
+def output_dirs(output_dir: str, splits: list[str]) -> dict[str, str]:
+    """{split: folder}: `output_dir` itself for one split, `output_dir/<split>` for several."""
+    if len(splits) == 1:
+        return {splits[0]: output_dir}
+    return {s: str(Path(output_dir) / s) for s in splits}

@@ -1,0 +1,415 @@
+"""The image tokenizer the rest of parti_jax uses: a trained ViT-VQGAN, loaded and jitted.
+
+    tok = ImageTokenizer.load("/runs/vqgan")           # a train-vqgan work directory
+    codes = tok.encode(images)    # float32 [B, H, W, 3] in [0, 1] -> int32 [B, h, w]
+    images = tok.decode(codes)    # int32 [B, h, w] -> float32 [B, H, W, 3] in [0, 1]
+    tok.check_codes_meta(codes_meta)   # codes made by this VQGAN? (error names both values)
+
+`encode` / `decode` take host-local numpy, cut it into chunks, pad the last
+chunk, and run one jitted function per chunk size, the chunk split over the
+mesh's batch axes ('data', 'fsdp'). Chunk sizes are powers of two times the
+number of batch devices (up to `batch_size`), so a handful of compiles serve
+every input size, and an image's codes do not depend on the batch it came in.
+The default mesh holds this process's local devices only, so hosts encode
+independently (precompute-codes relies on that); with a mesh that spans
+processes every process must call with the same number of rows.
+
+A work directory holds `vqgan_meta.json` (docs/DESIGN.md §3 "Compatibility
+records"): the config, codebook size, grid, image size, the codebook hash and
+step of the newest checkpoint, and the hash of every checkpoint written.
+`load` restores only the generator parameters of the latest (or a given)
+checkpoint and recomputes the codebook hash from them. TensorFlow-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from parti_jax import partitioning
+from parti_jax.vqgan.config import VQGANConfig
+from parti_jax.vqgan.quantizer import codebook_hash
+from parti_jax.vqgan.vit_vqgan import ViTVQGAN
+
+META_FILE = "vqgan_meta.json"
+META_FORMAT_VERSION = 1
+GENERATOR = "generator"
+
+
+# ------------------------------------------------------------------ meta
+
+
+def meta_path(path: str | os.PathLike) -> Path:
+    """`<workdir>/vqgan_meta.json` (or `path` itself when it names a .json file)."""
+    p = Path(path).expanduser()
+    return p if p.suffix == ".json" else p / META_FILE
+
+
+def load_vqgan_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads and checks a train-vqgan work directory's `vqgan_meta.json`."""
+    file = meta_path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file}: not found; pass the work directory of `parti-jax train-vqgan` (it writes "
+            f"{META_FILE} with every checkpoint)"
+        )
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    missing = [
+        k
+        for k in ("config", "codebook_size", "grid", "codebook_hash", "image_size", "step")
+        if k not in meta
+    ]
+    if missing:
+        raise ValueError(f"{file}: missing key(s) {missing}; not a parti_jax VQGAN meta")
+    meta["_path"] = str(file)
+    return meta
+
+
+def write_vqgan_meta(workdir: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
+    """Atomically (re)writes `<workdir>/vqgan_meta.json`."""
+    file = meta_path(workdir)
+    tmp = file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({k: v for k, v in meta.items() if k != "_path"}, indent=2) + "\n")
+    os.replace(tmp, file)
+    return file
+
+
+def config_from_meta(meta: Mapping[str, Any]) -> VQGANConfig:
+    """The VQGANConfig recorded in a meta; unknown fields are an error naming them."""
+    fields = {f.name for f in dataclasses.fields(VQGANConfig)}
+    unknown = sorted(set(meta["config"]) - fields)
+    if unknown:
+        raise ValueError(
+            f"{meta.get('_path', META_FILE)}: config has unknown VQGANConfig field(s) {unknown} "
+            "(written by another parti_jax version?)"
+        )
+    return VQGANConfig(**meta["config"])
+
+
+def config_differences(saved: VQGANConfig, given: VQGANConfig) -> list[str]:
+    """'field: saved X, given Y' for every field that differs."""
+    out = []
+    for f in dataclasses.fields(VQGANConfig):
+        a, b = getattr(saved, f.name), getattr(given, f.name)
+        if a != b:
+            out.append(f"VQGANConfig.{f.name}: checkpoint {a!r}, given {b!r}")
+    return out
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def local_mesh(devices: list[Any] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh of this process's devices, all on 'data'."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    array = np.asarray(devices, dtype=object).reshape(len(devices), 1, 1)
+    auto = (jax.sharding.AxisType.Auto,) * len(partitioning.MESH_AXES)
+    return Mesh(array, partitioning.MESH_AXES, axis_types=auto)
+
+
+def _batch_devices(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in partitioning.BATCH_MESH_AXES if a in mesh.shape)
+
+
+def _as_images(images: Any, size: int) -> np.ndarray:
+    """float32 [B, size, size, 3] in [0, 1] (uint8 is scaled), or an error naming both shapes."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise ValueError(
+            f"image batch has shape {tuple(images.shape)} but this VQGAN takes "
+            f"[B, {size}, {size}, 3] (VQGANConfig.image_size={size}); resize the images to "
+            f"{size}x{size} or load the VQGAN trained for this resolution"
+        )
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / np.float32(255.0)
+    if images.dtype.kind != "f":
+        raise ValueError(f"images must be float32 in [0, 1] or uint8, got dtype {images.dtype}")
+    images = images.astype(np.float32)
+    if images.size and (float(images.max()) > 1.0 + 1e-3 or float(images.min()) < -1e-3):
+        raise ValueError(
+            f"image values range over [{float(images.min()):.3f}, {float(images.max()):.3f}]; "
+            "the VQGAN takes float images in [0, 1] (divide uint8 pixels by 255)"
+        )
+    return images
+
+
+def check_codes(codes: Any, config: VQGANConfig) -> np.ndarray:
+    """int32 [B, grid, grid] image tokens (accepts [B, grid*grid]); errors name shape or range."""
+    codes = np.asarray(codes)
+    g = config.grid
+    if codes.dtype.kind not in "iu":
+        raise ValueError(f"image tokens must be integers, got dtype {codes.dtype}")
+    if codes.ndim == 2 and codes.shape[1] == g * g:
+        codes = codes.reshape(codes.shape[0], g, g)
+    if codes.ndim != 3 or codes.shape[1:] != (g, g):
+        raise ValueError(
+            f"image tokens have shape {tuple(codes.shape)} but this VQGAN's grid is {g}x{g} "
+            f"(expects [B, {g}, {g}] or [B, {g * g}]); pass codes made by this VQGAN"
+        )
+    if codes.size:
+        lo, hi = int(codes.min()), int(codes.max())
+        k = config.codebook_size
+        if lo < 0 or hi >= k:
+            raise ValueError(
+                f"image tokens range over [{lo}, {hi}] (max {hi}) but the codebook has "
+                f"K={k} entries; codes must lie in [0, {k - 1}] (decoder token ids are "
+                "codes + 1: subtract the offset), or these codes come from another VQGAN"
+            )
+    return codes.astype(np.int32)
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+class ImageTokenizer:
+    """Jitted, batched, mesh-sharded encode/decode of a ViT-VQGAN with its compatibility meta."""
+
+    def __init__(
+        self,
+        config: VQGANConfig,
+        params: Any,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        mesh: Mesh | None = None,
+        rules: Any = "data_parallel",
+        batch_size: int = 64,
+    ) -> None:
+        """`params`: the ViTVQGAN 'params' collection (unboxed); `batch_size`: largest chunk."""
+        self._config = config
+        self._model = ViTVQGAN(config)
+        self.mesh = mesh or local_mesh()
+        self.rules = partitioning.get_rules(rules) if isinstance(rules, str) else tuple(rules)
+        self._num_batch_devices = _batch_devices(self.mesh)
+        n = self._num_batch_devices
+        self.batch_size = max(n, -(-int(batch_size) // n) * n)
+        self._row_sharding = NamedSharding(
+            self.mesh, PartitionSpec(tuple(a for a in partitioning.BATCH_MESH_AXES))
+        )
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0))
+        with partitioning.with_sharding_rules(self.mesh, self.rules):
+            shardings = partitioning.logical_shardings(abstract, self.mesh, self.rules)
+        self._params = jax.device_put(params, shardings)
+        hash_ = codebook_hash(self._params)
+        self._meta = {
+            "codebook_size": config.codebook_size,
+            "grid": [config.grid, config.grid],
+            "codebook_hash": hash_,
+            "image_size": config.image_size,
+            "step": None,
+            "checkpoint": None,
+            **{k: v for k, v in (meta or {}).items() if k not in ("codebook_hash",)},
+        }
+        self._meta["codebook_hash"] = hash_
+        self._encode_fn = jax.jit(
+            lambda p, x: self._model.apply({"params": p}, x, method=ViTVQGAN.encode),
+            out_shardings=self._row_sharding,
+        )
+        self._decode_fn = jax.jit(
+            lambda p, c: self._model.apply({"params": p}, c, method=ViTVQGAN.decode_codes),
+            out_shardings=self._row_sharding,
+        )
+
+    def _init(self, key: jax.Array) -> Any:
+        size = self._config.image_size
+        return self._model.init(key, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+
+    # -------------------------------------------------------------- loading
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        step: int | None = None,
+        mesh: Mesh | None = None,
+        rules: Any = "data_parallel",
+        config: VQGANConfig | None = None,
+        batch_size: int = 64,
+    ) -> ImageTokenizer:
+        """The VQGAN of a train-vqgan work directory (latest checkpoint, or `step`).
+
+        `config`, if given, must equal the recorded one (the error lists each
+        differing field with both values).
+        """
+        from parti_jax.train import checkpoints
+
+        meta = load_vqgan_meta(path)
+        saved = config_from_meta(meta)
+        if config is not None and config != saved:
+            raise ValueError(
+                f"{meta['_path']}: the checkpoint was trained with another VQGAN configuration: "
+                + "; ".join(config_differences(saved, config))
+                + "; load it without a config or pass the matching one"
+            )
+        step_dir = checkpoints.resolve_checkpoint_dir(path, step)
+        loaded_step = int(step_dir.name)
+        tok_mesh = mesh or local_mesh()
+        tok_rules = partitioning.get_rules(rules) if isinstance(rules, str) else rules
+        model = ViTVQGAN(saved)
+        size = saved.image_size
+        abstract = jax.eval_shape(
+            lambda k: model.init(k, jnp.zeros((1, size, size, 3), jnp.float32))["params"],
+            jax.random.PRNGKey(0),
+        )
+        with partitioning.with_sharding_rules(tok_mesh, tok_rules):
+            shardings = partitioning.logical_shardings(abstract, tok_mesh, tok_rules)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            nn.meta.unbox(abstract),
+            shardings,
+        )
+        try:
+            restored, _ = checkpoints.restore_params_from(
+                step_dir, {GENERATOR: target}, include=f"^{GENERATOR}/"
+            )
+        except checkpoints.CheckpointError as e:
+            raise ValueError(
+                f"{step_dir}: does not fit the VQGANConfig in {meta['_path']}: {e}"
+            ) from None
+        params = restored[GENERATOR]
+        expected = meta.get("codebook_hashes", {}).get(str(loaded_step))
+        actual = codebook_hash(params)
+        if expected is not None and expected != actual:
+            raise ValueError(
+                f"{step_dir}: codebook hash {actual} differs from {expected} recorded in "
+                f"{meta['_path']} for step {loaded_step}; the checkpoint was overwritten or is "
+                "corrupt"
+            )
+        info = {
+            "step": loaded_step,
+            "checkpoint": str(step_dir),
+            "workdir": str(Path(path).expanduser().absolute()),
+            "config": dataclasses.asdict(saved),
+        }
+        return cls(saved, params, meta=info, mesh=tok_mesh, rules=tok_rules, batch_size=batch_size)
+
+    # ---------------------------------------------------------- properties
+
+    @property
+    def config(self) -> VQGANConfig:
+        return self._config
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """codebook_size, grid [h, w], codebook_hash, image_size, step, checkpoint (+ config)."""
+        return dict(self._meta)
+
+    @property
+    def params(self) -> Any:
+        return self._params
+
+    @property
+    def codebook_hash(self) -> str:
+        return self._meta["codebook_hash"]
+
+    @property
+    def codebook_size(self) -> int:
+        return self._config.codebook_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self._config.grid, self._config.grid)
+
+    @property
+    def image_size(self) -> int:
+        return self._config.image_size
+
+    # -------------------------------------------------------------- checks
+
+    def check_codes_meta(self, codes_meta: Mapping[str, Any]) -> None:
+        """Raises ValueError (naming both values) unless the codes were made by this VQGAN."""
+        where = codes_meta.get("_path", "codes_meta.json")
+        problems = []
+        if int(codes_meta.get("codebook_size", -1)) != self.codebook_size:
+            problems.append(
+                f"codebook_size {codes_meta.get('codebook_size')} != this VQGAN's "
+                f"{self.codebook_size}"
+            )
+        grid = [int(g) for g in codes_meta.get("grid", [])]
+        if grid != list(self.grid):
+            problems.append(f"grid {grid} != this VQGAN's {list(self.grid)}")
+        if str(codes_meta.get("codebook_hash")) != self.codebook_hash:
+            problems.append(
+                f"codebook_hash {codes_meta.get('codebook_hash')} != this VQGAN's "
+                f"{self.codebook_hash}"
+            )
+        if "image_size" in codes_meta and int(codes_meta["image_size"]) != self.image_size:
+            problems.append(
+                f"image_size {codes_meta['image_size']} != this VQGAN's {self.image_size}"
+            )
+        if problems:
+            raise ValueError(
+                f"{where}: the codes were not made by this VQGAN ({self._meta.get('checkpoint')}): "
+                + "; ".join(problems)
+                + "; decode them with the VQGAN that made them, or recompute the codes "
+                "(parti-jax precompute-codes)"
+            )
+
+    # -------------------------------------------------------------- compute
+
+    def chunk_size(self, num_rows: int) -> int:
+        """Rows per jitted call for an input of `num_rows`: the smallest power of two
+        times the batch devices that holds them, at most `batch_size`."""
+        size = self._num_batch_devices
+        while size < num_rows and size < self.batch_size:
+            size *= 2
+        return min(size, self.batch_size)
+
+    def _run(self, fn: Any, rows: np.ndarray, out_dtype: Any) -> np.ndarray:
+        total = rows.shape[0]
+        if total == 0:
+            raise ValueError("empty batch: pass at least one row")
+        chunk = self.chunk_size(total)
+        outs = []
+        with partitioning.with_sharding_rules(self.mesh, self.rules):
+            for start in range(0, total, chunk):
+                part = rows[start : start + chunk]
+                n = part.shape[0]
+                if n < chunk:  # pad the last chunk with copies of its first row
+                    pad = np.repeat(part[:1], chunk - n, axis=0)
+                    part = np.concatenate([part, pad], axis=0)
+                out = fn(self._params, self._put(part))
+                outs.append(self._fetch(out)[:n])
+        return np.concatenate(outs, axis=0).astype(out_dtype)
+
+    def _put(self, rows: np.ndarray) -> jax.Array:
+        if self.mesh.is_multi_process:
+            global_shape = (rows.shape[0] * jax.process_count(),) + rows.shape[1:]
+            return jax.make_array_from_process_local_data(self._row_sharding, rows, global_shape)
+        return jax.device_put(rows, self._row_sharding)
+
+    def _fetch(self, out: jax.Array) -> np.ndarray:
+        if self.mesh.is_multi_process:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(
+                multihost_utils.global_array_to_host_local_array(
+                    out, self.mesh, self._row_sharding.spec
+                )
+            )
+        return np.asarray(jax.device_get(out))
+
+    def encode(self, images: Any) -> np.ndarray:
+        """Images float32 [B, H, W, 3] in [0, 1] (or uint8) -> image tokens int32 [B, h, w]."""
+        images = _as_images(images, self.image_size)
+        return self._run(self._encode_fn, images, np.int32)
+
+    def decode(self, codes: Any) -> np.ndarray:
+        """Image tokens int [B, h, w] (or [B, h*w]) in [0, K) -> images float32 [B, H, W, 3] in [0, 1]."""
+        codes = check_codes(codes, self._config)
+        return self._run(self._decode_fn, codes, np.float32)

@@ -1,0 +1,293 @@
+"""The VQGAN training step and its pieces (see parti_jax/vqgan/train.py for the whole).
+
+One jitted step updates both parameter groups of one TrainState
+({'generator', 'discriminator'}, each with its own Adam-W): the generator's
+loss (losses.generator_loss: L2, LPIPS, logit-Laplace, VQ, adversarial) is
+differentiated with the current discriminator, then the discriminator's
+(logistic + R1) on the same reconstructions. Before
+`LossConfig.adversarial_start_step` the discriminator is neither evaluated nor
+updated (its optimizer count, and so its warm-up, starts when it does).
+
+Codebook bookkeeping lives in the state (`model_state['generator']['codebook']`),
+so it is checkpointed and a resumed run continues it exactly:
+  * `counts` [window, K]: codes chosen per step over the last `codebook_window`
+    steps (a ring); metrics `codebook_usage` (fraction of codes used in the
+    window) and `codebook_perplexity` come from its sum;
+  * `latents` [M, code_dim]: a ring of recent lookup-space encoder outputs;
+    with `dead_code_reinit`, every `codebook_window` steps the codes used fewer
+    than `dead_code_threshold` times in the window are moved onto latents from
+    it (quantizer.reinit_dead_codes, keyed by the step: deterministic).
+
+Freezing ('encoder_and_codebook'): the encoder, the quantizer's input
+projection and the codebook get no gradient (stop_gradient) and exactly zero
+updates (optax.set_to_zero), so they stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from parti_jax.train import loop, optimizers
+from parti_jax.train.optimizers import OptimizerConfig, path_str
+from parti_jax.train.state import TrainState
+from parti_jax.vqgan import losses, lpips
+from parti_jax.vqgan.config import VQGANConfig
+from parti_jax.vqgan.discriminator import Discriminator
+from parti_jax.vqgan.quantizer import reinit_dead_codes
+from parti_jax.vqgan.vit_vqgan import ViTVQGAN
+
+PyTree = Any
+GENERATOR, DISCRIMINATOR = "generator", "discriminator"
+FREEZE_OPTIONS = ("encoder_and_codebook",)
+# Encoder, the projection into the lookup space and the codebook: what makes the codes.
+FROZEN_PARAMS = re.compile(r"^(encoder/|quantizer/(in_proj|codebook)(/|$))")
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def is_frozen(path: str, freeze: str | None) -> bool:
+    """Whether generator parameter `path` ('encoder/...') is frozen under `freeze`."""
+    return freeze is not None and FROZEN_PARAMS.search(path) is not None
+
+
+def _stop_frozen(params: PyTree, freeze: str | None) -> PyTree:
+    if freeze is None:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.lax.stop_gradient(x) if is_frozen(path_str(p), freeze) else x, params
+    )
+
+
+def generator_optimizer_tx(config: OptimizerConfig, freeze: str | None) -> Any:
+    """Adam-W of `config`; with `freeze`, frozen parameters get exactly zero updates."""
+    tx = optimizers.make_optimizer(config)
+    if freeze is None:
+        return tx
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: "frozen" if is_frozen(path_str(p), freeze) else "trained", params
+        )
+
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def init_codebook_stats(config: VQGANConfig, window: int, buffer_size: int) -> dict:
+    """Zeroed codebook bookkeeping (see the module docstring)."""
+    return {
+        "counts": jnp.zeros((window, config.codebook_size), jnp.float32),
+        "latents": jnp.zeros((max(buffer_size, 1), config.code_dim), jnp.float32),
+        "reinitialised": jnp.zeros([], jnp.int32),
+    }
+
+
+def _distribution_stats(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(fraction of codes with a count, perplexity = exp(entropy)) of a [K] count vector."""
+    probs = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.maximum(probs, 1e-12)), 0.0))
+    return jnp.mean((counts > 0).astype(jnp.float32)), jnp.exp(entropy)
+
+
+def _update_codebook_stats(
+    stats: dict,
+    codebook: jax.Array,
+    counts: jax.Array,
+    latents: jax.Array,
+    step: jax.Array,
+    rng: jax.Array,
+    *,
+    dead_code_reinit: bool,
+    threshold: float,
+) -> tuple[dict, jax.Array, dict]:
+    """Adds this step's counts/latents; restarts dead codes at the end of each window."""
+    window = stats["counts"].shape[0]
+    ring = stats["counts"].at[step % window].set(counts)
+    window_counts = jnp.sum(ring, axis=0)
+    usage, perplexity = _distribution_stats(window_counts)
+    new = dict(stats, counts=ring)
+    metrics = {"codebook_usage": usage, "codebook_perplexity": perplexity}
+    if not dead_code_reinit:
+        return new, codebook, metrics
+    buffer = stats["latents"]
+    flat = latents.reshape(-1, latents.shape[-1]).astype(jnp.float32)
+    m = min(flat.shape[0], buffer.shape[0])
+    pick_rng, reinit_rng = jax.random.split(rng)
+    if flat.shape[0] > m:
+        flat = flat[jax.random.randint(pick_rng, (m,), 0, flat.shape[0])]
+    slots = (step * m + jnp.arange(m)) % buffer.shape[0]
+    buffer = buffer.at[slots].set(flat)
+    new["latents"] = buffer
+    due = ((step + 1) % window == 0) & (step + 1 >= window)
+    replaced, dead = reinit_dead_codes(codebook, window_counts, buffer, reinit_rng, threshold)
+    num_dead = jnp.where(due, jnp.sum(dead.astype(jnp.int32)), 0)
+    codebook = jnp.where(due, replaced, codebook)
+    new["reinitialised"] = stats["reinitialised"] + num_dead
+    metrics["dead_codes_reinitialised"] = num_dead.astype(jnp.float32)
+    metrics["dead_codes_reinitialised_total"] = new["reinitialised"].astype(jnp.float32)
+    return new, codebook, metrics
+
+
+# ------------------------------------------------------------------ the step
+
+
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    lpips_params: PyTree,
+    *,
+    model: ViTVQGAN,
+    discriminator: Discriminator | None,
+    loss_config: losses.LossConfig,
+    learning_rate_fn: Callable[[jax.Array], jax.Array],
+    freeze: str | None = None,
+    dead_code_reinit: bool = False,
+    dead_code_threshold: float = 1.0,
+    nan_policy: str = "stop",
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One generator + discriminator update. Pure; jitted once with shardings and donation.
+
+    `lpips_params`: LPIPS weights (lpips.load_lpips_params), an argument rather
+    than a constant so they are not baked into the compiled program ({} when
+    the perceptual term is off).
+    """
+    images = batch["image"].astype(jnp.float32)
+    step = state.step
+    rng = state.step_rng("dropout")
+    g_params = state.params[GENERATOR]
+    d_params = state.params.get(DISCRIMINATOR) if discriminator is not None else None
+    cfg = model.config
+    perceptual_fn = None
+    if loss_config.perceptual_weight > 0:
+        lpips_model = lpips.LPIPS(loss_config.perceptual_net)
+        perceptual_fn = functools.partial(lpips_model.apply, lpips_params)
+    disc_fn = None
+    if d_params is not None:
+        disc_fn = functools.partial(discriminator.apply, {"params": d_params})
+
+    def g_loss(params):
+        params = _stop_frozen(params, freeze)
+        recon, aux = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        loss, metrics = losses.generator_loss(
+            images,
+            recon,
+            config=loss_config,
+            step=step,
+            aux=aux,
+            perceptual_fn=perceptual_fn,
+            disc_fn=disc_fn,
+            logit_laplace_eps=cfg.logit_laplace_eps,
+        )
+        return loss, (metrics, recon, aux["code_counts"], aux["latents"])
+
+    (loss, (metrics, recon, counts, latents)), g_grads = jax.value_and_grad(g_loss, has_aux=True)(
+        g_params
+    )
+    metrics = {f"batch_{k}" if k in ("usage", "perplexity") else k: v for k, v in metrics.items()}
+    metrics["grad_norm"] = optax.tree.norm(g_grads)
+    metrics["learning_rate"] = learning_rate_fn(step)
+    grads = {GENERATOR: g_grads}
+    if d_params is not None:
+
+        def d_loss(params):
+            fn = functools.partial(discriminator.apply, {"params": params})
+            return losses.discriminator_loss(fn, images, recon, config=loss_config, step=step)
+
+        (_, d_metrics), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
+        d_metrics.pop("adversarial_on", None)
+        metrics.update(d_metrics)
+        metrics["disc_grad_norm"] = optax.tree.norm(d_grads)
+        grads[DISCRIMINATOR] = d_grads
+    new_state = state.apply_gradients(grads)
+    if d_params is not None:
+        # Before the start step the discriminator (and its optimizer count) stays as it was.
+        on = step >= loss_config.adversarial_start_step
+        params = dict(new_state.params)
+        opt_state = dict(new_state.opt_state)
+        keep = functools.partial(jax.tree.map, lambda n, o: jnp.where(on, n, o))
+        params[DISCRIMINATOR] = keep(params[DISCRIMINATOR], state.params[DISCRIMINATOR])
+        opt_state[DISCRIMINATOR] = keep(opt_state[DISCRIMINATOR], state.opt_state[DISCRIMINATOR])
+        new_state = new_state.replace(params=params, opt_state=opt_state)
+
+    # Codebook bookkeeping and dead-code restarts (on the updated codebook).
+    g_new = new_state.params[GENERATOR]
+    stats, codebook, stat_metrics = _update_codebook_stats(
+        state.model_state[GENERATOR]["codebook"],
+        g_new["quantizer"]["codebook"],
+        counts,
+        latents,
+        step,
+        state.step_rng("dead_codes"),
+        dead_code_reinit=dead_code_reinit,
+        threshold=dead_code_threshold,
+    )
+    metrics.update(stat_metrics)
+    g_new = dict(g_new, quantizer=dict(g_new["quantizer"], codebook=codebook))
+    model_state = dict(new_state.model_state)
+    model_state[GENERATOR] = dict(model_state[GENERATOR], codebook=stats)
+    new_state = new_state.replace(
+        params=dict(new_state.params, **{GENERATOR: g_new}), model_state=model_state
+    )
+    if nan_policy == "skip":
+        ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+        new_state = loop.keep_if_finite(ok, new_state, state)
+        metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+    return new_state, metrics
+
+
+class BoundStep:
+    """A jitted (state, batch, extra) step seen by loop.run as (state, batch) -> ..., with lower()."""
+
+    def __init__(self, jitted: Any, extra: PyTree) -> None:
+        self.jitted, self.extra = jitted, extra
+
+    def __call__(self, state: TrainState, batch: Any) -> Any:
+        return self.jitted(state, batch, self.extra)
+
+    def lower(self, state: TrainState, batch: Any) -> Any:
+        lowered, extra = self.jitted.lower(state, batch, self.extra), self.extra
+
+        class _Lowered:
+            def compile(self):
+                compiled = lowered.compile()
+                return lambda s, b: compiled(s, b, extra)
+
+        return _Lowered()
+
+
+# ------------------------------------------------------------------ layouts
+
+
+def convert_block_layout(tree: PyTree, scanned: bool) -> PyTree:
+    """Stacks `block_<i>` subtrees into one scanned `blocks` subtree (or back), everywhere.
+
+    For warm starts between VQGANs that differ in `scan_layers` (e.g. a Small
+    base encoder under a fine-tuning config that scans its Large decoder).
+    """
+    if not isinstance(tree, Mapping):
+        return tree
+    keys = list(tree)
+    block_keys = sorted(
+        (k for k in keys if re.fullmatch(r"block_\d+", str(k))), key=lambda k: int(k[6:])
+    )
+    out = {k: convert_block_layout(v, scanned) for k, v in tree.items() if k not in block_keys}
+    if scanned and block_keys:
+        out["blocks"] = jax.tree.map(
+            lambda *xs: np.stack([np.asarray(x) for x in xs]), *[tree[k] for k in block_keys]
+        )
+    elif not scanned and "blocks" in tree:
+        stacked = out.pop("blocks")
+        depth = jax.tree.leaves(stacked)[0].shape[0]
+        for i in range(depth):
+            out[f"block_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], stacked)
+    else:
+        out.update({k: tree[k] for k in block_keys})
+    return out
