@@ -1,21 +1,156 @@
-"""`parti-jax sample`: Generate images from prompts: tokens -> codes -> pixels -> upsampled, reranked PNGs."""
+"""`parti-jax sample`: prompts -> text tokens -> codes -> pixels -> upsampled, reranked PNGs.
+
+    parti-jax sample --gin_file=runs/shapes_sample.gin --workdir=/tmp/samples \\
+        --prompt "a red circle" --prompt "a blue square below a green cross"
+    parti-jax sample --gin_file=runs/shapes_sample.gin --workdir=/tmp/samples --prompts_file p.txt
+    parti-jax sample --gin_file=runs/shapes_sample.gin --workdir=/tmp/samples \\
+        --task shapes_world --split validation --num_prompts 16
+
+Gin binds `sample.*` (parti_jax.sampling.sample_to_folder): the three work
+directories (`sample.t2i_path`, `sample.vqgan_path`, `sample.upsampler_path`;
+the --t2i / --vqgan / --upsampler flags override them), `SamplingConfig`,
+`sample.keep_top_k`, `sample.scorer`, `sample.batch_size`. The prompts come
+from the flags: --prompt (repeatable), --prompts_file (one per line) or
+--task/--split (the captions of a `<name>_pixels` task split, or of the
+built-in 'shapes_world'; the prompt id is the example's index in the split).
+Writes `<workdir>/<prompt_id>_<rank>.png` and `<workdir>/manifest.json`.
+"""
 
 from __future__ import annotations
 
+import inspect
+import sys
+import warnings
 from collections.abc import Sequence
 
 from parti_jax.cli import flags
 
 DESCRIPTION = "Generate images from prompts: tokens -> codes -> pixels -> upsampled, reranked PNGs."
+SHAPES_WORLD = "shapes_world"
 
 
 def main(argv: Sequence[str]) -> int:
     parser = flags.make_parser("sample", DESCRIPTION)
-    args = flags.parse_args(parser, argv)
-    flags.setup_gin(args)
-    if args.workdir:
-        flags.write_config(flags.check_workdir(args.workdir))
-    raise flags.UsageError(
-        "the `sample` stage is not built yet (tracked in issue 5); "
-        "flags and gin config were parsed and are valid"
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompt", action="append", default=None, help="A prompt; repeatable.")
+    source.add_argument("--prompts_file", default=None, help="Text file, one prompt per line.")
+    source.add_argument(
+        "--task",
+        default=None,
+        help="Take prompts from the captions of this `<name>_pixels` task (or 'shapes_world').",
     )
+    parser.add_argument("--split", default="validation", help="Split of --task.")
+    parser.add_argument("--num_prompts", type=int, default=16, help="Prompts taken from --task.")
+    parser.add_argument("--t2i", default=None, help="Encoder-decoder work directory.")
+    parser.add_argument("--vqgan", default=None, help="VQGAN work directory.")
+    parser.add_argument("--upsampler", default=None, help="Upsampler work directory.")
+    parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
+    args = flags.parse_args(parser, argv)
+    ns = args.namespace
+    if not args.workdir:
+        raise flags.UsageError("--workdir is required (the output folder for PNGs + manifest)")
+    if ns.prompt is None and ns.prompts_file is None and ns.task is None:
+        raise flags.UsageError(
+            "pass --prompt TEXT (repeatable), --prompts_file FILE or --task NAME"
+        )
+    workdir = flags.check_workdir(args.workdir)
+    flags.setup_gin(args)
+    flags.write_config(workdir)
+
+    import gin
+    from parti_jax import sampling
+    from parti_jax.data.vocab import VocabularyError
+    from parti_jax.train.checkpoints import CheckpointError
+    from parti_jax.upsampler.train import UpsamplerLoadError
+
+    kwargs: dict = {"workdir": str(workdir), "progress": not ns.no_progress}
+    for flag, name in (
+        ("t2i", "t2i_path"),
+        ("vqgan", "vqgan_path"),
+        ("upsampler", "upsampler_path"),
+    ):
+        if getattr(ns, flag):
+            kwargs[name] = getattr(ns, flag)
+    _check_required(sampling.sample_to_folder, set(kwargs))
+    try:
+        if ns.prompt is not None:
+            kwargs["prompts"] = list(ns.prompt)
+        elif ns.prompts_file is not None:
+            kwargs["prompts_file"] = ns.prompts_file
+        else:
+            kwargs["prompts"], kwargs["prompt_ids"] = task_prompts(
+                ns.task, ns.split, ns.num_prompts
+            )
+        with warnings.catch_warnings():  # restored on exit
+            warnings.simplefilter("always", sampling.PromptTruncatedWarning)
+            warnings.showwarning = _show_warning
+            manifest = gin.get_configurable("sample")(**kwargs)
+    except (
+        ValueError,
+        FileNotFoundError,
+        CheckpointError,
+        UpsamplerLoadError,
+        VocabularyError,
+    ) as e:
+        raise flags.UsageError(_one_line(e)) from e
+    flags.write_config(workdir, operative=True)
+    print(f"wrote {len(manifest['images'])} image(s) and manifest.json to {workdir}")
+    return 0
+
+
+def task_prompts(task: str, split: str, num_prompts: int) -> tuple[list[str], list[int]]:
+    """(captions, their indices) of the first `num_prompts` examples of a task split."""
+    if num_prompts < 1:
+        raise ValueError(f"--num_prompts={num_prompts} must be >= 1")
+    if task == SHAPES_WORLD:
+        from parti_jax.data import shapes
+
+        if split not in shapes.SPLITS:
+            raise ValueError(
+                f"shapes_world has no split {split!r}; use one of {list(shapes.SPLITS)}"
+            )
+        captions = [shapes.generate_scene(i, split)[1] for i in range(num_prompts)]
+        return captions, list(range(num_prompts))
+    import parti_jax.tasks  # noqa: F401 - registers the shipped tasks (TensorFlow)
+    from parti_jax.data import pipeline
+
+    it = pipeline.make_pixels_iterator(
+        task, batch_size=1, split=split, shuffle=False, repeat=False, drop_remainder=False
+    )
+    captions = []
+    for batch in it:
+        captions.append(str(batch["text"][0]))
+        if len(captions) == num_prompts:
+            break
+    if not captions:
+        raise ValueError(f"task {task!r} split {split!r} has no examples")
+    return captions, list(range(len(captions)))
+
+
+def _check_required(fn, given: set[str]) -> None:
+    """Required arguments of `sample` must come from gin or a flag; names the missing ones."""
+    import gin
+
+    missing = []
+    for name, p in inspect.signature(fn).parameters.items():
+        if p.default is inspect.Parameter.empty and name not in given:
+            try:
+                gin.query_parameter(f"sample.{name}")
+            except ValueError:
+                missing.append(name)
+    if missing:
+        raise flags.UsageError(
+            "missing: "
+            + ", ".join(f"sample.{m}" for m in missing)
+            + " (bind them in the gin file, e.g. --gin_file=runs/shapes_sample.gin, or pass "
+            "--t2i / --vqgan)"
+        )
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"parti-jax: warning: {message}", file=sys.stderr)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
