@@ -1,0 +1,490 @@
+"""What every eval suite shares: host sharding and resumable generation into an eval folder.
+
+`parti-jax eval --workdir=OUT` (parti_jax/eval/runner.py) runs the suites
+named in `eval.suites`, each in its own folder, and writes a summary::
+
+    OUT/
+      metrics.json        {suite name: that suite's metrics}
+      index.html          one row per suite: headline numbers, link to its report
+      parti_prompts/      eval folder (parti_jax/eval/records.py) + index.html gallery
+      shapes/             eval folder + report.html (verdicts) + index.html gallery
+      reconstruction/     metrics.json + report.html + images/
+      coco_fid/           eval folder of COCO captions + FID in metrics.json + report.html
+      fid/                FID of another eval folder: metrics.json + report.html
+
+Sharding: process i of n takes prompts i::n (`jax.process_index()` /
+`jax.process_count()`, or given explicitly to simulate hosts). With one
+process the suite writes its eval folder directly; with several, process i
+writes a complete eval folder of its own under `shards/process_<i>_of_<n>/`
+and marks it done (`DONE.json`). The process that finds every shard of the
+run done (process 0 after a barrier on a real multi-host run) merges the
+shard manifests into the suite folder's `manifest.jsonl` (image paths
+prefixed by the shard folder) and writes the metrics and reports.
+
+Resume: a prompt whose id is in the suite folder's manifest or in any shard's
+manifest is skipped; images are written before their manifest line, and each
+batch of lines is fsynced, so an interrupted eval loses at most the prompts in
+flight. The generation settings are recorded in `generation.json`; resuming
+with other settings is refused (the error names the field and both values).
+
+Suites accept any object with the `Generator.generate` interface
+(`parti_jax.sampling`), which lets tests swap in a stand-in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from parti_jax.eval import records as R
+
+log = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards"
+DONE_FILE = "DONE.json"
+SETTINGS_FILE = "generation.json"
+REPORT = "report.html"
+# Suites run by `parti-jax eval`, in the order of `eval.suites`.
+SUITE_NAMES = ("parti_prompts", "shapes", "reconstruction", "fid", "coco_fid")
+GENERATING_SUITES = ("parti_prompts", "shapes", "coco_fid")
+
+
+class SuiteError(ValueError):
+    """Bad suite arguments or an eval folder that does not fit (message names the field/file)."""
+
+
+class GeneratorLike(Protocol):
+    """What a suite needs of `parti_jax.sampling.Generator`."""
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        num_samples: int,
+        keep_top_k: int,
+        sampling_config: Any,
+        seed: int,
+        scorer: Any = None,
+        batch_size: int | None = None,
+        prompt_ids: Sequence[int] | None = None,
+    ) -> list[Any]:
+        """One result per prompt with `.images` (kept, best first) and `.scores`."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+    """A prompt to generate for, with the labels its manifest record carries."""
+
+    prompt_id: int
+    prompt: str
+    category: str = ""
+    challenge: str = ""
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """How a suite samples: passed to `generate`, recorded in `generation.json`."""
+
+    num_samples: int = 1
+    keep_top_k: int = 1
+    sampling_config: Any = None
+    seed: int = 0
+    scorer: Any = None  # None (the generator's default), a name it knows ('likelihood',
+    # 'shapes_judge', 'none') or a Scorer object
+    batch_size: int | None = None  # rows per sampling batch (the generator's batch_size)
+    prompts_per_call: int | None = None  # prompts per generate() call (resume granularity)
+    image_size: int | None = None  # saved images are resized to this side when set
+
+    def __post_init__(self) -> None:
+        if int(self.num_samples) < 1:
+            raise SuiteError(f"num_samples must be >= 1, got {self.num_samples}")
+        if not 1 <= int(self.keep_top_k) <= int(self.num_samples):
+            raise SuiteError(
+                f"keep_top_k={self.keep_top_k} must be in [1, num_samples={self.num_samples}]"
+            )
+        for name in ("batch_size", "prompts_per_call", "image_size"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise SuiteError(f"{name} must be >= 1 or None, got {value}")
+
+    def calls_size(self) -> int:
+        if self.prompts_per_call:
+            return int(self.prompts_per_call)
+        if self.batch_size:
+            return max(1, int(self.batch_size) // int(self.num_samples))
+        return 64
+
+    def record(self) -> dict[str, Any]:
+        """The settings that decide the images (compared when resuming)."""
+        config = self.sampling_config
+        if dataclasses.is_dataclass(config):
+            config = dataclasses.asdict(config)
+        return {
+            "num_samples": int(self.num_samples),
+            "keep_top_k": int(self.keep_top_k),
+            "seed": int(self.seed),
+            "sampling_config": _jsonable(config),
+            "scorer": scorer_name(self.scorer),
+            "image_size": self.image_size,
+        }
+
+
+def make_settings(
+    *,
+    num_samples: int | None,
+    keep_top_k: int,
+    sampling_config: Any,
+    seed: int | None,
+    scorer: Any,
+    batch_size: int | None,
+    prompts_per_call: int | None = None,
+    image_size: int | None = None,
+) -> GenerationSettings:
+    """Settings with `num_samples` / `seed` defaulting to the sampling config's (else 1 / 0)."""
+    if num_samples is None:
+        num_samples = int(getattr(sampling_config, "num_samples", 1) or 1)
+    if seed is None:
+        seed = int(getattr(sampling_config, "seed", 0) or 0)
+    return GenerationSettings(
+        num_samples=int(num_samples),
+        keep_top_k=int(keep_top_k),
+        sampling_config=sampling_config,
+        seed=int(seed),
+        scorer=scorer,
+        batch_size=batch_size,
+        prompts_per_call=prompts_per_call,
+        image_size=image_size,
+    )
+
+
+def scorer_name(scorer: Any) -> str | None:
+    if scorer is None or isinstance(scorer, str):
+        return scorer
+    return type(scorer).__name__
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def resolve_processes(
+    process_index: int | None = None, process_count: int | None = None
+) -> tuple[int, int, bool]:
+    """(index, count, real_multihost): given values, else jax's (imported only then)."""
+    if process_index is None and process_count is None:
+        import jax
+
+        index, count = jax.process_index(), jax.process_count()
+        return index, count, count > 1
+    if process_index is None or process_count is None:
+        raise SuiteError("give both process_index and process_count, or neither")
+    index, count = int(process_index), int(process_count)
+    if count < 1 or not 0 <= index < count:
+        raise SuiteError(f"process_index={index} must be in [0, process_count={count})")
+    return index, count, False
+
+
+def shard(items: Sequence[Any], index: int, count: int) -> list[Any]:
+    """The items process `index` of `count` handles: items[index::count]."""
+    return list(items[index::count])
+
+
+def shard_dir(out_dir: str | os.PathLike, index: int, count: int) -> Path:
+    return Path(out_dir) / SHARDS_DIR / f"process_{index}_of_{count}"
+
+
+def _shard_dirs(out_dir: Path) -> list[Path]:
+    root = out_dir / SHARDS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / R.MANIFEST).exists())
+
+
+def done_prompts(out_dir: str | os.PathLike) -> dict[int, str]:
+    """{prompt_id: prompt} already in the suite folder's manifest or in any shard's manifest."""
+    out_dir = Path(out_dir)
+    done: dict[int, str] = {}
+    for folder in [out_dir, *_shard_dirs(out_dir)]:
+        if (folder / R.MANIFEST).exists():
+            for r in R.read_manifest(folder, allow_torn_tail=True):
+                done.setdefault(r.prompt_id, r.prompt)
+    return done
+
+
+def merge_shards(out_dir: str | os.PathLike) -> list[R.PromptRecord]:
+    """Folds every shard's records into the suite folder's manifest; returns all records.
+
+    Idempotent: records already there are kept, each prompt id appears once,
+    shard image paths get the shard folder as prefix. The manifest is rewritten
+    atomically.
+    """
+    out_dir = Path(out_dir)
+    main = out_dir / R.MANIFEST
+    records = R.read_manifest(out_dir, allow_torn_tail=True) if main.exists() else []
+    seen = {r.prompt_id for r in records}
+    added = 0
+    for folder in _shard_dirs(out_dir):
+        prefix = folder.relative_to(out_dir).as_posix() + "/"
+        for r in R.read_manifest(folder, allow_torn_tail=True):
+            if r.prompt_id in seen:
+                continue
+            seen.add(r.prompt_id)
+            records.append(dataclasses.replace(r, images=tuple(prefix + i for i in r.images)))
+            added += 1
+    if added:
+        lines = "".join(
+            json.dumps(r.to_json(), ensure_ascii=True, allow_nan=False) + "\n" for r in records
+        )
+        tmp = main.with_name(f"{main.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, main)
+    return records
+
+
+# --------------------------------------------------------------------------- images
+
+
+def to_uint8(image: Any) -> np.ndarray:
+    """float [H, W, 3] in [0, 1] (or uint8) -> uint8 [H, W, 3]."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise SuiteError(f"a generated image must be [H, W, 3], got shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image
+    return np.round(np.clip(image.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def save_png(path: Path, image: np.ndarray, size: int | None = None) -> None:
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    if size is not None and pil.size != (size, size):
+        pil = pil.resize((size, size), Image.Resampling.BICUBIC)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path, optimize=False, compress_level=1)
+
+
+def load_png(path: str | os.PathLike) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# --------------------------------------------------------------------------- generation
+
+# (prompt, uint8 images as saved, image paths, the generator's result) -> record `extra`.
+ResultHook = Callable[[EvalPrompt, list[np.ndarray], list[str], Any], Mapping[str, Any]]
+
+
+@dataclasses.dataclass
+class GenerationOutcome:
+    """What one process did, and whether it should write the suite's reports."""
+
+    generated: int  # prompts generated by this call
+    skipped: int  # prompts of this process found done by an earlier run
+    seconds: float
+    finalize: bool  # this process merges the shards and writes metrics / reports
+    records: list[R.PromptRecord]  # every record of the suite folder (when finalize)
+
+
+def _check_settings(out_dir: Path, settings: GenerationSettings) -> None:
+    path = out_dir / SETTINGS_FILE
+    new = settings.record()
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise SuiteError(f"{path}: not valid JSON ({e}); delete it to start over") from None
+        for key, value in new.items():
+            if key in old and old[key] != value:
+                raise SuiteError(
+                    f"{out_dir}: images there were made with {key}={old[key]!r}, this run has "
+                    f"{key}={value!r}; use another work directory or the same settings"
+                )
+    else:  # every process writes the same record; the rename is atomic
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _plan_id(prompts: Sequence[EvalPrompt], count: int) -> str:
+    h = hashlib.sha256(f"{count}|".encode())
+    for p in prompts:
+        h.update(f"{p.prompt_id},".encode())
+    return h.hexdigest()[:16]
+
+
+def _result_scores(result: Any, num_images: int, prompt_id: int) -> list[float]:
+    scores = getattr(result, "scores", None)
+    if scores is None:
+        return []
+    scores = [float(s) for s in np.asarray(scores).reshape(-1)]
+    if not scores:
+        return []
+    if len(scores) != num_images:
+        raise SuiteError(
+            f"prompt_id {prompt_id}: the generator returned {num_images} images but "
+            f"{len(scores)} scores"
+        )
+    if not all(math.isfinite(s) for s in scores):
+        log.warning("prompt_id %d: non-finite rerank scores %s; not recorded", prompt_id, scores)
+        return []
+    return scores
+
+
+def generate_prompts(
+    generator: GeneratorLike,
+    out_dir: str | os.PathLike,
+    prompts: Sequence[EvalPrompt],
+    settings: GenerationSettings,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    on_result: ResultHook | None = None,
+    name: str = "eval",
+) -> GenerationOutcome:
+    """Generates images for this process's share of `prompts` into an eval folder, resumably.
+
+    Returns the outcome; when `outcome.finalize` is true, `outcome.records`
+    holds every record of the suite folder (shards merged) for the metrics.
+    """
+    index, count, real_multihost = resolve_processes(process_index, process_count)
+    out_dir = Path(out_dir)
+    ids = [p.prompt_id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise SuiteError(f"{name}: prompt ids are not unique")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SuiteError(f"{out_dir}: cannot create the suite folder ({e})") from None
+    _check_settings(out_dir, settings)
+    if count == 1:
+        merge_shards(out_dir)  # records of an earlier multi-process run
+        folder = out_dir
+    else:
+        folder = shard_dir(out_dir, index, count)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / DONE_FILE).unlink(missing_ok=True)
+    mine = shard(prompts, index, count)
+    done = done_prompts(out_dir)
+    for p in prompts:
+        if p.prompt_id in done and done[p.prompt_id] != p.prompt:
+            raise SuiteError(
+                f"{out_dir}: prompt_id {p.prompt_id} was generated for {done[p.prompt_id]!r} "
+                f"but this run asks for {p.prompt!r} (another prompt file or seed?); use "
+                "another work directory"
+            )
+    todo = [p for p in mine if p.prompt_id not in done]
+    skipped = len(mine) - len(todo)
+    if skipped:
+        log.info("%s: %d of %d prompts already generated; skipping them", name, skipped, len(mine))
+    start = time.perf_counter()
+    step = settings.calls_size()
+    for chunk_start in range(0, len(todo), step):
+        chunk = todo[chunk_start : chunk_start + step]
+        results = generator.generate(
+            [p.prompt for p in chunk],
+            num_samples=settings.num_samples,
+            keep_top_k=settings.keep_top_k,
+            sampling_config=settings.sampling_config,
+            seed=settings.seed,
+            scorer=settings.scorer,
+            batch_size=settings.batch_size,
+            prompt_ids=[p.prompt_id for p in chunk],
+        )
+        if len(results) != len(chunk):
+            raise SuiteError(
+                f"{name}: the generator returned {len(results)} results for {len(chunk)} prompts"
+            )
+        new_records = []
+        for prompt, result in zip(chunk, results):
+            got_id = getattr(result, "prompt_id", prompt.prompt_id)
+            if got_id is not None and int(got_id) != prompt.prompt_id:
+                raise SuiteError(
+                    f"{name}: result for prompt_id {prompt.prompt_id} says prompt_id {got_id}"
+                )
+            images = [to_uint8(im) for im in result.images]
+            if not images:
+                raise SuiteError(f"{name}: no images returned for prompt_id {prompt.prompt_id}")
+            paths = []
+            for rank, image in enumerate(images):
+                rel = f"{R.IMAGES_DIR}/{prompt.prompt_id:05d}_{rank}.png"
+                save_png(folder / rel, image, settings.image_size)
+                paths.append(rel)
+            if settings.image_size is not None:
+                images = [load_png(folder / p) for p in paths]
+            extra = dict(on_result(prompt, images, paths, result)) if on_result else {}
+            new_records.append(
+                R.PromptRecord(
+                    prompt_id=prompt.prompt_id,
+                    prompt=prompt.prompt,
+                    category=prompt.category,
+                    challenge=prompt.challenge,
+                    note=prompt.note,
+                    images=tuple(paths),
+                    scores=tuple(_result_scores(result, len(paths), prompt.prompt_id)),
+                    seed=settings.seed,
+                    extra=extra,
+                )
+            )
+        R.write_manifest(folder, new_records)  # one fsync per chunk
+        log.info(
+            "%s: %d/%d prompts (%.1f s)",
+            name,
+            skipped + chunk_start + len(chunk),
+            len(mine),
+            time.perf_counter() - start,
+        )
+    seconds = time.perf_counter() - start
+    finalize = True
+    if count > 1:
+        plan = _plan_id(prompts, count)
+        marker = {"plan": plan, "prompts": len(mine), "generated": len(todo)}
+        (folder / DONE_FILE).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        if real_multihost:
+            from parti_jax.train import distributed
+
+            distributed.barrier(f"eval/{name}/{plan}")
+            finalize = index == 0
+        else:
+            finalize = all(_marker_plan(shard_dir(out_dir, i, count)) == plan for i in range(count))
+    records = merge_shards(out_dir) if finalize else []
+    return GenerationOutcome(len(todo), skipped, seconds, finalize, records)
+
+
+def _marker_plan(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / DONE_FILE).read_text(encoding="utf-8")).get("plan")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def pending_metrics(name: str, outcome: GenerationOutcome, index_count: tuple[int, int]) -> dict:
+    """What a process returns when another process writes the suite's reports."""
+    i, n = index_count
+    return {
+        "suite": name,
+        "status": "pending",
+        "reason": f"process {i} of {n} finished its shard; the reports are written once "
+        "every shard is done",
+        "this_run": {"generated": outcome.generated, "skipped": outcome.skipped},
+    }
