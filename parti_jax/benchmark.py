@@ -166,6 +166,8 @@ def _model_fields(config: ModelConfig) -> dict[str, Any]:
         "attention_impl": config.attention_impl,
         "remat_policy": config.remat_policy,
         "scan_layers": config.scan_layers,
+        "decoder_attention": config.decoder_attention,
+        "decode_block_size": config.decode_block_size,
     }
 
 
@@ -202,6 +204,7 @@ def bench_train_step(
     peak_flops: float | None = None,
     optimizer_config: Any = None,
     num_micro_batches: int = 1,
+    loss_chunk_size: int | None = None,
     num_devices: int | None = None,
     profile_dir: str | None = None,
     profile_steps: int = 3,
@@ -219,6 +222,7 @@ def bench_train_step(
       peak_flops: per-device peak FLOP/s (None: DEVICE_SPECS by device kind).
       optimizer_config: OptimizerConfig (None: the paper's Adafactor).
       num_micro_batches: gradient accumulation slices.
+      loss_chunk_size: image tokens per chunk of the cross-entropy (None: whole logits).
       num_devices: use the first N devices (None: all).
       profile_dir: if set, a jax.profiler trace of `profile_steps` more steps.
     """
@@ -274,6 +278,7 @@ def bench_train_step(
         model=model,
         learning_rate_fn=optimizers.learning_rate_fn(opt),
         num_micro_batches=num_micro_batches,
+        loss_chunk_size=loss_chunk_size,
     )
     jitted = loop.compile_step(step_fn, shardings, {k: bsh for k in batch})
     holder = {"state": state}
@@ -316,6 +321,7 @@ def bench_train_step(
         "batch_size": batch_size,
         "text_length": text_length,
         "num_micro_batches": num_micro_batches,
+        "loss_chunk_size": loss_chunk_size,
         "steps": steps,
         "warmup": warmup,
         "init_s": init_s,

@@ -82,6 +82,14 @@ class ModelConfig:
     decoder_attention: str = "full"
     # Side of the 2-D window of 'conv_sparse' attention (odd).
     conv_kernel_size: int = 11
+    # Cached decoding of decoder_attention='full': None reads each layer's whole
+    # self-attention cache once per step (masked beyond the step); an integer
+    # reads the cache in blocks of this many positions and only the blocks up to
+    # the step (a dynamic-length loop: ~half the cache traffic over a grid, but
+    # one loop trip per block, which costs a host round-trip per trip on XLA:GPU).
+    # Must divide the number of image tokens. 'conv_sparse' decoding always
+    # reads only the window its mask can see.
+    decode_block_size: int | None = None
     # Scan over layers (one compiled block, parameters stacked on a LAYERS axis).
     scan_layers: bool = True
     # Rematerialisation of each block in training: see REMAT_POLICIES.
@@ -135,6 +143,22 @@ class ModelConfig:
         _choice("norm_type", self.norm_type, NORM_TYPES)
         for name in ("dtype", "weight_dtype", "logits_dtype"):
             _choice(name, getattr(self, name), tuple(DTYPES))
+        if self.decode_block_size is not None:
+            block = self.decode_block_size
+            _check(
+                isinstance(block, int) and not isinstance(block, bool) and block > 0,
+                f"decode_block_size={block!r} must be a positive integer or None",
+            )
+            _check(
+                self.num_image_tokens % block == 0,
+                f"decode_block_size={block} must divide the {self.num_image_tokens} image "
+                f"tokens of image_grid={self.image_grid}",
+            )
+            _check(
+                self.decoder_attention == "full",
+                f"decode_block_size={block} applies to decoder_attention='full'; "
+                "'conv_sparse' decoding already reads only its window (set it to None)",
+            )
         _check(
             self.conv_kernel_size % 2 == 1,
             f"conv_kernel_size={self.conv_kernel_size} must be odd (a window centred on the token)",

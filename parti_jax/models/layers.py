@@ -7,7 +7,7 @@ norms and softmax statistics run in float32. Layers never name mesh axes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -259,8 +259,11 @@ class Attention(nn.Module):
             key_value_seq_lengths=kv_lengths,
             implementation=implementation,
         )
-        out = constrain(out, QKV_AXES)
-        return self.out(out)
+        return self.project_output(out)
+
+    def project_output(self, x: Array) -> Array:
+        """Per-head outputs [B, T, heads, kv] -> [B, T, D]."""
+        return self.out(constrain(x, QKV_AXES))
 
     def __call__(
         self,
@@ -281,6 +284,81 @@ class Attention(nn.Module):
             kv_lengths=kv_lengths,
             implementation=self.config.attention_impl,
         )
+
+
+# ------------------------------------------------------- single-query attention
+# One query row per sequence (a cached decoding step) is a matrix-vector product:
+# memory bound, so it is written as multiply + reduce in float32, which XLA can
+# fuse with a slice of the stacked cache and so read the cache where it lies.
+# The blocked variant runs an online softmax over blocks of keys.
+_MASKED = float(np.finfo(np.float32).min)
+SoftmaxState = tuple[Array, Array, Array]  # running max [B, H], denominator [B, H], sum [B, H, Dh]
+
+
+def _softmax_part(query: Array, key: Array, value: Array, valid: Array | None) -> SoftmaxState:
+    """Unnormalised attention of query [B, 1, H, Dh] over key/value [B, S, H, Dh].
+
+    `valid` bool [B or 1, S] (None: all valid). A part with no valid key has a
+    zero denominator and drops out of `_merge_softmax`.
+    """
+    q = query[:, 0].astype(jnp.float32) * query.shape[-1] ** -0.5
+    scores = jnp.sum(q[:, None] * key.astype(jnp.float32), axis=-1)  # [B, S, H]
+    if valid is not None:
+        scores = jnp.where(valid[..., None], scores, _MASKED)
+    top = jnp.max(scores, axis=1)
+    probs = jnp.exp(scores - top[:, None])
+    if valid is not None:
+        probs = jnp.where(valid[..., None], probs, 0.0)
+    acc = jnp.sum(probs[..., None] * value.astype(jnp.float32), axis=1)
+    return top, jnp.sum(probs, axis=1), acc
+
+
+def _merge_softmax(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
+    top = jnp.maximum(a[0], b[0])
+    scale_a, scale_b = jnp.exp(a[0] - top), jnp.exp(b[0] - top)
+    return (
+        top,
+        a[1] * scale_a + b[1] * scale_b,
+        a[2] * scale_a[..., None] + b[2] * scale_b[..., None],
+    )
+
+
+def _finish_softmax(state: SoftmaxState, dtype: Any) -> Array:
+    return (state[2] / state[1][..., None])[:, None].astype(dtype)
+
+
+def single_query_attention(query: Array, key: Array, value: Array, valid: Array | None) -> Array:
+    """Softmax attention of one query row per sequence over `key`/`value`.
+
+    query [B, 1, H, Dh]; key, value [B, S, H, Dh]; `valid` bool [B or 1, S]
+    (True = attend, at least one per row; None = all). Returns [B, 1, H, Dh]
+    in the query's dtype; scores, softmax and sums run in float32.
+    """
+    return _finish_softmax(_softmax_part(query, key, value, valid), query.dtype)
+
+
+def blocked_single_query_attention(
+    query: Array,
+    read_block: Callable[[Array], tuple[Array, Array]],
+    block_valid: Callable[[Array], Array],
+    num_blocks: Array,
+) -> Array:
+    """`single_query_attention` over the first `num_blocks` (>= 1) blocks of keys only.
+
+    `read_block(j) -> (key, value)` [B, S_b, H, Dh] and `block_valid(j) -> bool
+    [B or 1, S_b]` give block j; block 0 must hold a valid key for every row.
+    `num_blocks` may be traced: a `fori_loop` with an online softmax, so a
+    decoding step reads only the blocks that hold filled positions.
+    """
+
+    def body(j: Array, state: SoftmaxState) -> SoftmaxState:
+        key, value = read_block(j)
+        return _merge_softmax(state, _softmax_part(query, key, value, block_valid(j)))
+
+    first = jnp.zeros((), jnp.int32)
+    state = _softmax_part(query, *read_block(first), block_valid(first))
+    state = jax.lax.fori_loop(1, num_blocks, body, state)
+    return _finish_softmax(state, query.dtype)
 
 
 # --------------------------------------------------------------------- masks

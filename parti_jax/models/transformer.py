@@ -14,6 +14,8 @@ API (other modules rely on it):
     logits = model.apply(variables, enc, dec, enable_dropout=True, rngs={"dropout": key})
     encoded = model.apply(variables, enc, method=EncoderDecoder.encode)
     logits = model.apply(variables, encoded, enc, dec, method=EncoderDecoder.decode)
+    hidden = model.apply(variables, enc, dec, method=EncoderDecoder.hidden_states)
+    logits = model.apply(variables, hidden, method=EncoderDecoder.logits_from_hidden)
     tokens_to_logits, cache = make_tokens_to_logits(model, params, enc)
 
 Text is right-padded with 0 and ends in EOS; decoder slot t holds the token
@@ -39,9 +41,11 @@ from parti_jax.models.layers import (
     Embed,
     ImagePositions,
     Mlp,
+    blocked_single_query_attention,
     constrain,
     conv_sparse_mask,
     make_norm,
+    single_query_attention,
     text_lengths,
 )
 from parti_jax.partitioning import (
@@ -88,7 +92,9 @@ class DecoderLayer(nn.Module):
     remat see a plain (carry, *xs) call):
       'full'     : teacher-forced pass; xs = (encoded, text_lengths)
       'cross_kv' : keys/values of the cross-attention; xs = (encoded,)
-      'step'     : one cached step; xs = (layer_cache, step)
+      'step'     : one cached step; carry = (x, self_key, self_value) with the
+                   whole stacked caches, xs = (layer, cross_key, cross_value,
+                   text_lengths, step)
     """
 
     config: ModelConfig
@@ -142,45 +148,78 @@ class DecoderLayer(nn.Module):
         return constrain(x, HIDDEN_AXES), None
 
     def _step(
-        self, x: Array, layer_cache: Mapping[str, Array], step: Array
-    ) -> tuple[Array, tuple[Array, Array]]:
+        self,
+        carry: tuple[Array, Array, Array],
+        layer: Array,
+        cross_key: Array,
+        cross_value: Array,
+        lengths: Array,
+        step: Array,
+    ) -> tuple[tuple[Array, Array, Array], None]:
+        """One cached step of this layer; `carry` = (x, self_key, self_value).
+
+        `self_key` / `self_value` are the whole stacked caches [L, B, N, heads,
+        kv]: the step's key/value is written in place at (layer, :, step),
+        then the query attends to this layer's positions <= step, read
+        straight out of the stack (the slice is fused into the attention's
+        reductions, not copied), so a step reads each cache entry once.
+        """
+        x, cache_key, cache_value = carry
         att = self.self_attention
         h = self.pre_self_attention_norm(x)
         key, value = att.project_key_value(h)  # [B, 1, heads, kv]
-        cache_key = layer_cache["self_key"]
-        key = key.astype(cache_key.dtype)
-        value = value.astype(cache_key.dtype)
-        keys = jax.lax.dynamic_update_slice_in_dim(cache_key, key, step, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(layer_cache["self_value"], value, step, axis=1)
-        batch, length = keys.shape[0], keys.shape[1]
-        full_mask = self._self_mask(length)
-        if full_mask is None:
-            mask = None
-            lengths = jnp.full((batch,), step + 1, dtype=jnp.int32)
-        else:
-            row = jax.lax.dynamic_index_in_dim(jnp.asarray(full_mask), step, keepdims=False)
-            mask = row[None, None, None, :]
-            lengths = None
-        out = att.attend(
-            att.project_query(h),
-            keys,
-            values,
-            mask=mask,
-            kv_lengths=lengths,
-            implementation="xla",
+        layer = jnp.asarray(layer, jnp.int32)
+        step = jnp.asarray(step, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        at = (layer, zero, step, zero, zero)
+        cache_key = jax.lax.dynamic_update_slice(cache_key, key.astype(cache_key.dtype)[None], at)
+        cache_value = jax.lax.dynamic_update_slice(
+            cache_value, value.astype(cache_value.dtype)[None], at
         )
-        x = x + out
+        out = self._self_attend(att.project_query(h), cache_key, cache_value, layer, step)
+        x = x + att.project_output(out)
         h = self.pre_cross_attention_norm(x)
         cross = self.cross_attention
-        x = x + cross.attend(
-            cross.project_query(h),
-            layer_cache["cross_key"],
-            layer_cache["cross_value"],
-            kv_lengths=layer_cache["text_lengths"],
-            implementation="xla",
-        )
+        valid = jnp.arange(cross_key.shape[1])[None, :] < lengths[:, None]
+        out = single_query_attention(cross.project_query(h), cross_key, cross_value, valid)
+        x = x + cross.project_output(out)
         x = x + self.mlp(self.pre_mlp_norm(x))
-        return constrain(x, HIDDEN_AXES), (key, value)
+        return (constrain(x, HIDDEN_AXES), cache_key, cache_value), None
+
+    def _self_attend(
+        self, query: Array, cache_key: Array, cache_value: Array, layer: Array, step: Array
+    ) -> Array:
+        """The step's query over `layer`'s cached positions <= step (see `_step`)."""
+        cfg = self.config
+        _, batch, length, heads, kv = cache_key.shape
+        zero = jnp.zeros((), jnp.int32)
+
+        def read(start: Array, size: int) -> tuple[Array, Array]:
+            at, shape = (layer, zero, start, zero, zero), (1, batch, size, heads, kv)
+            return (
+                jax.lax.dynamic_slice(cache_key, at, shape)[0],
+                jax.lax.dynamic_slice(cache_value, at, shape)[0],
+            )
+
+        if cfg.decoder_attention == "conv_sparse":
+            # Slot `step` sees at most (k // 2) grid rows + (k // 2) columns back:
+            # read that static window, not the whole cache.
+            half = cfg.conv_kernel_size // 2
+            window = min(length, half * cfg.image_grid[1] + half + 1)
+            start = jnp.clip(step + 1 - window, 0, length - window)
+            mask = jnp.asarray(self._self_mask(length))
+            valid = jax.lax.dynamic_slice(mask, (step, start), (1, window))
+            return single_query_attention(query, *read(start, window), valid)
+        block = cfg.decode_block_size
+        if block is None:
+            valid = (jnp.arange(length) <= step)[None]
+            return single_query_attention(query, *read(zero, length), valid)
+        return blocked_single_query_attention(
+            query,
+            lambda j: read(j * block, block),
+            lambda j: (j * block + jnp.arange(block) <= step)[None],
+            step // block + 1,
+        )
 
 
 def _run_layers(
@@ -273,7 +312,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Image-token decoder; `mode` picks teacher-forced, cross-K/V or single-step."""
+    """Image-token decoder; `mode` picks teacher-forced ('full' logits or 'hidden'
+    states after the final norm), 'logits' of given hidden states, 'cross_kv'
+    or a cached 'step'."""
 
     config: ModelConfig
 
@@ -287,6 +328,7 @@ class Decoder(nn.Module):
         lengths: Array | None = None,
         cache: Mapping[str, Array] | None = None,
         step: Array | None = None,
+        hidden: Array | None = None,
         enable_dropout: bool = False,
     ) -> Any:
         cfg = self.config
@@ -306,9 +348,24 @@ class Decoder(nn.Module):
             return key, value
 
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
+
+        def project_logits(x: Array) -> Array:
+            logits = DenseGeneral(
+                (cfg.decoder_vocab_size,),
+                (EMBED, VOCAB),
+                name="logits_dense",
+                accum_dtype=jnp.float32,
+                **kw,
+            )(x)
+            return constrain(
+                logits.astype(cfg.logits_jnp_dtype), (ACT_BATCH, ACT_LENGTH, ACT_VOCAB)
+            )
+
+        if mode == "logits":
+            return project_logits(hidden)
         embed = Embed(cfg.decoder_vocab_size, cfg.d_model, name="token_embedder", **kw)
         positions = ImagePositions(cfg.image_grid, cfg.d_model, name="position_embedder", **kw)
-        if mode == "full":
+        if mode in ("full", "hidden"):
             length = tokens.shape[-1]
             if length > cfg.num_image_tokens:
                 raise ValueError(
@@ -331,36 +388,37 @@ class Decoder(nn.Module):
             )
         elif mode == "step":
             x = embed(tokens) + positions(jnp.reshape(step, (1,)))[None]
-            layer_cache = {k: cache[k] for k in CACHE_KEYS}
-            x, new_kv = _run_layers(
+            # The self-attention caches travel whole through the layers (the
+            # carry of the layer scan), each layer writing its new position in
+            # place; only the read-only cross-attention K/V are split per layer.
+            carry = (constrain(x, HIDDEN_AXES), cache["self_key"], cache["self_value"])
+            xs = (
+                jnp.arange(num_layers, dtype=jnp.int32),
+                cache["cross_key"],
+                cache["cross_value"],
+                cache["text_lengths"],
+                step,
+            )
+            (x, self_key, self_value), _ = _run_layers(
                 DecoderLayer,
                 cfg,
                 num_layers,
-                x,
-                (layer_cache, step),
-                (0, nn.broadcast),
+                carry,
+                xs,
+                (0, 0, 0, 0, nn.broadcast),
                 remat=False,
                 mode="step",
             )
         else:
             raise ValueError(f"Decoder: unknown mode {mode!r}")
         x = make_norm(cfg, "final_norm")(x)
-        logits = DenseGeneral(
-            (cfg.decoder_vocab_size,),
-            (EMBED, VOCAB),
-            name="logits_dense",
-            accum_dtype=jnp.float32,
-            **kw,
-        )(x)
-        logits = constrain(logits.astype(cfg.logits_jnp_dtype), (ACT_BATCH, ACT_LENGTH, ACT_VOCAB))
+        if mode == "hidden":
+            return constrain(x, HIDDEN_AXES)
+        logits = project_logits(x)
         if mode == "full":
             return logits
-        key, value = new_kv  # [L, B, 1, heads, kv]
         new_cache = dict(cache)
-        zero = jnp.zeros((), jnp.int32)
-        start = (zero, zero, jnp.asarray(step, jnp.int32), zero, zero)
-        new_cache["self_key"] = jax.lax.dynamic_update_slice(cache["self_key"], key, start)
-        new_cache["self_value"] = jax.lax.dynamic_update_slice(cache["self_value"], value, start)
+        new_cache["self_key"], new_cache["self_value"] = self_key, self_value
         return logits[:, 0], new_cache
 
 
@@ -392,6 +450,30 @@ class EncoderDecoder(nn.Module):
             lengths=text_lengths(encoder_input_tokens),
             enable_dropout=enable_dropout,
         )
+
+    def hidden_states(
+        self,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        enable_dropout: bool = False,
+    ) -> Array:
+        """Teacher-forced pass up to the decoder's final norm: [B, N, D] in the compute dtype.
+
+        `logits_from_hidden` of it equals `__call__`; a loss can project it
+        chunk by chunk so the [B, N, V] logits never exist at once.
+        """
+        encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
+        return self.decoder(
+            "hidden",
+            tokens=decoder_input_tokens,
+            encoded=encoded,
+            lengths=text_lengths(encoder_input_tokens),
+            enable_dropout=enable_dropout,
+        )
+
+    def logits_from_hidden(self, hidden: Array) -> Array:
+        """Decoder hidden states [B, n, D] -> logits [B, n, decoder_vocab_size]."""
+        return self.decoder("logits", hidden=hidden)
 
     def __call__(
         self,

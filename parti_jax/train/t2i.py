@@ -69,17 +69,89 @@ def cross_entropy_sums(
     }
 
 
-def _loss_fn(params, batch, rng, *, model, z_loss, scale):
+def check_loss_chunk_size(loss_chunk_size: int | None, num_image_tokens: int) -> None:
+    """Fails naming `loss_chunk_size` unless it is None or a positive divisor of the tokens."""
+    if loss_chunk_size is None:
+        return
+    if (
+        not isinstance(loss_chunk_size, int)
+        or loss_chunk_size < 1
+        or num_image_tokens % loss_chunk_size
+    ):
+        raise ValueError(
+            f"loss_chunk_size={loss_chunk_size!r} must be None or a positive divisor of the "
+            f"{num_image_tokens} image tokens"
+        )
+
+
+def chunked_cross_entropy_sums(
+    hidden: jax.Array,
+    project: Callable[[jax.Array], jax.Array],
+    targets: jax.Array,
+    weights: jax.Array,
+    z_loss: float,
+    chunk_size: int,
+) -> dict[str, jax.Array]:
+    """`cross_entropy_sums` of `project(hidden)`, computed `chunk_size` image tokens at a time.
+
+    hidden [B, N, D]; `project(h [B, n, D]) -> logits [B, n, V]`. Each chunk
+    runs under `jax.checkpoint` inside a scan, so forward and backward hold
+    one chunk's float32 logits (and their gradient), never all [B, N, V].
+    """
+    batch, length = hidden.shape[:2]
+    check_loss_chunk_size(chunk_size, length)
+    num_chunks = length // chunk_size
+
+    def chunks(x: jax.Array) -> jax.Array:
+        return jnp.moveaxis(x.reshape(batch, num_chunks, chunk_size, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_sums(h: jax.Array, t: jax.Array, w: jax.Array) -> dict[str, jax.Array]:
+        return cross_entropy_sums(project(h), t, w, z_loss)
+
+    def body(totals, xs):
+        return jax.tree.map(jnp.add, totals, chunk_sums(*xs)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    totals = {"ce": zero, "z_loss": zero, "correct": zero, "weight": zero}
+    totals, _ = jax.lax.scan(body, totals, (chunks(hidden), chunks(targets), chunks(weights)))
+    return totals
+
+
+def _token_sums(
+    model: EncoderDecoder,
+    params: PyTree,
+    batch: Batch,
+    *,
+    z_loss: float = 0.0,
+    loss_chunk_size: int | None = None,
+    **apply_kw: Any,
+) -> dict[str, jax.Array]:
+    """Cross-entropy sums of a batch: whole logits, or chunked (`chunked_cross_entropy_sums`)."""
+    enc, dec = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    variables = {"params": params}
+    if loss_chunk_size is None:
+        logits = model.apply(variables, enc, dec, **apply_kw)
+        return cross_entropy_sums(logits, targets, weights, z_loss)
+    hidden = model.apply(variables, enc, dec, method=EncoderDecoder.hidden_states, **apply_kw)
+
+    def project(h: jax.Array) -> jax.Array:
+        return model.apply(variables, h, method=EncoderDecoder.logits_from_hidden)
+
+    return chunked_cross_entropy_sums(hidden, project, targets, weights, z_loss, loss_chunk_size)
+
+
+def _loss_fn(params, batch, rng, *, model, z_loss, scale, loss_chunk_size=None):
     """Loss of a (micro-)batch, normalised by `scale` = whole-batch weight / micro-batches."""
-    logits = model.apply(
-        {"params": params},
-        batch["encoder_input_tokens"],
-        batch["decoder_input_tokens"],
+    sums = _token_sums(
+        model,
+        params,
+        batch,
+        z_loss=z_loss,
+        loss_chunk_size=loss_chunk_size,
         enable_dropout=True,
         rngs={"dropout": rng},
-    )
-    sums = cross_entropy_sums(
-        logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss
     )
     loss = (sums["ce"] + sums["z_loss"]) / scale
     aux = {
@@ -99,15 +171,21 @@ def train_step(
     z_loss: float = 0.0,
     num_micro_batches: int = 1,
     nan_policy: str = "stop",
+    loss_chunk_size: int | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step. Pure; the loop jits it once with shardings and donation.
 
     The weighted mean is exact under gradient accumulation: each micro-batch
     normalises by the whole batch's weight (times the number of slices).
+    `loss_chunk_size` computes the loss that many image tokens at a time
+    (`chunked_cross_entropy_sums`): same loss and gradients, without the
+    whole [B, N, V] float32 logits in memory.
     """
     weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
     scale = weight / num_micro_batches
-    loss_fn = functools.partial(_loss_fn, model=model, z_loss=z_loss, scale=scale)
+    loss_fn = functools.partial(
+        _loss_fn, model=model, z_loss=z_loss, scale=scale, loss_chunk_size=loss_chunk_size
+    )
     loss, aux, grads = loop.accumulate_gradients(
         loss_fn, state.params, batch, state.step_rng("dropout"), num_micro_batches
     )
@@ -130,12 +208,11 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params: PyTree, batch: Batch, *, model: EncoderDecoder) -> dict[str, jax.Array]:
+def eval_step(
+    params: PyTree, batch: Batch, *, model: EncoderDecoder, loss_chunk_size: int | None = None
+) -> dict[str, jax.Array]:
     """Weighted sums (ce, correct, weight) of one batch, without dropout."""
-    logits = model.apply(
-        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"]
-    )
-    sums = cross_entropy_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+    sums = _token_sums(model, params, batch, loss_chunk_size=loss_chunk_size)
     return {k: sums[k] for k in ("ce", "correct", "weight")}
 
 
@@ -341,6 +418,7 @@ def train(
     conditioning_dropout_rate: float = 0.0,
     num_micro_batches: int = 1,
     z_loss: float = 0.0,
+    loss_chunk_size: int | None = None,
     nan_policy: str = "stop",
     log_every: int = 50,
     checkpoint_every: int = 1000,
@@ -381,6 +459,9 @@ def train(
         classifier-free guidance; codes tasks only).
       num_micro_batches: gradient accumulation slices per step.
       z_loss: weight of the log(Z)^2 term (0: off).
+      loss_chunk_size: compute the loss this many image tokens at a time (a
+        divisor of the grid's tokens) so the [B, N, V] float32 logits never
+        exist whole; None: all at once (same values either way).
       nan_policy: 'stop' (raise naming the step) or 'skip' (drop the update).
       log_every, checkpoint_every, keep_checkpoints, async_checkpoints: cadence.
       eval_every, eval_steps, eval_split: periodic validation (None: off).
@@ -421,6 +502,10 @@ def train(
             f"batch_size={batch_size} does not divide over the mesh's data x fsdp = "
             f"{batch_devices} devices; choose a multiple of {batch_devices}"
         )
+    try:
+        check_loss_chunk_size(loss_chunk_size, model_config.num_image_tokens)
+    except ValueError as e:
+        raise ValueError(f"train.{e}") from None
     if text_length > model_config.max_text_length:
         raise ValueError(
             f"text_length={text_length} exceeds ModelConfig.max_text_length="
@@ -510,13 +595,16 @@ def train(
         z_loss=z_loss,
         num_micro_batches=num_micro_batches,
         nan_policy=nan_policy,
+        loss_chunk_size=loss_chunk_size,
     )
     bsh = loop.batch_sharding(mesh)
     jitted = loop.compile_step(step_fn, state_shardings, {k: bsh for k in BATCH_KEYS})
 
     eval_fn = None
     if eval_every:
-        eval_jit = jax.jit(functools.partial(eval_step, model=model))
+        eval_jit = jax.jit(
+            functools.partial(eval_step, model=model, loss_chunk_size=loss_chunk_size)
+        )
 
         def eval_fn(st: TrainState, step: int) -> dict[str, float]:
             it = make_data(seed=seed, split=eval_split)
