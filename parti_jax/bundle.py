@@ -1,0 +1,561 @@
+"""Loading an inference bundle written by `parti-jax export` (see docs/EXPORT.md).
+
+    bundle = parti_jax.load_bundle("/models/parti_shapes")
+    results = bundle.generate(["a red circle above a blue square"], num_samples=8)
+    results[0].images            # float32 [1, H, W, 3] in [0, 1]
+
+    sampler = ExportedSampler("/models/parti_shapes")   # no model code at all
+    codes, images = sampler(sampler.encode_prompts(prompts), seed=0)
+
+`load_bundle` reads the safetensors weights, the JSON configs and the
+SentencePiece model, checks them against each other and against
+`bundle.json` (file hashes, parameter names and shapes, the codebook hash),
+and builds the same `parti_jax.sampling.Generator` that `parti-jax sample`
+uses, so a bundle draws the images its checkpoints draw for the same seed. It
+imports neither TensorFlow, nor orbax, nor the training code.
+
+`ExportedSampler` runs the `jax.export` artefact of the sampling function:
+it deserializes it and calls it with the safetensors weights as arguments. It
+imports jax, numpy, safetensors and sentencepiece, and no parti_jax model
+code (this module imports flax and the models only inside `load_bundle`).
+
+Weights are stored per layer ('layers_0', 'layers_1', ...; VQGAN 'block_0',
+...) whatever `scan_layers` the model trained with; `load_bundle` restacks
+them when the stored config scans its layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BUNDLE_FILE = "bundle.json"
+FORMAT = "parti_jax.bundle"
+FORMAT_VERSION = 1
+MODEL_CONFIG_FILE = "model_config.json"
+VQGAN_CONFIG_FILE = "vqgan_config.json"
+UPSAMPLER_CONFIG_FILE = "upsampler_config.json"
+SAMPLING_CONFIG_FILE = "sampling_config.json"
+VOCAB_FILE = "spm.model"
+EXPORT_FILE = "sample.jax_export"
+# Weight groups: name -> (file, name prefix). The prefix is the first path
+# component of every tensor name, e.g. 't2i/decoder/layers_0/self_attention/query/kernel'.
+WEIGHTS = {
+    "t2i": ("t2i.safetensors", "t2i"),
+    "vqgan": ("vqgan_decoder.safetensors", "vqgan"),
+    "upsampler": ("upsampler.safetensors", "upsampler"),
+}
+# The VQGAN parts a bundle keeps: image tokens -> pixels needs no encoder.
+VQGAN_DECODER_PARTS = ("quantizer", "decoder")
+
+PyTree = Any
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, corrupt or inconsistent (the message names the file)."""
+
+
+# ------------------------------------------------------------------ names
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
+    """Nested parameter dict -> {'prefix/a/b/kernel': host numpy array} (sorted names)."""
+    out: dict[str, np.ndarray] = {}
+
+    def walk(node: Any, name: str) -> None:
+        if isinstance(node, Mapping):
+            for key in sorted(node):
+                walk(node[key], f"{name}/{key}")
+        else:
+            out[name] = np.ascontiguousarray(np.asarray(node))
+
+    walk(tree, prefix)
+    return out
+
+
+def unflatten_params(flat: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """{'prefix/a/b/kernel': array} -> nested dict without the prefix (arrays untouched)."""
+    out: dict[str, Any] = {}
+    head = prefix + "/"
+    for name, value in flat.items():
+        if not name.startswith(head):
+            raise BundleError(f"tensor {name!r} does not start with {head!r}")
+        node = out
+        *parents, leaf = name[len(head) :].split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def tensor_specs(tree: Mapping[str, Any], prefix: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{'prefix/...': (shape, dtype name)} of a nested tree of arrays or ShapeDtypeStructs."""
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    def walk(node: Any, name: str) -> None:
+        if isinstance(node, Mapping):
+            for key in sorted(node):
+                walk(node[key], f"{name}/{key}")
+        else:
+            out[name] = (tuple(int(d) for d in node.shape), np.dtype(node.dtype).name)
+
+    walk(tree, prefix)
+    return out
+
+
+def flat_specs(flat: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, dtype name)} of a flat {name: array} dict."""
+    return {n: (tuple(int(d) for d in a.shape), np.dtype(a.dtype).name) for n, a in flat.items()}
+
+
+def check_tensors(
+    found: Mapping[str, tuple[tuple[int, ...], str]],
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+    where: str,
+) -> None:
+    """Raises BundleError naming missing, unexpected and misshapen tensors of `where`."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = [
+        f"{n}: {found[n][0]} in the file, {expected[n][0]} in the config"
+        for n in sorted(set(found) & set(expected))
+        if tuple(found[n][0]) != tuple(expected[n][0])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s) ({', '.join(missing[:4])})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s) ({', '.join(extra[:4])})")
+    if shapes:
+        problems.append("shape mismatch: " + "; ".join(shapes[:4]))
+    if problems:
+        raise BundleError(
+            f"{where}: does not match the bundle's config: " + "; ".join(problems) + ". The "
+            "weights and configs come from different exports; export the bundle again"
+        )
+
+
+# ------------------------------------------------------------------ files
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_bundle_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked contents of `<path>/bundle.json`."""
+    root = Path(path).expanduser()
+    file = root / BUNDLE_FILE
+    if not file.is_file():
+        hint = (
+            " (it is a directory without bundle.json: an interrupted export, or not a bundle)"
+            if root.is_dir()
+            else ""
+        )
+        raise BundleError(
+            f"{file}: not found{hint}; pass the directory written by `parti-jax export`"
+        )
+    try:
+        info = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{file}: not valid JSON ({e}); export the bundle again") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise BundleError(f"{file}: 'format' is not {FORMAT!r}; not a parti_jax bundle")
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{file}: format_version {version!r}, this parti_jax reads {FORMAT_VERSION}; "
+            "export the bundle again with this version"
+        )
+    for key in ("files", "weights"):
+        if not isinstance(info.get(key), dict):
+            raise BundleError(f"{file}: no {key!r} table; export the bundle again")
+    return info
+
+
+def verify_files(path: str | os.PathLike, info: Mapping[str, Any]) -> None:
+    """Checks that every file listed in bundle.json exists with its recorded size and sha256."""
+    root = Path(path).expanduser()
+    for name, entry in info["files"].items():
+        file = root / name
+        if not file.is_file():
+            raise BundleError(
+                f"{file}: missing (listed in {root / BUNDLE_FILE}); copy the whole bundle "
+                "directory or export it again"
+            )
+        size = file.stat().st_size
+        if size != entry.get("bytes"):
+            raise BundleError(
+                f"{file}: {size} bytes, {entry.get('bytes')} recorded in bundle.json; the file "
+                "is truncated or was replaced: copy it again or export the bundle again"
+            )
+        if entry.get("sha256") and file_sha256(file) != entry["sha256"]:
+            raise BundleError(
+                f"{file}: sha256 differs from the one recorded in bundle.json; the file is "
+                "corrupt or was replaced: copy it again or export the bundle again"
+            )
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file of a bundle, with an error naming it."""
+    file = Path(path)
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{file}: missing; export the bundle again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{file}: not valid JSON ({e}); export the bundle again") from None
+
+
+def read_weights(path: str | os.PathLike, info: Mapping[str, Any], group: str) -> dict:
+    """{name: numpy array} of one weight group ('t2i', 'vqgan', 'upsampler')."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    entry = info["weights"].get(group)
+    if entry is None:
+        raise BundleError(f"{Path(path) / BUNDLE_FILE}: the bundle has no {group!r} weights")
+    file = Path(path).expanduser() / entry["file"]
+    if not file.is_file():
+        raise BundleError(f"{file}: missing; copy the whole bundle directory or export it again")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(
+            f"{file}: not a readable safetensors file ({e}); the file is corrupt or "
+            "truncated: copy it again or export the bundle again"
+        ) from None
+    prefix = entry["prefix"] + "/"
+    stray = [n for n in tensors if not n.startswith(prefix)]
+    if stray:
+        raise BundleError(f"{file}: tensor {stray[0]!r} lacks the {prefix!r} prefix")
+    return tensors
+
+
+# ------------------------------------------------------------------ exported
+
+
+class ExportedSampler:
+    """The bundle's `jax.export` sampler: text tokens [B, L] -> (codes [B, N], images).
+
+    Needs no parti_jax model code: it deserializes `sample.jax_export` and
+    calls it with the weights of `t2i.safetensors` and
+    `vqgan_decoder.safetensors`. B, L, top-k and whether guidance / top-p /
+    greedy decoding are on were fixed at export (`self.signature`); seed,
+    temperature, top_p and guidance_scale are arguments.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
+        import jax
+
+        self.path = Path(path).expanduser()
+        self.info = read_bundle_info(self.path)
+        if verify:
+            verify_files(self.path, self.info)
+        self.signature = self.info.get("jax_export")
+        if not self.signature:
+            raise BundleError(
+                f"{self.path / BUNDLE_FILE}: the bundle was exported without a jax.export "
+                "sampler (--no_jax_export); export it again without that flag"
+            )
+        file = self.path / self.signature["file"]
+        try:
+            self.exported = jax.export.deserialize(bytearray(file.read_bytes()))
+        except FileNotFoundError:
+            raise BundleError(f"{file}: missing; export the bundle again") from None
+        except Exception as e:  # noqa: BLE001 - any decoding failure means a bad file
+            raise BundleError(f"{file}: cannot deserialize ({type(e).__name__}: {e})") from None
+        platform = _jax_platform()
+        if platform not in self.exported.platforms:
+            raise BundleError(
+                f"{file}: exported for platforms {list(self.exported.platforms)}, this process "
+                f"runs on {platform!r}; export again with --platforms={platform},..."
+            )
+        self._t2i = jax.device_put(read_weights(self.path, self.info, "t2i"))
+        self._vqgan = jax.device_put(read_weights(self.path, self.info, "vqgan"))
+        self._tokenizer = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.signature["batch_size"])
+
+    @property
+    def text_length(self) -> int:
+        return int(self.signature["text_length"])
+
+    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+        """int32 [len(prompts), text_length] text tokens with the bundle's SentencePiece model."""
+        from parti_jax.data.vocab import SentencePieceTokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = SentencePieceTokenizer(self.path / VOCAB_FILE)
+        return self._tokenizer.encode_batch(list(prompts), self.text_length)[0]
+
+    def __call__(
+        self,
+        text_tokens: Any,
+        prompt_ids: Any = None,
+        sample_indices: Any = None,
+        *,
+        seed: int = 0,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        guidance_scale: float = 1.0,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(codes int32 [B, N] in [0, K), images float32 [B, H, W, 3] in [0, 1]).
+
+        Rows default to prompt_ids 0..B-1 and sample index 0. Row randomness is
+        fold_in(fold_in(seed, prompt_id), sample_index), as in Generator.generate.
+        """
+        b, length = self.batch_size, self.text_length
+        text = np.asarray(text_tokens)
+        if text.shape != (b, length) or text.dtype.kind not in "iu":
+            raise ValueError(
+                f"text_tokens: integer [{b}, {length}] expected (the batch shape fixed at "
+                f"export), got {text.dtype} {list(text.shape)}; pad the batch or export again "
+                "with --export_batch_size"
+            )
+        ids = np.arange(b) if prompt_ids is None else np.asarray(prompt_ids)
+        samples = np.zeros((b,)) if sample_indices is None else np.asarray(sample_indices)
+        for name, value in (("prompt_ids", ids), ("sample_indices", samples)):
+            if value.shape != (b,):
+                raise ValueError(f"{name}: shape [{b}] expected, got {list(value.shape)}")
+        codes, images = self.exported.call(
+            self._t2i,
+            self._vqgan,
+            text.astype(np.int32),
+            ids.astype(np.int32),
+            samples.astype(np.int32),
+            np.int32(seed),
+            np.float32(temperature),
+            np.float32(top_p),
+            np.float32(guidance_scale),
+        )
+        return np.asarray(codes), np.asarray(images)
+
+
+def _jax_platform() -> str:
+    """This process's platform as jax.export names it ('cpu', 'cuda', 'rocm', 'tpu')."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform == "gpu":
+        return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
+    return device.platform
+
+
+# ------------------------------------------------------------------ bundle
+
+
+class Bundle:
+    """A loaded bundle: `generate` (the Generator of `parti-jax sample`) plus its records."""
+
+    def __init__(self, path: Path, info: dict[str, Any], generator: Any, sampling: Any) -> None:
+        self.path = path
+        self.info = info
+        self.generator = generator
+        self.sampling_config = sampling
+
+    @property
+    def records(self) -> dict[str, Any]:
+        """Source checkpoints, steps and hashes (as in a `parti-jax sample` manifest)."""
+        return self.generator.records
+
+    def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[Any]:
+        """`Generator.generate`; `sampling_config` defaults to the one stored at export."""
+        kwargs.setdefault("sampling_config", self.sampling_config)
+        return self.generator.generate(prompts, **kwargs)
+
+    def exported_sampler(self, *, verify: bool = False) -> ExportedSampler:
+        """The bundle's jax.export sampler (files were verified when the bundle loaded)."""
+        return ExportedSampler(self.path, verify=verify)
+
+
+def load_bundle(
+    path: str | os.PathLike,
+    *,
+    mesh: Any = None,
+    rules: Any = "data_parallel",
+    config_overrides: Mapping[str, Any] | None = None,
+    verify: bool = True,
+) -> Bundle:
+    """Loads a bundle written by `parti-jax export` onto `mesh` (default: local devices).
+
+    Args:
+      path: the bundle directory.
+      mesh, rules: where the encoder-decoder runs (as in `Generator.load`).
+      config_overrides: ModelConfig fields to change, e.g. {'attention_impl': 'cudnn'}
+        on GPUs or {'dtype': 'float32'} (the bundle stores attention_impl='xla').
+      verify: check every file's size and sha256 against bundle.json first (reads
+        each file once more; False skips it for very large bundles).
+    """
+    import jax
+
+    from parti_jax import partitioning
+    from parti_jax.data.vocab import SentencePieceTokenizer
+    from parti_jax.decoding import SamplingConfig
+    from parti_jax.loading import check_compatibility, default_mesh, t2i_params_target
+    from parti_jax.models.config import ModelConfig
+    from parti_jax.models.transformer import unscanned_to_scan
+    from parti_jax.sampling import Generator
+
+    root = Path(path).expanduser()
+    info = read_bundle_info(root)
+    if verify:
+        verify_files(root, info)
+    mesh = mesh or default_mesh()
+    rule_table = partitioning.get_rules(rules) if isinstance(rules, str) else tuple(rules)
+
+    t2i_info = read_json(root / MODEL_CONFIG_FILE)
+    fields = dict(t2i_info["model_config"], **(config_overrides or {}))
+    try:
+        model_config = ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{root / MODEL_CONFIG_FILE}: bad model_config ({e})") from None
+    text_length = int(t2i_info["text_length"])
+    vq_info = read_json(root / VQGAN_CONFIG_FILE)
+    up_info = read_json(root / UPSAMPLER_CONFIG_FILE) if "upsampler" in info["weights"] else None
+    vocab_file = root / VOCAB_FILE
+    text_tokenizer = SentencePieceTokenizer(vocab_file)
+    check_compatibility(
+        model_config=model_config,
+        t2i_info=t2i_info,
+        t2i_file=str(root / MODEL_CONFIG_FILE),
+        vqgan_meta=vq_info,
+        vqgan_file=str(root / VQGAN_CONFIG_FILE),
+        upsampler_meta=up_info,
+        upsampler_file=str(root / UPSAMPLER_CONFIG_FILE) if up_info else None,
+        text_vocab_size=text_tokenizer.vocab_size,
+        vocab_file=str(vocab_file),
+    )
+
+    # Encoder-decoder: per-layer names in the file, checked against the config's.
+    weights_file = str(root / WEIGHTS["t2i"][0])
+    flat = read_weights(root, info, "t2i")
+    per_layer = t2i_params_target(model_config.replace(scan_layers=False), text_length)
+    check_tensors(flat_specs(flat), tensor_specs(per_layer, "t2i"), weights_file)
+    params = unflatten_params(flat, "t2i")
+    if model_config.scan_layers:
+        params = jax.tree.map(np.asarray, unscanned_to_scan(params))
+    target = t2i_params_target(model_config, text_length, mesh=mesh, rules=rule_table)
+    params = jax.tree.map(
+        lambda a, t: jax.device_put(np.asarray(a, t.dtype), t.sharding), params, target
+    )
+
+    image_tokenizer = _load_vqgan_decoder(root, info, vq_info, mesh, rule_table)
+    upsampler = _load_upsampler(root, info, up_info) if up_info else None
+    records = dict(info.get("sources") or {})
+    records["bundle"] = {"path": str(root.absolute()), "created": info.get("created")}
+    sampling = SamplingConfig(**read_json(root / SAMPLING_CONFIG_FILE))
+    generator = Generator(
+        model_config=model_config,
+        params=params,
+        text_tokenizer=text_tokenizer,
+        image_tokenizer=image_tokenizer,
+        text_length=text_length,
+        upsampler=upsampler,
+        mesh=mesh,
+        rules=rule_table,
+        records=records,
+    )
+    return Bundle(root, info, generator, sampling)
+
+
+def _load_vqgan_decoder(root: Path, info: dict, vq_info: dict, mesh: Any, rules: Any) -> Any:
+    """An ImageTokenizer over the stored VQGAN decoder half; the codebook hash is checked."""
+    from parti_jax.vqgan.config import VQGANConfig
+    from parti_jax.vqgan.tokenizer import ImageTokenizer
+
+    class DecoderOnlyTokenizer(ImageTokenizer):
+        """ImageTokenizer without the encoder: decode works, encode names what is missing."""
+
+        def _init(self, key: Any) -> Any:
+            params = super()._init(key)
+            return {k: v for k, v in params.items() if k in VQGAN_DECODER_PARTS}
+
+        def encode(self, images: Any) -> np.ndarray:
+            raise BundleError(
+                f"{root}: a bundle holds only the VQGAN decoder; encode images with the "
+                "`parti-jax train-vqgan` work directory (ImageTokenizer.load)"
+            )
+
+    file = root / WEIGHTS["vqgan"][0]
+    config = VQGANConfig(**vq_info["vqgan_config"])
+    flat = read_weights(root, info, "vqgan")
+    check_tensors(flat_specs(flat), _vqgan_decoder_specs(config), str(file))
+    tokenizer_params = unflatten_params(flat, "vqgan")
+    tokenizer = DecoderOnlyTokenizer(
+        config, tokenizer_params, meta=info.get("sources", {}).get("vqgan"), mesh=mesh, rules=rules
+    )
+    if tokenizer.codebook_hash != vq_info.get("codebook_hash"):
+        raise BundleError(
+            f"{file}: codebook hash {tokenizer.codebook_hash} differs from "
+            f"{vq_info.get('codebook_hash')} in {root / VQGAN_CONFIG_FILE}; the VQGAN weights "
+            "were replaced or are corrupt: export the bundle again"
+        )
+    return tokenizer
+
+
+def _vqgan_decoder_specs(config: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from parti_jax.vqgan.vit_vqgan import ViTVQGAN
+
+    size = config.image_size
+    abstract = jax.eval_shape(
+        lambda k: ViTVQGAN(config).init(k, jnp.zeros((1, size, size, 3), jnp.float32)),
+        jax.random.key(0),
+    )
+    params = nn.unbox(abstract)["params"]
+    return tensor_specs({k: params[k] for k in VQGAN_DECODER_PARTS}, "vqgan")
+
+
+class _BundleUpsampler:
+    """What Generator needs of an upsampler: config, params, records, `make_upsample_fn`."""
+
+    def __init__(self, config: Any, params: Any, meta: Mapping[str, Any]) -> None:
+        self.config, self.params, self.meta = config, params, dict(meta)
+        self.step, self.checkpoint = meta.get("step"), meta.get("checkpoint")
+
+    @property
+    def codebook_hash(self) -> str | None:
+        return self.meta.get("codebook_hash")
+
+    def make_upsample_fn(self) -> Any:
+        import jax
+
+        from parti_jax.upsampler.model import Upsampler
+
+        model = Upsampler(self.config)
+        return jax.jit(lambda p, x: model.apply({"params": p}, x, method=Upsampler.upsample))
+
+
+def _load_upsampler(root: Path, info: dict, up_info: dict) -> _BundleUpsampler:
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from parti_jax.upsampler.config import UpsamplerConfig
+    from parti_jax.upsampler.model import Upsampler
+
+    config = UpsamplerConfig(**up_info["upsampler_config"])
+    flat = read_weights(root, info, "upsampler")
+    low = jax.ShapeDtypeStruct((1, config.input_size, config.input_size, 3), jnp.float32)
+    abstract = nn.unbox(jax.eval_shape(Upsampler(config).init, jax.random.key(0), low))["params"]
+    check_tensors(
+        flat_specs(flat), tensor_specs(abstract, "upsampler"), str(root / WEIGHTS["upsampler"][0])
+    )
+    return _BundleUpsampler(config, unflatten_params(flat, "upsampler"), up_info)

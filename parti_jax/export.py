@@ -1,0 +1,578 @@
+"""`parti-jax export`: write a self-contained inference bundle, or inspect weights.
+
+    info = export_bundle("/models/shapes", t2i_path="/runs/t2i", vqgan_path="/runs/vqgan",
+                         upsampler_path="/runs/upsampler")
+    report = inspect_path("/runs/t2i")      # or a VQGAN / upsampler work dir, or a bundle
+    print(format_inspection(report))
+
+A bundle (layout: docs/EXPORT.md) holds the encoder-decoder, the VQGAN
+decoder half and the upsampler as safetensors with stable per-layer names,
+their configs as JSON, the SentencePiece model, `bundle.json` (versions,
+creation time, source checkpoints with steps and hashes, the codebook hash,
+every file's size and sha256) and a `jax.export` serialization of the
+sampling function for one batch shape, which takes the weights as arguments.
+`parti_jax.load_bundle` (parti_jax/bundle.py) reads it without TensorFlow,
+orbax or the training code.
+
+The three models are loaded with `Generator.load`, which checks that they
+belong together (codebook size and hash, grid, resolution, vocabulary) before
+anything is written. The bundle is written into a temporary sibling directory
+and renamed into place at the end, so an interrupted export leaves no
+half-written bundle, and an existing bundle is only replaced with
+`overwrite=True` (a non-empty directory that is not a bundle never is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from parti_jax import bundle as bundle_lib
+from parti_jax.bundle import BUNDLE_FILE, WEIGHTS, BundleError
+
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+FILE_ROLES = {
+    BUNDLE_FILE: "index: versions, sources, hashes and sizes of the other files",
+    bundle_lib.MODEL_CONFIG_FILE: "encoder-decoder ModelConfig, text length, training records",
+    bundle_lib.VQGAN_CONFIG_FILE: "VQGANConfig, codebook size/hash, grid, image size",
+    bundle_lib.UPSAMPLER_CONFIG_FILE: "UpsamplerConfig, input size, the codebook it was trained on",
+    bundle_lib.SAMPLING_CONFIG_FILE: "SamplingConfig: Bundle.generate's default and the export's",
+    bundle_lib.VOCAB_FILE: "SentencePiece model of the text encoder",
+    WEIGHTS["t2i"][0]: "encoder-decoder weights",
+    WEIGHTS["vqgan"][0]: "VQGAN quantizer + decoder weights (image tokens -> pixels)",
+    WEIGHTS["upsampler"][0]: "upsampler weights",
+    bundle_lib.EXPORT_FILE: "jax.export sampler: text tokens -> (codes, images)",
+}
+
+
+# ------------------------------------------------------------------ export
+
+
+def export_bundle(
+    out_dir: str | os.PathLike,
+    *,
+    t2i_path: str,
+    vqgan_path: str,
+    upsampler_path: str | None = None,
+    vocab_path: str | None = None,
+    t2i_step: int | None = None,
+    sampling_config: Any = None,
+    jax_export: bool = True,
+    export_batch_size: int | None = None,
+    platforms: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Writes an inference bundle to `out_dir`; returns its bundle.json contents.
+
+    Args:
+      out_dir: the bundle directory: new, empty, or (with `overwrite`) a bundle.
+      t2i_path, vqgan_path, upsampler_path: the work directories of `parti-jax train`,
+        `train-vqgan` and `train-upsampler` (no upsampler: images at the VQGAN's size).
+      vocab_path, t2i_step: see `Generator.load`.
+      sampling_config: a `decoding.SamplingConfig`: stored as Bundle.generate's
+        default, and what the jax.export sampler compiles in (top_k, and whether
+        guidance / top-p / greedy are on).
+      jax_export: also serialize the sampling function with jax.export.
+      export_batch_size: rows B of the exported function (default num_samples).
+      platforms: jax.export lowering platforms (default cpu, cuda, tpu).
+      overwrite: replace an existing bundle at `out_dir`.
+    """
+    from parti_jax.decoding import SamplingConfig
+    from parti_jax.sampling import Generator
+
+    out = Path(out_dir).expanduser().absolute()
+    check_destination(out, overwrite=overwrite)
+    sampling = sampling_config or SamplingConfig()
+    platforms = check_platforms(platforms)
+    batch = int(export_batch_size or sampling.num_samples)
+    if batch < 1:
+        raise ValueError(f"export_batch_size={export_batch_size} must be >= 1")
+    gen = Generator.load(
+        t2i_path, vqgan_path, upsampler_path, vocab_path=vocab_path, t2i_step=t2i_step
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        info = _write_bundle(tmp, gen, t2i_path, vqgan_path, upsampler_path, sampling)
+        if jax_export:
+            info["jax_export"] = _write_exported(tmp, gen, info, sampling, batch, platforms)
+            _add_file(tmp, info, bundle_lib.EXPORT_FILE)
+        (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        _default_permissions(tmp)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def check_destination(out: Path, *, overwrite: bool) -> None:
+    """Refuses a non-empty `out` unless overwrite is set and `out` holds a bundle."""
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out}: exists and is not a directory; choose a new bundle directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / BUNDLE_FILE).is_file():
+        raise BundleError(
+            f"{out}: not empty and not a parti_jax bundle (no {BUNDLE_FILE}); refusing to write "
+            "there even with --overwrite: choose a new or empty directory"
+        )
+    if not overwrite:
+        raise BundleError(
+            f"{out}: a bundle is already there; pass --overwrite to replace it, or choose "
+            "another directory"
+        )
+
+
+def check_platforms(platforms: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Lowering platforms for jax.export, checked against the names it knows."""
+    if platforms is None:
+        return DEFAULT_PLATFORMS
+    if isinstance(platforms, str):
+        platforms = [p for p in platforms.split(",") if p.strip()]
+    names = tuple(p.strip().lower() for p in platforms)
+    bad = [p for p in names if p not in KNOWN_PLATFORMS]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"platforms={list(platforms)}: expected distinct names from {list(KNOWN_PLATFORMS)}, "
+            "e.g. --platforms=cpu,cuda,tpu"
+        )
+    return names
+
+
+def _default_permissions(root: Path) -> None:
+    """mkdtemp and safetensors create owner-only files; a bundle gets the umask's modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for file in root.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Renames the finished bundle to `out`; an old bundle there is removed only after."""
+    old = None
+    if out.is_dir() and any(out.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / "bundle")
+    elif out.is_dir():
+        out.rmdir()
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:  # put the old bundle back
+            os.rename(old / "bundle", out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _add_file(root: Path, info: dict[str, Any], name: str) -> None:
+    file = root / name
+    info["files"][name] = {
+        "role": FILE_ROLES.get(name, ""),
+        "bytes": file.stat().st_size,
+        "sha256": bundle_lib.file_sha256(file),
+    }
+
+
+def _write_json(root: Path, info: dict[str, Any], name: str, content: Any) -> None:
+    (root / name).write_text(json.dumps(content, indent=2, default=str) + "\n")
+    _add_file(root, info, name)
+
+
+def _host(tree: Any) -> Any:
+    def fetch(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            raise BundleError(
+                "export runs in one process: a parameter is not fully addressable here; "
+                "export from a single host"
+            )
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(fetch, tree)
+
+
+def unstack_vqgan_blocks(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A scanned VQGAN stack ('blocks' with a leading depth axis) -> 'block_0', 'block_1', ..."""
+    out: dict[str, Any] = {}
+    for name, value in tree.items():
+        if name == "blocks" and isinstance(value, Mapping):
+            depth = jax.tree.leaves(value)[0].shape[0]
+            for i in range(depth):
+                out[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], dict(value))
+        elif isinstance(value, Mapping):
+            out[name] = unstack_vqgan_blocks(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _save_weights(root: Path, info: dict, group: str, params: Any, extra: dict) -> None:
+    from safetensors.numpy import save_file
+
+    file, prefix = WEIGHTS[group]
+    flat = bundle_lib.flatten_params(params, prefix)
+    metadata = {"format": bundle_lib.FORMAT, "group": group, "layout": "per-layer", **extra}
+    save_file(flat, str(root / file), metadata={k: str(v) for k, v in metadata.items()})
+    count = int(sum(a.size for a in flat.values()))
+    info["weights"][group] = {"file": file, "prefix": prefix, "params": count,
+                              "tensors": len(flat)}  # fmt: skip
+    _add_file(root, info, file)
+
+
+def _write_bundle(
+    root: Path, gen: Any, t2i_path: str, vqgan_path: str, upsampler_path: str | None,
+    sampling: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Weights, configs and vocabulary into `root`; the bundle.json contents (without export)."""
+    import flax
+
+    import parti_jax
+    from parti_jax.loading import read_t2i_info
+    from parti_jax.models.transformer import scan_to_unscanned
+    from parti_jax.vqgan.tokenizer import load_vqgan_meta
+
+    records = gen.records
+    info: dict[str, Any] = {
+        "format": bundle_lib.FORMAT,
+        "format_version": bundle_lib.FORMAT_VERSION,
+        "parti_jax_version": parti_jax.__version__,
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "codebook_hash": records["codebook_hash"],
+        "sources": records,
+        "parameter_names": "'<group>/<module path>/<param>', one entry per layer "
+        "(layers_<i>, block_<i>) whatever scan_layers the model trained with",
+        "weights": {},
+        "files": {},
+        "jax_export": None,
+    }
+    # Encoder-decoder: the operative training record, with the portable attention path.
+    t2i_info, _ = read_t2i_info(t2i_path)
+    model_config = gen.model_config.replace(attention_impl="xla")
+    t2i_info = dict(t2i_info, model_config=dataclasses.asdict(model_config),
+                    text_length=gen.text_length)  # fmt: skip
+    params = _host(gen.params)
+    if model_config.scan_layers:
+        params = scan_to_unscanned(params)
+    _save_weights(root, info, "t2i", params, {"codebook_hash": records["codebook_hash"]})
+    _write_json(root, info, bundle_lib.MODEL_CONFIG_FILE, t2i_info)
+
+    tokenizer = gen.image_tokenizer
+    vq_config = dataclasses.replace(tokenizer.config, scan_layers=False, attention_impl="xla")
+    vq_params = _host({k: tokenizer.params[k] for k in bundle_lib.VQGAN_DECODER_PARTS})
+    if tokenizer.config.scan_layers:
+        vq_params = unstack_vqgan_blocks(vq_params)
+    _save_weights(root, info, "vqgan", vq_params, {"codebook_hash": tokenizer.codebook_hash})
+    vq_meta = {k: v for k, v in load_vqgan_meta(vqgan_path).items() if k != "_path"}
+    _write_json(root, info, bundle_lib.VQGAN_CONFIG_FILE, {
+        "vqgan_config": dataclasses.asdict(vq_config),
+        "codebook_size": tokenizer.codebook_size,
+        "grid": list(tokenizer.grid),
+        "image_size": tokenizer.image_size,
+        "codebook_hash": tokenizer.codebook_hash,
+        "step": records["vqgan"]["step"],
+        "checkpoint": records["vqgan"]["checkpoint"],
+        "training_meta": vq_meta,
+    })  # fmt: skip
+
+    if gen.upsampler is not None:
+        from parti_jax.upsampler.train import read_upsampler_meta
+
+        up = gen.upsampler
+        _save_weights(root, info, "upsampler", _host(up.params), {})
+        up_meta, _ = read_upsampler_meta(upsampler_path)
+        _write_json(root, info, bundle_lib.UPSAMPLER_CONFIG_FILE, dict(
+            up_meta, upsampler_config=dataclasses.asdict(up.config), step=up.step,
+            checkpoint=up.checkpoint,
+        ))  # fmt: skip
+
+    (root / bundle_lib.VOCAB_FILE).write_bytes(gen.text_tokenizer.model_bytes)
+    _add_file(root, info, bundle_lib.VOCAB_FILE)
+    _write_json(root, info, bundle_lib.SAMPLING_CONFIG_FILE, dataclasses.asdict(sampling))
+    return info
+
+
+# ------------------------------------------------------------------ jax.export
+
+
+def export_sampler(
+    gen: Any, sampling: Any, *, batch_size: int, platforms: Sequence[str],
+    t2i_specs: Mapping[str, Any], vqgan_specs: Mapping[str, Any],
+) -> Any:  # fmt: skip
+    """`jax.export.Exported` of (t2i_weights, vqgan_weights, text [B, L], prompt_ids [B],
+    sample_indices [B], seed, temperature, top_p, guidance_scale) -> (codes [B, N], images).
+
+    The weights are flat {name: array} dicts as stored in the safetensors
+    files (arguments, not constants). It is traced on a one-device mesh with
+    the XLA attention path, so one device of any listed platform runs it.
+    """
+    import jax.numpy as jnp
+
+    from parti_jax import partitioning
+    from parti_jax.models.transformer import unscanned_to_scan
+    from parti_jax.sampling import Generator
+    from parti_jax.vqgan.vit_vqgan import ViTVQGAN
+
+    one = np.asarray(jax.devices()[:1], dtype=object).reshape(1, 1, 1)
+    mesh = jax.sharding.Mesh(
+        one, partitioning.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3
+    )
+    model_config = gen.model_config.replace(attention_impl="xla")
+    single = Generator(
+        model_config=model_config,
+        params=None,
+        text_tokenizer=gen.text_tokenizer,
+        image_tokenizer=None,
+        text_length=gen.text_length,
+        mesh=mesh,
+        rules=gen.rules,
+    )
+    sample_fn, _ = single.sample_function(sampling)
+    vq_config = dataclasses.replace(
+        gen.image_tokenizer.config, scan_layers=False, attention_impl="xla"
+    )
+    vqgan = ViTVQGAN(vq_config)
+    grid = vq_config.grid
+
+    def sample(t2i_weights, vqgan_weights, text, prompt_ids, sample_indices, seed, temperature,
+               top_p, guidance_scale):  # fmt: skip
+        params = bundle_lib.unflatten_params(t2i_weights, WEIGHTS["t2i"][1])
+        if model_config.scan_layers:
+            params = unscanned_to_scan(params)
+        tokens = sample_fn(params, text, prompt_ids, sample_indices, seed, temperature, top_p,
+                           guidance_scale)  # fmt: skip
+        codes = (tokens - 1).astype(jnp.int32)  # decoder ids are codes + 1
+        vq_params = bundle_lib.unflatten_params(vqgan_weights, WEIGHTS["vqgan"][1])
+        images = vqgan.apply({"params": vq_params}, codes.reshape(-1, grid, grid),
+                             method=ViTVQGAN.decode_codes)  # fmt: skip
+        return codes, images.astype(jnp.float32)
+
+    def spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    args = (
+        {n: spec(s, d) for n, (s, d) in t2i_specs.items()},
+        {n: spec(s, d) for n, (s, d) in vqgan_specs.items()},
+        spec((batch_size, gen.text_length), jnp.int32),
+        spec((batch_size,), jnp.int32),
+        spec((batch_size,), jnp.int32),
+        spec((), jnp.int32),
+        spec((), jnp.float32),
+        spec((), jnp.float32),
+        spec((), jnp.float32),
+    )
+    with partitioning.with_sharding_rules(mesh, single.rules):
+        return jax.export.export(jax.jit(sample), platforms=tuple(platforms))(*args)
+
+
+def _write_exported(
+    root: Path, gen: Any, info: dict, sampling: Any, batch: int, platforms: Sequence[str]
+) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    specs = {}
+    for group in ("t2i", "vqgan"):
+        with safe_open(str(root / WEIGHTS[group][0]), framework="numpy") as f:
+            specs[group] = {
+                n: (tuple(f.get_slice(n).get_shape()), _np_dtype(f.get_slice(n).get_dtype()))
+                for n in f.keys()  # noqa: SIM118 - safe_open is not a Mapping
+            }
+    exported = export_sampler(
+        gen, sampling, batch_size=batch, platforms=platforms,
+        t2i_specs=specs["t2i"], vqgan_specs=specs["vqgan"],
+    )  # fmt: skip
+    (root / bundle_lib.EXPORT_FILE).write_bytes(exported.serialize())
+    cfg = gen.model_config
+    size = gen.image_tokenizer.image_size
+    return {
+        "file": bundle_lib.EXPORT_FILE,
+        "platforms": list(exported.platforms),
+        "batch_size": batch,
+        "text_length": gen.text_length,
+        "num_image_tokens": cfg.num_image_tokens,
+        "compiled_in": {
+            "top_k": sampling.top_k,
+            "guidance": sampling.guidance_scale is not None,
+            "top_p": sampling.top_p is not None,
+            "greedy": sampling.temperature == 0,
+            "attention_impl": "xla",
+            "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
+        },
+        "inputs": [
+            "t2i_weights: {name: array} of t2i.safetensors",
+            "vqgan_weights: {name: array} of vqgan_decoder.safetensors",
+            f"text_tokens: int32 [{batch}, {gen.text_length}]",
+            f"prompt_ids: int32 [{batch}]",
+            f"sample_indices: int32 [{batch}]",
+            "seed: int32 []",
+            "temperature: float32 []",
+            "top_p: float32 []",
+            "guidance_scale: float32 []",
+        ],
+        "outputs": [
+            f"codes: int32 [{batch}, {cfg.num_image_tokens}] in [0, {cfg.codebook_size})",
+            f"images: float32 [{batch}, {size}, {size}, 3] in [0, 1] (VQGAN decoder)",
+        ],
+    }
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16",
+                       "BF16": "bfloat16", "I64": "int64", "I32": "int32", "I16": "int16",
+                       "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+
+
+def _np_dtype(name: str) -> str:
+    return _SAFETENSORS_DTYPES.get(name.upper(), name.lower())
+
+
+# ------------------------------------------------------------------ inspect
+
+
+def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
+    """Parameter names, shapes, dtypes and totals of a bundle, work directory or checkpoint.
+
+    Accepts a bundle directory, a `parti-jax train` / `train-vqgan` /
+    `train-upsampler` work directory (its latest checkpoint), a
+    `checkpoints/<step>` folder or a .safetensors file. Reads only metadata
+    (safetensors headers, orbax array metadata): no weights are loaded.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: does not exist; pass a bundle, work directory or checkpoint")
+    if p.is_file() and p.suffix == ".safetensors":
+        return _report(str(p), "safetensors", _safetensors_entries(p))
+    if (p / BUNDLE_FILE).is_file():
+        info = bundle_lib.read_bundle_info(p)
+        entries = []
+        for group in info["weights"].values():
+            entries += _safetensors_entries(p / group["file"])
+        report = _report(str(p), "bundle", entries)
+        report.update(created=info.get("created"), codebook_hash=info.get("codebook_hash"),
+                      jax_export=info.get("jax_export"),
+                      files={n: e["bytes"] for n, e in info["files"].items()})  # fmt: skip
+        return report
+    kind = next(
+        (k for k, f in (("t2i", "model_config.json"), ("vqgan", "vqgan_meta.json"),
+                        ("upsampler", "upsampler_meta.json")) if (p / f).is_file()),
+        "checkpoint",
+    )  # fmt: skip
+    if kind == "checkpoint" and not (
+        (p / "state").is_dir() or (p / "checkpoints").is_dir() or p.name == "checkpoints"
+    ):
+        raise FileNotFoundError(
+            f"{p}: not a bundle (no {BUNDLE_FILE}), work directory (no model_config.json, "
+            "vqgan_meta.json or upsampler_meta.json) or checkpoint (no state/); pass one of those"
+        )
+    from parti_jax.train import checkpoints
+
+    step_dir = checkpoints.resolve_checkpoint_dir(p)
+    meta = checkpoints.state_metadata(step_dir / "state")
+    if meta is None or "params" not in meta:
+        raise checkpoints.CheckpointError(
+            f"{step_dir}: no readable state/params metadata; the checkpoint is incomplete "
+            "or was not written by parti_jax"
+        )
+    entries = _tree_entries(meta["params"])
+    other = [e for k, v in meta.items() if k != "params" for e in _tree_entries(v)]
+    report = _report(str(p), kind, entries)
+    report.update(
+        checkpoint=str(step_dir),
+        step=int(step_dir.name),
+        other_state={"arrays": len(other), "params": sum(e["params"] for e in other),
+                     "bytes": sum(e["bytes"] for e in other)},
+    )  # fmt: skip
+    return report
+
+
+def _safetensors_entries(file: Path) -> list[dict[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            names = list(f.keys())  # noqa: SIM118 - safe_open is not a Mapping
+            return [
+                _entry(n, f.get_slice(n).get_shape(), _np_dtype(f.get_slice(n).get_dtype()))
+                for n in names
+            ]
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _tree_entries(tree: Any) -> list[dict[str, Any]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [
+        _entry(jax.tree_util.keystr(path, simple=True, separator="/"), leaf.shape, leaf.dtype)
+        for path, leaf in leaves
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+    ]
+
+
+def _entry(name: str, shape: Sequence[int], dtype: Any) -> dict[str, Any]:
+    shape = [int(d) for d in shape]
+    dtype = np.dtype(jax.numpy.dtype(dtype)).name if dtype is not None else "unknown"
+    count = int(np.prod(shape, dtype=np.int64))
+    return {"name": name, "shape": shape, "dtype": dtype, "params": count,
+            "bytes": count * np.dtype(jax.numpy.dtype(dtype)).itemsize}  # fmt: skip
+
+
+def _report(path: str, kind: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    groups: dict[str, dict[str, int]] = {}
+    for e in entries:
+        g = groups.setdefault(e["name"].split("/")[0], {"params": 0, "bytes": 0})
+        g["params"] += e["params"]
+        g["bytes"] += e["bytes"]
+    return {
+        "path": path,
+        "kind": kind,
+        "parameters": entries,
+        "groups": groups,
+        "total_params": sum(e["params"] for e in entries),
+        "total_bytes": sum(e["bytes"] for e in entries),
+    }
+
+
+def format_inspection(report: Mapping[str, Any]) -> str:
+    """The report as an aligned text table with totals."""
+    rows = [(e["name"], "x".join(map(str, e["shape"])) or "scalar", e["dtype"],
+             f"{e['params']:,}") for e in report["parameters"]]  # fmt: skip
+    width = [max([len(h), *(len(r[i]) for r in rows)])
+             for i, h in enumerate(("name", "shape", "dtype", "params"))]  # fmt: skip
+    head = f"{report['kind']} {report['path']}"
+    if report.get("step") is not None:
+        head += f" (step {report['step']}: {report['checkpoint']})"
+    lines = [head]
+    for r in [("name", "shape", "dtype", "params"), *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)).rstrip())
+    for name, g in report["groups"].items():
+        lines.append(f"group {name}: {g['params']:,} params, {_human(g['bytes'])}")
+    lines.append(
+        f"total: {len(rows)} tensors, {report['total_params']:,} params, "
+        f"{report['total_bytes']:,} bytes ({_human(report['total_bytes'])})"
+    )
+    if report.get("other_state"):
+        o = report["other_state"]
+        lines.append(f"other state (optimizer, step, ...): {o['arrays']} arrays, "
+                     f"{_human(o['bytes'])}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
