@@ -1,5 +1,6 @@
 """`parti-jax benchmark`: speed of the train step, sampling, the VQGAN and the input pipeline.
 
+    parti-jax benchmark memory --gin_file=runs/parti_3b_tp4.gin [--method=analytic|compiled]
     parti-jax benchmark {train_step,sample,vqgan,input,all} --gin_file=models/tiny.gin \\
         [--gin_file=vqgan/tiny.gin] [--batch_size=8] [--mesh=data=1,fsdp=-1,tensor=1] \\
         [--peak_flops=...] [--memory_bandwidth=...] [--steps=10] [--warmup=2] \\
@@ -80,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
         "--float32_weights",
         action="store_true",
         help="sample/vqgan with float32 weights (default: weights cast to the compute dtype)",
+    )
+    g = p.add_argument_group("memory (a run file: train.*, MeshConfig, HardwareTarget)")
+    g.add_argument(
+        "--method",
+        choices=("analytic", "compiled", "both"),
+        default="analytic",
+        help="analytic formula, or XLA's memory analysis of the compiled step on a CPU mesh "
+        "of the target's size (a subprocess with that many fake devices)",
     )
     g = p.add_argument_group("vqgan")
     g.add_argument("--vqgan_batch_size", type=int, default=8)
@@ -337,10 +346,133 @@ def _run(
     return jobs
 
 
+_MEMORY_CHILD = "PARTI_JAX_MEMORY_CHILD"
+
+
+def _memory_setup(args: argparse.Namespace, bindings: Sequence[str]) -> dict[str, Any]:
+    """The train_memory arguments from a run file's gin (train.*, MeshConfig, HardwareTarget)."""
+    if not _gin_available():
+        raise BenchmarkUsageError(
+            "benchmark memory reads a run file's train.* bindings: install gin-config"
+        )
+    import gin
+    from parti_jax.cli import flags
+
+    try:
+        flags.setup_gin(
+            flags.CommonArgs(
+                gin_files=list(args.gin_file),
+                gin_bindings=list(bindings),
+                gin_search_paths=list(args.gin_search_path),
+                workdir=None,
+                namespace=argparse.Namespace(),
+            )
+        )
+    except flags.UsageError as e:
+        raise BenchmarkUsageError(str(e)) from e
+
+    def train_param(name: str, default: Any = None, required: bool = False) -> Any:
+        try:
+            return gin.query_parameter(f"train.{name}")
+        except ValueError:
+            if required:
+                raise BenchmarkUsageError(
+                    f"benchmark memory: no train.{name} binding; pass a run file, e.g. "
+                    "--gin_file=runs/parti_350m_dp.gin"
+                ) from None
+            return default
+
+    def build(name: str) -> Any:
+        try:
+            return gin.get_configurable(name)()
+        except (ValueError, TypeError) as e:
+            raise BenchmarkUsageError(f"{name}: {str(e).splitlines()[0]}") from e
+
+    return dict(
+        config=build("ModelConfig"),
+        target=build("HardwareTarget"),
+        mesh_config=build("MeshConfig"),
+        optimizer_config=build("OptimizerConfig"),
+        batch_size=int(train_param("batch_size", required=True)),
+        text_length=int(train_param("text_length", 128)),
+        num_micro_batches=int(train_param("num_micro_batches", 1)),
+        loss_chunk_size=train_param("loss_chunk_size"),
+    )
+
+
+def _memory(args: argparse.Namespace, bindings: Sequence[str], argv: Sequence[str]) -> int:
+    """`benchmark memory`: per-device memory of a run file's train step on its HardwareTarget.
+
+    Prints one JSON line per method; exits 1 when an estimate exceeds 90% of
+    the target's device memory. The compiled method runs in a subprocess with
+    the target's device count faked on CPU (XLA:CPU buffer assignment).
+    """
+    import os
+    import subprocess
+
+    from parti_jax import memory
+
+    setup = _memory_setup(args, bindings)
+    target = setup["target"]
+    methods = ("analytic", "compiled") if args.method == "both" else (args.method,)
+    fits = True
+    for method in methods:
+        if method == "compiled" and os.environ.get(_MEMORY_CHILD) != "1":
+            env = dict(os.environ)
+            env.update(
+                {
+                    _MEMORY_CHILD: "1",
+                    "JAX_PLATFORMS": "cpu",
+                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={target.num_devices}",
+                }
+            )
+            rest = [a for a in argv if not a.startswith("--method")]
+            proc = subprocess.run(
+                [sys.executable, "-m", "parti_jax.cli.benchmark", *rest, "--method=compiled"],
+                env=env,
+                check=False,
+            )
+            fits = fits and proc.returncode == 0
+            continue
+        try:
+            if method == "analytic":
+                est = memory.train_memory(**setup)
+            else:
+                kwargs = {k: v for k, v in setup.items() if k != "target"}
+                est = memory.compiled_train_memory(**kwargs, num_devices=target.num_devices)
+        except ValueError as e:
+            raise BenchmarkUsageError(str(e)) from e
+        ok = est.fits(target)
+        fits = fits and ok
+        _emit(
+            {
+                "benchmark": "memory",
+                "model": args.label or "+".join(Path(f).stem for f in args.gin_file),
+                "method": est.method,
+                "target": target.name,
+                "num_devices": target.num_devices,
+                "device_memory_gib": target.device_memory_gib,
+                "mesh": dict(est.mesh),
+                "rules": setup["mesh_config"].rules,
+                "batch_size": setup["batch_size"],
+                "batch_per_device": est.batch_per_device,
+                "num_micro_batches": setup["num_micro_batches"],
+                "micro_batch_per_device": est.micro_batch_per_device,
+                "remat_policy": setup["config"].remat_policy,
+                "gib_per_device": est.gib(),
+                "fits_90_percent": ok,
+            },
+            args.output,
+        )
+    return 0 if fits else 1
+
+
 def run_benchmarks(argv: Sequence[str]) -> int:
     """Parses flags and gin, runs the benchmarks, prints JSON lines; 1 if any failed."""
     bindings, rest = _split_gin_bindings(argv)
     args = _parser().parse_args(rest)
+    if args.which == "memory":
+        return _memory(args, bindings, argv)
     configs, bound = load_configs(args.gin_file, bindings, args.gin_search_path)
     failed = 0
     for name, thunk in _run(args, configs, bound):

@@ -1,0 +1,419 @@
+"""Per-device memory of an encoder-decoder training run, before a pod is booked.
+
+Two methods:
+
+- `estimate_train_memory` (analytic, no devices, seconds for any size): the
+  train state is sized exactly from the real parameter tree, the real
+  optimizer state (factored Adafactor moments included) and the real
+  sharding rules on an `AbstractMesh` of the target's degrees; gradients,
+  activations and logits come from a formula of the model's shapes
+  (`activation_bytes`, assumptions listed there).
+- `compiled_train_memory` (XLA's buffer assignment of the real train step):
+  lowers and compiles `t2i.train_step` with abstract inputs
+  (`jax.ShapeDtypeStruct`s carrying their `NamedSharding`s) on a mesh of the
+  process's devices, and reads `compiled.memory_analysis()`. With CPU devices
+  faked by `--xla_force_host_platform_device_count=N` this gives a per-device
+  figure for a mesh of the target's size without the target; it is XLA:CPU's
+  buffer assignment (fusion and layouts differ a little from TPU / GPU).
+
+`HardwareTarget` names the machine a run file is written for (device count
+and memory per device); `parti-jax benchmark memory --gin_file=runs/X.gin`
+prints both estimates against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parti_jax import partitioning
+from parti_jax.models.config import ModelConfig
+from parti_jax.partitioning import MeshConfig
+from parti_jax.train.optimizers import OptimizerConfig
+
+GIB = 2**30
+_AXES = partitioning.MESH_AXES
+
+
+@dataclasses.dataclass(frozen=True)
+class HardwareTarget:
+    """The machine a run file is written for (gin: `HardwareTarget.*`)."""
+
+    # Human-readable name, e.g. 'TPU v4-128 (64 chips)' or '8 nodes x 8 H100-80GB'.
+    name: str = "8 CPU devices"
+    # JAX devices the mesh spans (TPU v4/v5p: chips; v2/v3: cores; GPUs).
+    num_devices: int = 8
+    # JAX devices per host (processes = num_devices / devices_per_host).
+    devices_per_host: int = 4
+    # Memory of one device in GiB (TPU v4: 32, v5p: 95, v5e: 16, H100: 80).
+    device_memory_gib: float = 16.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_devices", "devices_per_host"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"HardwareTarget.{name}={value!r} must be a positive integer")
+        if self.num_devices % self.devices_per_host:
+            raise ValueError(
+                f"HardwareTarget.devices_per_host={self.devices_per_host} does not divide "
+                f"num_devices={self.num_devices}"
+            )
+        if not self.device_memory_gib > 0:
+            raise ValueError(
+                f"HardwareTarget.device_memory_gib={self.device_memory_gib!r} must be > 0"
+            )
+
+    @property
+    def num_hosts(self) -> int:
+        return self.num_devices // self.devices_per_host
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one device holds at the peak of a train step, by kind."""
+
+    method: str  # 'analytic' or 'compiled (<platform>)'
+    mesh: Mapping[str, int]  # data / fsdp / tensor degrees (ICI x DCN folded)
+    batch_per_device: int  # rows of the global batch per data x fsdp position
+    micro_batch_per_device: int  # rows per micro-batch (what activations scale with)
+    params: int = 0
+    optimizer_state: int = 0
+    gradients: int = 0  # gradients, the accumulator, optimizer-update temporaries
+    activations: int = 0  # saved for backward plus the working set of one layer
+    logits: int = 0  # float32 logits and their gradient (whole or one chunk)
+    batch: int = 0
+    compiled: Mapping[str, int] = dataclasses.field(default_factory=dict)  # XLA's sizes
+
+    @property
+    def state(self) -> int:
+        """The train state (params + optimizer state) on one device."""
+        return self.params + self.optimizer_state
+
+    @property
+    def total(self) -> int:
+        if self.compiled:
+            c = self.compiled
+            return c["argument"] + c["output"] - c["alias"] + c["temp"]
+        return (
+            self.params
+            + self.optimizer_state
+            + self.gradients
+            + self.activations
+            + self.logits
+            + self.batch
+        )
+
+    def gib(self) -> dict[str, float]:
+        """The figures in GiB (rounded to 0.01) for reports."""
+        keys = ("params", "optimizer_state", "gradients", "activations", "logits", "batch")
+        out = {k: round(getattr(self, k) / GIB, 2) for k in keys}
+        out.update({f"compiled_{k}": round(v / GIB, 2) for k, v in self.compiled.items()})
+        out["total"] = round(self.total / GIB, 2)
+        return out
+
+    def fits(self, target: HardwareTarget, headroom: float = 0.9) -> bool:
+        """Whether the total is within `headroom` of the target's device memory."""
+        return self.total <= headroom * target.device_memory_gib * GIB
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def mesh_degrees(mesh_config: MeshConfig, num_devices: int) -> dict[str, int]:
+    """data / fsdp / tensor sizes of the mesh (each ICI degree times its DCN degree).
+
+    -1 fills with the devices left in a slice; errors name the degrees and the count.
+    """
+    slices = mesh_config.num_slices
+    if num_devices % slices:
+        raise ValueError(
+            f"MeshConfig dcn_data*dcn_fsdp*dcn_tensor = {slices} slices does not divide the "
+            f"{num_devices} devices of the target"
+        )
+    per_slice = num_devices // slices
+    ici = {a: getattr(mesh_config, a) for a in _AXES}
+    known = math.prod(v for v in ici.values() if v != -1)
+    fill = [a for a, v in ici.items() if v == -1]
+    text = " x ".join(f"{a}={v}" for a, v in ici.items())
+    if fill:
+        if per_slice % known:
+            raise ValueError(
+                f"MeshConfig {text}: the fixed degrees ({known}) do not divide the "
+                f"{per_slice} devices per slice"
+            )
+        ici[fill[0]] = per_slice // known
+    elif known != per_slice:
+        raise ValueError(
+            f"MeshConfig {text} = {known} devices, but the target has {per_slice} devices per "
+            "slice; make the degrees multiply to it"
+        )
+    return {a: ici[a] * getattr(mesh_config, f"dcn_{a}") for a in _AXES}
+
+
+def abstract_mesh(degrees: Mapping[str, int]) -> jax.sharding.AbstractMesh:
+    """A device-free ('data', 'fsdp', 'tensor') mesh with Auto axes."""
+    return jax.sharding.AbstractMesh(
+        tuple(degrees[a] for a in _AXES), _AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3
+    )
+
+
+def _init_fn(config: ModelConfig, text_length: int):
+    from parti_jax.models.transformer import EncoderDecoder
+
+    model = EncoderDecoder(config)
+
+    def init_fn(key):
+        text = jnp.ones((1, text_length), jnp.int32)
+        image = jnp.zeros((1, config.num_image_tokens), jnp.int32)
+        return model.init({"params": key}, text, image)
+
+    return model, init_fn
+
+
+def _shard_bytes(tree: Any, shardings: Any) -> int:
+    is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)  # noqa: E731
+    leaves = jax.tree.leaves(tree)
+    shards = jax.tree.leaves(shardings, is_leaf=is_sharding)
+    if len(leaves) != len(shards):
+        raise ValueError(f"{len(leaves)} arrays but {len(shards)} shardings")
+    return int(
+        sum(
+            math.prod(s.shard_shape(tuple(a.shape))) * np.dtype(a.dtype).itemsize
+            for a, s in zip(leaves, shards, strict=True)
+        )
+    )
+
+
+def state_bytes(
+    config: ModelConfig,
+    optimizer_config: OptimizerConfig,
+    degrees: Mapping[str, int],
+    rules: Any,
+    text_length: int,
+) -> tuple[int, int]:
+    """(params, optimizer state) bytes on one device, from the real trees and shardings."""
+    import flax.linen as nn
+
+    from parti_jax.train import optimizers
+
+    mesh = abstract_mesh(degrees)
+    rules = partitioning.get_rules(rules) if isinstance(rules, str) else rules
+    _, init_fn = _init_fn(config, text_length)
+    with nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+        partitioning.check_divisibility(boxed, mesh, rules)
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    params = nn.unbox(boxed)["params"]
+    tx = optimizers.make_optimizer(optimizer_config)
+    opt_state = jax.eval_shape(tx.init, params)
+    opt_shardings = optimizers.optimizer_state_shardings(opt_state, shardings["params"], mesh)
+    return _shard_bytes(params, shardings["params"]), _shard_bytes(opt_state, opt_shardings)
+
+
+def activation_bytes(config: ModelConfig, rows: int, text_length: int, tensor: int) -> int:
+    """Activation bytes of one micro-batch of `rows` rows on one device.
+
+    Counted per layer in the compute dtype c (elements x c), with the rows'
+    heads / MLP / vocabulary split over `tensor`:
+      residual stream: 3 (carry, after attention, after cross-attention);
+      norm outputs: 3; attention q, k, v, context: 4/t (self), q + context 2/t
+      plus k, v over the text (cross); MLP pre- and post-activation 2 F/D/t;
+      attention probabilities in float32 plus the compute-dtype copy
+      (heads/t x queries x keys); dropout masks 1 byte per element, 3 per layer.
+    remat_policy 'none' keeps that for every layer, plus one layer's set of
+    backward temporaries. 'full' / 'nothing_saveable'
+    keep only the carry per layer plus twice one layer's set (recompute and
+    its gradient). Other policies (dots saveable) keep the carry and the
+    matmul outputs (everything but norm outputs and masks) per layer, plus
+    one layer's set. Logits are counted apart (`train_memory`).
+    """
+    c = np.dtype(config.compute_dtype).itemsize
+    t = tensor
+    d, f, h = config.d_model, config.mlp_dim, config.num_heads
+    n, s = config.num_image_tokens, text_length
+    attn = config.num_heads * config.kv_dim
+
+    def layer(q_len: int, cross: bool) -> tuple[float, float, float]:
+        """(whole saved set, matmul outputs only, carry) in bytes for one layer."""
+        tokens = rows * q_len
+        residual = 3 if cross else 2
+        norms = 3 if cross else 2
+        mlp_mats = 3 if config.mlp_activation in ("gated_gelu", "swiglu") else 2
+        dots = tokens * attn * 4 / t + tokens * f * mlp_mats / t
+        probs = rows * h / t * q_len * q_len * (4 + c)
+        if cross:
+            dots += tokens * attn * 2 / t + rows * s * attn * 2 / t
+            probs += rows * h / t * q_len * s * (4 + c)
+        dots_bytes = dots * c + probs
+        whole = dots_bytes + (residual + norms) * tokens * d * c + residual * tokens * d
+        return whole, dots_bytes + tokens * d * c, tokens * d * c
+
+    total = 0.0
+    for q_len, cross, num_layers in (
+        (s, False, config.num_encoder_layers),
+        (n, True, config.num_decoder_layers),
+    ):
+        whole, dots, carry = layer(q_len, cross)
+        if config.remat_policy == "none":
+            total += (num_layers + 1) * whole  # + one layer's backward temporaries
+        elif config.remat_policy in ("full", "nothing_saveable"):
+            total += num_layers * carry + 2 * whole
+        else:
+            total += num_layers * dots + whole
+        # Embeddings, dropout mask and final norm of the stack.
+        total += rows * q_len * d * (3 * c + 1)
+    return int(total)
+
+
+def train_memory(
+    config: ModelConfig,
+    *,
+    target: HardwareTarget,
+    mesh_config: MeshConfig,
+    batch_size: int,
+    text_length: int = 128,
+    optimizer_config: OptimizerConfig | None = None,
+    num_micro_batches: int = 1,
+    loss_chunk_size: int | None = None,
+) -> MemoryEstimate:
+    """The analytic per-device estimate of one train step (see the module docstring).
+
+    Gradients: one float32 copy of the parameter shard, a second for the
+    micro-batch accumulator (num_micro_batches > 1), and one more for the
+    optimizer update's temporaries; with fsdp > 1 also two decoder layers'
+    gathered weights and their unreduced gradients.
+    """
+    optimizer_config = optimizer_config or OptimizerConfig()
+    degrees = mesh_degrees(mesh_config, target.num_devices)
+    batch_axes = degrees["data"] * degrees["fsdp"]
+    if batch_size % (batch_axes * num_micro_batches):
+        raise ValueError(
+            f"train.batch_size={batch_size} must be a multiple of data x fsdp = {batch_axes} "
+            f"devices times num_micro_batches={num_micro_batches}"
+        )
+    mesh = abstract_mesh(degrees)
+    partitioning.check_mesh_compat(config, mesh, mesh_config.rule_table)
+    params, opt_state = state_bytes(
+        config, optimizer_config, degrees, mesh_config.rule_table, text_length
+    )
+    per_device = batch_size // batch_axes
+    rows = per_device // num_micro_batches
+    activations = activation_bytes(config, rows, text_length, degrees["tensor"])
+    chunk = loss_chunk_size or config.num_image_tokens
+    vocab = config.decoder_vocab_size / degrees["tensor"]
+    logits = int(rows * chunk * vocab * 4 * 3)
+    grads = params * (3 if num_micro_batches > 1 else 2)
+    if degrees["fsdp"] > 1:
+        # FSDP gathers a layer's weights (float32, then cast) before using them and
+        # reduce-scatters its gradients: count two decoder layers' worth in flight.
+        mlp_mats = 3 if config.mlp_activation in ("gated_gelu", "swiglu") else 2
+        attn = config.num_heads * config.kv_dim
+        layer = 8 * config.d_model * attn + mlp_mats * config.d_model * config.mlp_dim
+        grads += int(2 * layer / degrees["tensor"] * 4 * 2)
+    batch = per_device * (text_length + 3 * config.num_image_tokens) * 4
+    return MemoryEstimate(
+        method="analytic",
+        mesh=degrees,
+        batch_per_device=per_device,
+        micro_batch_per_device=rows,
+        params=params,
+        optimizer_state=opt_state,
+        gradients=grads,
+        activations=activations,
+        logits=logits,
+        batch=batch,
+    )
+
+
+def compiled_train_memory(
+    config: ModelConfig,
+    *,
+    mesh_config: MeshConfig,
+    batch_size: int,
+    text_length: int = 128,
+    optimizer_config: OptimizerConfig | None = None,
+    num_micro_batches: int = 1,
+    loss_chunk_size: int | None = None,
+    num_devices: int | None = None,
+) -> MemoryEstimate:
+    """XLA's per-device memory of the compiled train step on this process's devices.
+
+    Nothing is allocated: the state and batch are `ShapeDtypeStruct`s with
+    their shardings; the step is lowered and compiled exactly as the trainer
+    does (`loop.compile_step`, donated state). Uses the first `num_devices`
+    devices (None: all).
+    """
+    import flax.linen as nn
+
+    from parti_jax.train import loop, optimizers, t2i
+    from parti_jax.train.state import train_state_shardings
+
+    optimizer_config = optimizer_config or OptimizerConfig()
+    devices = jax.devices()
+    if num_devices is not None:
+        if len(devices) < num_devices:
+            raise ValueError(
+                f"compiled_train_memory needs {num_devices} devices, this process has "
+                f"{len(devices)}; run it with XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"{num_devices} JAX_PLATFORMS=cpu"
+            )
+        devices = devices[:num_devices]
+    mesh = partitioning.create_mesh(mesh_config, devices)
+    rules = mesh_config.rule_table
+    partitioning.check_mesh_compat(config, mesh, rules)
+    degrees = {a: int(mesh.shape[a]) for a in _AXES}
+    batch_axes = degrees["data"] * degrees["fsdp"]
+    model, init_fn = _init_fn(config, text_length)
+    tx = optimizers.make_optimizer(optimizer_config)
+    key = jax.random.PRNGKey(0)
+    abstract, shardings = train_state_shardings(init_fn, tx, mesh=mesh, rules=rules, rng=key)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    bsh = loop.batch_sharding(mesh)
+    n = config.num_image_tokens
+    batch = {
+        "encoder_input_tokens": jax.ShapeDtypeStruct(
+            (batch_size, text_length), jnp.int32, sharding=bsh
+        ),
+        "decoder_input_tokens": jax.ShapeDtypeStruct((batch_size, n), jnp.int32, sharding=bsh),
+        "decoder_target_tokens": jax.ShapeDtypeStruct((batch_size, n), jnp.int32, sharding=bsh),
+        "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, n), jnp.float32, sharding=bsh),
+    }
+    import functools
+
+    step_fn = functools.partial(
+        t2i.train_step,
+        model=model,
+        learning_rate_fn=optimizers.learning_rate_fn(optimizer_config),
+        num_micro_batches=num_micro_batches,
+        loss_chunk_size=loss_chunk_size,
+    )
+    jitted = loop.compile_step(step_fn, shardings, {k: bsh for k in batch})
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        compiled = jitted.lower(state, batch).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis")
+    sizes = {
+        k: int(getattr(stats, f"{k}_size_in_bytes"))
+        for k in ("argument", "output", "alias", "temp")
+    }
+    params = _shard_bytes(abstract.params, shardings.params)
+    opt_state = _shard_bytes(abstract.opt_state, shardings.opt_state)
+    per_device = batch_size // batch_axes
+    return MemoryEstimate(
+        method=f"compiled ({jax.default_backend()})",
+        mesh=degrees,
+        batch_per_device=per_device,
+        micro_batch_per_device=per_device // num_micro_batches,
+        params=params,
+        optimizer_state=opt_state,
+        compiled=sizes,
+    )
