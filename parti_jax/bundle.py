@@ -523,39 +523,23 @@ def _vqgan_decoder_specs(config: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     return tensor_specs({k: params[k] for k in VQGAN_DECODER_PARTS}, "vqgan")
 
 
-class _BundleUpsampler:
-    """What Generator needs of an upsampler: config, params, records, `make_upsample_fn`."""
-
-    def __init__(self, config: Any, params: Any, meta: Mapping[str, Any]) -> None:
-        self.config, self.params, self.meta = config, params, dict(meta)
-        self.step, self.checkpoint = meta.get("step"), meta.get("checkpoint")
-
-    @property
-    def codebook_hash(self) -> str | None:
-        return self.meta.get("codebook_hash")
-
-    def make_upsample_fn(self) -> Any:
-        import jax
-
-        from parti_jax.upsampler.model import Upsampler
-
-        model = Upsampler(self.config)
-        return jax.jit(lambda p, x: model.apply({"params": p}, x, method=Upsampler.upsample))
-
-
-def _load_upsampler(root: Path, info: dict, up_info: dict) -> _BundleUpsampler:
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
+def _load_upsampler(root: Path, info: dict, up_info: dict) -> Any:
+    """A `LoadedUpsampler` (what Generator needs) from the bundle's weights and records."""
     from parti_jax.upsampler.config import UpsamplerConfig
-    from parti_jax.upsampler.model import Upsampler
+    from parti_jax.upsampler.inference import LoadedUpsampler, abstract_params
 
     config = UpsamplerConfig(**up_info["upsampler_config"])
     flat = read_weights(root, info, "upsampler")
-    low = jax.ShapeDtypeStruct((1, config.input_size, config.input_size, 3), jnp.float32)
-    abstract = nn.unbox(jax.eval_shape(Upsampler(config).init, jax.random.key(0), low))["params"]
     check_tensors(
-        flat_specs(flat), tensor_specs(abstract, "upsampler"), str(root / WEIGHTS["upsampler"][0])
+        flat_specs(flat),
+        tensor_specs(abstract_params(config), "upsampler"),
+        str(root / WEIGHTS["upsampler"][0]),
     )
-    return _BundleUpsampler(config, unflatten_params(flat, "upsampler"), up_info)
+    return LoadedUpsampler(
+        config=config,
+        params=unflatten_params(flat, "upsampler"),
+        meta=dict(up_info),
+        step=up_info.get("step"),
+        checkpoint=up_info.get("checkpoint"),
+        meta_path=str(root / UPSAMPLER_CONFIG_FILE),
+    )

@@ -85,29 +85,17 @@ def _suites_main(argv: list[str]) -> int:
     )
     parser.add_argument("--process_index", type=int, default=None, help="this process's share")
     parser.add_argument("--process_count", type=int, default=None, help="number of shares")
-    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    flags.add_distributed_flags(parser)
     args = flags.parse_args(parser, argv)
     ns = args.namespace
-    if not args.workdir:
-        raise flags.UsageError("--workdir is required (each suite writes a folder there)")
-    if not args.gin_files:
-        raise flags.UsageError("pass --gin_file (e.g. --gin_file=runs/eval_shapes.gin)")
+    flags.require_workdir_and_gin(
+        args, workdir_holds="each suite writes a folder there", gin_example="runs/eval_shapes.gin"
+    )
     if (ns.process_index is None) != (ns.process_count is None):
         raise flags.UsageError("give --process_index and --process_count together")
 
-    from parti_jax.train import distributed
-
-    try:
-        distributed.maybe_initialize_distributed(
-            ns.coordinator_address, ns.num_processes, ns.process_id
-        )
-    except ValueError as e:
-        raise flags.UsageError(str(e)) from e
-    workdir = flags.check_workdir(args.workdir)
-    flags.setup_gin(args)
-    flags.write_config(workdir)
+    flags.init_distributed(ns)
+    workdir = flags.start_run(args)
 
     import gin
     from parti_jax.eval import runner
@@ -116,20 +104,19 @@ def _suites_main(argv: list[str]) -> int:
     eval_fn = gin.config.get_configurable("eval")
     suite_fns = {name: gin.config.get_configurable(name) for name in S.SUITE_NAMES}
     try:
-        results = eval_fn(
-            workdir=str(workdir),
-            suite_fns=suite_fns,
-            process_index=ns.process_index,
-            process_count=ns.process_count,
-        )
+        with flags.usage_errors(ValueError, FileNotFoundError, PermissionError):
+            results = eval_fn(
+                workdir=str(workdir),
+                suite_fns=suite_fns,
+                process_index=ns.process_index,
+                process_count=ns.process_count,
+            )
     except TypeError as e:
         if "suites" in str(e):
             raise flags.UsageError(
                 "eval.suites is not bound: set it in the gin file, e.g. eval.suites = ['shapes']"
             ) from None
         raise
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        raise flags.UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     flags.write_config(workdir, operative=True)
     for name, metrics in results.items():
         numbers = ", ".join(

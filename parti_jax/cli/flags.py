@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from parti_jax import gin_reader
@@ -226,3 +227,114 @@ def run_main(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str]) -> 
         print(f"parti-jax: error: {e}", file=sys.stderr)
         return 2
     return int(code or 0)
+
+
+# Shared pieces of the subcommand bodies (train, train-vqgan, train-upsampler,
+# eval, sample, precompute-codes).
+
+EXIT_PREEMPTED = 143  # a run told to stop (SIGTERM) saved and exits 128 + 15
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an error's message (its type name when empty)."""
+    return _first_line(e)
+
+
+@contextlib.contextmanager
+def usage_errors(*errors: type[BaseException]) -> Iterator[None]:
+    """Turns the given exception types into a one-line `UsageError` (exit 2)."""
+    try:
+        yield
+    except errors as e:
+        raise UsageError(one_line(e)) from e
+
+
+@contextlib.contextmanager
+def training_usage_errors() -> Iterator[None]:
+    """`usage_errors` for a training run: bad config, unreadable files, a broken
+    checkpoint or a non-finite loss end with one line instead of a traceback."""
+    from parti_jax.train import checkpoints, loop
+
+    with usage_errors(
+        ValueError,
+        PermissionError,
+        FileNotFoundError,
+        checkpoints.CheckpointError,
+        loop.NonFiniteLossError,
+    ):
+        yield
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """--coordinator_address / --num_processes / --process_id (several processes)."""
+    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0.")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+
+
+def init_distributed(ns: argparse.Namespace) -> None:
+    """Starts jax.distributed from the flags or the environment; call before any jax use."""
+    from parti_jax.train import distributed
+
+    try:
+        distributed.maybe_initialize_distributed(
+            ns.coordinator_address, ns.num_processes, ns.process_id
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def require_workdir_and_gin(args: CommonArgs, *, workdir_holds: str, gin_example: str) -> None:
+    """Fails unless --workdir and at least one --gin_file are given."""
+    if not args.workdir:
+        raise UsageError(f"--workdir is required ({workdir_holds})")
+    if not args.gin_files:
+        raise UsageError(f"pass --gin_file (e.g. --gin_file={gin_example})")
+
+
+def start_run(args: CommonArgs) -> Path:
+    """Checks the work directory, parses gin and writes `config.gin` there."""
+    workdir = check_workdir(args.workdir)
+    setup_gin(args)
+    write_config(workdir)
+    return workdir
+
+
+def start_distributed_run(args: CommonArgs, *, workdir_holds: str, gin_example: str) -> Path:
+    """The training commands' start: required flags, jax.distributed, then `start_run`."""
+    require_workdir_and_gin(args, workdir_holds=workdir_holds, gin_example=gin_example)
+    init_distributed(args.namespace)  # before anything starts a jax backend
+    return start_run(args)
+
+
+def required_parameters(fn: Callable, given: Iterable[str] = ("workdir",)) -> list[str]:
+    """Names of `fn`'s arguments without a default that the caller does not pass."""
+    given = set(given)
+    return [
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is inspect.Parameter.empty and name not in given
+    ]
+
+
+def missing_bindings(scope: str, names: Iterable[str]) -> list[str]:
+    """`scope.name` for each name that gin has no binding for."""
+    import gin
+
+    missing = []
+    for name in names:
+        try:
+            gin.query_parameter(f"{scope}.{name}")
+        except ValueError:
+            missing.append(f"{scope}.{name}")
+    return missing
+
+
+def check_required_bindings(scope: str, names: Iterable[str]) -> None:
+    """Fails with the unbound `scope.name`s and how to set them."""
+    missing = missing_bindings(scope, names)
+    if missing:
+        raise UsageError(
+            f"missing gin binding(s): {', '.join(missing)} "
+            f"(set them in the gin file or with --gin.{scope}.NAME=VALUE)"
+        )

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from parti_jax.cli import flags
-from parti_jax.cli.train import _one_line
 
 DESCRIPTION = "Encode a *_pixels task split with a trained VQGAN into code shards."
 
@@ -28,20 +27,11 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--vqgan_step", type=int, default=None, help="checkpoint step (latest).")
     parser.add_argument("--output_dir", default=None, help="codes folder to write (or resume).")
     parser.add_argument("--split", action="append", default=[], help="split to encode; repeatable.")
-    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0.")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    flags.add_distributed_flags(parser)
     args = flags.parse_args(parser, argv)
     ns = args.namespace
 
-    from parti_jax.train import distributed
-
-    try:
-        distributed.maybe_initialize_distributed(
-            ns.coordinator_address, ns.num_processes, ns.process_id
-        )
-    except ValueError as e:
-        raise flags.UsageError(str(e)) from e
+    flags.init_distributed(ns)
     flags.setup_gin(args)
 
     import gin
@@ -79,10 +69,10 @@ def main(argv: Sequence[str]) -> int:
         kwargs = {"vqgan": vqgan, "output_dir": folder, "split": split}
         if ns.vqgan_step is not None:
             kwargs["vqgan_step"] = ns.vqgan_step
-        try:
+        with flags.usage_errors(
+            ValueError, FileNotFoundError, RuntimeError, checkpoints.CheckpointError
+        ):
             result = fn(**kwargs)
-        except (ValueError, FileNotFoundError, RuntimeError, checkpoints.CheckpointError) as e:
-            raise flags.UsageError(_one_line(e)) from e
         if result.meta is not None:
             print(
                 f"{split}: {result.meta['num_examples']} examples in "

@@ -18,7 +18,6 @@ Writes `<workdir>/<prompt_id>_<rank>.png` and `<workdir>/manifest.json`.
 
 from __future__ import annotations
 
-import inspect
 import sys
 import warnings
 from collections.abc import Sequence
@@ -53,15 +52,13 @@ def main(argv: Sequence[str]) -> int:
         raise flags.UsageError(
             "pass --prompt TEXT (repeatable), --prompts_file FILE or --task NAME"
         )
-    workdir = flags.check_workdir(args.workdir)
-    flags.setup_gin(args)
-    flags.write_config(workdir)
+    workdir = flags.start_run(args)
 
     import gin
     from parti_jax import sampling
     from parti_jax.data.vocab import VocabularyError
     from parti_jax.train.checkpoints import CheckpointError
-    from parti_jax.upsampler.train import UpsamplerLoadError
+    from parti_jax.upsampler.inference import UpsamplerLoadError
 
     kwargs: dict = {"workdir": str(workdir), "progress": not ns.no_progress}
     for flag, name in (
@@ -72,7 +69,9 @@ def main(argv: Sequence[str]) -> int:
         if getattr(ns, flag):
             kwargs[name] = getattr(ns, flag)
     _check_required(sampling.sample_to_folder, set(kwargs))
-    try:
+    with flags.usage_errors(
+        ValueError, FileNotFoundError, CheckpointError, UpsamplerLoadError, VocabularyError
+    ):
         if ns.prompt is not None:
             kwargs["prompts"] = list(ns.prompt)
         elif ns.prompts_file is not None:
@@ -85,14 +84,6 @@ def main(argv: Sequence[str]) -> int:
             warnings.simplefilter("always", sampling.PromptTruncatedWarning)
             warnings.showwarning = _show_warning
             manifest = gin.get_configurable("sample")(**kwargs)
-    except (
-        ValueError,
-        FileNotFoundError,
-        CheckpointError,
-        UpsamplerLoadError,
-        VocabularyError,
-    ) as e:
-        raise flags.UsageError(_one_line(e)) from e
     flags.write_config(workdir, operative=True)
     print(f"wrote {len(manifest['images'])} image(s) and manifest.json to {workdir}")
     return 0
@@ -129,28 +120,14 @@ def task_prompts(task: str, split: str, num_prompts: int) -> tuple[list[str], li
 
 def _check_required(fn, given: set[str]) -> None:
     """Required arguments of `sample` must come from gin or a flag; names the missing ones."""
-    import gin
-
-    missing = []
-    for name, p in inspect.signature(fn).parameters.items():
-        if p.default is inspect.Parameter.empty and name not in given:
-            try:
-                gin.query_parameter(f"sample.{name}")
-            except ValueError:
-                missing.append(name)
+    missing = flags.missing_bindings("sample", flags.required_parameters(fn, given))
     if missing:
         raise flags.UsageError(
-            "missing: "
-            + ", ".join(f"sample.{m}" for m in missing)
-            + " (bind them in the gin file, e.g. --gin_file=runs/shapes_sample.gin, or pass "
+            f"missing: {', '.join(missing)}"
+            " (bind them in the gin file, e.g. --gin_file=runs/shapes_sample.gin, or pass "
             "--t2i / --vqgan)"
         )
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"parti-jax: warning: {message}", file=sys.stderr)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

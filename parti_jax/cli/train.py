@@ -14,13 +14,12 @@ same command again to resume.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 from parti_jax.cli import flags
+from parti_jax.cli.flags import EXIT_PREEMPTED
 
 DESCRIPTION = "Train the text-to-image encoder-decoder on precomputed codes."
-EXIT_PREEMPTED = 143
 
 
 def main(argv: Sequence[str]) -> int:
@@ -36,73 +35,24 @@ def main(argv: Sequence[str]) -> int:
         default=None,
         help="Regex of parameter paths to warm-start, e.g. 'encoder/.*' (default: all).",
     )
-    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0.")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    flags.add_distributed_flags(parser)
     args = flags.parse_args(parser, argv)
     ns = args.namespace
-    if not args.workdir:
-        raise flags.UsageError("--workdir is required (checkpoints, metrics.jsonl, config)")
-    if not args.gin_files:
-        raise flags.UsageError("pass --gin_file (e.g. --gin_file=runs/tiny_train.gin)")
-
-    # Before anything starts a jax backend.
-    from parti_jax.train import distributed
-
-    try:
-        distributed.maybe_initialize_distributed(
-            ns.coordinator_address, ns.num_processes, ns.process_id
-        )
-    except ValueError as e:
-        raise flags.UsageError(str(e)) from e
-
-    workdir = flags.check_workdir(args.workdir)
-    flags.setup_gin(args)
-    flags.write_config(workdir)
+    workdir = flags.start_distributed_run(
+        args, workdir_holds="checkpoints, metrics.jsonl, config", gin_example="runs/tiny_train.gin"
+    )
 
     import gin
-    from parti_jax.train import checkpoints, loop, t2i
+    from parti_jax.train import t2i
 
     train_fn = gin.config.get_configurable("train")
-    _check_required(t2i.train)
+    flags.check_required_bindings("train", flags.required_parameters(t2i.train))
     kwargs = {"workdir": str(workdir)}
     if ns.restore_from:
         kwargs["restore_from"] = ns.restore_from
     if ns.restore_include:
         kwargs["restore_include"] = ns.restore_include
-    try:
+    with flags.training_usage_errors():
         result = train_fn(**kwargs)
-    except (
-        ValueError,
-        PermissionError,
-        FileNotFoundError,
-        checkpoints.CheckpointError,
-        loop.NonFiniteLossError,
-    ) as e:
-        raise flags.UsageError(_one_line(e)) from e
     flags.write_config(workdir, operative=True)
     return EXIT_PREEMPTED if result.status == "preempted" else 0
-
-
-def _check_required(fn) -> None:
-    """Required keyword arguments of `train` must be bound in gin; name the missing ones."""
-    import gin
-
-    missing = []
-    for name, p in inspect.signature(fn).parameters.items():
-        if p.default is inspect.Parameter.empty and name != "workdir":
-            try:
-                gin.query_parameter(f"train.{name}")
-            except ValueError:
-                missing.append(name)
-    if missing:
-        raise flags.UsageError(
-            "missing gin binding(s): "
-            + ", ".join(f"train.{m}" for m in missing)
-            + " (set them in the gin file or with --gin.train.NAME=VALUE)"
-        )
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from parti_jax.cli import flags
-from parti_jax.cli.train import EXIT_PREEMPTED, _one_line
+from parti_jax.cli.flags import EXIT_PREEMPTED
 
 DESCRIPTION = "Train the ViT-VQGAN image tokenizer (or fine-tune its decoder)."
 REQUIRED = ("vqgan_config", "batch_size", "num_steps")
@@ -34,57 +34,24 @@ def main(argv: Sequence[str]) -> int:
         "with train_vqgan.freeze='encoder_and_codebook'); used only when --workdir has no "
         "checkpoint yet.",
     )
-    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0.")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    flags.add_distributed_flags(parser)
     args = flags.parse_args(parser, argv)
     ns = args.namespace
-    if not args.workdir:
-        raise flags.UsageError("--workdir is required (checkpoints, vqgan_meta.json, metrics)")
-    if not args.gin_files:
-        raise flags.UsageError("pass --gin_file (e.g. --gin_file=runs/tiny_vqgan.gin)")
-
-    from parti_jax.train import distributed
-
-    try:
-        distributed.maybe_initialize_distributed(
-            ns.coordinator_address, ns.num_processes, ns.process_id
-        )
-    except ValueError as e:
-        raise flags.UsageError(str(e)) from e
-
-    workdir = flags.check_workdir(args.workdir)
-    flags.setup_gin(args)
-    flags.write_config(workdir)
+    workdir = flags.start_distributed_run(
+        args,
+        workdir_holds="checkpoints, vqgan_meta.json, metrics",
+        gin_example="runs/tiny_vqgan.gin",
+    )
 
     import gin
-    from parti_jax.train import checkpoints, loop
 
-    missing = []
-    for name in REQUIRED:
-        try:
-            gin.query_parameter(f"train_vqgan.{name}")
-        except ValueError:
-            missing.append(f"train_vqgan.{name}")
-    if missing:
-        raise flags.UsageError(
-            f"missing gin binding(s): {', '.join(missing)} (set them in the gin file or with "
-            "--gin.train_vqgan.NAME=VALUE)"
-        )
+    flags.check_required_bindings("train_vqgan", REQUIRED)
     kwargs = {"workdir": str(workdir)}
     if ns.init_from:
         kwargs["init_from"] = ns.init_from
     train_fn = gin.config.get_configurable("train_vqgan")
-    try:
+    with flags.training_usage_errors():
         result = train_fn(**kwargs)
-    except (
-        ValueError,
-        PermissionError,
-        FileNotFoundError,
-        checkpoints.CheckpointError,
-        loop.NonFiniteLossError,
-    ) as e:
-        raise flags.UsageError(_one_line(e)) from e
     flags.write_config(workdir, operative=True)
     print(f"codebook hash {result.codebook_hash} at step {result.step} ({result.status})")
     return EXIT_PREEMPTED if result.status == "preempted" else 0

@@ -231,7 +231,13 @@ def run_coco_fid(
         return draw_captions(pool, num_prompts, prompt_seed)
 
     prompts = _load_or_draw(out_dir, draw, fingerprint)
-    settings = S.make_settings(
+    settings, outcome, pending = S.generate_suite(
+        generator,
+        out_dir,
+        prompts,
+        name="coco_fid",
+        process_index=process_index,
+        process_count=process_count,
         num_samples=num_samples,
         keep_top_k=keep_top_k,
         sampling_config=sampling_config,
@@ -241,18 +247,8 @@ def run_coco_fid(
         prompts_per_call=prompts_per_call,
         image_size=image_size,
     )
-    outcome = S.generate_prompts(
-        generator,
-        out_dir,
-        prompts,
-        settings,
-        process_index=process_index,
-        process_count=process_count,
-        name="coco_fid",
-    )
-    if not outcome.finalize:
-        index, count, _ = S.resolve_processes(process_index, process_count)
-        return S.pending_metrics("coco_fid", outcome, (index, count))
+    if pending is not None:
+        return pending
     result = fid_of_folder(
         out_dir,
         inception_params_path=inception_params_path,

@@ -127,7 +127,13 @@ def run_parti_prompts(
     prompts = parti_eval_prompts(
         prompts_path, categories=categories, challenges=challenges, limit=limit
     )
-    settings = S.make_settings(
+    settings, outcome, pending = S.generate_suite(
+        generator,
+        out_dir,
+        prompts,
+        name=NAME,
+        process_index=process_index,
+        process_count=process_count,
         num_samples=num_samples,
         keep_top_k=keep_top_k,
         sampling_config=sampling_config,
@@ -137,18 +143,8 @@ def run_parti_prompts(
         prompts_per_call=prompts_per_call,
         image_size=image_size,
     )
-    outcome = S.generate_prompts(
-        generator,
-        out_dir,
-        prompts,
-        settings,
-        process_index=process_index,
-        process_count=process_count,
-        name=NAME,
-    )
-    if not outcome.finalize:
-        index, count, _ = S.resolve_processes(process_index, process_count)
-        return S.pending_metrics(NAME, outcome, (index, count))
+    if pending is not None:
+        return pending
     metrics = {
         "suite": NAME,
         **parti_metrics(outcome.records),

@@ -380,7 +380,17 @@ def run_shapes(
     scenes = shapes_scenes(
         num_in_distribution, num_heldout, world_seed=world_seed, world_config=world_config
     )
-    settings = S.make_settings(
+    hook = make_judge_hook(
+        scenes, near_miss_seed=near_miss_seed, judge_config=judge_config, world_config=world_config
+    )
+    settings, outcome, pending = S.generate_suite(
+        generator,
+        out_dir,
+        [s.eval_prompt() for s in scenes],
+        name=NAME,
+        process_index=process_index,
+        process_count=process_count,
+        on_result=hook,
         num_samples=num_samples,
         keep_top_k=keep_top_k,
         sampling_config=sampling_config,
@@ -389,22 +399,8 @@ def run_shapes(
         batch_size=batch_size,
         prompts_per_call=prompts_per_call,
     )
-    hook = make_judge_hook(
-        scenes, near_miss_seed=near_miss_seed, judge_config=judge_config, world_config=world_config
-    )
-    outcome = S.generate_prompts(
-        generator,
-        out_dir,
-        [s.eval_prompt() for s in scenes],
-        settings,
-        process_index=process_index,
-        process_count=process_count,
-        on_result=hook,
-        name=NAME,
-    )
-    if not outcome.finalize:
-        index, count, _ = S.resolve_processes(process_index, process_count)
-        return S.pending_metrics(NAME, outcome, (index, count))
+    if pending is not None:
+        return pending
     wanted = {s.prompt_id for s in scenes}
     records = [r for r in outcome.records if r.prompt_id in wanted]
     metrics = {

@@ -478,6 +478,40 @@ def _marker_plan(folder: Path) -> str | None:
         return None
 
 
+def generate_suite(
+    generator: GeneratorLike,
+    out_dir: str | os.PathLike,
+    prompts: Sequence[EvalPrompt],
+    *,
+    name: str,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    on_result: ResultHook | None = None,
+    **settings: Any,
+) -> tuple[GenerationSettings, GenerationOutcome, dict | None]:
+    """A generating suite's common part: `make_settings(**settings)`, `generate_prompts`.
+
+    Returns (settings, outcome, pending): `pending` is the metrics to return
+    at once on a process that leaves the reports to another (else None).
+    """
+    gen_settings = make_settings(**settings)
+    outcome = generate_prompts(
+        generator,
+        out_dir,
+        prompts,
+        gen_settings,
+        process_index=process_index,
+        process_count=process_count,
+        on_result=on_result,
+        name=name,
+    )
+    pending = None
+    if not outcome.finalize:
+        index, count, _ = resolve_processes(process_index, process_count)
+        pending = pending_metrics(name, outcome, (index, count))
+    return gen_settings, outcome, pending
+
+
 def pending_metrics(name: str, outcome: GenerationOutcome, index_count: tuple[int, int]) -> dict:
     """What a process returns when another process writes the suite's reports."""
     i, n = index_count

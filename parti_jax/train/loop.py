@@ -32,11 +32,13 @@ from parti_jax import partitioning
 from parti_jax.train import distributed
 from parti_jax.train import metrics as metrics_lib
 from parti_jax.train.checkpoints import Checkpointer
-from parti_jax.train.state import TrainState
+from parti_jax.train.state import TrainState, create_sharded_train_state, train_state_shardings
 
 PyTree = Any
 LossFn = Callable[[PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 NAN_POLICIES = ("stop", "skip")
+# The VQGAN's and upsampler's default mesh: every device on 'data', parameters replicated.
+DATA_PARALLEL_MESH = partitioning.MeshConfig(data=-1, fsdp=1, tensor=1, rules="data_parallel")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -178,6 +180,67 @@ def make_global_batch(
         global_shape = (v.shape[0] * num_data_shards,) + v.shape[1:]
         out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
     return out
+
+
+def resolve_mesh(
+    mesh_config: Any, rules: Any, default: partitioning.MeshConfig
+) -> tuple[jax.sharding.Mesh, tuple]:
+    """A Mesh and rule table from a MeshConfig (or a ready Mesh) and a rule name/table/None.
+
+    `default` is the trainer's MeshConfig when none is given; a ready Mesh
+    without `rules` uses `default.rules`.
+    """
+    if isinstance(mesh_config, jax.sharding.Mesh):
+        mesh = mesh_config
+        rules = default.rules if rules is None else rules
+    else:
+        mesh_config = mesh_config or default
+        mesh = partitioning.create_mesh(mesh_config)
+        rules = mesh_config.rules if rules is None else rules
+    if isinstance(rules, str):
+        rules = partitioning.get_rules(rules)
+    return mesh, tuple(tuple(r) for r in rules)
+
+
+def init_or_restore_state(
+    checkpointer: Checkpointer,
+    init_fn: Callable,
+    tx: Any,
+    *,
+    mesh: jax.sharding.Mesh,
+    rules: Any,
+    seed: int,
+    data_iterator: Any,
+    allow_data_reshuffle: bool = False,
+    remake_data: Callable[[int], Any] | None = None,
+) -> tuple[TrainState, TrainState, Any, bool]:
+    """(state, state_shardings, data_iterator, resumed): the latest checkpoint, or a new state.
+
+    A resume restores straight into the shardings (nothing is initialised
+    first) along with the data position. When the data position could not be
+    restored because the number of data shards changed and
+    `allow_data_reshuffle` is set, `remake_data(step)` gives a fresh iterator.
+    Parameters are drawn from `PRNGKey(seed)`, the state's key is its fold-in 1.
+    """
+    key = jax.random.PRNGKey(seed)
+    init_kw = dict(mesh=mesh, rules=rules, rng=jax.random.fold_in(key, 1), init_rng=key)
+    if checkpointer.latest_step() is None:
+        state, state_shardings = create_sharded_train_state(init_fn, tx, **init_kw)
+        return state, state_shardings, data_iterator, False
+    abstract, state_shardings = train_state_shardings(init_fn, tx, **init_kw)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        state_shardings,
+    )
+    state, data_restored = checkpointer.restore(
+        target, data_iterator=data_iterator, allow_data_reshuffle=allow_data_reshuffle
+    )
+    step = int(jax.device_get(state.step))
+    if not data_restored and allow_data_reshuffle and remake_data is not None:
+        data_iterator = remake_data(step)
+    metrics_lib.console(f"resumed from {checkpointer.directory}/{step}")
+    return state, state_shardings, data_iterator, True
 
 
 def compile_step(
@@ -381,3 +444,36 @@ def run(
     elapsed = time.perf_counter() - t_start
     metrics_lib.console(f"{status}: step {step} ({step - start_step} steps in {elapsed:.1f}s)")
     return LoopResult(state=state, step=step, status=status, last_metrics=last)
+
+
+def run_session(
+    *,
+    mesh: jax.sharding.Mesh,
+    rules: Any,
+    workdir: str | Path,
+    checkpointer: Checkpointer,
+    tensorboard: bool | None = None,
+    finish: Callable[[LoopResult, metrics_lib.MetricWriter], None] | None = None,
+    **run_kwargs: Any,
+) -> LoopResult:
+    """`run` inside the mesh and its rules, with a metric writer; closes writer and checkpointer.
+
+    The trainers' common frame: a `MetricWriter` on `workdir` (process 0
+    writes), `run(**run_kwargs)`, then `finish(result, writer)` (e.g. a final
+    evaluation) still inside the mesh; the writer and checkpointer are closed
+    even when the run fails.
+    """
+    import flax.linen as nn
+
+    writer = metrics_lib.MetricWriter(
+        workdir, tensorboard=tensorboard, is_primary=jax.process_index() == 0
+    )
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            result = run(workdir=workdir, checkpointer=checkpointer, writer=writer, **run_kwargs)
+            if finish is not None:
+                finish(result, writer)
+    finally:
+        writer.close()
+        checkpointer.close()
+    return result

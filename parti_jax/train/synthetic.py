@@ -14,16 +14,15 @@ counter) is saved and restored like a tf.data iterator's.
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
+
+from parti_jax.train.data_position import StepPositionIterator
 
 EOS_ID = 1
 FIRST_TEXT_ID = 3  # after pad 0, eos 1, unk 2
 
 
-class SyntheticCodesIterator:
+class SyntheticCodesIterator(StepPositionIterator):
     """`next(it)` -> host-local batch dict (docs/DESIGN.md §3); `save` / `restore`."""
 
     def __init__(
@@ -56,9 +55,6 @@ class SyntheticCodesIterator:
         self.seed = seed
         self.num_classes = num_classes
         self.step = 0
-
-    def __iter__(self) -> SyntheticCodesIterator:
-        return self
 
     def _row(self, global_index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.step, global_index])
@@ -97,19 +93,3 @@ class SyntheticCodesIterator:
             "num_shards": self.num_shards,
             "seed": self.seed,
         }
-
-    def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".json", "w") as f:
-            json.dump({"step": self.step, **self._description()}, f)
-
-    def restore(self, path: str) -> None:
-        with open(path + ".json") as f:
-            saved = json.load(f)
-        for k, v in self._description().items():
-            if saved.get(k) != v:
-                raise ValueError(
-                    f"{path}.json: data position saved with {k}={saved.get(k)!r}, this run "
-                    f"has {k}={v!r}; resume with the same data settings"
-                )
-        self.step = int(saved["step"])

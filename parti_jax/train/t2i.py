@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,11 +29,7 @@ from parti_jax.models.transformer import EncoderDecoder
 from parti_jax.train import checkpoints, distributed, loop, optimizers
 from parti_jax.train import metrics as metrics_lib
 from parti_jax.train.optimizers import OptimizerConfig
-from parti_jax.train.state import (
-    TrainState,
-    create_sharded_train_state,
-    train_state_shardings,
-)
+from parti_jax.train.state import TrainState
 from parti_jax.train.synthetic import SyntheticCodesIterator
 
 log = logging.getLogger(__name__)
@@ -325,22 +320,6 @@ def _make_iterator(
     )
 
 
-def _resolve_mesh_and_rules(mesh_config: Any, rules: Any) -> tuple[jax.sharding.Mesh, Any]:
-    """A Mesh and rule table from a MeshConfig (or a ready Mesh) and a name/table/None."""
-    from parti_jax import partitioning
-
-    if isinstance(mesh_config, jax.sharding.Mesh):
-        mesh = mesh_config
-        rules = "fsdp" if rules is None else rules
-    else:
-        mesh_config = mesh_config or partitioning.MeshConfig()
-        mesh = partitioning.create_mesh(mesh_config)
-        rules = mesh_config.rules if rules is None else rules
-    if isinstance(rules, str):
-        rules = partitioning.get_rules(rules)
-    return mesh, tuple(tuple(r) for r in rules)
-
-
 def _layout_converter(ckpt_dir: Any, params: PyTree) -> Callable[[PyTree], PyTree] | None:
     """scan_to_unscanned / unscanned_to_scan when that makes the checkpoint's parameter
     names match this model's better than as saved; None when the layouts agree."""
@@ -486,9 +465,9 @@ def train(
         raise ValueError(
             f"num_micro_batches={num_micro_batches} must be >= 1 and divide batch_size={batch_size}"
         )
-    mesh, rules = _resolve_mesh_and_rules(mesh_config, rules)
     from parti_jax import partitioning
 
+    mesh, rules = loop.resolve_mesh(mesh_config, rules, partitioning.MeshConfig())
     partitioning.check_mesh_compat(model_config, mesh, rules)  # before anything compiles
     shard_index, num_shards, writer_proc = distributed.data_shard(mesh)
     if batch_size % num_shards:
@@ -539,8 +518,6 @@ def train(
         image = jnp.zeros((1, model_config.num_image_tokens), jnp.int32)
         return model.init({"params": key}, text, image)
 
-    key = jax.random.PRNGKey(seed)
-    init_kw = dict(mesh=mesh, rules=rules, rng=jax.random.fold_in(key, 1), init_rng=key)
     ckpt = checkpoints.Checkpointer(
         workdir_path,
         save_interval_steps=checkpoint_every,
@@ -548,23 +525,17 @@ def train(
         async_save=async_checkpoints,
         data_shard=checkpoints.DataShard(shard_index, num_shards, writer_proc),
     )
-    resumed = ckpt.latest_step() is not None
-    if resumed:
-        # Resume: restore straight into the shardings; nothing is initialised first.
-        abstract, state_shardings = train_state_shardings(init_fn, tx, **init_kw)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract,
-            state_shardings,
-        )
-        state, data_restored = ckpt.restore(
-            target, data_iterator=data, allow_data_reshuffle=allow_data_reshuffle
-        )
-        if not data_restored and allow_data_reshuffle:
-            data = make_data(seed=seed + int(jax.device_get(state.step)), split="train")
-        metrics_lib.console(f"resumed from {ckpt.directory}/{int(jax.device_get(state.step))}")
-    else:
-        state, state_shardings = create_sharded_train_state(init_fn, tx, **init_kw)
+    state, state_shardings, data, resumed = loop.init_or_restore_state(
+        ckpt,
+        init_fn,
+        tx,
+        data_iterator=data,
+        mesh=mesh,
+        rules=rules,
+        seed=seed,
+        allow_data_reshuffle=allow_data_reshuffle,
+        remake_data=lambda step: make_data(seed=seed + step, split="train"),
+    )
     if not resumed and restore_from:
         step_dir = checkpoints.resolve_checkpoint_dir(restore_from)
         params, names = checkpoints.restore_params_from(
@@ -646,30 +617,28 @@ def train(
         num_devices=mesh.size,
         peak_flops=metrics_lib.device_peak_flops(device_kind, peak_flops),
     )
-    writer = metrics_lib.MetricWriter(workdir_path, tensorboard=tensorboard, is_primary=is_primary)
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            result = loop.run(
-                train_step=jitted,
-                state=state,
-                data_iterator=data,
-                batch_sharding=bsh,
-                num_data_shards=num_shards,
-                num_steps=num_steps,
-                workdir=workdir_path,
-                checkpointer=ckpt,
-                writer=writer,
-                throughput=throughput,
-                log_every=log_every,
-                eval_every=eval_every,
-                eval_fn=eval_fn,
-                profile_steps=profile_steps,
-                nan_policy=nan_policy,
-                batch_hook=batch_hook,
-            )
+        result = loop.run_session(
+            mesh=mesh,
+            rules=rules,
+            workdir=workdir_path,
+            checkpointer=ckpt,
+            tensorboard=tensorboard,
+            train_step=jitted,
+            state=state,
+            data_iterator=data,
+            batch_sharding=bsh,
+            num_data_shards=num_shards,
+            num_steps=num_steps,
+            throughput=throughput,
+            log_every=log_every,
+            eval_every=eval_every,
+            eval_fn=eval_fn,
+            profile_steps=profile_steps,
+            nan_policy=nan_policy,
+            batch_hook=batch_hook,
+        )
     finally:
-        writer.close()
-        ckpt.close()
         if hash_file is not None:
             hash_file.close()
     return TrainResult(result.state, result.step, result.status, result.last_metrics)

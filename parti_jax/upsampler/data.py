@@ -10,14 +10,14 @@ size from 32 to 1024 pixels. Iterators keep a checkpointable data position
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from parti_jax.train.data_position import StepPositionIterator
 
 Array = jax.Array
 # The built-in, TensorFlow-free pixel source: the shapes world drawn at the output size.
@@ -40,7 +40,7 @@ def bicubic_upsample(images: Array, factor: int) -> Array:
     return jax.image.resize(images, (b, h * factor, w * factor, c), method="bicubic")
 
 
-class ShapesPixelsIterator:
+class ShapesPixelsIterator(StepPositionIterator):
     """Shapes-world images drawn at `image_size`, no TensorFlow: {'image' float32 [B, S, S, 3]}.
 
     Row r of batch t on shard i is example (t * batch_size + r) * num_shards + i
@@ -69,9 +69,6 @@ class ShapesPixelsIterator:
         self.seed = seed
         self.step = 0
 
-    def __iter__(self) -> ShapesPixelsIterator:
-        return self
-
     def __next__(self) -> dict[str, np.ndarray]:
         first = self.step * self.batch_size
         images = []
@@ -90,22 +87,6 @@ class ShapesPixelsIterator:
             "shard": [self.shard_index, self.num_shards],
             "seed": self.seed,
         }
-
-    def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".json", "w") as f:
-            json.dump({"step": self.step, **self._description()}, f)
-
-    def restore(self, path: str) -> None:
-        with open(path + ".json") as f:
-            saved = json.load(f)
-        for k, v in self._description().items():
-            if saved.get(k) != v:
-                raise ValueError(
-                    f"{path}.json: data position saved with {k}={saved.get(k)!r}, this run has "
-                    f"{k}={v!r}; resume with the same data settings"
-                )
-        self.step = int(saved["step"])
 
 
 class ReconstructionPairs:

@@ -39,21 +39,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from parti_jax.train import checkpoints, distributed, loop, optimizers
-from parti_jax.train import metrics as metrics_lib
 from parti_jax.train.optimizers import OptimizerConfig
-from parti_jax.train.state import (
-    TrainState,
-    create_sharded_train_state,
-    train_state_shardings,
-)
+from parti_jax.train.state import TrainState
 from parti_jax.upsampler.config import UpsamplerConfig
 from parti_jax.upsampler.data import (  # re-exported: the pair-making pieces
     SHAPES_WORLD,
@@ -63,11 +56,19 @@ from parti_jax.upsampler.data import (  # re-exported: the pair-making pieces
     bicubic_upsample,
     make_target_source,
 )
+from parti_jax.upsampler.inference import (  # re-exported: loading lives here for training
+    META_FILE,
+    LoadedUpsampler,
+    UpsamplerLoadError,
+    abstract_params,
+    make_upsample_fn,
+    read_upsampler_meta,
+)
 from parti_jax.upsampler.model import Upsampler
 from parti_jax.vqgan.discriminator import Discriminator, DiscriminatorConfig
-from parti_jax.vqgan.losses import LossConfig, discriminator_loss, generator_loss, psnr
+from parti_jax.vqgan.losses import LossConfig, generator_loss, psnr
 from parti_jax.vqgan.lpips import LPIPS, load_lpips_params
-from parti_jax.vqgan.train_step import BoundStep
+from parti_jax.vqgan.train_step import BoundStep, apply_adversarial_gradients
 
 __all__ = [
     "SHAPES_WORLD",
@@ -79,6 +80,7 @@ __all__ = [
     "bicubic_upsample",
     "eval_step",
     "load_upsampler",
+    "make_upsample_fn",
     "read_upsampler_meta",
     "train_step",
     "train_upsampler",
@@ -86,15 +88,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 PyTree = Any
 Array = jax.Array
-META_FILE = "upsampler_meta.json"
 META_VERSION = 1
 GENERATOR, DISCRIMINATOR = "generator", "discriminator"
 # AlexNet's stride-4 first layer needs at least this many pixels per side.
 MIN_ALEXNET_SIZE = 32
-
-
-class UpsamplerLoadError(ValueError):
-    """A work directory that holds no usable upsampler (no meta, no checkpoint)."""
 
 
 # ------------------------------------------------------------------ the step
@@ -167,29 +164,16 @@ def train_step(
         state.params[GENERATOR]
     )
     metrics = dict(metrics)
-    metrics["grad_norm"] = optax.tree.norm(g_grads)
-    metrics["learning_rate"] = learning_rate_fn(step)
-    grads = {GENERATOR: g_grads}
-    if d_params is not None:
-
-        def d_loss(params):
-            fn = functools.partial(discriminator.apply, {"params": params})
-            return discriminator_loss(fn, targets, pred, config=loss_config, step=step)
-
-        (_, d_metrics), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
-        d_metrics = dict(d_metrics)
-        d_metrics.pop("adversarial_on", None)
-        metrics.update(d_metrics)
-        metrics["disc_grad_norm"] = optax.tree.norm(d_grads)
-        grads[DISCRIMINATOR] = d_grads
-    new_state = state.apply_gradients(grads)
-    if d_params is not None:
-        on = step >= loss_config.adversarial_start_step
-        keep = functools.partial(jax.tree.map, lambda n, o: jnp.where(on, n, o))
-        params, opt_state = dict(new_state.params), dict(new_state.opt_state)
-        params[DISCRIMINATOR] = keep(params[DISCRIMINATOR], state.params[DISCRIMINATOR])
-        opt_state[DISCRIMINATOR] = keep(opt_state[DISCRIMINATOR], state.opt_state[DISCRIMINATOR])
-        new_state = new_state.replace(params=params, opt_state=opt_state)
+    new_state = apply_adversarial_gradients(
+        state,
+        g_grads,
+        metrics,
+        discriminator=discriminator,
+        loss_config=loss_config,
+        learning_rate_fn=learning_rate_fn,
+        real=targets,
+        fake=pred,
+    )
     baseline = jnp.clip(bicubic_upsample(inputs, scale), 0.0, 1.0)
     metrics["bicubic_psnr"] = jnp.mean(psnr(baseline, targets))
     metrics["psnr_gain"] = metrics["psnr"] - metrics["bicubic_psnr"]
@@ -217,23 +201,6 @@ def eval_step(params: PyTree, batch: Mapping[str, Array], *, model: Upsampler) -
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _resolve_mesh(mesh_config: Any, rules: Any) -> tuple[jax.sharding.Mesh, Any]:
-    """A Mesh and rule table; default: every device on 'data', parameters replicated."""
-    from parti_jax import partitioning
-
-    if isinstance(mesh_config, jax.sharding.Mesh):
-        mesh, rules = mesh_config, "data_parallel" if rules is None else rules
-    else:
-        mesh_config = mesh_config or partitioning.MeshConfig(
-            data=-1, fsdp=1, tensor=1, rules="data_parallel"
-        )
-        mesh = partitioning.create_mesh(mesh_config)
-        rules = mesh_config.rules if rules is None else rules
-    if isinstance(rules, str):
-        rules = partitioning.get_rules(rules)
-    return mesh, tuple(tuple(r) for r in rules)
 
 
 def _load_vqgan(vqgan_path: str, config: UpsamplerConfig) -> Any:
@@ -368,7 +335,7 @@ def train_upsampler(
     adversarial = loss_config.adversarial_weight > 0
     discriminator_config = discriminator_config or DiscriminatorConfig()
 
-    mesh, rules = _resolve_mesh(mesh_config, rules)
+    mesh, rules = loop.resolve_mesh(mesh_config, rules, loop.DATA_PARALLEL_MESH)
     shard_index, num_shards, writer_proc = distributed.data_shard(mesh)
     batch_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
     if batch_size % num_shards or batch_size % batch_devices:
@@ -423,8 +390,6 @@ def train_upsampler(
             variables[DISCRIMINATOR] = discriminator.init(jax.random.fold_in(key, 1), high)
         return variables
 
-    key = jax.random.PRNGKey(seed)
-    init_kw = dict(mesh=mesh, rules=rules, rng=jax.random.fold_in(key, 1), init_rng=key)
     ckpt = checkpoints.Checkpointer(
         workdir_path,
         save_interval_steps=checkpoint_every,
@@ -432,17 +397,9 @@ def train_upsampler(
         async_save=async_checkpoints,
         data_shard=checkpoints.DataShard(shard_index, num_shards, writer_proc),
     )
-    if ckpt.latest_step() is not None:
-        abstract, state_shardings = train_state_shardings(init_fn, tx, **init_kw)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract,
-            state_shardings,
-        )
-        state, _ = ckpt.restore(target, data_iterator=data)
-        metrics_lib.console(f"resumed from {ckpt.directory}/{int(jax.device_get(state.step))}")
-    else:
-        state, state_shardings = create_sharded_train_state(init_fn, tx, **init_kw)
+    state, state_shardings, data, _ = loop.init_or_restore_state(
+        ckpt, init_fn, tx, data_iterator=data, mesh=mesh, rules=rules, seed=seed
+    )
 
     is_primary = jax.process_index() == 0
     if is_primary:
@@ -511,27 +468,23 @@ def train_upsampler(
             out["psnr_gain"] = out.get("psnr", 0.0) - out.get("bicubic_psnr", 0.0)
             return out
 
-    writer = metrics_lib.MetricWriter(workdir_path, tensorboard=tensorboard, is_primary=is_primary)
-    try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            result = loop.run(
-                train_step=BoundStep(jitted, lpips_params),
-                state=state,
-                data_iterator=data,
-                batch_sharding=bsh,
-                num_data_shards=num_shards,
-                num_steps=num_steps,
-                workdir=workdir_path,
-                checkpointer=ckpt,
-                writer=writer,
-                log_every=log_every,
-                eval_every=eval_every,
-                eval_fn=eval_fn,
-                nan_policy=nan_policy,
-            )
-    finally:
-        writer.close()
-        ckpt.close()
+    result = loop.run_session(
+        mesh=mesh,
+        rules=rules,
+        workdir=workdir_path,
+        checkpointer=ckpt,
+        tensorboard=tensorboard,
+        train_step=BoundStep(jitted, lpips_params),
+        state=state,
+        data_iterator=data,
+        batch_sharding=bsh,
+        num_data_shards=num_shards,
+        num_steps=num_steps,
+        log_every=log_every,
+        eval_every=eval_every,
+        eval_fn=eval_fn,
+        nan_policy=nan_policy,
+    )
     return TrainResult(result.state, result.step, result.status, result.last_metrics)
 
 
@@ -544,45 +497,6 @@ def _eval_reconstruct(tokenizer: Any) -> Callable[[np.ndarray], np.ndarray] | No
 # ------------------------------------------------------------------ loading
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedUpsampler:
-    """A trained upsampler: config, generator parameters (host numpy) and its records."""
-
-    config: UpsamplerConfig
-    params: PyTree
-    meta: dict[str, Any]
-    step: int
-    checkpoint: str  # the `<workdir>/checkpoints/<step>` directory restored
-    meta_path: str
-
-    @property
-    def codebook_hash(self) -> str | None:
-        """Hash of the codebook of the VQGAN whose reconstructions it was trained on."""
-        return self.meta.get("codebook_hash")
-
-    def make_upsample_fn(self) -> Callable[[PyTree, Array], Array]:
-        """jitted (params, images [B, n, n, 3]) -> clipped [B, n*s, n*s, 3]."""
-        model = Upsampler(self.config)
-        return jax.jit(lambda p, x: model.apply({"params": p}, x, method=Upsampler.upsample))
-
-
-def read_upsampler_meta(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
-    """(meta, meta path) of an upsampler work directory, with a clear error if absent."""
-    meta_path = Path(path).expanduser() / META_FILE
-    if not meta_path.is_file():
-        raise UpsamplerLoadError(
-            f"{path}: not an upsampler work directory (no {META_FILE}); pass the --workdir "
-            "of `parti-jax train-upsampler`"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UpsamplerLoadError(f"{meta_path}: not valid JSON ({e})") from None
-    if "upsampler_config" not in meta:
-        raise UpsamplerLoadError(f"{meta_path}: no 'upsampler_config'; rewrite it by training")
-    return meta, str(meta_path)
-
-
 def load_upsampler(path: str | os.PathLike, *, step: int | None = None) -> LoadedUpsampler:
     """Loads the generator parameters of a train-upsampler work directory (latest step)."""
     meta, meta_path = read_upsampler_meta(path)
@@ -591,9 +505,9 @@ def load_upsampler(path: str | os.PathLike, *, step: int | None = None) -> Loade
     except (TypeError, ValueError) as e:
         raise UpsamplerLoadError(f"{meta_path}: bad upsampler_config ({e})") from None
     step_dir = checkpoints.resolve_checkpoint_dir(path, step)
-    low = jax.ShapeDtypeStruct((1, config.input_size, config.input_size, 3), jnp.float32)
-    abstract = nn.unbox(jax.eval_shape(Upsampler(config).init, jax.random.key(0), low))["params"]
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params(config)
+    )
     restored, _ = checkpoints.restore_params_from(
         step_dir, {GENERATOR: abstract}, include=f"^{GENERATOR}/"
     )

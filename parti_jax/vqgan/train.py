@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +38,7 @@ from parti_jax import partitioning
 from parti_jax.train import checkpoints, distributed, loop, optimizers
 from parti_jax.train import metrics as metrics_lib
 from parti_jax.train.optimizers import OptimizerConfig
-from parti_jax.train.state import TrainState, create_sharded_train_state, train_state_shardings
+from parti_jax.train.state import TrainState
 from parti_jax.vqgan import losses, lpips, train_data
 from parti_jax.vqgan import tokenizer as tokenizer_lib
 from parti_jax.vqgan.config import VQGANConfig
@@ -77,18 +76,6 @@ FROZEN_RESTORE = rf"^{GENERATOR}/(encoder/|quantizer/(in_proj|codebook)(/|$))"
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _resolve_mesh(mesh_config: Any, rules: Any) -> tuple[jax.sharding.Mesh, Any]:
-    if isinstance(mesh_config, jax.sharding.Mesh):
-        mesh, rules = mesh_config, ("data_parallel" if rules is None else rules)
-    else:
-        mesh_config = mesh_config or partitioning.MeshConfig(data=-1, fsdp=1, rules="data_parallel")
-        mesh = partitioning.create_mesh(mesh_config)
-        rules = mesh_config.rules if rules is None else rules
-    if isinstance(rules, str):
-        rules = partitioning.get_rules(rules)
-    return mesh, tuple(tuple(r) for r in rules)
 
 
 def _make_pixels(
@@ -413,7 +400,7 @@ def train_vqgan(
         **default_opt
     )
 
-    mesh, rules = _resolve_mesh(mesh_config, rules)
+    mesh, rules = loop.resolve_mesh(mesh_config, rules, loop.DATA_PARALLEL_MESH)
     shard_index, num_shards, writer_proc = distributed.data_shard(mesh)
     batch_devices = int(np.prod([mesh.shape[a] for a in partitioning.BATCH_MESH_AXES]))
     for what, n in (("data shards (hosts)", num_shards), ("data x fsdp devices", batch_devices)):
@@ -458,8 +445,6 @@ def train_vqgan(
             out[DISCRIMINATOR] = {"params": discriminator.init(d_key, images)["params"]}
         return out
 
-    key = jax.random.PRNGKey(seed)
-    init_kw = dict(mesh=mesh, rules=rules, rng=jax.random.fold_in(key, 1), init_rng=key)
     base_info = None
 
     def write_meta(step: int, st: TrainState) -> None:
@@ -495,25 +480,21 @@ def train_vqgan(
         data_shard=checkpoints.DataShard(shard_index, num_shards, writer_proc),
         write_meta=write_meta,
     )
-    resumed = ckpt.latest_step() is not None
-    if resumed:
-        abstract, state_shardings = train_state_shardings(init_fn, tx, **init_kw)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract,
-            state_shardings,
-        )
-        state, data_restored = ckpt.restore(
-            target, data_iterator=data, allow_data_reshuffle=allow_data_reshuffle
-        )
-        if not data_restored and allow_data_reshuffle:
-            start = int(jax.device_get(state.step))
-            data = make(split=split, batch_size=local_batch, seed=seed + start, train=True)
-        metrics_lib.console(f"resumed from {ckpt.directory}/{int(jax.device_get(state.step))}")
-    else:
-        state, state_shardings = create_sharded_train_state(init_fn, tx, **init_kw)
-        if init_from:
-            state, base_info = _warm_start(state, init_from, init_step, vqgan_config, freeze)
+    state, state_shardings, data, resumed = loop.init_or_restore_state(
+        ckpt,
+        init_fn,
+        tx,
+        data_iterator=data,
+        mesh=mesh,
+        rules=rules,
+        seed=seed,
+        allow_data_reshuffle=allow_data_reshuffle,
+        remake_data=lambda step: make(
+            split=split, batch_size=local_batch, seed=seed + step, train=True
+        ),
+    )
+    if not resumed and init_from:
+        state, base_info = _warm_start(state, init_from, init_step, vqgan_config, freeze)
 
     lpips_params = {}
     eval_net = "vgg16" if size < MIN_ALEXNET_SIZE else loss_config.perceptual_net
@@ -571,35 +552,34 @@ def train_vqgan(
             workdir=workdir_path,
         )
 
-    is_primary = jax.process_index() == 0
-    writer = metrics_lib.MetricWriter(workdir_path, tensorboard=tensorboard, is_primary=is_primary)
     throughput = metrics_lib.Throughput(
         examples_per_step=batch_size, tokens_per_step=tokens_per_step, num_devices=mesh.size
     )
-    try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            result = loop.run(
-                train_step=BoundStep(jitted, lpips_params),
-                state=state,
-                data_iterator=data,
-                batch_sharding=bsh,
-                num_data_shards=num_shards,
-                num_steps=num_steps,
-                workdir=workdir_path,
-                checkpointer=ckpt,
-                writer=writer,
-                throughput=throughput,
-                log_every=log_every,
-                eval_every=image_grid_every,
-                eval_fn=eval_fn,
-                nan_policy=nan_policy,
-            )
-            if eval_fn is not None and result.status == "done" and result.step % image_grid_every:
-                scores = {f"eval/{k}": v for k, v in eval_fn(result.state, result.step).items()}
-                writer.write(result.step, scores)
-    finally:
-        writer.close()
-        ckpt.close()
+
+    def final_eval(result: loop.LoopResult, writer: metrics_lib.MetricWriter) -> None:
+        if eval_fn is not None and result.status == "done" and result.step % image_grid_every:
+            scores = {f"eval/{k}": v for k, v in eval_fn(result.state, result.step).items()}
+            writer.write(result.step, scores)
+
+    result = loop.run_session(
+        mesh=mesh,
+        rules=rules,
+        workdir=workdir_path,
+        checkpointer=ckpt,
+        tensorboard=tensorboard,
+        finish=final_eval,
+        train_step=BoundStep(jitted, lpips_params),
+        state=state,
+        data_iterator=data,
+        batch_sharding=bsh,
+        num_data_shards=num_shards,
+        num_steps=num_steps,
+        throughput=throughput,
+        log_every=log_every,
+        eval_every=image_grid_every,
+        eval_fn=eval_fn,
+        nan_policy=nan_policy,
+    )
     final_hash = codebook_hash(_host_array(result.state.params[GENERATOR]["quantizer"]["codebook"]))
     return VQGANTrainResult(
         result.state, result.step, result.status, result.last_metrics, final_hash

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from parti_jax.train.data_position import StepPositionIterator
 
-class SyntheticImagesIterator:
+
+class SyntheticImagesIterator(StepPositionIterator):
     """`next(it)` -> {'image': float32 [B, S, S, 3] in [0, 1]}; `save` / `restore` its position.
 
     Each image: a random background colour and 1-3 random rectangles or discs
@@ -43,9 +44,6 @@ class SyntheticImagesIterator:
         self.num_shards = num_shards
         self.seed = seed
         self.step = 0
-
-    def __iter__(self) -> SyntheticImagesIterator:
-        return self
 
     def _image(self, global_index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.step, global_index])
@@ -77,22 +75,6 @@ class SyntheticImagesIterator:
             "num_shards": self.num_shards,
             "seed": self.seed,
         }
-
-    def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".json", "w") as f:
-            json.dump({"step": self.step, **self._description()}, f)
-
-    def restore(self, path: str) -> None:
-        with open(path + ".json") as f:
-            saved = json.load(f)
-        for k, v in self._description().items():
-            if saved.get(k) != v:
-                raise ValueError(
-                    f"{path}.json: data position saved with {k}={saved.get(k)!r}, this run "
-                    f"has {k}={v!r}; resume with the same data settings"
-                )
-        self.step = int(saved["step"])
 
 
 class PixelsIterator:

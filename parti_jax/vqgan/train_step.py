@@ -192,30 +192,16 @@ def train_step(
         g_params
     )
     metrics = {f"batch_{k}" if k in ("usage", "perplexity") else k: v for k, v in metrics.items()}
-    metrics["grad_norm"] = optax.tree.norm(g_grads)
-    metrics["learning_rate"] = learning_rate_fn(step)
-    grads = {GENERATOR: g_grads}
-    if d_params is not None:
-
-        def d_loss(params):
-            fn = functools.partial(discriminator.apply, {"params": params})
-            return losses.discriminator_loss(fn, images, recon, config=loss_config, step=step)
-
-        (_, d_metrics), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
-        d_metrics.pop("adversarial_on", None)
-        metrics.update(d_metrics)
-        metrics["disc_grad_norm"] = optax.tree.norm(d_grads)
-        grads[DISCRIMINATOR] = d_grads
-    new_state = state.apply_gradients(grads)
-    if d_params is not None:
-        # Before the start step the discriminator (and its optimizer count) stays as it was.
-        on = step >= loss_config.adversarial_start_step
-        params = dict(new_state.params)
-        opt_state = dict(new_state.opt_state)
-        keep = functools.partial(jax.tree.map, lambda n, o: jnp.where(on, n, o))
-        params[DISCRIMINATOR] = keep(params[DISCRIMINATOR], state.params[DISCRIMINATOR])
-        opt_state[DISCRIMINATOR] = keep(opt_state[DISCRIMINATOR], state.opt_state[DISCRIMINATOR])
-        new_state = new_state.replace(params=params, opt_state=opt_state)
+    new_state = apply_adversarial_gradients(
+        state,
+        g_grads,
+        metrics,
+        discriminator=discriminator,
+        loss_config=loss_config,
+        learning_rate_fn=learning_rate_fn,
+        real=images,
+        fake=recon,
+    )
 
     # Codebook bookkeeping and dead-code restarts (on the updated codebook).
     g_new = new_state.params[GENERATOR]
@@ -241,6 +227,54 @@ def train_step(
         new_state = loop.keep_if_finite(ok, new_state, state)
         metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics
+
+
+def apply_adversarial_gradients(
+    state: TrainState,
+    g_grads: PyTree,
+    metrics: dict[str, jax.Array],
+    *,
+    discriminator: Discriminator | None,
+    loss_config: losses.LossConfig,
+    learning_rate_fn: Callable[[jax.Array], jax.Array],
+    real: jax.Array,
+    fake: jax.Array,
+) -> TrainState:
+    """Applies the generator's gradients and, with a discriminator, its update; fills `metrics`.
+
+    Shared by the VQGAN and upsampler steps: the discriminator's loss
+    (logistic + R1) is taken on the same `real` / `fake` images the
+    generator's loss saw; before `LossConfig.adversarial_start_step` the
+    discriminator and its optimizer state stay as they were. Adds grad_norm,
+    learning_rate and (with a discriminator) its metrics and disc_grad_norm.
+    """
+    step = state.step
+    d_params = state.params.get(DISCRIMINATOR) if discriminator is not None else None
+    metrics["grad_norm"] = optax.tree.norm(g_grads)
+    metrics["learning_rate"] = learning_rate_fn(step)
+    grads = {GENERATOR: g_grads}
+    if d_params is not None:
+
+        def d_loss(params):
+            fn = functools.partial(discriminator.apply, {"params": params})
+            return losses.discriminator_loss(fn, real, fake, config=loss_config, step=step)
+
+        (_, d_metrics), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
+        d_metrics = dict(d_metrics)
+        d_metrics.pop("adversarial_on", None)
+        metrics.update(d_metrics)
+        metrics["disc_grad_norm"] = optax.tree.norm(d_grads)
+        grads[DISCRIMINATOR] = d_grads
+    new_state = state.apply_gradients(grads)
+    if d_params is not None:
+        # Before the start step the discriminator (and its optimizer count) stays as it was.
+        on = step >= loss_config.adversarial_start_step
+        keep = functools.partial(jax.tree.map, lambda n, o: jnp.where(on, n, o))
+        params, opt_state = dict(new_state.params), dict(new_state.opt_state)
+        params[DISCRIMINATOR] = keep(params[DISCRIMINATOR], state.params[DISCRIMINATOR])
+        opt_state[DISCRIMINATOR] = keep(opt_state[DISCRIMINATOR], state.opt_state[DISCRIMINATOR])
+        new_state = new_state.replace(params=params, opt_state=opt_state)
+    return new_state
 
 
 class BoundStep:

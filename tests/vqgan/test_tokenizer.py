@@ -15,23 +15,9 @@ from parti_jax.vqgan.losses import LossConfig
 from parti_jax.vqgan.tokenizer import ImageTokenizer, load_vqgan_meta
 from parti_jax.vqgan.train import train_vqgan
 from parti_jax.vqgan.train_data import SyntheticImagesIterator
+from tests.pipeline_fixtures import TINY_VQGAN
 
-TINY = VQGANConfig(
-    image_size=16,
-    patch_size=4,
-    encoder_width=32,
-    encoder_depth=1,
-    encoder_heads=2,
-    encoder_mlp_dim=64,
-    decoder_width=32,
-    decoder_depth=1,
-    decoder_heads=2,
-    decoder_mlp_dim=64,
-    codebook_size=64,
-    code_dim=8,
-    logit_laplace=False,
-    dtype="float32",
-)
+TINY = VQGANConfig(**TINY_VQGAN)
 
 
 def train_tiny(workdir, *, num_steps=2, config=TINY, **overrides):

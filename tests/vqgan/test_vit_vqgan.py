@@ -27,6 +27,7 @@ from parti_jax.partitioning import LAYERS
 from parti_jax.vqgan.config import VQGANConfig
 from parti_jax.vqgan.losses import LossConfig
 from parti_jax.vqgan.vit_vqgan import ViTVQGAN, param_count, patchify, unpatchify
+from tests.pipeline_fixtures import TINY_VQGAN
 
 # The ViT-VQGAN paper's per-stack sizes (encoder, decoder parameters); Parti pairs
 # a Small encoder with a Large decoder.
@@ -39,22 +40,7 @@ PAPER = {
 
 
 def tiny_config(**overrides) -> VQGANConfig:
-    fields = dict(
-        image_size=16,
-        patch_size=4,
-        encoder_width=32,
-        encoder_depth=1,
-        encoder_heads=2,
-        encoder_mlp_dim=64,
-        decoder_width=32,
-        decoder_depth=1,
-        decoder_heads=2,
-        decoder_mlp_dim=64,
-        codebook_size=64,
-        code_dim=8,
-    )
-    fields.update(overrides)
-    return VQGANConfig(**fields)
+    return VQGANConfig(**{**TINY_VQGAN, **overrides})
 
 
 def images(n: int = 2, size: int = 16, seed: int = 0) -> np.ndarray:
