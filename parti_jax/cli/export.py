@@ -74,10 +74,9 @@ def main(argv: Sequence[str]) -> int:
         kwargs["jax_export"] = False
     _check_required(set(kwargs))
     try:
-        export.check_destination(out.absolute(), overwrite=ns.overwrite)
-        info = gin.get_configurable("export")(out, overwrite=ns.overwrite, **kwargs)
-    except (ValueError, FileNotFoundError) as e:
-        raise flags.UsageError(flags._first_line(e)) from e
+        with flags.usage_errors(ValueError, FileNotFoundError):
+            export.check_destination(out.absolute(), overwrite=ns.overwrite)
+            info = gin.get_configurable("export")(out, overwrite=ns.overwrite, **kwargs)
     except OSError as e:
         raise flags.UsageError(
             f"{out}: cannot write the bundle ({e.strerror or e}); pass a --workdir you can write to"
@@ -97,27 +96,18 @@ def main(argv: Sequence[str]) -> int:
 def _inspect(path: str, *, as_json: bool) -> int:
     from parti_jax import export
 
-    try:
+    with flags.usage_errors(ValueError, FileNotFoundError):
         report = export.inspect_path(path)
-    except (ValueError, FileNotFoundError) as e:
-        raise flags.UsageError(flags._first_line(e)) from e
     print(json.dumps(report, indent=2) if as_json else export.format_inspection(report))
     return 0
 
 
 def _check_required(given: set[str]) -> None:
     """t2i_path and vqgan_path must come from gin or a flag; names the missing ones."""
-    import gin
-
-    missing = []
-    for name in ("t2i_path", "vqgan_path"):
-        if name not in given:
-            try:
-                gin.query_parameter(f"export.{name}")
-            except ValueError:
-                missing.append(name)
+    missing = flags.missing_bindings(
+        "export", [n for n in ("t2i_path", "vqgan_path") if n not in given]
+    )
     if missing:
         raise flags.UsageError(
-            "missing: " + ", ".join(f"export.{m}" for m in missing)
-            + " (pass --t2i / --vqgan or bind them in a gin file)"
-        )  # fmt: skip
+            "missing: " + ", ".join(missing) + " (pass --t2i / --vqgan or bind them in a gin file)"
+        )
