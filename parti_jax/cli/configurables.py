@@ -194,6 +194,36 @@ def _register_eval_suites() -> None:
     )
 
 
+def _register_demo() -> None:
+    """`parti-jax demo` (`demo.*`, parti_jax.demo.run_demo) and the shapes-world pixel source.
+
+    The CLI passes the work directory, the stage functions and the step counts
+    for the progress bars; gin binds the rest (`demo.sample_prompts`,
+    `demo.stages`, `demo.train_vocab`, ...). `shapes_world_pixels` is a
+    TensorFlow-free `data_factory` for train_vqgan:
+    `train_vqgan.data_factory = @shapes_world_pixels` with
+    `shapes_world_pixels.image_size = 32`. `ShapesWorldConfig` is the world
+    (parti_jax.data.shapes), e.g. for `register_shapes_task.config`, so that a
+    task draws scenes at the VQGAN's resolution instead of resizing them.
+    """
+    from parti_jax import demo
+    from parti_jax.data.shapes import ShapesWorldConfig
+    from parti_jax.upsampler.data import ShapesPixelsIterator
+
+    def shapes_world_pixels(*, image_size: int, **kwargs):
+        """ShapesPixelsIterator(image_size=..., batch_size=, shard_index=, num_shards=, seed=,
+        split=): shapes-world images drawn at `image_size`."""
+        return ShapesPixelsIterator(image_size=image_size, **kwargs)
+
+    gin.external_configurable(
+        demo.run_demo,
+        name="demo",
+        denylist=["workdir", "fns", "vqgan_steps", "t2i_steps", "upsampler_steps"],
+    )
+    _external(shapes_world_pixels, "shapes_world_pixels")
+    _external(ShapesWorldConfig, "ShapesWorldConfig")
+
+
 def _register_launch_export() -> None:
     """Launch targets and export (parti_jax.launch, parti_jax.export)."""
     from parti_jax.launch import LaunchSpec
@@ -235,6 +265,7 @@ def register_all() -> None:
         _register_sampling,
         _register_sample_upsampler,
         _register_eval_suites,
+        _register_demo,
         _register_launch_export,
         _register_export,
     ):

@@ -1,21 +1,117 @@
-"""`parti-jax demo`: The whole pipeline on the embedded shapes world, small and on CPU."""
+"""`parti-jax demo`: the whole pipeline on the embedded shapes world, small and on CPU.
+
+    parti-jax demo                              # everything, into ./demo_workdir
+    parti-jax demo --workdir=/tmp/demo          # elsewhere; run again to resume
+    parti-jax demo --stage=eval --stage=report  # only some stages (earlier ones done)
+    parti-jax demo --gin.train.num_steps=500    # any knob of gin/runs/demo.gin
+
+Stages: world, vocab, vqgan, codes, t2i, upsampler, sample, eval, report
+(parti_jax/demo.py). `gin/runs/demo.gin` is always parsed first (it includes
+each stage's run file); `--gin_file`s given here are parsed after it, as
+overrides. The demo's folder fixes every path: the codes task reads
+`<workdir>/codes`, the trainers write `<workdir>/<stage>`. A finished stage is
+skipped by the next run; an interrupted one resumes from its checkpoints. The
+report is `<workdir>/report/index.html`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from parti_jax.cli import flags
 
 DESCRIPTION = "The whole pipeline on the embedded shapes world, small and on CPU."
+DEMO_GIN = "runs/demo.gin"
+DEFAULT_WORKDIR = "demo_workdir"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _query(name: str, default=None):
+    import gin
+
+    try:
+        return gin.query_parameter(name)
+    except ValueError:
+        return default
 
 
 def main(argv: Sequence[str]) -> int:
     parser = flags.make_parser("demo", DESCRIPTION)
-    args = flags.parse_args(parser, argv)
-    flags.setup_gin(args)
-    if args.workdir:
-        flags.write_config(flags.check_workdir(args.workdir))
-    raise flags.UsageError(
-        "the `demo` stage is not built yet (tracked in issue 6); "
-        "flags and gin config were parsed and are valid"
+    parser.add_argument(
+        "--stage",
+        action="append",
+        default=[],
+        help="run only this stage (repeatable); default: all. Stages: world, vocab, vqgan, "
+        "codes, t2i, upsampler, sample, eval, report.",
     )
+    args = flags.parse_args(parser, argv)
+    args.gin_files = [DEMO_GIN, *args.gin_files]
+    workdir = Path(args.workdir or DEFAULT_WORKDIR).expanduser().absolute()
+
+    from parti_jax import demo as demo_lib
+
+    try:
+        stages = demo_lib.check_stages(args.namespace.stage or None)
+        demo_lib.prepare_workdir(workdir)
+    except demo_lib.DemoError as e:
+        raise flags.UsageError(str(e)) from None
+
+    import gin
+
+    flags.setup_gin(args, finalize=False)
+    # Paths come from the demo's folder, whatever the run files say.
+    gin.bind_parameter("register_codes_task.codes_dir", str(workdir / "codes"))
+    gin.finalize()
+    flags.write_config(workdir)
+
+    from parti_jax.eval import suites as S
+    from parti_jax.train import checkpoints
+
+    get = gin.config.get_configurable
+    suite_fns = {name: get(name) for name in S.SUITE_NAMES}
+    eval_fn = get("eval")
+
+    def evaluate(**kwargs):
+        return eval_fn(suite_fns=suite_fns, **kwargs)
+
+    def train_vocab(output_prefix: str) -> str:
+        from parti_jax.data.vocab import make_shapes_vocab
+
+        return make_shapes_vocab(output_prefix)
+
+    fns = demo_lib.DemoStageFns(
+        train_vqgan=get("train_vqgan"),
+        precompute_codes=get("precompute_codes"),
+        train_t2i=get("train"),
+        train_upsampler=get("train_upsampler"),
+        sample=get("sample"),
+        evaluate=evaluate,
+        train_vocab=train_vocab,
+    )
+    run = get("demo")
+    try:
+        chosen = {"stages": stages} if args.namespace.stage else {}
+        result = run(
+            workdir=str(workdir),
+            fns=fns,
+            **chosen,
+            vqgan_steps=_query("train_vqgan.num_steps"),
+            t2i_steps=_query("train.num_steps"),
+            upsampler_steps=_query("train_upsampler.num_steps"),
+        )
+    except (
+        demo_lib.DemoError,
+        ValueError,
+        FileNotFoundError,
+        PermissionError,
+        checkpoints.CheckpointError,
+    ) as e:
+        raise flags.UsageError(_one_line(e)) from None
+    flags.write_config(workdir, operative=True)
+    print(demo_lib.format_headline(result))
+    return 0

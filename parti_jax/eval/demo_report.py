@@ -1,0 +1,304 @@
+"""The demo's report: `<demo>/report/index.html`, one page that opens from the file system.
+
+It shows the headline (the shapes judge's accuracy on in-distribution and
+held-out scenes, the two-object share, the total time), the time each stage
+took, a loss curve per training stage (PNG plots drawn with matplotlib's Agg
+backend from the stage's metrics.jsonl, in `report/plots/`), the sampled
+images with their prompts, the world's preview and the VQGAN's reconstruction
+grid, and links to the eval suites' own reports. Every text is escaped
+(`parti_jax.eval.html`); images are linked by relative path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from parti_jax.eval import html as H
+
+REPORT_DIR = "report"
+PLOTS_DIR = "plots"
+# Training stages with a metrics.jsonl, their folder and the curves drawn (first found).
+CURVES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "vqgan": ("vqgan", ("loss", "l2", "eval/psnr")),
+    "t2i": ("t2i", ("loss", "eval/loss")),
+    "upsampler": ("upsampler", ("loss", "psnr", "eval/psnr")),
+}
+STAGE_WORDS: dict[str, str] = {
+    "world": "generate the shapes world (preview, splits)",
+    "vocab": "text vocabulary (SentencePiece)",
+    "vqgan": "train the ViT-VQGAN",
+    "codes": "precompute image codes",
+    "t2i": "train the encoder-decoder",
+    "upsampler": "train the upsampler",
+    "sample": "sample the prompt grid",
+    "eval": "eval: shapes judge + reconstruction",
+    "report": "this report",
+}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+    return rows
+
+
+def plot_curves(metrics_file: Path, keys: Sequence[str], out_png: Path, title: str) -> list[str]:
+    """Draws each of `keys` present in a metrics.jsonl against the step; returns those drawn.
+
+    Nothing is written when no key has a value (an empty list is returned).
+    """
+    rows = _read_jsonl(metrics_file)
+    series = {}
+    for key in keys:
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            series[key] = sorted(dict(points).items())  # a resumed run may repeat steps
+    if not series:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.0), squeeze=False)
+    for ax, (key, points) in zip(axes[0], series.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="." if len(points) < 30 else None)
+        ax.set_title(f"{title}: {key}", fontsize=9)
+        ax.set_xlabel("step")
+        if key.endswith("loss") and min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return list(series)
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100.0 * float(value):.1f}%"
+
+
+def _link(target: Path, report_dir: Path, text: str) -> str:
+    if not target.exists():
+        return H.esc(text) + ' <span class="muted">(not written)</span>'
+    href = H.image_src(H.relative_path(target, report_dir))
+    return f'<a href="{H.esc(href)}">{H.esc(text)}</a>'
+
+
+def _img(target: Path, report_dir: Path, title: str, caption: str | None = None) -> str:
+    return H.img_tag(H.relative_path(target, report_dir), title=title, caption=caption)
+
+
+def _headline_section(
+    eval_metrics: Mapping[str, Any], total: float, vqgan_summary: Mapping[str, Any]
+) -> str:
+    shapes_m = eval_metrics.get("shapes") or {}
+    ind, held = shapes_m.get("in_distribution") or {}, shapes_m.get("heldout") or {}
+    if not shapes_m:
+        return '<p id="headline" class="muted">No eval results yet (stage eval has not run).</p>'
+    scorer = shapes_m.get("scorer")
+    draws = shapes_m.get("num_samples")
+    how = (
+        f"{draws} draw(s) per caption, reranked by the judge itself (best-of-{draws})"
+        if scorer == "shapes_judge"
+        else f"{draws} draw(s) per caption, reranked by {scorer or 'the likelihood'}"
+        if draws and draws > 1
+        else "one draw per caption, no reranking"
+    )
+    rows = [
+        ["in-distribution accuracy", _pct(ind.get("accuracy")), ind.get("num_scenes")],
+        ["  one-object scenes", _pct((ind.get("one_object") or {}).get("accuracy")),
+         (ind.get("one_object") or {}).get("num_scenes")],
+        ["  two-object scenes", _pct((ind.get("two_objects") or {}).get("accuracy")),
+         (ind.get("two_objects") or {}).get("num_scenes")],
+        ["held-out accuracy (unseen colour-shape pairs)", _pct(held.get("accuracy")),
+         held.get("num_scenes")],
+        ["two-object share (in-distribution)", _pct(ind.get("two_object_share")), ""],
+        ["judge false-accept rate on near misses",
+         _pct((ind.get("near_miss") or {}).get("false_accept_rate")),
+         (ind.get("near_miss") or {}).get("num_captions")],
+        ["VQGAN reconstructions accepted by the judge (validation)",
+         _pct(vqgan_summary.get("reconstruction_judge_acceptance")),
+         vqgan_summary.get("judged_images", "")],
+        ["total time of all stages", f"{total:.0f} s", ""],
+    ]  # fmt: skip
+    return (
+        '<section id="headline"><h2>Headline</h2>'
+        + H.table(["", "value", "scenes"], rows, numeric={1, 2})
+        + f'<p class="muted">The shapes judge reads colour, shape, size, position and '
+        f"relations back from the pixels and accepts an image only if every attribute its "
+        f"caption states is right; {H.esc(how)}.</p></section>"
+    )
+
+
+def _stage_table(stage_seconds: Mapping[str, float], workdir: Path) -> str:
+    rows = []
+    for stage, words in STAGE_WORDS.items():
+        if stage == "report":
+            continue
+        seconds = stage_seconds.get(stage)
+        record = _read_json(workdir / "stages" / f"{stage}.json")
+        summary = record.get("summary") or {}
+        detail = "; ".join(
+            f"{k} {v}"
+            for k, v in summary.items()
+            if isinstance(v, (int, float, str)) and k != "page"
+        )
+        rows.append(
+            [stage, words, "not run" if seconds is None else f"{seconds:.1f}", detail[:120]]
+        )
+    total = sum(stage_seconds.values())
+    rows.append(["total", "", f"{total:.1f}", ""])
+    return (
+        '<section id="stage-times"><h2>Time per stage (seconds)</h2>'
+        + H.table(["stage", "what", "seconds", "summary"], rows, numeric={2})
+        + "</section>"
+    )
+
+
+def _samples_section(workdir: Path, report_dir: Path, heldout_prompts: Sequence[str]) -> str:
+    manifest = _read_json(workdir / "samples" / "manifest.json")
+    images = manifest.get("images") or []
+    if not images:
+        return '<section id="samples"><h2>Samples</h2><p class="muted">none yet</p></section>'
+    held = set(heldout_prompts)
+    cards = []
+    for entry in images:
+        if entry.get("rank") not in (0, None):
+            continue
+        prompt = str(entry.get("prompt", ""))
+        path = workdir / "samples" / str(entry.get("file", ""))
+        figures = _img(path, report_dir, prompt, "upsampled")
+        if entry.get("low_res_file"):
+            figures += _img(workdir / "samples" / str(entry["low_res_file"]), report_dir, prompt,
+                            "VQGAN output")  # fmt: skip
+        tag = '<span class="tag">held-out pair</span>' if prompt in held else ""
+        cards.append(
+            f'<article class="card"><div class="prompt">{H.esc(prompt)}</div>'
+            f'<div class="meta">{tag}score {H.esc(H.format_score(float(entry.get("score", 0.0))))}'
+            f'</div><div class="images">{figures}</div></article>'
+        )
+    sampling = manifest.get("sampling") or {}
+    words = ", ".join(f"{k} {v}" for k, v in sampling.items() if not isinstance(v, (dict, list)))
+    return (
+        '<section id="samples"><h2>Samples</h2>'
+        f'<p class="muted">{H.esc(words)}</p><div class="cards">{"".join(cards)}</div></section>'
+    )
+
+
+def _curves_section(workdir: Path, report_dir: Path) -> str:
+    figures = []
+    for stage, (folder, keys) in CURVES.items():
+        png = report_dir / PLOTS_DIR / f"{stage}_loss.png"
+        drawn = plot_curves(workdir / folder / "metrics.jsonl", keys, png, stage)
+        if drawn:
+            href = H.image_src(H.relative_path(png, report_dir))
+            figures.append(
+                f'<figure class="plot"><img src="{H.esc(href)}" alt="{H.esc(stage)} curves">'
+                f"<figcaption>{H.esc(stage)}: {H.esc(', '.join(drawn))}</figcaption></figure>"
+            )
+        else:
+            figures.append(f'<p class="muted">{H.esc(stage)}: no metrics logged yet</p>')
+    return '<section id="curves"><h2>Loss curves</h2>' + "".join(figures) + "</section>"
+
+
+def _vqgan_grid(workdir: Path) -> Path | None:
+    grids = sorted(
+        (workdir / "vqgan" / "images").glob("step_*.png"),
+        key=lambda p: int(p.stem.split("_")[-1]) if p.stem.split("_")[-1].isdigit() else -1,
+    )
+    return grids[-1] if grids else None
+
+
+def write_demo_report(
+    workdir: str | os.PathLike,
+    *,
+    stage_seconds: Mapping[str, float],
+    heldout_prompts: Sequence[str] = (),
+    machine: str = "",
+) -> Path:
+    """Writes `<workdir>/report/index.html` (+ plots/) from what the stages left; returns it."""
+    workdir = Path(workdir)
+    report_dir = workdir / REPORT_DIR
+    report_dir.mkdir(parents=True, exist_ok=True)
+    eval_metrics = _read_json(workdir / "eval" / "metrics.json")
+    total = float(sum(stage_seconds.values()))
+    extra = []
+    preview = workdir / "world" / "preview.png"
+    if preview.exists():
+        extra.append(_img(preview, report_dir, "shapes world: training examples", "world preview"))
+    grid = _vqgan_grid(workdir)
+    if grid is not None:
+        extra.append(
+            _img(
+                grid,
+                report_dir,
+                "validation images (top) and VQGAN reconstructions (bottom)",
+                "VQGAN: inputs / reconstructions",
+            )  # fmt: skip
+        )
+    recon = (eval_metrics.get("reconstruction") or {}).get("vqgan") or {}
+    recon_rows = [[k, H.format_score(v)] for k, v in sorted(recon.items()) if isinstance(v, float)]
+    links = " · ".join(
+        [
+            _link(workdir / "eval" / "shapes" / "report.html", report_dir, "shapes eval report"),
+            _link(workdir / "eval" / "index.html", report_dir, "all eval suites"),
+            _link(
+                workdir / "eval" / "reconstruction" / "report.html",
+                report_dir,
+                "reconstruction report",
+            ),  # fmt: skip
+            _link(workdir / "world" / "world.json", report_dir, "world.json"),
+        ]
+    )
+    body = (
+        "<header><h1>parti_jax demo: the shapes world</h1>"
+        f'<div class="muted">{H.esc(str(workdir))} · {H.esc(machine)}</div></header>'
+        + _headline_section(
+            eval_metrics,
+            total,
+            _read_json(workdir / "stages" / "vqgan.json").get("summary") or {},
+        )
+        + _stage_table(stage_seconds, workdir)
+        + _samples_section(workdir, report_dir, heldout_prompts)
+        + _curves_section(workdir, report_dir)
+        + '<section id="pictures"><h2>World and tokenizer</h2>'
+        + f'<div class="images">{"".join(extra)}</div>'
+        + (
+            H.table(["VQGAN reconstruction (validation)", "value"], recon_rows)
+            if recon_rows
+            else ""
+        )  # fmt: skip
+        + "</section>"
+        + f"<p>{links}</p>"
+    )
+    css = (
+        "<style>figure.plot img { width: auto; height: 260px; }"
+        " #pictures figure img { width: 256px; height: 256px; }"
+        " #samples figure img, #pictures figure img { image-rendering: pixelated; }</style>"
+    )
+    return H.write_page(report_dir / "index.html", H.page("parti_jax demo", body, head_extra=css))
