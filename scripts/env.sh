@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.parti_jax_installed_$EXTRAS"
 if [ ! -f "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ] || [ "$ROOT/constraints.txt" -nt "$stamp" ]; then
-  echo "[env] installing parti_jax[$EXTRAS] with constraints.txt (about a minute on a fresh machine)"
+  echo "[env] installing parti_jax[$EXTRAS] with constraints.txt (a few minutes on a fresh machine)"
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q -c "$ROOT/constraints.txt" -e "$ROOT[$EXTRAS]" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
   "$VENV/bin/python" -c "import parti_jax, jax, flax" || { echo "[env] install failed" >&2; exit 1; }

@@ -80,25 +80,6 @@ def read_captions(path: str) -> Iterator[str]:
     return _read_txt(p)
 
 
-def _task_captions(task: str, split: str, feature: str, limit: int) -> Iterator[str]:
-    import seqio  # noqa: PLC0415 - TensorFlow only for this source
-
-    import parti_jax.tasks  # noqa: F401, PLC0415 - registers the tasks
-
-    try:
-        t = seqio.get_mixture_or_task(task)
-    except ValueError as e:
-        raise flags.UsageError(f"--task={task}: {e}") from None
-    ds = t.get_dataset(split=split, shuffle=False, sequence_length=None)
-    if limit:
-        ds = ds.take(limit)
-    for ex in ds.as_numpy_iterator():
-        if feature not in ex:
-            raise flags.UsageError(f"--task={task}: no feature {feature!r} (has {sorted(ex)})")
-        value = ex[feature]
-        yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def _shapes_captions(n: int, seed: int) -> Iterator[str]:
     from parti_jax.data import shapes  # noqa: PLC0415
 
@@ -107,6 +88,8 @@ def _shapes_captions(n: int, seed: int) -> Iterator[str]:
 
 
 def main(argv: Sequence[str]) -> int:
+    from parti_jax.data import vocab  # noqa: PLC0415 - sentencepiece only when run
+
     parser = flags.make_parser("train-vocab", DESCRIPTION, workdir=False)
     src = parser.add_argument_group("caption source (exactly one)")
     src.add_argument("--input", help="captions file: .txt, .jsonl or .tsv")
@@ -150,12 +133,10 @@ def main(argv: Sequence[str]) -> int:
         texts = _shapes_captions(ns.shapes_examples, ns.shapes_seed)
         source = f"shapes world, {ns.shapes_examples} train captions"
     else:
-        texts = _task_captions(ns.task, ns.split, ns.text_feature, ns.max_examples)
+        texts = vocab.task_texts(ns.task, ns.split, ns.text_feature)
         source = f"task {ns.task}, split {ns.split}"
     if ns.max_examples:
         texts = islice(texts, ns.max_examples)
-
-    from parti_jax.data import vocab  # noqa: PLC0415
 
     try:
         path = vocab.train_sentencepiece(

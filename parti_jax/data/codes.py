@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import seqio
@@ -455,3 +456,37 @@ def _make_parser(codebook_size: int, grid: Sequence[int], codes_dtype: str):
         return {"id": example["id"], "text": example["text"], "image_codes": codes}
 
     return parse
+
+
+def check_codes_task(
+    task: Any,
+    *,
+    codebook_size: int,
+    grid: Sequence[int],
+    codebook_hash: str | None,
+    eval_split: str | None,
+) -> dict:
+    """Checks every codes_meta of a codes task or mixture (name or object) against a model.
+
+    Also checks that each task has `eval_split` (None: not evaluated). Returns
+    the first meta (empty when the sources carry none).
+    """
+    import seqio  # noqa: PLC0415 - TensorFlow only when a task is checked
+
+    import parti_jax.tasks  # noqa: F401, PLC0415 - registers the tasks
+
+    provider = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
+    tasks = list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+    first: dict = {}
+    for t in tasks:
+        for meta in getattr(t.source, "metas", {}).values():
+            validate_codes_meta(
+                meta, codebook_size=codebook_size, grid=grid, codebook_hash=codebook_hash
+            )
+            first = first or dict(meta)
+        if eval_split is not None and eval_split not in t.splits:
+            raise ValueError(
+                f"task {t.name} has no {eval_split!r} split for evaluation (it has "
+                f"{sorted(t.splits)}); set train.eval_split to one of them or train.eval_every=None"
+            )
+    return first

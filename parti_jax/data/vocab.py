@@ -294,6 +294,27 @@ def get_seqio_vocabulary(model_path: str | os.PathLike, extra_ids: int = 0):
     return seqio.SentencePieceVocabulary(str(model_path), extra_ids=extra_ids)
 
 
+def task_texts(task: str, split: str, feature: str = "text") -> Iterator[str]:
+    """The `feature` strings of a registered seqio task's split, in order (imports TensorFlow).
+
+    An unknown task or a missing feature is a VocabularyError.
+    """
+    import seqio  # noqa: PLC0415 - only this caption source needs TensorFlow
+
+    import parti_jax.tasks  # noqa: F401, PLC0415 - registers the tasks
+
+    try:
+        t = seqio.get_mixture_or_task(task)
+    except ValueError as e:
+        raise VocabularyError(str(e)) from None
+    ds = t.get_dataset(split=split, shuffle=False, sequence_length=None)
+    for ex in ds.as_numpy_iterator():
+        if feature not in ex:
+            raise VocabularyError(f"no feature {feature!r} (has {sorted(ex)})")
+        value = ex[feature]
+        yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def default_vocab_path() -> str:
     """Path of the shipped shapes-world vocabulary (`parti_jax/data/assets/shapes_sp.model`)."""
     return str(importlib.resources.files("parti_jax.data") / "assets" / "shapes_sp.model")

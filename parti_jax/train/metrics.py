@@ -90,12 +90,9 @@ def _to_float(v: Any) -> float | int:
 
 def _tensorboard_writer(logdir: Path) -> Any:
     try:
-        import tensorflow as tf
-        from clu import metric_writers
+        from parti_jax.data import summaries  # noqa: PLC0415 - TensorFlow lives in parti_jax.data
 
-        # The trainer owns the accelerators; TensorFlow must not claim them.
-        tf.config.set_visible_devices([], "GPU")
-        return metric_writers.create_default_writer(str(logdir), asynchronous=True)
+        return summaries.tensorboard_writer(logdir)
     except Exception as e:  # noqa: BLE001 - TensorBoard is optional.
         log.warning("TensorBoard summaries disabled (%s)", e)
         return None

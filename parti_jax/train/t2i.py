@@ -245,36 +245,6 @@ def t2i_flops_per_step(config: ModelConfig, batch_size: int, text_len: int) -> f
 # --------------------------------------------------------------- helpers
 
 
-def _check_codes_task(
-    task: Any, config: ModelConfig, codebook_hash: str | None, eval_split: str | None
-) -> dict:
-    """Checks a codes task's codes_meta (and eval split) against the model; returns a meta."""
-    import seqio  # the input pipeline needs TensorFlow/SeqIO anyway
-
-    import parti_jax.tasks  # noqa: F401
-    from parti_jax.data import codes as codes_lib
-
-    provider = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
-    tasks = list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
-    first = {}
-    for t in tasks:
-        source = t.source
-        for meta in getattr(source, "metas", {}).values():
-            codes_lib.validate_codes_meta(
-                meta,
-                codebook_size=config.codebook_size,
-                grid=config.image_grid,
-                codebook_hash=codebook_hash,
-            )
-            first = first or dict(meta)
-        if eval_split is not None and eval_split not in t.splits:
-            raise ValueError(
-                f"task {t.name} has no {eval_split!r} split for evaluation (it has "
-                f"{sorted(t.splits)}); set train.eval_split to one of them or train.eval_every=None"
-            )
-    return first
-
-
 def _make_iterator(
     *,
     task: Any,
@@ -493,8 +463,14 @@ def train(
     local_batch = batch_size // num_shards
     codes_meta = {}
     if task not in (None, "synthetic") and data_factory is None:
-        codes_meta = _check_codes_task(
-            task, model_config, codebook_hash, eval_split if eval_every else None
+        from parti_jax.data import codes as codes_lib  # noqa: PLC0415 - TensorFlow with the task
+
+        codes_meta = codes_lib.check_codes_task(
+            task,
+            codebook_size=model_config.codebook_size,
+            grid=model_config.image_grid,
+            codebook_hash=codebook_hash,
+            eval_split=eval_split if eval_every else None,
         )
     make_data = functools.partial(
         _make_iterator,
