@@ -179,20 +179,12 @@ def _first_line(e: BaseException) -> str:
 
 def check_workdir(workdir: str | os.PathLike) -> Path:
     """Creates the work directory and fails early (not after hours) if it is not writable."""
-    path = Path(workdir).expanduser()
-    if str(path).startswith("gs://"):
-        return path
+    from parti_jax.workdir import check_workdir as _check
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(
-            f"work directory {path} is not writable ({e.strerror or e}); "
-            "pass --workdir with a folder you can write to"
-        ) from e
-    return path
+        return _check(workdir)
+    except PermissionError as e:
+        raise UsageError(f"{e}".replace("pass a folder", "pass --workdir with a folder")) from e
 
 
 def write_config(workdir: str | os.PathLike, *, operative: bool = False) -> Path:

@@ -13,10 +13,8 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,6 +29,7 @@ from parti_jax.train import metrics as metrics_lib
 from parti_jax.train.optimizers import OptimizerConfig
 from parti_jax.train.state import TrainState
 from parti_jax.train.synthetic import SyntheticCodesIterator
+from parti_jax.workdir import check_workdir
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -322,22 +321,6 @@ def _batch_hash(local: Mapping[str, np.ndarray]) -> int:
     for k in sorted(local):
         h = zlib.crc32(np.ascontiguousarray(local[k]).tobytes(), h)
     return h & 0xFFFFFF  # exactly representable as a float in metrics.jsonl
-
-
-def check_workdir(workdir: str | os.PathLike) -> Path:
-    """Creates `workdir` and fails at start (not after hours) if it is not writable."""
-    path = Path(workdir).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(
-            f"work directory {path} is not writable ({e.strerror or e}); pass a folder you "
-            "can write to"
-        ) from e
-    return path
 
 
 # ------------------------------------------------------------------ train

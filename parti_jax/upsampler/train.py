@@ -303,7 +303,7 @@ def train_upsampler(
         (None: off).
       tensorboard: TensorBoard summaries (None: when TensorFlow is loaded).
     """
-    from parti_jax.train.t2i import check_workdir
+    from parti_jax.workdir import check_workdir
 
     workdir_path = check_workdir(workdir)
     loss_config = loss_config or LossConfig()

@@ -361,7 +361,7 @@ def train_vqgan(
       tensorboard: TensorBoard summaries (None: when TensorFlow is loaded).
     """
     workdir_path = Path(tokenizer_lib.meta_path(workdir)).parent
-    from parti_jax.train.t2i import check_workdir
+    from parti_jax.workdir import check_workdir
 
     check_workdir(workdir_path)
     loss_config = loss_config or losses.LossConfig()

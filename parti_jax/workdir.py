@@ -1,0 +1,29 @@
+"""Work-directory checks shared by the trainers and the command line (no jax import)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+
+def check_workdir(workdir: str | os.PathLike) -> Path:
+    """Creates `workdir` and fails at start (not after hours) if it is not writable.
+
+    Every process of a multi-process run calls this at once on the same folder,
+    so each writes and removes its own probe file (host name and pid in its name).
+    """
+    path = Path(workdir).expanduser()
+    if str(path).startswith("gs://"):
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe_{socket.gethostname()}_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(
+            f"work directory {path} is not writable ({e.strerror or e}); pass a folder you "
+            "can write to"
+        ) from e
+    return path
