@@ -190,9 +190,12 @@ def reinit_dead_codes(
         live = l2_normalize(jnp.asarray(codebook, jnp.float32))
         sim = jnp.where(dead[None, :], -jnp.inf, latents @ live.T)
         best = jnp.max(sim, axis=-1)
-        dist = jnp.where(jnp.isfinite(best), jnp.maximum(2.0 - 2.0 * best, 0.0), 1.0)
-        logits = jnp.log(dist + 1e-6)
-        picks = jax.random.categorical(rng, logits, shape=(k,))
+        dist = jnp.where(jnp.isfinite(best), jnp.maximum(2.0 - 2.0 * best, 0.0), 1.0) + 1e-6
+        # Inverse-CDF draws (K uniforms), not jax.random.categorical, which
+        # draws a Gumbel per (code, latent) pair: K x M numbers per call.
+        cdf = jnp.cumsum(dist)
+        u = jax.random.uniform(rng, (k,), jnp.float32) * cdf[-1]
+        picks = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), latents.shape[0] - 1)
     else:
         picks = jax.random.randint(rng, (k,), 0, latents.shape[0])
     replacement = latents[picks].astype(codebook.dtype)

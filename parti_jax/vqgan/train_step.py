@@ -127,9 +127,15 @@ def _update_codebook_stats(
     buffer = buffer.at[slots].set(flat)
     new["latents"] = buffer
     due = ((step + 1) % window == 0) & (step + 1 >= window)
-    replaced, dead = reinit_dead_codes(codebook, window_counts, buffer, reinit_rng, threshold)
-    num_dead = jnp.where(due, jnp.sum(dead.astype(jnp.int32)), 0)
-    codebook = jnp.where(due, replaced, codebook)
+
+    def restart(codebook):
+        replaced, dead = reinit_dead_codes(codebook, window_counts, buffer, reinit_rng, threshold)
+        return replaced, jnp.sum(dead.astype(jnp.int32))
+
+    # Only at the end of a window: a cond, not a where, so the other steps skip the work.
+    codebook, num_dead = jax.lax.cond(
+        due, restart, lambda c: (c, jnp.zeros([], jnp.int32)), codebook
+    )
     new["reinitialised"] = stats["reinitialised"] + num_dead
     metrics["dead_codes_reinitialised"] = num_dead.astype(jnp.float32)
     metrics["dead_codes_reinitialised_total"] = new["reinitialised"].astype(jnp.float32)
