@@ -144,6 +144,10 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_run):
     # The judge's acceptance of VQGAN reconstructions (issue 4's criterion), measured.
     vqgan = json.loads((wd / "stages" / "vqgan.json").read_text())["summary"]
     assert vqgan["judged_images"] == 8 and 0.0 <= vqgan["reconstruction_judge_acceptance"] <= 1
+    # Every summary value is in the stage table whole (floats to 4 digits), none cut off.
+    accepted = vqgan["reconstruction_judge_acceptance"]
+    assert f"reconstruction_judge_acceptance {accepted:.4g}" in table
+    assert f"codebook_hash {vqgan['codebook_hash']}" in table
     # Accuracy numbers from the eval stage, as in eval/metrics.json.
     metrics = json.loads((wd / "eval" / "metrics.json").read_text())["shapes"]
     ind = metrics["in_distribution"]["accuracy"]

@@ -155,6 +155,13 @@ def _headline_section(
     )
 
 
+def _summary_value(value: int | float | str) -> str:
+    """A stage summary's value for the table: floats to 4 significant digits."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def _stage_table(stage_seconds: Mapping[str, float], workdir: Path) -> str:
     rows = []
     for stage, words in STAGE_WORDS.items():
@@ -164,13 +171,11 @@ def _stage_table(stage_seconds: Mapping[str, float], workdir: Path) -> str:
         record = _read_json(workdir / "stages" / f"{stage}.json")
         summary = record.get("summary") or {}
         detail = "; ".join(
-            f"{k} {v}"
+            f"{k} {_summary_value(v)}"
             for k, v in summary.items()
             if isinstance(v, (int, float, str)) and k != "page"
         )
-        rows.append(
-            [stage, words, "not run" if seconds is None else f"{seconds:.1f}", detail[:120]]
-        )
+        rows.append([stage, words, "not run" if seconds is None else f"{seconds:.1f}", detail])
     total = sum(stage_seconds.values())
     rows.append(["total", "", f"{total:.1f}", ""])
     return (
