@@ -158,3 +158,19 @@ def test_loss_config_validation():
         LossConfig(l2_weight=-1)
     with pytest.raises(ValueError, match="perceptual_net"):
         LossConfig(perceptual_net="resnet")
+
+
+def test_l1_term_is_off_by_default_and_adds_the_mean_absolute_error():
+    x = jnp.asarray(_images())
+    recon = x + 0.1
+    off = LossConfig(perceptual_weight=0.0, adversarial_weight=0.0, logit_laplace_weight=0.0)
+    loss0, m0 = generator_loss(x, recon, config=off, step=0)
+    assert "l1" not in m0
+    on = LossConfig(
+        l1_weight=2.0, perceptual_weight=0.0, adversarial_weight=0.0, logit_laplace_weight=0.0
+    )
+    loss1, m1 = generator_loss(x, recon, config=on, step=0)
+    assert float(m1["l1"]) == pytest.approx(0.1, rel=1e-4)
+    assert float(loss1) == pytest.approx(float(loss0) + 2.0 * 0.1, rel=1e-4)
+    with pytest.raises(ValueError, match="l1_weight"):
+        LossConfig(l1_weight=-1.0)
