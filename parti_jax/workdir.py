@@ -7,11 +7,14 @@ import socket
 from pathlib import Path
 
 
-def check_workdir(workdir: str | os.PathLike) -> Path:
+def check_workdir(
+    workdir: str | os.PathLike, *, fix: str = "pass a folder you can write to"
+) -> Path:
     """Creates `workdir` and fails at start (not after hours) if it is not writable.
 
-    Every process of a multi-process run calls this at once on the same folder,
-    so each writes and removes its own probe file (host name and pid in its name).
+    `fix` ends the error message (the CLI names its flag). Every process of a
+    multi-process run calls this at once on the same folder, so each writes and
+    removes its own probe file (host name and pid in its name).
     """
     path = Path(workdir).expanduser()
     if str(path).startswith("gs://"):
@@ -23,7 +26,6 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
         probe.unlink()
     except OSError as e:
         raise PermissionError(
-            f"work directory {path} is not writable ({e.strerror or e}); pass a folder you "
-            "can write to"
+            f"work directory {path} is not writable ({e.strerror or e}); {fix}"
         ) from e
     return path

@@ -182,9 +182,9 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
     from parti_jax.workdir import check_workdir as _check
 
     try:
-        return _check(workdir)
+        return _check(workdir, fix="pass --workdir with a folder you can write to")
     except PermissionError as e:
-        raise UsageError(f"{e}".replace("pass a folder", "pass --workdir with a folder")) from e
+        raise UsageError(str(e)) from e
 
 
 def write_config(workdir: str | os.PathLike, *, operative: bool = False) -> Path:

@@ -157,7 +157,7 @@ def _headline_section(
 
 def _summary_value(value: int | float | str) -> str:
     """A stage summary's value for the table: floats to 4 significant digits."""
-    if isinstance(value, float) and not isinstance(value, bool):
+    if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
 
