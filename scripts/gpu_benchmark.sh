@@ -17,7 +17,9 @@
 # open with TensorBoard's profile plugin or xprof) and prints a summary table.
 #
 # Environment: PYTHON (default python), STEPS (timed steps, default 20),
-# XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.95).
+# XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.95), QUICK=1 (only the headline
+# figure of each target, each bench killed after BENCH_TIMEOUT seconds, default
+# 150: about 8 minutes on one H200, for a short device lease).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-$ROOT/benchmark_results/$(date -u +%Y%m%dT%H%M%SZ)}"
@@ -39,9 +41,18 @@ cd "$ROOT"
 } >"$OUT/host.txt" 2>&1
 cat "$OUT/host.txt"
 
+QUICK="${QUICK:-0}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-0}"
+[[ "$QUICK" == 1 && "$BENCH_TIMEOUT" == 0 ]] && BENCH_TIMEOUT=150
 bench() {
   echo "[gpu_benchmark] $*" | tee -a "$LOG"
-  if ! "$PY" -m parti_jax.cli.benchmark "$@" --output="$RESULTS" >>"$LOG" 2>&1; then
+  local run=("$PY" -m parti_jax.cli.benchmark)
+  [[ "$BENCH_TIMEOUT" != 0 ]] && run=(timeout -k 5 "$BENCH_TIMEOUT" "${run[@]}")
+  "${run[@]}" "$@" --output="$RESULTS" >>"$LOG" 2>&1
+  local rc=$?
+  if [[ $rc == 124 || $rc == 137 ]]; then
+    echo "[gpu_benchmark]   -> killed after ${BENCH_TIMEOUT} s (BENCH_TIMEOUT); no result" | tee -a "$LOG"
+  elif [[ $rc != 0 ]]; then
     echo "[gpu_benchmark]   -> failed; the reason is the \"error\" field in results.jsonl" | tee -a "$LOG"
   fi
 }
@@ -51,6 +62,14 @@ TRAIN=(train_step "${GPU[@]}" --steps="$STEPS" --warmup=3)
 M350=(--gin_file=models/parti_350m.gin --label=parti_350m)
 M3B=(--gin_file=models/parti_3b.gin --label=parti_3b)
 
+if [[ "$QUICK" == 1 ]]; then
+  # The headline figure of each target, cheapest first.
+  bench "${TRAIN[@]}" "${M350[@]}" --batch_size=32 --remat_policy=none
+  bench vqgan "${GPU[@]}" --gin_file=vqgan/small.gin --label=vqgan_small --vqgan_batch_size=256 --steps=10
+  bench sample "${GPU[@]}" "${M350[@]}" --num_prompts=16 --guidance=both --steps=3
+  bench "${TRAIN[@]}" "${M350[@]}" --batch_size=64 --remat_policy=dots_with_no_batch_dims_saveable
+  bench "${TRAIN[@]}" "${M3B[@]}" --batch_size=8 --remat_policy=full
+else
 # 1. Parti-350M training (target >= 45% MFU at 128 text / 1024 image tokens).
 for b in 8 16 32 64; do bench "${TRAIN[@]}" "${M350[@]}" --batch_size=$b --remat_policy=none; done
 for b in 64 128; do
@@ -83,6 +102,8 @@ for size in small base large; do
     bench vqgan "${GPU[@]}" --gin_file=vqgan/$size.gin --label=vqgan_$size --vqgan_batch_size=$b --steps=10
   done
 done
+
+fi
 
 # 5. Input pipeline (CPU; needs parti_jax installed with its [data] extras: TensorFlow, SeqIO).
 if "$PY" -c "import tensorflow, seqio, parti_jax.tasks" >/dev/null 2>&1; then

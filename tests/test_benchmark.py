@@ -157,6 +157,19 @@ def test_model_benchmarks_run_without_gin_or_tensorflow(tmp_path):
     assert results[0]["num_decoder_layers"] == 2  # the --gin. binding reached the model
 
 
+def test_a_foreign_gin_module_counts_as_no_gin(monkeypatch):
+    # An H200 host's image had a top-level `gin` module that is not gin-config;
+    # `import gin` succeeded and every benchmark died on `gin.external_configurable`.
+    import types
+
+    from parti_jax.cli import benchmark as bench_cli
+
+    monkeypatch.setitem(sys.modules, "gin", types.ModuleType("gin"))
+    assert not bench_cli._gin_available()
+    configs, bound = bench_cli.load_configs(["models/tiny.gin"], [], [])
+    assert configs["ModelConfig"].d_model == 32 and "ModelConfig" in bound
+
+
 # ------------------------------------------------------------------ FLOPs
 
 

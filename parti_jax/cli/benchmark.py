@@ -120,11 +120,14 @@ def _split_gin_bindings(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _gin_available() -> bool:
+    """Whether gin-config is importable. Another distribution also installs a
+    top-level `gin` module (seen on an accelerator host's image): it lacks
+    gin-config's API, so it counts as no gin and the literal reader is used."""
     try:
-        import gin  # noqa: F401
+        import gin
     except ImportError:
         return False
-    return True
+    return all(hasattr(gin, a) for a in ("external_configurable", "parse_config", "config_str"))
 
 
 def load_configs(
