@@ -9,7 +9,8 @@ enough that the whole pipeline trains on a CPU in minutes, and judgeable, as
 
 Every example is a pure function of (seed, split, index): random access, no
 state, the same scene at every resolution (geometry is stored in normalised
-coordinates). Splits:
+coordinates, by default on a 1/16 lattice: `ShapesWorldConfig.lattice`).
+Splits:
 
 - 'train' and 'validation': the same distribution of scenes (different random
   draws); no object has a (colour, shape) pair from `HELDOUT_COMBINATIONS`.
@@ -47,11 +48,15 @@ OPPOSITE_RELATION = {"left": "right", "right": "left", "above": "below", "below"
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 
 # Object extent (side of its bounding box) as a fraction of the image side.
-# The gap between the classes is what the judge's size threshold sits in.
-SIZE_EXTENTS: dict[str, tuple[float, float]] = {"small": (0.14, 0.17), "large": (0.23, 0.26)}
-SIZE_THRESHOLD = 0.2
+# The gap between the classes is what the judge's size threshold sits in. On
+# the default 1/16 lattice every small object is 3/16 and every large one 4/16
+# of the side (6 and 8 pixels at 32px).
+SIZE_EXTENTS: dict[str, tuple[float, float]] = {"small": (0.17, 0.19), "large": (0.24, 0.27)}
+SIZE_THRESHOLD = 0.215
 # Distance an object keeps from its cell's border (fraction of the image side),
 # so objects in neighbouring cells stay >= 2 * CELL_INSET apart and never touch.
+# On a lattice the box must keep a quarter of a lattice step from the border
+# instead (the cell borders, at thirds, are never lattice points).
 CELL_INSET = 0.025
 
 # (colour, shape) pairs never shown in 'train' / 'validation'; every 'heldout'
@@ -80,6 +85,11 @@ class ShapesWorldConfig:
     heldout_combinations: tuple[tuple[str, str], ...] = HELDOUT_COMBINATIONS
     size_stated_probability: float = 0.85  # captions with free size wording state it this often
     supersample: int = 4  # anti-aliasing: draw at this multiple, then box-downsample
+    # Objects' extents and box edges on a lattice of 1/lattice of the image side
+    # (0: continuous). The default 16 puts every edge on a pixel at 32px and
+    # on a 4x4 VQGAN patch border or its middle, so one shape of one size has
+    # a few renderings instead of a continuum; see docs/DESIGN.md, section 5.
+    lattice: int = 16
 
     def __post_init__(self):
         if not 32 <= self.resolution <= 1024:
@@ -108,6 +118,27 @@ class ShapesWorldConfig:
             )
         if self.supersample < 1:
             raise ValueError(f"ShapesWorldConfig.supersample={self.supersample}: must be >= 1")
+        if self.lattice:
+            if not 6 <= self.lattice <= 256:
+                raise ValueError(
+                    f"ShapesWorldConfig.lattice={self.lattice}: must be 0 (continuous) or in "
+                    "6..256 (coarser lattices cannot tell small from large objects)"
+                )
+            small, large = (_lattice_extent(z, self.lattice) / self.lattice for z in SIZES)
+            if not small < SIZE_THRESHOLD < large:
+                raise ValueError(
+                    f"ShapesWorldConfig.lattice={self.lattice}: small and large objects would be "
+                    f"{small:.3f} and {large:.3f} of the side, not on both sides of the judge's "
+                    f"size threshold {SIZE_THRESHOLD}; use 0 or another lattice, e.g. 16"
+                )
+            for size in SIZES:
+                for cell in range(3):
+                    if not _lattice_edges(self.lattice, _lattice_extent(size, self.lattice), cell):
+                        raise ValueError(
+                            f"ShapesWorldConfig.lattice={self.lattice}: a {size} object does not "
+                            f"fit inside a grid cell on this lattice; use 0 or another lattice, "
+                            "e.g. 16"
+                        )
 
     def allowed_pairs(self) -> list[tuple[str, str]]:
         """(colour, shape) pairs that train/validation scenes may use."""
@@ -196,16 +227,47 @@ def _split_id(split: str) -> int:
     return SPLITS[split]
 
 
-def _sample_object(rng: np.random.Generator, pair: tuple[str, str], cell: Cell) -> ObjectSpec:
+@functools.cache
+def _lattice_extent(size: str, lattice: int) -> int:
+    """A size's extent in lattice steps: the middle of its range, rounded (at least 1).
+    It can fall just outside SIZE_EXTENTS (e.g. 4/24 for small); the config checks
+    that the two sizes stay on both sides of SIZE_THRESHOLD."""
+    lo, hi = SIZE_EXTENTS[size]
+    return max(1, round((lo + hi) / 2.0 * lattice))
+
+
+@functools.cache
+def _lattice_edges(lattice: int, extent: int, cell: int) -> tuple[int, ...]:
+    """Lattice points k where a box [k, k + extent] (lattice steps) fits in grid cell
+    `cell` (0..2 along one axis) with a quarter step to spare on both sides."""
+    lo, hi = cell * lattice / 3.0 + 0.25, (cell + 1) * lattice / 3.0 - 0.25
+    return tuple(k for k in range(lattice + 1) if k >= lo and k + extent <= hi)
+
+
+def _sample_object(
+    rng: np.random.Generator, pair: tuple[str, str], cell: Cell, lattice: int = 0
+) -> ObjectSpec:
     color, shape = pair
     size = SIZES[int(rng.integers(len(SIZES)))]
     lo, hi = SIZE_EXTENTS[size]
-    extent = float(rng.uniform(lo, hi))
+    extent = float(rng.uniform(lo, hi))  # drawn on a lattice too: the same stream of draws
+    if lattice:
+        extent = _lattice_extent(size, lattice) / lattice
     # Jitter the centre inside the cell, keeping the box CELL_INSET from the border.
     slack = max(0.0, 1.0 / 6.0 - extent / 2.0 - CELL_INSET)
     row, col = cell
     cx = (col + 0.5) / 3.0 + float(rng.uniform(-slack, slack))
     cy = (row + 0.5) / 3.0 + float(rng.uniform(-slack, slack))
+    if lattice:
+        # The fitting lattice position nearest to the jittered one.
+        n = round(extent * lattice)
+
+        def snap(c: float, cell_index: int) -> float:
+            edges = _lattice_edges(lattice, n, cell_index)
+            k = min(edges, key=lambda e: abs(e - (c - extent / 2.0) * lattice))
+            return (k + n / 2.0) / lattice
+
+        cx, cy = snap(cx, col), snap(cy, row)
     return ObjectSpec(
         shape=shape, color=color, size=size, cell=cell, center=(cx, cy), extent=extent
     )
@@ -228,7 +290,7 @@ def sample_scene(rng: np.random.Generator, split: str, config: ShapesWorldConfig
     if not two:
         pair = _pick(rng, heldout if split == "heldout" else allowed)
         cell = (int(rng.integers(3)), int(rng.integers(3)))
-        return SceneSpec(objects=(_sample_object(rng, pair, cell),))
+        return SceneSpec(objects=(_sample_object(rng, pair, cell, config.lattice),))
     if split == "heldout":
         pair_h = _pick(rng, heldout)
         pool = [p for p in allowed + heldout if p != pair_h]
@@ -238,8 +300,8 @@ def sample_scene(rng: np.random.Generator, split: str, config: ShapesWorldConfig
         pair_a = _pick(rng, allowed)
         pairs = (pair_a, _pick(rng, [p for p in allowed if p != pair_a]))
     cells = rng.choice(9, size=2, replace=False)
-    a = _sample_object(rng, pairs[0], (int(cells[0]) // 3, int(cells[0]) % 3))
-    b = _sample_object(rng, pairs[1], (int(cells[1]) // 3, int(cells[1]) % 3))
+    a = _sample_object(rng, pairs[0], (int(cells[0]) // 3, int(cells[0]) % 3), config.lattice)
+    b = _sample_object(rng, pairs[1], (int(cells[1]) // 3, int(cells[1]) % 3), config.lattice)
     relation = _pick(rng, true_relations(a, b))
     return SceneSpec(objects=(a, b), relation=relation)
 

@@ -15,7 +15,7 @@ import dataclasses
 import jax.numpy as jnp
 
 OUTPUTS = ("sigmoid", "linear")
-POSITION_EMBEDDINGS = ("learned", "sinusoidal")
+POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
 ATTENTION_IMPLS = ("xla", "cudnn", None)
 
 
@@ -51,7 +51,9 @@ class VQGANConfig:
     logit_laplace: bool = False
     # Images are squeezed into (eps, 1 - eps) for the logit-Laplace likelihood (DALL-E: 0.1).
     logit_laplace_eps: float = 0.1
-    # 'learned' position tables or fixed 2-D 'sinusoidal' ones (no parameters).
+    # 'learned' position tables, fixed 2-D 'sinusoidal' ones (no parameters), or
+    # 'none': with local attention (attention_window > 0) the stacks are then
+    # translation-equivariant, and a patch's code does not depend on where it is.
     position_embedding: str = "learned"
     # Computation dtype of matmuls and attention (bfloat16 on accelerators);
     # norms, the quantizer lookup and the outputs stay float32.
@@ -60,6 +62,12 @@ class VQGANConfig:
     weight_dtype: str = "float32"
     # Dropout rate on attention outputs and MLP outputs inside the blocks.
     dropout: float = 0.0
+    # Local attention: each patch attends only to patches within this many grid
+    # steps (Chebyshev distance: 1 is a 3x3 neighbourhood), in both stacks;
+    # 0 (the paper's) attends globally. Local attention keeps a patch's code a
+    # function of its neighbourhood, so a flat background is one code wherever
+    # it is, rather than a code that also says where the objects are.
+    attention_window: int = 0
     # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (GPU) or None (jax picks).
     attention_impl: str | None = "xla"
     # Stack each stack's blocks with nn.scan (one compiled block; parameters get a 'layers' axis).
@@ -72,6 +80,11 @@ class VQGANConfig:
             raise ValueError(
                 f"VQGANConfig.image_size={self.image_size} is not a multiple of "
                 f"VQGANConfig.patch_size={self.patch_size}; pick sizes that divide"
+            )
+        if self.attention_window < 0:
+            raise ValueError(
+                f"VQGANConfig.attention_window={self.attention_window}: must be >= 0 "
+                "(0: global attention; w: a (2w+1)x(2w+1) neighbourhood of patches)"
             )
         for side in ("encoder", "decoder"):
             width, heads = getattr(self, f"{side}_width"), getattr(self, f"{side}_heads")

@@ -67,6 +67,7 @@ ENCODER_FIELDS = (
     "codebook_size",
     "code_dim",
     "position_embedding",
+    "attention_window",
     "dtype",
 )
 # AlexNet's strided convolutions and pools leave nothing of smaller images (LPIPS is NaN).

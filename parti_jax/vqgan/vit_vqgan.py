@@ -84,6 +84,14 @@ def sincos_2d(grid: int, width: int) -> np.ndarray:
     return np.concatenate(out, axis=1).astype(np.float32)
 
 
+def local_attention_mask(grid: int, window: int) -> np.ndarray:
+    """bool [N, N] (N = grid**2, row-major patches): True where patch j lies within
+    `window` grid steps of patch i along both axes."""
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    near = np.abs(rows[:, None] - rows[None, :]) <= window
+    return near & (np.abs(cols[:, None] - cols[None, :]) <= window)
+
+
 def patchify(images: Array, patch: int) -> Array:
     """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], patches in row-major order."""
     b, h, w, c = images.shape
@@ -147,7 +155,10 @@ class Attention(nn.Module):
         q = HeadsProjection(*args, name="query")(x)
         k = HeadsProjection(*args, name="key")(x)
         v = HeadsProjection(*args, name="value")(x)
-        y = jax.nn.dot_product_attention(q, k, v, implementation=cfg.attention_impl)
+        mask = None
+        if cfg.attention_window:
+            mask = jnp.asarray(local_attention_mask(cfg.grid, cfg.attention_window))[None, None]
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
         return HeadsProjection(*args, to_heads=False, name="out")(y)
 
 
@@ -242,6 +253,8 @@ class PositionEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        if self.config.position_embedding == "none":
+            return x
         if self.config.position_embedding == "sinusoidal":
             table = jnp.asarray(sincos_2d(self.grid, self.width))
         else:

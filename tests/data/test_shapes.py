@@ -1,5 +1,6 @@
 """The shapes world: determinism, splits, geometry, captions, parsing and near misses."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -62,6 +63,39 @@ def test_same_scene_at_every_resolution_and_objects_never_touch(resolution):
             assert (int(o.center[1] * 3), int(o.center[0] * 3)) == o.cell
 
 
+@pytest.mark.parametrize("lattice", [0, 16, 24])
+def test_geometry_on_the_lattice_or_continuous(lattice):
+    cfg = shapes.ShapesWorldConfig(lattice=lattice)
+    margin = 0.25 / lattice if lattice else shapes.CELL_INSET
+    extents, edges = set(), set()
+    for i in range(200):
+        spec, caption = shapes.generate_scene(i, "train", config=cfg)
+        # The lattice moves objects, never what the caption says.
+        assert (
+            caption
+            == shapes.generate_scene(i, "train", config=dataclasses.replace(cfg, lattice=0))[1]
+        )
+        for o in spec.objects:
+            lo, hi = shapes.SIZE_EXTENTS[o.size]
+            if lattice:  # the size's lattice extent, on its side of the judge's threshold
+                assert (o.extent < shapes.SIZE_THRESHOLD) == (o.size == "small")
+            else:
+                assert lo <= o.extent <= hi
+            assert (int(o.center[1] * 3), int(o.center[0] * 3)) == o.cell
+            extents.add((o.size, round(o.extent, 9)))
+            for c, k in zip(o.center, o.cell[::-1]):
+                left = c - o.extent / 2
+                # Inside its grid cell, with a margin.
+                assert k / 3 + margin <= left + 1e-9
+                assert left + o.extent <= (k + 1) / 3 - margin + 1e-9
+                edges.add(round(left * lattice, 6) if lattice else left)
+    if lattice:
+        assert len(extents) == 2  # one extent per size
+        assert all(e == int(e) for e in edges)  # every box edge on the lattice
+    else:
+        assert len(extents) > 200 and len(edges) > 400  # a continuum
+
+
 def test_rendered_colours_and_background():
     ex = next(
         e for e in shapes.iterate_examples("train", num_examples=50) if len(e.spec.objects) == 1
@@ -98,6 +132,10 @@ def test_config_validation_names_the_field():
         shapes.ShapesWorldConfig(resolution=16)
     with pytest.raises(ValueError, match="unknown colour 'orange'"):
         shapes.ShapesWorldConfig(colors=("red", "orange"))
+    with pytest.raises(ValueError, match=r"lattice=6: a (small|large) object does not fit"):
+        shapes.ShapesWorldConfig(lattice=6)
+    with pytest.raises(ValueError, match="lattice=300"):
+        shapes.ShapesWorldConfig(lattice=300)
     cfg = shapes.ShapesWorldConfig(colors=("red", "yellow"), shapes=("circle", "triangle"))
     with pytest.raises(ValueError, match="'heldout' split is empty"):
         shapes.generate_example(0, "heldout", config=cfg)

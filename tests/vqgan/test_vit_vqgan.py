@@ -201,6 +201,42 @@ def test_sinusoidal_positions_have_no_table():
     assert variables["params"]["encoder"]["position_embedding"]["table"].value.shape == (16, 32)
 
 
+def test_local_attention_without_positions_codes_a_patch_by_its_neighbourhood():
+    # An 8x8 grid, window 1, one block per stack: a patch's encoder output sees
+    # patches at most 1 step away; without position embeddings a patch's code does
+    # not depend on where it is.
+    local = tiny_config(
+        image_size=32, attention_window=1, position_embedding="none", codebook_size=512
+    )
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    x[0, 4:10, 4:10] = (1.0, 0.1, 0.1)  # an object in patches (1..2, 1..2)
+    far = x.copy()
+    far[0, 24:32, 24:32] = (0.1, 0.2, 1.0)  # something else in patches (6..7, 6..7)
+
+    def features(cfg):
+        model, variables = init(cfg)
+        fn = jax.jit(lambda v, im: model.apply(v, im, method=lambda m, im: m.encoder(im)))
+        return np.asarray(fn(variables, x)), np.asarray(fn(variables, far))
+
+    near_a, near_b = (f.reshape(8, 8, -1)[:4, :4] for f in features(local))
+    np.testing.assert_allclose(near_a, near_b, atol=1e-6)  # the far change is invisible
+    glob_a, glob_b = (f.reshape(8, 8, -1)[:4, :4] for f in features(tiny_config(image_size=32)))
+    assert np.abs(glob_a - glob_b).max() > 1e-4  # global attention sees it
+
+    model, variables = init(local)
+    codes = np.asarray(
+        jax.jit(lambda v, im: model.apply(v, im, method=ViTVQGAN.encode))(variables, x)
+    )
+    rows, cols = np.mgrid[0:8, 0:8]
+    # Background patches away from the object and the image border: all one code.
+    inner = (
+        (np.maximum(np.abs(rows - 1.5), np.abs(cols - 1.5)) > 2.5) & (rows % 7 > 0) & (cols % 7 > 0)
+    )
+    assert inner.sum() >= 10 and len(np.unique(codes[0][inner])) == 1
+    with pytest.raises(ValueError, match="attention_window=-1"):
+        tiny_config(attention_window=-1)
+
+
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_sizes_per_stack(name):
     cfg, loss_cfg = gin_config(name)
