@@ -55,8 +55,9 @@ SIZE_EXTENTS: dict[str, tuple[float, float]] = {"small": (0.17, 0.19), "large": 
 SIZE_THRESHOLD = 0.215
 # Distance an object keeps from its cell's border (fraction of the image side),
 # so objects in neighbouring cells stay >= 2 * CELL_INSET apart and never touch.
-# On a lattice the box must keep a quarter of a lattice step from the border
-# instead (the cell borders, at thirds, are never lattice points).
+# On a lattice the box keeps at least a quarter of a lattice step from the
+# cell border instead: box edges are lattice points, so objects in neighbouring
+# cells are still at least one lattice step apart.
 CELL_INSET = 0.025
 
 # (colour, shape) pairs never shown in 'train' / 'validation'; every 'heldout'

@@ -66,7 +66,8 @@ class VQGANConfig:
     # steps (Chebyshev distance: 1 is a 3x3 neighbourhood), in both stacks;
     # 0 (the paper's) attends globally. Local attention keeps a patch's code a
     # function of its neighbourhood, so a flat background is one code wherever
-    # it is, rather than a code that also says where the objects are.
+    # it is, rather than a code that also says where the objects are. Passed to
+    # jax.nn.dot_product_attention as a boolean mask (tested on the XLA path).
     attention_window: int = 0
     # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (GPU) or None (jax picks).
     attention_impl: str | None = "xla"
