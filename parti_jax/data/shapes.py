@@ -252,8 +252,9 @@ def _sample_object(
     size = SIZES[int(rng.integers(len(SIZES)))]
     lo, hi = SIZE_EXTENTS[size]
     extent = float(rng.uniform(lo, hi))  # drawn on a lattice too: the same stream of draws
+    n = _lattice_extent(size, lattice) if lattice else 0  # extent in lattice steps
     if lattice:
-        extent = _lattice_extent(size, lattice) / lattice
+        extent = n / lattice
     # Jitter the centre inside the cell, keeping the box CELL_INSET from the border.
     slack = max(0.0, 1.0 / 6.0 - extent / 2.0 - CELL_INSET)
     row, col = cell
@@ -261,8 +262,6 @@ def _sample_object(
     cy = (row + 0.5) / 3.0 + float(rng.uniform(-slack, slack))
     if lattice:
         # The fitting lattice position nearest to the jittered one.
-        n = round(extent * lattice)
-
         def snap(c: float, cell_index: int) -> float:
             edges = _lattice_edges(lattice, n, cell_index)
             k = min(edges, key=lambda e: abs(e - (c - extent / 2.0) * lattice))
