@@ -21,6 +21,7 @@ MLP_ACTIVATIONS = ("gelu", "relu", "gated_gelu", "swiglu")
 ATTENTION_IMPLS = ("xla", "cudnn")
 DECODER_ATTENTIONS = ("full", "conv_sparse")
 NORM_TYPES = ("layernorm", "rmsnorm")
+TEXT_POSITIONS = ("learned", "rotary")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # 'none': no rematerialisation; 'full': save nothing (recompute the whole block);
 # the others name a policy in `jax.checkpoint_policies`.
@@ -53,6 +54,13 @@ class ModelConfig:
     image_grid: tuple[int, int] = (32, 32)
     # Longest text the encoder accepts (size of the learned text position table).
     max_text_length: int = 128
+    # Where a text token is: 'learned' (a table of absolute positions added to the
+    # embeddings, the paper's) or 'rotary' (no table; the encoder's queries and
+    # keys are rotated by their position, so attention scores depend on the
+    # offset between tokens, as with T5's relative bias, and fused attention
+    # kernels still apply). Relative positions let a phrase such as "at the top
+    # left" find the object words just before it wherever the caption puts them.
+    text_positions: str = "learned"
     # Model (residual stream) width.
     d_model: int = 1024
     # Attention heads per attention layer.
@@ -141,6 +149,12 @@ class ModelConfig:
         _choice("decoder_attention", self.decoder_attention, DECODER_ATTENTIONS)
         _choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         _choice("norm_type", self.norm_type, NORM_TYPES)
+        _choice("text_positions", self.text_positions, TEXT_POSITIONS)
+        if self.text_positions == "rotary":
+            _check(
+                self.kv_dim % 2 == 0,
+                f"text_positions='rotary' needs an even head width, got {self.kv_dim}",
+            )
         for name in ("dtype", "weight_dtype", "logits_dtype"):
             _choice(name, getattr(self, name), tuple(DTYPES))
         if self.decode_block_size is not None:

@@ -286,6 +286,22 @@ class Attention(nn.Module):
         )
 
 
+def rotary(x: Array, positions: Array, base: float = 10_000.0) -> Array:
+    """Rotates [B, T, heads, kv] queries or keys by their positions [T] (RoFormer).
+
+    Dimension pairs (i, i + kv/2) turn by position * base**(-2i/kv), so the dot
+    product of a rotated query and key depends on their positions only through
+    the offset between them. Computed in float32, returned in x's dtype.
+    """
+    half = x.shape[-1] // 2
+    freqs = base ** (-np.arange(half, dtype=np.float32) / half)
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None, :]
+    sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]  # [T, 1, half]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
 # ------------------------------------------------------- single-query attention
 # One query row per sequence (a cached decoding step) is a matrix-vector product:
 # memory bound, so it is written as multiply + reduce in float32, which XLA can

@@ -45,6 +45,7 @@ from parti_jax.models.layers import (
     constrain,
     conv_sparse_mask,
     make_norm,
+    rotary,
     single_query_attention,
     text_lengths,
 )
@@ -79,7 +80,20 @@ class EncoderLayer(nn.Module):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate, deterministic=not self.enable_dropout)
         h = make_norm(cfg, "pre_attention_norm")(x)
-        x = x + drop(Attention(cfg, name="attention")(h, h, kv_lengths=lengths))
+        attention = Attention(cfg, name="attention")
+        if cfg.text_positions == "rotary":
+            positions = jnp.arange(h.shape[1])
+            key, value = attention.project_key_value(h)
+            y = attention.attend(
+                rotary(attention.project_query(h), positions),
+                rotary(key, positions),
+                value,
+                kv_lengths=lengths,
+                implementation=cfg.attention_impl,
+            )
+        else:
+            y = attention(h, h, kv_lengths=lengths)
+        x = x + drop(y)
         h = make_norm(cfg, "pre_mlp_norm")(x)
         x = x + drop(Mlp(cfg, name="mlp")(h))
         return constrain(x, HIDDEN_AXES), None
@@ -286,16 +300,17 @@ class Encoder(nn.Module):
         x = Embed(cfg.text_vocab_size, cfg.d_model, name="token_embedder", **kw)(
             encoder_input_tokens
         )
-        x = (
-            x
-            + Embed(
-                cfg.max_text_length,
-                cfg.d_model,
-                axes=(POSITION, EMBED),
-                name="position_embedder",
-                **kw,
-            )(jnp.arange(length))[None]
-        )
+        if cfg.text_positions == "learned":
+            x = (
+                x
+                + Embed(
+                    cfg.max_text_length,
+                    cfg.d_model,
+                    axes=(POSITION, EMBED),
+                    name="position_embedder",
+                    **kw,
+                )(jnp.arange(length))[None]
+            )
         x = nn.Dropout(cfg.dropout_rate, deterministic=not enable_dropout)(x)
         x = constrain(x, HIDDEN_AXES)
         x, _ = _run_layers(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 OUTPUTS = ("sigmoid", "linear")
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
+ENCODER_CONTEXTS = ("attention", "patch")
 ATTENTION_IMPLS = ("xla", "cudnn", None)
 
 
@@ -69,6 +70,13 @@ class VQGANConfig:
     # it is, rather than a code that also says where the objects are. Passed to
     # jax.nn.dot_product_attention as a boolean mask (tested on the XLA path).
     attention_window: int = 0
+    # What a patch's code may depend on: 'attention' (the paper's: the encoder's
+    # blocks attend across patches, within attention_window) or 'patch' (the
+    # encoder's blocks are MLPs only, so a code is a function of the patch's own
+    # pixels; the decoder still attends). With 'patch', a background patch next
+    # to an object gets the same code as any other background patch, so the
+    # encoder-decoder meets an object's code only where the object is drawn.
+    encoder_context: str = "attention"
     # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (GPU) or None (jax picks).
     attention_impl: str | None = "xla"
     # Stack each stack's blocks with nn.scan (one compiled block; parameters get a 'layers' axis).
@@ -105,6 +113,11 @@ class VQGANConfig:
             raise ValueError(
                 f"VQGANConfig.position_embedding={self.position_embedding!r}; "
                 f"expected one of {POSITION_EMBEDDINGS}"
+            )
+        if self.encoder_context not in ENCODER_CONTEXTS:
+            raise ValueError(
+                f"VQGANConfig.encoder_context={self.encoder_context!r}; "
+                f"expected one of {ENCODER_CONTEXTS}"
             )
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(

@@ -68,6 +68,7 @@ ENCODER_FIELDS = (
     "code_dim",
     "position_embedding",
     "attention_window",
+    "encoder_context",
     "dtype",
 )
 # AlexNet's strided convolutions and pools leave nothing of smaller images (LPIPS is NaN).

@@ -199,14 +199,16 @@ class Block(nn.Module):
     heads: int
     mlp_dim: int
     config: VQGANConfig
+    attention: bool = True  # False: an MLP-only block, each patch on its own
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> tuple[Array, None]:
         drop = nn.Dropout(self.config.dropout, deterministic=not train)
-        y = Attention(self.width, self.heads, self.config, name="attention")(
-            _layer_norm("pre_attention_norm")(x)
-        )
-        x = _constrain(x + drop(y).astype(x.dtype))
+        if self.attention:
+            y = Attention(self.width, self.heads, self.config, name="attention")(
+                _layer_norm("pre_attention_norm")(x)
+            )
+            x = _constrain(x + drop(y).astype(x.dtype))
         y = FeedForward(self.width, self.mlp_dim, self.config, name="mlp")(
             _layer_norm("pre_mlp_norm")(x)
         )
@@ -222,12 +224,13 @@ class Transformer(nn.Module):
     heads: int
     mlp_dim: int
     config: VQGANConfig
+    attention: bool = True  # False: MLP-only blocks (VQGANConfig.encoder_context='patch')
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         cfg = self.config
         block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
-        args = (self.width, self.heads, self.mlp_dim, cfg)
+        args = (self.width, self.heads, self.mlp_dim, cfg, self.attention)
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
@@ -292,6 +295,7 @@ class ViTEncoder(nn.Module):
             cfg.encoder_heads,
             cfg.encoder_mlp_dim,
             cfg,
+            attention=cfg.encoder_context == "attention",
             name="transformer",
         )(x, train)
         x = _layer_norm("final_norm")(x)

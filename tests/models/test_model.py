@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from parti_jax.models.config import ModelConfig
-from parti_jax.models.layers import conv_sparse_mask
+from parti_jax.models.layers import conv_sparse_mask, rotary
 from parti_jax.models.transformer import (
     CACHE_KEYS,
     EncoderDecoder,
@@ -148,6 +148,39 @@ def test_decoder_is_causal(case, params):
     np.testing.assert_allclose(other[:, :t], base[:, :t], atol=1e-6)
     # Slot t sees its own input, so its logits must move: the test can fail.
     assert np.abs(other[:, t] - base[:, t]).max() > 1e-3
+
+
+def test_rotary_scores_depend_on_the_offset_only():
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.normal(size=(1, 1, 2, 8)), jnp.float32) for _ in range(2))
+
+    def score(i, j):  # per head: rotated query at position i . rotated key at j
+        qi = rotary(q, jnp.array([i]))
+        kj = rotary(k, jnp.array([j]))
+        return np.asarray(jnp.einsum("bthd,bshd->h", qi, kj))
+
+    np.testing.assert_allclose(score(3, 1), score(9, 7), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(score(0, 0), np.asarray(jnp.einsum("bthd,bshd->h", q, k)), 1e-5)
+    assert np.abs(score(3, 1) - score(1, 3)).max() > 1e-3  # the sign of the offset counts
+
+
+def test_rotary_text_positions():
+    cfg = CFG.replace(text_positions="rotary")
+    params = random_params(cfg)
+    assert "position_embedder" not in params["encoder"]
+    assert "position_embedder" in random_params(CFG)["encoder"]
+    base = logits_of(cfg, params)
+    # Word order still matters without a position table (the rotation carries it) ...
+    swapped = ENC.copy()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]
+    assert np.abs(logits_of(cfg, params, enc=swapped)[0] - base[0]).max() > 1e-3
+    # ... padding is still masked, and cached decoding still matches teacher forcing.
+    np.testing.assert_allclose(
+        logits_of(cfg, params, enc=np.pad(ENC, ((0, 0), (0, 2)))), base, atol=1e-5
+    )
+    inputs, step_logits, _ = greedy_fn(cfg)(params, ENC)
+    full = logits_of(cfg, params, dec=np.asarray(inputs))
+    np.testing.assert_allclose(np.asarray(step_logits), full, atol=2e-4, rtol=2e-4)
 
 
 def test_text_padding_is_masked(params):
@@ -308,6 +341,8 @@ def test_bad_inputs_raise_clear_errors():
         (dict(image_grid=(4, 4, 4)), "image_grid"),
         (dict(dtype="float64"), "dtype='float64'"),
         (dict(num_decoder_layers=0), "num_decoder_layers=0"),
+        (dict(text_positions="relative"), "text_positions='relative' is not one of"),
+        (dict(text_positions="rotary", head_dim=5), "needs an even head width, got 5"),
     ],
 )
 def test_config_validation(changes, message):

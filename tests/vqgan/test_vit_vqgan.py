@@ -237,6 +237,33 @@ def test_local_attention_without_positions_codes_a_patch_by_its_neighbourhood():
         tiny_config(attention_window=-1)
 
 
+def test_patch_encoder_codes_a_patch_by_its_own_pixels():
+    # encoder_context='patch': the encoder has no attention, so a patch's code is a
+    # function of its pixels alone: every empty patch, even one touching the
+    # object, gets the background's code; the decoder still attends.
+    cfg = tiny_config(
+        image_size=32,
+        attention_window=1,
+        position_embedding="none",
+        codebook_size=512,
+        encoder_context="patch",
+    )
+    model, variables = init(cfg)
+    assert "attention" not in variables["params"]["encoder"]["transformer"]["block_0"]
+    assert "attention" in variables["params"]["decoder"]["transformer"]["block_0"]
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    x[0, 4:10, 4:10] = (1.0, 0.1, 0.1)  # an object in patches (1..2, 1..2)
+    codes = np.asarray(
+        jax.jit(lambda v, im: model.apply(v, im, method=ViTVQGAN.encode))(variables, x)
+    )[0].reshape(8, 8)
+    empty = np.ones((8, 8), bool)
+    empty[1:3, 1:3] = False
+    assert len(np.unique(codes[empty])) == 1  # halo and border patches included
+    assert codes[1, 1] != codes[0, 0]
+    with pytest.raises(ValueError, match="encoder_context='pixels'"):
+        tiny_config(encoder_context="pixels")
+
+
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_sizes_per_stack(name):
     cfg, loss_cfg = gin_config(name)
