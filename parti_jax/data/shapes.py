@@ -252,8 +252,8 @@ def _sample_object(
     size = SIZES[int(rng.integers(len(SIZES)))]
     lo, hi = SIZE_EXTENTS[size]
     extent = float(rng.uniform(lo, hi))  # drawn on a lattice too: the same stream of draws
-    n = _lattice_extent(size, lattice) if lattice else 0  # extent in lattice steps
     if lattice:
+        n = _lattice_extent(size, lattice)  # extent in lattice steps
         extent = n / lattice
     # Jitter the centre inside the cell, keeping the box CELL_INSET from the border.
     slack = max(0.0, 1.0 / 6.0 - extent / 2.0 - CELL_INSET)

@@ -52,7 +52,7 @@ class ModelConfig:
     codebook_size: int = 8192
     # Image-token grid (rows, columns); the decoder writes rows * columns tokens.
     image_grid: tuple[int, int] = (32, 32)
-    # Longest text the encoder accepts (size of the learned text position table).
+    # Longest text the encoder accepts (and the size of the learned position table).
     max_text_length: int = 128
     # Where a text token is: 'learned' (a table of absolute positions added to the
     # embeddings, the paper's) or 'rotary' (no table; the encoder's queries and

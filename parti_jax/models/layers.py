@@ -273,10 +273,16 @@ class Attention(nn.Module):
         is_causal: bool = False,
         mask: Array | None = None,
         kv_lengths: Array | None = None,
+        rotary_positions: Array | None = None,
     ) -> Array:
+        """`rotary_positions` [T] (self-attention only): rotate queries and keys by
+        them (`rotary`), so scores depend on the offset between tokens."""
+        query = self.project_query(inputs_q)
         key, value = self.project_key_value(inputs_kv)
+        if rotary_positions is not None:
+            query, key = rotary(query, rotary_positions), rotary(key, rotary_positions)
         return self.attend(
-            self.project_query(inputs_q),
+            query,
             key,
             value,
             is_causal=is_causal,

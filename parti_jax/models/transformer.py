@@ -45,7 +45,6 @@ from parti_jax.models.layers import (
     constrain,
     conv_sparse_mask,
     make_norm,
-    rotary,
     single_query_attention,
     text_lengths,
 )
@@ -80,19 +79,8 @@ class EncoderLayer(nn.Module):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate, deterministic=not self.enable_dropout)
         h = make_norm(cfg, "pre_attention_norm")(x)
-        attention = Attention(cfg, name="attention")
-        if cfg.text_positions == "rotary":
-            positions = jnp.arange(h.shape[1])
-            key, value = attention.project_key_value(h)
-            y = attention.attend(
-                rotary(attention.project_query(h), positions),
-                rotary(key, positions),
-                value,
-                kv_lengths=lengths,
-                implementation=cfg.attention_impl,
-            )
-        else:
-            y = attention(h, h, kv_lengths=lengths)
+        positions = jnp.arange(h.shape[1]) if cfg.text_positions == "rotary" else None
+        y = Attention(cfg, name="attention")(h, h, kv_lengths=lengths, rotary_positions=positions)
         x = x + drop(y)
         h = make_norm(cfg, "pre_mlp_norm")(x)
         x = x + drop(Mlp(cfg, name="mlp")(h))
