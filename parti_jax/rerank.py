@@ -129,6 +129,12 @@ class LikelihoodScorer:
         vocabulary with EOS, padded), as used for sampling.
       num_valid_tokens: codebook_size + 1; None masks only id 0.
       batch_size: rows per `logits_fn` call (None: all at once).
+      unconditional_weight: w in `log p(x | prompt) - w log p(x | "")` (per-token
+        means). 0 is the plain likelihood; 1 is the pointwise mutual information
+        of image and prompt, which a model trained with conditioning dropout can
+        compute: it no longer favours images that are likely under any prompt
+        (an empty canvas, a single object) over ones that show what this
+        prompt says.
     """
 
     def __init__(
@@ -138,11 +144,18 @@ class LikelihoodScorer:
         *,
         num_valid_tokens: int | None = None,
         batch_size: int | None = None,
+        unconditional_weight: float = 0.0,
     ):
+        if not 0.0 <= unconditional_weight <= 1.0:
+            raise ValueError(
+                f"LikelihoodScorer: unconditional_weight={unconditional_weight} must be in "
+                "[0, 1] (0: likelihood, 1: pointwise mutual information)"
+            )
         self.logits_fn = logits_fn
         self.encode_prompts = encode_prompts
         self.num_valid_tokens = num_valid_tokens
         self.batch_size = batch_size
+        self.unconditional_weight = float(unconditional_weight)
 
     def score(
         self,
@@ -177,6 +190,14 @@ class LikelihoodScorer:
         return np.concatenate(out).astype(np.float32)
 
     def _score_batch(self, prompts: list[str], tokens: np.ndarray) -> np.ndarray:
+        score = self._mean_log_prob(prompts, tokens)
+        if self.unconditional_weight:
+            score = score - self.unconditional_weight * self._mean_log_prob(
+                [""] * len(prompts), tokens
+            )
+        return score
+
+    def _mean_log_prob(self, prompts: list[str], tokens: np.ndarray) -> np.ndarray:
         encoder_input = np.asarray(self.encode_prompts(prompts), np.int32)
         decoder_input = np.concatenate([np.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
         logits = np.asarray(self.logits_fn(encoder_input, decoder_input), np.float64)

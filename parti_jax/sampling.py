@@ -60,7 +60,7 @@ __all__ = [
     "write_results",
 ]
 PyTree = Any
-SCORERS = ("likelihood", "shapes_judge", "none")
+SCORERS = ("likelihood", "pmi", "shapes_judge", "none")
 _DEFAULT_MAX_ROWS = 64
 
 
@@ -83,10 +83,16 @@ class PromptResult:
     truncated: bool  # the prompt was cut to the encoder's text length
 
 
-def resolve_scorer(scorer: Any, *, likelihood: Callable[[], rerank.Scorer]) -> Any:
-    """A Scorer object from a name ('likelihood', 'shapes_judge', 'none'), None or an object."""
+def resolve_scorer(scorer: Any, *, likelihood: Callable[[float], rerank.Scorer]) -> Any:
+    """A Scorer object from a name (SCORERS), None or an object.
+
+    `likelihood(unconditional_weight)` builds the model's own scorer:
+    'likelihood' (None too) is weight 0, 'pmi' weight 1 (`rerank.LikelihoodScorer`).
+    """
     if scorer is None or scorer == "likelihood":
-        return likelihood()
+        return likelihood(0.0)
+    if scorer == "pmi":
+        return likelihood(1.0)
     if scorer == "shapes_judge":
         from parti_jax.data.judge import ShapesJudgeScorer
 
@@ -347,8 +353,11 @@ class Generator:
             outs.append(np.asarray(jax.device_get(out))[:n])
         return np.concatenate(outs, axis=0)
 
-    def likelihood_scorer(self, rows: int) -> rerank.LikelihoodScorer:
-        """The model's own mean log-likelihood of its tokens given the prompt."""
+    def likelihood_scorer(
+        self, rows: int, *, unconditional_weight: float = 0.0
+    ) -> rerank.LikelihoodScorer:
+        """The model's own mean log-likelihood of its tokens given the prompt, minus
+        `unconditional_weight` times that given the empty prompt (1: PMI)."""
 
         def logits_fn(encoder_input, decoder_input):
             fn = functools.partial(self._logits_fn, self.params)
@@ -358,6 +367,7 @@ class Generator:
             logits_fn,
             lambda ps: self.encode_prompts(ps)[0],
             num_valid_tokens=self.model_config.codebook_size + 1,
+            unconditional_weight=unconditional_weight,
         )
 
     def upsample(self, images: np.ndarray) -> np.ndarray:
@@ -431,7 +441,9 @@ class Generator:
         rows = self.rows_per_call(total, batch_size)
         row_prompt = np.repeat(np.arange(len(prompts)), num_samples)
         row_sample = np.tile(np.arange(num_samples, dtype=np.int32), len(prompts))
-        scorer_obj = resolve_scorer(scorer, likelihood=lambda: self.likelihood_scorer(rows))
+        scorer_obj = resolve_scorer(
+            scorer, likelihood=lambda w: self.likelihood_scorer(rows, unconditional_weight=w)
+        )
         fn, scalars = self.sample_function(cfg, seed=seed)
 
         def run(text_rows, pid_rows, sample_rows):

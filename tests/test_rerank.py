@@ -125,3 +125,38 @@ def test_likelihood_scorer_errors_name_the_fix():
         scorer.score(images, ["a red circle"], image_tokens=np.array([[0, 1]]))
     with pytest.raises(ValueError, match="num_valid_tokens"):
         scorer.score(images, ["a red circle"], image_tokens=np.array([[1, NUM_VALID]]))
+
+
+def test_pmi_scorer_prefers_what_the_prompt_adds_over_what_any_prompt_favours():
+    # A unigram model: every prompt, the empty one too, strongly favours the
+    # "background" id 1; "a red circle" also raises id 2, which the empty prompt
+    # makes unlikely. The plain likelihood keeps the all-background draw, the
+    # pointwise mutual information the draw that shows what the prompt says.
+    prompts_ids = {"a red circle": 0, "": 1}
+
+    def logits_fn(encoder_input_tokens, decoder_input_tokens):
+        table = np.zeros((2, VOCAB))
+        table[:, 1] = 5.0
+        table[0, 2] = 3.0
+        table[1, 2] = -3.0
+        rows = table[encoder_input_tokens[:, 0]]
+        return np.repeat(rows[:, None], decoder_input_tokens.shape[1], axis=1)
+
+    def encode(prompts):
+        return np.array([[prompts_ids[p], 1, 0] for p in prompts], np.int32)
+
+    prompts = ["a red circle"] * 2
+    tokens = np.array([[1, 1, 1, 1], [1, 2, 2, 1]], np.int32)
+    images = np.zeros((2, 2, 2, 3), np.float32)
+    plain = rerank.LikelihoodScorer(logits_fn, encode, num_valid_tokens=NUM_VALID)
+    pmi = rerank.LikelihoodScorer(
+        logits_fn, encode, num_valid_tokens=NUM_VALID, unconditional_weight=1.0
+    )
+    likelihood = plain.score(images, prompts, image_tokens=tokens)
+    assert likelihood[0] > likelihood[1]
+    scores = pmi.score(images, prompts, image_tokens=tokens)
+    assert scores[1] > scores[0]
+    unconditional = plain.score(images, ["", ""], image_tokens=tokens)
+    np.testing.assert_allclose(scores, likelihood - unconditional, rtol=1e-5)
+    with pytest.raises(ValueError, match="unconditional_weight=2"):
+        rerank.LikelihoodScorer(logits_fn, encode, unconditional_weight=2.0)

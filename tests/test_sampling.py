@@ -98,6 +98,17 @@ def test_scorers(generator):
         PROMPTS[:1], keep_top_k=2, sampling_config=dataclasses.replace(cfg, temperature=0.0)
     )
     np.testing.assert_array_equal(greedy[0].codes[0], greedy[0].codes[1])  # argmax: no randomness
+    # 'pmi': the same draws, scored as log p(x | prompt) - log p(x | "") per token.
+    plain = generator.generate(PROMPTS[:1], keep_top_k=2, sampling_config=cfg)
+    pmi = generator.generate(PROMPTS[:1], keep_top_k=2, sampling_config=cfg, scorer="pmi")
+    order = np.argsort(plain[0].sample_indices)
+    tokens = plain[0].codes[order].reshape(2, -1) + 1
+    scorer = generator.likelihood_scorer(generator.rows_per_call(2))
+    unconditional = scorer.score(None, ["", ""], image_tokens=tokens)
+    expected = plain[0].scores[order] - unconditional
+    np.testing.assert_allclose(
+        pmi[0].scores[np.argsort(pmi[0].sample_indices)], expected, rtol=1e-4, atol=1e-5
+    )
     with pytest.raises(ValueError, match="scorer='clip'"):
         generator.generate(PROMPTS[:1], sampling_config=cfg, scorer="clip")
 

@@ -304,6 +304,8 @@ def _scene_card(record: R.PromptRecord) -> str:
 def _scorer_words(name: str | None) -> str:
     if name in (None, "likelihood"):
         return "the model's likelihood"
+    if name == "pmi":
+        return "the model's own pointwise mutual information of image and caption (no judge)"
     return "nothing (draw order)" if name == "none" else name
 
 
@@ -372,7 +374,8 @@ def run_shapes(
       world_seed, world_config: the world's seed and `ShapesWorldConfig` (default: shipped).
       num_samples, seed: default to `sampling_config`'s; keep_top_k: images kept.
       scorer: the reranker: 'none' (draw order), 'likelihood' (None: the generator's
-        default) or 'shapes_judge' (best-of-N by the judge itself; the report flags it).
+        default), 'pmi' (likelihood given the caption minus given the empty one)
+        or 'shapes_judge' (best-of-N by the judge itself; the report flags it).
       near_miss_seed: draws the near-miss captions.
       report_scenes: scenes per group shown in report.html.
       process_index, process_count: this host's share (default: jax's).

@@ -102,7 +102,7 @@ class GenerationSettings:
     sampling_config: Any = None
     seed: int = 0
     scorer: Any = None  # None (the generator's default), a name it knows ('likelihood',
-    # 'shapes_judge', 'none') or a Scorer object
+    # 'pmi', 'shapes_judge', 'none') or a Scorer object
     batch_size: int | None = None  # rows per sampling batch (the generator's batch_size)
     prompts_per_call: int | None = None  # prompts per generate() call (resume granularity)
     image_size: int | None = None  # saved images are resized to this side when set
