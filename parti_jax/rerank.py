@@ -132,9 +132,11 @@ class LikelihoodScorer:
       unconditional_weight: w in `log p(x | prompt) - w log p(x | "")` (per-token
         means). 0 is the plain likelihood; 1 is the pointwise mutual information
         of image and prompt, which a model trained with conditioning dropout can
-        compute: it no longer favours images that are likely under any prompt
-        (an empty canvas, a single object) over ones that show what this
-        prompt says.
+        compute: it discounts what is likely under any prompt (on the shapes
+        world: a scene with one object where the caption asks for two). The
+        empty prompt is `encode_prompts([""])`, which for the shipped
+        tokenizers is `[EOS]`, the unconditional row of classifier-free
+        guidance.
     """
 
     def __init__(

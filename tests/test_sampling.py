@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from parti_jax import partitioning
+from parti_jax.data.vocab import EOS_ID
 from parti_jax.decoding import SamplingConfig
 from parti_jax.sampling import (
     CompatibilityError,
@@ -98,7 +99,10 @@ def test_scorers(generator):
         PROMPTS[:1], keep_top_k=2, sampling_config=dataclasses.replace(cfg, temperature=0.0)
     )
     np.testing.assert_array_equal(greedy[0].codes[0], greedy[0].codes[1])  # argmax: no randomness
-    # 'pmi': the same draws, scored as log p(x | prompt) - log p(x | "") per token.
+    # 'pmi': the same draws, scored as log p(x | prompt) - log p(x | "") per token,
+    # where "" encodes to guidance's unconditional row [EOS, 0, ...].
+    empty = generator.encode_prompts([""])[0][0]
+    assert empty[0] == EOS_ID and not empty[1:].any()
     plain = generator.generate(PROMPTS[:1], keep_top_k=2, sampling_config=cfg)
     pmi = generator.generate(PROMPTS[:1], keep_top_k=2, sampling_config=cfg, scorer="pmi")
     order = np.argsort(plain[0].sample_indices)
