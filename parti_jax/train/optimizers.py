@@ -1,4 +1,4 @@
-"""Optimizers: the Parti paper's Adafactor (default) and Adam/AdamW, plus state shardings.
+"""Optimizers: the Parti paper's Adafactor (default), Adam/AdamW and Muon, plus state shardings.
 
 The paper trains with Adafactor, β1 = 0.9, a *fixed* β2 = 0.96, decoupled
 weight decay 4.5e-2, gradient-norm clipping 4.0 and an absolute learning rate
@@ -23,6 +23,16 @@ schedule's ratio `lr_t / lr_peak`. With the paper's wd = 4.5e-2 the ratio form
 would remove 4.5% of every weight per step at peak, which no run survives;
 `lr_t * wd` removes ~2e-6 per step, i.e. a factor e^-0.6 over the paper's
 450k steps: a real but gentle pull towards zero that follows the schedule.
+
+Muon (`name='muon'`; Jordan et al. 2024, not in the Parti paper) replaces the
+scale step for the encoder-decoder's weight matrices: the attention
+projections (query / key / value / out) and the MLP kernels get Nesterov
+momentum (β = muon_beta), orthogonalised by Newton-Schulz iterations
+(matrices of one shape batched together), then scaled to an RMS of
+`muon_update_rms` (Liu et al. 2025, "Muon is Scalable": at 0.2 about
+AdamW's, so one learning rate serves both). Every other parameter
+(embeddings, the output projection, norms, biases) gets Adam with beta1 /
+beta2. Decay and the schedule follow as for the other optimizers.
 
 The first moment can be stored in float32, bfloat16 or int8 (per-row absmax
 scales over the last axis with square-root companding, so small entries keep
@@ -54,7 +64,8 @@ PyTree = Any
 class OptimizerConfig:
     """Optimizer and learning-rate schedule; defaults are the Parti paper's."""
 
-    # 'adafactor' (paper) | 'adamw' | 'adam' (adam = adamw without decay).
+    # 'adafactor' (paper) | 'adamw' | 'adam' (adam = adamw without decay) | 'muon'
+    # (Muon on attention / MLP matrices, AdamW on the rest; see the module doc).
     name: str = "adafactor"
     # Peak (absolute) learning rate.
     learning_rate: float = 4.5e-5
@@ -89,6 +100,12 @@ class OptimizerConfig:
     second_moment_bias_correction: bool = False
     # Adam: denominator epsilon.
     adam_epsilon: float = 1e-8
+    # Muon: momentum of the orthogonalised matrices' updates ...
+    muon_beta: float = 0.95
+    # ... and the RMS each matrix's update is scaled to (AdamW's is about 0.2).
+    muon_update_rms: float = 0.2
+    # ... after this many Newton-Schulz iterations.
+    muon_newton_schulz_steps: int = 5
 
     @classmethod
     def adamw_defaults(cls, **overrides: Any) -> OptimizerConfig:
@@ -154,9 +171,11 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
         )
     elif config.name in ("adamw", "adam"):
         parts.append(optax.scale_by_adam(config.beta1, config.beta2, eps=config.adam_epsilon))
+    elif config.name == "muon":
+        parts.append(scale_by_muon(config))
     else:
         raise ValueError(
-            f"OptimizerConfig.name={config.name!r}: expected 'adafactor', 'adamw' or 'adam'"
+            f"OptimizerConfig.name={config.name!r}: expected 'adafactor', 'adamw', 'adam' or 'muon'"
         )
     if config.weight_decay and config.name != "adam":
         parts.append(
@@ -166,6 +185,127 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
         )
     parts.append(optax.scale_by_learning_rate(lr))
     return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------- Muon
+
+# Which parameters Muon orthogonalises, by path, and how each is read as a
+# matrix: (reduction axes, output axes), counted from the end so that a
+# leading stacked-layers axis (scan_layers) is a batch axis.
+_MUON_MATRICES = (
+    (re.compile(r"(^|/)(query|key|value)/kernel$"), (-3,), (-2, -1)),  # [embed, heads, head]
+    (re.compile(r"(^|/)out/kernel$"), (-3, -2), (-1,)),  # [heads, head, embed]
+    (re.compile(r"(^|/)mlp/w[io](_\d+)?/kernel$"), (-2,), (-1,)),  # [in, out]
+)
+
+
+def muon_matrix_axes(path: str, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(reduction axes, output axes) of a parameter Muon updates, or None (Adam)."""
+    for pattern, reduction, output in _MUON_MATRICES:
+        if pattern.search(path) and ndim >= len(reduction) + len(output):
+            return reduction, output
+    return None
+
+
+class MuonState(NamedTuple):
+    momentum: PyTree  # per Muon matrix, the parameter's shape
+
+
+# Newton-Schulz quintic coefficients (Jordan et al.): five iterations push
+# every singular value of a normalised matrix into ~[0.7, 1.2].
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalise(x: jax.Array, steps: int = 5) -> jax.Array:
+    """[..., m, n] -> the nearest semi-orthogonal matrices (approximately), by Newton-Schulz."""
+    a, b, c = _NS_COEFFS
+    wide = x.shape[-2] <= x.shape[-1]
+    if not wide:
+        x = jnp.swapaxes(x, -1, -2)
+    x = x / (jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + 1e-7)
+    for _ in range(steps):
+        gram = x @ jnp.swapaxes(x, -1, -2)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else jnp.swapaxes(x, -1, -2)
+
+
+def _as_matrices(path: tuple, u: jax.Array) -> tuple[jax.Array, Callable, int]:
+    """u -> ([batch, fan_in, fan_out], its inverse, max(fan_in, fan_out))."""
+    reduction, output = muon_matrix_axes(path_str(path), u.ndim)
+    reduction = tuple(a % u.ndim for a in reduction)
+    output = tuple(a % u.ndim for a in output)
+    batch = tuple(a for a in range(u.ndim) if a not in reduction + output)
+    order = batch + reduction + output
+    moved = [u.shape[a] for a in order]
+    fan_in = int(np.prod([u.shape[a] for a in reduction]))
+    fan_out = int(np.prod([u.shape[a] for a in output]))
+    flat = u.transpose(order).reshape(-1, fan_in, fan_out)
+    inverse = np.argsort(order)
+
+    def back(m: jax.Array) -> jax.Array:
+        return m.reshape(moved).transpose(inverse)
+
+    return flat, back, max(fan_in, fan_out)
+
+
+def _muon_matrices(beta: float, update_rms: float, ns_steps: int) -> optax.GradientTransformation:
+    """Nesterov momentum, orthogonalised, scaled to RMS `update_rms`, for the Muon matrices.
+
+    Matrices of one shape go through Newton-Schulz together (one batched
+    product per iteration instead of one per parameter: on a CPU the per-op
+    cost of ~40 small products dominates).
+    """
+
+    def init_fn(params):
+        return MuonState(momentum=jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        momentum = jax.tree.map(lambda m, g: beta * m + (1.0 - beta) * g, state.momentum, updates)
+        nesterov = jax.tree.map(lambda m, g: beta * m + (1.0 - beta) * g, momentum, updates)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(nesterov)
+        mats = [_as_matrices(path, u) for path, u in leaves]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (flat, _, _) in enumerate(mats):
+            groups.setdefault(tuple(sorted(flat.shape[1:])), []).append(i)
+        out: list[Any] = [None] * len(mats)
+        for members in groups.values():
+            # Same (m, n) up to transposition: bring each to [m, n], stack, orthogonalise.
+            shape = mats[members[0]][0].shape[1:]
+            stack = [
+                m if m.shape[1:] == shape else jnp.swapaxes(m, 1, 2)
+                for m in (mats[i][0] for i in members)
+            ]
+            sizes = [m.shape[0] for m in stack]
+            ortho = orthogonalise(jnp.concatenate(stack, axis=0), ns_steps)
+            for i, part in zip(members, jnp.split(ortho, np.cumsum(sizes)[:-1], axis=0)):
+                flat, back, fan = mats[i]
+                if part.shape[1:] != flat.shape[1:]:
+                    part = jnp.swapaxes(part, 1, 2)
+                out[i] = back(part * (update_rms * float(np.sqrt(fan))))
+        new = jax.tree_util.tree_unflatten(treedef, out)
+        return new, MuonState(momentum=momentum)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_muon(config: OptimizerConfig) -> optax.GradientTransformation:
+    """Muon on the matrices `muon_matrix_axes` names, Adam on every other parameter."""
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: "muon" if muon_matrix_axes(path_str(p), x.ndim) else "adam", params
+        )
+
+    return optax.partition(
+        {
+            "muon": _muon_matrices(
+                config.muon_beta, config.muon_update_rms, config.muon_newton_schulz_steps
+            ),
+            "adam": optax.scale_by_adam(config.beta1, config.beta2, eps=config.adam_epsilon),
+        },
+        labels,
+    )
 
 
 def _decay_mask(exclude: str | None) -> Callable[[PyTree], PyTree] | None:
