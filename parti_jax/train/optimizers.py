@@ -291,6 +291,13 @@ def _muon_matrices(beta: float, update_rms: float, ns_steps: int) -> optax.Gradi
 
 def scale_by_muon(config: OptimizerConfig) -> optax.GradientTransformation:
     """Muon on the matrices `muon_matrix_axes` names, Adam on every other parameter."""
+    for field, ok, want in (
+        ("muon_beta", 0.0 <= config.muon_beta < 1.0, "in [0, 1)"),
+        ("muon_update_rms", config.muon_update_rms > 0.0, "> 0 (0.2 is about AdamW's)"),
+        ("muon_newton_schulz_steps", config.muon_newton_schulz_steps >= 1, ">= 1 (5 is usual)"),
+    ):
+        if not ok:
+            raise ValueError(f"OptimizerConfig.{field}={getattr(config, field)!r}: must be {want}")
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(

@@ -232,6 +232,9 @@ def test_muon_orthogonalises_attention_and_mlp_matrices_only():
     assert optimizers.muon_matrix_axes("decoder/layers_0/mlp/wi/kernel", 2) == ((-2,), (-1,))
     assert optimizers.muon_matrix_axes("decoder/logits_dense/kernel", 2) is None
     assert optimizers.muon_matrix_axes("vqgan/out/kernel", 2) is None  # not [heads, head, embed]
+    for bad in (dict(muon_beta=1.0), dict(muon_update_rms=0.0), dict(muon_newton_schulz_steps=0)):
+        with pytest.raises(ValueError, match=f"OptimizerConfig.{next(iter(bad))}="):
+            _muon_tx(**bad)
 
 
 def test_muon_minimises_least_squares():
