@@ -209,10 +209,8 @@ def test_muon_orthogonalises_attention_and_mlp_matrices_only():
     u = {k: -np.asarray(v) for k, v in u.items()}  # lr 1: the update is -scaled
 
     def matrices(name, x):
-        if name.endswith("query/kernel"):
-            return [x.reshape(16, 16)]
-        if name.endswith("out/kernel"):
-            return [x.reshape(16, 16)]
+        if name.endswith(("query/kernel", "out/kernel")):
+            return [x.reshape(16, 16)]  # [embed, heads * head] / [heads * head, embed]
         if name == "layers/mlp/wo/kernel":
             return list(x)  # each layer's [48, 16] on its own
         return [x]
