@@ -19,6 +19,8 @@ CORE = [
     "numpy>=1.26",
     "pillow>=10",
     "safetensors>=0.4",
+    # TensorBoard event files (scalars, images) without TensorFlow.
+    "tensorboardX>=2.6,<3",
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "scipy>=1.11",

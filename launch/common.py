@@ -23,11 +23,12 @@ environment:
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import shlex
 import shutil
 from collections.abc import Mapping, Sequence
+
+from parti_jax.partitioning import fill_degrees
 
 ENV_COORDINATOR = "PARTI_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "PARTI_JAX_NUM_PROCESSES"
@@ -162,17 +163,18 @@ class LaunchSpec:
 
     def resolved_mesh(self) -> dict[str, int]:
         """Mesh degrees with -1 filled in; raises LaunchError when they cannot fit the devices."""
-        ici = resolve_degrees(
-            self._group(ICI_AXES),
-            self.devices_per_slice,
+        slice_devices = (
             f"the slice's {self.devices_per_slice} devices ({self.num_hosts} host(s) x "
-            f"{self.devices_per_host} devices per host)",
+            f"{self.devices_per_host} devices per host)"
         )
-        dcn = resolve_degrees(
-            self._group(DCN_AXES),
-            self.num_slices,
-            f"the {self.num_slices} slice(s) (--num_slices)",
-        )
+        try:
+            ici = fill_degrees(
+                self._group(ICI_AXES), self.devices_per_slice, slice_devices, "LaunchSpec"
+            )
+            slices = f"the {self.num_slices} slice(s) (--num_slices)"
+            dcn = fill_degrees(self._group(DCN_AXES), self.num_slices, slices, "LaunchSpec")
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
         return {**ici, **dcn}
 
     def mesh_env_value(self) -> str:
@@ -202,52 +204,6 @@ class LaunchSpec:
     def shell_command(self) -> str:
         """The command as one shell-quoted string."""
         return shlex.join(self.command)
-
-
-def resolve_degrees(degrees: Mapping[str, int], total: int, what: str) -> dict[str, int]:
-    """Fills one -1 so the degrees multiply to `total`; errors name both numbers."""
-    shown = " x ".join(f"{k}={v}" for k, v in degrees.items())
-    for k, v in degrees.items():
-        if not isinstance(v, int) or (v < 1 and v != -1):
-            raise LaunchError(f"mesh degree {k}={v!r} must be a positive integer or -1 (the rest)")
-    free = [k for k, v in degrees.items() if v == -1]
-    if len(free) > 1:
-        raise LaunchError(f"mesh {shown}: at most one degree per group may be -1, got {free}")
-    fixed = math.prod(v for v in degrees.values() if v != -1)
-    out = dict(degrees)
-    if free:
-        if total % fixed:
-            raise LaunchError(
-                f"mesh {shown}: the fixed degrees multiply to {fixed}, which does not divide "
-                f"{what} = {total}; choose degrees whose product divides {total}"
-            )
-        out[free[0]] = total // fixed
-    elif fixed != total:
-        raise LaunchError(
-            f"mesh {shown} = {fixed} devices, but {what} = {total}; make the degrees "
-            f"multiply to {total} or set one of them to -1"
-        )
-    return out
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """Parses `data=2,fsdp=4,tensor=1,dcn_data=2` (the --mesh flag)."""
-    out: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or key not in ICI_AXES + DCN_AXES:
-            raise LaunchError(
-                f"--mesh {text!r}: {part!r} is not AXIS=DEGREE with AXIS one of "
-                f"{', '.join(ICI_AXES + DCN_AXES)}"
-            )
-        try:
-            out[key] = int(value)
-        except ValueError:
-            raise LaunchError(
-                f"--mesh {text!r}: degree of {key} is not an integer: {value!r}"
-            ) from None
-    return out
 
 
 def parse_env(items: Sequence[str]) -> dict[str, str]:

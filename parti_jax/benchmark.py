@@ -15,21 +15,23 @@ Accounting (BENCHMARKS.md gives the formulas):
     (decoder weights + cross-attention K/V + the filled self-attention prefix,
     read once per step) over the measured seconds per batch.
 
-Nothing here imports TensorFlow or gin at module level: the model benchmarks
-run on a host with only jax/flax/optax/orbax. Model sizes come from gin files;
-where gin-config is missing, `parti_jax.gin_reader` reads the literal bindings
-of the shipped size files (gin/models/*.gin, gin/vqgan/*.gin) instead.
+`run_benchmarks` runs a list of them and prints each result as a JSON line
+(a failure as a line with an `error` field). Nothing here imports TensorFlow
+or gin: the model benchmarks run on a host with only jax/flax/optax/orbax;
+`bench_input` loads TensorFlow.
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -86,6 +88,60 @@ def environment() -> dict[str, Any]:
         "load_avg_1m": load,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+BENCHMARKS = ("train_step", "sample", "vqgan", "input")
+
+
+def parse_which(text: str) -> tuple[str, ...]:
+    """'all', or one or a comma-separated list of BENCHMARKS; errors name the unknown."""
+    if text == "all":
+        return BENCHMARKS
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown benchmark {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(BENCHMARKS)}, a comma-separated list of them, or all"
+        )
+    return names
+
+
+def emit(result: Mapping[str, Any], output: str | None = None) -> None:
+    """Prints `result` as one JSON line (and appends it to `output`)."""
+    line = json.dumps(result, allow_nan=False, default=str)
+    print(line, flush=True)
+    if output:
+        with open(output, "a") as f:
+            f.write(line + "\n")
+
+
+def run_benchmarks(
+    jobs: Sequence[tuple[Callable[..., Any], Mapping[str, Any]]], output: str | None = None
+) -> int:
+    """Runs `bench_fn(**kwargs)` for each job and emits its result(s).
+
+    A failure (e.g. out of memory at a large batch) emits a line with an
+    `error` field, its traceback goes to stderr, and the others still run.
+    Returns 1 if any failed, else 0.
+    """
+    failed = 0
+    for fn, kwargs in jobs:
+        try:
+            results = fn(**kwargs)
+        except Exception as e:  # noqa: BLE001 - recorded as a result line
+            failed += 1
+            traceback.print_exc(file=sys.stderr)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            results = {
+                "benchmark": fn.__name__.removeprefix("bench_"),
+                "model": kwargs.get("label", ""),
+                **environment(),
+                "error": f"{type(e).__name__}: {first}"[:2000],
+            }
+        for r in results if isinstance(results, list) else [results]:
+            emit(r, output)
+    return 1 if failed else 0
 
 
 # ------------------------------------------------------------ timing
@@ -226,10 +282,11 @@ def bench_train_step(
       num_devices: use the first N devices (None: all).
       profile_dir: if set, a jax.profiler trace of `profile_steps` more steps.
     """
-    from parti_jax import partitioning
-    from parti_jax.models.transformer import EncoderDecoder
-    from parti_jax.train import loop, optimizers, t2i
-    from parti_jax.train.state import create_sharded_train_state
+    from parti_jax.memory import abstract_train_step
+    from parti_jax.partitioning import MeshConfig, batch_sharding
+    from parti_jax.train import t2i
+    from parti_jax.train.optimizers import OptimizerConfig
+    from parti_jax.train.state import sharded_train_state
 
     cfg = model_config
     text_length = int(text_length or cfg.max_text_length)
@@ -237,55 +294,40 @@ def bench_train_step(
         raise ValueError(
             f"text_length={text_length} exceeds ModelConfig.max_text_length={cfg.max_text_length}"
         )
-    mesh_config = mesh_config or partitioning.MeshConfig()
+    mesh_config = mesh_config or MeshConfig()
+    opt = optimizer_config or OptimizerConfig()
     devices = jax.devices()[:num_devices] if num_devices else jax.devices()
-    mesh = partitioning.create_mesh(mesh_config, devices)
-    rules = mesh_config.rule_table
-    partitioning.check_mesh_compat(cfg, mesh, rules)
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size < 1 or batch_size % batch_devices:
-        raise ValueError(
-            f"batch_size={batch_size} must be a positive multiple of the mesh's data x fsdp = "
-            f"{batch_devices} devices"
-        )
-    opt = optimizer_config or optimizers.OptimizerConfig()
-    model = EncoderDecoder(cfg)
-
-    def init_fn(key):
-        text = jnp.ones((1, text_length), jnp.int32)
-        image = jnp.zeros((1, cfg.num_image_tokens), jnp.int32)
-        return model.init({"params": key}, text, image)
-
+    step = abstract_train_step(
+        cfg,
+        mesh_config=mesh_config,
+        batch_size=batch_size,
+        text_length=text_length,
+        optimizer_config=opt,
+        num_micro_batches=num_micro_batches,
+        loss_chunk_size=loss_chunk_size,
+        devices=devices,
+    )
+    mesh = step.mesh
     key = jax.random.PRNGKey(seed)
     t0 = time.perf_counter()
-    state, shardings = create_sharded_train_state(
-        init_fn,
-        optimizers.make_optimizer(opt),
+    state, _ = sharded_train_state(
+        step.task.init,
+        step.task.optimizer,
         mesh=mesh,
-        rules=rules,
+        rules=step.rules,
         rng=jax.random.fold_in(key, 1),
         init_rng=key,
     )
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
-    bsh = loop.batch_sharding(mesh)
-    batch = {
-        k: jax.device_put(v, bsh)
-        for k, v in synthetic_codes_batch(cfg, batch_size, text_length, seed).items()
-    }
-    step_fn = functools.partial(
-        t2i.train_step,
-        model=model,
-        learning_rate_fn=optimizers.learning_rate_fn(opt),
-        num_micro_batches=num_micro_batches,
-        loss_chunk_size=loss_chunk_size,
+    batch = jax.device_put(
+        synthetic_codes_batch(cfg, batch_size, text_length, seed), batch_sharding(mesh)
     )
-    jitted = loop.compile_step(step_fn, shardings, {k: bsh for k in batch})
+    t0 = time.perf_counter()
+    compiled = step.compile()
+    compile_s = time.perf_counter() - t0
     holder = {"state": state}
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        t0 = time.perf_counter()
-        compiled = jitted.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
+    with jax.set_mesh(mesh):
 
         def call():
             holder["state"], metrics = compiled(holder["state"], batch)
@@ -384,24 +426,20 @@ def bench_sample(
     DEVICE_SPECS). `cast_weights` holds the weights in the compute dtype, as
     an inference server would; the floor counts them at that width.
     """
-    from parti_jax import decoding
-    from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
+    from parti_jax import decoding, sampling
+    from parti_jax.models.transformer import EncoderDecoder
 
     cfg = model_config
     text_length = int(text_length or cfg.max_text_length)
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
     model = EncoderDecoder(cfg)
-    text = synthetic_codes_batch(cfg, num_prompts, text_length, seed)["encoder_input_tokens"]
-    if guidance_scale is not None:
-        empty = np.zeros_like(text)
-        empty[:, 0] = 1  # the unconditional prompt: [EOS]
-        text = np.concatenate([text, empty])
-    rows = text.shape[0]
-    key = jax.random.PRNGKey(seed)
-    params = jax.jit(model.init)(
-        {"params": key}, jnp.asarray(text[:1]), jnp.zeros((1, cfg.num_image_tokens), jnp.int32)
-    )["params"]
+    text = jnp.asarray(
+        synthetic_codes_batch(cfg, num_prompts, text_length, seed)["encoder_input_tokens"]
+    )
+    rows = num_prompts * (1 if guidance_scale is None else 2)  # guidance adds the [EOS] rows
+    image = jnp.zeros((1, cfg.num_image_tokens), jnp.int32)
+    params = jax.jit(model.init)({"params": jax.random.PRNGKey(seed)}, text[:1], image)["params"]
     params = nn.meta.unbox(params)
     if cast_weights:
         params = cast_floating(params, cfg.compute_dtype)
@@ -409,20 +447,16 @@ def bench_sample(
     prompt_ids, sample_indices = decoding.sample_ids(num_prompts, 1)
 
     def run(params, text):
-        tokens_to_logits, cache = make_tokens_to_logits(model, params, text)
-        out = decoding.sample(
-            tokens_to_logits,
-            cache,
-            num_steps=cfg.num_image_tokens,
-            prompt_ids=prompt_ids,
-            sample_indices=sample_indices,
+        return sampling.sample_tokens(
+            model,
+            params,
+            text,
+            prompt_ids,
+            sample_indices,
             seed=seed,
             guidance_scale=guidance_scale,
-            num_valid_tokens=cfg.codebook_size + 1,
         )
-        return out.tokens
 
-    text = jnp.asarray(text)
     t0 = time.perf_counter()
     compiled = jax.jit(run).lower(params, text).compile()
     compile_s = time.perf_counter() - t0
@@ -589,7 +623,7 @@ def bench_input(
     model_config: ModelConfig,
     *,
     batch_size: int,
-    num_batches: int = 20,
+    steps: int = 20,
     warmup: int = 3,
     codes_dir: str | None = None,
     num_examples: int = 2048,
@@ -627,7 +661,7 @@ def bench_input(
             task,
             "train",
             batch_size=batch_size,
-            num_batches=num_batches,
+            num_batches=steps,
             warmup_batches=warmup,
             feature_lengths={"inputs": text_length, "targets": cfg.num_image_tokens},
             seed=seed,

@@ -19,13 +19,15 @@ it deserializes it and calls it with the safetensors weights as arguments. It
 imports jax, numpy, safetensors and sentencepiece, and no parti_jax model
 code (this module imports flax and the models only inside `load_bundle`).
 
-Weights are stored per layer ('layers_0', 'layers_1', ...; VQGAN 'block_0',
-...) whatever `scan_layers` the model trained with; `load_bundle` restacks
-them when the stored config scans its layers.
+Weights are stored per layer ('layers_0', 'layers_1', ...) whatever
+`scan_layers` the model trained with; `load_bundle` restacks them when the
+stored config scans its layers. Configs, compatibility checks and abstract
+parameters are those of `parti_jax.loading`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,11 +39,12 @@ import numpy as np
 
 BUNDLE_FILE = "bundle.json"
 FORMAT = "parti_jax.bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: VQGAN layers named layers_<i>, its config keeps scan_layers
 MODEL_CONFIG_FILE = "model_config.json"
 VQGAN_CONFIG_FILE = "vqgan_config.json"
 UPSAMPLER_CONFIG_FILE = "upsampler_config.json"
 SAMPLING_CONFIG_FILE = "sampling_config.json"
+CONFIG_FILES = (MODEL_CONFIG_FILE, VQGAN_CONFIG_FILE, UPSAMPLER_CONFIG_FILE)
 VOCAB_FILE = "spm.model"
 EXPORT_FILE = "sample.jax_export"
 # Weight groups: name -> (file, name prefix). The prefix is the first path
@@ -63,62 +66,35 @@ class BundleError(ValueError):
 
 # ------------------------------------------------------------------ names
 
-
-def flatten_params(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
-    """Nested parameter dict -> {'prefix/a/b/kernel': host numpy array} (sorted names)."""
-    out: dict[str, np.ndarray] = {}
-
-    def walk(node: Any, name: str) -> None:
-        if isinstance(node, Mapping):
-            for key in sorted(node):
-                walk(node[key], f"{name}/{key}")
-        else:
-            out[name] = np.ascontiguousarray(np.asarray(node))
-
-    walk(tree, prefix)
-    return out
+Specs = dict[str, tuple[tuple[int, ...], str]]
 
 
-def unflatten_params(flat: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """{'prefix/a/b/kernel': array} -> nested dict without the prefix (arrays untouched)."""
-    out: dict[str, Any] = {}
-    head = prefix + "/"
-    for name, value in flat.items():
-        if not name.startswith(head):
-            raise BundleError(f"tensor {name!r} does not start with {head!r}")
-        node = out
-        *parents, leaf = name[len(head) :].split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
+def flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Nested parameters -> {'prefix/a/b/kernel': leaf} (leaves untouched)."""
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict({prefix: dict(tree)}, sep="/")
 
 
-def tensor_specs(tree: Mapping[str, Any], prefix: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{'prefix/...': (shape, dtype name)} of a nested tree of arrays or ShapeDtypeStructs."""
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
+def unflatten(flat: Mapping[str, Any], prefix: str, *, scan: bool = False) -> dict[str, Any]:
+    """{'prefix/a/b/kernel': leaf} -> nested parameters without the prefix; with `scan`,
+    the per-layer entries are stacked into the scanned layout ('layers')."""
+    from flax import traverse_util
 
-    def walk(node: Any, name: str) -> None:
-        if isinstance(node, Mapping):
-            for key in sorted(node):
-                walk(node[key], f"{name}/{key}")
-        else:
-            out[name] = (tuple(int(d) for d in node.shape), np.dtype(node.dtype).name)
+    params = traverse_util.unflatten_dict(dict(flat), sep="/")[prefix]
+    if scan:
+        from parti_jax.models.transformer import unscanned_to_scan
 
-    walk(tree, prefix)
-    return out
+        params = unscanned_to_scan(params)
+    return params
 
 
-def flat_specs(flat: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{name: (shape, dtype name)} of a flat {name: array} dict."""
+def specs(flat: Mapping[str, Any]) -> Specs:
+    """{name: (shape, dtype name)} of a flat {name: array or ShapeDtypeStruct} dict."""
     return {n: (tuple(int(d) for d in a.shape), np.dtype(a.dtype).name) for n, a in flat.items()}
 
 
-def check_tensors(
-    found: Mapping[str, tuple[tuple[int, ...], str]],
-    expected: Mapping[str, tuple[tuple[int, ...], str]],
-    where: str,
-) -> None:
+def check_tensors(found: Specs, expected: Specs, where: str) -> None:
     """Raises BundleError naming missing, unexpected and misshapen tensors of `where`."""
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
@@ -400,89 +376,84 @@ def load_bundle(
       verify: check every file's size and sha256 against bundle.json first (reads
         each file once more; False skips it for very large bundles).
     """
-    import jax
-
-    from parti_jax import partitioning
+    from parti_jax import loading
     from parti_jax.data.vocab import SentencePieceTokenizer
     from parti_jax.decoding import SamplingConfig
-    from parti_jax.loading import check_compatibility, default_mesh, t2i_params_target
-    from parti_jax.models.config import ModelConfig
-    from parti_jax.models.transformer import unscanned_to_scan
     from parti_jax.sampling import Generator
+    from parti_jax.upsampler.config import UpsamplerConfig
+    from parti_jax.upsampler.inference import LoadedUpsampler
+    from parti_jax.vqgan.tokenizer import local_mesh
 
     root = Path(path).expanduser()
     info = read_bundle_info(root)
     if verify:
         verify_files(root, info)
-    mesh = mesh or default_mesh()
-    rule_table = partitioning.get_rules(rules) if isinstance(rules, str) else tuple(rules)
+    mesh = mesh or local_mesh()
+    t2i_file, vq_file, up_file = (str(root / f) for f in CONFIG_FILES)
+    t2i = loading.t2i_record(read_json(t2i_file), t2i_file, config_overrides)
+    vq_info = read_json(vq_file)
+    up_info = read_json(up_file) if "upsampler" in info["weights"] else None
+    text_tokenizer = SentencePieceTokenizer(root / VOCAB_FILE)
+    loading.check_compatibility(
+        t2i, (vq_info, vq_file), (up_info, up_file) if up_info else None,
+        (text_tokenizer.vocab_size, str(root / VOCAB_FILE)),
+    )  # fmt: skip
 
-    t2i_info = read_json(root / MODEL_CONFIG_FILE)
-    fields = dict(t2i_info["model_config"], **(config_overrides or {}))
-    try:
-        model_config = ModelConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise BundleError(f"{root / MODEL_CONFIG_FILE}: bad model_config ({e})") from None
-    text_length = int(t2i_info["text_length"])
-    vq_info = read_json(root / VQGAN_CONFIG_FILE)
-    up_info = read_json(root / UPSAMPLER_CONFIG_FILE) if "upsampler" in info["weights"] else None
-    vocab_file = root / VOCAB_FILE
-    text_tokenizer = SentencePieceTokenizer(vocab_file)
-    check_compatibility(
-        model_config=model_config,
-        t2i_info=t2i_info,
-        t2i_file=str(root / MODEL_CONFIG_FILE),
-        vqgan_meta=vq_info,
-        vqgan_file=str(root / VQGAN_CONFIG_FILE),
-        upsampler_meta=up_info,
-        upsampler_file=str(root / UPSAMPLER_CONFIG_FILE) if up_info else None,
-        text_vocab_size=text_tokenizer.vocab_size,
-        vocab_file=str(vocab_file),
-    )
+    def t2i_abstract(config: Any, **mesh_rules: Any) -> Any:
+        return loading.t2i_abstract_params(config, t2i.text_length, **mesh_rules)
 
-    # Encoder-decoder: per-layer names in the file, checked against the config's.
-    weights_file = str(root / WEIGHTS["t2i"][0])
-    flat = read_weights(root, info, "t2i")
-    per_layer = t2i_params_target(model_config.replace(scan_layers=False), text_length)
-    check_tensors(flat_specs(flat), tensor_specs(per_layer, "t2i"), weights_file)
-    params = unflatten_params(flat, "t2i")
-    if model_config.scan_layers:
-        params = jax.tree.map(np.asarray, unscanned_to_scan(params))
-    target = t2i_params_target(model_config, text_length, mesh=mesh, rules=rule_table)
-    params = jax.tree.map(
-        lambda a, t: jax.device_put(np.asarray(a, t.dtype), t.sharding), params, target
-    )
-
-    image_tokenizer = _load_vqgan_decoder(root, info, vq_info, mesh, rule_table)
-    upsampler = _load_upsampler(root, info, up_info) if up_info else None
+    params = _read_group(root, info, "t2i", t2i_abstract, t2i.config, mesh, rules)
+    upsampler = None
+    if up_info:
+        config = loading.config_from_record(
+            UpsamplerConfig, up_info["upsampler_config"], f"{up_file}: upsampler_config"
+        )
+        up_params = _read_group(root, info, "upsampler", loading.upsampler_abstract_params, config)
+        upsampler = LoadedUpsampler(config, up_params, dict(up_info), up_info.get("step"),
+                                    up_info.get("checkpoint"), up_file)  # fmt: skip
     records = dict(info.get("sources") or {})
     records["bundle"] = {"path": str(root.absolute()), "created": info.get("created")}
+    models = loading.LoadedModels(
+        t2i.config, params, t2i.text_length, text_tokenizer,
+        _load_vqgan_decoder(root, info, vq_info, mesh, rules), upsampler, records, t2i.info,
+    )  # fmt: skip
     sampling = SamplingConfig(**read_json(root / SAMPLING_CONFIG_FILE))
-    generator = Generator(
-        model_config=model_config,
-        params=params,
-        text_tokenizer=text_tokenizer,
-        image_tokenizer=image_tokenizer,
-        text_length=text_length,
-        upsampler=upsampler,
-        mesh=mesh,
-        rules=rule_table,
-        records=records,
+    return Bundle(root, info, Generator(models, mesh=mesh, rules=rules), sampling)
+
+
+def _read_group(
+    root: Path, info: dict, group: str, abstract: Any, config: Any, mesh: Any = None,
+    rules: Any = None,
+) -> Any:  # fmt: skip
+    """One weight group's parameters for `config`, on `mesh` (host numpy without one).
+
+    The file's per-layer names and shapes are checked against `abstract(config
+    without scan_layers)`; they are stacked when `config` scans its layers.
+    `abstract(config, mesh=, rules=)` gives the abstract parameters (`parti_jax.loading`).
+    """
+    from parti_jax import loading
+
+    scan = bool(getattr(config, "scan_layers", False))
+    per_layer = (
+        abstract(dataclasses.replace(config, scan_layers=False)) if scan else abstract(config)
     )
-    return Bundle(root, info, generator, sampling)
+    file, prefix = WEIGHTS[group]
+    flat = read_weights(root, info, group)
+    check_tensors(specs(flat), specs(flatten(per_layer, prefix)), str(root / file))
+    params = unflatten(flat, prefix, scan=scan)
+    if mesh is None:
+        return params
+    return loading.place(params, abstract(config, mesh=mesh, rules=rules))
 
 
 def _load_vqgan_decoder(root: Path, info: dict, vq_info: dict, mesh: Any, rules: Any) -> Any:
     """An ImageTokenizer over the stored VQGAN decoder half; the codebook hash is checked."""
+    from parti_jax import loading
     from parti_jax.vqgan.config import VQGANConfig
     from parti_jax.vqgan.tokenizer import ImageTokenizer
 
     class DecoderOnlyTokenizer(ImageTokenizer):
         """ImageTokenizer without the encoder: decode works, encode names what is missing."""
-
-        def _init(self, key: Any) -> Any:
-            params = super()._init(key)
-            return {k: v for k, v in params.items() if k in VQGAN_DECODER_PARTS}
 
         def encode(self, images: Any) -> np.ndarray:
             raise BundleError(
@@ -490,56 +461,19 @@ def _load_vqgan_decoder(root: Path, info: dict, vq_info: dict, mesh: Any, rules:
                 "`parti-jax train-vqgan` work directory (ImageTokenizer.load)"
             )
 
-    file = root / WEIGHTS["vqgan"][0]
-    config = VQGANConfig(**vq_info["vqgan_config"])
-    flat = read_weights(root, info, "vqgan")
-    check_tensors(flat_specs(flat), _vqgan_decoder_specs(config), str(file))
-    tokenizer_params = unflatten_params(flat, "vqgan")
-    tokenizer = DecoderOnlyTokenizer(
-        config, tokenizer_params, meta=info.get("sources", {}).get("vqgan"), mesh=mesh, rules=rules
-    )
+    def decoder_abstract(config: Any, **mesh_rules: Any) -> dict[str, Any]:
+        params = loading.vqgan_abstract_params(config, **mesh_rules)
+        return {k: params[k] for k in VQGAN_DECODER_PARTS}
+
+    where = f"{root / VQGAN_CONFIG_FILE}: vqgan_config"
+    config = loading.config_from_record(VQGANConfig, vq_info["vqgan_config"], where)
+    params = _read_group(root, info, "vqgan", decoder_abstract, config, mesh, rules)
+    source = info.get("sources", {}).get("vqgan")
+    tokenizer = DecoderOnlyTokenizer(config, params, meta=source, mesh=mesh, rules=rules)
     if tokenizer.codebook_hash != vq_info.get("codebook_hash"):
         raise BundleError(
-            f"{file}: codebook hash {tokenizer.codebook_hash} differs from "
+            f"{root / WEIGHTS['vqgan'][0]}: codebook hash {tokenizer.codebook_hash} differs from "
             f"{vq_info.get('codebook_hash')} in {root / VQGAN_CONFIG_FILE}; the VQGAN weights "
             "were replaced or are corrupt: export the bundle again"
         )
     return tokenizer
-
-
-def _vqgan_decoder_specs(config: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    from parti_jax.vqgan.vit_vqgan import ViTVQGAN
-
-    size = config.image_size
-    abstract = jax.eval_shape(
-        lambda k: ViTVQGAN(config).init(k, jnp.zeros((1, size, size, 3), jnp.float32)),
-        jax.random.key(0),
-    )
-    params = nn.unbox(abstract)["params"]
-    return tensor_specs({k: params[k] for k in VQGAN_DECODER_PARTS}, "vqgan")
-
-
-def _load_upsampler(root: Path, info: dict, up_info: dict) -> Any:
-    """A `LoadedUpsampler` (what Generator needs) from the bundle's weights and records."""
-    from parti_jax.upsampler.config import UpsamplerConfig
-    from parti_jax.upsampler.inference import LoadedUpsampler, abstract_params
-
-    config = UpsamplerConfig(**up_info["upsampler_config"])
-    flat = read_weights(root, info, "upsampler")
-    check_tensors(
-        flat_specs(flat),
-        tensor_specs(abstract_params(config), "upsampler"),
-        str(root / WEIGHTS["upsampler"][0]),
-    )
-    return LoadedUpsampler(
-        config=config,
-        params=unflatten_params(flat, "upsampler"),
-        meta=dict(up_info),
-        step=up_info.get("step"),
-        checkpoint=up_info.get("checkpoint"),
-        meta_path=str(root / UPSAMPLER_CONFIG_FILE),
-    )

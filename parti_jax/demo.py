@@ -40,28 +40,13 @@ from typing import Any
 
 import numpy as np
 
+from parti_jax.eval import demo_report
+from parti_jax.eval.demo_report import _read_json as read_json  # {} when missing or torn
+
 STAGES: tuple[str, ...] = (
-    "world",
-    "vocab",
-    "vqgan",
-    "codes",
-    "t2i",
-    "upsampler",
-    "sample",
-    "eval",
-    "report",
-)
-FOLDERS: dict[str, str] = {
-    "world": "world",
-    "vocab": "vocab",
-    "vqgan": "vqgan",
-    "codes": "codes",
-    "t2i": "t2i",
-    "upsampler": "upsampler",
-    "sample": "samples",
-    "eval": "eval",
-    "report": "report",
-}
+    "world", "vocab", "vqgan", "codes", "t2i", "upsampler", "sample", "eval", "report",
+)  # fmt: skip
+FOLDERS: dict[str, str] = {**{s: s for s in STAGES}, "sample": "samples"}  # in the work dir
 MARKER = "demo.json"
 FORMAT_VERSION = 1
 CODES_SPLITS: tuple[str, ...] = ("train", "validation")
@@ -98,8 +83,8 @@ class DemoStageFns:
     train_t2i(workdir=, codebook_hash=)                    -> result with .status
         (its task reads the codes folder; the caller points it there)
     train_upsampler(workdir=, vqgan_path=)                 -> result with .status
-    sample(workdir=, t2i_path=, vqgan_path=, upsampler_path=, prompts=) -> manifest
-    evaluate(workdir=, checkpoint_dir=, vqgan_dir=, upsampler_dir=) -> {suite: metrics}
+    sample(workdir=, prompts=, t2i_path=, vqgan_path=, upsampler_path=) -> manifest
+    evaluate(workdir=, t2i_path=, vqgan_path=, upsampler_path=) -> {suite: metrics}
     train_vocab(output_prefix=) -> model path (only with `train_vocab=True`)
     """
 
@@ -136,15 +121,9 @@ def stage_record_path(workdir: str | os.PathLike, stage: str) -> Path:
 
 
 def read_stage_record(workdir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
-    """The record a finished stage wrote, or None (not run, or interrupted)."""
-    path = stage_record_path(workdir, stage)
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # a torn record: the stage runs again (and resumes)
-    return record if isinstance(record, dict) and record.get("stage") == stage else None
+    """The record a finished stage wrote, or None (not run, interrupted, or torn: it runs again)."""
+    record = read_json(stage_record_path(workdir, stage))
+    return record if record.get("stage") == stage else None
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -357,21 +336,6 @@ def judge_reconstructions(vqgan_dir: str | os.PathLike, num_images: int, seed: i
     }
 
 
-def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl (torn or non-JSON lines skipped)."""
-    rows = []
-    try:
-        with open(path) as f:
-            for line in f:
-                with contextlib.suppress(json.JSONDecodeError):
-                    row = json.loads(line)
-                    if isinstance(row, dict):
-                        rows.append(row)
-    except OSError:
-        return []
-    return rows
-
-
 def headline(
     eval_metrics: Mapping[str, Any],
     stage_seconds: Mapping[str, float],
@@ -460,6 +424,9 @@ def run_demo(
 
         return str(load_vqgan_meta(paths["vqgan"])["codebook_hash"])
 
+    def trained_models() -> dict[str, str]:
+        return {f"{s}_path": str(paths[s]) for s in ("t2i", "vqgan", "upsampler")}
+
     def do_world() -> dict[str, Any]:
         return run_world_stage(
             paths["world"],
@@ -528,27 +495,16 @@ def run_demo(
     def do_sample() -> dict[str, Any]:
         needs("sample", "vqgan", "t2i", "upsampler")
         manifest = fns.sample(
-            workdir=str(paths["sample"]),
-            t2i_path=str(paths["t2i"]),
-            vqgan_path=str(paths["vqgan"]),
-            upsampler_path=str(paths["upsampler"]),
-            prompts=list(sample_prompts),
+            workdir=str(paths["sample"]), prompts=list(sample_prompts), **trained_models()
         )
         return {"num_images": len((manifest or {}).get("images", []))}
 
     def do_eval() -> dict[str, Any]:
         needs("eval", "vqgan", "t2i", "upsampler")
-        results = fns.evaluate(
-            workdir=str(paths["eval"]),
-            checkpoint_dir=str(paths["t2i"]),
-            vqgan_dir=str(paths["vqgan"]),
-            upsampler_dir=str(paths["upsampler"]),
-        )
+        results = fns.evaluate(workdir=str(paths["eval"]), **trained_models())
         return {"headline": headline(results, {})}
 
     def do_report() -> dict[str, Any]:
-        from parti_jax.eval import demo_report
-
         seconds = _stage_seconds(wd)
         page = demo_report.write_demo_report(
             wd,
@@ -589,7 +545,7 @@ def run_demo(
                 start = time.perf_counter()
                 # Time spent by interrupted attempts counts towards the stage's time.
                 partial = stage_record_path(wd, stage).with_suffix(".partial.json")
-                earlier = float(_read_json(partial).get("seconds", 0.0))
+                earlier = float(read_json(partial).get("seconds", 0.0))
                 try:
                     summary = runners[stage]()
                 except BaseException:
@@ -617,7 +573,7 @@ def run_demo(
         if stage_bar is not None:
             stage_bar.close()
     seconds = _stage_seconds(wd)
-    eval_metrics = _read_json(paths["eval"] / "metrics.json")
+    eval_metrics = read_json(paths["eval"] / "metrics.json")
     return DemoResult(
         workdir=wd,
         report=paths["report"] / "index.html",
@@ -629,14 +585,6 @@ def run_demo(
             "this_run_seconds": round(time.perf_counter() - total_start, 1),
         },  # fmt: skip
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _summary(workdir: Path, stage: str) -> dict[str, Any]:

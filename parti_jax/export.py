@@ -14,9 +14,9 @@ sampling function for one batch shape, which takes the weights as arguments.
 `parti_jax.load_bundle` (parti_jax/bundle.py) reads it without TensorFlow,
 orbax or the training code.
 
-The three models are loaded with `Generator.load`, which checks that they
-belong together (codebook size and hash, grid, resolution, vocabulary) before
-anything is written. The bundle is written into a temporary sibling directory
+The three models are loaded with `parti_jax.loading.load_models`, which
+checks that they belong together (codebook size and hash, grid, resolution,
+vocabulary) before anything is written. The bundle is written into a temporary sibling directory
 and renamed into place at the end, so an interrupted export leaves no
 half-written bundle, and an existing bundle is only replaced with
 `overwrite=True` (a non-empty directory that is not a bundle never is).
@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from parti_jax import bundle as bundle_lib
+from parti_jax import loading
 from parti_jax.bundle import BUNDLE_FILE, WEIGHTS, BundleError
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -79,7 +80,7 @@ def export_bundle(
       out_dir: the bundle directory: new, empty, or (with `overwrite`) a bundle.
       t2i_path, vqgan_path, upsampler_path: the work directories of `parti-jax train`,
         `train-vqgan` and `train-upsampler` (no upsampler: images at the VQGAN's size).
-      vocab_path, t2i_step: see `Generator.load`.
+      vocab_path, t2i_step: see `parti_jax.loading.load_models`.
       sampling_config: a `decoding.SamplingConfig`: stored as Bundle.generate's
         default, and what the jax.export sampler compiles in (top_k, and whether
         guidance / top-p / greedy are on).
@@ -89,7 +90,7 @@ def export_bundle(
       overwrite: replace an existing bundle at `out_dir`.
     """
     from parti_jax.decoding import SamplingConfig
-    from parti_jax.sampling import Generator
+    from parti_jax.vqgan.tokenizer import local_mesh
 
     out = Path(out_dir).expanduser().absolute()
     check_destination(out, overwrite=overwrite)
@@ -98,15 +99,14 @@ def export_bundle(
     batch = int(export_batch_size or sampling.num_samples)
     if batch < 1:
         raise ValueError(f"export_batch_size={export_batch_size} must be >= 1")
-    gen = Generator.load(
-        t2i_path, vqgan_path, upsampler_path, vocab_path=vocab_path, t2i_step=t2i_step
-    )
+    models = loading.load_models(t2i_path, vqgan_path, upsampler_path, mesh=local_mesh(),
+                                 vocab_path=vocab_path, t2i_step=t2i_step)  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        info = _write_bundle(tmp, gen, t2i_path, vqgan_path, upsampler_path, sampling)
+        info = _write_bundle(tmp, models, vqgan_path, sampling)
         if jax_export:
-            info["jax_export"] = _write_exported(tmp, gen, info, sampling, batch, platforms)
+            info["jax_export"] = _write_exported(tmp, models, info, sampling, batch, platforms)
             _add_file(tmp, info, bundle_lib.EXPORT_FILE)
         (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         _default_permissions(tmp)
@@ -204,26 +204,15 @@ def _host(tree: Any) -> Any:
     return jax.tree.map(fetch, tree)
 
 
-def unstack_vqgan_blocks(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """A scanned VQGAN stack ('blocks' with a leading depth axis) -> 'block_0', 'block_1', ..."""
-    out: dict[str, Any] = {}
-    for name, value in tree.items():
-        if name == "blocks" and isinstance(value, Mapping):
-            depth = jax.tree.leaves(value)[0].shape[0]
-            for i in range(depth):
-                out[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], dict(value))
-        elif isinstance(value, Mapping):
-            out[name] = unstack_vqgan_blocks(value)
-        else:
-            out[name] = value
-    return out
-
-
 def _save_weights(root: Path, info: dict, group: str, params: Any, extra: dict) -> None:
+    """One weight group as safetensors, one entry per layer (scanned stacks unstacked)."""
     from safetensors.numpy import save_file
 
+    from parti_jax.models.transformer import scan_to_unscanned
+
     file, prefix = WEIGHTS[group]
-    flat = bundle_lib.flatten_params(params, prefix)
+    flat = bundle_lib.flatten(scan_to_unscanned(_host(params)), prefix)
+    flat = {n: np.ascontiguousarray(a) for n, a in sorted(flat.items())}
     metadata = {"format": bundle_lib.FORMAT, "group": group, "layout": "per-layer", **extra}
     save_file(flat, str(root / file), metadata={k: str(v) for k, v in metadata.items()})
     count = int(sum(a.size for a in flat.values()))
@@ -233,18 +222,15 @@ def _save_weights(root: Path, info: dict, group: str, params: Any, extra: dict) 
 
 
 def _write_bundle(
-    root: Path, gen: Any, t2i_path: str, vqgan_path: str, upsampler_path: str | None,
-    sampling: Any,
-) -> dict[str, Any]:  # fmt: skip
+    root: Path, models: loading.LoadedModels, vqgan_path: str, sampling: Any
+) -> dict[str, Any]:
     """Weights, configs and vocabulary into `root`; the bundle.json contents (without export)."""
     import flax
 
     import parti_jax
-    from parti_jax.loading import read_t2i_info
-    from parti_jax.models.transformer import scan_to_unscanned
     from parti_jax.vqgan.tokenizer import load_vqgan_meta
 
-    records = gen.records
+    records = models.records
     info: dict[str, Any] = {
         "format": bundle_lib.FORMAT,
         "format_version": bundle_lib.FORMAT_VERSION,
@@ -255,27 +241,21 @@ def _write_bundle(
         "codebook_hash": records["codebook_hash"],
         "sources": records,
         "parameter_names": "'<group>/<module path>/<param>', one entry per layer "
-        "(layers_<i>, block_<i>) whatever scan_layers the model trained with",
+        "(layers_<i>) whatever scan_layers the model trained with",
         "weights": {},
         "files": {},
         "jax_export": None,
     }
     # Encoder-decoder: the operative training record, with the portable attention path.
-    t2i_info, _ = read_t2i_info(t2i_path)
-    model_config = gen.model_config.replace(attention_impl="xla")
-    t2i_info = dict(t2i_info, model_config=dataclasses.asdict(model_config),
-                    text_length=gen.text_length)  # fmt: skip
-    params = _host(gen.params)
-    if model_config.scan_layers:
-        params = scan_to_unscanned(params)
-    _save_weights(root, info, "t2i", params, {"codebook_hash": records["codebook_hash"]})
+    model_config = models.model_config.replace(attention_impl="xla")
+    t2i_info = dict(models.t2i_info, model_config=dataclasses.asdict(model_config),
+                    text_length=models.text_length)  # fmt: skip
+    _save_weights(root, info, "t2i", models.params, {"codebook_hash": records["codebook_hash"]})
     _write_json(root, info, bundle_lib.MODEL_CONFIG_FILE, t2i_info)
 
-    tokenizer = gen.image_tokenizer
-    vq_config = dataclasses.replace(tokenizer.config, scan_layers=False, attention_impl="xla")
-    vq_params = _host({k: tokenizer.params[k] for k in bundle_lib.VQGAN_DECODER_PARTS})
-    if tokenizer.config.scan_layers:
-        vq_params = unstack_vqgan_blocks(vq_params)
+    tokenizer = models.image_tokenizer
+    vq_config = dataclasses.replace(tokenizer.config, attention_impl="xla")
+    vq_params = {k: tokenizer.params[k] for k in bundle_lib.VQGAN_DECODER_PARTS}
     _save_weights(root, info, "vqgan", vq_params, {"codebook_hash": tokenizer.codebook_hash})
     vq_meta = {k: v for k, v in load_vqgan_meta(vqgan_path).items() if k != "_path"}
     _write_json(root, info, bundle_lib.VQGAN_CONFIG_FILE, {
@@ -289,18 +269,15 @@ def _write_bundle(
         "training_meta": vq_meta,
     })  # fmt: skip
 
-    if gen.upsampler is not None:
-        from parti_jax.upsampler.train import read_upsampler_meta
-
-        up = gen.upsampler
-        _save_weights(root, info, "upsampler", _host(up.params), {})
-        up_meta, _ = read_upsampler_meta(upsampler_path)
+    up = models.upsampler
+    if up is not None:
+        _save_weights(root, info, "upsampler", up.params, {})
         _write_json(root, info, bundle_lib.UPSAMPLER_CONFIG_FILE, dict(
-            up_meta, upsampler_config=dataclasses.asdict(up.config), step=up.step,
+            up.meta, upsampler_config=dataclasses.asdict(up.config), step=up.step,
             checkpoint=up.checkpoint,
         ))  # fmt: skip
 
-    (root / bundle_lib.VOCAB_FILE).write_bytes(gen.text_tokenizer.model_bytes)
+    (root / bundle_lib.VOCAB_FILE).write_bytes(models.text_tokenizer.model_bytes)
     _add_file(root, info, bundle_lib.VOCAB_FILE)
     _write_json(root, info, bundle_lib.SAMPLING_CONFIG_FILE, dataclasses.asdict(sampling))
     return info
@@ -310,7 +287,7 @@ def _write_bundle(
 
 
 def export_sampler(
-    gen: Any, sampling: Any, *, batch_size: int, platforms: Sequence[str],
+    models: loading.LoadedModels, sampling: Any, *, batch_size: int, platforms: Sequence[str],
     t2i_specs: Mapping[str, Any], vqgan_specs: Mapping[str, Any],
 ) -> Any:  # fmt: skip
     """`jax.export.Exported` of (t2i_weights, vqgan_weights, text [B, L], prompt_ids [B],
@@ -323,40 +300,29 @@ def export_sampler(
     import jax.numpy as jnp
 
     from parti_jax import partitioning
-    from parti_jax.models.transformer import unscanned_to_scan
     from parti_jax.sampling import Generator
+    from parti_jax.vqgan.tokenizer import local_mesh
     from parti_jax.vqgan.vit_vqgan import ViTVQGAN
 
-    one = np.asarray(jax.devices()[:1], dtype=object).reshape(1, 1, 1)
-    mesh = jax.sharding.Mesh(
-        one, partitioning.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3
+    mesh = local_mesh(jax.devices()[:1])
+    model_config = models.model_config.replace(attention_impl="xla")
+    bare = dataclasses.replace(
+        models, model_config=model_config, params=None, image_tokenizer=None, upsampler=None
     )
-    model_config = gen.model_config.replace(attention_impl="xla")
-    single = Generator(
-        model_config=model_config,
-        params=None,
-        text_tokenizer=gen.text_tokenizer,
-        image_tokenizer=None,
-        text_length=gen.text_length,
-        mesh=mesh,
-        rules=gen.rules,
-    )
+    single = Generator(bare, mesh=mesh)
     sample_fn, _ = single.sample_function(sampling)
-    vq_config = dataclasses.replace(
-        gen.image_tokenizer.config, scan_layers=False, attention_impl="xla"
-    )
+    vq_config = dataclasses.replace(models.image_tokenizer.config, attention_impl="xla")
     vqgan = ViTVQGAN(vq_config)
     grid = vq_config.grid
 
     def sample(t2i_weights, vqgan_weights, text, prompt_ids, sample_indices, seed, temperature,
                top_p, guidance_scale):  # fmt: skip
-        params = bundle_lib.unflatten_params(t2i_weights, WEIGHTS["t2i"][1])
-        if model_config.scan_layers:
-            params = unscanned_to_scan(params)
+        params = bundle_lib.unflatten(t2i_weights, WEIGHTS["t2i"][1], scan=model_config.scan_layers)
         tokens = sample_fn(params, text, prompt_ids, sample_indices, seed, temperature, top_p,
                            guidance_scale)  # fmt: skip
         codes = (tokens - 1).astype(jnp.int32)  # decoder ids are codes + 1
-        vq_params = bundle_lib.unflatten_params(vqgan_weights, WEIGHTS["vqgan"][1])
+        vq_params = bundle_lib.unflatten(vqgan_weights, WEIGHTS["vqgan"][1],
+                                         scan=vq_config.scan_layers)  # fmt: skip
         images = vqgan.apply({"params": vq_params}, codes.reshape(-1, grid, grid),
                              method=ViTVQGAN.decode_codes)  # fmt: skip
         return codes, images.astype(jnp.float32)
@@ -367,7 +333,7 @@ def export_sampler(
     args = (
         {n: spec(s, d) for n, (s, d) in t2i_specs.items()},
         {n: spec(s, d) for n, (s, d) in vqgan_specs.items()},
-        spec((batch_size, gen.text_length), jnp.int32),
+        spec((batch_size, models.text_length), jnp.int32),
         spec((batch_size,), jnp.int32),
         spec((batch_size,), jnp.int32),
         spec((), jnp.int32),
@@ -380,29 +346,26 @@ def export_sampler(
 
 
 def _write_exported(
-    root: Path, gen: Any, info: dict, sampling: Any, batch: int, platforms: Sequence[str]
-) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    specs = {}
-    for group in ("t2i", "vqgan"):
-        with safe_open(str(root / WEIGHTS[group][0]), framework="numpy") as f:
-            specs[group] = {
-                n: (tuple(f.get_slice(n).get_shape()), _np_dtype(f.get_slice(n).get_dtype()))
-                for n in f.keys()  # noqa: SIM118 - safe_open is not a Mapping
-            }
+    root: Path, models: loading.LoadedModels, info: dict, sampling: Any, batch: int,
+    platforms: Sequence[str],
+) -> dict[str, Any]:  # fmt: skip
+    specs = {
+        group: {e["name"]: (tuple(e["shape"]), e["dtype"])
+                for e in _safetensors_entries(root / WEIGHTS[group][0])}
+        for group in ("t2i", "vqgan")
+    }  # fmt: skip
     exported = export_sampler(
-        gen, sampling, batch_size=batch, platforms=platforms,
+        models, sampling, batch_size=batch, platforms=platforms,
         t2i_specs=specs["t2i"], vqgan_specs=specs["vqgan"],
     )  # fmt: skip
     (root / bundle_lib.EXPORT_FILE).write_bytes(exported.serialize())
-    cfg = gen.model_config
-    size = gen.image_tokenizer.image_size
+    cfg, length = models.model_config, models.text_length
+    size = models.image_tokenizer.image_size
     return {
         "file": bundle_lib.EXPORT_FILE,
         "platforms": list(exported.platforms),
         "batch_size": batch,
-        "text_length": gen.text_length,
+        "text_length": length,
         "num_image_tokens": cfg.num_image_tokens,
         "compiled_in": {
             "top_k": sampling.top_k,
@@ -415,7 +378,7 @@ def _write_exported(
         "inputs": [
             "t2i_weights: {name: array} of t2i.safetensors",
             "vqgan_weights: {name: array} of vqgan_decoder.safetensors",
-            f"text_tokens: int32 [{batch}, {gen.text_length}]",
+            f"text_tokens: int32 [{batch}, {length}]",
             f"prompt_ids: int32 [{batch}]",
             f"sample_indices: int32 [{batch}]",
             "seed: int32 []",
@@ -465,11 +428,7 @@ def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
                       jax_export=info.get("jax_export"),
                       files={n: e["bytes"] for n, e in info["files"].items()})  # fmt: skip
         return report
-    kind = next(
-        (k for k, f in (("t2i", "model_config.json"), ("vqgan", "vqgan_meta.json"),
-                        ("upsampler", "upsampler_meta.json")) if (p / f).is_file()),
-        "checkpoint",
-    )  # fmt: skip
+    kind = next((k.key for k in loading.KINDS if (p / k.file).is_file()), "checkpoint")
     if kind == "checkpoint" and not (
         (p / "state").is_dir() or (p / "checkpoints").is_dir() or p.name == "checkpoints"
     ):
@@ -503,11 +462,8 @@ def _safetensors_entries(file: Path) -> list[dict[str, Any]]:
 
     try:
         with safe_open(str(file), framework="numpy") as f:
-            names = list(f.keys())  # noqa: SIM118 - safe_open is not a Mapping
-            return [
-                _entry(n, f.get_slice(n).get_shape(), _np_dtype(f.get_slice(n).get_dtype()))
-                for n in names
-            ]
+            slices = {n: f.get_slice(n) for n in f.keys()}  # noqa: SIM118 - not a Mapping
+            return [_entry(n, s.get_shape(), _np_dtype(s.get_dtype())) for n, s in slices.items()]
     except (SafetensorError, OSError) as e:
         raise BundleError(f"{file}: not a readable safetensors file ({e})") from None
 

@@ -1,16 +1,16 @@
 """Per-device memory of an encoder-decoder training run, before a pod is booked.
 
-Two methods:
+`train_memory(..., method=...)` has two methods:
 
-- `estimate_train_memory` (analytic, no devices, seconds for any size): the
-  train state is sized exactly from the real parameter tree, the real
-  optimizer state (factored Adafactor moments included) and the real
-  sharding rules on an `AbstractMesh` of the target's degrees; gradients,
-  activations and logits come from a formula of the model's shapes
-  (`activation_bytes`, assumptions listed there).
-- `compiled_train_memory` (XLA's buffer assignment of the real train step):
-  lowers and compiles `t2i.train_step` with abstract inputs
-  (`jax.ShapeDtypeStruct`s carrying their `NamedSharding`s) on a mesh of the
+- 'analytic' (no devices, seconds for any size): the train state is sized
+  exactly from the real parameter tree, the real optimizer state (factored
+  Adafactor moments included) and the real sharding rules on an
+  `AbstractMesh` of the target's degrees; gradients, activations and logits
+  come from a formula of the model's shapes (`activation_bytes`, assumptions
+  listed there).
+- 'compiled' (XLA's buffer assignment of the real train step): lowers and
+  compiles `t2i.train_step` with abstract inputs (`jax.ShapeDtypeStruct`s
+  carrying their `NamedSharding`s, `abstract_train_step`) on a mesh of the
   process's devices, and reads `compiled.memory_analysis()`. With CPU devices
   faked by `--xla_force_host_platform_device_count=N` this gives a per-device
   figure for a mesh of the target's size without the target; it is XLA:CPU's
@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from parti_jax import partitioning
 from parti_jax.models.config import ModelConfig
@@ -125,37 +126,6 @@ class MemoryEstimate:
 # ------------------------------------------------------------------ helpers
 
 
-def mesh_degrees(mesh_config: MeshConfig, num_devices: int) -> dict[str, int]:
-    """data / fsdp / tensor sizes of the mesh (each ICI degree times its DCN degree).
-
-    -1 fills with the devices left in a slice; errors name the degrees and the count.
-    """
-    slices = mesh_config.num_slices
-    if num_devices % slices:
-        raise ValueError(
-            f"MeshConfig dcn_data*dcn_fsdp*dcn_tensor = {slices} slices does not divide the "
-            f"{num_devices} devices of the target"
-        )
-    per_slice = num_devices // slices
-    ici = {a: getattr(mesh_config, a) for a in _AXES}
-    known = math.prod(v for v in ici.values() if v != -1)
-    fill = [a for a, v in ici.items() if v == -1]
-    text = " x ".join(f"{a}={v}" for a, v in ici.items())
-    if fill:
-        if per_slice % known:
-            raise ValueError(
-                f"MeshConfig {text}: the fixed degrees ({known}) do not divide the "
-                f"{per_slice} devices per slice"
-            )
-        ici[fill[0]] = per_slice // known
-    elif known != per_slice:
-        raise ValueError(
-            f"MeshConfig {text} = {known} devices, but the target has {per_slice} devices per "
-            "slice; make the degrees multiply to it"
-        )
-    return {a: ici[a] * getattr(mesh_config, f"dcn_{a}") for a in _AXES}
-
-
 def abstract_mesh(degrees: Mapping[str, int]) -> jax.sharding.AbstractMesh:
     """A device-free ('data', 'fsdp', 'tensor') mesh with Auto axes."""
     return jax.sharding.AbstractMesh(
@@ -163,30 +133,16 @@ def abstract_mesh(degrees: Mapping[str, int]) -> jax.sharding.AbstractMesh:
     )
 
 
-def _init_fn(config: ModelConfig, text_length: int):
-    from parti_jax.models.transformer import EncoderDecoder
-
-    model = EncoderDecoder(config)
-
-    def init_fn(key):
-        text = jnp.ones((1, text_length), jnp.int32)
-        image = jnp.zeros((1, config.num_image_tokens), jnp.int32)
-        return model.init({"params": key}, text, image)
-
-    return model, init_fn
-
-
-def _shard_bytes(tree: Any, shardings: Any) -> int:
-    is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)  # noqa: E731
+def _shard_bytes(tree: Any, shardings: Any = None) -> int:
+    """Bytes one device holds of `tree` (its leaves' own shardings when `shardings` is None)."""
     leaves = jax.tree.leaves(tree)
-    shards = jax.tree.leaves(shardings, is_leaf=is_sharding)
-    if len(leaves) != len(shards):
-        raise ValueError(f"{len(leaves)} arrays but {len(shards)} shardings")
-    return int(
-        sum(
-            math.prod(s.shard_shape(tuple(a.shape))) * np.dtype(a.dtype).itemsize
-            for a, s in zip(leaves, shards, strict=True)
-        )
+    if shardings is None:
+        shards = [a.sharding for a in leaves]
+    else:
+        shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return sum(
+        math.prod(s.shard_shape(tuple(a.shape))) * np.dtype(a.dtype).itemsize
+        for a, s in zip(leaves, shards, strict=True)
     )
 
 
@@ -198,22 +154,26 @@ def state_bytes(
     text_length: int,
 ) -> tuple[int, int]:
     """(params, optimizer state) bytes on one device, from the real trees and shardings."""
-    import flax.linen as nn
-
+    from parti_jax import loading
     from parti_jax.train import optimizers
 
     mesh = abstract_mesh(degrees)
-    rules = partitioning.get_rules(rules) if isinstance(rules, str) else rules
-    _, init_fn = _init_fn(config, text_length)
-    with nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        partitioning.check_divisibility(boxed, mesh, rules)
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    params = nn.unbox(boxed)["params"]
-    tx = optimizers.make_optimizer(optimizer_config)
-    opt_state = jax.eval_shape(tx.init, params)
-    opt_shardings = optimizers.optimizer_state_shardings(opt_state, shardings["params"], mesh)
-    return _shard_bytes(params, shardings["params"]), _shard_bytes(opt_state, opt_shardings)
+    params = loading.t2i_abstract_params(config, text_length, mesh=mesh, rules=rules)
+    opt_state = jax.eval_shape(optimizers.make_optimizer(optimizer_config).init, params)
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    opt_shardings = optimizers.optimizer_state_shardings(opt_state, param_shardings, mesh)
+    return _shard_bytes(params), _shard_bytes(opt_state, opt_shardings)
+
+
+def _rows(batch_size: int, mesh: Any, num_micro_batches: int) -> tuple[int, int]:
+    """(rows per data x fsdp position, rows per micro-batch); errors name the numbers."""
+    n = partitioning.batch_devices(mesh)
+    if batch_size < 1 or batch_size % (n * num_micro_batches):
+        raise ValueError(
+            f"batch_size={batch_size} must be a positive multiple of the mesh's data x fsdp = "
+            f"{n} devices times num_micro_batches={num_micro_batches}"
+        )
+    return batch_size // n, batch_size // n // num_micro_batches
 
 
 def activation_bytes(config: ModelConfig, rows: int, text_length: int, tensor: int) -> int:
@@ -281,33 +241,38 @@ def train_memory(
     optimizer_config: OptimizerConfig | None = None,
     num_micro_batches: int = 1,
     loss_chunk_size: int | None = None,
+    method: str = "analytic",
 ) -> MemoryEstimate:
-    """The analytic per-device estimate of one train step (see the module docstring).
+    """Per-device memory of one train step on `target` (see the module docstring).
 
-    Gradients: one float32 copy of the parameter shard, a second for the
-    micro-batch accumulator (num_micro_batches > 1), and one more for the
-    optimizer update's temporaries; with fsdp > 1 also two decoder layers'
-    gathered weights and their unreduced gradients.
+    'analytic' counts gradients as one float32 copy of the parameter shard, a
+    second for the micro-batch accumulator (num_micro_batches > 1), and one
+    more for the optimizer update's temporaries; with fsdp > 1 also two
+    decoder layers' gathered weights and their unreduced gradients.
+    'compiled' compiles the step on the first `target.num_devices` devices of
+    this process.
     """
     optimizer_config = optimizer_config or OptimizerConfig()
-    degrees = mesh_degrees(mesh_config, target.num_devices)
-    batch_axes = degrees["data"] * degrees["fsdp"]
-    if batch_size % (batch_axes * num_micro_batches):
-        raise ValueError(
-            f"train.batch_size={batch_size} must be a multiple of data x fsdp = {batch_axes} "
-            f"devices times num_micro_batches={num_micro_batches}"
-        )
+    run = dict(
+        batch_size=batch_size,
+        text_length=text_length,
+        optimizer_config=optimizer_config,
+        num_micro_batches=num_micro_batches,
+        loss_chunk_size=loss_chunk_size,
+    )
+    if method == "compiled":
+        return _compiled_train_memory(config, mesh_config, target.num_devices, run)
+    if method != "analytic":
+        raise ValueError(f"method={method!r}: expected 'analytic' or 'compiled'")
+    degrees = mesh_config.degrees(target.num_devices)
     mesh = abstract_mesh(degrees)
+    per_device, rows = _rows(batch_size, mesh, num_micro_batches)
     partitioning.check_mesh_compat(config, mesh, mesh_config.rule_table)
     params, opt_state = state_bytes(
         config, optimizer_config, degrees, mesh_config.rule_table, text_length
     )
-    per_device = batch_size // batch_axes
-    rows = per_device // num_micro_batches
-    activations = activation_bytes(config, rows, text_length, degrees["tensor"])
     chunk = loss_chunk_size or config.num_image_tokens
     vocab = config.decoder_vocab_size / degrees["tensor"]
-    logits = int(rows * chunk * vocab * 4 * 3)
     grads = params * (3 if num_micro_batches > 1 else 2)
     if degrees["fsdp"] > 1:
         # FSDP gathers a layer's weights (float32, then cast) before using them and
@@ -316,7 +281,6 @@ def train_memory(
         attn = config.num_heads * config.kv_dim
         layer = 8 * config.d_model * attn + mlp_mats * config.d_model * config.mlp_dim
         grads += int(2 * layer / degrees["tensor"] * 4 * 2)
-    batch = per_device * (text_length + 3 * config.num_image_tokens) * 4
     return MemoryEstimate(
         method="analytic",
         mesh=degrees,
@@ -325,13 +289,50 @@ def train_memory(
         params=params,
         optimizer_state=opt_state,
         gradients=grads,
-        activations=activations,
-        logits=logits,
-        batch=batch,
+        activations=activation_bytes(config, rows, text_length, degrees["tensor"]),
+        logits=int(rows * chunk * vocab * 4 * 3),
+        batch=per_device * (text_length + 3 * config.num_image_tokens) * 4,
     )
 
 
-def compiled_train_memory(
+def report(estimate: MemoryEstimate, **run: Any) -> dict[str, Any]:
+    """The JSON fields of `parti-jax benchmark memory` for an estimate of `train_memory(**run)`."""
+    target = run["target"]
+    return {
+        "method": estimate.method,
+        "target": target.name,
+        "num_devices": target.num_devices,
+        "device_memory_gib": target.device_memory_gib,
+        "mesh": dict(estimate.mesh),
+        "rules": run["mesh_config"].rules,
+        "batch_size": run["batch_size"],
+        "batch_per_device": estimate.batch_per_device,
+        "num_micro_batches": run.get("num_micro_batches", 1),
+        "micro_batch_per_device": estimate.micro_batch_per_device,
+        "remat_policy": run["config"].remat_policy,
+        "gib_per_device": estimate.gib(),
+        "fits_90_percent": estimate.fits(target),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractTrainStep:
+    """The trainer's step (`t2i.train_task`) jitted as the loop jits it, with abstract inputs."""
+
+    mesh: jax.sharding.Mesh
+    rules: Any
+    task: Any  # loop.TrainTask: init, optimizer, step
+    state: Any  # TrainState of ShapeDtypeStructs carrying their shardings
+    batch: dict[str, jax.ShapeDtypeStruct]  # the four batch keys, sharded on the batch axes
+    jitted: Any  # loop.compile_step: in/out shardings, donated state
+
+    def compile(self) -> Any:
+        """The compiled executable (what `memory_analysis` and the benchmark use)."""
+        with partitioning.with_sharding_rules(self.mesh, self.rules):
+            return self.jitted.lower(self.state, self.batch).compile()
+
+
+def abstract_train_step(
     config: ModelConfig,
     *,
     mesh_config: MeshConfig,
@@ -340,80 +341,70 @@ def compiled_train_memory(
     optimizer_config: OptimizerConfig | None = None,
     num_micro_batches: int = 1,
     loss_chunk_size: int | None = None,
-    num_devices: int | None = None,
-) -> MemoryEstimate:
-    """XLA's per-device memory of the compiled train step on this process's devices.
+    devices: Sequence[Any] | None = None,
+) -> AbstractTrainStep:
+    """The train step on a mesh of `devices` (default: all); nothing is allocated.
 
-    Nothing is allocated: the state and batch are `ShapeDtypeStruct`s with
-    their shardings; the step is lowered and compiled exactly as the trainer
-    does (`loop.compile_step`, donated state). Uses the first `num_devices`
-    devices (None: all).
+    Errors (before anything compiles) name a mesh that does not fit the model
+    or a batch that does not divide over the batch axes.
     """
-    import flax.linen as nn
+    from parti_jax.train import loop, t2i
+    from parti_jax.train.state import sharded_train_state
 
-    from parti_jax.train import loop, optimizers, t2i
-    from parti_jax.train.state import train_state_shardings
-
-    optimizer_config = optimizer_config or OptimizerConfig()
-    devices = jax.devices()
-    if num_devices is not None:
-        if len(devices) < num_devices:
-            raise ValueError(
-                f"compiled_train_memory needs {num_devices} devices, this process has "
-                f"{len(devices)}; run it with XLA_FLAGS=--xla_force_host_platform_device_count="
-                f"{num_devices} JAX_PLATFORMS=cpu"
-            )
-        devices = devices[:num_devices]
     mesh = partitioning.create_mesh(mesh_config, devices)
     rules = mesh_config.rule_table
     partitioning.check_mesh_compat(config, mesh, rules)
-    degrees = {a: int(mesh.shape[a]) for a in _AXES}
-    batch_axes = degrees["data"] * degrees["fsdp"]
-    model, init_fn = _init_fn(config, text_length)
-    tx = optimizers.make_optimizer(optimizer_config)
-    key = jax.random.PRNGKey(0)
-    abstract, shardings = train_state_shardings(init_fn, tx, mesh=mesh, rules=rules, rng=key)
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    bsh = loop.batch_sharding(mesh)
-    n = config.num_image_tokens
-    batch = {
-        "encoder_input_tokens": jax.ShapeDtypeStruct(
-            (batch_size, text_length), jnp.int32, sharding=bsh
-        ),
-        "decoder_input_tokens": jax.ShapeDtypeStruct((batch_size, n), jnp.int32, sharding=bsh),
-        "decoder_target_tokens": jax.ShapeDtypeStruct((batch_size, n), jnp.int32, sharding=bsh),
-        "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, n), jnp.float32, sharding=bsh),
-    }
-    import functools
-
-    step_fn = functools.partial(
-        t2i.train_step,
-        model=model,
-        learning_rate_fn=optimizers.learning_rate_fn(optimizer_config),
+    _rows(batch_size, mesh, num_micro_batches)
+    task = t2i.train_task(
+        config,
+        optimizer_config=optimizer_config or OptimizerConfig(),
+        text_length=text_length,
         num_micro_batches=num_micro_batches,
         loss_chunk_size=loss_chunk_size,
     )
-    jitted = loop.compile_step(step_fn, shardings, {k: bsh for k in batch})
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = jitted.lower(state, batch).compile()
-    stats = compiled.memory_analysis()
+    state, shardings = sharded_train_state(
+        task.init, task.optimizer, mesh=mesh, rules=rules, rng=jax.random.PRNGKey(0), abstract=True
+    )
+    rows = partitioning.batch_sharding(mesh)
+    b, n = batch_size, config.num_image_tokens
+    shapes = {
+        "encoder_input_tokens": ((b, text_length), jnp.int32),
+        "decoder_input_tokens": ((b, n), jnp.int32),
+        "decoder_target_tokens": ((b, n), jnp.int32),
+        "decoder_loss_weights": ((b, n), jnp.float32),
+    }
+    batch = {k: jax.ShapeDtypeStruct(*v, sharding=rows) for k, v in shapes.items()}
+    return AbstractTrainStep(mesh, rules, task, state, batch, loop.compile_step(task, shardings))
+
+
+def _compiled_train_memory(
+    config: ModelConfig, mesh_config: MeshConfig, num_devices: int, run: dict[str, Any]
+) -> MemoryEstimate:
+    """XLA's per-device memory of the compiled step on this process's first `num_devices`."""
+    devices = jax.devices()
+    if len(devices) < num_devices:
+        raise ValueError(
+            f"the compiled estimate needs {num_devices} devices, this process has "
+            f"{len(devices)}; run it with XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{num_devices} JAX_PLATFORMS=cpu"
+        )
+    step = abstract_train_step(
+        config, mesh_config=mesh_config, devices=devices[:num_devices], **run
+    )
+    stats = step.compile().memory_analysis()
     if stats is None:
         raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis")
     sizes = {
         k: int(getattr(stats, f"{k}_size_in_bytes"))
         for k in ("argument", "output", "alias", "temp")
     }
-    params = _shard_bytes(abstract.params, shardings.params)
-    opt_state = _shard_bytes(abstract.opt_state, shardings.opt_state)
-    per_device = batch_size // batch_axes
+    per_device, rows = _rows(run["batch_size"], step.mesh, run["num_micro_batches"])
     return MemoryEstimate(
         method=f"compiled ({jax.default_backend()})",
-        mesh=degrees,
+        mesh={a: int(step.mesh.shape[a]) for a in _AXES},
         batch_per_device=per_device,
-        micro_batch_per_device=per_device // num_micro_batches,
-        params=params,
-        optimizer_state=opt_state,
+        micro_batch_per_device=rows,
+        params=_shard_bytes(step.state.params),
+        optimizer_state=_shard_bytes(step.state.opt_state),
         compiled=sizes,
     )

@@ -4,11 +4,14 @@ Layers name *logical* axes only (the constants below); which mesh axis each
 one lands on is decided by a rule table chosen at the edge (gin). Mesh axes
 are ('data', 'fsdp', 'tensor') with Auto axis types.
 
-Also here: `MeshConfig` / `create_mesh`, `get_rules`, `with_sharding_rules`,
-`sharded_init` (a model bigger than one device never materialises on one),
-`logical_shardings` and `state_shardings` (optimizer state, factored moments
-included), `host_data_shard` (a host's position on the batch axes),
-divisibility checks that fail before compiling, and `params_without_axes`.
+Also here: `MeshConfig` / `create_mesh` and `fill_degrees` (the one fill of a
+-1 degree, also used by the launchers), `parse_mesh`, `get_rules`,
+`with_sharding_rules`, `sharded_init` (a model bigger than one device never
+materialises on one), `logical_shardings`, `batch_sharding` / `batch_devices`
+(the batch axes 'data' x 'fsdp'), `host_data_shard` (a host's position on the
+batch axes), divisibility checks that fail before compiling, and
+`params_without_axes`. Optimizer state follows its parameters through
+`train.optimizers.optimizer_state_shardings`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -201,15 +204,7 @@ class MeshConfig:
     rules: str = "fsdp"
 
     def __post_init__(self) -> None:
-        ici = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        for name, value in ici.items():
-            if not isinstance(value, int) or (value < 1 and value != -1):
-                raise ValueError(f"MeshConfig.{name}={value!r} must be a positive integer or -1")
-        fills = [name for name, value in ici.items() if value == -1]
-        if len(fills) > 1:
-            raise ValueError(
-                f"MeshConfig: at most one degree may be -1 (fill), got {', '.join(fills)} = -1"
-            )
+        check_degrees({a: getattr(self, a) for a in MESH_AXES}, "MeshConfig")
         for name in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -224,40 +219,86 @@ class MeshConfig:
     def num_slices(self) -> int:
         return self.dcn_data * self.dcn_fsdp * self.dcn_tensor
 
-
-def _fill_degrees(config: MeshConfig, num_devices: int, where: str) -> tuple[int, int, int]:
-    degrees = {"data": config.data, "fsdp": config.fsdp, "tensor": config.tensor}
-    text = " x ".join(f"{k}={v}" for k, v in degrees.items())
-    known = math.prod(v for v in degrees.values() if v != -1)
-    fill = [k for k, v in degrees.items() if v == -1]
-    if fill:
-        if num_devices % known:
+    def ici_degrees(self, num_devices: int) -> dict[str, int]:
+        """data / fsdp / tensor degrees inside a slice of `num_devices` devices, -1 filled."""
+        slices = self.num_slices
+        if num_devices % slices:
             raise ValueError(
-                f"MeshConfig {text}: cannot fill {fill[0]}=-1, the other degrees multiply to "
-                f"{known}, which does not divide the {num_devices} devices{where}"
+                f"MeshConfig dcn_data*dcn_fsdp*dcn_tensor = {slices} slices does not divide "
+                f"the {num_devices} devices"
             )
-        degrees[fill[0]] = num_devices // known
-    elif known != num_devices:
+        devices = f"the {num_devices} devices"
+        if slices > 1:
+            devices = f"the {num_devices // slices} devices per slice ({slices} slices)"
+        ici = {a: getattr(self, a) for a in MESH_AXES}
+        return fill_degrees(ici, num_devices // slices, devices, "MeshConfig")
+
+    def degrees(self, num_devices: int) -> dict[str, int]:
+        """Mesh sizes along data / fsdp / tensor: each ICI degree times its DCN degree."""
+        ici = self.ici_degrees(num_devices)
+        return {a: ici[a] * getattr(self, f"dcn_{a}") for a in MESH_AXES}
+
+
+def check_degrees(degrees: Mapping[str, int], owner: str) -> None:
+    """Each degree a positive integer or -1 (fill), at most one -1; errors name `owner.axis`."""
+    for axis, value in degrees.items():
+        if not isinstance(value, int) or (value < 1 and value != -1):
+            raise ValueError(f"{owner}.{axis}={value!r} must be a positive integer or -1 (fill)")
+    fills = [axis for axis, value in degrees.items() if value == -1]
+    if len(fills) > 1:
         raise ValueError(
-            f"MeshConfig {text} = {known} devices, but there are {num_devices} devices{where}; "
-            "make the product match or set one degree to -1 to fill"
+            f"{owner}: at most one degree may be -1 (fill), got {', '.join(fills)} = -1"
         )
-    return degrees["data"], degrees["fsdp"], degrees["tensor"]
+
+
+def fill_degrees(
+    degrees: Mapping[str, int], total: int, devices: str, owner: str
+) -> dict[str, int]:
+    """`degrees` with the -1 filled so that they multiply to `total` (the one mesh-degree fill).
+
+    `devices` names the total in errors ('the 8 devices'); `owner` names the
+    degrees' config ('MeshConfig', 'LaunchSpec').
+    """
+    check_degrees(degrees, owner)
+    shown = f"{owner} " + " x ".join(f"{k}={v}" for k, v in degrees.items())
+    fixed = math.prod(v for v in degrees.values() if v != -1)
+    fill = [k for k, v in degrees.items() if v == -1]
+    if fill and total % fixed == 0:
+        return {**degrees, fill[0]: total // fixed}
+    if fill:
+        raise ValueError(
+            f"{shown}: cannot fill {fill[0]}=-1, the other degrees multiply to {fixed}, which "
+            f"does not divide {devices}; choose degrees whose product divides {total}"
+        )
+    if fixed != total:
+        raise ValueError(
+            f"{shown} = {fixed} devices, not {devices}; make the degrees multiply to {total} "
+            "or set one of them to -1 to fill"
+        )
+    return dict(degrees)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,fsdp=-1,dcn_data=2' (a --mesh flag) -> {'data': 2, 'fsdp': -1, 'dcn_data': 2}."""
+    axes = (*MESH_AXES, *(f"dcn_{a}" for a in MESH_AXES))
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = (x.strip() for x in part.partition("="))
+        if key not in axes or not value.lstrip("-").isdigit():
+            raise ValueError(
+                f"--mesh={text}: {part!r} is not AXIS=DEGREE with AXIS one of {', '.join(axes)} "
+                "(-1 fills)"
+            )
+        out[key] = int(value)
+    return out
 
 
 def create_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh with Auto axes; hybrid ICI x DCN across slices."""
     devices = list(jax.devices() if devices is None else devices)
-    num_slices = config.num_slices
-    if len(devices) % num_slices:
-        raise ValueError(
-            f"MeshConfig dcn_data*dcn_fsdp*dcn_tensor = {num_slices} slices does not divide "
-            f"the {len(devices)} devices"
-        )
-    per_slice = len(devices) // num_slices
-    where = f" per slice ({num_slices} slices)" if num_slices > 1 else ""
-    ici = _fill_degrees(config, per_slice, where)
+    ici = tuple(config.ici_degrees(len(devices)).values())
     dcn = (config.dcn_data, config.dcn_fsdp, config.dcn_tensor)
+    num_slices = config.num_slices
     if num_slices == 1:
         array = mesh_utils.create_device_mesh(ici, devices)
     else:
@@ -281,9 +322,11 @@ def create_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mes
 
 
 @contextlib.contextmanager
-def with_sharding_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
-    """Runs the body under `jax.set_mesh(mesh)` and flax logical-axis `rules`."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+def with_sharding_rules(mesh: Mesh | jax.sharding.AbstractMesh, rules: Rules) -> Iterator[None]:
+    """Runs the body under `jax.set_mesh(mesh)` (an AbstractMesh: `use_abstract_mesh`) and
+    flax logical-axis `rules`."""
+    use = jax.set_mesh if isinstance(mesh, Mesh) else jax.sharding.use_abstract_mesh
+    with use(mesh), nn.logical_axis_rules(rules):
         yield
 
 
@@ -358,9 +401,14 @@ def logical_shardings(abstract: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
-    """Sharding of batch arrays ([B, ...]): the leading dim over the ACT_BATCH mesh axes."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes((ACT_BATCH,), rules))
+def batch_sharding(mesh: Mesh | jax.sharding.AbstractMesh) -> NamedSharding:
+    """Sharding of batch arrays ([B, ...]): the leading dim over the mesh's 'data' x 'fsdp'."""
+    return NamedSharding(mesh, PartitionSpec(tuple(a for a in BATCH_MESH_AXES if a in mesh.shape)))
+
+
+def batch_devices(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
+    """Devices along the batch axes ('data' x 'fsdp'): a global batch is a multiple of it."""
+    return math.prod(mesh.shape[a] for a in BATCH_MESH_AXES if a in mesh.shape)
 
 
 def sharded_init(
@@ -378,74 +426,6 @@ def sharded_init(
         shardings = logical_shardings(abstract, mesh, rules)
         params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return params, shardings
-
-
-def state_shardings(state: PyTree, params: PyTree, param_shardings: PyTree) -> PyTree:
-    """Shardings for any pytree built from the parameters (train state, optimizer state).
-
-    Each leaf of `state` (arrays or ShapeDtypeStructs) is matched to the
-    parameter whose key path is the longest suffix of the leaf's key path
-    (a leading 'params' key of `params` is optional). Then:
-      * same shape as the parameter: the parameter's sharding (params, momenta);
-      * one dim fewer (factored Adafactor moments, e.g. optax's v_row / v_col):
-        the parameter's spec with the reduced dim dropped. If several dims
-        could have been reduced (equal sizes) and they would give different
-        specs, optax's rule decides for 'v_row' (largest dim reduced) and
-        'v_col' (second largest); otherwise the leaf is replicated;
-      * anything else (step counters, (1,)-shaped placeholders): replicated.
-    """
-    param_leaves = _leaves_with_path(params, as_tuple=True)
-    sharding_leaves = jax.tree.leaves(
-        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
-    )
-    if len(param_leaves) != len(sharding_leaves):
-        raise ValueError(
-            f"state_shardings: {len(param_leaves)} parameters but {len(sharding_leaves)} shardings"
-        )
-    by_path: dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]] = {}
-    for (path, leaf), sharding in zip(param_leaves, sharding_leaves, strict=True):
-        entry = (tuple(np.shape(leaf)), sharding)
-        by_path[path] = entry
-        if path and path[0] == "params":
-            by_path.setdefault(path[1:], entry)
-    mesh = sharding_leaves[0].mesh if sharding_leaves else None
-
-    def leaf_sharding(path: tuple[str, ...], leaf: Any) -> NamedSharding:
-        shape = tuple(np.shape(leaf))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        match = next((by_path[path[i:]] for i in range(len(path)) if path[i:] in by_path), None)
-        if match is None:
-            return replicated
-        param_shape, sharding = match
-        spec = tuple(sharding.spec) + (None,) * (len(param_shape) - len(sharding.spec))
-        if shape == param_shape:
-            return sharding
-        if len(shape) != len(param_shape) - 1:
-            return replicated
-        candidates = {
-            d: spec[:d] + spec[d + 1 :]
-            for d in range(len(param_shape))
-            if param_shape[:d] + param_shape[d + 1 :] == shape
-        }
-        if not candidates:
-            return replicated
-        if len(set(candidates.values())) > 1:
-            order = np.argsort(param_shape, kind="stable")
-            if "v_row" in path:
-                chosen = candidates.get(int(order[-1]))
-            elif "v_col" in path:
-                chosen = candidates.get(int(order[-2]))
-            else:
-                chosen = None
-            if chosen is None:
-                return replicated
-            return NamedSharding(mesh, PartitionSpec(*chosen))
-        return NamedSharding(mesh, PartitionSpec(*next(iter(candidates.values()))))
-
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    return jax.tree_util.tree_unflatten(
-        treedef, [leaf_sharding(_path_strings(p), leaf) for p, leaf in flat]
-    )
 
 
 # -------------------------------------------------------- axes coverage
@@ -521,23 +501,9 @@ def host_data_shard(mesh: Mesh, process_index: int | None = None) -> tuple[int, 
 
 
 # ---------------------------------------------------------------- helpers
-def _key_string(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _path_strings(path: Sequence[Any]) -> tuple[str, ...]:
-    return tuple(_key_string(k) for k in path)
-
-
-def _leaves_with_path(tree: PyTree, as_tuple: bool = False) -> list[tuple[Any, Any]]:
+def _leaves_with_path(tree: PyTree) -> list[tuple[str, Any]]:
+    """('a/b/c', leaf) pairs; flax `Partitioned` boxes are leaves."""
     flat, _ = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: isinstance(x, nn.Partitioned)
     )
-    out = []
-    for path, leaf in flat:
-        keys = _path_strings(path)
-        out.append((keys if as_tuple else "/".join(keys), leaf))
-    return out
+    return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in flat]

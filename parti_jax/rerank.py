@@ -24,7 +24,7 @@ teacher-forced logits callback.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -36,14 +36,14 @@ class Scorer(Protocol):
     """Scores how well each image matches its prompt; higher is better."""
 
     def score(
-        self,
-        images: np.ndarray,
-        prompts: Sequence[str],
-        *,
-        image_tokens: np.ndarray | None = None,
+        self, images: np.ndarray, prompts: Sequence[str], *, image_tokens: np.ndarray | None = None
     ) -> np.ndarray:
         """images float [B, H, W, 3] in [0, 1], one prompt per row -> float [B]."""
-        ...
+
+
+def name_of(scorer: Any) -> str | None:
+    """How records name a scorer: its name (a string, or None) or its class name."""
+    return scorer if scorer is None or isinstance(scorer, str) else type(scorer).__name__
 
 
 def rerank(
@@ -160,11 +160,7 @@ class LikelihoodScorer:
         self.unconditional_weight = float(unconditional_weight)
 
     def score(
-        self,
-        images: np.ndarray,
-        prompts: Sequence[str],
-        *,
-        image_tokens: np.ndarray | None = None,
+        self, images: np.ndarray, prompts: Sequence[str], *, image_tokens: np.ndarray | None = None
     ) -> np.ndarray:
         """Mean log-likelihood per row, float32 [B] (higher is better)."""
         del images  # the likelihood lives in token space

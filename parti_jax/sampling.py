@@ -4,9 +4,11 @@
     results = gen.generate(["a red circle above a blue square"], num_samples=16, keep_top_k=4)
     results[0].images        # float32 [4, 1024, 1024, 3] in [0, 1], best first
 
-`Generator.load` restores the three models from their work directories and
-checks that they belong together (grid, codebook size and hash, resolution,
-text vocabulary), with errors naming both values and the files they come from.
+`Generator.load` restores the three models from their work directories
+through `parti_jax.loading`, which checks that they belong together (grid,
+codebook size and hash, resolution, text vocabulary), with errors naming both
+values and the files they come from; `parti_jax.load_bundle` builds the same
+Generator from an exported bundle.
 `generate` lays prompts x samples out prompt-major, runs them in batches of
 `batch_size` rows (a multiple of the mesh's batch devices; the last batch is
 padded), each batch through one jitted prefill + `decoding.sample` function
@@ -36,27 +38,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from parti_jax import decoding, partitioning, rerank
-from parti_jax.data.vocab import EOS_ID, SentencePieceTokenizer, default_vocab_path
-from parti_jax.loading import (  # CompatibilityError: re-exported for callers
-    CompatibilityError,
-    check_compatibility,
-    default_mesh,
-    load_t2i,
-    mesh_batch_devices,
-    params_fingerprint,
-    read_t2i_info,
-)
-from parti_jax.models.config import ModelConfig
+from parti_jax import decoding, loading, partitioning, rerank
+from parti_jax.data.vocab import EOS_ID
+from parti_jax.loading import LoadedModels
 from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
+from parti_jax.vqgan.tokenizer import local_mesh
 
 __all__ = [
-    "CompatibilityError",
     "Generator",
     "PromptResult",
     "PromptTruncatedWarning",
     "read_prompts_file",
     "sample_to_folder",
+    "sample_tokens",
     "write_results",
 ]
 PyTree = Any
@@ -107,6 +101,33 @@ def resolve_scorer(scorer: Any, *, likelihood: Callable[[float], rerank.Scorer])
     return scorer
 
 
+def sample_tokens(
+    model: EncoderDecoder,
+    params: PyTree,
+    text: jax.Array,
+    prompt_ids: jax.Array,
+    sample_indices: jax.Array,
+    *,
+    seed: Any,
+    guidance_scale: Any = None,
+    **sampling: Any,
+) -> jax.Array:
+    """Decoder tokens int32 [B, N] (codes + 1) for text tokens [B, L]: prefill, then
+    `decoding.sample` (`sampling`: temperature, top_k, top_p, mesh). With guidance the
+    unconditional rows (the empty prompt, [EOS]) are appended here. Pure: jit it."""
+    if guidance_scale is not None:
+        empty = jnp.zeros_like(text).at[:, 0].set(EOS_ID)
+        text = jnp.concatenate([text, empty], axis=0)
+    tokens_to_logits, cache = make_tokens_to_logits(model, params, text)
+    cfg = model.config
+    out = decoding.sample(
+        tokens_to_logits, cache, num_steps=cfg.num_image_tokens, prompt_ids=prompt_ids,
+        sample_indices=sample_indices, seed=seed, guidance_scale=guidance_scale,
+        num_valid_tokens=cfg.codebook_size + 1, **sampling,
+    )  # fmt: skip
+    return out.tokens
+
+
 # ------------------------------------------------------------------ generator
 
 
@@ -114,52 +135,35 @@ class Generator:
     """The loaded text-to-image pipeline; see the module docstring."""
 
     def __init__(
-        self,
-        *,
-        model_config: ModelConfig,
-        params: PyTree,
-        text_tokenizer: SentencePieceTokenizer,
-        image_tokenizer: Any,
-        text_length: int,
-        upsampler: Any = None,
-        mesh: Mesh | None = None,
-        rules: Any = "data_parallel",
-        records: Mapping[str, Any] | None = None,
+        self, models: LoadedModels, *, mesh: Mesh | None = None, rules: Any = "data_parallel"
     ) -> None:
-        """Wraps loaded pieces; most callers use `Generator.load`.
+        """Wraps loaded models (`Generator.load`, `parti_jax.load_bundle`).
 
         Args:
-          model_config, params: the encoder-decoder and its 'params' (on `mesh`).
-          text_tokenizer: the SentencePiece vocabulary it was trained with.
-          image_tokenizer: a `parti_jax.vqgan.tokenizer.ImageTokenizer` (decode).
-          text_length: encoder input length (longer prompts are truncated).
-          upsampler: a `parti_jax.upsampler.train.LoadedUpsampler` or None.
+          models: the encoder-decoder (its 'params' on `mesh`), the VQGAN's
+            `ImageTokenizer` (decode), an optional
+            `parti_jax.upsampler.inference.LoadedUpsampler`, the vocabulary and
+            the records (checkpoint paths, steps, hashes) for manifests.
           mesh, rules: where the encoder-decoder runs (default: local devices on 'data').
-          records: checkpoint paths/steps/hashes for manifests.
         """
-        self.model_config = model_config
-        self.params = params
-        self.text_tokenizer = text_tokenizer
-        self.image_tokenizer = image_tokenizer
-        self.text_length = int(text_length)
-        self.upsampler = upsampler
-        self.mesh = mesh or default_mesh()
-        self.rules = partitioning.get_rules(rules) if isinstance(rules, str) else tuple(rules)
-        self.records = dict(records or {})
-        self._model = EncoderDecoder(model_config)
-        self._batch_devices = mesh_batch_devices(self.mesh)
-        axes = tuple(a for a in partitioning.BATCH_MESH_AXES if a in self.mesh.axis_names)
-        self._rows = NamedSharding(self.mesh, PartitionSpec(axes))
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.models = models
+        self.model_config, self.params = models.model_config, models.params
+        self.text_tokenizer, self.image_tokenizer = models.text_tokenizer, models.image_tokenizer
+        self.text_length, self.upsampler = int(models.text_length), models.upsampler
+        self.records = dict(models.records)
+        self.mesh = mesh or local_mesh()
+        self.rules = loading.rule_table(rules)
+        self._model = EncoderDecoder(self.model_config)
+        self._batch_devices = partitioning.batch_devices(self.mesh)
+        self._rows = partitioning.batch_sharding(self.mesh)
         self._sample_fns: dict[tuple, Callable] = {}
         self._logits_fn = jax.jit(lambda p, e, d: self._model.apply({"params": p}, e, d))
         self._upsample_fn = None
         self._upsampler_params = None
-        if upsampler is not None:
-            self._upsample_fn = upsampler.make_upsample_fn()
-            self._upsampler_params = jax.device_put(upsampler.params, self._replicated)
-
-    # ------------------------------------------------------------- loading
+        if self.upsampler is not None:
+            self._upsample_fn = self.upsampler.make_upsample_fn()
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._upsampler_params = jax.device_put(self.upsampler.params, replicated)
 
     @classmethod
     def load(
@@ -168,104 +172,18 @@ class Generator:
         vqgan_path: str | os.PathLike,
         upsampler_path: str | os.PathLike | None = None,
         *,
-        vocab_path: str | None = None,
         mesh: Mesh | None = None,
         rules: Any = "data_parallel",
-        t2i_step: int | None = None,
-        config_overrides: Mapping[str, Any] | None = None,
-        fingerprint: bool = True,
+        **options: Any,
     ) -> Generator:
-        """Loads and cross-checks the encoder-decoder, VQGAN, optional upsampler and vocabulary.
-
-        Args:
-          t2i_workdir: `parti-jax train` work directory (model_config.json + checkpoints).
-          vqgan_path: `parti-jax train-vqgan` work directory.
-          upsampler_path: `parti-jax train-upsampler` work directory (None: no upsampling).
-          vocab_path: SentencePiece model; default the one recorded in
-            model_config.json ('vocab_path'), else the shipped shapes vocabulary.
-          mesh: where to sample (default: this process's devices, all on 'data').
-          rules: rule table for the encoder-decoder's parameters.
-          t2i_step: encoder-decoder checkpoint step (default the latest).
-          config_overrides: ModelConfig fields to change for sampling (e.g.
-            {'attention_impl': 'xla', 'dtype': 'float32'} on a CPU).
-          fingerprint: record a sha256 of the encoder-decoder's and upsampler's
-            parameters for the manifest (reads every parameter once).
-        """
-        from parti_jax.upsampler.train import load_upsampler, read_upsampler_meta
-        from parti_jax.vqgan.tokenizer import ImageTokenizer, meta_path
-
-        mesh = mesh or default_mesh()
-        rule_table = partitioning.get_rules(rules) if isinstance(rules, str) else tuple(rules)
-        info, info_path = read_t2i_info(t2i_workdir)
-        vqgan_meta_file = str(meta_path(vqgan_path))
-        image_tokenizer = ImageTokenizer.load(vqgan_path, mesh=mesh)
-        vocab = vocab_path or info.get("vocab_path") or default_vocab_path()
-        text_tokenizer = SentencePieceTokenizer(vocab)
-        up_meta, up_file = (None, None)
-        if upsampler_path is not None:
-            up_meta, up_file = read_upsampler_meta(upsampler_path)
-        fields = dict(info["model_config"], **(config_overrides or {}))
-        try:
-            model_config = ModelConfig(**fields)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{info_path}: bad model_config ({e})") from None
-        # Check before restoring any weights: a mismatch costs nothing to find.
-        check_compatibility(
-            model_config=model_config,
-            t2i_info=info,
-            t2i_file=info_path,
-            vqgan_meta=image_tokenizer.meta,
-            vqgan_file=vqgan_meta_file,
-            upsampler_meta=up_meta,
-            upsampler_file=up_file,
-            text_vocab_size=text_tokenizer.vocab_size,
-            vocab_file=vocab,
+        """The Generator of three work directories, loaded and cross-checked by
+        `parti_jax.loading.load_models` (its Args: vocab_path, t2i_step,
+        config_overrides, fingerprint); mesh default: local devices on 'data'."""
+        mesh = mesh or local_mesh()
+        models = loading.load_models(
+            t2i_workdir, vqgan_path, upsampler_path, mesh=mesh, rules=rules, **options
         )
-        model_config, params, info, info_path, t2i_ckpt = load_t2i(
-            t2i_workdir, mesh=mesh, rules=rule_table, step=t2i_step,
-            config_overrides=config_overrides,
-        )  # fmt: skip
-        upsampler = load_upsampler(upsampler_path) if upsampler_path is not None else None
-        vq = image_tokenizer.meta
-        records = {
-            "encoder_decoder": {
-                "workdir": str(Path(t2i_workdir).expanduser().absolute()),
-                "checkpoint": t2i_ckpt,
-                "step": int(Path(t2i_ckpt).name),
-                "params_hash": params_fingerprint(params) if fingerprint else None,
-                "codes_codebook_hash": (info.get("codes_meta") or {}).get("codebook_hash"),
-            },
-            "vqgan": {
-                "workdir": str(Path(vqgan_path).expanduser().absolute()),
-                "checkpoint": vq.get("checkpoint"),
-                "step": vq.get("step"),
-                "codebook_hash": vq.get("codebook_hash"),
-                "image_size": vq.get("image_size"),
-            },
-            "upsampler": None
-            if upsampler is None
-            else {
-                "workdir": str(Path(upsampler_path).expanduser().absolute()),
-                "checkpoint": upsampler.checkpoint,
-                "step": upsampler.step,
-                "params_hash": params_fingerprint(upsampler.params) if fingerprint else None,
-                "codebook_hash": upsampler.codebook_hash,
-                "output_size": upsampler.config.output_size,
-            },
-            "vocabulary": {"path": str(vocab), "sha256": text_tokenizer.fingerprint},
-            "codebook_hash": vq.get("codebook_hash"),
-        }
-        return cls(
-            model_config=model_config,
-            params=params,
-            text_tokenizer=text_tokenizer,
-            image_tokenizer=image_tokenizer,
-            text_length=int(info.get("text_length", model_config.max_text_length)),
-            upsampler=upsampler,
-            mesh=mesh,
-            rules=rule_table,
-            records=records,
-        )
+        return cls(models, mesh=mesh, rules=rules)
 
     # ------------------------------------------------------------- pieces
 
@@ -285,28 +203,14 @@ class Generator:
     def _sample_fn(self, *, guided: bool, greedy: bool, top_k: int | None, top_p: bool):
         key = (guided, greedy, top_k, top_p)
         if key not in self._sample_fns:
-            model, cfg, mesh = self._model, self.model_config, self.mesh
 
             def fn(params, text, prompt_ids, sample_indices, seed, temperature, p, scale):
-                if guided:
-                    empty = jnp.zeros_like(text).at[:, 0].set(EOS_ID)
-                    text = jnp.concatenate([text, empty], axis=0)
-                tokens_to_logits, cache = make_tokens_to_logits(model, params, text)
-                out = decoding.sample(
-                    tokens_to_logits,
-                    cache,
-                    num_steps=cfg.num_image_tokens,
-                    prompt_ids=prompt_ids,
-                    sample_indices=sample_indices,
-                    seed=seed,
-                    temperature=0.0 if greedy else temperature,
-                    top_k=top_k,
-                    top_p=p if top_p else None,
-                    guidance_scale=scale if guided else None,
-                    num_valid_tokens=cfg.codebook_size + 1,
-                    mesh=mesh,
-                )
-                return out.tokens
+                return sample_tokens(
+                    self._model, params, text, prompt_ids, sample_indices, seed=seed,
+                    temperature=0.0 if greedy else temperature, top_k=top_k,
+                    top_p=p if top_p else None, guidance_scale=scale if guided else None,
+                    mesh=self.mesh,
+                )  # fmt: skip
 
             self._sample_fns[key] = jax.jit(fn)
         return self._sample_fns[key]
@@ -653,27 +557,12 @@ def sample_to_folder(
     if not prompts:
         raise ValueError("no prompts: pass at least one prompt")
     cfg = sampling_config or decoding.SamplingConfig()
-    generator = Generator.load(
-        t2i_path,
-        vqgan_path,
-        upsampler_path,
-        vocab_path=vocab_path,
-        t2i_step=t2i_step,
-        config_overrides=config_overrides,
-    )
-    results = generator.generate(
-        prompts,
-        keep_top_k=keep_top_k,
-        sampling_config=cfg,
-        scorer=scorer,
-        batch_size=batch_size,
-        prompt_ids=prompt_ids,
-        progress=progress,
-    )
-    settings = dict(dataclasses.asdict(cfg), keep_top_k=keep_top_k)
-    settings["scorer"] = (
-        scorer if isinstance(scorer, str) or scorer is None else type(scorer).__name__
-    )
+    generator = Generator.load(t2i_path, vqgan_path, upsampler_path, vocab_path=vocab_path,
+                               t2i_step=t2i_step, config_overrides=config_overrides)  # fmt: skip
+    results = generator.generate(prompts, keep_top_k=keep_top_k, sampling_config=cfg,
+                                 scorer=scorer, batch_size=batch_size, prompt_ids=prompt_ids,
+                                 progress=progress)  # fmt: skip
+    settings = dict(dataclasses.asdict(cfg), keep_top_k=keep_top_k, scorer=rerank.name_of(scorer))
     return write_results(
         results, workdir, records=generator.records, sampling=settings, save_low_res=save_low_res
     )

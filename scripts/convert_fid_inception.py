@@ -11,7 +11,7 @@ the official weights file exists (pytorch-fid downloads it to
 
 Writes:
 - `<out>`: one float32 array per parameter, keyed by the torch state_dict name,
-  in torch layout (format: parti_jax/eval/inception.py, `EXPECTED_PARAMS`);
+  in torch layout (format: parti_jax/eval/inception.py, `expected_params()`);
 - `<out>.provenance.json`: the source file's sha256, the .npz's array digest
   and, with --check, the largest difference between pytorch-fid's pool3
   features and parti_jax's Flax features on the same images. FID computed

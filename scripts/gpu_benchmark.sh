@@ -3,12 +3,20 @@
 #
 #   scripts/gpu_benchmark.sh [OUT_DIR]        # default OUT_DIR: benchmark_results/<UTC time>
 #
-# Needs only jax[cuda12], flax, optax, orbax-checkpoint and numpy: no gin-config,
-# no TensorFlow, no install (it runs `python -m parti_jax.cli.benchmark` from this
-# checkout with PYTHONPATH set; the size files are read without gin). Runs each
-# configuration in its own process, so a batch that does not fit is recorded as a
-# JSON line with an "error" field and the sweep goes on. About 30-45 minutes on
-# one H100 (most of it compilation).
+# Needs jax[cuda], flax, optax, orbax-checkpoint and numpy; no TensorFlow. What
+# else the benchmark imports (gin-config, sentencepiece) and parti_jax itself
+# (this checkout, editable, no dependencies; its build takes setuptools, wheel and
+# packaging) are installed when missing, offline, from the wheelhouse .whl/ in
+# the checkout (git-ignored). Make it there beforehand, on a machine that reaches
+# the package registry (pins from constraints.txt; sentencepiece is a compiled
+# wheel, for x86-64 Linux):
+#
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       --no-deps -d .whl gin-config==0.5.0 sentencepiece==0.2.3 setuptools wheel packaging
+#
+# Runs each configuration in its own process, so a batch that does not fit is
+# recorded as a JSON line with an "error" field and the sweep goes on. About
+# 30-45 minutes on one H100 (most of it compilation).
 #
 # Writes OUT_DIR/results.jsonl (one JSON object per figure: device, versions,
 # knobs, median times, examples/s, tokens/s, MFU, bandwidth-floor ratio),
@@ -16,10 +24,12 @@
 # OUT_DIR/profile_350m/ (a jax.profiler trace of three Parti-350M train steps:
 # open with TensorBoard's profile plugin or xprof) and prints a summary table.
 #
-# Environment: PYTHON (default python), STEPS (timed steps, default 20),
-# XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.95), QUICK=1 (only the headline
-# figure of each target, each bench killed after BENCH_TIMEOUT seconds, default
-# 150: about 8 minutes on one H200, for a short device lease).
+# Environment: PYTHON (default python), PIP_ARGS (extra `pip install` flags, e.g.
+# --user --break-system-packages for an externally managed system Python), STEPS
+# (timed steps, default 20), XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.95),
+# QUICK=1 (only the headline figure of each target, each bench killed after
+# BENCH_TIMEOUT seconds, default 150: about 8 minutes on one H200, for a short
+# device lease).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-$ROOT/benchmark_results/$(date -u +%Y%m%dT%H%M%SZ)}"
@@ -28,9 +38,28 @@ RESULTS="$OUT/results.jsonl"
 LOG="$OUT/log.txt"
 PY="${PYTHON:-python}"
 STEPS="${STEPS:-20}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 cd "$ROOT"
+
+# Offline installs from .whl/ of what is missing. `import gin.config` fails for the
+# namespace package that ./gin/ (the gin files) makes when gin-config is absent.
+WHL="$ROOT/.whl"
+PIP=("$PY" -m pip install --no-index --find-links "$WHL" ${PIP_ARGS:-})
+wheelhouse_hint() {
+  echo "[gpu_benchmark] $1; make the wheelhouse on a machine with registry access:" >&2
+  sed -n '/^#   pip download/,/wheel packaging$/s/^#   //p' "${BASH_SOURCE[0]}" >&2
+  exit 1
+}
+missing=()
+"$PY" -c "import gin.config" 2>/dev/null || missing+=(gin-config)
+"$PY" -c "import sentencepiece" 2>/dev/null || missing+=(sentencepiece)
+if (( ${#missing[@]} )); then
+  [[ -d "$WHL" ]] || wheelhouse_hint "${missing[*]} missing and no $WHL"
+  "${PIP[@]}" "${missing[@]}" || wheelhouse_hint "installing ${missing[*]} from $WHL failed"
+fi
+if ! "$PY" -c "import parti_jax.launch" 2>/dev/null; then  # parti_jax not installed from here
+  "${PIP[@]}" --no-deps -e "$ROOT" || wheelhouse_hint "installing parti_jax failed"
+fi
 
 {
   date -u

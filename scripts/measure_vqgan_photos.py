@@ -89,7 +89,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="/tmp/vqgan_photos")
     parser.add_argument(
-        "--num_steps", type=int, default=None, help="override train_vqgan.num_steps"
+        "--num_steps", type=int, default=None, help="override train_vqgan/LoopConfig.num_steps"
     )
     parser.add_argument("--skip_training", action="store_true", help="only evaluate --out/vqgan")
     args = parser.parse_args()
@@ -104,7 +104,7 @@ def main() -> int:
             f"--workdir={workdir}", f"--gin.register_folder_task.folder='{folder}'",
         ]  # fmt: skip
         if args.num_steps:
-            cmd.append(f"--gin.train_vqgan.num_steps={args.num_steps}")
+            cmd.append(f"--gin.train_vqgan/LoopConfig.num_steps={args.num_steps}")
         start = time.time()
         subprocess.run(cmd, check=True)
         train_s = time.time() - start

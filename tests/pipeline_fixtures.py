@@ -48,6 +48,7 @@ TINY_VQGAN = dict(
     decoder_mlp_dim=64,
     codebook_size=64,
     code_dim=8,
+    decoder_tanh_ffn="before",
     dtype="float32",
 )
 TINY_MODEL = dict(
@@ -80,7 +81,7 @@ class ShapesAtSize:
 
     def __init__(self, *, size: int, batch_size: int, shard_index=0, num_shards=1, seed=0,
                  split="train"):  # fmt: skip
-        from parti_jax.upsampler.data import ShapesPixelsIterator
+        from parti_jax.train.synthetic import ShapesPixelsIterator
 
         self.size = size
         self.inner = ShapesPixelsIterator(
@@ -114,6 +115,19 @@ def shapes_examples(num: int, size: int, split: str = "train") -> tuple[np.ndarr
     return area_downsample(images, 32 // size), [e.caption for e in examples]
 
 
+def _loop(num_steps: int):
+    """Log and checkpoint once, at the end; no TensorBoard files."""
+    from parti_jax.train.loop import LoopConfig
+
+    return LoopConfig(
+        num_steps=num_steps,
+        log_every=num_steps,
+        checkpoint_every=num_steps,
+        async_checkpoints=False,
+        tensorboard=False,
+    )
+
+
 def _mesh_config():
     from parti_jax.partitioning import MeshConfig
 
@@ -130,15 +144,11 @@ def build_vqgan(workdir: Path) -> Path:
         workdir=str(workdir),
         vqgan_config=VQGANConfig(**TINY_VQGAN),
         batch_size=BATCH,
-        num_steps=VQGAN_STEPS,
+        loop=_loop(VQGAN_STEPS),
         loss_config=LossConfig(perceptual_weight=0.0, adversarial_weight=0.0),
         mesh_config=_mesh_config(),
         generator_optimizer=OptimizerConfig.adamw_defaults(learning_rate=3e-4, warmup_steps=1),
         data_factory=lambda **kw: ShapesAtSize(size=TINY_VQGAN["image_size"], **kw),
-        image_grid_every=None,
-        log_every=VQGAN_STEPS,
-        checkpoint_every=VQGAN_STEPS,
-        async_checkpoints=False,
     )
     return workdir
 
@@ -185,7 +195,7 @@ def build_t2i(workdir: Path, codes_dir: Path, codebook_hash: str) -> Path:
         workdir=str(workdir),
         model_config=ModelConfig(**TINY_MODEL),
         batch_size=BATCH,
-        num_steps=T2I_STEPS,
+        loop=_loop(T2I_STEPS),
         mesh_config=_mesh_config(),
         optimizer_config=OptimizerConfig(
             learning_rate=1e-2, warmup_steps=2, min_dim_size_to_factor=16
@@ -194,9 +204,6 @@ def build_t2i(workdir: Path, codes_dir: Path, codebook_hash: str) -> Path:
         text_length=TEXT_LENGTH,
         conditioning_dropout_rate=0.1,
         codebook_hash=codebook_hash,
-        log_every=T2I_STEPS,
-        checkpoint_every=T2I_STEPS,
-        async_checkpoints=False,
     )
     return workdir
 
@@ -211,15 +218,12 @@ def build_upsampler(workdir: Path, vqgan_dir: Path) -> Path:
         workdir=str(workdir),
         upsampler_config=UpsamplerConfig(**TINY_UPSAMPLER),
         batch_size=BATCH,
-        num_steps=UPSAMPLER_STEPS,
+        loop=_loop(UPSAMPLER_STEPS),
         loss_config=LossConfig(perceptual_weight=0.0, adversarial_weight=0.0),
         vqgan_path=str(vqgan_dir),
         clean_fraction=0.25,
         mesh_config=_mesh_config(),
         generator_optimizer=OptimizerConfig.adamw_defaults(learning_rate=1e-3, warmup_steps=1),
-        log_every=UPSAMPLER_STEPS,
-        checkpoint_every=UPSAMPLER_STEPS,
-        async_checkpoints=False,
     )
     return workdir
 

@@ -10,6 +10,7 @@ counts the parameters of checkpoints and bundles.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -233,25 +234,39 @@ def test_inspect_checkpoints_and_bundle(bundle_dir, tiny_pipeline, capsys):
     assert "nope: does not exist" in capsys.readouterr().err
 
 
-def test_scanned_vqgan_blocks_are_stored_per_block():
-    """A VQGAN trained with scan_layers=True is written under the unscanned names."""
-
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    from parti_jax.bundle import tensor_specs
-    from parti_jax.export import unstack_vqgan_blocks
+def _abstract_pair(kind):
+    """(scanned, unscanned) abstract parameters of a tiny two-layer model of `kind`."""
+    from parti_jax import loading
+    from parti_jax.models.config import ModelConfig
     from parti_jax.vqgan.config import VQGANConfig
-    from parti_jax.vqgan.vit_vqgan import ViTVQGAN
-    from tests.pipeline_fixtures import TINY_VQGAN
+    from tests.pipeline_fixtures import TINY_MODEL, TINY_VQGAN
 
-    def params(scan):
-        cfg = VQGANConfig(**dict(TINY_VQGAN, decoder_depth=2, scan_layers=scan))
-        init = lambda k: ViTVQGAN(cfg).init(k, jnp.zeros((1, 16, 16, 3)))  # noqa: E731
-        return nn.unbox(jax.eval_shape(init, jax.random.key(0)))["params"]["decoder"]
+    if kind == "t2i":
+        cfg = ModelConfig(**dict(TINY_MODEL, num_decoder_layers=2, scan_layers=True))
+        return tuple(
+            loading.t2i_abstract_params(cfg.replace(scan_layers=s), 16) for s in (True, False)
+        )
+    cfg = VQGANConfig(**dict(TINY_VQGAN, decoder_depth=2, scan_layers=True))
+    return tuple(
+        loading.vqgan_abstract_params(dataclasses.replace(cfg, scan_layers=s))
+        for s in (True, False)
+    )
 
-    scanned = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), params(True))
-    unstacked = unstack_vqgan_blocks(scanned)
-    assert tensor_specs(unstacked, "vqgan") == tensor_specs(params(False), "vqgan")
-    assert "block_1" in unstacked["transformer"]
+
+@pytest.mark.parametrize("kind", ["t2i", "vqgan"])
+def test_scanned_stacks_are_stored_per_layer_and_restacked(kind):
+    """A model trained with scan_layers=True is written under the unscanned model's names
+    (read from the built models, whatever they call their layers) and read back stacked."""
+    import jax
+
+    from parti_jax.models.transformer import scan_to_unscanned
+
+    scanned, unscanned = _abstract_pair(kind)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), scanned)
+    flat = bundle_lib.flatten(scan_to_unscanned(params), kind)
+    assert bundle_lib.specs(flat) == bundle_lib.specs(bundle_lib.flatten(unscanned, kind))
+    assert bundle_lib.specs(bundle_lib.flatten(scanned, kind)) != bundle_lib.specs(flat)
+    back = bundle_lib.unflatten(flat, kind, scan=True)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, back, params)

@@ -20,12 +20,8 @@ import pytest
 from parti_jax import partitioning
 from parti_jax.data.vocab import EOS_ID
 from parti_jax.decoding import SamplingConfig
-from parti_jax.sampling import (
-    CompatibilityError,
-    Generator,
-    PromptTruncatedWarning,
-    read_prompts_file,
-)
+from parti_jax.loading import CompatibilityError, LoadError
+from parti_jax.sampling import Generator, PromptTruncatedWarning, read_prompts_file
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -205,9 +201,38 @@ def test_mismatched_resolution_names_both_values(tiny_pipeline, tmp_path):
         Generator.load(p["t2i"], p["vqgan"], up)
 
 
-def test_missing_work_directories(tiny_pipeline, tmp_path):
+def test_missing_or_wrong_work_directories(tiny_pipeline, tmp_path):
     p = tiny_pipeline
-    with pytest.raises(FileNotFoundError, match="not an encoder-decoder work directory"):
+    with pytest.raises(LoadError, match="not an encoder-decoder work directory"):
         Generator.load(tmp_path, p["vqgan"])
-    with pytest.raises(ValueError, match="not an upsampler work directory"):
+    with pytest.raises(LoadError, match="not an upsampler work directory"):
         Generator.load(p["t2i"], p["vqgan"], tmp_path)
+    # Another kind's work directory: named, with what was expected.
+    with pytest.raises(LoadError) as err:
+        Generator.load(p["upsampler"], p["vqgan"])
+    assert "not an encoder-decoder work directory (no model_config.json; it holds " in str(
+        err.value
+    )
+    assert "upsampler_meta.json, a `parti-jax train-upsampler` work directory" in str(err.value)
+    assert "pass the --workdir of `parti-jax train`" in str(err.value)
+    with pytest.raises(LoadError, match=r"not an upsampler work directory \(no upsampler_meta"
+                       r".json; it holds vqgan_meta.json, a `parti-jax train-vqgan`"):  # fmt: skip
+        Generator.load(p["t2i"], p["vqgan"], p["vqgan"])
+
+
+def test_bad_model_config_names_the_file_and_field(tiny_pipeline, tmp_path):
+    p = tiny_pipeline
+    unknown = _copy_meta(p["t2i"], tmp_path / "unknown", "model_config.json",
+                         **{"model_config.num_layerz": 2})  # fmt: skip
+    with pytest.raises(LoadError, match=r"unknown/model_config.json: model_config: unknown "
+                       r"ModelConfig field\(s\) \['num_layerz'\]"):  # fmt: skip
+        Generator.load(unknown, p["vqgan"])
+    bad = _copy_meta(p["t2i"], tmp_path / "bad", "model_config.json", **{"model_config.d_model": 0})
+    with pytest.raises(LoadError, match=r"bad/model_config.json: model_config: bad ModelConfig "
+                       r"\(ModelConfig: d_model=0 must be a positive integer\)"):  # fmt: skip
+        Generator.load(bad, p["vqgan"])
+    with pytest.raises(LoadError, match=r"config_overrides for .*: unknown ModelConfig field"):
+        Generator.load(p["t2i"], p["vqgan"], config_overrides={"atention_impl": "xla"})
+    (tmp_path / "bad" / "model_config.json").write_text("{not json")
+    with pytest.raises(LoadError, match=r"bad/model_config.json: not valid JSON"):
+        Generator.load(bad, p["vqgan"])

@@ -2,7 +2,7 @@
 
 This is the only place (with the subcommand modules) where gin meets library
 code: library modules never import gin. Names registered here are what gin
-files bind, e.g. `ModelConfig.d_model = 1024` or `train.num_steps = 1000`.
+files bind, e.g. `ModelConfig.d_model = 1024` or `train/LoopConfig.num_steps = 1000`.
 
 Each area owns one `_register_<area>` function below. Imports happen inside
 them, and none may import TensorFlow at module level.
@@ -36,11 +36,18 @@ def _register_partitioning() -> None:
 
 
 def _register_train() -> None:
-    """Trainer, optimizer and schedules (parti_jax.train)."""
+    """Trainer, its loop and optimizer (parti_jax.train).
+
+    Each trainer takes `loop = @<trainer>/LoopConfig()`: bindings scoped by the
+    trainer's name (`train/LoopConfig.num_steps = 1000`) apply to it alone,
+    unscoped `LoopConfig.<field>` bindings to all.
+    """
     from parti_jax.train import t2i
+    from parti_jax.train.loop import LoopConfig
     from parti_jax.train.optimizers import OptimizerConfig
 
     _external(t2i.train, "train")
+    _external(LoopConfig, "LoopConfig")
     _external(OptimizerConfig, "OptimizerConfig")
 
 
@@ -102,7 +109,7 @@ def _register_vqgan() -> None:
 
 
 def _register_vqgan_training() -> None:
-    """train-vqgan and precompute-codes (parti_jax.vqgan.train, parti_jax.data.precompute).
+    """train-vqgan and precompute-codes (parti_jax.vqgan.train, parti_jax.vqgan.precompute).
 
     `adamw_optimizer(**overrides)` is OptimizerConfig.adamw_defaults (Adam
     β 0.9/0.99, warm-up + cosine); scope it per group, e.g.
@@ -118,8 +125,8 @@ def _register_vqgan_training() -> None:
         return OptimizerConfig.adamw_defaults(**overrides)
 
     def precompute_codes(**kwargs):
-        """parti_jax.data.precompute.precompute_codes (see its arguments)."""
-        from parti_jax.data import precompute  # noqa: PLC0415 - TensorFlow only when called
+        """parti_jax.vqgan.precompute.precompute_codes (see its arguments)."""
+        from parti_jax.vqgan import precompute  # noqa: PLC0415 - TensorFlow only when called
 
         return precompute.precompute_codes(**kwargs)
 
@@ -208,7 +215,7 @@ def _register_demo() -> None:
     """
     from parti_jax import demo
     from parti_jax.data.shapes import ShapesWorldConfig
-    from parti_jax.upsampler.data import ShapesPixelsIterator
+    from parti_jax.train.synthetic import ShapesPixelsIterator
 
     def shapes_world_pixels(*, image_size: int, **kwargs):
         """ShapesPixelsIterator(image_size=..., batch_size=, shard_index=, num_shards=, seed=,

@@ -3,7 +3,7 @@
     parti-jax demo                              # everything, into ./demo_workdir
     parti-jax demo --workdir=/tmp/demo          # elsewhere; run again to resume
     parti-jax demo --stage=eval --stage=report  # only some stages (earlier ones done)
-    parti-jax demo --gin.train.num_steps=500    # any knob of gin/runs/demo.gin
+    parti-jax demo --gin.train/LoopConfig.num_steps=500    # any knob of gin/runs/demo.gin
 
 Stages: world, vocab, vqgan, codes, t2i, upsampler, sample, eval, report
 (parti_jax/demo.py). `gin/runs/demo.gin` is always parsed first (it includes
@@ -76,8 +76,14 @@ def main(argv: Sequence[str]) -> int:
     suite_fns = {name: get(name) for name in S.SUITE_NAMES}
     eval_fn = get("eval")
 
-    def evaluate(**kwargs):
-        return eval_fn(suite_fns=suite_fns, **kwargs)
+    def evaluate(*, workdir: str, t2i_path: str, vqgan_path: str, upsampler_path: str):
+        return eval_fn(
+            workdir=workdir,
+            suite_fns=suite_fns,
+            checkpoint_dir=t2i_path,
+            vqgan_dir=vqgan_path,
+            upsampler_dir=upsampler_path,
+        )
 
     def train_vocab(output_prefix: str) -> str:
         from parti_jax.data.vocab import make_shapes_vocab
@@ -100,9 +106,9 @@ def main(argv: Sequence[str]) -> int:
             workdir=str(workdir),
             fns=fns,
             **chosen,
-            vqgan_steps=_query("train_vqgan.num_steps"),
-            t2i_steps=_query("train.num_steps"),
-            upsampler_steps=_query("train_upsampler.num_steps"),
+            vqgan_steps=_query("train_vqgan/LoopConfig.num_steps"),
+            t2i_steps=_query("train/LoopConfig.num_steps"),
+            upsampler_steps=_query("train_upsampler/LoopConfig.num_steps"),
         )
     except (
         demo_lib.DemoError,

@@ -59,16 +59,8 @@ def _side_by_side(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     dir_a, dir_b = ns.side_by_side
     try:
-        page = side_by_side.write_side_by_side(
-            dir_a,
-            dir_b,
-            ns.out,
-            name_a=ns.name_a,
-            name_b=ns.name_b,
-            seed=ns.seed,
-            title=ns.title,
-            max_images=ns.max_images,
-        )
+        options = {k: getattr(ns, k) for k in ("name_a", "name_b", "seed", "title", "max_images")}
+        page = side_by_side.write_side_by_side(dir_a, dir_b, ns.out, **options)
     except (records.RecordError, ValueError, OSError) as e:
         raise flags.UsageError(f"--side_by_side: {str(e).splitlines()[0]}") from None
     print(f"wrote {page}")

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import gin
+from parti_jax import partitioning
 from parti_jax.cli import flags
 from parti_jax.launch import common, gke, local, slurm, tpu
-from parti_jax.launch.common import LaunchError, LaunchSpec
+from parti_jax.launch.common import LaunchSpec
 
 DESCRIPTION = "Run a command on TPU VM pods, GKE, SLURM or local processes."
 TARGETS = ("tpu", "gke", "slurm", "local")
@@ -198,7 +199,7 @@ def build(
         else:
             target_kwargs[fields[target_name]] = tuple(value) if dest == "sbatch_arg" else value
     if ns.mesh is not None:
-        spec_kwargs.update(common.parse_mesh(ns.mesh))
+        spec_kwargs.update(partitioning.parse_mesh(ns.mesh))
     if ns.env:
         spec_kwargs["env"] = common.parse_env(ns.env)
     if command:
@@ -211,7 +212,11 @@ def build(
     target = _configured(_TARGET_CLASSES[target_name], target_kwargs)
 
     # Fill what the target determines (values given by flag or gin are checked instead).
-    given = {k for k in ("num_hosts", "devices_per_host") if k in spec_kwargs or _bound(k)}
+    given = {
+        k
+        for k in ("num_hosts", "devices_per_host")
+        if k in spec_kwargs or flags.is_bound(f"LaunchSpec.{k}")
+    }
     if target_name == "tpu" and target.accelerator_type:
         spec = _fill_from_tpu(spec, given, target.accelerator_type)
     elif target_name == "gke" and target.accelerator and target.is_tpu:
@@ -224,14 +229,6 @@ def build(
             spec, num_hosts=target.num_processes, devices_per_host=target.devices_per_process
         )
     return spec, target
-
-
-def _bound(field: str) -> bool:
-    try:
-        gin.query_parameter(f"LaunchSpec.{field}")
-    except ValueError:
-        return False
-    return True
 
 
 def _fill_from_tpu(spec: LaunchSpec, given: set[str], accelerator_type: str) -> LaunchSpec:
@@ -266,53 +263,33 @@ def main(argv: Sequence[str]) -> int:
     try:
         spec, target = build(ns.target, ns, command)
         return _dispatch(ns.target, spec, target, dry_run=ns.dry_run)
-    except LaunchError as e:
+    except ValueError as e:  # LaunchError, a bad --mesh
         raise flags.UsageError(str(e)) from e
 
 
 def _dispatch(name: str, spec: LaunchSpec, target: Any, *, dry_run: bool) -> int:
-    out = sys.stdout
-    if name == "tpu":
-        plan = tpu.tpu_plan(spec, target)
+    if name != "local":
+        plan_fn, describe, run = {
+            "tpu": (
+                tpu.tpu_plan,
+                tpu.tpu_script,
+                lambda plan: tpu.run_tpu(plan, target.script or f"{spec.name}.tpu.sh"),
+            ),
+            "gke": (gke.gke_plan, gke.describe, gke.run_gke),
+            "slurm": (slurm.slurm_plan, slurm.describe, slurm.run_slurm),
+        }[name]
+        plan = plan_fn(spec, target)
         if dry_run:
-            out.write(tpu.tpu_script(plan))
+            sys.stdout.write(describe(plan))
             return 0
-        return tpu.run_tpu(plan, target.script or f"{spec.name}.tpu.sh")
-    if name == "gke":
-        gplan = gke.gke_plan(spec, target)
-        if dry_run:
-            out.write(gke.describe(gplan))
-            return 0
-        return gke.run_gke(gplan)
-    if name == "slurm":
-        splan = slurm.slurm_plan(spec, target)
-        if dry_run:
-            out.write(slurm.describe(splan))
-            return 0
-        return slurm.run_slurm(splan)
+        return run(plan)
     spec.validate()
     env = dict(spec.env)
     if spec.mesh_given:
         env[common.ENV_MESH] = spec.mesh_env_value()
+    args = (spec.command, target.num_processes, target.devices_per_process, target.log_dir)
+    args += (target.max_restarts, env)
     if dry_run:
-        out.write(
-            local.describe(
-                spec.command,
-                target.num_processes,
-                target.devices_per_process,
-                target.log_dir,
-                target.max_restarts,
-                env,
-            )
-        )
+        sys.stdout.write(local.describe(*args))
         return 0
-    return local.run_local(
-        spec.command,
-        target.num_processes,
-        target.devices_per_process,
-        target.log_dir,
-        target.max_restarts,
-        env,
-        term_timeout_s=target.term_timeout_s,
-        echo=sys.stdout,
-    )
+    return local.run_local(*args, term_timeout_s=target.term_timeout_s, echo=sys.stdout)

@@ -1,8 +1,9 @@
 """`parti-jax` console script: dispatches to one module per subcommand.
 
-Each subcommand lives in `parti_jax/cli/<name>.py` and exposes `main(argv)`.
-Modules are imported only when their subcommand runs, so `parti-jax train`
-does not import TensorFlow unless its input pipeline needs it.
+Each subcommand is a function `main(argv)` of a module in `parti_jax/cli/`
+(`module:function` where a module serves several). Modules are imported only
+when their subcommand runs, so `parti-jax train` does not import TensorFlow
+unless its input pipeline needs it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train-vqgan": ("parti_jax.cli.train_vqgan", "train the ViT-VQGAN image tokenizer"),
+    "train-vqgan": ("parti_jax.cli.train:main_vqgan", "train the ViT-VQGAN image tokenizer"),
     "precompute-codes": ("parti_jax.cli.precompute_codes", "encode a pixels task into code shards"),
     "train": ("parti_jax.cli.train", "train the text-to-image encoder-decoder"),
     "sample": ("parti_jax.cli.sample", "generate images from prompts"),
-    "train-upsampler": ("parti_jax.cli.train_upsampler", "train the super-resolution network"),
+    "train-upsampler": ("parti_jax.cli.train:main_upsampler", "train the super-resolution network"),
     "eval": ("parti_jax.cli.eval", "run eval suites (PartiPrompts, shapes, FID, ...)"),
     "export": ("parti_jax.cli.export", "write or inspect a self-contained inference bundle"),
     "launch": ("parti_jax.cli.launch", "run on TPU pods, GKE, SLURM or local processes"),
@@ -45,10 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"parti-jax: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[command][0])
+    module, _, function = SUBCOMMANDS[command][0].partition(":")
     from parti_jax.cli import flags
 
-    return flags.run_main(module.main, rest)
+    return flags.run_main(getattr(importlib.import_module(module), function or "main"), rest)
 
 
 if __name__ == "__main__":

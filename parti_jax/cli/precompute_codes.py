@@ -3,7 +3,7 @@
     parti-jax precompute-codes --gin_file=runs/shapes_precompute.gin \\
         --vqgan=/tmp/shapes_vqgan --output_dir=/tmp/shapes_codes --split=train --split=validation
 
-Gin binds `precompute_codes.*` (parti_jax.data.precompute.precompute_codes):
+Gin binds `precompute_codes.*` (parti_jax.vqgan.precompute.precompute_codes):
 `task`, `batch_size`, `shard_size`, ...; the flags `--vqgan`, `--output_dir`
 and `--split` (repeatable: with several splits each goes to
 `<output_dir>/<split>`, the layout `register_codes_task(codes_dir=...)` reads)
@@ -61,8 +61,8 @@ def main(argv: Sequence[str]) -> int:
     out = flags.check_workdir(output_dir)
     flags.write_config(out)
 
-    from parti_jax.data import precompute
     from parti_jax.train import checkpoints
+    from parti_jax.vqgan import precompute
 
     fn = gin.config.get_configurable("precompute_codes")
     for split, folder in precompute.output_dirs(str(out), splits).items():

@@ -58,7 +58,6 @@ def main(argv: Sequence[str]) -> int:
     from parti_jax import sampling
     from parti_jax.data.vocab import VocabularyError
     from parti_jax.train.checkpoints import CheckpointError
-    from parti_jax.upsampler.inference import UpsamplerLoadError
 
     kwargs: dict = {"workdir": str(workdir), "progress": not ns.no_progress}
     for flag, name in (
@@ -69,9 +68,8 @@ def main(argv: Sequence[str]) -> int:
         if getattr(ns, flag):
             kwargs[name] = getattr(ns, flag)
     _check_required(sampling.sample_to_folder, set(kwargs))
-    with flags.usage_errors(
-        ValueError, FileNotFoundError, CheckpointError, UpsamplerLoadError, VocabularyError
-    ):
+    # ValueError covers loading.LoadError and CompatibilityError.
+    with flags.usage_errors(ValueError, FileNotFoundError, CheckpointError, VocabularyError):
         if ns.prompt is not None:
             kwargs["prompts"] = list(ns.prompt)
         elif ns.prompts_file is not None:

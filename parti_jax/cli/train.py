@@ -1,58 +1,120 @@
-"""`parti-jax train`: train the text-to-image encoder-decoder on precomputed codes.
+"""`parti-jax train`, `train-vqgan` and `train-upsampler`: the three trainers, one loop.
 
     parti-jax train --gin_file=runs/tiny_train.gin --workdir=/tmp/tiny_train
     parti-jax train --gin_file=runs/shapes_train.gin --workdir=/tmp/shapes \\
-        --gin.train.num_steps=2000 --restore_from=/tmp/other_run
+        --gin.train/LoopConfig.num_steps=2000 --restore_from=/tmp/other_run
+    parti-jax train-vqgan --gin_file=runs/tiny_vqgan.gin --workdir=/tmp/tiny_vqgan
+    parti-jax train-vqgan --gin_file=runs/vqgan_finetune_decoder.gin \\
+        --workdir=/tmp/vqgan_ft --init_from=/tmp/vqgan_base
+    parti-jax train-upsampler --gin_file=runs/tiny_upsampler.gin --workdir=/tmp/tiny_up
 
-Gin binds `train.*` (parti_jax.train.t2i.train) and the config classes
-(`ModelConfig`, `MeshConfig`, `OptimizerConfig`). Several processes (a pod, a
-SLURM job, `parti-jax launch`) are detected from the environment or given
-with --coordinator_address / --num_processes / --process_id. A run that is
-told to stop (SIGTERM) saves a checkpoint and exits with status 143; run the
-same command again to resume.
+Gin binds the trainer's arguments (`train.*`, `train_vqgan.*`,
+`train_upsampler.*`), the config classes (`ModelConfig`, `VQGANConfig`,
+`UpsamplerConfig`, `LossConfig`, `DiscriminatorConfig`, `MeshConfig`,
+`OptimizerConfig` or `adamw_optimizer`, scoped `generator/...` and
+`discriminator/...` where a trainer has two) and the loop, scoped by the
+trainer's name: `train.loop = @train/LoopConfig()` with
+`train/LoopConfig.num_steps = 1000`. Several processes (a pod, a SLURM job,
+`parti-jax launch`) are detected from the environment or given with
+--coordinator_address / --num_processes / --process_id. A run told to stop
+(SIGTERM) saves a checkpoint and exits with status 143; run the same command
+again to resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from collections.abc import Sequence
 
 from parti_jax.cli import flags
 from parti_jax.cli.flags import EXIT_PREEMPTED
 
-DESCRIPTION = "Train the text-to-image encoder-decoder on precomputed codes."
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    command: str
+    function: str  # 'module:name' of the library entry point, registered in gin as `name`
+    description: str
+    example: str  # a shipped gin file that runs it
+    holds: str  # what --workdir gets
+    flags: tuple[tuple[str, str], ...] = ()  # (flag, help): passed on when given
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = flags.make_parser("train", DESCRIPTION)
-    parser.add_argument(
-        "--restore_from",
-        default=None,
-        help="Warm-start parameters from another run's work directory or checkpoint "
-        "(used only when --workdir has no checkpoint yet).",
-    )
-    parser.add_argument(
-        "--restore_include",
-        default=None,
-        help="Regex of parameter paths to warm-start, e.g. 'encoder/.*' (default: all).",
-    )
+TRAINERS = {
+    "train": Trainer(
+        "train",
+        "parti_jax.train.t2i:train",
+        "Train the text-to-image encoder-decoder on precomputed codes.",
+        "runs/tiny_train.gin",
+        "checkpoints, metrics.jsonl, config",
+        (
+            (
+                "restore_from",
+                "Warm-start parameters from another run's work directory or checkpoint "
+                "(used only when --workdir has no checkpoint yet).",
+            ),
+            ("restore_include", "Regex of parameter paths to warm-start, e.g. 'encoder/.*'."),
+        ),
+    ),
+    "train-vqgan": Trainer(
+        "train-vqgan",
+        "parti_jax.vqgan.train:train_vqgan",
+        "Train the ViT-VQGAN image tokenizer (or fine-tune its decoder).",
+        "runs/tiny_vqgan.gin",
+        "checkpoints, vqgan_meta.json, metrics",
+        (
+            (
+                "init_from",
+                "Base train-vqgan work directory to warm-start from (decoder fine-tuning: with "
+                "train_vqgan.freeze='encoder_and_codebook'); used only when --workdir has no "
+                "checkpoint yet.",
+            ),
+        ),
+    ),
+    "train-upsampler": Trainer(
+        "train-upsampler",
+        "parti_jax.upsampler.train:train_upsampler",
+        "Train the super-resolution network on VQGAN reconstructions.",
+        "runs/tiny_upsampler.gin",
+        "checkpoints, metrics.jsonl, meta",
+    ),
+}
+
+
+def run(trainer: Trainer, argv: Sequence[str]) -> int:
+    parser = flags.make_parser(trainer.command, trainer.description)
+    for name, help_text in trainer.flags:
+        parser.add_argument(f"--{name}", default=None, help=help_text)
     flags.add_distributed_flags(parser)
     args = flags.parse_args(parser, argv)
-    ns = args.namespace
     workdir = flags.start_distributed_run(
-        args, workdir_holds="checkpoints, metrics.jsonl, config", gin_example="runs/tiny_train.gin"
+        args, workdir_holds=trainer.holds, gin_example=trainer.example
     )
 
     import gin
-    from parti_jax.train import t2i
 
-    train_fn = gin.config.get_configurable("train")
-    flags.check_required_bindings("train", flags.required_parameters(t2i.train))
+    module, name = trainer.function.split(":")
+    library_fn = getattr(importlib.import_module(module), name)
+    flags.check_required_bindings(name, flags.required_parameters(library_fn))
     kwargs = {"workdir": str(workdir)}
-    if ns.restore_from:
-        kwargs["restore_from"] = ns.restore_from
-    if ns.restore_include:
-        kwargs["restore_include"] = ns.restore_include
+    kwargs.update({f: getattr(args.namespace, f) for f, _ in trainer.flags})
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     with flags.training_usage_errors():
-        result = train_fn(**kwargs)
+        result = gin.config.get_configurable(name)(**kwargs)
     flags.write_config(workdir, operative=True)
+    if "codebook_hash" in result.records:
+        print(f"codebook hash {result.records['codebook_hash']} at step {result.step}")
     return EXIT_PREEMPTED if result.status == "preempted" else 0
+
+
+def main(argv: Sequence[str]) -> int:
+    return run(TRAINERS["train"], argv)
+
+
+def main_vqgan(argv: Sequence[str]) -> int:
+    return run(TRAINERS["train-vqgan"], argv)
+
+
+def main_upsampler(argv: Sequence[str]) -> int:
+    return run(TRAINERS["train-upsampler"], argv)

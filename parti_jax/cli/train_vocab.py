@@ -139,15 +139,13 @@ def main(argv: Sequence[str]) -> int:
         texts = islice(texts, ns.max_examples)
 
     try:
+        options = ("model_type", "character_coverage", "max_sentences", "num_threads")
         path = vocab.train_sentencepiece(
             texts,
             ns.output_prefix,
             ns.vocab_size,
-            model_type=ns.model_type,
-            character_coverage=ns.character_coverage,
             normalization_rule_name=ns.normalization,
-            max_sentences=ns.max_sentences,
-            num_threads=ns.num_threads,
+            **{k: getattr(ns, k) for k in options},
         )
     except vocab.VocabularyError as e:
         raise flags.UsageError(f"{source}: {e}") from None

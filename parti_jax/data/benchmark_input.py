@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Mapping
 
 import numpy as np
 import seqio
@@ -26,14 +25,13 @@ def benchmark_input(
     num_batches: int = 50,
     *,
     warmup_batches: int = 5,
-    feature_lengths: Mapping[str, int] | None = None,
-    shard_index: int = 0,
-    num_shards: int = 1,
-    seed: int = 0,
-    conditioning_dropout_rate: float = 0.0,
-    num_threads: int | None = None,
+    **pipeline_kwargs,
 ) -> dict:
     """Measures the codes pipeline (`make_codes_iterator`) after warm-up.
+
+    `pipeline_kwargs` go to `make_codes_iterator` (feature_lengths, shard_index,
+    num_shards, seed, conditioning_dropout_rate, num_threads, ...); it shuffles
+    and repeats, as in training.
 
     Returns:
       A JSON-ready dict: benchmark, task, split, batch_size, num_batches,
@@ -43,17 +41,7 @@ def benchmark_input(
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     iterator = pipeline.make_codes_iterator(
-        task,
-        batch_size=batch_size,
-        split=split,
-        feature_lengths=feature_lengths,
-        shard_index=shard_index,
-        num_shards=num_shards,
-        seed=seed,
-        shuffle=True,
-        repeat=True,
-        conditioning_dropout_rate=conditioning_dropout_rate,
-        num_threads=num_threads,
+        task, batch_size=batch_size, split=split, shuffle=True, repeat=True, **pipeline_kwargs
     )
     for _ in range(warmup_batches):
         next(iterator)

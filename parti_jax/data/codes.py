@@ -33,6 +33,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from parti_jax.data import features
+
 META_FILE = "codes_meta.json"
 INCOMPLETE_SUFFIX = ".incomplete"
 FORMAT_VERSION = 1
@@ -322,7 +324,7 @@ def read_codes(
             )
 
 
-class CodesDataSource(seqio.DataSource):
+class CodesDataSource(features.HostShardedSource):
     """A seqio data source over codes folders: {id, text, image_codes int32 [h*w]}.
 
     `split_dirs` maps split names to codes folders that must agree on codebook
@@ -360,25 +362,12 @@ class CodesDataSource(seqio.DataSource):
             caching_permitted=False,
         )
 
-    @property
-    def supports_arbitrary_sharding(self) -> bool:
-        return True
-
     def list_shards(self, split: str) -> Sequence[str]:
         return shard_paths(self.metas[split])
 
-    def get_dataset(
-        self,
-        split: str = "train",
-        shuffle: bool = True,
-        seed: int | None = None,
-        shard_info: seqio.ShardInfo | None = None,
-        *,
-        sequence_length: Mapping[str, int] | None = None,
-        use_cached: bool = False,
-        num_epochs: int | None = 1,
+    def read(
+        self, split: str, *, shuffle: bool, seed: int | None, shard_index: int, num_shards: int
     ) -> tf.data.Dataset:
-        del sequence_length, use_cached, num_epochs
         meta = self.metas[split]
         files = self.list_shards(split)
         missing = [p for p in files if not tf.io.gfile.exists(p)]
@@ -386,12 +375,9 @@ class CodesDataSource(seqio.DataSource):
             raise FileNotFoundError(
                 f"{meta['_path']}: lists {len(missing)} missing shard(s), e.g. {missing[0]}"
             )
-        shard_examples = False
-        if shard_info is not None and shard_info.num_shards > 1:
-            if len(files) >= shard_info.num_shards:
-                files = files[shard_info.index :: shard_info.num_shards]
-            else:
-                shard_examples = True
+        shard_examples = len(files) < num_shards  # else whole files
+        if not shard_examples:
+            files = files[shard_index::num_shards]
         ds = tf.data.Dataset.from_tensor_slices(files)
         if shuffle:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -409,9 +395,7 @@ class CodesDataSource(seqio.DataSource):
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-        if shard_examples:
-            ds = ds.shard(shard_info.num_shards, shard_info.index)
-        return ds
+        return ds.shard(num_shards, shard_index) if shard_examples else ds
 
 
 def _make_parser(codebook_size: int, grid: Sequence[int], codes_dtype: str):
@@ -471,9 +455,6 @@ def check_codes_task(
     Also checks that each task has `eval_split` (None: not evaluated). Returns
     the first meta (empty when the sources carry none).
     """
-    import seqio  # noqa: PLC0415 - TensorFlow only when a task is checked
-
-    import parti_jax.tasks  # noqa: F401, PLC0415 - registers the tasks
 
     provider = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
     tasks = list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
@@ -487,6 +468,6 @@ def check_codes_task(
         if eval_split is not None and eval_split not in t.splits:
             raise ValueError(
                 f"task {t.name} has no {eval_split!r} split for evaluation (it has "
-                f"{sorted(t.splits)}); set train.eval_split to one of them or train.eval_every=None"
+                f"{sorted(t.splits)}); set train.eval_split to one of them or train/LoopConfig.eval_every=None"
             )
     return first

@@ -1,4 +1,4 @@
-"""Output features of the tasks, the encoder-decoder feature converter, registration.
+"""Output features of the tasks, registration, the sources' base, the feature converter.
 
 Token-id contract (docs/DESIGN.md §3 "Token ids" and "Batches"):
 - `encoder_input_tokens` int32 [B, L_text]: SentencePiece ids, EOS appended,
@@ -87,6 +87,39 @@ def add_mixture(name: str, tasks: Sequence[tuple[str, float]], **kwargs) -> seqi
     """`seqio.MixtureRegistry.add` that replaces an existing mixture of the same name."""
     seqio.MixtureRegistry.remove(name)
     return seqio.MixtureRegistry.add(name, list(tasks), **kwargs)
+
+
+class HostShardedSource(seqio.DataSource):
+    """A seqio data source that splits its examples among any number of hosts itself.
+
+    Subclasses implement `read`: one pass over this host's share of a split
+    (the pipeline repeats and batches; tasks apply the sequence lengths).
+    """
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return True
+
+    def get_dataset(
+        self,
+        split: str = "train",
+        shuffle: bool = True,
+        seed: int | None = None,
+        shard_info: seqio.ShardInfo | None = None,
+        *,
+        sequence_length: Mapping[str, int] | None = None,
+        use_cached: bool = False,
+        num_epochs: int | None = 1,
+    ) -> tf.data.Dataset:
+        del sequence_length, use_cached, num_epochs
+        index, count = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
+        return self.read(split, shuffle=shuffle, seed=seed, shard_index=index, num_shards=count)
+
+    def read(
+        self, split: str, *, shuffle: bool, seed: int | None, shard_index: int, num_shards: int
+    ) -> tf.data.Dataset:
+        """Host `shard_index` of `num_shards`'s examples of `split`, shuffled with `seed`."""
+        raise NotImplementedError
 
 
 # ------------------------------------------------------------ feature converter

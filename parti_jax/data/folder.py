@@ -30,9 +30,9 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-import seqio
 import tensorflow as tf
 
+from parti_jax.data import features
 from parti_jax.data.preprocessors import ImageDecodeError, decode_image_rgb, decode_image_tf
 
 CAPTION_FILES = ("captions.jsonl", "captions.tsv")
@@ -113,84 +113,57 @@ def resolve_inside(folder: str, file: str) -> str:
     return resolved
 
 
-def _decode_lines(raw_path: str):
-    """(line_number, text or None if not UTF-8) for every line of a file."""
-    with open(raw_path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                yield number, e
-
-
 def _first_key(row: Mapping, keys: Sequence[str]):
     for k in keys:
         if k in row:
             return row[k]
-    raise KeyError(keys)
+    raise ValueError(f'missing key "{keys[0]}" (or "{keys[1]}")')
 
 
-def _parse_jsonl(captions_file: str):
-    for line, text in _decode_lines(captions_file):
-        if isinstance(text, UnicodeDecodeError):
-            yield line, None, None, None, f"not valid UTF-8 ({text.reason} at byte {text.start})"
-            continue
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield line, None, None, None, f"malformed JSON ({e.msg} at column {e.colno})"
-            continue
-        if not isinstance(row, dict):
-            yield line, None, None, None, f"expected a JSON object, got {type(row).__name__}"
-            continue
-        try:
-            file = _first_key(row, FILE_KEYS)
-        except KeyError:
-            yield line, None, None, None, 'missing key "file" (or "image")'
-            continue
-        try:
-            caption = _first_key(row, CAPTION_KEYS)
-        except KeyError:
-            yield line, None, None, None, 'missing key "caption" (or "text")'
-            continue
-        if not isinstance(file, str) or not isinstance(caption, str):
-            yield line, None, None, None, '"file" and "caption" must be strings'
-            continue
-        yield line, file, caption, row.get("split"), None
+def _jsonl_row(text: str, line: int) -> tuple[str, str, str | None]:
+    """(file, caption, split or None) of a captions.jsonl line; ValueError names the problem."""
+    del line
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    file, caption = _first_key(row, FILE_KEYS), _first_key(row, CAPTION_KEYS)
+    if not isinstance(file, str) or not isinstance(caption, str):
+        raise ValueError('"file" and "caption" must be strings')
+    return file, caption, row.get("split")
 
 
-def _parse_tsv(captions_file: str):
-    header_seen = False
-    for line, text in _decode_lines(captions_file):
-        if isinstance(text, UnicodeDecodeError):
-            yield line, None, None, None, f"not valid UTF-8 ({text.reason} at byte {text.start})"
-            continue
-        if not text.strip():
-            continue
-        fields = text.split("\t")
-        if not header_seen and line == 1:
-            header_seen = True
-            lowered = [f.strip().lower() for f in fields]
-            if len(lowered) >= 2 and lowered[0] in FILE_KEYS and lowered[1] in CAPTION_KEYS:
-                continue  # a header row
-        if len(fields) < 2:
-            yield line, None, None, None, "missing caption column (expected file<TAB>caption)"
-            continue
-        if len(fields) > 3:
-            yield (
-                line,
-                None,
-                None,
-                None,
-                f"{len(fields)} columns; expected file<TAB>caption[<TAB>split]",
-            )
-            continue
-        split = fields[2].strip() if len(fields) == 3 else None
-        yield line, fields[0].strip(), fields[1], split, None
+def _tsv_row(text: str, line: int) -> tuple[str, str, str | None] | None:
+    """(file, caption, split or None) of a captions.tsv line, None for a header row."""
+    fields = text.split("\t")
+    lowered = [f.strip().lower() for f in fields[:2]]
+    if line == 1 and len(lowered) == 2 and lowered[0] in FILE_KEYS and lowered[1] in CAPTION_KEYS:
+        return None
+    if len(fields) < 2:
+        raise ValueError("missing caption column (expected file<TAB>caption)")
+    if len(fields) > 3:
+        raise ValueError(f"{len(fields)} columns; expected file<TAB>caption[<TAB>split]")
+    return fields[0].strip(), fields[1], fields[2].strip() if len(fields) == 3 else None
+
+
+def _rows(captions_file: str, parse_row):
+    """(line, (file, caption, split), None) or (line, None, problem) per data row."""
+    with open(captions_file, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            if line == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                text = raw.decode("utf-8").rstrip("\r\n")
+                row = parse_row(text, line) if text.strip() else None
+            except UnicodeDecodeError as e:
+                yield line, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+            except ValueError as e:
+                yield line, None, str(e)
+            else:
+                if row is not None:
+                    yield line, row, None
 
 
 def scan_folder(
@@ -217,7 +190,7 @@ def scan_folder(
     if not 0.0 <= validation_fraction <= 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1], got {validation_fraction}")
     captions_file = find_captions_file(folder)
-    parse = _parse_jsonl if captions_file.endswith(".jsonl") else _parse_tsv
+    parse_row = _jsonl_row if captions_file.endswith(".jsonl") else _tsv_row
     records, skipped = [], []
 
     def bad(line: int, message: str) -> None:
@@ -228,10 +201,11 @@ def scan_folder(
             )
         skipped.append(full)
 
-    for line, file, caption, split, problem in parse(captions_file):
+    for line, row, problem in _rows(captions_file, parse_row):
         if problem is not None:
             bad(line, problem)
             continue
+        file, caption, split = row
         if not caption.strip():
             bad(line, f"empty caption for {file!r}")
             continue
@@ -267,7 +241,7 @@ def scan_folder(
     return FolderIndex(folder, captions_file, records, skipped)
 
 
-class FolderDataSource(seqio.DataSource):
+class FolderDataSource(features.HostShardedSource):
     """Yields {file, text, image uint8 [H, W, 3]} from a scanned folder.
 
     Shuffling permutes the (in-memory) file list with the seed; host sharding
@@ -283,28 +257,13 @@ class FolderDataSource(seqio.DataSource):
             caching_permitted=False,
         )
 
-    @property
-    def supports_arbitrary_sharding(self) -> bool:
-        return True
-
     def list_shards(self, split: str) -> Sequence[str]:
         return [r.path for r in self.index.split_records(split)]
 
-    def get_dataset(
-        self,
-        split: str = "train",
-        shuffle: bool = True,
-        seed: int | None = None,
-        shard_info: seqio.ShardInfo | None = None,
-        *,
-        sequence_length: Mapping[str, int] | None = None,
-        use_cached: bool = False,
-        num_epochs: int | None = 1,
+    def read(
+        self, split: str, *, shuffle: bool, seed: int | None, shard_index: int, num_shards: int
     ) -> tf.data.Dataset:
-        del sequence_length, use_cached, num_epochs
-        records = self.index.split_records(split)
-        if shard_info is not None and shard_info.num_shards > 1:
-            records = records[shard_info.index :: shard_info.num_shards]
+        records = self.index.split_records(split)[shard_index::num_shards]
         ds = tf.data.Dataset.from_tensor_slices(
             {
                 "file": [r.file for r in records],

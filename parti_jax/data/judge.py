@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from parti_jax.data import shapes
+from parti_jax.data.shapes_parsing import parse_caption
 
 ATTRIBUTES = ("color", "shape", "size", "position", "relation", "count")
 
@@ -334,7 +335,7 @@ def judge_requirements(
 
 def judge(image: np.ndarray, caption: str, config: JudgeConfig | None = None) -> JudgeResult:
     """Whether an image shows what a shapes-world caption says, attribute by attribute."""
-    req = shapes.parse_caption(caption)
+    req = parse_caption(caption)
     return judge_requirements(analyse(image, config), req, config)
 
 
@@ -360,7 +361,7 @@ class ShapesJudgeScorer:
         reqs = []
         for i, p in enumerate(prompts):
             try:
-                reqs.append(shapes.parse_caption(p))
+                reqs.append(parse_caption(p))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         out = np.zeros(len(prompts), np.float32)

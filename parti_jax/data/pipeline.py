@@ -58,9 +58,14 @@ def data_checkpoint_path(step_dir: str, shard_index: int, num_shards: int) -> st
 def _provider(name: str | seqio.Task | seqio.Mixture):
     if isinstance(name, (seqio.Task, seqio.Mixture)):
         return name
-    import parti_jax.tasks  # noqa: F401  (registers the built-in tasks)
-
-    return seqio.get_mixture_or_task(name)
+    try:
+        return seqio.get_mixture_or_task(name)
+    except ValueError:
+        raise ValueError(
+            f"no seqio task or mixture named {name!r} is registered; register it first "
+            "(parti_jax.tasks.register_*_task; `import parti_jax.tasks` registers the "
+            "built-in shapes_pixels, coco_captions_pixels and parti_prompts)"
+        ) from None
 
 
 def _tasks_of(provider) -> list[seqio.Task]:
@@ -79,26 +84,19 @@ def _options(num_threads: int | None) -> tf.data.Options:
 
 
 def _task_dataset(
-    provider,
-    *,
-    sequence_length: Mapping[str, int],
-    split: str,
-    shuffle: bool,
-    seed: int,
-    shard_index: int,
-    num_shards: int,
-    repeat: bool,
-    shuffle_buffer_size: int | None,
+    provider, sequence_length: Mapping[str, int], settings: Mapping
 ) -> tf.data.Dataset:
+    """The task's or mixture's examples for an iterator's `settings` (split, order, host shard)."""
+    shard_index, num_shards = settings["shard_index"], settings["num_shards"]
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} must be in [0, num_shards={num_shards})")
-    shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
+    split = settings["split"]
     kwargs = dict(
         split=split,
-        shuffle=shuffle,
-        seed=seed,
-        shard_info=shard_info if num_shards > 1 else None,
-        num_epochs=None if repeat else 1,
+        shuffle=settings["shuffle"],
+        seed=settings["seed"],
+        shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
+        num_epochs=None if settings["repeat"] else 1,
         try_in_mem_cache=False,  # a cache would be written into every data checkpoint
     )
     if isinstance(provider, seqio.Mixture):
@@ -112,7 +110,9 @@ def _task_dataset(
         raise ValueError(
             f"task {provider.name!r} has no split {split!r}; it has {list(provider.splits)}"
         )
-    return provider.get_dataset(sequence_length, shuffle_buffer_size=shuffle_buffer_size, **kwargs)
+    return provider.get_dataset(
+        sequence_length, shuffle_buffer_size=settings["shuffle_buffer_size"], **kwargs
+    )
 
 
 def num_image_tokens(task_or_mixture: str | seqio.Task | seqio.Mixture) -> int:
@@ -122,98 +122,6 @@ def num_image_tokens(task_or_mixture: str | seqio.Task | seqio.Mixture) -> int:
         if grid is not None:
             return int(grid[0]) * int(grid[1])
     raise ValueError(f"{task_or_mixture}: not a codes task; pass feature_lengths['targets']")
-
-
-def make_codes_dataset(
-    task_or_mixture: str | seqio.Task | seqio.Mixture,
-    *,
-    batch_size: int,
-    split: str = "train",
-    feature_lengths: Mapping[str, int] | None = None,
-    shard_index: int = 0,
-    num_shards: int = 1,
-    seed: int = 0,
-    shuffle: bool = True,
-    repeat: bool = True,
-    conditioning_dropout_rate: float = 0.0,
-    shuffle_buffer_size: int | None = None,
-    drop_remainder: bool = True,
-    num_threads: int | None = None,
-    prefetch: int = 2,
-) -> tf.data.Dataset:
-    """The batched tf.data pipeline behind `make_codes_iterator` (same arguments).
-
-    Elements: the 4 batch keys (tf tensors) plus `text_truncated` [B].
-    """
-    provider = _provider(task_or_mixture)
-    lengths = {"inputs": TEXT_LENGTH, "targets": None}
-    lengths.update(feature_lengths or {})
-    if lengths["targets"] is None:
-        lengths["targets"] = num_image_tokens(provider)
-    ds = _task_dataset(
-        provider,
-        sequence_length=lengths,
-        split=split,
-        shuffle=shuffle,
-        seed=seed,
-        shard_index=shard_index,
-        num_shards=num_shards,
-        repeat=repeat,
-        shuffle_buffer_size=shuffle_buffer_size,
-    )
-    if conditioning_dropout_rate > 0:
-        eos_id = _tasks_of(provider)[0].output_features["inputs"].vocabulary.eos_id
-        # Each host draws its own dropout stream (hosts see different examples).
-        with seqio.utils.map_seed_manager(seed + _DROPOUT_SEED_OFFSET + 7919 * shard_index):
-            ds = preprocessors.conditioning_dropout(
-                ds, rate=conditioning_dropout_rate, eos_id=eos_id
-            )
-    ds = ImageCodesFeatureConverter()(ds, lengths)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    return ds.prefetch(prefetch).with_options(_options(num_threads))
-
-
-def make_pixels_dataset(
-    task_or_mixture: str | seqio.Task | seqio.Mixture,
-    *,
-    batch_size: int,
-    split: str = "train",
-    image_size: int | None = None,
-    text_length: int = TEXT_LENGTH,
-    shard_index: int = 0,
-    num_shards: int = 1,
-    seed: int = 0,
-    shuffle: bool = True,
-    repeat: bool = True,
-    shuffle_buffer_size: int | None = None,
-    drop_remainder: bool = True,
-    num_threads: int | None = None,
-    prefetch: int = 2,
-) -> tf.data.Dataset:
-    """The batched tf.data pipeline behind `make_pixels_iterator`: {image uint8, text, text_truncated}."""
-    provider = _provider(task_or_mixture)
-    ds = _task_dataset(
-        provider,
-        sequence_length={"inputs": text_length},
-        split=split,
-        shuffle=shuffle,
-        seed=seed,
-        shard_index=shard_index,
-        num_shards=num_shards,
-        repeat=repeat,
-        shuffle_buffer_size=shuffle_buffer_size,
-    )
-    shape = ds.element_spec["image"].shape
-    if image_size is not None and tuple(shape[:2]) != (image_size, image_size):
-        raise ValueError(
-            f"{getattr(provider, 'name', provider)}: yields images of shape {shape} but "
-            f"image_size={image_size} was asked; register the task with image_size={image_size}"
-        )
-    keep = ("image", "text", TEXT_TRUNCATED)
-    select = tf.autograph.experimental.do_not_convert(lambda ex: {k: ex[k] for k in keep})
-    ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    return ds.prefetch(prefetch).with_options(_options(num_threads))
 
 
 # ------------------------------------------------------------------ iterator
@@ -315,9 +223,26 @@ class DataIterator:
         self._checkpoint.read(path).assert_consumed()
 
 
-def _describe(kind: str, task_or_mixture, **kwargs) -> dict:
+def _settings(arguments: Mapping) -> dict:
+    """An iterator's arguments, as the description that a data position is saved with.
+
+    Every argument but the task (recorded by name) and the thread count, so an
+    argument added to an iterator is part of the position's key by default.
+    """
+    settings = {k: v for k, v in arguments.items() if k not in ("task_or_mixture", "num_threads")}
+    if "feature_lengths" in settings:
+        settings["feature_lengths"] = dict(settings["feature_lengths"] or {}) or None
+    return settings
+
+
+def _iterator(
+    kind: str, task_or_mixture, ds: tf.data.Dataset, settings: Mapping, num_threads: int | None
+) -> DataIterator:
+    """Batches `ds` as `settings` say and wraps it, with the settings as its description."""
+    ds = ds.batch(settings["batch_size"], drop_remainder=settings["drop_remainder"])
+    ds = ds.prefetch(2).with_options(_options(num_threads))
     name = task_or_mixture if isinstance(task_or_mixture, str) else task_or_mixture.name
-    return {"kind": kind, "task": name, **{k: v for k, v in kwargs.items()}}
+    return DataIterator(ds, kind=kind, description={"kind": kind, "task": name, **settings})
 
 
 def make_codes_iterator(
@@ -354,23 +279,21 @@ def make_codes_iterator(
       A DataIterator yielding {encoder_input_tokens, decoder_input_tokens,
       decoder_target_tokens (int32), decoder_loss_weights (float32)}.
     """
-    settings = dict(
-        batch_size=batch_size,
-        split=split,
-        feature_lengths=dict(feature_lengths) if feature_lengths else None,
-        shard_index=shard_index,
-        num_shards=num_shards,
-        seed=seed,
-        shuffle=shuffle,
-        repeat=repeat,
-        conditioning_dropout_rate=conditioning_dropout_rate,
-        shuffle_buffer_size=shuffle_buffer_size,
-        drop_remainder=drop_remainder,
-    )
-    ds = make_codes_dataset(task_or_mixture, num_threads=num_threads, **settings)
-    return DataIterator(
-        ds, kind="codes", description=_describe("codes", task_or_mixture, **settings)
-    )
+    settings = _settings(locals())
+    provider = _provider(task_or_mixture)
+    lengths = {"inputs": TEXT_LENGTH, "targets": None, **(feature_lengths or {})}
+    if lengths["targets"] is None:
+        lengths["targets"] = num_image_tokens(provider)
+    ds = _task_dataset(provider, lengths, settings)
+    if conditioning_dropout_rate > 0:
+        eos_id = _tasks_of(provider)[0].output_features["inputs"].vocabulary.eos_id
+        # Each host draws its own dropout stream (hosts see different examples).
+        with seqio.utils.map_seed_manager(seed + _DROPOUT_SEED_OFFSET + 7919 * shard_index):
+            ds = preprocessors.conditioning_dropout(
+                ds, rate=conditioning_dropout_rate, eos_id=eos_id
+            )
+    ds = ImageCodesFeatureConverter()(ds, lengths)
+    return _iterator("codes", task_or_mixture, ds, settings, num_threads)
 
 
 def make_pixels_iterator(
@@ -394,20 +317,16 @@ def make_pixels_iterator(
     Same arguments as `make_codes_iterator`; `image_size` checks the task's
     image side (tasks resize at registration).
     """
-    settings = dict(
-        batch_size=batch_size,
-        split=split,
-        image_size=image_size,
-        text_length=text_length,
-        shard_index=shard_index,
-        num_shards=num_shards,
-        seed=seed,
-        shuffle=shuffle,
-        repeat=repeat,
-        shuffle_buffer_size=shuffle_buffer_size,
-        drop_remainder=drop_remainder,
-    )
-    ds = make_pixels_dataset(task_or_mixture, num_threads=num_threads, **settings)
-    return DataIterator(
-        ds, kind="pixels", description=_describe("pixels", task_or_mixture, **settings)
-    )
+    settings = _settings(locals())
+    provider = _provider(task_or_mixture)
+    ds = _task_dataset(provider, {"inputs": text_length}, settings)
+    shape = ds.element_spec["image"].shape
+    if image_size is not None and tuple(shape[:2]) != (image_size, image_size):
+        raise ValueError(
+            f"{provider.name}: yields images of shape {shape} but image_size={image_size} "
+            f"was asked; register the task with image_size={image_size}"
+        )
+    keep = ("image", "text", TEXT_TRUNCATED)
+    select = tf.autograph.experimental.do_not_convert(lambda ex: {k: ex[k] for k in keep})
+    ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
+    return _iterator("pixels", task_or_mixture, ds, settings, num_threads)

@@ -200,7 +200,7 @@ class Example:
     image: np.ndarray  # uint8 [H, W, 3]
     caption: str
     spec: SceneSpec
-    requirements: CaptionRequirements  # what the caption states (parse_caption(caption))
+    requirements: CaptionRequirements  # what the caption states (shapes_parsing.parse_caption)
     split: str
     index: int
 
@@ -602,26 +602,6 @@ def all_caption_words() -> list[str]:
     for t in texts:
         words.update(re.sub(r"\{\w+\}", " ", t).replace(":", " : ").replace(",", " , ").split())
     return sorted(words)
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
-def normalize_caption(text: str) -> str:
-    """Lower-case, single spaces, no trailing full stop."""
-    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .!")
-
-
-def parse_caption(text: str) -> CaptionRequirements:
-    """Reads back what a shapes-world caption states (unstated attributes are None).
-
-    Accepts every caption the world writes (any template, synonym, case, 'a' or
-    'an'); raises ValueError naming the text, and any words the world does not
-    know, for anything else. The grammar lives in `shapes_parsing`.
-    """
-    from parti_jax.data import shapes_parsing  # noqa: PLC0415 - it imports this module
-
-    return shapes_parsing.parse_caption(text)
 
 
 # ----------------------------------------------------------------------------- near misses

@@ -3,7 +3,8 @@
 Each caption template becomes one anchored pattern whose named groups are the
 slots ({obj1} = "[size] [colour] shape", {at1} = "in the top left", {rel} =
 "to the left of", ...); the first template that matches the whole normalised
-text gives the requirements. Use it through `shapes.parse_caption`.
+text gives the requirements. The grammar reads what `shapes` writes: this
+module imports the words and templates from there, never the other way round.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from parti_jax.data.shapes import (
     CaptionRequirements,
     ObjectRequirement,
     all_caption_words,
-    normalize_caption,
 )
 
 
@@ -77,8 +77,18 @@ _PATTERNS: list[tuple[str, re.Pattern]] = [
 ]
 
 
+def normalize_caption(text: str) -> str:
+    """Lower-case, single spaces, no trailing full stop."""
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .!")
+
+
 def parse_caption(text: str) -> CaptionRequirements:
-    """See `shapes.parse_caption`."""
+    """Reads back what a shapes-world caption states (unstated attributes are None).
+
+    Accepts every caption the world writes (any template, synonym, case, 'a' or
+    'an'); raises ValueError naming the text, and any words the world does not
+    know, for anything else.
+    """
     norm = normalize_caption(text)
     for _, pattern in _PATTERNS:
         m = pattern.fullmatch(norm)

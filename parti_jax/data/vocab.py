@@ -301,8 +301,6 @@ def task_texts(task: str, split: str, feature: str = "text") -> Iterator[str]:
     """
     import seqio  # noqa: PLC0415 - only this caption source needs TensorFlow
 
-    import parti_jax.tasks  # noqa: F401, PLC0415 - registers the tasks
-
     try:
         t = seqio.get_mixture_or_task(task)
     except ValueError as e:

@@ -15,9 +15,9 @@
   (unless `generate_without_fid=True`), since the images would serve nothing.
 
 metrics.json (both): {"suite", "fid", "fid_status", "fid_reason",
-"fid_num_images", "eval_dir"}; coco_fid adds "num_prompts", "num_samples",
-"image_size", "seed" and "this_run". `report.html` shows the figure with its
-status.
+"fid_num_images", "eval_dir"}; coco_fid adds "num_prompts", "image_size" and
+the generation summary ("num_samples", "keep_top_k", "seed", "scorer",
+"this_run"). `report.html` shows the figure with its status.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ from parti_jax.eval import suites as S
 PROMPTS_FILE = "prompts.jsonl"
 
 
-def _write_report(out_dir: Path, title: str, metrics: dict[str, Any]) -> Path:
+def _write_metrics_and_report(out_dir: Path, title: str, metrics: dict[str, Any]) -> dict:
+    """Merges `metrics` into metrics.json and writes report.html with the FID and its status."""
+    R.update_metrics(out_dir, metrics)
     status = metrics.get("fid_status")
     value = metrics.get("fid")
     shown = "skipped" if value is None else f"{value:.3f}"
@@ -51,7 +53,8 @@ def _write_report(out_dir: Path, title: str, metrics: dict[str, Any]) -> Path:
         f'<p class="muted" id="reason">{H.esc(metrics.get("fid_reason", ""))}</p>'
         f"{H.table(['metric', 'value'], rows)}"
     )
-    return H.write_page(out_dir / S.REPORT, H.page(title, body))
+    H.write_page(out_dir / S.REPORT, H.page(title, body))
+    return metrics
 
 
 def fid_of_folder(
@@ -102,9 +105,7 @@ def run_fid(
         feature_fn=feature_fn,
     )
     metrics = {"suite": "fid", "eval_dir": str(folder), **result.to_metrics()}
-    R.update_metrics(out_dir, metrics)
-    _write_report(Path(out_dir), "FID", metrics)
-    return metrics
+    return _write_metrics_and_report(Path(out_dir), "FID", metrics)
 
 
 # --------------------------------------------------------------------------- COCO-30k
@@ -112,33 +113,28 @@ def run_fid(
 
 def read_task_captions(task: Any, splits: Sequence[str], batch_size: int = 256) -> list[str]:
     """Every caption of a pixels task's splits, in order (TensorFlow via parti_jax.data)."""
-    from parti_jax.data import pipeline
-
-    out: list[str] = []
-    for split in splits:
-        it = pipeline.make_pixels_iterator(
-            task, batch_size=batch_size, split=split, shuffle=False, repeat=False,
-            drop_remainder=False,
-        )  # fmt: skip
-        for batch in it:
-            out.extend(str(t) for t in batch["text"])
-    return out
+    return [
+        str(t)
+        for split in splits
+        for batch in S.task_batches(task, split=split, batch_size=batch_size)
+        for t in batch["text"]
+    ]
 
 
-def draw_captions(captions: Sequence[str], num_prompts: int, seed: int) -> list[S.EvalPrompt]:
+def draw_captions(captions: Sequence[str], num_prompts: int, seed: int) -> list[R.PromptRecord]:
     """`num_prompts` captions drawn without replacement; prompt_id = position in the draw."""
     if not captions:
         raise S.SuiteError("coco_fid: the caption source is empty")
     n = min(int(num_prompts), len(captions))
     picks = np.random.default_rng(int(seed)).choice(len(captions), size=n, replace=False)
     return [
-        S.EvalPrompt(j, captions[int(i)], note=f"caption {int(i)}") for j, i in enumerate(picks)
+        R.PromptRecord(j, captions[int(i)], note=f"caption {int(i)}") for j, i in enumerate(picks)
     ]
 
 
 def _load_or_draw(
-    out_dir: Path, draw: Callable[[], list[S.EvalPrompt]], fingerprint: dict
-) -> list[S.EvalPrompt]:
+    out_dir: Path, draw: Callable[[], list[R.PromptRecord]], fingerprint: dict
+) -> list[R.PromptRecord]:
     path = out_dir / PROMPTS_FILE
     if path.exists():
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -148,7 +144,7 @@ def _load_or_draw(
                 f"{path}: captions were drawn with {head}, this run asks {fingerprint}; "
                 "use another work directory"
             )
-        return [S.EvalPrompt(**json.loads(line)) for line in lines[1:]]
+        return [R.PromptRecord(**json.loads(line)) for line in lines[1:]]
     prompts = draw()
     out_dir.mkdir(parents=True, exist_ok=True)
     text = (
@@ -166,7 +162,7 @@ def _load_or_draw(
 
 
 def run_coco_fid(
-    generator: S.GeneratorLike,
+    generator: Any,
     out_dir: str | os.PathLike,
     *,
     task: Any = None,
@@ -204,15 +200,14 @@ def run_coco_fid(
         `generate_without_fid`.
       feature_fn: replaces the Inception network (tests); the figure is then unvalidated.
     """
+    settings = S.GenerationSettings.from_args(locals())
     out_dir = Path(out_dir)
     if feature_fn is None:
         early = F.compute_fid(iter(()), inception_params_path, ref_stats_path)
         if early.status == "skipped" and not generate_without_fid:
             metrics = {"suite": "coco_fid", "eval_dir": str(out_dir), **early.to_metrics()}
             metrics["fid_reason"] += "; no images generated (coco_fid.generate_without_fid)"
-            R.update_metrics(out_dir, metrics)
-            _write_report(out_dir, "COCO FID", metrics)
-            return metrics
+            return _write_metrics_and_report(out_dir, "COCO FID", metrics)
     if isinstance(captions, str):
         captions = Path(captions).read_text(encoding="utf-8").splitlines()
         captions = [c for c in captions if c.strip()]
@@ -226,29 +221,15 @@ def run_coco_fid(
         "prompt_seed": int(prompt_seed),
     }
 
-    def draw() -> list[S.EvalPrompt]:
+    def draw() -> list[R.PromptRecord]:
         pool = list(captions) if captions is not None else read_task_captions(task, splits)
         return draw_captions(pool, num_prompts, prompt_seed)
 
     prompts = _load_or_draw(out_dir, draw, fingerprint)
-    settings, outcome, pending = S.generate_suite(
-        generator,
-        out_dir,
-        prompts,
-        name="coco_fid",
-        process_index=process_index,
-        process_count=process_count,
-        num_samples=num_samples,
-        keep_top_k=keep_top_k,
-        sampling_config=sampling_config,
-        seed=seed,
-        scorer=scorer,
-        batch_size=batch_size,
-        prompts_per_call=prompts_per_call,
-        image_size=image_size,
-    )
-    if pending is not None:
-        return pending
+    run = S.generate_suite(generator, out_dir, prompts, settings, name="coco_fid",
+                           process_index=process_index, process_count=process_count)  # fmt: skip
+    if run.pending is not None:
+        return run.pending
     result = fid_of_folder(
         out_dir,
         inception_params_path=inception_params_path,
@@ -257,20 +238,12 @@ def run_coco_fid(
         feature_fn=feature_fn,
     )
     metrics = {
-        "suite": "coco_fid",
+        **run.summary(),
         "eval_dir": str(out_dir),
         **result.to_metrics(),
-        "num_prompts": len(outcome.records),
-        "num_samples": settings.num_samples,
+        "num_prompts": len(run.records),
         "image_size": image_size,
-        "seed": settings.seed,
-        "this_run": {
-            "generated": outcome.generated,
-            "skipped": outcome.skipped,
-            "seconds": round(outcome.seconds, 3),
-        },
     }
-    R.update_metrics(out_dir, metrics)
+    _write_metrics_and_report(out_dir, "COCO FID", metrics)
     gallery.write_gallery(out_dir, "COCO captions")
-    _write_report(out_dir, "COCO FID", metrics)
     return metrics

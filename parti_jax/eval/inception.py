@@ -16,7 +16,7 @@ images float in [0, 1], [B, H, W, 3] (uint8 is divided by 255), resized to
 
 Weights: a `.npz` with one array per parameter, keyed by the PyTorch
 state_dict names of pytorch-fid's FID Inception (`fc.*` and
-`*.num_batches_tracked` left out); `EXPECTED_PARAMS` lists every key and shape,
+`*.num_batches_tracked` left out); `expected_params()` lists every key and shape,
 for example::
 
     Conv2d_1a_3x3.conv.weight      (32, 3, 3, 3)   torch conv layout (O, I, kH, kW)
@@ -36,125 +36,31 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 Array = jax.Array
 IMAGE_SIZE = 299
 FEATURE_DIM = 2048
 BN_EPS = 1e-3
-BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+# The torch state_dict suffix of each variable of a BasicConv: (collection, layer, leaf).
+TORCH_NAMES = {
+    ("params", "conv", "kernel"): "conv.weight",
+    ("params", "bn", "scale"): "bn.weight",
+    ("params", "bn", "bias"): "bn.bias",
+    ("batch_stats", "bn", "mean"): "bn.running_mean",
+    ("batch_stats", "bn", "var"): "bn.running_var",
+}
 
 
 class WeightsError(ValueError):
     """The Inception weights file is missing keys, has extra keys or misshaped arrays."""
-
-
-# --------------------------------------------------------------------------- expected table
-# One entry per BasicConv2d: (torch module path, in channels, out channels, (kH, kW)).
-# Written from the torchvision / pytorch-fid module definitions, independently of the
-# Flax modules below (a test checks the two agree).
-
-
-def _block_a(name: str, cin: int, pool: int) -> list[tuple[str, int, int, tuple[int, int]]]:
-    return [
-        (f"{name}.branch1x1", cin, 64, (1, 1)),
-        (f"{name}.branch5x5_1", cin, 48, (1, 1)),
-        (f"{name}.branch5x5_2", 48, 64, (5, 5)),
-        (f"{name}.branch3x3dbl_1", cin, 64, (1, 1)),
-        (f"{name}.branch3x3dbl_2", 64, 96, (3, 3)),
-        (f"{name}.branch3x3dbl_3", 96, 96, (3, 3)),
-        (f"{name}.branch_pool", cin, pool, (1, 1)),
-    ]
-
-
-def _block_b(name: str, cin: int) -> list[tuple[str, int, int, tuple[int, int]]]:
-    return [
-        (f"{name}.branch3x3", cin, 384, (3, 3)),
-        (f"{name}.branch3x3dbl_1", cin, 64, (1, 1)),
-        (f"{name}.branch3x3dbl_2", 64, 96, (3, 3)),
-        (f"{name}.branch3x3dbl_3", 96, 96, (3, 3)),
-    ]
-
-
-def _block_c(name: str, cin: int, c7: int) -> list[tuple[str, int, int, tuple[int, int]]]:
-    return [
-        (f"{name}.branch1x1", cin, 192, (1, 1)),
-        (f"{name}.branch7x7_1", cin, c7, (1, 1)),
-        (f"{name}.branch7x7_2", c7, c7, (1, 7)),
-        (f"{name}.branch7x7_3", c7, 192, (7, 1)),
-        (f"{name}.branch7x7dbl_1", cin, c7, (1, 1)),
-        (f"{name}.branch7x7dbl_2", c7, c7, (7, 1)),
-        (f"{name}.branch7x7dbl_3", c7, c7, (1, 7)),
-        (f"{name}.branch7x7dbl_4", c7, c7, (7, 1)),
-        (f"{name}.branch7x7dbl_5", c7, 192, (1, 7)),
-        (f"{name}.branch_pool", cin, 192, (1, 1)),
-    ]
-
-
-def _block_d(name: str, cin: int) -> list[tuple[str, int, int, tuple[int, int]]]:
-    return [
-        (f"{name}.branch3x3_1", cin, 192, (1, 1)),
-        (f"{name}.branch3x3_2", 192, 320, (3, 3)),
-        (f"{name}.branch7x7x3_1", cin, 192, (1, 1)),
-        (f"{name}.branch7x7x3_2", 192, 192, (1, 7)),
-        (f"{name}.branch7x7x3_3", 192, 192, (7, 1)),
-        (f"{name}.branch7x7x3_4", 192, 192, (3, 3)),
-    ]
-
-
-def _block_e(name: str, cin: int) -> list[tuple[str, int, int, tuple[int, int]]]:
-    return [
-        (f"{name}.branch1x1", cin, 320, (1, 1)),
-        (f"{name}.branch3x3_1", cin, 384, (1, 1)),
-        (f"{name}.branch3x3_2a", 384, 384, (1, 3)),
-        (f"{name}.branch3x3_2b", 384, 384, (3, 1)),
-        (f"{name}.branch3x3dbl_1", cin, 448, (1, 1)),
-        (f"{name}.branch3x3dbl_2", 448, 384, (3, 3)),
-        (f"{name}.branch3x3dbl_3a", 384, 384, (1, 3)),
-        (f"{name}.branch3x3dbl_3b", 384, 384, (3, 1)),
-        (f"{name}.branch_pool", cin, 192, (1, 1)),
-    ]
-
-
-CONV_SPECS: tuple[tuple[str, int, int, tuple[int, int]], ...] = tuple(
-    [
-        ("Conv2d_1a_3x3", 3, 32, (3, 3)),
-        ("Conv2d_2a_3x3", 32, 32, (3, 3)),
-        ("Conv2d_2b_3x3", 32, 64, (3, 3)),
-        ("Conv2d_3b_1x1", 64, 80, (1, 1)),
-        ("Conv2d_4a_3x3", 80, 192, (3, 3)),
-    ]
-    + _block_a("Mixed_5b", 192, 32)
-    + _block_a("Mixed_5c", 256, 64)
-    + _block_a("Mixed_5d", 288, 64)
-    + _block_b("Mixed_6a", 288)
-    + _block_c("Mixed_6b", 768, 128)
-    + _block_c("Mixed_6c", 768, 160)
-    + _block_c("Mixed_6d", 768, 160)
-    + _block_c("Mixed_6e", 768, 192)
-    + _block_d("Mixed_7a", 768)
-    + _block_e("Mixed_7b", 1280)
-    + _block_e("Mixed_7c", 2048)
-)
-
-
-def expected_params() -> dict[str, tuple[int, ...]]:
-    """Every key of the weights .npz and its shape (torch layout)."""
-    table: dict[str, tuple[int, ...]] = {}
-    for name, cin, cout, (kh, kw) in CONV_SPECS:
-        table[f"{name}.conv.weight"] = (cout, cin, kh, kw)
-        for field in BN_FIELDS:
-            table[f"{name}.bn.{field}"] = (cout,)
-    return table
-
-
-EXPECTED_PARAMS: dict[str, tuple[int, ...]] = expected_params()
 
 
 # --------------------------------------------------------------------------- Flax modules
@@ -328,45 +234,19 @@ class FIDInceptionV3(nn.Module):
 # --------------------------------------------------------------------------- weights
 
 
-def _iter_leaves(
-    tree: dict, prefix: tuple[str, ...] = ()
-) -> Iterator[tuple[tuple[str, ...], object]]:
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _iter_leaves(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
-
-
-def flax_to_torch_name(collection: str, path: tuple[str, ...]) -> str:
-    """Maps a Flax variable (collection, module path) to its torch state_dict name."""
-    *modules, layer, leaf = path
-    name = {
-        ("params", "conv", "kernel"): "conv.weight",
-        ("params", "bn", "scale"): "bn.weight",
-        ("params", "bn", "bias"): "bn.bias",
-        ("batch_stats", "bn", "mean"): "bn.running_mean",
-        ("batch_stats", "bn", "var"): "bn.running_var",
-    }.get((collection, layer, leaf))
-    if name is None:
-        raise KeyError(f"no torch name for Flax variable {collection}/{'/'.join(path)}")
-    return ".".join([*modules, name])
-
-
-def flax_variable_shapes() -> dict[str, tuple[int, ...]]:
-    """The Flax module's variables as torch names with torch-layout shapes (no compute)."""
-    model = FIDInceptionV3(resize_input=False)
-    shapes = jax.eval_shape(
-        model.init, jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
-    )
-    out: dict[str, tuple[int, ...]] = {}
-    for collection, tree in shapes.items():
-        for path, leaf in _iter_leaves(tree):
-            shape = tuple(leaf.shape)
-            if len(shape) == 4:  # flax (kH, kW, I, O) -> torch (O, I, kH, kW)
-                shape = (shape[3], shape[2], shape[0], shape[1])
-            out[flax_to_torch_name(collection, path)] = shape
-    return out
+@functools.cache
+def expected_params() -> dict[str, tuple[int, ...]]:
+    """Every key of the weights .npz and its shape, in torch's names and layout: the
+    variables of `FIDInceptionV3` (computed once, nothing allocated)."""
+    images = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
+    shapes = jax.eval_shape(FIDInceptionV3(resize_input=False).init, jax.random.key(0), images)
+    table = {}
+    for (collection, *modules, layer, leaf), x in traverse_util.flatten_dict(shapes).items():
+        shape = tuple(x.shape)
+        if len(shape) == 4:  # flax (kH, kW, I, O) -> torch (O, I, kH, kW)
+            shape = (shape[3], shape[2], shape[0], shape[1])
+        table[".".join([*modules, TORCH_NAMES[(collection, layer, leaf)]])] = shape
+    return table
 
 
 def npz_key_for_torch_key(key: str) -> str | None:
@@ -382,10 +262,11 @@ def npz_key_for_torch_key(key: str) -> str | None:
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
-    """Raises WeightsError naming every missing, extra or misshaped key (vs EXPECTED_PARAMS)."""
+    """Raises WeightsError naming every missing, extra or misshaped key (vs expected_params)."""
+    expected = expected_params()
     problems = []
-    missing = sorted(set(EXPECTED_PARAMS) - set(arrays))
-    extra = sorted(set(arrays) - set(EXPECTED_PARAMS))
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
     if missing:
         problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:10])}")
     if extra:
@@ -393,10 +274,10 @@ def check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
             f"{len(extra)} extra key(s): {', '.join(extra[:10])} "
             "(leave out fc.* and *.num_batches_tracked)"
         )
-    for key in sorted(set(EXPECTED_PARAMS) & set(arrays)):
+    for key in sorted(set(expected) & set(arrays)):
         shape = tuple(np.shape(arrays[key]))
-        if shape != EXPECTED_PARAMS[key]:
-            problems.append(f"key {key} has shape {shape}, expected {EXPECTED_PARAMS[key]}")
+        if shape != expected[key]:
+            problems.append(f"key {key} has shape {shape}, expected {expected[key]}")
         elif not np.issubdtype(np.asarray(arrays[key]).dtype, np.floating):
             problems.append(f"key {key} has dtype {arrays[key].dtype}, expected a float type")
     if problems:
@@ -415,7 +296,7 @@ def torch_state_to_npz_arrays(state: Mapping[str, np.ndarray]) -> dict[str, np.n
 
 
 def validate_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Checks a weights .npz against EXPECTED_PARAMS; returns its arrays (float32).
+    """Checks a weights .npz against `expected_params()`; returns its arrays (float32).
 
     Raises WeightsError naming every missing, extra or misshaped key.
     """
@@ -436,21 +317,15 @@ def validate_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def params_from_arrays(arrays: dict[str, np.ndarray]) -> dict:
     """Torch-named arrays -> Flax variables {'params': ..., 'batch_stats': ...}."""
-    variables: dict = {"params": {}, "batch_stats": {}}
-    for name, *_ in CONV_SPECS:
-        node_p = variables["params"]
-        node_s = variables["batch_stats"]
-        for part in name.split("."):
-            node_p = node_p.setdefault(part, {})
-            node_s = node_s.setdefault(part, {})
-        w = arrays[f"{name}.conv.weight"]
-        node_p["conv"] = {"kernel": np.ascontiguousarray(w.transpose(2, 3, 1, 0))}
-        node_p["bn"] = {"scale": arrays[f"{name}.bn.weight"], "bias": arrays[f"{name}.bn.bias"]}
-        node_s["bn"] = {
-            "mean": arrays[f"{name}.bn.running_mean"],
-            "var": arrays[f"{name}.bn.running_var"],
-        }
-    return variables
+    flax_names = {torch: flax for flax, torch in TORCH_NAMES.items()}
+    flat = {}
+    for key, value in arrays.items():
+        module, layer, leaf = key.rsplit(".", 2)
+        collection, _, flax_leaf = flax_names[f"{layer}.{leaf}"]
+        if layer == "conv":
+            value = np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+        flat[(collection, *module.split("."), layer, flax_leaf)] = value
+    return traverse_util.unflatten_dict(flat)
 
 
 def load_params(path: str | os.PathLike) -> dict:

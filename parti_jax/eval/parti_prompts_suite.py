@@ -44,8 +44,9 @@ def parti_eval_prompts(
     categories: Iterable[str] | None = None,
     challenges: Iterable[str] | None = None,
     limit: int | None = None,
-) -> list[S.EvalPrompt]:
-    """PartiPrompts rows as EvalPrompts (prompt_id = row number), optionally filtered."""
+) -> list[R.PromptRecord]:
+    """PartiPrompts rows as prompts to generate for (prompt_id = row number), optionally
+    filtered."""
     from parti_jax.data.prompts import load_parti_prompts
 
     try:
@@ -54,7 +55,7 @@ def parti_eval_prompts(
         )
     except ValueError as e:
         raise S.SuiteError(f"{NAME}: {e}") from None
-    return [S.EvalPrompt(p.index, p.prompt, p.category, p.challenge, p.note) for p in rows]
+    return [R.PromptRecord(p.index, p.prompt, p.category, p.challenge, p.note) for p in rows]
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -87,7 +88,7 @@ def parti_metrics(records: Sequence[R.PromptRecord]) -> dict[str, Any]:
 
 
 def run_parti_prompts(
-    generator: S.GeneratorLike,
+    generator: Any,
     out_dir: str | os.PathLike,
     *,
     prompts_path: str | None = None,
@@ -124,43 +125,21 @@ def run_parti_prompts(
       The metrics (module docstring), or a "pending" note on a process that
       leaves the reports to another.
     """
+    settings = S.GenerationSettings.from_args(locals())
     prompts = parti_eval_prompts(
         prompts_path, categories=categories, challenges=challenges, limit=limit
     )
-    settings, outcome, pending = S.generate_suite(
-        generator,
-        out_dir,
-        prompts,
-        name=NAME,
-        process_index=process_index,
-        process_count=process_count,
-        num_samples=num_samples,
-        keep_top_k=keep_top_k,
-        sampling_config=sampling_config,
-        seed=seed,
-        scorer=scorer,
-        batch_size=batch_size,
-        prompts_per_call=prompts_per_call,
-        image_size=image_size,
-    )
-    if pending is not None:
-        return pending
+    run = S.generate_suite(generator, out_dir, prompts, settings, name=NAME,
+                           process_index=process_index, process_count=process_count)  # fmt: skip
+    if run.pending is not None:
+        return run.pending
     metrics = {
-        "suite": NAME,
-        **parti_metrics(outcome.records),
-        "num_samples": settings.num_samples,
-        "keep_top_k": settings.keep_top_k,
-        "seed": settings.seed,
-        "scorer": S.scorer_name(settings.scorer),
+        **run.summary(),
+        **parti_metrics(run.records),
         "filters": {
             "categories": list(categories) if categories else None,
             "challenges": list(challenges) if challenges else None,
             "limit": limit,
-        },
-        "this_run": {
-            "generated": outcome.generated,
-            "skipped": outcome.skipped,
-            "seconds": round(outcome.seconds, 3),
         },
     }
     R.update_metrics(out_dir, metrics)

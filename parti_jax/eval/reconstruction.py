@@ -53,14 +53,15 @@ SHAPES_WORLD = "shapes_world"
 # --------------------------------------------------------------------------- numbers
 
 
-def psnr_per_image(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(PSNR in dB capped at PSNR_CAP_DB, identical mask) per image of two [B, H, W, 3] batches."""
+def psnr_per_image(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(PSNR in dB capped at PSNR_CAP_DB, identical mask, MSE) per image of two [B, H, W, 3]
+    batches."""
     diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     mse = np.mean(diff * diff, axis=(1, 2, 3))
     identical = mse == 0.0
     with np.errstate(divide="ignore"):
         value = 10.0 * np.log10(1.0 / np.where(identical, 1.0, mse))
-    return np.where(identical, PSNR_CAP_DB, np.minimum(value, PSNR_CAP_DB)), identical
+    return np.where(identical, PSNR_CAP_DB, np.minimum(value, PSNR_CAP_DB)), identical, mse
 
 
 def codebook_stats(counts: np.ndarray) -> dict[str, Any]:
@@ -101,11 +102,10 @@ class _Accumulator:
         self.lpips: list[np.ndarray] = []
 
     def add(self, pred: np.ndarray, target: np.ndarray, lpips_fn: Callable | None) -> None:
-        value, identical = psnr_per_image(pred, target)
+        value, identical, mse = psnr_per_image(pred, target)
         self.psnr.append(value)
         self.identical += int(identical.sum())
-        diff = np.asarray(pred, np.float64) - np.asarray(target, np.float64)
-        self.mse.append(np.mean(diff * diff, axis=(1, 2, 3)))
+        self.mse.append(mse)
         if lpips_fn is not None:
             self.lpips.append(np.asarray(lpips_fn(pred, target), np.float64))
 
@@ -122,18 +122,10 @@ class _Accumulator:
 # --------------------------------------------------------------------------- inputs
 
 
-def image_size_of(tokenizer: Any) -> int:
-    size = getattr(tokenizer, "image_size", None)
-    if size is None:
-        size = tokenizer.meta["image_size"]
-    return int(size)
-
-
-def codebook_size_of(tokenizer: Any) -> int:
-    size = getattr(tokenizer, "codebook_size", None)
-    if size is None:
-        size = tokenizer.meta["codebook_size"]
-    return int(size)
+def tokenizer_size(tokenizer: Any, name: str) -> int:
+    """The tokenizer's `image_size` or `codebook_size` (an attribute, else in its meta)."""
+    value = getattr(tokenizer, name, None)
+    return int(tokenizer.meta[name] if value is None else value)
 
 
 def upsample_fn_of(upsampler: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -189,20 +181,9 @@ def task_images(
     task: Any, *, split: str, image_size: int, batch_size: int, seed: int = 0
 ) -> Iterator[np.ndarray]:
     """float32 batches of a SeqIO pixels task, in order, once (TensorFlow via parti_jax.data)."""
-    from parti_jax.data import pipeline
-
-    it = pipeline.make_pixels_iterator(
-        task,
-        batch_size=batch_size,
-        split=split,
-        image_size=image_size,
-        seed=seed,
-        shuffle=False,
-        repeat=False,
-        drop_remainder=False,
-    )
-    for batch in it:
-        yield np.asarray(batch["image"], np.float32)
+    batches = S.task_batches(task, split=split, batch_size=batch_size, image_size=image_size,
+                             seed=seed)  # fmt: skip
+    return (np.asarray(batch["image"], np.float32) for batch in batches)
 
 
 def _take(batches: Iterable[np.ndarray], num_images: int | None) -> Iterator[np.ndarray]:
@@ -241,8 +222,7 @@ def evaluate_reconstruction(
     upsampler is given. `lpips_fn(a, b) -> [B]` replaces the LPIPS network.
     """
     out_dir = Path(out_dir)
-    size = image_size_of(tokenizer)
-    k = codebook_size_of(tokenizer)
+    size, k = tokenizer_size(tokenizer, "image_size"), tokenizer_size(tokenizer, "codebook_size")
     upsample = upsample_fn_of(upsampler) if upsampler is not None else None
     hi_size = upsampler_output_size(upsampler, size) if upsampler is not None else size
     lpips_note, lpips_label = None, "custom" if lpips_fn is not None else lpips_net
@@ -269,7 +249,7 @@ def evaluate_reconstruction(
                 f"source at {hi_size}px"
             )
         if upsampler is not None and hi_size != size:
-            from parti_jax.upsampler.train import area_downsample
+            from parti_jax.upsampler.data import area_downsample
 
             low = np.asarray(area_downsample(batch, hi_size // size), np.float32)
         else:
@@ -372,7 +352,7 @@ def run_reconstruction(
     index = process_index if process_index is not None else S.resolve_processes()[0]
     if index != 0:
         return {"suite": NAME, "status": "skipped", "reason": "runs on process 0"}
-    size = image_size_of(tokenizer)
+    size = tokenizer_size(tokenizer, "image_size")
     hi = upsampler_output_size(upsampler, size) if upsampler is not None else size
     if task is None or task == SHAPES_WORLD:
         images = shapes_world_images(

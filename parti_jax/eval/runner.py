@@ -23,7 +23,6 @@ from parti_jax.eval.suites import (
     GENERATING_SUITES,
     REPORT,
     SUITE_NAMES,
-    GeneratorLike,
     SuiteError,
     resolve_processes,
 )
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 class SuiteInputs:
     """Lazily loaded models shared by the suites of one `parti-jax eval` run."""
 
-    load_generator: Callable[[], GeneratorLike] | None = None
+    load_generator: Callable[[], Any] | None = None
     load_tokenizer: Callable[[], Any] | None = None
     load_upsampler: Callable[[], Any] | None = None
     _cache: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -98,23 +97,41 @@ def write_summary(workdir: str | os.PathLike, results: Mapping[str, Mapping[str,
     return H.write_page(workdir / R.INDEX, H.page("parti_jax eval", body))
 
 
-def run_eval(
+def run_eval_suites(
     workdir: str | os.PathLike,
     *,
     suites: Sequence[str],
     suite_fns: Mapping[str, Callable[..., dict]],
-    inputs: SuiteInputs,
+    checkpoint_dir: str | None = None,
+    vqgan_dir: str | None = None,
+    upsampler_dir: str | None = None,
+    vocab_path: str | None = None,
     sampling_config: Any = None,
     seed: int | None = None,
     batch_size: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    inputs: SuiteInputs | None = None,
 ) -> dict[str, dict]:
-    """Runs `suites` in order, each into `<workdir>/<suite>`; returns {suite: metrics}.
+    """`parti-jax eval` (gin: `eval.*`): runs `suites` in order, each into `<workdir>/<suite>`.
 
-    `suite_fns[name]` is the suite's entry (its options bound, e.g. by gin);
-    generating suites get the generator and the shared sampling settings,
-    `reconstruction` the tokenizer and upsampler, `fid` only its folder.
+    Generating suites get the generator and the shared sampling settings,
+    `reconstruction` the tokenizer and upsampler, `fid` only its folder; each
+    model is loaded once, when a suite first needs it.
+
+    Args:
+      workdir: where each suite writes its folder and the summary.
+      suites: names from SUITE_NAMES, run in order.
+      suite_fns: each suite's entry with its options bound (gin: `parti_prompts.*`, ...).
+      checkpoint_dir: the encoder-decoder's `parti-jax train` work directory.
+      vqgan_dir, upsampler_dir: `train-vqgan` / `train-upsampler` work directories.
+      vocab_path: the SentencePiece model, if the checkpoint does not record it.
+      sampling_config, seed, batch_size: shared by the generating suites.
+      process_index, process_count: simulate or override this host's share.
+      inputs: preloaded models (tests); default: loaded from the paths above.
+
+    Returns:
+      {suite: metrics}.
     """
     workdir = Path(workdir)
     unknown = [s for s in suites if s not in SUITE_NAMES]
@@ -122,25 +139,22 @@ def run_eval(
         raise SuiteError(
             f"eval.suites={list(suites)!r}: unknown or empty; choose from {list(SUITE_NAMES)}"
         )
+    if inputs is None:
+        inputs = _inputs_from_paths(checkpoint_dir, vqgan_dir, upsampler_dir, vocab_path)
     index, count, _ = resolve_processes(process_index, process_count)
+    shared = {"sampling_config": sampling_config, "seed": seed, "batch_size": batch_size}
     results: dict[str, dict] = {}
     for name in suites:
         out_dir = workdir / name
-        kwargs: dict[str, Any] = {"out_dir": out_dir}
+        kwargs: dict[str, Any] = {"out_dir": out_dir, "process_index": index}
         if name in GENERATING_SUITES:
-            kwargs.update(
-                generator=inputs.get("generator"), process_index=index, process_count=count
-            )
-            shared = {"sampling_config": sampling_config, "seed": seed, "batch_size": batch_size}
+            kwargs.update(generator=inputs.get("generator"), process_count=count)
             kwargs.update({k: v for k, v in shared.items() if v is not None})
         elif name == "reconstruction":
-            kwargs.update(
-                tokenizer=inputs.get("tokenizer"),
-                upsampler=inputs.get("upsampler") if inputs.load_upsampler else None,
-                process_index=index,
-            )
+            upsampler = inputs.get("upsampler") if inputs.load_upsampler else None
+            kwargs.update(tokenizer=inputs.get("tokenizer"), upsampler=upsampler)
         else:  # fid over another folder, relative to the work directory
-            kwargs.update(workdir=workdir, process_index=index)
+            kwargs.update(workdir=workdir)
         start = time.perf_counter()
         log.info("eval: running suite %s into %s", name, out_dir)
         metrics = dict(suite_fns[name](**kwargs))
@@ -151,16 +165,13 @@ def run_eval(
     return results
 
 
-def default_inputs(
-    *,
-    checkpoint_dir: str | None,
-    vqgan_dir: str | None,
-    upsampler_dir: str | None,
+def _inputs_from_paths(
+    checkpoint_dir: str | None, vqgan_dir: str | None, upsampler_dir: str | None,
     vocab_path: str | None,
-) -> SuiteInputs:
-    """Loaders of the models named by the eval paths (each loaded once, when first needed)."""
+) -> SuiteInputs:  # fmt: skip
+    """Loaders of the models named by the eval paths (each run when first needed)."""
 
-    def generator() -> GeneratorLike:
+    def generator() -> Any:
         if not checkpoint_dir or not vqgan_dir:
             raise SuiteError(
                 "eval.checkpoint_dir (the `parti-jax train` work directory) and eval.vqgan_dir "
@@ -180,57 +191,8 @@ def default_inputs(
         return ImageTokenizer.load(vqgan_dir)
 
     def upsampler() -> Any:
-        from parti_jax.upsampler.train import load_upsampler
+        from parti_jax.loading import load_upsampler
 
         return load_upsampler(upsampler_dir)
 
     return SuiteInputs(generator, tokenizer, upsampler if upsampler_dir else None)
-
-
-def run_eval_suites(
-    workdir: str | os.PathLike,
-    *,
-    suites: Sequence[str],
-    suite_fns: Mapping[str, Callable[..., dict]],
-    checkpoint_dir: str | None = None,
-    vqgan_dir: str | None = None,
-    upsampler_dir: str | None = None,
-    vocab_path: str | None = None,
-    sampling_config: Any = None,
-    seed: int | None = None,
-    batch_size: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    inputs: SuiteInputs | None = None,
-) -> dict[str, dict]:
-    """`parti-jax eval` (gin: `eval.*`): the suites with models loaded from work directories.
-
-    Args:
-      workdir: where each suite writes its folder and the summary.
-      suites: names from SUITE_NAMES, run in order.
-      suite_fns: each suite's entry with its options bound (gin: `parti_prompts.*`, ...).
-      checkpoint_dir: the encoder-decoder's `parti-jax train` work directory.
-      vqgan_dir, upsampler_dir: `train-vqgan` / `train-upsampler` work directories.
-      vocab_path: the SentencePiece model, if the checkpoint does not record it.
-      sampling_config, seed, batch_size: shared by the generating suites.
-      process_index, process_count: simulate or override this host's share.
-      inputs: preloaded models (tests); default: loaded from the paths above.
-    """
-    if inputs is None:
-        inputs = default_inputs(
-            checkpoint_dir=checkpoint_dir,
-            vqgan_dir=vqgan_dir,
-            upsampler_dir=upsampler_dir,
-            vocab_path=vocab_path,
-        )
-    return run_eval(
-        workdir,
-        suites=suites,
-        suite_fns=suite_fns,
-        inputs=inputs,
-        sampling_config=sampling_config,
-        seed=seed,
-        batch_size=batch_size,
-        process_index=process_index,
-        process_count=process_count,
-    )

@@ -77,8 +77,8 @@ class ShapesScene:
     def num_objects(self) -> int:
         return len(self.spec.objects)
 
-    def eval_prompt(self) -> S.EvalPrompt:
-        return S.EvalPrompt(
+    def eval_prompt(self) -> R.PromptRecord:
+        return R.PromptRecord(
             self.prompt_id, self.caption, self.group, ONE if self.num_objects == 1 else TWO
         )
 
@@ -92,6 +92,7 @@ def shapes_scenes(
 ) -> list[ShapesScene]:
     """Validation scenes 0..n-1 then heldout scenes 0..m-1 (no images drawn)."""
     from parti_jax.data import shapes
+    from parti_jax.data.shapes_parsing import parse_caption
 
     config = world_config or shapes.ShapesWorldConfig()
     out = []
@@ -104,7 +105,7 @@ def shapes_scenes(
         split = GROUPS[group]
         for i in range(count):
             spec, caption = shapes.generate_scene(i, split, world_seed, config)
-            req = shapes.parse_caption(caption)
+            req = parse_caption(caption)
             out.append(ShapesScene(offset + i, group, split, i, caption, spec, req))
     return out
 
@@ -134,11 +135,12 @@ def make_judge_hook(
 ) -> S.ResultHook:  # fmt: skip
     """The per-prompt hook: verdicts of every kept image, near misses of the best one."""
     from parti_jax.data import judge, shapes
+    from parti_jax.data.shapes_parsing import parse_caption
 
     by_id = {s.prompt_id: s for s in scenes}
     config = world_config or shapes.ShapesWorldConfig()
 
-    def hook(prompt: S.EvalPrompt, images: list[np.ndarray], paths: list[str], result: Any):
+    def hook(prompt: R.PromptRecord, images: list[np.ndarray], paths: list[str], result: Any):
         del paths, result
         scene = by_id[prompt.prompt_id]
         verdicts = []
@@ -152,7 +154,7 @@ def make_judge_hook(
         rng = np.random.default_rng([int(near_miss_seed), int(prompt.prompt_id)])
         near = []
         for caption, attribute in shapes.near_miss_captions(scene.spec, rng, config):
-            req = shapes.parse_caption(caption)
+            req = parse_caption(caption)
             accepted = judge.judge_requirements(detections[0], req, judge_config).match
             near.append(
                 {
@@ -346,7 +348,7 @@ def write_report(
 
 
 def run_shapes(
-    generator: S.GeneratorLike,
+    generator: Any,
     out_dir: str | os.PathLike,
     *,
     num_in_distribution: int = 200,
@@ -380,46 +382,21 @@ def run_shapes(
       report_scenes: scenes per group shown in report.html.
       process_index, process_count: this host's share (default: jax's).
     """
+    settings = S.GenerationSettings.from_args(locals())
     scenes = shapes_scenes(
         num_in_distribution, num_heldout, world_seed=world_seed, world_config=world_config
     )
     hook = make_judge_hook(
         scenes, near_miss_seed=near_miss_seed, judge_config=judge_config, world_config=world_config
     )
-    settings, outcome, pending = S.generate_suite(
-        generator,
-        out_dir,
-        [s.eval_prompt() for s in scenes],
-        name=NAME,
-        process_index=process_index,
-        process_count=process_count,
-        on_result=hook,
-        num_samples=num_samples,
-        keep_top_k=keep_top_k,
-        sampling_config=sampling_config,
-        seed=seed,
-        scorer=scorer,
-        batch_size=batch_size,
-        prompts_per_call=prompts_per_call,
-    )
-    if pending is not None:
-        return pending
+    run = S.generate_suite(generator, out_dir, [s.eval_prompt() for s in scenes], settings,
+                           name=NAME, process_index=process_index, process_count=process_count,
+                           on_result=hook)  # fmt: skip
+    if run.pending is not None:
+        return run.pending
     wanted = {s.prompt_id for s in scenes}
-    records = [r for r in outcome.records if r.prompt_id in wanted]
-    metrics = {
-        "suite": NAME,
-        "num_samples": settings.num_samples,
-        "keep_top_k": settings.keep_top_k,
-        "seed": settings.seed,
-        "scorer": S.scorer_name(settings.scorer),
-        "world_seed": world_seed,
-        **shapes_metrics(records),
-        "this_run": {
-            "generated": outcome.generated,
-            "skipped": outcome.skipped,
-            "seconds": round(outcome.seconds, 3),
-        },
-    }
+    records = [r for r in run.records if r.prompt_id in wanted]
+    metrics = {**run.summary(), "world_seed": world_seed, **shapes_metrics(records)}
     R.update_metrics(out_dir, metrics)
     gallery.write_gallery(out_dir, "Shapes world")
     write_report(out_dir, records, metrics, max_scenes=report_scenes)

@@ -28,7 +28,9 @@ flight. The generation settings are recorded in `generation.json`; resuming
 with other settings is refused (the error names the field and both values).
 
 Suites accept any object with the `Generator.generate` interface
-(`parti_jax.sampling`), which lets tests swap in a stand-in.
+(`parti_jax.sampling`), which lets tests swap in a stand-in. A prompt to
+generate for is a `records.PromptRecord` without images; its labels
+(category, challenge, note) go into its manifest record.
 """
 
 from __future__ import annotations
@@ -42,11 +44,12 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from parti_jax.eval import records as R
+from parti_jax.rerank import name_of
 
 log = logging.getLogger(__name__)
 
@@ -61,36 +64,6 @@ GENERATING_SUITES = ("parti_prompts", "shapes", "coco_fid")
 
 class SuiteError(ValueError):
     """Bad suite arguments or an eval folder that does not fit (message names the field/file)."""
-
-
-class GeneratorLike(Protocol):
-    """What a suite needs of `parti_jax.sampling.Generator`."""
-
-    def generate(
-        self,
-        prompts: Sequence[str],
-        *,
-        num_samples: int,
-        keep_top_k: int,
-        sampling_config: Any,
-        seed: int,
-        scorer: Any = None,
-        batch_size: int | None = None,
-        prompt_ids: Sequence[int] | None = None,
-    ) -> list[Any]:
-        """One result per prompt with `.images` (kept, best first) and `.scores`."""
-        ...
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalPrompt:
-    """A prompt to generate for, with the labels its manifest record carries."""
-
-    prompt_id: int
-    prompt: str
-    category: str = ""
-    challenge: str = ""
-    note: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +92,17 @@ class GenerationSettings:
             if value is not None and int(value) < 1:
                 raise SuiteError(f"{name} must be >= 1 or None, got {value}")
 
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> GenerationSettings:
+        """The settings among a suite's arguments (its `locals()`); `num_samples` and
+        `seed` default to the sampling config's (else 1 and 0)."""
+        fields = {f.name: args[f.name] for f in dataclasses.fields(cls) if f.name in args}
+        config = fields.get("sampling_config")
+        for name, default in (("num_samples", 1), ("seed", 0)):
+            if fields.get(name) is None:
+                fields[name] = int(getattr(config, name, default) or default)
+        return cls(**fields)
+
     def calls_size(self) -> int:
         if self.prompts_per_call:
             return int(self.prompts_per_call)
@@ -136,43 +120,9 @@ class GenerationSettings:
             "keep_top_k": int(self.keep_top_k),
             "seed": int(self.seed),
             "sampling_config": _jsonable(config),
-            "scorer": scorer_name(self.scorer),
+            "scorer": name_of(self.scorer),
             "image_size": self.image_size,
         }
-
-
-def make_settings(
-    *,
-    num_samples: int | None,
-    keep_top_k: int,
-    sampling_config: Any,
-    seed: int | None,
-    scorer: Any,
-    batch_size: int | None,
-    prompts_per_call: int | None = None,
-    image_size: int | None = None,
-) -> GenerationSettings:
-    """Settings with `num_samples` / `seed` defaulting to the sampling config's (else 1 / 0)."""
-    if num_samples is None:
-        num_samples = int(getattr(sampling_config, "num_samples", 1) or 1)
-    if seed is None:
-        seed = int(getattr(sampling_config, "seed", 0) or 0)
-    return GenerationSettings(
-        num_samples=int(num_samples),
-        keep_top_k=int(keep_top_k),
-        sampling_config=sampling_config,
-        seed=int(seed),
-        scorer=scorer,
-        batch_size=batch_size,
-        prompts_per_call=prompts_per_call,
-        image_size=image_size,
-    )
-
-
-def scorer_name(scorer: Any) -> str | None:
-    if scorer is None or isinstance(scorer, str):
-        return scorer
-    return type(scorer).__name__
 
 
 def _jsonable(value: Any) -> Any:
@@ -259,6 +209,15 @@ def merge_shards(out_dir: str | os.PathLike) -> list[R.PromptRecord]:
     return records
 
 
+def task_batches(task: Any, *, split: str, batch_size: int, **options: Any) -> Any:
+    """A SeqIO pixels task's split in order, once: {image, text} batches (TensorFlow via
+    parti_jax.data; `options`: image_size, seed)."""
+    from parti_jax.data import pipeline
+
+    return pipeline.make_pixels_iterator(task, batch_size=batch_size, split=split, shuffle=False,
+                                         repeat=False, drop_remainder=False, **options)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -292,18 +251,28 @@ def load_png(path: str | os.PathLike) -> np.ndarray:
 # --------------------------------------------------------------------------- generation
 
 # (prompt, uint8 images as saved, image paths, the generator's result) -> record `extra`.
-ResultHook = Callable[[EvalPrompt, list[np.ndarray], list[str], Any], Mapping[str, Any]]
+ResultHook = Callable[[R.PromptRecord, list[np.ndarray], list[str], Any], Mapping[str, Any]]
 
 
 @dataclasses.dataclass
-class GenerationOutcome:
-    """What one process did, and whether it should write the suite's reports."""
+class SuiteRun:
+    """What one process did, and whether it writes the suite's metrics and reports."""
 
+    name: str
+    settings: GenerationSettings
     generated: int  # prompts generated by this call
     skipped: int  # prompts of this process found done by an earlier run
     seconds: float
-    finalize: bool  # this process merges the shards and writes metrics / reports
-    records: list[R.PromptRecord]  # every record of the suite folder (when finalize)
+    records: list[R.PromptRecord]  # every record of the suite folder (when this process reports)
+    pending: dict | None  # else: the metrics to return at once (another process reports)
+
+    def summary(self) -> dict[str, Any]:
+        """The metrics every generating suite reports: its settings and this run's work."""
+        this_run = {"generated": self.generated, "skipped": self.skipped,
+                    "seconds": round(self.seconds, 3)}  # fmt: skip
+        return {"suite": self.name, "num_samples": self.settings.num_samples,
+                "keep_top_k": self.settings.keep_top_k, "seed": self.settings.seed,
+                "scorer": name_of(self.settings.scorer), "this_run": this_run}  # fmt: skip
 
 
 def _check_settings(out_dir: Path, settings: GenerationSettings) -> None:
@@ -326,7 +295,7 @@ def _check_settings(out_dir: Path, settings: GenerationSettings) -> None:
         os.replace(tmp, path)
 
 
-def _plan_id(prompts: Sequence[EvalPrompt], count: int) -> str:
+def _plan_id(prompts: Sequence[R.PromptRecord], count: int) -> str:
     h = hashlib.sha256(f"{count}|".encode())
     for p in prompts:
         h.update(f"{p.prompt_id},".encode())
@@ -351,21 +320,22 @@ def _result_scores(result: Any, num_images: int, prompt_id: int) -> list[float]:
     return scores
 
 
-def generate_prompts(
-    generator: GeneratorLike,
+def generate_suite(
+    generator: Any,
     out_dir: str | os.PathLike,
-    prompts: Sequence[EvalPrompt],
+    prompts: Sequence[R.PromptRecord],
     settings: GenerationSettings,
     *,
+    name: str = "eval",
     process_index: int | None = None,
     process_count: int | None = None,
     on_result: ResultHook | None = None,
-    name: str = "eval",
-) -> GenerationOutcome:
+) -> SuiteRun:
     """Generates images for this process's share of `prompts` into an eval folder, resumably.
 
-    Returns the outcome; when `outcome.finalize` is true, `outcome.records`
-    holds every record of the suite folder (shards merged) for the metrics.
+    `generator`: a `parti_jax.sampling.Generator` or anything with its
+    `generate`. When `run.pending` is None this process writes the reports:
+    `run.records` holds every record of the suite folder (shards merged).
     """
     index, count, real_multihost = resolve_processes(process_index, process_count)
     out_dir = Path(out_dir)
@@ -402,58 +372,21 @@ def generate_prompts(
     for chunk_start in range(0, len(todo), step):
         chunk = todo[chunk_start : chunk_start + step]
         results = generator.generate(
-            [p.prompt for p in chunk],
-            num_samples=settings.num_samples,
-            keep_top_k=settings.keep_top_k,
-            sampling_config=settings.sampling_config,
-            seed=settings.seed,
-            scorer=settings.scorer,
-            batch_size=settings.batch_size,
+            [p.prompt for p in chunk], num_samples=settings.num_samples,
+            keep_top_k=settings.keep_top_k, sampling_config=settings.sampling_config,
+            seed=settings.seed, scorer=settings.scorer, batch_size=settings.batch_size,
             prompt_ids=[p.prompt_id for p in chunk],
-        )
+        )  # fmt: skip
         if len(results) != len(chunk):
             raise SuiteError(
                 f"{name}: the generator returned {len(results)} results for {len(chunk)} prompts"
             )
-        new_records = []
-        for prompt, result in zip(chunk, results):
-            got_id = getattr(result, "prompt_id", prompt.prompt_id)
-            if got_id is not None and int(got_id) != prompt.prompt_id:
-                raise SuiteError(
-                    f"{name}: result for prompt_id {prompt.prompt_id} says prompt_id {got_id}"
-                )
-            images = [to_uint8(im) for im in result.images]
-            if not images:
-                raise SuiteError(f"{name}: no images returned for prompt_id {prompt.prompt_id}")
-            paths = []
-            for rank, image in enumerate(images):
-                rel = f"{R.IMAGES_DIR}/{prompt.prompt_id:05d}_{rank}.png"
-                save_png(folder / rel, image, settings.image_size)
-                paths.append(rel)
-            if settings.image_size is not None:
-                images = [load_png(folder / p) for p in paths]
-            extra = dict(on_result(prompt, images, paths, result)) if on_result else {}
-            new_records.append(
-                R.PromptRecord(
-                    prompt_id=prompt.prompt_id,
-                    prompt=prompt.prompt,
-                    category=prompt.category,
-                    challenge=prompt.challenge,
-                    note=prompt.note,
-                    images=tuple(paths),
-                    scores=tuple(_result_scores(result, len(paths), prompt.prompt_id)),
-                    seed=settings.seed,
-                    extra=extra,
-                )
-            )
-        R.write_manifest(folder, new_records)  # one fsync per chunk
-        log.info(
-            "%s: %d/%d prompts (%.1f s)",
-            name,
-            skipped + chunk_start + len(chunk),
-            len(mine),
-            time.perf_counter() - start,
-        )
+        records = [
+            _save_result(folder, p, r, settings, on_result, name) for p, r in zip(chunk, results)
+        ]
+        R.write_manifest(folder, records)  # one fsync per chunk
+        log.info("%s: %d/%d prompts (%.1f s)", name, skipped + chunk_start + len(chunk),
+                 len(mine), time.perf_counter() - start)  # fmt: skip
     seconds = time.perf_counter() - start
     finalize = True
     if count > 1:
@@ -467,8 +400,41 @@ def generate_prompts(
             finalize = index == 0
         else:
             finalize = all(_marker_plan(shard_dir(out_dir, i, count)) == plan for i in range(count))
-    records = merge_shards(out_dir) if finalize else []
-    return GenerationOutcome(len(todo), skipped, seconds, finalize, records)
+    run = SuiteRun(name, settings, len(todo), skipped, seconds, [], None)
+    if finalize:
+        run.records = merge_shards(out_dir)
+    else:
+        run.pending = {
+            "suite": name,
+            "status": "pending",
+            "reason": f"process {index} of {count} finished its shard; the reports are written "
+            "once every shard is done",
+            "this_run": {"generated": run.generated, "skipped": run.skipped},
+        }
+    return run
+
+
+def _save_result(
+    folder: Path, prompt: R.PromptRecord, result: Any, settings: GenerationSettings,
+    on_result: ResultHook | None, name: str,
+) -> R.PromptRecord:  # fmt: skip
+    """Writes one prompt's images; returns its manifest record."""
+    got_id = getattr(result, "prompt_id", prompt.prompt_id)
+    if got_id is not None and int(got_id) != prompt.prompt_id:
+        raise SuiteError(f"{name}: result for prompt_id {prompt.prompt_id} says prompt_id {got_id}")
+    images = [to_uint8(im) for im in result.images]
+    if not images:
+        raise SuiteError(f"{name}: no images returned for prompt_id {prompt.prompt_id}")
+    paths = [f"{R.IMAGES_DIR}/{prompt.prompt_id:05d}_{rank}.png" for rank in range(len(images))]
+    for path, image in zip(paths, images):
+        save_png(folder / path, image, settings.image_size)
+    if settings.image_size is not None:
+        images = [load_png(folder / p) for p in paths]
+    extra = dict(on_result(prompt, images, paths, result)) if on_result else {}
+    scores = _result_scores(result, len(paths), prompt.prompt_id)
+    return dataclasses.replace(
+        prompt, images=tuple(paths), scores=tuple(scores), seed=settings.seed, extra=extra
+    )
 
 
 def _marker_plan(folder: Path) -> str | None:
@@ -476,49 +442,3 @@ def _marker_plan(folder: Path) -> str | None:
         return json.loads((folder / DONE_FILE).read_text(encoding="utf-8")).get("plan")
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def generate_suite(
-    generator: GeneratorLike,
-    out_dir: str | os.PathLike,
-    prompts: Sequence[EvalPrompt],
-    *,
-    name: str,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    on_result: ResultHook | None = None,
-    **settings: Any,
-) -> tuple[GenerationSettings, GenerationOutcome, dict | None]:
-    """A generating suite's common part: `make_settings(**settings)`, `generate_prompts`.
-
-    Returns (settings, outcome, pending): `pending` is the metrics to return
-    at once on a process that leaves the reports to another (else None).
-    """
-    gen_settings = make_settings(**settings)
-    outcome = generate_prompts(
-        generator,
-        out_dir,
-        prompts,
-        gen_settings,
-        process_index=process_index,
-        process_count=process_count,
-        on_result=on_result,
-        name=name,
-    )
-    pending = None
-    if not outcome.finalize:
-        index, count, _ = resolve_processes(process_index, process_count)
-        pending = pending_metrics(name, outcome, (index, count))
-    return gen_settings, outcome, pending
-
-
-def pending_metrics(name: str, outcome: GenerationOutcome, index_count: tuple[int, int]) -> dict:
-    """What a process returns when another process writes the suite's reports."""
-    i, n = index_count
-    return {
-        "suite": name,
-        "status": "pending",
-        "reason": f"process {i} of {n} finished its shard; the reports are written once "
-        "every shard is done",
-        "this_run": {"generated": outcome.generated, "skipped": outcome.skipped},
-    }

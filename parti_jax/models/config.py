@@ -37,13 +37,34 @@ REMAT_POLICIES = (
 )
 
 
+class DtypeFields:
+    """Mixin for config dataclasses with `dtype` (compute) and `weight_dtype` (parameters) fields."""
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    @property
+    def param_dtype(self) -> Any:
+        return DTYPES[self.weight_dtype]
+
+    def check_dtypes(self) -> None:
+        """Raises unless both fields are keys of DTYPES; the error names the field."""
+        for name in ("dtype", "weight_dtype"):
+            value = getattr(self, name)
+            if value not in DTYPES:
+                raise ValueError(
+                    f"{type(self).__name__}.{name}={value!r} is not one of {', '.join(DTYPES)}"
+                )
+
+
 def round_up(value: int, multiple: int) -> int:
     """Smallest multiple of `multiple` that is >= `value`."""
     return -(-value // multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(DtypeFields):
     """Architecture and numerics of the text-to-image encoder-decoder."""
 
     # SentencePiece vocabulary size of the text encoder (pad 0, eos 1, unk 2).
@@ -200,14 +221,6 @@ class ModelConfig:
     def num_image_tokens(self) -> int:
         """Tokens the decoder writes per image (rows * columns)."""
         return self.image_grid[0] * self.image_grid[1]
-
-    @property
-    def compute_dtype(self) -> Any:
-        return DTYPES[self.dtype]
-
-    @property
-    def param_dtype(self) -> Any:
-        return DTYPES[self.weight_dtype]
 
     @property
     def logits_jnp_dtype(self) -> Any:

@@ -1,13 +1,21 @@
-"""Building blocks of the encoder-decoder: dense, embeddings, norms, MLP, attention, masks.
+"""The transformer toolkit: dense, embeddings, norms, MLP, attention, layers, layer stacks, masks.
 
-Every parameter is created with logical axis names (constants from
-`parti_jax.partitioning`) and stored in `weight_dtype`; matmuls run in `dtype`;
-norms and softmax statistics run in float32. Layers never name mesh axes.
+The encoder-decoder (models/transformer.py) and the ViT-VQGAN
+(vqgan/vit_vqgan.py) are built from these pieces. A `LayerSpec` of plain
+fields (widths, heads, activation, bias, initializer, dtypes, attention
+implementation) parametrises the norms, MLP and attention, so nothing here
+needs a model config. Every parameter is created with logical axis names
+(constants from `parti_jax.partitioning`) and stored in `param_dtype`; matmuls
+run in `dtype`; norms and softmax statistics run in float32. Layers never
+name mesh axes. Dropout is on where a call passes `enable_dropout=True`;
+stacked layers are 'layers_0', 'layers_1', ... or, scanned, one 'layers'.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -15,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parti_jax.models.config import ModelConfig
 from parti_jax.partitioning import (
     ACT_BATCH,
     ACT_EMBED,
@@ -26,6 +33,7 @@ from parti_jax.partitioning import (
     EMBED,
     HEADS,
     KV,
+    LAYERS,
     MLP,
     POSITION,
     VOCAB,
@@ -33,6 +41,7 @@ from parti_jax.partitioning import (
 
 Array = jax.Array
 DType = Any
+PyTree = Any
 
 # Logical names of the activations that flow between blocks.
 HIDDEN_AXES = (ACT_BATCH, ACT_LENGTH, ACT_EMBED)
@@ -45,17 +54,28 @@ def constrain(x: Array, axes: tuple[str, ...]) -> Array:
 
 
 # --------------------------------------------------------------------- dense
+# Kernel initialisers by name: (variance_scaling mode, distribution), scale 1.
+KERNEL_INITS = {
+    "fan_in": ("fan_in", "truncated_normal"),  # the encoder-decoder's (T5X)
+    "xavier": ("fan_avg", "uniform"),  # Glorot uniform: the ViT-VQGAN's
+}
+
+
 class DenseGeneral(nn.Module):
-    """A matmul over the last `in_dims` input dims into `features`, without bias.
+    """A matmul over the last `in_dims` input dims into `features`, optionally plus a bias.
 
     The kernel has shape `x.shape[-in_dims:] + features` and the logical names
-    `kernel_axes`; it is initialised with fan-in scaling over all input dims
-    (so [EMBED, HEADS, KV] projections get the same scale as a 2-D dense).
+    `kernel_axes`; `kernel_init` (a key of KERNEL_INITS) scales over all input
+    and all output dims (so [EMBED, HEADS, KV] projections get the same scale
+    as a 2-D dense). The bias (zeros) has shape `features` and the last
+    logical names of the kernel.
     """
 
     features: tuple[int, ...]
     kernel_axes: tuple[str, ...]
     in_dims: int = 1
+    use_bias: bool = False
+    kernel_init: str = "fan_in"
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     # Accumulation / output dtype of the matmul; None means `dtype`.
@@ -66,10 +86,11 @@ class DenseGeneral(nn.Module):
         features = tuple(self.features)
         in_shape = x.shape[-self.in_dims :]
         n_in = len(in_shape)
+        mode, distribution = KERNEL_INITS[self.kernel_init]
         init = nn.initializers.variance_scaling(
             1.0,
-            "fan_in",
-            "truncated_normal",
+            mode,
+            distribution,
             in_axis=tuple(range(n_in)),
             out_axis=tuple(range(n_in, n_in + len(features))),
         )
@@ -80,12 +101,22 @@ class DenseGeneral(nn.Module):
             self.param_dtype,
         )
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        return jax.lax.dot_general(
+        y = jax.lax.dot_general(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
             (contract, ((), ())),
             preferred_element_type=self.accum_dtype,
         )
+        if self.use_bias:
+            bias_axes = tuple(self.kernel_axes[n_in:])
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
+                features,
+                self.param_dtype,
+            )
+            y = y + bias.astype(y.dtype)
+        return y
 
 
 # ---------------------------------------------------------------- embeddings
@@ -133,7 +164,7 @@ class ImagePositions(nn.Module):
 
 # --------------------------------------------------------------------- norms
 class Norm(nn.Module):
-    """LayerNorm (scale and bias) or RMSNorm (scale only), in float32."""
+    """LayerNorm (scale and bias) or RMSNorm (scale only); float32 inside, `dtype` out."""
 
     norm_type: str = "layernorm"
     epsilon: float = 1e-6
@@ -165,65 +196,89 @@ class Norm(nn.Module):
         return y.astype(self.dtype)
 
 
-def make_norm(config: ModelConfig, name: str | None = None) -> Norm:
-    """The configured norm; `name` is left out inside `setup`."""
-    kw = {} if name is None else {"name": name}
-    return Norm(
-        norm_type=config.norm_type,
-        epsilon=config.layer_norm_epsilon,
-        dtype=config.compute_dtype,
-        param_dtype=config.param_dtype,
-        **kw,
-    )
-
-
-# ----------------------------------------------------------------------- MLP
-_ACTIVATIONS = {
+# ---------------------------------------------------------------------- spec
+ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
     "gated_gelu": lambda x: jax.nn.gelu(x, approximate=True),
     "swiglu": jax.nn.silu,
 }
+GATED_ACTIVATIONS = ("gated_gelu", "swiglu")
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """The plain fields that shape a transformer layer's norms, attention and MLP."""
+
+    width: int  # residual stream (d_model); attention and MLP outputs
+    num_heads: int
+    head_dim: int
+    mlp_dim: int  # hidden width of the MLP
+    activation: str = "gelu"  # a key of ACTIVATIONS; gated ones have two input matrices
+    norm_type: str = "layernorm"  # or 'rmsnorm'
+    norm_epsilon: float = 1e-6
+    use_bias: bool = False  # a bias on every dense
+    kernel_init: str = "fan_in"  # a key of KERNEL_INITS
+    dtype: DType = jnp.float32  # matmuls and the outputs of norms
+    param_dtype: DType = jnp.float32
+    attention_impl: str | None = "xla"  # of jax.nn.dot_product_attention
+    dropout_rate: float = 0.0  # on every residual branch when dropout is enabled
+
+    def dense(self, features: tuple[int, ...], axes: tuple[str, ...], **kw: Any) -> DenseGeneral:
+        """A DenseGeneral with this spec's bias, initialiser and dtypes."""
+        return DenseGeneral(
+            features,
+            axes,
+            use_bias=self.use_bias,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            **kw,
+        )
+
+    def norm(self, **kw: Any) -> Norm:
+        """The spec's norm (pass `name=` in compact methods)."""
+        return Norm(self.norm_type, self.norm_epsilon, self.dtype, self.param_dtype, **kw)
+
+
+# ----------------------------------------------------------------------- MLP
 class Mlp(nn.Module):
-    """Feed-forward block: plain wi -> act -> wo, or gated act(wi_0 x) * wi_1 x -> wo."""
+    """Feed-forward block back to the input's width: wi -> act -> wo, or gated
+    act(wi_0 x) * wi_1 x -> wo."""
 
-    config: ModelConfig
+    spec: LayerSpec
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
-        act = _ACTIVATIONS[cfg.mlp_activation]
-        if cfg.mlp_activation in ("gated_gelu", "swiglu"):
-            gate = DenseGeneral((cfg.mlp_dim,), (EMBED, MLP), name="wi_0", **kw)(x)
-            up = DenseGeneral((cfg.mlp_dim,), (EMBED, MLP), name="wi_1", **kw)(x)
-            h = act(gate) * up
+        s = self.spec
+        act = ACTIVATIONS[s.activation]
+        hidden = ((s.mlp_dim,), (EMBED, MLP))
+        if s.activation in GATED_ACTIVATIONS:
+            h = act(s.dense(*hidden, name="wi_0")(x)) * s.dense(*hidden, name="wi_1")(x)
         else:
-            h = act(DenseGeneral((cfg.mlp_dim,), (EMBED, MLP), name="wi", **kw)(x))
+            h = act(s.dense(*hidden, name="wi")(x))
         h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
-        return DenseGeneral((cfg.d_model,), (MLP, EMBED), name="wo", **kw)(h)
+        return s.dense((x.shape[-1],), (MLP, EMBED), name="wo")(h)
 
 
 # ----------------------------------------------------------------- attention
 class Attention(nn.Module):
-    """Multi-head attention through `jax.nn.dot_product_attention`.
+    """Multi-head attention through `jax.nn.dot_product_attention` (self or cross).
 
     Separate methods project queries and keys/values, so cached decoding can
     reuse precomputed keys/values; `__call__` does the whole thing.
     """
 
-    config: ModelConfig
+    spec: LayerSpec
 
     def setup(self) -> None:
-        cfg = self.config
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
-        heads = (cfg.num_heads, cfg.kv_dim)
-        self.query = DenseGeneral(heads, (EMBED, HEADS, KV), **kw)
-        self.key = DenseGeneral(heads, (EMBED, HEADS, KV), **kw)
-        self.value = DenseGeneral(heads, (EMBED, HEADS, KV), **kw)
-        self.out = DenseGeneral((cfg.d_model,), (HEADS, KV, EMBED), in_dims=2, **kw)
+        s = self.spec
+        heads = (s.num_heads, s.head_dim)
+        self.query = s.dense(heads, (EMBED, HEADS, KV))
+        self.key = s.dense(heads, (EMBED, HEADS, KV))
+        self.value = s.dense(heads, (EMBED, HEADS, KV))
+        self.out = s.dense((s.width,), (HEADS, KV, EMBED), in_dims=2)
 
     def project_query(self, x: Array) -> Array:
         """[B, T, D] -> [B, T, heads, kv]."""
@@ -242,7 +297,6 @@ class Attention(nn.Module):
         is_causal: bool = False,
         mask: Array | None = None,
         kv_lengths: Array | None = None,
-        implementation: str | None = None,
     ) -> Array:
         """Attention of `query` over `key`/`value`, then the output projection.
 
@@ -257,7 +311,7 @@ class Attention(nn.Module):
             mask=mask,
             is_causal=is_causal,
             key_value_seq_lengths=kv_lengths,
-            implementation=implementation,
+            implementation=self.spec.attention_impl,
         )
         return self.project_output(out)
 
@@ -270,26 +324,17 @@ class Attention(nn.Module):
         inputs_q: Array,
         inputs_kv: Array,
         *,
-        is_causal: bool = False,
-        mask: Array | None = None,
-        kv_lengths: Array | None = None,
         rotary_positions: Array | None = None,
+        **masks: Any,
     ) -> Array:
-        """`rotary_positions` [T] (self-attention only): rotate queries and keys by
-        them (`rotary`), so scores depend on the offset between tokens."""
+        """`masks` as for `attend`. `rotary_positions` [T] (self-attention only):
+        rotate queries and keys by them (`rotary`), so scores depend on the
+        offset between tokens."""
         query = self.project_query(inputs_q)
         key, value = self.project_key_value(inputs_kv)
         if rotary_positions is not None:
             query, key = rotary(query, rotary_positions), rotary(key, rotary_positions)
-        return self.attend(
-            query,
-            key,
-            value,
-            is_causal=is_causal,
-            mask=mask,
-            kv_lengths=kv_lengths,
-            implementation=self.config.attention_impl,
-        )
+        return self.attend(query, key, value, **masks)
 
 
 def rotary(x: Array, positions: Array, base: float = 10_000.0) -> Array:
@@ -306,6 +351,195 @@ def rotary(x: Array, positions: Array, base: float = 10_000.0) -> Array:
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+# -------------------------------------------------------------------- layers
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention and MLP, each on a residual branch with dropout.
+
+    Scan-shaped (see `layer_stack`): `(x, per_layer, shared, enable_dropout)
+    -> (x, None)`, with `per_layer` unused and `shared` = (kv_lengths [B] or
+    None, boolean mask [.., T, T] or None).
+    """
+
+    spec: LayerSpec
+    attention: bool = True  # False: an MLP-only layer, each position on its own
+    rotary: bool = False  # rotate queries and keys by position (`rotary`)
+
+    @nn.compact
+    def __call__(
+        self, x: Array, per_layer: Any, shared: Any, enable_dropout: bool = False
+    ) -> tuple[Array, None]:
+        del per_layer
+        lengths, mask = shared
+        s = self.spec
+        drop = nn.Dropout(s.dropout_rate, deterministic=not enable_dropout)
+        if self.attention:
+            h = s.norm(name="pre_attention_norm")(x)
+            positions = jnp.arange(h.shape[1]) if self.rotary else None
+            attention = Attention(s, name="attention")
+            x = x + drop(attention(h, h, mask=mask, kv_lengths=lengths, rotary_positions=positions))
+        h = s.norm(name="pre_mlp_norm")(x)
+        x = x + drop(Mlp(s, name="mlp")(h))
+        return constrain(x, HIDDEN_AXES), None
+
+
+# -------------------------------------------------------------- layer stacks
+# A scan-shaped layer: every method that a stack runs takes
+# (carry, per_layer, shared, enable_dropout) and returns (carry, out). Leaves of
+# `per_layer` carry a leading layer axis and are sliced per layer; `shared` goes
+# to every layer whole; `enable_dropout` is a static bool. One argument layout
+# for all methods lets one nn.scan (one in_axes) serve all of them.
+LayerStack = nn.Module | Sequence[nn.Module]
+
+
+def layer_stack(
+    layer: Callable[..., nn.Module],
+    num_layers: int,
+    *,
+    scan: bool,
+    remat: bool = False,
+    remat_policy: Callable[..., bool] | None = None,
+    methods: Sequence[str] = ("__call__",),
+    name: str = "layers",
+) -> LayerStack:
+    """`num_layers` copies of a scan-shaped layer (a module class or a partial of one).
+
+    Scanned: one module `name` whose parameters carry a leading LAYERS axis;
+    unrolled: modules `name_0`, `name_1`, ... Both run the same function
+    (`run_stack`). `remat` rematerialises `__call__` (the training pass) in
+    the backward pass with the jax.checkpoint `remat_policy` (None: save
+    nothing); the other `methods` run as they are.
+    """
+    if remat:  # static argument 4 of (self, carry, per_layer, shared, enable_dropout)
+        layer = nn.remat(layer, policy=remat_policy, prevent_cse=not scan, static_argnums=(4,))
+    if not scan:
+        return [layer(name=f"{name}_{i}") for i in range(num_layers)]
+    scanned = nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0, nn.broadcast, nn.broadcast),
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: LAYERS},
+        methods=list(methods),
+    )
+    return scanned(name=name)
+
+
+def run_stack(
+    stack: LayerStack,
+    carry: Any,
+    per_layer: Any = None,
+    shared: Any = None,
+    enable_dropout: bool = False,
+    method: str = "__call__",
+) -> tuple[Any, Any]:
+    """Runs `method` of every layer of a `layer_stack` in turn.
+
+    Returns (carry, outputs stacked on a leading layer axis, or None).
+    """
+    if not isinstance(stack, Sequence):
+        return getattr(stack, method)(carry, per_layer, shared, enable_dropout)
+    outputs = []
+    for i, layer in enumerate(stack):
+        sliced = jax.tree.map(lambda a, i=i: a[i], per_layer)
+        carry, out = getattr(layer, method)(carry, sliced, shared, enable_dropout)
+        outputs.append(out)
+    if outputs[0] is None:
+        return carry, None
+    return carry, jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
+
+
+class Stack(nn.Module):
+    """A `layer_stack` of `layer` under a module of its own (its 'layers' one level down)."""
+
+    layer: Callable[..., nn.Module]
+    num_layers: int
+    scan: bool = False
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self, carry: Any, per_layer: Any = None, shared: Any = None, enable_dropout: bool = False
+    ) -> tuple[Any, Any]:
+        stack = layer_stack(self.layer, self.num_layers, scan=self.scan, remat=self.remat)
+        return run_stack(stack, carry, per_layer, shared, enable_dropout)
+
+
+# ------------------------------------------------- scanned <-> unscanned
+_LAYER_KEY = re.compile(r"^layers_(\d+)$")
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+def _slice_leaf(leaf: Any, i: int) -> Any:
+    if _is_box(leaf):
+        return leaf.replace(value=leaf.value[i], names=tuple(leaf.names[1:]))
+    return leaf[i]
+
+
+def _stack_leaves(*leaves: Any) -> Any:
+    if _is_box(leaves[0]):
+        return leaves[0].replace(
+            value=jnp.stack([x.value for x in leaves]), names=(LAYERS, *leaves[0].names)
+        )
+    return jnp.stack(leaves)
+
+
+def _plain(tree: PyTree) -> PyTree:
+    """Nested FrozenDict/Mapping -> nested dict (leaves untouched)."""
+    if isinstance(tree, Mapping):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree
+
+
+def scan_to_unscanned(params: PyTree) -> PyTree:
+    """Scanned layout ('layers' with a leading LAYERS axis) -> 'layers_0', 'layers_1', ...
+
+    Works on plain or logically boxed parameter dicts (any nesting, e.g. a
+    variables dict or the params of one stack); returns plain dicts.
+    """
+    if not isinstance(params, Mapping):
+        return params
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if name == "layers" and isinstance(value, Mapping):
+            leaves = jax.tree.leaves(value, is_leaf=_is_box)
+            first = leaves[0].value if _is_box(leaves[0]) else leaves[0]
+            for i in range(first.shape[0]):
+                out[f"layers_{i}"] = jax.tree.map(
+                    lambda leaf, i=i: _slice_leaf(leaf, i), _plain(value), is_leaf=_is_box
+                )
+        else:
+            out[name] = scan_to_unscanned(value)
+    return out
+
+
+def unscanned_to_scan(params: PyTree) -> PyTree:
+    """'layers_0', 'layers_1', ... -> one 'layers' entry stacked on a leading LAYERS axis."""
+    if not isinstance(params, Mapping):
+        return params
+    out: dict[str, Any] = {}
+    layers: dict[int, Any] = {}
+    for name, value in params.items():
+        match = _LAYER_KEY.match(name)
+        if match:
+            layers[int(match.group(1))] = _plain(value)
+        else:
+            out[name] = unscanned_to_scan(value)
+    if layers:
+        if sorted(layers) != list(range(len(layers))):
+            raise ValueError(
+                f"unscanned_to_scan: layer indices {sorted(layers)} are not 0..{len(layers) - 1}"
+            )
+        if "layers" in out:
+            raise ValueError("unscanned_to_scan: both 'layers' and 'layers_<i>' entries present")
+        ordered = [layers[i] for i in range(len(layers))]
+        out["layers"] = jax.tree.map(_stack_leaves, *ordered, is_leaf=_is_box)
+    return out
 
 
 # ------------------------------------------------------- single-query attention

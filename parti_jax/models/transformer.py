@@ -1,11 +1,11 @@
 """The Parti encoder-decoder (T5X style): text encoder, image-token decoder, cached decoding.
 
 Pre-norm blocks, an extra final norm on the encoder and decoder outputs,
-learned 1-D text positions and learned 2-D (row + column) image positions,
-no relative-position bias (it would block fused attention kernels). The
-output projection is separate from the decoder input embedding (not tied):
-the paper's parameter counts include it, and logits are float32 over
-`decoder_vocab_size`.
+learned 1-D text positions (or rotary) and learned 2-D (row + column) image
+positions, no relative-position bias (it would block fused attention
+kernels). The output projection is separate from the decoder input embedding
+(not tied): the paper's parameter counts include it, and logits are float32
+over `decoder_vocab_size`. Built from `models/layers.py`.
 
 API (other modules rely on it):
 
@@ -24,7 +24,7 @@ of cell t - 1 (slot 0 holds BOS = 0) and predicts cell t.
 
 from __future__ import annotations
 
-import re
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,14 +39,20 @@ from parti_jax.models.layers import (
     Attention,
     DenseGeneral,
     Embed,
+    EncoderLayer,
     ImagePositions,
+    LayerSpec,
+    LayerStack,
     Mlp,
     blocked_single_query_attention,
     constrain,
     conv_sparse_mask,
-    make_norm,
+    layer_stack,
+    run_stack,
+    scan_to_unscanned,
     single_query_attention,
     text_lengths,
+    unscanned_to_scan,
 )
 from parti_jax.partitioning import (
     ACT_BATCH,
@@ -60,6 +66,18 @@ from parti_jax.partitioning import (
     VOCAB,
 )
 
+__all__ = [
+    "CACHE_KEYS",
+    "Decoder",
+    "Encoder",
+    "EncoderDecoder",
+    "cache_logical_axes",
+    "layer_spec",
+    "make_tokens_to_logits",
+    "scan_to_unscanned",  # moved to models/layers.py; still importable from here
+    "unscanned_to_scan",
+]
+
 Array = jax.Array
 PyTree = Any
 TokensToLogits = Callable[[Array, PyTree, Array], tuple[Array, PyTree]]
@@ -67,70 +85,64 @@ TokensToLogits = Callable[[Array, PyTree, Array], tuple[Array, PyTree]]
 CACHE_KEYS = ("self_key", "self_value", "cross_key", "cross_value", "text_lengths")
 
 
+def layer_spec(config: ModelConfig) -> LayerSpec:
+    """The norms, attention and MLP of every encoder and decoder layer."""
+    return LayerSpec(
+        width=config.d_model,
+        num_heads=config.num_heads,
+        head_dim=config.kv_dim,
+        mlp_dim=config.mlp_dim,
+        activation=config.mlp_activation,
+        norm_type=config.norm_type,
+        norm_epsilon=config.layer_norm_epsilon,
+        dtype=config.compute_dtype,
+        param_dtype=config.param_dtype,
+        attention_impl=config.attention_impl,
+        dropout_rate=config.dropout_rate,
+    )
+
+
+def _stack(
+    layer: Callable[..., nn.Module], config: ModelConfig, num_layers: int, **kw: Any
+) -> LayerStack:
+    """`num_layers` layers, scanned and rematerialised as the config says."""
+    return layer_stack(
+        layer,
+        num_layers,
+        scan=config.scan_layers,
+        remat=config.remat_policy != "none",
+        remat_policy=config.remat_policy_fn,
+        **kw,
+    )
+
+
 # -------------------------------------------------------------------- blocks
-class EncoderLayer(nn.Module):
-    """Pre-norm self-attention + MLP over text tokens; scan-shaped (carry, xs)."""
-
-    config: ModelConfig
-    enable_dropout: bool = False
-
-    @nn.compact
-    def __call__(self, x: Array, lengths: Array) -> tuple[Array, None]:
-        cfg = self.config
-        drop = nn.Dropout(cfg.dropout_rate, deterministic=not self.enable_dropout)
-        h = make_norm(cfg, "pre_attention_norm")(x)
-        positions = jnp.arange(h.shape[1]) if cfg.text_positions == "rotary" else None
-        y = Attention(cfg, name="attention")(h, h, kv_lengths=lengths, rotary_positions=positions)
-        x = x + drop(y)
-        h = make_norm(cfg, "pre_mlp_norm")(x)
-        x = x + drop(Mlp(cfg, name="mlp")(h))
-        return constrain(x, HIDDEN_AXES), None
-
-
 class DecoderLayer(nn.Module):
     """Pre-norm causal self-attention, cross-attention and MLP over image tokens.
 
-    One parameter set, three entry modes (a module attribute, so that scan and
-    remat see a plain (carry, *xs) call):
-      'full'     : teacher-forced pass; xs = (encoded, text_lengths)
-      'cross_kv' : keys/values of the cross-attention; xs = (encoded,)
-      'step'     : one cached step; carry = (x, self_key, self_value) with the
-                   whole stacked caches, xs = (layer, cross_key, cross_value,
-                   text_lengths, step)
+    One parameter set, three scan-shaped methods (one argument layout, see
+    `layers.layer_stack`; `cross_kv` and `step` ignore `enable_dropout`):
+    `__call__` (teacher-forced), `cross_kv` and `step` (one cached step).
     """
 
     config: ModelConfig
-    enable_dropout: bool = False
-    mode: str = "full"
 
     def setup(self) -> None:
-        cfg = self.config
-        self.pre_self_attention_norm = make_norm(cfg)
-        self.self_attention = Attention(cfg)
-        self.pre_cross_attention_norm = make_norm(cfg)
-        self.cross_attention = Attention(cfg)
-        self.pre_mlp_norm = make_norm(cfg)
-        self.mlp = Mlp(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate, deterministic=not self.enable_dropout)
+        spec = layer_spec(self.config)
+        self.pre_self_attention_norm = spec.norm()
+        self.self_attention = Attention(spec)
+        self.pre_cross_attention_norm = spec.norm()
+        self.cross_attention = Attention(spec)
+        self.pre_mlp_norm = spec.norm()
+        self.mlp = Mlp(spec)
+        self.dropout = nn.Dropout(spec.dropout_rate)
 
-    def __call__(self, x: Array, *xs: Any) -> tuple[Array, Any]:
-        if self.mode == "full":
-            return self._full(x, *xs)
-        if self.mode == "cross_kv":
-            (encoded,) = xs
-            return x, self.cross_attention.project_key_value(encoded)
-        if self.mode == "step":
-            return self._step(x, *xs)
-        raise ValueError(f"DecoderLayer: unknown mode {self.mode!r}")
-
-    def _self_mask(self, length: int) -> np.ndarray | None:
-        cfg = self.config
-        if cfg.decoder_attention != "conv_sparse":
-            return None
-        return conv_sparse_mask(cfg.image_grid, cfg.conv_kernel_size)[:length, :length]
-
-    def _full(self, x: Array, encoded: Array, lengths: Array) -> tuple[Array, None]:
-        cfg = self.config
+    def __call__(
+        self, x: Array, per_layer: None, shared: tuple[Array, Array], enable_dropout: bool = False
+    ) -> tuple[Array, None]:
+        """Teacher-forced pass over x [B, N, D]; `shared` = (encoded, text lengths)."""
+        encoded, lengths = shared
+        drop = functools.partial(self.dropout, deterministic=not enable_dropout)
         att = self.self_attention
         h = self.pre_self_attention_norm(x)
         key, value = att.project_key_value(h)
@@ -141,32 +153,38 @@ class DecoderLayer(nn.Module):
             value,
             is_causal=mask is None,
             mask=None if mask is None else jnp.asarray(mask)[None, None],
-            implementation=cfg.attention_impl,
         )
-        x = x + self.dropout(out)
+        x = x + drop(out)
         h = self.pre_cross_attention_norm(x)
-        x = x + self.dropout(self.cross_attention(h, encoded, kv_lengths=lengths))
-        x = x + self.dropout(self.mlp(self.pre_mlp_norm(x)))
+        x = x + drop(self.cross_attention(h, encoded, kv_lengths=lengths))
+        x = x + drop(self.mlp(self.pre_mlp_norm(x)))
         return constrain(x, HIDDEN_AXES), None
 
-    def _step(
+    def cross_kv(
+        self, carry: Array, per_layer: None, encoded: Array, enable_dropout: bool = False
+    ) -> tuple[Array, tuple[Array, Array]]:
+        """Keys and values of the cross-attention over `encoded`; `carry` passes through."""
+        return carry, self.cross_attention.project_key_value(encoded)
+
+    def step(
         self,
         carry: tuple[Array, Array, Array],
-        layer: Array,
-        cross_key: Array,
-        cross_value: Array,
-        lengths: Array,
+        per_layer: tuple[Array, Array, Array, Array],
         step: Array,
+        enable_dropout: bool = False,
     ) -> tuple[tuple[Array, Array, Array], None]:
-        """One cached step of this layer; `carry` = (x, self_key, self_value).
+        """One cached step of this layer at slot `step`.
 
-        `self_key` / `self_value` are the whole stacked caches [L, B, N, heads,
-        kv]: the step's key/value is written in place at (layer, :, step),
-        then the query attends to this layer's positions <= step, read
-        straight out of the stack (the slice is fused into the attention's
-        reductions, not copied), so a step reads each cache entry once.
+        `carry` = (x [B, 1, D], self_key, self_value) with the whole stacked
+        caches [L, B, N, heads, kv]; `per_layer` = (this layer's index, cross
+        keys, cross values, text lengths). The step's key/value is written in
+        place at (layer, :, step), then the query attends to this layer's
+        positions <= step, read straight out of the stack (the slice is fused
+        into the attention's reductions, not copied), so a step reads each
+        cache entry once.
         """
         x, cache_key, cache_value = carry
+        layer, cross_key, cross_value, lengths = per_layer
         att = self.self_attention
         h = self.pre_self_attention_norm(x)
         key, value = att.project_key_value(h)  # [B, 1, heads, kv]
@@ -188,10 +206,16 @@ class DecoderLayer(nn.Module):
         x = x + self.mlp(self.pre_mlp_norm(x))
         return (constrain(x, HIDDEN_AXES), cache_key, cache_value), None
 
+    def _self_mask(self, length: int) -> np.ndarray | None:
+        cfg = self.config
+        if cfg.decoder_attention != "conv_sparse":
+            return None
+        return conv_sparse_mask(cfg.image_grid, cfg.conv_kernel_size)[:length, :length]
+
     def _self_attend(
         self, query: Array, cache_key: Array, cache_value: Array, layer: Array, step: Array
     ) -> Array:
-        """The step's query over `layer`'s cached positions <= step (see `_step`)."""
+        """The step's query over `layer`'s cached positions <= step (see `step`)."""
         cfg = self.config
         _, batch, length, heads, kv = cache_key.shape
         zero = jnp.zeros((), jnp.int32)
@@ -224,52 +248,12 @@ class DecoderLayer(nn.Module):
         )
 
 
-def _run_layers(
-    layer_cls: type[nn.Module],
-    config: ModelConfig,
-    num_layers: int,
-    carry: Any,
-    xs: tuple[Any, ...],
-    in_axes: tuple[Any, ...],
-    *,
-    remat: bool,
-    **layer_kwargs: Any,
-) -> tuple[Any, Any]:
-    """Runs `num_layers` copies of a scan-shaped layer, scanned or unrolled.
-
-    Scanned: one module 'layers' whose parameters carry a leading LAYERS axis.
-    Unrolled: modules 'layers_0', 'layers_1', ...; `in_axes` 0 entries of `xs`
-    are sliced per layer and the per-layer outputs are stacked, so both
-    layouts return the same values. Must be called from a compact method.
-    """
-    if remat and config.remat_policy != "none":
-        layer_cls = nn.remat(
-            layer_cls, policy=config.remat_policy_fn, prevent_cse=not config.scan_layers
-        )
-    if config.scan_layers:
-        stack = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=in_axes,
-            length=num_layers,
-            metadata_params={nn.PARTITION_NAME: LAYERS},
-        )
-        return stack(config, name="layers", **layer_kwargs)(carry, *xs)
-    outputs = []
-    for i in range(num_layers):
-        layer_xs = [
-            x if axis is nn.broadcast else jax.tree.map(lambda a, i=i: a[i], x)
-            for x, axis in zip(xs, in_axes, strict=True)
-        ]
-        carry, y = layer_cls(config, name=f"layers_{i}", **layer_kwargs)(carry, *layer_xs)
-        outputs.append(y)
-    if outputs[0] is None:
-        return carry, None
-    return carry, jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
-
-
 # ------------------------------------------------------------------ stacks
+def _check_length(name: str, length: int, limit: int, what: str) -> None:
+    if length > limit:
+        raise ValueError(f"{name} has length {length} > {what}")
+
+
 class Encoder(nn.Module):
     """Text tokens [B, L] -> encoded [B, L, D] (in the compute dtype)."""
 
@@ -279,150 +263,101 @@ class Encoder(nn.Module):
     def __call__(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
         cfg = self.config
         length = encoder_input_tokens.shape[-1]
-        if length > cfg.max_text_length:
-            raise ValueError(
-                f"encoder_input_tokens has length {length} > ModelConfig.max_text_length="
-                f"{cfg.max_text_length}; truncate the text or raise max_text_length"
-            )
+        limit = cfg.max_text_length
+        why = f"ModelConfig.max_text_length={limit}; truncate the text or raise max_text_length"
+        _check_length("encoder_input_tokens", length, limit, why)
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
         x = Embed(cfg.text_vocab_size, cfg.d_model, name="token_embedder", **kw)(
             encoder_input_tokens
         )
         if cfg.text_positions == "learned":
-            x = (
-                x
-                + Embed(
-                    cfg.max_text_length,
-                    cfg.d_model,
-                    axes=(POSITION, EMBED),
-                    name="position_embedder",
-                    **kw,
-                )(jnp.arange(length))[None]
+            table = Embed(
+                cfg.max_text_length, cfg.d_model, (POSITION, EMBED), name="position_embedder", **kw
             )
+            x = x + table(jnp.arange(length))[None]
         x = nn.Dropout(cfg.dropout_rate, deterministic=not enable_dropout)(x)
         x = constrain(x, HIDDEN_AXES)
-        x, _ = _run_layers(
-            EncoderLayer,
-            cfg,
-            cfg.num_encoder_layers,
-            x,
-            (text_lengths(encoder_input_tokens),),
-            (nn.broadcast,),
-            remat=True,
-            enable_dropout=enable_dropout,
-        )
-        return constrain(make_norm(cfg, "final_norm")(x), HIDDEN_AXES)
+        spec = layer_spec(cfg)
+        layer = functools.partial(EncoderLayer, spec, rotary=cfg.text_positions == "rotary")
+        shared = (text_lengths(encoder_input_tokens), None)
+        stack = _stack(layer, cfg, cfg.num_encoder_layers)
+        x, _ = run_stack(stack, x, None, shared, enable_dropout)
+        return constrain(spec.norm(name="final_norm")(x), HIDDEN_AXES)
 
 
 class Decoder(nn.Module):
-    """Image-token decoder; `mode` picks teacher-forced ('full' logits or 'hidden'
-    states after the final norm), 'logits' of given hidden states, 'cross_kv'
-    or a cached 'step'."""
+    """Image-token decoder: one method per entry point (teacher-forced logits or
+    hidden states, logits of hidden states, cross-attention K/V, one cached step)."""
 
     config: ModelConfig
 
-    @nn.compact
-    def __call__(
-        self,
-        mode: str,
-        *,
-        tokens: Array | None = None,
-        encoded: Array | None = None,
-        lengths: Array | None = None,
-        cache: Mapping[str, Array] | None = None,
-        step: Array | None = None,
-        hidden: Array | None = None,
-        enable_dropout: bool = False,
-    ) -> Any:
+    def setup(self) -> None:
         cfg = self.config
-        num_layers = cfg.num_decoder_layers
-        if mode == "cross_kv":
-            dummy = jnp.zeros((), cfg.compute_dtype)
-            _, (key, value) = _run_layers(
-                DecoderLayer,
-                cfg,
-                num_layers,
-                dummy,
-                (encoded,),
-                (nn.broadcast,),
-                remat=False,
-                mode="cross_kv",
-            )
-            return key, value
-
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
+        self.token_embedder = Embed(cfg.decoder_vocab_size, cfg.d_model, **kw)
+        self.position_embedder = ImagePositions(cfg.image_grid, cfg.d_model, **kw)
+        # Named as when this was a compact method, so a seed's dropout masks stay the same.
+        self.embedding_dropout = nn.Dropout(cfg.dropout_rate, name="Dropout_0")
+        methods = ("__call__", "cross_kv", "step")
+        self.layers = _stack(
+            functools.partial(DecoderLayer, cfg), cfg, cfg.num_decoder_layers, methods=methods
+        )
+        self.final_norm = layer_spec(cfg).norm()
+        self.logits_dense = DenseGeneral(
+            (cfg.decoder_vocab_size,), (EMBED, VOCAB), accum_dtype=jnp.float32, **kw
+        )
 
-        def project_logits(x: Array) -> Array:
-            logits = DenseGeneral(
-                (cfg.decoder_vocab_size,),
-                (EMBED, VOCAB),
-                name="logits_dense",
-                accum_dtype=jnp.float32,
-                **kw,
-            )(x)
-            return constrain(
-                logits.astype(cfg.logits_jnp_dtype), (ACT_BATCH, ACT_LENGTH, ACT_VOCAB)
-            )
+    def _final_hidden(
+        self, tokens: Array, encoded: Array, lengths: Array, enable_dropout: bool
+    ) -> Array:
+        cfg = self.config
+        length = tokens.shape[-1]
+        (rows, cols), n = cfg.image_grid, cfg.num_image_tokens
+        _check_length("decoder_input_tokens", length, n, f"image_grid {rows}x{cols} = {n} tokens")
+        x = self.token_embedder(tokens) + self.position_embedder(jnp.arange(length))[None]
+        x = self.embedding_dropout(x, deterministic=not enable_dropout)
+        x, _ = run_stack(
+            self.layers, constrain(x, HIDDEN_AXES), None, (encoded, lengths), enable_dropout
+        )
+        return self.final_norm(x)
 
-        if mode == "logits":
-            return project_logits(hidden)
-        embed = Embed(cfg.decoder_vocab_size, cfg.d_model, name="token_embedder", **kw)
-        positions = ImagePositions(cfg.image_grid, cfg.d_model, name="position_embedder", **kw)
-        if mode in ("full", "hidden"):
-            length = tokens.shape[-1]
-            if length > cfg.num_image_tokens:
-                raise ValueError(
-                    f"decoder_input_tokens has length {length} > image_grid "
-                    f"{cfg.image_grid[0]}x{cfg.image_grid[1]} = {cfg.num_image_tokens} tokens"
-                )
-            x = embed(tokens) + positions(jnp.arange(length))[None]
-            x = nn.Dropout(cfg.dropout_rate, deterministic=not enable_dropout)(x)
-            x = constrain(x, HIDDEN_AXES)
-            x, _ = _run_layers(
-                DecoderLayer,
-                cfg,
-                num_layers,
-                x,
-                (encoded, lengths),
-                (nn.broadcast, nn.broadcast),
-                remat=True,
-                enable_dropout=enable_dropout,
-                mode="full",
-            )
-        elif mode == "step":
-            x = embed(tokens) + positions(jnp.reshape(step, (1,)))[None]
-            # The self-attention caches travel whole through the layers (the
-            # carry of the layer scan), each layer writing its new position in
-            # place; only the read-only cross-attention K/V are split per layer.
-            carry = (constrain(x, HIDDEN_AXES), cache["self_key"], cache["self_value"])
-            xs = (
-                jnp.arange(num_layers, dtype=jnp.int32),
-                cache["cross_key"],
-                cache["cross_value"],
-                cache["text_lengths"],
-                step,
-            )
-            (x, self_key, self_value), _ = _run_layers(
-                DecoderLayer,
-                cfg,
-                num_layers,
-                carry,
-                xs,
-                (0, 0, 0, 0, nn.broadcast),
-                remat=False,
-                mode="step",
-            )
-        else:
-            raise ValueError(f"Decoder: unknown mode {mode!r}")
-        x = make_norm(cfg, "final_norm")(x)
-        if mode == "hidden":
-            return constrain(x, HIDDEN_AXES)
-        logits = project_logits(x)
-        if mode == "full":
-            return logits
-        new_cache = dict(cache)
-        new_cache["self_key"], new_cache["self_value"] = self_key, self_value
-        return logits[:, 0], new_cache
+    def __call__(
+        self, tokens: Array, encoded: Array, lengths: Array, enable_dropout: bool = False
+    ) -> Array:
+        """Teacher-forced: decoder tokens [B, N], encoded text, text lengths -> logits [B, N, V]."""
+        return self.logits(self._final_hidden(tokens, encoded, lengths, enable_dropout))
+
+    def hidden_states(
+        self, tokens: Array, encoded: Array, lengths: Array, enable_dropout: bool = False
+    ) -> Array:
+        """Teacher-forced, up to the final norm: [B, N, D] in the compute dtype."""
+        return constrain(self._final_hidden(tokens, encoded, lengths, enable_dropout), HIDDEN_AXES)
+
+    def logits(self, hidden: Array) -> Array:
+        """Hidden states [B, n, D] -> logits [B, n, decoder_vocab_size] (logits_dtype)."""
+        logits = self.logits_dense(hidden).astype(self.config.logits_jnp_dtype)
+        return constrain(logits, (ACT_BATCH, ACT_LENGTH, ACT_VOCAB))
+
+    def cross_kv(self, encoded: Array) -> tuple[Array, Array]:
+        """Cross-attention keys and values of every layer, stacked: [L, B, Lt, heads, kv]."""
+        dummy = jnp.zeros((), self.config.compute_dtype)
+        _, (key, value) = run_stack(self.layers, dummy, None, encoded, method="cross_kv")
+        return key, value
+
+    def step(
+        self, tokens: Array, cache: Mapping[str, Array], step: Array
+    ) -> tuple[Array, dict[str, Array]]:
+        """One cached step: tokens [B, 1] at slot `step` -> (logits [B, V], updated cache)."""
+        x = self.token_embedder(tokens) + self.position_embedder(jnp.reshape(step, (1,)))[None]
+        # The self-attention caches travel whole through the layers (the carry of
+        # the layer scan), each layer writing its new position in place; only the
+        # read-only cross-attention K/V are split per layer.
+        carry = (constrain(x, HIDDEN_AXES), cache["self_key"], cache["self_value"])
+        layers = jnp.arange(self.config.num_decoder_layers, dtype=jnp.int32)
+        per_layer = (layers, cache["cross_key"], cache["cross_value"], cache["text_lengths"])
+        (x, self_key, self_value), _ = run_stack(self.layers, carry, per_layer, step, method="step")
+        logits = self.logits(self.final_norm(x))
+        return logits[:, 0], dict(cache, self_key=self_key, self_value=self_value)
 
 
 class EncoderDecoder(nn.Module):
@@ -446,13 +381,8 @@ class EncoderDecoder(nn.Module):
         enable_dropout: bool = False,
     ) -> Array:
         """Teacher-forced decoder: -> float32 logits [B, N, decoder_vocab_size]."""
-        return self.decoder(
-            "full",
-            tokens=decoder_input_tokens,
-            encoded=encoded,
-            lengths=text_lengths(encoder_input_tokens),
-            enable_dropout=enable_dropout,
-        )
+        lengths = text_lengths(encoder_input_tokens)
+        return self.decoder(decoder_input_tokens, encoded, lengths, enable_dropout)
 
     def hidden_states(
         self,
@@ -466,17 +396,12 @@ class EncoderDecoder(nn.Module):
         chunk by chunk so the [B, N, V] logits never exist at once.
         """
         encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
-        return self.decoder(
-            "hidden",
-            tokens=decoder_input_tokens,
-            encoded=encoded,
-            lengths=text_lengths(encoder_input_tokens),
-            enable_dropout=enable_dropout,
-        )
+        lengths = text_lengths(encoder_input_tokens)
+        return self.decoder.hidden_states(decoder_input_tokens, encoded, lengths, enable_dropout)
 
     def logits_from_hidden(self, hidden: Array) -> Array:
         """Decoder hidden states [B, n, D] -> logits [B, n, decoder_vocab_size]."""
-        return self.decoder("logits", hidden=hidden)
+        return self.decoder.logits(hidden)
 
     def __call__(
         self,
@@ -495,7 +420,7 @@ class EncoderDecoder(nn.Module):
         Every leaf is stacked per layer: axis 0 is the layer, axis 1 the batch.
         """
         cfg = self.config
-        key, value = self.decoder("cross_kv", encoded=encoded)
+        key, value = self.decoder.cross_kv(encoded)
         num_layers, batch = key.shape[0], key.shape[1]
         shape = (num_layers, batch, cfg.num_image_tokens, cfg.num_heads, cfg.kv_dim)
         lengths = jnp.broadcast_to(text_lengths(encoder_input_tokens), (num_layers, batch))
@@ -511,7 +436,7 @@ class EncoderDecoder(nn.Module):
         self, tokens: Array, cache: Mapping[str, Array], step: Array
     ) -> tuple[Array, dict[str, Array]]:
         """One decoder step: tokens int32 [B, 1] at slot `step` -> (logits [B, V], cache)."""
-        return self.decoder("step", tokens=tokens, cache=cache, step=step)
+        return self.decoder.step(tokens, cache, step)
 
 
 # --------------------------------------------------------------- sampling
@@ -550,78 +475,3 @@ def cache_logical_axes() -> dict[str, tuple[str, ...]]:
         "cross_value": kv,
         "text_lengths": (LAYERS, ACT_BATCH),
     }
-
-
-# ------------------------------------------------- scanned <-> unscanned
-_LAYER_KEY = re.compile(r"^layers_(\d+)$")
-
-
-def _is_box(x: Any) -> bool:
-    return isinstance(x, nn.Partitioned)
-
-
-def _slice_leaf(leaf: Any, i: int) -> Any:
-    if _is_box(leaf):
-        return leaf.replace(value=leaf.value[i], names=tuple(leaf.names[1:]))
-    return leaf[i]
-
-
-def _stack_leaves(*leaves: Any) -> Any:
-    if _is_box(leaves[0]):
-        return leaves[0].replace(
-            value=jnp.stack([x.value for x in leaves]), names=(LAYERS, *leaves[0].names)
-        )
-    return jnp.stack(leaves)
-
-
-def scan_to_unscanned(params: PyTree) -> PyTree:
-    """Scanned layout ('layers' with a leading LAYERS axis) -> 'layers_0', 'layers_1', ...
-
-    Works on plain or logically boxed parameter dicts (any nesting, e.g. a
-    variables dict or the params of one stack); returns plain dicts.
-    """
-    if not isinstance(params, Mapping):
-        return params
-    out: dict[str, Any] = {}
-    for name, value in params.items():
-        if name == "layers" and isinstance(value, Mapping):
-            leaves = jax.tree.leaves(value, is_leaf=_is_box)
-            first = leaves[0].value if _is_box(leaves[0]) else leaves[0]
-            for i in range(first.shape[0]):
-                out[f"layers_{i}"] = jax.tree.map(
-                    lambda leaf, i=i: _slice_leaf(leaf, i), _plain(value), is_leaf=_is_box
-                )
-        else:
-            out[name] = scan_to_unscanned(value)
-    return out
-
-
-def unscanned_to_scan(params: PyTree) -> PyTree:
-    """'layers_0', 'layers_1', ... -> one 'layers' entry stacked on a leading LAYERS axis."""
-    if not isinstance(params, Mapping):
-        return params
-    out: dict[str, Any] = {}
-    layers: dict[int, Any] = {}
-    for name, value in params.items():
-        match = _LAYER_KEY.match(name)
-        if match:
-            layers[int(match.group(1))] = _plain(value)
-        else:
-            out[name] = unscanned_to_scan(value)
-    if layers:
-        if sorted(layers) != list(range(len(layers))):
-            raise ValueError(
-                f"unscanned_to_scan: layer indices {sorted(layers)} are not 0..{len(layers) - 1}"
-            )
-        if "layers" in out:
-            raise ValueError("unscanned_to_scan: both 'layers' and 'layers_<i>' entries present")
-        ordered = [layers[i] for i in range(len(layers))]
-        out["layers"] = jax.tree.map(_stack_leaves, *ordered, is_leaf=_is_box)
-    return out
-
-
-def _plain(tree: PyTree) -> PyTree:
-    """Nested FrozenDict/Mapping -> nested dict (leaves untouched)."""
-    if isinstance(tree, Mapping):
-        return {k: _plain(v) for k, v in tree.items()}
-    return tree

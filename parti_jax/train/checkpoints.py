@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from parti_jax.train.optimizers import path_str
+from parti_jax.train.optimizers import path_name
 from parti_jax.train.state import TrainState
 
 PyTree = Any
@@ -58,6 +58,11 @@ def _configure_array_handler() -> None:
     )
     type_handlers.register_type_handler(jax.Array, handler, override=True)
     _HANDLERS_SET = True
+
+
+def flat_tree(tree: PyTree) -> dict[str, Any]:
+    """{path name: leaf} of any pytree (dicts, optax states, lists)."""
+    return {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class CheckpointError(ValueError):
@@ -242,11 +247,9 @@ class Checkpointer:
         meta = state_metadata(self.directory / str(step) / "state")
         if meta is None:
             return
-        flat_meta = {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
-        flat_target = jax.tree_util.tree_flatten_with_path(target)[0]
+        flat_meta = flat_tree(meta)
         missing = []
-        for p, t in flat_target:
-            name = path_str(p)
+        for name, t in flat_tree(target).items():
             m = flat_meta.get(name)
             if m is None:
                 missing.append(name)
@@ -344,7 +347,7 @@ def restore_params_from(
     if meta is None or "params" not in meta:
         raise CheckpointError(f"{step_dir}: not a parti_jax checkpoint (no state/params)")
     pattern = re.compile(include) if include else None
-    flat_target = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat_target = flat_tree(params)
     wanted = [n for n in flat_target if pattern is None or pattern.search(n)]
     if not wanted:
         raise CheckpointError(f"restore_from include={include!r} matches no parameter")
@@ -352,9 +355,7 @@ def restore_params_from(
     ckpt_meta = {"params": meta["params"]}
     if convert is None:
         # Same layout: restore only the wanted arrays, straight onto their shardings.
-        flat_meta = {
-            path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(meta["params"])[0]
-        }
+        flat_meta = flat_tree(meta["params"])
         _check_warm_start(step_dir, wanted, flat_target, flat_meta, include)
         item = _subset_tree(meta["params"], set(wanted), flat_target)
         restored = ocp.PyTreeCheckpointer().restore(
@@ -365,9 +366,7 @@ def restore_params_from(
                 partial_restore=True,
             ),
         )["params"]
-        flat_restored = {
-            path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]
-        }
+        flat_restored = flat_tree(restored)
     else:
         host = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), ckpt_meta)
         restored = ocp.PyTreeCheckpointer().restore(
@@ -379,7 +378,7 @@ def restore_params_from(
             ),
         )["params"]
         converted = convert(restored)
-        flat_conv = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(converted)[0]}
+        flat_conv = flat_tree(converted)
         _check_warm_start(step_dir, wanted, flat_target, flat_conv, include)
         flat_restored = {
             n: jax.device_put(
@@ -391,7 +390,7 @@ def restore_params_from(
 
     names = [n for n in wanted if n in flat_restored]
     new_params = jax.tree_util.tree_map_with_path(
-        lambda p, x: flat_restored.get(path_str(p), x), params
+        lambda p, x: flat_restored.get(path_name(p), x), params
     )
     skipped = [n for n in flat_target if n not in flat_restored]
     log.info(

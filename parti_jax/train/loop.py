@@ -1,23 +1,34 @@
-"""The training loop shared by every trainer (encoder-decoder, VQGAN, upsampler).
+"""The one training loop: every trainer (encoder-decoder, ViT-VQGAN, upsampler) runs on it.
 
-A trainer supplies a pure step `step_fn(state, batch) -> (state, metrics)`;
-this module jits it once with shardings and state donation, feeds it global
-batches assembled from host-local numpy, and around it: metrics, periodic
-evaluation, a profiler window, non-finite-loss handling, checkpoints every K
-steps and at the end, and a final save when the job is told to stop (SIGTERM).
+A trainer validates its own settings, then
 
-Pieces a step function can reuse: `accumulate_gradients` (micro-batches with
-`lax.scan`), `keep_if_finite` (the 'skip' NaN policy without a host sync),
-and `make_train_step` (all of it for a single-optimizer loss).
+    run = loop.start_run(workdir, batch_size=..., mesh_config=..., rules=..., where="train")
+    task = loop.TrainTask(init=..., optimizer=..., step=..., data=..., batch_keys=...)
+    return loop.run_training(run, task, loop_config)
+
+`start_run` resolves the mesh, this host's data shard and the per-host batch;
+the trainer builds its model, step and data with them. `run_training` owns
+the rest: the checkpointer, init-or-restore (the data position included, and
+a warm start for a fresh run), the step jitted once with shardings and state
+donation, the NaN policy, metrics (metrics.jsonl, TensorBoard, the console),
+periodic and final evaluation, a profiler window, checkpoints every K steps
+and at the end, and the save when the job is told to stop (SIGTERM).
+`LoopConfig` holds the loop's settings; gin binds it once per trainer, e.g.
+`train.loop = @train/LoopConfig()` with `train/LoopConfig.num_steps = 1000`.
+
+Pieces a step function reuses: `accumulate_gradients` (micro-batches under
+`lax.scan`) and `keep_if_finite` (the 'skip' NaN policy without a host sync).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,14 +36,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from parti_jax import partitioning
 from parti_jax.train import distributed
 from parti_jax.train import metrics as metrics_lib
-from parti_jax.train.checkpoints import Checkpointer
-from parti_jax.train.state import TrainState, create_sharded_train_state, train_state_shardings
+from parti_jax.train.checkpoints import Checkpointer, DataShard
+from parti_jax.train.state import TrainState, sharded_train_state
+from parti_jax.workdir import check_workdir
 
 PyTree = Any
 LossFn = Callable[[PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
@@ -43,6 +54,71 @@ DATA_PARALLEL_MESH = partitioning.MeshConfig(data=-1, fsdp=1, tensor=1, rules="d
 
 class NonFiniteLossError(RuntimeError):
     """Raised by the loop ('stop' policy) at the first step whose loss is NaN/Inf."""
+
+
+# ------------------------------------------------------------------ settings
+
+
+def _check_int(where: str, value: Any, low: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        none = " or None" if optional else ""
+        raise ValueError(f"{where}={value!r} must be an integer >= {low}{none}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How long and how a trainer runs: steps, cadences, checkpoints, NaN policy, seed."""
+
+    # Total optimizer steps; a resumed run continues up to it.
+    num_steps: int
+    # Parameters, dropout and data order are drawn from it.
+    seed: int = 0
+    # Metrics are fetched from the devices and written every this many steps.
+    log_every: int = 50
+    # Evaluate every this many steps (None: never; trainers without an eval ignore it).
+    eval_every: int | None = None
+    # Save a checkpoint every this many steps (and always at the end).
+    checkpoint_every: int = 1000
+    # Newest checkpoints kept.
+    keep_checkpoints: int = 3
+    # Write checkpoints in the background while training goes on.
+    async_checkpoints: bool = True
+    # 'stop': raise naming the first step whose loss is not finite; 'skip': drop that update.
+    nan_policy: str = "stop"
+    # (first, last) step of a profiler trace written to <workdir>/profile.
+    profile_steps: tuple[int, int] | None = None
+    # TensorBoard event files in <workdir>/tensorboard (metrics.jsonl is always written).
+    tensorboard: bool = True
+    # Resume with another number of data shards by starting a fresh data order.
+    allow_data_reshuffle: bool = False
+    # Write a hash of each host-local batch to data_hash.process_<i>.jsonl (data-order checks).
+    log_data_hash: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("LoopConfig.num_steps", self.num_steps, 1)
+        _check_int("LoopConfig.seed", self.seed, 0)
+        _check_int("LoopConfig.log_every", self.log_every, 1)
+        _check_int("LoopConfig.eval_every", self.eval_every, 1, optional=True)
+        _check_int("LoopConfig.checkpoint_every", self.checkpoint_every, 1)
+        _check_int("LoopConfig.keep_checkpoints", self.keep_checkpoints, 1)
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(
+                f"LoopConfig.nan_policy={self.nan_policy!r}: expected one of {NAN_POLICIES}"
+            )
+        if self.profile_steps is not None:
+            p = tuple(self.profile_steps)
+            if (
+                len(p) != 2
+                or any(isinstance(s, bool) or not isinstance(s, int) for s in p)
+                or (not 0 <= p[0] < p[1])
+            ):
+                raise ValueError(
+                    f"LoopConfig.profile_steps={self.profile_steps!r} must be (first, last) "
+                    "steps with 0 <= first < last"
+                )
+            object.__setattr__(self, "profile_steps", p)
 
 
 # --------------------------------------------------------- step-side pieces
@@ -125,61 +201,52 @@ def keep_if_finite(ok: jax.Array, new_state: TrainState, old_state: TrainState) 
     )
 
 
-def make_train_step(
-    loss_fn: LossFn,
-    *,
-    num_micro_batches: int = 1,
-    nan_policy: str = "stop",
-    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
-    rng_name: str = "dropout",
-) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
-    """A pure `step(state, batch) -> (state, metrics)` for one optimizer.
-
-    metrics: loss, grad_norm (before clipping), learning_rate (if a schedule
-    is given), the loss_fn's aux values, and `skipped` (1 when the 'skip'
-    policy dropped the update).
-    """
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
-
-    def step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict]:
-        rng = state.step_rng(rng_name)
-        loss, aux, grads = accumulate_gradients(
-            loss_fn, state.params, batch, rng, num_micro_batches
-        )
-        grad_norm = optax.tree.norm(grads)
-        new_state = state.apply_gradients(grads)
-        out = {"loss": loss, "grad_norm": grad_norm, **aux}
-        if learning_rate_fn is not None:
-            out["learning_rate"] = learning_rate_fn(state.step)
-        if nan_policy == "skip":
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            new_state = keep_if_finite(ok, new_state, state)
-            out["skipped"] = 1.0 - ok.astype(jnp.float32)
-        return new_state, out
-
-    return step
+# --------------------------------------------------------------- the run
 
 
-# --------------------------------------------------------- host-side pieces
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Where a training run happens: work dir, mesh and rules, this host's data shard."""
 
+    workdir: Path
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    batch_size: int  # global, all hosts together
+    shard: DataShard  # this host's data shard and whether it writes the shard's position
 
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Leading (batch) dim split over the mesh's batch axes ('data', 'fsdp')."""
-    axes = tuple(a for a in partitioning.BATCH_MESH_AXES if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(axes))
+    @property
+    def local_batch(self) -> int:
+        """Rows this host reads per step."""
+        return self.batch_size // self.shard.count
 
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return partitioning.batch_sharding(self.mesh)
 
-def make_global_batch(
-    local_batch: Mapping[str, np.ndarray], sharding: NamedSharding, num_data_shards: int
-) -> dict[str, jax.Array]:
-    """Global jax arrays from this host's rows (`num_data_shards` hosts' worth of rows)."""
-    out = {}
-    for k, v in local_batch.items():
-        v = np.asarray(v)
-        global_shape = (v.shape[0] * num_data_shards,) + v.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
-    return out
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def is_primary(self) -> bool:
+        return jax.process_index() == 0
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Global jax arrays from this host's rows."""
+        sharding, n = self.batch_sharding, self.shard.count
+        return {
+            k: jax.make_array_from_process_local_data(
+                sharding, np.asarray(v), (np.shape(v)[0] * n, *np.shape(v)[1:])
+            )
+            for k, v in local.items()
+        }
+
+    def write_json(self, name: str, content: Any) -> None:
+        """`<workdir>/<name>` from process 0 (written whole, then renamed into place)."""
+        if self.is_primary:
+            tmp = self.workdir / f"{name}.tmp"
+            tmp.write_text(json.dumps(content, indent=2, default=str) + "\n")
+            tmp.replace(self.workdir / name)
 
 
 def resolve_mesh(
@@ -202,62 +269,167 @@ def resolve_mesh(
     return mesh, tuple(tuple(r) for r in rules)
 
 
-def init_or_restore_state(
-    checkpointer: Checkpointer,
-    init_fn: Callable,
-    tx: Any,
+def start_run(
+    workdir: str | Path,
     *,
-    mesh: jax.sharding.Mesh,
-    rules: Any,
-    seed: int,
-    data_iterator: Any,
-    allow_data_reshuffle: bool = False,
-    remake_data: Callable[[int], Any] | None = None,
-) -> tuple[TrainState, TrainState, Any, bool]:
-    """(state, state_shardings, data_iterator, resumed): the latest checkpoint, or a new state.
+    batch_size: int,
+    mesh_config: Any = None,
+    rules: Any = None,
+    default_mesh: partitioning.MeshConfig = DATA_PARALLEL_MESH,
+    where: str = "train",
+) -> Run:
+    """Checks the work dir, builds the mesh and finds this host's data shard.
+
+    The global `batch_size` must divide over the data shards (hosts) and over
+    the devices of the batch axes; the errors name `<where>.batch_size`.
+    """
+    workdir = check_workdir(workdir)
+    _check_int(f"{where}.batch_size", batch_size, 1)
+    mesh, rules = resolve_mesh(mesh_config, rules, default_mesh)
+    index, count, writer = distributed.data_shard(mesh)
+    devices = partitioning.batch_devices(mesh)
+    for n, what in ((count, "data shards (hosts)"), (devices, "data x fsdp devices")):
+        if batch_size % n:
+            raise ValueError(
+                f"{where}.batch_size={batch_size} does not divide over the mesh's {n} {what}; "
+                f"choose a multiple of {n}"
+            )
+    return Run(workdir, mesh, rules, batch_size, DataShard(index, count, writer))
+
+
+@dataclasses.dataclass
+class TrainTask:
+    """What a trainer supplies to `run_training`; everything else is the loop's."""
+
+    # key -> logically boxed variables (`model.init`); {group: variables} with several optimizers.
+    init: Callable[[jax.Array], PyTree]
+    # optax transformation, or {group: transformation} (one per parameter group).
+    optimizer: Any
+    # Pure `step(state, batch, *constants) -> (state, metrics)`; metrics hold 'loss' and
+    # 'grad_norm' (the 'skip' NaN policy tests them).
+    step: Callable[..., tuple[TrainState, dict]]
+    # Keys of a batch that reach the device.
+    batch_keys: tuple[str, ...]
+    # seed -> iterator of host-local training batches (`run.local_batch` rows each).
+    data: Callable[[int], Iterator[Mapping[str, np.ndarray]]] | None = None
+    # Extra step arguments, replicated on every device (e.g. LPIPS weights).
+    constants: tuple = ()
+    # step -> learning rate, logged as 'learning_rate'.
+    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None
+    # (state, step) -> {name: scalar or uint8 [H, W, 3] image}, logged as eval/<name>
+    # every LoopConfig.eval_every steps.
+    evaluate: Callable[[TrainState, int], Mapping[str, float]] | None = None
+    # Also evaluate after the last step when that step is off the eval cadence.
+    evaluate_at_end: bool = False
+    # Applied to a freshly initialised state (never on resume), e.g. a warm start.
+    warm_start: Callable[[TrainState], TrainState] | None = None
+    # Called on every process whenever a checkpoint save starts (e.g. to rewrite a meta file).
+    on_save: Callable[[int, TrainState], None] | None = None
+    # For throughput and MFU: rows per step is the batch size; tokens and FLOPs per step.
+    tokens_per_step: int = 0
+    flops_per_step: float | None = None
+    peak_flops: float | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    step: int
+    status: str  # 'done' | 'preempted' | 'data_exhausted'
+    last_metrics: dict[str, float]
+    records: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. a codebook hash
+
+
+def run_training(run: Run, task: TrainTask, config: LoopConfig) -> TrainResult:
+    """Trains `task` from its latest checkpoint in `run.workdir` (or from scratch) to
+    `config.num_steps`; see the module docstring."""
+    checkpointer = Checkpointer(
+        run.workdir,
+        save_interval_steps=config.checkpoint_every,
+        max_to_keep=config.keep_checkpoints,
+        async_save=config.async_checkpoints,
+        data_shard=run.shard,
+    )
+    writer = metrics_lib.MetricWriter(
+        run.workdir, tensorboard=config.tensorboard, is_primary=run.is_primary
+    )
+    try:
+        data = task.data(config.seed)
+        state, shardings, data = _init_or_restore(run, task, config, checkpointer, data)
+        step_fn = compile_step(task, shardings, config.nan_policy)
+        with jax.set_mesh(run.mesh), _logical_rules(run.rules):
+            return _loop(run, task, config, checkpointer, writer, state, step_fn, data)
+    finally:
+        writer.close()
+        checkpointer.close()
+
+
+def _logical_rules(rules: tuple) -> Any:
+    import flax.linen as nn
+
+    return nn.logical_axis_rules(rules)
+
+
+def _init_or_restore(
+    run: Run, task: TrainTask, config: LoopConfig, checkpointer: Checkpointer, data: Any
+) -> tuple[TrainState, TrainState, Any]:
+    """(state, state shardings, data): the latest checkpoint, or a new (warm-started) state.
 
     A resume restores straight into the shardings (nothing is initialised
-    first) along with the data position. When the data position could not be
-    restored because the number of data shards changed and
-    `allow_data_reshuffle` is set, `remake_data(step)` gives a fresh iterator.
-    Parameters are drawn from `PRNGKey(seed)`, the state's key is its fold-in 1.
+    first) along with the data position; when that position was saved for
+    another number of data shards and `allow_data_reshuffle` is set, the data
+    starts a fresh order seeded by the step. Parameters are drawn from
+    `PRNGKey(seed)`, the state's key is its fold-in 1.
     """
-    key = jax.random.PRNGKey(seed)
-    init_kw = dict(mesh=mesh, rules=rules, rng=jax.random.fold_in(key, 1), init_rng=key)
-    if checkpointer.latest_step() is None:
-        state, state_shardings = create_sharded_train_state(init_fn, tx, **init_kw)
-        return state, state_shardings, data_iterator, False
-    abstract, state_shardings = train_state_shardings(init_fn, tx, **init_kw)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract,
-        state_shardings,
+    key = jax.random.PRNGKey(config.seed)
+    fresh = checkpointer.latest_step() is None
+    state, shardings = sharded_train_state(
+        task.init,
+        task.optimizer,
+        mesh=run.mesh,
+        rules=run.rules,
+        rng=jax.random.fold_in(key, 1),
+        init_rng=key,
+        abstract=not fresh,
     )
+    if fresh:
+        if task.warm_start is not None:
+            state = task.warm_start(state)
+        return state, shardings, data
     state, data_restored = checkpointer.restore(
-        target, data_iterator=data_iterator, allow_data_reshuffle=allow_data_reshuffle
+        state, data_iterator=data, allow_data_reshuffle=config.allow_data_reshuffle
     )
     step = int(jax.device_get(state.step))
-    if not data_restored and allow_data_reshuffle and remake_data is not None:
-        data_iterator = remake_data(step)
+    if not data_restored and config.allow_data_reshuffle:
+        data = task.data(config.seed + step)
     metrics_lib.console(f"resumed from {checkpointer.directory}/{step}")
-    return state, state_shardings, data_iterator, True
+    return state, shardings, data
 
 
-def compile_step(
-    step_fn: Callable,
-    state_shardings: TrainState,
-    batch_shardings: Any,
-    *,
-    donate: bool = True,
-) -> Callable:
-    """jit once with explicit in/out shardings; the state's buffers are donated."""
-    mesh = jax.tree.leaves(state_shardings)[0].mesh
+def compile_step(task: TrainTask, shardings: TrainState, nan_policy: str = "stop") -> Any:
+    """The task's step with the learning rate and the NaN policy, jitted with explicit
+    shardings (the batch on the mesh's batch axes, constants replicated); the state's
+    buffers are donated. The trainers, the memory planner and the benchmark use it."""
+    mesh = jax.tree.leaves(shardings)[0].mesh
     replicated = NamedSharding(mesh, PartitionSpec())
+
+    def step(state: TrainState, batch: PyTree, *constants: Any) -> tuple[TrainState, dict]:
+        new_state, metrics = task.step(state, batch, *constants)
+        metrics = dict(metrics)
+        if task.learning_rate_fn is not None:
+            metrics["learning_rate"] = task.learning_rate_fn(state.step)
+        if nan_policy == "skip":
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            new_state = keep_if_finite(ok, new_state, state)
+            metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+        return new_state, metrics
+
+    batch = {k: partitioning.batch_sharding(mesh) for k in task.batch_keys}
     return jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,) if donate else (),
+        step,
+        in_shardings=(shardings, batch, *(replicated,) * len(task.constants)),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
     )
 
 
@@ -304,55 +476,52 @@ def _any_process(flag: bool) -> bool:
     return bool(np.max(flags))
 
 
-@dataclasses.dataclass
-class LoopResult:
-    state: TrainState
-    step: int
-    status: str  # 'done' | 'preempted' | 'data_exhausted'
-    last_metrics: dict[str, float]
+def batch_hash(local: Mapping[str, np.ndarray]) -> int:
+    """CRC of a host-local batch (24 bits: exactly representable in metrics.jsonl)."""
+    h = 0
+    for k in sorted(local):
+        h = zlib.crc32(np.ascontiguousarray(local[k]).tobytes(), h)
+    return h & 0xFFFFFF
 
 
-def run(
-    *,
-    train_step: Callable[[TrainState, PyTree], tuple[TrainState, dict]],
+def _loop(
+    run: Run,
+    task: TrainTask,
+    config: LoopConfig,
+    checkpointer: Checkpointer,
+    writer: metrics_lib.MetricWriter,
     state: TrainState,
-    data_iterator: Iterator[Mapping[str, np.ndarray]],
-    batch_sharding: NamedSharding,
-    num_data_shards: int,
-    num_steps: int,
-    workdir: str | Path,
-    checkpointer: Checkpointer | None = None,
-    writer: metrics_lib.MetricWriter | None = None,
-    throughput: metrics_lib.Throughput | None = None,
-    log_every: int = 50,
-    eval_every: int | None = None,
-    eval_fn: Callable[[TrainState, int], Mapping[str, float]] | None = None,
-    profile_steps: tuple[int, int] | None = None,
-    nan_policy: str = "stop",
-    stop_check_every: int = 10,
-    batch_hook: Callable[[int, Mapping[str, np.ndarray]], Mapping[str, float]] | None = None,
-) -> LoopResult:
-    """Runs `train_step` from `state.step` to `num_steps`.
+    step_fn: Any,
+    data: Iterator[Mapping[str, np.ndarray]],
+) -> TrainResult:
+    """Runs the jitted step from `state.step` to `num_steps`.
 
-    `train_step` is already jitted (see `compile_step`). Metrics of every
-    step stay on device until a log point (every `log_every` steps, at
-    checkpoints and at the end), where they are fetched together; the 'stop'
-    policy then raises NonFiniteLossError naming the first bad step, before
-    any checkpoint of a poisoned state is written. `batch_hook(step, local)`
-    may add host-side scalars (e.g. a hash of the host-local batch).
+    Metrics of every step stay on the devices until a log point (every
+    `log_every` steps, at checkpoints and at the end), where they are fetched
+    together; the 'stop' policy then raises NonFiniteLossError naming the
+    first bad step, before any checkpoint of a poisoned state is written.
     """
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
-    step = int(jax.device_get(state.step))
-    start_step = step
+    num_steps, workdir = config.num_steps, run.workdir
+    step = start_step = int(jax.device_get(state.step))
     pending: list[tuple[int, dict, dict]] = []
     last: dict[str, float] = {}
     skipped_total = 0
     profiling = False
     status = "done"
-    if throughput is not None:
-        throughput.reset(step)
+    throughput = metrics_lib.Throughput(
+        examples_per_step=run.batch_size,
+        tokens_per_step=task.tokens_per_step,
+        flops_per_step=task.flops_per_step,
+        num_devices=run.mesh.size,
+        peak_flops=metrics_lib.device_peak_flops(jax.devices()[0].device_kind, task.peak_flops),
+    )
+    throughput.reset(step)
     t_start = time.perf_counter()
+    hash_file = None
+    if config.log_data_hash:
+        name = f"data_hash.process_{jax.process_index()}.jsonl"
+        hash_file = open(workdir / name, "a", buffering=1)  # noqa: SIM115
+    constants = tuple(jax.device_put(c, run.replicated) for c in task.constants)
 
     def flush() -> None:
         nonlocal pending, last, skipped_total
@@ -361,119 +530,130 @@ def run(
         fetched = jax.device_get([m for _, m, _ in pending])
         for (s, _, _), m in zip(pending, fetched):
             loss = float(m.get("loss", 0.0))
-            if not math.isfinite(loss) and nan_policy == "stop":
+            if not math.isfinite(loss) and config.nan_policy == "stop":
                 raise NonFiniteLossError(
-                    f"step {s}: loss is {loss}; stopping (nan_policy='stop'; use "
+                    f"step {s}: loss is {loss}; stopping (LoopConfig.nan_policy='stop'; use "
                     "nan_policy='skip' to drop such updates, or lower the learning rate)"
                 )
             skipped_total += int(round(float(m.get("skipped", 0.0))))
         s_last, _, host_last = pending[-1]
         scalars = {k: float(v) for k, v in fetched[-1].items()}
         scalars.update(host_last)
-        if nan_policy == "skip":
+        if config.nan_policy == "skip":
             scalars["skipped_steps"] = float(skipped_total)
-        if throughput is not None:
-            scalars.update(throughput.measure(s_last))
-        eta = None
-        if "seconds_per_step" in scalars:
-            eta = scalars["seconds_per_step"] * (num_steps - s_last)
-        if writer is not None:
-            writer.write(s_last, scalars)
+        scalars.update(throughput.measure(s_last))
+        eta = scalars.get("seconds_per_step", math.nan) * (num_steps - s_last)
+        writer.write_scalars(s_last, scalars)
         metrics_lib.console(metrics_lib.progress_line(s_last, num_steps, scalars, eta))
         last = scalars
         pending = []
 
-    with StopSignal() as stop:
-        while step < num_steps:
-            if profile_steps and step == profile_steps[0] and not profiling:
-                jax.profiler.start_trace(str(Path(workdir) / "profile"))
-                profiling = True
-            try:
-                local = next(data_iterator)
-            except StopIteration:
-                metrics_lib.console(f"step {step}: the data iterator is exhausted; stopping")
-                status = "data_exhausted"
-                break
-            host_scalars = dict(batch_hook(step + 1, local)) if batch_hook else {}
-            batch = make_global_batch(local, batch_sharding, num_data_shards)
-            if step == start_step and jax.process_count() > 1 and hasattr(train_step, "lower"):
-                # Compile ahead of the first run, then wait for every process,
-                # so no process sits in a collective while another compiles.
-                train_step = train_step.lower(state, batch).compile()
-                distributed.barrier(f"step_compiled_{start_step}")
-            state, step_metrics = train_step(state, batch)
-            step += 1
-            pending.append((step, step_metrics, host_scalars))
+    def evaluate(at: int) -> None:
+        flush()
+        out = task.evaluate(state, at)
+        writer.write_images(at, {f"eval/{k}": v for k, v in out.items() if np.ndim(v) == 3})
+        scores = {f"eval/{k}": float(v) for k, v in out.items() if np.ndim(v) == 0}
+        writer.write_scalars(at, scores)
+        metrics_lib.console(
+            f"step {at} eval: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items())
+        )
 
-            if profiling and step >= profile_steps[1]:
+    def save(at: int) -> None:
+        if checkpointer.save(at, state, data) and task.on_save is not None:
+            task.on_save(at, state)
+
+    try:
+        with StopSignal() as stop:
+            while step < num_steps:
+                if config.profile_steps and step == config.profile_steps[0] and not profiling:
+                    jax.profiler.start_trace(str(workdir / "profile"))
+                    profiling = True
+                try:
+                    local = next(data)
+                except StopIteration:
+                    metrics_lib.console(f"step {step}: the data iterator is exhausted; stopping")
+                    status = "data_exhausted"
+                    break
+                missing = [k for k in task.batch_keys if k not in local]
+                if missing:
+                    raise ValueError(
+                        f"the data iterator's batch lacks {missing}; expected {task.batch_keys}"
+                    )
+                local = {k: local[k] for k in task.batch_keys}
+                host_scalars = {}
+                if hash_file is not None:
+                    h = batch_hash(local)
+                    record = {"step": step + 1, "data_hash": h, "shard": run.shard.index}
+                    hash_file.write(json.dumps(record) + "\n")
+                    host_scalars["data_hash"] = float(h)
+                batch = run.global_batch(local)
+                if step == start_step and jax.process_count() > 1:
+                    # Compile ahead of the first run, then wait for every process,
+                    # so no process sits in a collective while another compiles.
+                    step_fn = step_fn.lower(state, batch, *constants).compile()
+                    distributed.barrier(f"step_compiled_{start_step}")
+                state, step_metrics = step_fn(state, batch, *constants)
+                step += 1
+                pending.append((step, step_metrics, host_scalars))
+
+                if profiling and step >= config.profile_steps[1]:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
+                    profiling = False
+                will_save = checkpointer.should_save(step) or step == num_steps
+                if step % config.log_every == 0 or will_save:
+                    flush()
+                if (
+                    task.evaluate is not None
+                    and config.eval_every
+                    and step % config.eval_every == 0
+                ):
+                    evaluate(step)
+                if will_save:
+                    save(step)
+                check = jax.process_count() == 1 or step % 10 == 0 or will_save
+                if check and _any_process(stop.requested) and step < num_steps:
+                    flush()
+                    status = "preempted"
+                    save(step)
+                    break
+            flush()
+            if profiling:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
-                profiling = False
-            will_save = checkpointer is not None and (
-                checkpointer.should_save(step) or step == num_steps
-            )
-            if step % log_every == 0 or step == num_steps or will_save:
-                flush()
-            if eval_fn is not None and eval_every and step % eval_every == 0:
-                flush()
-                scores = {f"eval/{k}": float(v) for k, v in eval_fn(state, step).items()}
-                if writer is not None:
-                    writer.write(step, scores)
-                metrics_lib.console(
-                    f"step {step} eval: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items())
-                )
-            if will_save:
-                checkpointer.save(step, state, data_iterator)
-            check = jax.process_count() == 1 or step % stop_check_every == 0 or will_save
-            if check and _any_process(stop.requested) and step < num_steps:
-                flush()
-                status = "preempted"
-                if checkpointer is not None:
-                    checkpointer.save(step, state, data_iterator)
-                break
-        flush()
-        if profiling:
-            jax.block_until_ready(state)
-            jax.profiler.stop_trace()
-        if checkpointer is not None:
             if status == "data_exhausted":
-                checkpointer.save(step, state, data_iterator)
+                save(step)
+            if (
+                task.evaluate is not None
+                and task.evaluate_at_end
+                and status == "done"
+                and not (config.eval_every and step % config.eval_every == 0)
+            ):
+                evaluate(step)
             checkpointer.wait_until_finished()
-    if writer is not None:
-        writer.flush()
+    finally:
+        if hash_file is not None:
+            hash_file.close()
+    writer.flush()
     elapsed = time.perf_counter() - t_start
     metrics_lib.console(f"{status}: step {step} ({step - start_step} steps in {elapsed:.1f}s)")
-    return LoopResult(state=state, step=step, status=status, last_metrics=last)
+    return TrainResult(state=state, step=step, status=status, last_metrics=last)
 
 
-def run_session(
-    *,
-    mesh: jax.sharding.Mesh,
-    rules: Any,
-    workdir: str | Path,
-    checkpointer: Checkpointer,
-    tensorboard: bool | None = None,
-    finish: Callable[[LoopResult, metrics_lib.MetricWriter], None] | None = None,
-    **run_kwargs: Any,
-) -> LoopResult:
-    """`run` inside the mesh and its rules, with a metric writer; closes writer and checkpointer.
-
-    The trainers' common frame: a `MetricWriter` on `workdir` (process 0
-    writes), `run(**run_kwargs)`, then `finish(result, writer)` (e.g. a final
-    evaluation) still inside the mesh; the writer and checkpointer are closed
-    even when the run fails.
-    """
-    import flax.linen as nn
-
-    writer = metrics_lib.MetricWriter(
-        workdir, tensorboard=tensorboard, is_primary=jax.process_index() == 0
-    )
-    try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            result = run(workdir=workdir, checkpointer=checkpointer, writer=writer, **run_kwargs)
-            if finish is not None:
-                finish(result, writer)
-    finally:
-        writer.close()
-        checkpointer.close()
-    return result
+def evaluate_sums(
+    run: Run,
+    sums_fn: Callable[[PyTree, dict[str, jax.Array]], Mapping[str, jax.Array]],
+    params: PyTree,
+    batches: Iterator[Mapping[str, np.ndarray]],
+    num_batches: int,
+) -> dict[str, float]:
+    """Totals of `sums_fn(params, global batch)` over up to `num_batches` batches."""
+    totals: dict[str, float] = {}
+    for _ in range(num_batches):
+        try:
+            local = next(batches)
+        except StopIteration:
+            break
+        for k, v in jax.device_get(sums_fn(params, run.global_batch(local))).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return totals

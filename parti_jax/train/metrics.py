@@ -1,18 +1,15 @@
-"""Metric writing (metrics.jsonl always, TensorBoard when TF is loaded), throughput and MFU.
+"""Metric writing (metrics.jsonl and TensorBoard), throughput and MFU.
 
 `<workdir>/metrics.jsonl` gets one JSON object per logged step
 (`{"step": 100, "loss": 2.3, ...}`) and one per evaluation (`{"step": 500,
 "eval/loss": ...}`); the demo report draws loss curves from it and the resume
-test compares it line by line. TensorBoard summaries are
-written through clu when TensorFlow is already loaded in the process (the
-SeqIO input pipeline loads it) or when asked for explicitly; the trainer never
-imports TensorFlow just to log.
+test compares it line by line. TensorBoard gets the same scalars and image
+summaries (tensorboardX: no TensorFlow needed).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import sys
@@ -21,9 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from parti_jax import devices
+import numpy as np
 
-log = logging.getLogger(__name__)
+from parti_jax import devices
 
 
 # Dense bf16 peak FLOP/s per device (no sparsity).
@@ -40,32 +37,46 @@ def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int, peak: 
 
 
 class MetricWriter:
-    """Writes scalars to `<workdir>/metrics.jsonl` (process 0 only) and optionally TensorBoard."""
+    """Scalars to `<workdir>/metrics.jsonl`, scalars and images to TensorBoard (process 0 only).
+
+    TensorBoard event files (`<workdir>/tensorboard`) are written with
+    tensorboardX, which needs no TensorFlow; `tensorboard=False` turns them off.
+    """
 
     def __init__(
         self,
         workdir: str | Path,
         *,
-        tensorboard: bool | None = None,
+        tensorboard: bool = True,
         is_primary: bool = True,
         filename: str = "metrics.jsonl",
     ) -> None:
         self.is_primary = is_primary
         self.path = Path(workdir) / filename
-        if is_primary:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1) if is_primary else None  # noqa: SIM115
-        self._tb = None
-        if is_primary and (tensorboard or (tensorboard is None and "tensorflow" in sys.modules)):
-            self._tb = _tensorboard_writer(Path(workdir) / "tensorboard")
+        self._file = self._tb = None
+        if not is_primary:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
+        if tensorboard:
+            from tensorboardX import SummaryWriter
 
-    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-        if not self.is_primary:
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), flush_secs=30)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if self._file is None:
             return
         clean = {k: _to_float(v) for k, v in scalars.items()}
         self._file.write(json.dumps({"step": int(step), **clean}, allow_nan=True) + "\n")
         if self._tb is not None:
-            self._tb.write_scalars(int(step), clean)
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, int(step))
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """uint8 [H, W, 3] images (e.g. sample grids) as TensorBoard image summaries."""
+        if self._tb is not None:
+            for k, image in images.items():
+                self._tb.add_image(k, np.asarray(image), int(step), dataformats="HWC")
 
     def flush(self) -> None:
         if self._file is not None:
@@ -76,26 +87,15 @@ class MetricWriter:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-            self._file = None
         if self._tb is not None:
             self._tb.close()
-            self._tb = None
+        self._file = self._tb = None
 
 
 def _to_float(v: Any) -> float | int:
     if isinstance(v, int | bool):
         return int(v)
     return float(v)
-
-
-def _tensorboard_writer(logdir: Path) -> Any:
-    try:
-        from parti_jax.data import summaries  # noqa: PLC0415 - TensorFlow lives in parti_jax.data
-
-        return summaries.tensorboard_writer(logdir)
-    except Exception as e:  # noqa: BLE001 - TensorBoard is optional.
-        log.warning("TensorBoard summaries disabled (%s)", e)
-        return None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

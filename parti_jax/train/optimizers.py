@@ -28,9 +28,9 @@ Muon (`name='muon'`; Jordan et al. 2024, not in the Parti paper) replaces the
 scale step for the encoder-decoder's weight matrices: the attention
 projections (query / key / value / out) and the MLP kernels get Nesterov
 momentum (β = muon_beta), orthogonalised by Newton-Schulz iterations
-(matrices of one shape batched together), then scaled to an RMS of
-`muon_update_rms` (Liu et al. 2025, "Muon is Scalable": at 0.2 about
-AdamW's, so one learning rate serves both). Every other parameter
+(`optax.contrib.scale_by_muon`), then scaled to an RMS of `muon_update_rms`
+(Liu et al. 2025, "Muon is Scalable": at 0.2 about AdamW's, so one learning
+rate serves both). Every other parameter
 (embeddings, the output projection, norms, biases) gets Adam with beta1 /
 beta2. Decay and the schedule follow as for the other optimizers.
 
@@ -55,9 +55,12 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from parti_jax.train import schedules
-
 PyTree = Any
+
+
+def path_name(path: tuple) -> str:
+    """'encoder/layers_0/mlp/wi/kernel': a key path's names joined by '/'."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,27 +128,49 @@ class OptimizerConfig:
         return cls(**base)
 
 
-def learning_rate_fn(config: OptimizerConfig) -> schedules.Schedule:
-    """The schedule named by `config.schedule`."""
-    if config.schedule == "parti":
-        return schedules.parti_schedule(
-            config.learning_rate,
-            warmup_steps=config.warmup_steps,
-            decay_start_step=config.decay_start_step,
-            decay_end_step=config.decay_end_step,
-            final_ratio=config.final_lr_ratio,
+def learning_rate_fn(config: OptimizerConfig) -> optax.Schedule:
+    """The schedule named by `config.schedule` (of the update count, as optax counts).
+
+    'parti': linear warm-up to `learning_rate`, constant, then exponential decay
+    to `learning_rate * final_lr_ratio` from decay_start_step to decay_end_step;
+    'cosine': warm-up, then a cosine to the final rate at decay_end_step;
+    'constant': warm-up, then constant. The final rate holds afterwards.
+    """
+    c, peak = config, config.learning_rate
+    final = peak * c.final_lr_ratio
+    if c.schedule == "parti":
+        if not (c.warmup_steps <= c.decay_start_step < c.decay_end_step) or not (
+            0.0 < c.final_lr_ratio <= 1.0
+        ):
+            raise ValueError(
+                "OptimizerConfig: schedule 'parti' needs warmup_steps <= decay_start_step < "
+                f"decay_end_step and 0 < final_lr_ratio <= 1; got warmup_steps={c.warmup_steps}, "
+                f"decay_start_step={c.decay_start_step}, decay_end_step={c.decay_end_step}, "
+                f"final_lr_ratio={c.final_lr_ratio}"
+            )
+        return optax.warmup_exponential_decay_schedule(
+            0.0,
+            peak,
+            c.warmup_steps,
+            transition_steps=c.decay_end_step - c.decay_start_step,
+            decay_rate=c.final_lr_ratio,
+            transition_begin=c.decay_start_step - c.warmup_steps,
+            end_value=final,
         )
-    if config.schedule == "cosine":
-        return schedules.warmup_cosine_schedule(
-            config.learning_rate,
-            warmup_steps=config.warmup_steps,
-            total_steps=config.decay_end_step,
-            final_ratio=config.final_lr_ratio,
+    if c.schedule == "cosine":
+        if c.decay_end_step <= c.warmup_steps:
+            raise ValueError(
+                "OptimizerConfig: schedule 'cosine' needs decay_end_step > warmup_steps; got "
+                f"decay_end_step={c.decay_end_step}, warmup_steps={c.warmup_steps}"
+            )
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, c.warmup_steps, c.decay_end_step, final
         )
-    if config.schedule == "constant":
-        return schedules.constant_schedule(config.learning_rate, warmup_steps=config.warmup_steps)
+    if c.schedule == "constant":
+        warmup = optax.linear_schedule(0.0, peak, c.warmup_steps)
+        return optax.join_schedules([warmup, optax.constant_schedule(peak)], [c.warmup_steps])
     raise ValueError(
-        f"OptimizerConfig.schedule={config.schedule!r}: expected 'parti', 'cosine' or 'constant'"
+        f"OptimizerConfig.schedule={c.schedule!r}: expected 'parti', 'cosine' or 'constant'"
     )
 
 
@@ -207,91 +232,18 @@ def muon_matrix_axes(path: str, ndim: int) -> tuple[tuple[int, ...], tuple[int, 
     return None
 
 
-class MuonState(NamedTuple):
-    momentum: PyTree  # per Muon matrix, the parameter's shape
-
-
-# Newton-Schulz quintic coefficients (Jordan et al.): five iterations push
-# every singular value of a normalised matrix into ~[0.7, 1.2].
-_NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
-
-def orthogonalise(x: jax.Array, steps: int = 5) -> jax.Array:
-    """[..., m, n] -> the nearest semi-orthogonal matrices (approximately), by Newton-Schulz."""
-    a, b, c = _NS_COEFFS
-    wide = x.shape[-2] <= x.shape[-1]
-    if not wide:
-        x = jnp.swapaxes(x, -1, -2)
-    x = x / (jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + 1e-7)
-    for _ in range(steps):
-        gram = x @ jnp.swapaxes(x, -1, -2)
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x if wide else jnp.swapaxes(x, -1, -2)
-
-
-def _as_matrices(path: tuple, u: jax.Array) -> tuple[jax.Array, Callable, int]:
-    """u -> ([batch, fan_in, fan_out], its inverse, max(fan_in, fan_out))."""
-    reduction, output = muon_matrix_axes(path_str(path), u.ndim)
-    reduction = tuple(a % u.ndim for a in reduction)
-    output = tuple(a % u.ndim for a in output)
-    batch = tuple(a for a in range(u.ndim) if a not in reduction + output)
-    order = batch + reduction + output
-    moved = [u.shape[a] for a in order]
-    fan_in = int(np.prod([u.shape[a] for a in reduction]))
-    fan_out = int(np.prod([u.shape[a] for a in output]))
-    flat = u.transpose(order).reshape(-1, fan_in, fan_out)
-    inverse = np.argsort(order)
-
-    def back(m: jax.Array) -> jax.Array:
-        return m.reshape(moved).transpose(inverse)
-
-    return flat, back, max(fan_in, fan_out)
-
-
-def _muon_matrices(beta: float, update_rms: float, ns_steps: int) -> optax.GradientTransformation:
-    """Nesterov momentum, orthogonalised, scaled to RMS `update_rms`, for the Muon matrices.
-
-    Matrices of one shape go through Newton-Schulz together: one batched
-    product per iteration instead of one per parameter (in the shapes demo's
-    CPU loop 0.51 s per step against 0.54 s for optax.contrib's per-matrix
-    Muon; the rest of Muon's cost is the iterations' arithmetic, BENCHMARKS.md).
-    """
-
-    def init_fn(params):
-        return MuonState(momentum=jax.tree.map(jnp.zeros_like, params))
-
-    def update_fn(updates, state, params=None):
-        del params
-        momentum = jax.tree.map(lambda m, g: beta * m + (1.0 - beta) * g, state.momentum, updates)
-        nesterov = jax.tree.map(lambda m, g: beta * m + (1.0 - beta) * g, momentum, updates)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(nesterov)
-        mats = [_as_matrices(path, u) for path, u in leaves]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (flat, _, _) in enumerate(mats):
-            groups.setdefault(tuple(sorted(flat.shape[1:])), []).append(i)
-        out: list[Any] = [None] * len(mats)
-        for members in groups.values():
-            # Same (m, n) up to transposition: bring each to [m, n], stack, orthogonalise.
-            shape = mats[members[0]][0].shape[1:]
-            stack = [
-                m if m.shape[1:] == shape else jnp.swapaxes(m, 1, 2)
-                for m in (mats[i][0] for i in members)
-            ]
-            sizes = [m.shape[0] for m in stack]
-            ortho = orthogonalise(jnp.concatenate(stack, axis=0), ns_steps)
-            for i, part in zip(members, jnp.split(ortho, np.cumsum(sizes)[:-1], axis=0)):
-                flat, back, fan = mats[i]
-                if part.shape[1:] != flat.shape[1:]:
-                    part = jnp.swapaxes(part, 1, 2)
-                out[i] = back(part * (update_rms * float(np.sqrt(fan))))
-        new = jax.tree_util.tree_unflatten(treedef, out)
-        return new, MuonState(momentum=momentum)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
 def scale_by_muon(config: OptimizerConfig) -> optax.GradientTransformation:
-    """Muon on the matrices `muon_matrix_axes` names, Adam on every other parameter."""
+    """Muon on the matrices `muon_matrix_axes` names, Adam on every other parameter.
+
+    The Muon part is `optax.contrib.scale_by_muon` (Nesterov momentum with bias
+    correction, Newton-Schulz on each matrix read as [fan_in, fan_out] by
+    `optax.contrib.MuonDimensionNumbers`, leading axes such as the scanned
+    layers' as batch axes), each update then scaled to RMS `muon_update_rms`
+    (`sqrt(max(fan_in, fan_out)) * rms`, Liu et al. 2025). On the shapes demo's
+    codes it scored 92.0 / 92.0 / 90.0% in-distribution (sampling seeds 0-2)
+    where this project's own batched transform had scored 84.0 / 85.5 / 79.5%
+    (README "Measured").
+    """
     for field, ok, want in (
         ("muon_beta", 0.0 <= config.muon_beta < 1.0, "in [0, 1)"),
         ("muon_update_rms", config.muon_update_rms > 0.0, "> 0 (0.2 is about AdamW's)"),
@@ -300,16 +252,36 @@ def scale_by_muon(config: OptimizerConfig) -> optax.GradientTransformation:
         if not ok:
             raise ValueError(f"OptimizerConfig.{field}={getattr(config, field)!r}: must be {want}")
 
-    def labels(params):
+    def matrix_axes(path: tuple, x: jax.Array) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        return muon_matrix_axes(path_name(path), x.ndim)
+
+    def dims(updates: PyTree) -> PyTree:
         return jax.tree_util.tree_map_with_path(
-            lambda p, x: "muon" if muon_matrix_axes(path_str(p), x.ndim) else "adam", params
+            lambda p, x: optax.contrib.MuonDimensionNumbers(*matrix_axes(p, x)), updates
         )
 
+    def to_rms(updates: PyTree, state: Any, params: PyTree = None) -> tuple[PyTree, Any]:
+        def scale(path, u):
+            reduction, output = matrix_axes(path, u)
+            fans = [int(np.prod([u.shape[a] for a in axes])) for axes in (reduction, output)]
+            return u * (config.muon_update_rms * float(np.sqrt(max(fans))))
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: "muon" if matrix_axes(p, x) else "adam", params
+        )
+
+    muon = optax.contrib.scale_by_muon(
+        ns_steps=config.muon_newton_schulz_steps,
+        beta=config.muon_beta,
+        nesterov=True,
+        weight_dimension_numbers=dims,
+    )
     return optax.partition(
         {
-            "muon": _muon_matrices(
-                config.muon_beta, config.muon_update_rms, config.muon_newton_schulz_steps
-            ),
+            "muon": optax.chain(muon, optax.GradientTransformation(optax.init_empty_state, to_rms)),
             "adam": optax.scale_by_adam(config.beta1, config.beta2, eps=config.adam_epsilon),
         },
         labels,
@@ -323,23 +295,10 @@ def _decay_mask(exclude: str | None) -> Callable[[PyTree], PyTree] | None:
 
     def mask(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: pattern.search(path_str(path)) is None, params
+            lambda path, _: pattern.search(path_name(path)) is None, params
         )
 
     return mask
-
-
-def path_str(path: tuple) -> str:
-    """'/'-joined names of a jax key path, e.g. 'encoder/layers_0/attention/query/kernel'."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 # ----------------------------------------------------------------- Adafactor
@@ -515,55 +474,37 @@ def _set1(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
 
 
 def optimizer_state_shardings(
-    opt_state_abstract: PyTree,
-    param_shardings: PyTree,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: Any = None,
+    opt_state_abstract: PyTree, param_shardings: PyTree, mesh: jax.sharding.Mesh | None = None
 ) -> PyTree:
     """A NamedSharding for every optimizer-state leaf, consistent with its parameter.
 
-    A state leaf is matched to the parameter whose key path is a suffix of the
-    leaf's path (optax keeps param-structured trees inside its states). A
-    matched leaf with the parameter's rank takes the parameter's spec, with
-    `None` on dims of size 1 (factored row/column statistics, int8 scales,
-    placeholders); anything else (counts, unmatched leaves) is replicated.
-
-    `param_shardings` holds NamedShardings, or PartitionSpecs over mesh axes
-    (then `mesh` is required), or logical PartitionSpecs (then `mesh` and
-    `rules` are required: they are mapped with flax's logical rules).
+    A state leaf is matched to the parameter whose key path is the longest
+    suffix of the leaf's path (optax keeps param-structured trees inside its
+    states). A matched leaf takes the parameter's spec, with `None` on dims of
+    size 1 (factored row/column statistics, int8 scales, placeholders);
+    anything else (counts, unmatched leaves) is replicated. `param_shardings`
+    holds NamedShardings, or PartitionSpecs over mesh axes (then pass `mesh`).
     """
-    param_specs: dict[tuple, PartitionSpec] = {}
+    specs: dict[tuple[str, ...], PartitionSpec] = {}
     is_leaf = lambda x: isinstance(x, NamedSharding | PartitionSpec)  # noqa: E731
     for path, s in jax.tree_util.tree_flatten_with_path(param_shardings, is_leaf=is_leaf)[0]:
-        if isinstance(s, NamedSharding):
-            mesh = mesh or s.mesh
-            spec = s.spec
-        else:
-            spec = s
-            if rules is not None:
-                import flax.linen as nn
-
-                spec = nn.logical_to_mesh_axes(tuple(spec), rules)
-        param_specs[_path_key(path)] = spec
+        mesh = mesh or getattr(s, "mesh", None)
+        specs[_path_key(path)] = getattr(s, "spec", s)
     if mesh is None:
         raise ValueError("optimizer_state_shardings: pass `mesh` when giving PartitionSpecs")
-    lengths = sorted({len(k) for k in param_specs}, reverse=True)
 
     def leaf_sharding(path, leaf):
-        key = _path_key(path)
-        shape = tuple(getattr(leaf, "shape", ()))
-        for n in lengths:
-            if len(key) >= n and key[-n:] in param_specs:
-                spec = tuple(param_specs[key[-n:]])
-                spec = spec + (None,) * (len(shape) - len(spec))
-                if len(spec) != len(shape):
-                    break
-                spec = tuple(None if d == 1 else a for d, a in zip(shape, spec))
-                return NamedSharding(mesh, PartitionSpec(*spec))
-        return NamedSharding(mesh, PartitionSpec())
+        key, shape = _path_key(path), tuple(getattr(leaf, "shape", ()))
+        spec = next((tuple(specs[key[i:]]) for i in range(len(key)) if key[i:] in specs), None)
+        if spec is None or len(spec) > len(shape):
+            return NamedSharding(mesh, PartitionSpec())
+        spec += (None,) * (len(shape) - len(spec))
+        return NamedSharding(
+            mesh, PartitionSpec(*(None if d == 1 else a for d, a in zip(shape, spec)))
+        )
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state_abstract)
 
 
 def _path_key(path: tuple) -> tuple[str, ...]:
-    return tuple(path_str((k,)) for k in path)
+    return tuple(path_name((k,)) for k in path)

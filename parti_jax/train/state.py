@@ -119,7 +119,7 @@ class TrainState(struct.PyTreeNode):
 # ------------------------------------------------------------ sharded creation
 
 
-def train_state_shardings(
+def sharded_train_state(
     init_fn: Any,
     tx: optax.GradientTransformation | Mapping[str, optax.GradientTransformation],
     *,
@@ -127,14 +127,21 @@ def train_state_shardings(
     rules: Any,
     rng: jax.Array,
     init_rng: jax.Array | None = None,
+    abstract: bool = False,
 ) -> tuple[TrainState, TrainState]:
-    """(abstract state, state shardings) without compiling or allocating anything.
+    """(state, state shardings): a TrainState initialised directly in its shardings.
 
     `init_fn(key) -> variables` (flax `model.init`, boxed with logical axis
     names; with several param groups it returns {group: variables}).
-    Parameters follow their logical axes through `rules`; optimizer state
-    follows its parameters (`optimizers.optimizer_state_shardings`); a dim
-    that does not divide its mesh axes fails here, naming the parameter.
+    Parameters follow their logical axes through `rules`, optimizer state its
+    parameters (`optimizers.optimizer_state_shardings`), other variables go
+    into `model_state`; a dim that does not divide its mesh axes fails before
+    anything compiles, naming the parameter. The state is created by one jit
+    with `out_shardings`, so no parameter is ever materialised on one device;
+    with `abstract=True` nothing is compiled or allocated and the state is
+    ShapeDtypeStructs carrying their shardings (a restore target).
+    `init_rng` seeds the parameters (default `rng`); `rng` is the state's
+    base key (dropout, ...).
     """
     import flax.linen as nn
 
@@ -142,55 +149,38 @@ def train_state_shardings(
     from parti_jax.train.optimizers import optimizer_state_shardings
 
     init_rng = rng if init_rng is None else init_rng
-    make = _state_maker(init_fn, tx)
+
+    def make(init_key, key):
+        params, rest = _split_variables(nn.unbox(init_fn(init_key)), tx)
+        return TrainState.create(params=params, tx=tx, rng=key, model_state=rest)
+
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(init_fn, init_rng)
-        partitioning.check_divisibility(boxed, mesh, rules)  # fails before compiling
+        partitioning.check_divisibility(boxed, mesh, rules)
         var_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
         param_shardings, rest_shardings = _split_variables(var_shardings, tx)
-        abstract_state = jax.eval_shape(make, init_rng, rng)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    if isinstance(tx, Mapping):
-        opt_shardings = {
-            k: optimizer_state_shardings(abstract_state.opt_state[k], param_shardings[k], mesh)
-            for k in tx
-        }
-    else:
-        opt_shardings = optimizer_state_shardings(abstract_state.opt_state, param_shardings, mesh)
-    shardings = abstract_state.replace(
-        step=replicated,
-        params=param_shardings,
-        opt_state=opt_shardings,
-        rng=replicated,
-        model_state=rest_shardings,
-    )
-    return abstract_state, shardings
-
-
-def create_sharded_train_state(
-    init_fn: Any,
-    tx: optax.GradientTransformation | Mapping[str, optax.GradientTransformation],
-    *,
-    mesh: jax.sharding.Mesh,
-    rules: Any,
-    rng: jax.Array,
-    init_rng: jax.Array | None = None,
-) -> tuple[TrainState, TrainState]:
-    """Initialises a TrainState directly in its shardings; returns (state, state_shardings).
-
-    See `train_state_shardings`. The state is created by one jit with
-    `out_shardings`, so no parameter is ever materialised on one device.
-    Variables other than 'params' go into `model_state`. `init_rng` seeds the
-    parameters (default `rng`), `rng` is the state's base key (dropout, ...).
-    """
-    import flax.linen as nn
-
-    init_rng = rng if init_rng is None else init_rng
-    _, shardings = train_state_shardings(
-        init_fn, tx, mesh=mesh, rules=rules, rng=rng, init_rng=init_rng
-    )
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(_state_maker(init_fn, tx), out_shardings=shardings)(init_rng, rng)
+        shapes = jax.eval_shape(make, init_rng, rng)
+        if isinstance(tx, Mapping):
+            opt_shardings = {
+                k: optimizer_state_shardings(shapes.opt_state[k], param_shardings[k], mesh)
+                for k in tx
+            }
+        else:
+            opt_shardings = optimizer_state_shardings(shapes.opt_state, param_shardings, mesh)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        shardings = shapes.replace(
+            step=replicated,
+            params=param_shardings,
+            opt_state=opt_shardings,
+            rng=replicated,
+            model_state=rest_shardings,
+        )
+        if abstract:
+            state = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+            )
+        else:
+            state = jax.jit(make, out_shardings=shardings)(init_rng, rng)
     return state, shardings
 
 
@@ -203,13 +193,3 @@ def _split_variables(variables: PyTree, tx: Any) -> tuple[PyTree, PyTree]:
         params = variables["params"]
         rest = {c: x for c, x in variables.items() if c != "params"}
     return params, rest
-
-
-def _state_maker(init_fn: Any, tx: Any) -> Any:
-    import flax.linen as nn
-
-    def make(init_key, key):
-        params, rest = _split_variables(nn.unbox(init_fn(init_key)), tx)
-        return TrainState.create(params=params, tx=tx, rng=key, model_state=rest)
-
-    return make

@@ -1,63 +1,106 @@
-"""Structured synthetic encoder-decoder batches: the trainer without TensorFlow or data.
+"""Counter-driven training batches without TensorFlow: synthetic codes and images, shapes pixels.
 
-Image codes are a deterministic function of the text, so a model can learn
-them and a falling loss means the trainer works:
+Every row of a global batch is a pure function of (settings, step, global row
+index), so a batch does not depend on the host count, and the whole data
+position is one counter: `save(path)` writes it with the settings to
+`<path>.json`, and `restore` with other settings fails naming the one that
+differs instead of silently resuming on other data.
 
-    text tokens  = [class token, filler tokens..., EOS, pad...]
-    image code at grid cell (r, c) = (7 * class + r + 2 * c) mod K
-
-Every row of the global batch is a pure function of (seed, step, global row
-index). A host reads the rows of its data shard, so 1 host x 8 devices and
-2 hosts x 4 devices see the same global batch, and the position (one
-counter) is saved and restored like a tf.data iterator's.
+- `SyntheticCodesIterator`: encoder-decoder batches whose image codes are a
+  deterministic function of the text (a model can learn them; a falling loss
+  means the trainer works): text = [class token, filler..., EOS, pad...],
+  code at grid cell (r, c) = (7 * class + r + 2 * c) mod K.
+- `SyntheticImagesIterator`: coloured rectangles and discs on a plain background.
+- `ShapesPixelsIterator`: the shapes world drawn at any size from 32 to 1024 px.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import json
+import os
+from typing import Any
 
-from parti_jax.train.data_position import StepPositionIterator
+import numpy as np
 
 EOS_ID = 1
 FIRST_TEXT_ID = 3  # after pad 0, eos 1, unk 2
 
 
+class StepPositionIterator:
+    """Base for iterators whose position is `self.step`; `settings` make batches reproducible.
+
+    `batch_size` is the host-local batch (global batch / num_shards).
+    """
+
+    def __init__(
+        self, *, batch_size: int, shard_index: int = 0, num_shards: int = 1, seed: int = 0, **kw
+    ) -> None:
+        self.settings = dict(
+            batch_size=batch_size, shard_index=shard_index, num_shards=num_shards, seed=seed, **kw
+        )
+        self.__dict__.update(self.settings)
+        self.step = 0
+
+    def __iter__(self) -> StepPositionIterator:
+        return self
+
+    def save(self, path: str) -> None:
+        """Writes the step and the settings to `<path>.json` (the Checkpointer's data hook)."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".json", "w") as f:
+            json.dump({"step": self.step, **self.settings}, f)
+
+    def restore(self, path: str) -> None:
+        """Reads `<path>.json`; fails if it was saved with other data settings."""
+        with open(path + ".json") as f:
+            saved = json.load(f)
+        for k, v in json.loads(json.dumps(self.settings)).items():
+            if saved.get(k) != v:
+                raise ValueError(
+                    f"{path}.json: data position saved with {k}={saved.get(k)!r}, this run "
+                    f"has {k}={v!r}; resume with the same data settings"
+                )
+        self.step = int(saved["step"])
+
+    def _rng(self, global_index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.step, global_index])
+
+    def _rows(self) -> range:
+        """Global row indices of this host's part of the current batch."""
+        start = self.shard_index * self.batch_size
+        return range(start, start + self.batch_size)
+
+
 class SyntheticCodesIterator(StepPositionIterator):
-    """`next(it)` -> host-local batch dict (docs/DESIGN.md §3); `save` / `restore`."""
+    """`next(it)` -> host-local encoder-decoder batch (docs/DESIGN.md §3)."""
 
     def __init__(
         self,
         *,
-        batch_size: int,
         text_length: int,
         text_vocab_size: int,
         codebook_size: int,
         image_grid: tuple[int, int],
-        shard_index: int = 0,
-        num_shards: int = 1,
-        seed: int = 0,
         num_classes: int = 8,
+        **kw: Any,
     ) -> None:
-        """`batch_size` is the host-local batch (global batch / num_shards)."""
         if text_length < 3:
             raise ValueError(f"text_length={text_length} must be >= 3 (class, filler, EOS)")
         if text_vocab_size < FIRST_TEXT_ID + num_classes + 1:
             raise ValueError(
                 f"text_vocab_size={text_vocab_size} is too small for {num_classes} classes"
             )
-        self.batch_size = batch_size
-        self.text_length = text_length
-        self.text_vocab_size = text_vocab_size
-        self.codebook_size = codebook_size
-        self.image_grid = tuple(image_grid)
-        self.shard_index = shard_index
-        self.num_shards = num_shards
-        self.seed = seed
-        self.num_classes = num_classes
-        self.step = 0
+        super().__init__(
+            text_length=text_length,
+            text_vocab_size=text_vocab_size,
+            codebook_size=codebook_size,
+            image_grid=tuple(image_grid),
+            num_classes=num_classes,
+            **kw,
+        )
 
     def _row(self, global_index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.step, global_index])
+        rng = self._rng(global_index)
         cls = int(rng.integers(self.num_classes))
         text = np.zeros(self.text_length, np.int32)
         length = int(rng.integers(2, self.text_length))  # tokens before EOS
@@ -73,8 +116,7 @@ class SyntheticCodesIterator(StepPositionIterator):
         return text, codes.astype(np.int32)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        start = self.shard_index * self.batch_size
-        texts, codes = zip(*(self._row(start + i) for i in range(self.batch_size)))
+        texts, codes = zip(*(self._row(i) for i in self._rows()))
         self.step += 1
         targets = np.stack(codes) + 1  # decoder token = code + 1 (0 is pad / BOS)
         inputs = np.zeros_like(targets)
@@ -86,10 +128,57 @@ class SyntheticCodesIterator(StepPositionIterator):
             "decoder_loss_weights": np.ones(targets.shape, np.float32),
         }
 
-    def _description(self) -> dict:
-        return {
-            "batch_size": self.batch_size,
-            "shard_index": self.shard_index,
-            "num_shards": self.num_shards,
-            "seed": self.seed,
-        }
+
+class SyntheticImagesIterator(StepPositionIterator):
+    """`next(it)` -> {'image': float32 [B, S, S, 3] in [0, 1]}: a random background colour
+    and 1-3 random rectangles or discs in random colours."""
+
+    def __init__(self, *, image_size: int, **kw: Any) -> None:
+        super().__init__(image_size=image_size, **kw)
+
+    def _image(self, global_index: int) -> np.ndarray:
+        rng = self._rng(global_index)
+        s = self.image_size
+        image = np.empty((s, s, 3), np.float32)
+        image[:] = rng.uniform(0.0, 1.0, 3)
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+        for _ in range(int(rng.integers(1, 4))):
+            cx, cy = rng.uniform(0.2 * s, 0.8 * s, 2)
+            half = rng.uniform(0.1 * s, 0.3 * s)
+            if rng.integers(2):
+                mask = (np.abs(xx - cx) < half) & (np.abs(yy - cy) < half)
+            else:
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < half**2
+            image[mask] = rng.uniform(0.0, 1.0, 3)
+        return image
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        images = np.stack([self._image(i) for i in self._rows()])
+        self.step += 1
+        return {"image": images}
+
+
+class ShapesPixelsIterator(StepPositionIterator):
+    """Shapes-world images drawn at `image_size`: {'image' float32 [B, S, S, 3] in [0, 1]}.
+
+    Row r of batch t on shard i is example (t * batch_size + r) * num_shards + i
+    of `split` (the world's scenes are already random per index).
+    """
+
+    def __init__(self, *, image_size: int, split: str = "train", **kw: Any) -> None:
+        from parti_jax.data import shapes
+
+        super().__init__(image_size=image_size, split=split, **kw)
+        self._generate = shapes.generate_example
+        self._world = shapes.ShapesWorldConfig(resolution=image_size)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        first = self.step * self.batch_size
+        images = [
+            self._generate(
+                r * self.num_shards + self.shard_index, self.split, self.seed, self._world
+            ).image
+            for r in range(first, first + self.batch_size)
+        ]
+        self.step += 1
+        return {"image": np.stack(images).astype(np.float32) / 255.0}

@@ -11,27 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from parti_jax import partitioning
 from parti_jax.models.config import ModelConfig
 from parti_jax.models.transformer import EncoderDecoder
-from parti_jax.train import checkpoints, distributed, loop, optimizers
+from parti_jax.train import checkpoints, optimizers
+from parti_jax.train import loop as loop_lib
 from parti_jax.train import metrics as metrics_lib
 from parti_jax.train.optimizers import OptimizerConfig
 from parti_jax.train.state import TrainState
 from parti_jax.train.synthetic import SyntheticCodesIterator
-from parti_jax.workdir import check_workdir
 
-log = logging.getLogger(__name__)
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 BATCH_KEYS = (
@@ -161,13 +157,12 @@ def train_step(
     batch: Batch,
     *,
     model: EncoderDecoder,
-    learning_rate_fn: Callable[[jax.Array], jax.Array],
     z_loss: float = 0.0,
     num_micro_batches: int = 1,
-    nan_policy: str = "stop",
     loss_chunk_size: int | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step. Pure; the loop jits it once with shardings and donation.
+    """One optimizer step. Pure; the loop jits it once with shardings and donation
+    (and adds the learning rate and the NaN policy).
 
     The weighted mean is exact under gradient accumulation: each micro-batch
     normalises by the whole batch's weight (times the number of slices).
@@ -180,7 +175,7 @@ def train_step(
     loss_fn = functools.partial(
         _loss_fn, model=model, z_loss=z_loss, scale=scale, loss_chunk_size=loss_chunk_size
     )
-    loss, aux, grads = loop.accumulate_gradients(
+    loss, aux, grads = loop_lib.accumulate_gradients(
         loss_fn, state.params, batch, state.step_rng("dropout"), num_micro_batches
     )
     grad_norm = optax.tree.norm(grads)
@@ -192,13 +187,8 @@ def train_step(
         "accuracy": aux["accuracy"],
         "perplexity": jnp.exp(aux["cross_entropy"]),
         "grad_norm": grad_norm,
-        "learning_rate": learning_rate_fn(state.step),
         "tokens": weight,
     }
-    if nan_policy == "skip":
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = loop.keep_if_finite(ok, new_state, state)
-        metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics
 
 
@@ -299,7 +289,7 @@ def _layout_converter(ckpt_dir: Any, params: PyTree) -> Callable[[PyTree], PyTre
         return None
 
     def names(tree):
-        return {optimizers.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        return set(checkpoints.flat_tree(tree))
 
     want = names(params)
     best, best_score = None, len(names(meta["params"]) & want)
@@ -316,22 +306,40 @@ def _layout_converter(ckpt_dir: Any, params: PyTree) -> Callable[[PyTree], PyTre
     return best
 
 
-def _batch_hash(local: Mapping[str, np.ndarray]) -> int:
-    h = 0
-    for k in sorted(local):
-        h = zlib.crc32(np.ascontiguousarray(local[k]).tobytes(), h)
-    return h & 0xFFFFFF  # exactly representable as a float in metrics.jsonl
-
-
 # ------------------------------------------------------------------ train
 
 
-@dataclasses.dataclass
-class TrainResult:
-    state: TrainState
-    step: int
-    status: str
-    last_metrics: dict[str, float]
+def train_task(
+    model_config: ModelConfig,
+    *,
+    optimizer_config: OptimizerConfig,
+    text_length: int,
+    num_micro_batches: int = 1,
+    z_loss: float = 0.0,
+    loss_chunk_size: int | None = None,
+) -> loop_lib.TrainTask:
+    """The encoder-decoder's init, optimizer and step: what `train` runs (with its data),
+    and what the memory planner and the benchmark compile."""
+    model = EncoderDecoder(model_config)
+
+    def init(key):
+        text = jnp.ones((1, text_length), jnp.int32)
+        image = jnp.zeros((1, model_config.num_image_tokens), jnp.int32)
+        return model.init({"params": key}, text, image)
+
+    return loop_lib.TrainTask(
+        init=init,
+        optimizer=optimizers.make_optimizer(optimizer_config),
+        step=functools.partial(
+            train_step,
+            model=model,
+            z_loss=z_loss,
+            num_micro_batches=num_micro_batches,
+            loss_chunk_size=loss_chunk_size,
+        ),
+        batch_keys=BATCH_KEYS,
+        learning_rate_fn=optimizers.learning_rate_fn(optimizer_config),
+    )
 
 
 def train(
@@ -339,42 +347,31 @@ def train(
     workdir: str,
     model_config: ModelConfig,
     batch_size: int,
-    num_steps: int,
+    loop: loop_lib.LoopConfig,
     mesh_config: Any = None,
     rules: Any = None,
     optimizer_config: OptimizerConfig | None = None,
     task: Any = None,
     data_factory: Callable[..., Iterator] | None = None,
     text_length: int = 128,
-    seed: int = 0,
     conditioning_dropout_rate: float = 0.0,
     num_micro_batches: int = 1,
     z_loss: float = 0.0,
     loss_chunk_size: int | None = None,
-    nan_policy: str = "stop",
-    log_every: int = 50,
-    checkpoint_every: int = 1000,
-    keep_checkpoints: int = 3,
-    async_checkpoints: bool = True,
-    eval_every: int | None = None,
     eval_steps: int = 10,
     eval_split: str = "validation",
     restore_from: str | None = None,
     restore_include: str | None = None,
-    allow_data_reshuffle: bool = False,
     codebook_hash: str | None = None,
-    profile_steps: tuple[int, int] | None = None,
     peak_flops: float | None = None,
-    tensorboard: bool | None = None,
-    log_data_hash: bool = False,
-) -> TrainResult:
+) -> loop_lib.TrainResult:
     """Trains the encoder-decoder; resumes from `<workdir>/checkpoints` when present.
 
     Args:
       workdir: checkpoints, metrics.jsonl, model_config.json, profile/.
       model_config: the encoder-decoder (ModelConfig).
       batch_size: global batch (all hosts together).
-      num_steps: total optimizer steps (a resumed run continues up to it).
+      loop: steps, cadences, checkpoints, NaN policy, seed (LoopConfig).
       mesh_config: partitioning.MeshConfig (or a ready jax Mesh); None: the
         default MeshConfig (all devices on 'fsdp').
       rules: rule table name ('data_parallel', 'fsdp', 'fsdp_tp') or table;
@@ -386,7 +383,6 @@ def train(
       data_factory: instead of `task`: f(batch_size=, shard_index=,
         num_shards=, seed=) -> iterator of host-local batches.
       text_length: encoder input length.
-      seed: parameters, dropout and data order.
       conditioning_dropout_rate: share of captions replaced by [EOS] (for
         classifier-free guidance; codes tasks only).
       num_micro_batches: gradient accumulation slices per step.
@@ -394,45 +390,20 @@ def train(
       loss_chunk_size: compute the loss this many image tokens at a time (a
         divisor of the grid's tokens) so the [B, N, V] float32 logits never
         exist whole; None: all at once (same values either way).
-      nan_policy: 'stop' (raise naming the step) or 'skip' (drop the update).
-      log_every, checkpoint_every, keep_checkpoints, async_checkpoints: cadence.
-      eval_every, eval_steps, eval_split: periodic validation (None: off).
+      eval_steps, eval_split: batches and split of the validation loss, every
+        `loop.eval_every` steps.
       restore_from: warm start (params only) from another run's work
         directory or checkpoint, when this workdir has no checkpoint yet;
         scanned/unscanned layouts are converted.
       restore_include: regex of parameter paths to warm-start (e.g. 'encoder/.*').
-      allow_data_reshuffle: resume with a different number of data shards,
-        starting a fresh data order.
       codebook_hash: expected codebook hash of the codes (checked when set).
-      profile_steps: (first, last) step of a profiler trace in workdir/profile.
       peak_flops: per-device peak FLOP/s for MFU (default: known devices).
-      tensorboard: TensorBoard summaries (None: when TensorFlow is loaded).
-      log_data_hash: write a hash of each host-local batch to
-        `data_hash.process_<i>.jsonl` (multi-host data checks).
     """
-    workdir_path = check_workdir(workdir)
     optimizer_config = optimizer_config or OptimizerConfig()
-    if nan_policy not in loop.NAN_POLICIES:
-        raise ValueError(f"nan_policy={nan_policy!r}: expected one of {loop.NAN_POLICIES}")
     if num_micro_batches < 1 or batch_size % num_micro_batches:
         raise ValueError(
-            f"num_micro_batches={num_micro_batches} must be >= 1 and divide batch_size={batch_size}"
-        )
-    from parti_jax import partitioning
-
-    mesh, rules = loop.resolve_mesh(mesh_config, rules, partitioning.MeshConfig())
-    partitioning.check_mesh_compat(model_config, mesh, rules)  # before anything compiles
-    shard_index, num_shards, writer_proc = distributed.data_shard(mesh)
-    if batch_size % num_shards:
-        raise ValueError(
-            f"batch_size={batch_size} does not divide over {num_shards} data shards "
-            "(the mesh's data x fsdp hosts); choose a multiple"
-        )
-    batch_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
-    if batch_size % batch_devices:
-        raise ValueError(
-            f"batch_size={batch_size} does not divide over the mesh's data x fsdp = "
-            f"{batch_devices} devices; choose a multiple of {batch_devices}"
+            f"train.num_micro_batches={num_micro_batches} must be >= 1 and divide "
+            f"train.batch_size={batch_size}"
         )
     try:
         check_loss_chunk_size(loss_chunk_size, model_config.num_image_tokens)
@@ -440,10 +411,17 @@ def train(
         raise ValueError(f"train.{e}") from None
     if text_length > model_config.max_text_length:
         raise ValueError(
-            f"text_length={text_length} exceeds ModelConfig.max_text_length="
+            f"train.text_length={text_length} exceeds ModelConfig.max_text_length="
             f"{model_config.max_text_length}"
         )
-    local_batch = batch_size // num_shards
+    run = loop_lib.start_run(
+        workdir,
+        batch_size=batch_size,
+        mesh_config=mesh_config,
+        rules=rules,
+        default_mesh=partitioning.MeshConfig(),
+    )
+    partitioning.check_mesh_compat(model_config, run.mesh, run.rules)  # before anything compiles
     codes_meta = {}
     if task not in (None, "synthetic") and data_factory is None:
         from parti_jax.data import codes as codes_lib  # noqa: PLC0415 - TensorFlow with the task
@@ -453,49 +431,21 @@ def train(
             codebook_size=model_config.codebook_size,
             grid=model_config.image_grid,
             codebook_hash=codebook_hash,
-            eval_split=eval_split if eval_every else None,
+            eval_split=eval_split if loop.eval_every else None,
         )
     make_data = functools.partial(
         _make_iterator,
         task=task,
         data_factory=data_factory,
         config=model_config,
-        local_batch=local_batch,
+        local_batch=run.local_batch,
         text_length=text_length,
-        shard_index=shard_index,
-        num_shards=num_shards,
+        shard_index=run.shard.index,
+        num_shards=run.shard.count,
         conditioning_dropout_rate=conditioning_dropout_rate,
     )
-    data = make_data(seed=seed, split="train")
 
-    model = EncoderDecoder(model_config)
-    tx = optimizers.make_optimizer(optimizer_config)
-    lr_fn = optimizers.learning_rate_fn(optimizer_config)
-
-    def init_fn(key):
-        text = jnp.ones((1, text_length), jnp.int32)
-        image = jnp.zeros((1, model_config.num_image_tokens), jnp.int32)
-        return model.init({"params": key}, text, image)
-
-    ckpt = checkpoints.Checkpointer(
-        workdir_path,
-        save_interval_steps=checkpoint_every,
-        max_to_keep=keep_checkpoints,
-        async_save=async_checkpoints,
-        data_shard=checkpoints.DataShard(shard_index, num_shards, writer_proc),
-    )
-    state, state_shardings, data, resumed = loop.init_or_restore_state(
-        ckpt,
-        init_fn,
-        tx,
-        data_iterator=data,
-        mesh=mesh,
-        rules=rules,
-        seed=seed,
-        allow_data_reshuffle=allow_data_reshuffle,
-        remake_data=lambda step: make_data(seed=seed + step, split="train"),
-    )
-    if not resumed and restore_from:
+    def warm_start(state: TrainState) -> TrainState:
         step_dir = checkpoints.resolve_checkpoint_dir(restore_from)
         params, names = checkpoints.restore_params_from(
             step_dir,
@@ -503,101 +453,44 @@ def train(
             include=restore_include,
             convert=_layout_converter(step_dir, state.params),
         )
-        state = state.replace(params=params)
         metrics_lib.console(f"warm start: {len(names)} parameter(s) from {step_dir}")
+        return state.replace(params=params)
 
-    is_primary = jax.process_index() == 0
-    if is_primary:
-        info = {
+    run.write_json(
+        "model_config.json",
+        {
             "model_config": dataclasses.asdict(model_config),
             "optimizer_config": dataclasses.asdict(optimizer_config),
             "batch_size": batch_size,
             "text_length": text_length,
             "task": getattr(task, "name", task) or "synthetic",
             "codes_meta": {k: v for k, v in codes_meta.items() if k != "shards"},
-        }
-        (workdir_path / "model_config.json").write_text(json.dumps(info, indent=2, default=str))
-
-    step_fn = functools.partial(
-        train_step,
-        model=model,
-        learning_rate_fn=lr_fn,
-        z_loss=z_loss,
+        },
+    )
+    task_spec = train_task(
+        model_config,
+        optimizer_config=optimizer_config,
+        text_length=text_length,
         num_micro_batches=num_micro_batches,
-        nan_policy=nan_policy,
+        z_loss=z_loss,
         loss_chunk_size=loss_chunk_size,
     )
-    bsh = loop.batch_sharding(mesh)
-    jitted = loop.compile_step(step_fn, state_shardings, {k: bsh for k in BATCH_KEYS})
+    model = EncoderDecoder(model_config)
+    eval_jit = jax.jit(functools.partial(eval_step, model=model, loss_chunk_size=loss_chunk_size))
 
-    eval_fn = None
-    if eval_every:
-        eval_jit = jax.jit(
-            functools.partial(eval_step, model=model, loss_chunk_size=loss_chunk_size)
-        )
+    def evaluate(state: TrainState, step: int) -> dict[str, float]:
+        batches = make_data(seed=loop.seed, split=eval_split)
+        totals = loop_lib.evaluate_sums(run, eval_jit, state.params, batches, eval_steps)
+        w = max(totals.get("weight", 0.0), 1.0)
+        return {"loss": totals.get("ce", 0.0) / w, "accuracy": totals.get("correct", 0.0) / w}
 
-        def eval_fn(st: TrainState, step: int) -> dict[str, float]:
-            it = make_data(seed=seed, split=eval_split)
-            totals: dict[str, float] = {}
-            for _ in range(eval_steps):
-                try:
-                    local = next(it)
-                except StopIteration:
-                    break
-                sums = jax.device_get(
-                    eval_jit(st.params, loop.make_global_batch(local, bsh, num_shards))
-                )
-                for k, v in sums.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-            w = max(totals.get("weight", 0.0), 1.0)
-            return {"loss": totals.get("ce", 0.0) / w, "accuracy": totals.get("correct", 0.0) / w}
-
-    hash_file = None
-    if log_data_hash:
-        hash_file = open(  # noqa: SIM115
-            workdir_path / f"data_hash.process_{jax.process_index()}.jsonl", "a", buffering=1
-        )
-
-    def batch_hook(step: int, local: Mapping[str, np.ndarray]) -> dict[str, float]:
-        missing = [k for k in BATCH_KEYS if k not in local]
-        if missing:
-            raise ValueError(f"the data iterator's batch lacks {missing}; expected {BATCH_KEYS}")
-        if hash_file is None:
-            return {}
-        h = _batch_hash(local)
-        hash_file.write(json.dumps({"step": step, "data_hash": h, "shard": shard_index}) + "\n")
-        return {"data_hash": float(h)}
-
-    device_kind = jax.devices()[0].device_kind
-    throughput = metrics_lib.Throughput(
-        examples_per_step=batch_size,
-        tokens_per_step=batch_size * (text_length + model_config.num_image_tokens),
+    task_spec = dataclasses.replace(
+        task_spec,
+        data=lambda seed: make_data(seed=seed, split="train"),
+        evaluate=evaluate,
+        warm_start=warm_start if restore_from else None,
         flops_per_step=t2i_flops_per_step(model_config, batch_size, text_length),
-        num_devices=mesh.size,
-        peak_flops=metrics_lib.device_peak_flops(device_kind, peak_flops),
+        tokens_per_step=batch_size * (text_length + model_config.num_image_tokens),
+        peak_flops=peak_flops,
     )
-    try:
-        result = loop.run_session(
-            mesh=mesh,
-            rules=rules,
-            workdir=workdir_path,
-            checkpointer=ckpt,
-            tensorboard=tensorboard,
-            train_step=jitted,
-            state=state,
-            data_iterator=data,
-            batch_sharding=bsh,
-            num_data_shards=num_shards,
-            num_steps=num_steps,
-            throughput=throughput,
-            log_every=log_every,
-            eval_every=eval_every,
-            eval_fn=eval_fn,
-            profile_steps=profile_steps,
-            nan_policy=nan_policy,
-            batch_hook=batch_hook,
-        )
-    finally:
-        if hash_file is not None:
-            hash_file.close()
-    return TrainResult(result.state, result.step, result.status, result.last_metrics)
+    return loop_lib.run_training(run, task_spec, loop)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax.numpy as jnp
+from parti_jax.models.config import DtypeFields
 
 GLOBAL_RESIDUALS = ("bicubic", "nearest")
 
 
 @dataclasses.dataclass(frozen=True)
-class UpsamplerConfig:
+class UpsamplerConfig(DtypeFields):
     """WDSR-A-style upsampler hyper-parameters (defaults: Parti's 256 -> 1024)."""
 
     # Total upscaling factor; a power of two, built from log2(scale) cascaded 2x stages.
@@ -50,6 +50,7 @@ class UpsamplerConfig:
         for name in ("num_blocks", "channels", "expansion", "input_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"UpsamplerConfig.{name}={getattr(self, name)} must be >= 1")
+        self.check_dtypes()
 
     @property
     def num_stages(self) -> int:
@@ -60,11 +61,3 @@ class UpsamplerConfig:
     def output_size(self) -> int:
         """Side of the output images: input_size * scale."""
         return self.input_size * self.scale
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def param_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.weight_dtype)

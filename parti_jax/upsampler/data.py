@@ -2,10 +2,8 @@
 
 A target x (output resolution) is area-downsampled by the upsampler's scale;
 `ReconstructionPairs` adds the VQGAN's reconstruction of that downsample
-(what the upsampler sees at sampling time). `ShapesPixelsIterator` is the
-built-in, TensorFlow-free source of targets: the shapes world drawn at any
-size from 32 to 1024 pixels. Iterators keep a checkpointable data position
-(`save` / `restore`) for the shared training loop.
+(what the upsampler sees at sampling time), keeping the data position of the
+target source (`save` / `restore`) for the training loop.
 """
 
 from __future__ import annotations
@@ -17,12 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parti_jax.train.data_position import StepPositionIterator
-
 Array = jax.Array
-# The built-in, TensorFlow-free pixel source: the shapes world drawn at the output size.
-SHAPES_WORLD = "shapes_world"
-_EVAL_SEED_OFFSET = 1_000_003
 
 
 def area_downsample(images: Any, factor: int) -> Any:
@@ -38,55 +31,6 @@ def bicubic_upsample(images: Array, factor: int) -> Array:
     """[B, h, w, C] -> [B, h*f, w*f, C] bicubic (the baseline the upsampler must beat)."""
     b, h, w, c = images.shape
     return jax.image.resize(images, (b, h * factor, w * factor, c), method="bicubic")
-
-
-class ShapesPixelsIterator(StepPositionIterator):
-    """Shapes-world images drawn at `image_size`, no TensorFlow: {'image' float32 [B, S, S, 3]}.
-
-    Row r of batch t on shard i is example (t * batch_size + r) * num_shards + i
-    of `split` (the world's scenes are already random per index). The position
-    is checkpointable (`save`/`restore`, JSON), like the trainers' iterators.
-    """
-
-    def __init__(
-        self,
-        *,
-        batch_size: int,
-        image_size: int,
-        split: str = "train",
-        shard_index: int = 0,
-        num_shards: int = 1,
-        seed: int = 0,
-    ) -> None:
-        from parti_jax.data import shapes
-
-        self._shapes = shapes
-        self.config = shapes.ShapesWorldConfig(resolution=image_size)
-        self.batch_size = batch_size
-        self.split = split
-        self.shard_index = shard_index
-        self.num_shards = num_shards
-        self.seed = seed
-        self.step = 0
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        first = self.step * self.batch_size
-        images = []
-        for r in range(first, first + self.batch_size):
-            index = r * self.num_shards + self.shard_index
-            example = self._shapes.generate_example(index, self.split, self.seed, self.config)
-            images.append(example.image)
-        self.step += 1
-        return {"image": np.stack(images).astype(np.float32) / 255.0}
-
-    def _description(self) -> dict[str, Any]:
-        return {
-            "batch_size": self.batch_size,
-            "image_size": self.config.resolution,
-            "split": self.split,
-            "shard": [self.shard_index, self.num_shards],
-            "seed": self.seed,
-        }
 
 
 class ReconstructionPairs:
@@ -136,49 +80,3 @@ class ReconstructionPairs:
             low = area_downsample(images, self.scale)
             out["reconstruction"] = np.asarray(self.reconstruct_fn(low), np.float32)
         return out
-
-
-def make_target_source(
-    *,
-    task: Any,
-    data_factory: Callable[..., Iterator] | None,
-    image_size: int,
-    batch_size: int,
-    shard_index: int,
-    num_shards: int,
-    seed: int,
-    split: str,
-) -> Iterator:
-    """Host-local {'image': targets} batches at `image_size` from a data_factory, the
-    built-in shapes world ('shapes_world' or None) or a seqio `<name>_pixels` task."""
-    train = split == "train"
-    if data_factory is not None:
-        return data_factory(
-            batch_size=batch_size,
-            shard_index=shard_index,
-            num_shards=num_shards,
-            seed=seed,
-            split=split,
-        )
-    if task is None or task == SHAPES_WORLD:
-        return ShapesPixelsIterator(
-            batch_size=batch_size,
-            image_size=image_size,
-            split=split,
-            shard_index=shard_index,
-            num_shards=num_shards,
-            seed=seed if train else seed + _EVAL_SEED_OFFSET,
-        )
-    from parti_jax.data import pipeline  # TensorFlow: only for seqio pixel tasks
-
-    return pipeline.make_pixels_iterator(
-        task,
-        batch_size=batch_size,
-        split=split,
-        image_size=image_size,
-        shard_index=shard_index,
-        num_shards=num_shards,
-        seed=seed,
-        shuffle=train,
-        repeat=train,
-    )

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from parti_jax.partitioning import CONV_HEIGHT, CONV_IN, CONV_OUT, CONV_WIDTH
 from parti_jax.upsampler.config import UpsamplerConfig
+from parti_jax.vqgan.vit_vqgan import check_images
 
 Array = jax.Array
 
@@ -93,19 +94,12 @@ class Upsampler(nn.Module):
 
     config: UpsamplerConfig
 
-    def _check(self, images: Array) -> None:
-        n = self.config.input_size
-        if images.ndim != 4 or images.shape[1:] != (n, n, 3):
-            raise ValueError(
-                f"upsampler input has shape {tuple(images.shape)} but UpsamplerConfig.input_size="
-                f"{n} expects [B, {n}, {n}, 3]; feed the VQGAN's output size or set input_size"
-            )
-
     @nn.compact
-    def __call__(self, images: Array, train: bool = False) -> Array:
+    def __call__(self, images: Array, enable_dropout: bool = False) -> Array:
         """Images [B, n, n, 3] in [0, 1] -> [B, n*scale, n*scale, 3] float32, unclipped."""
-        del train  # no dropout or batch statistics
-        self._check(images)
+        del enable_dropout  # no dropout or batch statistics
+        fix = "feed the VQGAN's output size or set input_size"
+        check_images(images, self.config.input_size, "UpsamplerConfig.input_size", fix)
         x = images
         for i in range(self.config.num_stages):
             x = UpsampleStage(self.config, name=f"stage_{i}")(x)

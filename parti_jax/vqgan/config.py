@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
+from parti_jax.models.config import DtypeFields
 
 OUTPUTS = ("sigmoid", "linear")
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
 ENCODER_CONTEXTS = ("attention", "patch")
 ATTENTION_IMPLS = ("xla", "cudnn", None)
+TANH_FFN_PLACES = ("before", "after")
 
 
 @dataclasses.dataclass(frozen=True)
-class VQGANConfig:
+class VQGANConfig(DtypeFields):
     """ViT-VQGAN hyper-parameters (defaults: the paper's Small, 256px, 8x8 patches)."""
 
     # Side of the square input images in pixels; every batch must match it.
@@ -83,6 +84,12 @@ class VQGANConfig:
     scan_layers: bool = False
     # Rematerialise each block in the backward pass (saves activation memory).
     remat: bool = False
+    # Where the decoder's tanh feed-forward sits: 'after' its blocks and final
+    # norm, just before the patch unembedding (the paper's: "at the output of
+    # transformer blocks", as in the encoder), or 'before' its blocks (the layout
+    # of VQGANs trained before this field existed, e.g. gin/vqgan/shapes.gin).
+    # Both layouts have the same parameters but compute different functions.
+    decoder_tanh_ffn: str = "after"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -102,40 +109,27 @@ class VQGANConfig:
                     f"VQGANConfig.{side}_width={width} is not divisible by "
                     f"VQGANConfig.{side}_heads={heads}"
                 )
-        if self.output not in OUTPUTS:
-            raise ValueError(f"VQGANConfig.output={self.output!r}; expected one of {OUTPUTS}")
+        for name, allowed in (
+            ("output", OUTPUTS),
+            ("position_embedding", POSITION_EMBEDDINGS),
+            ("encoder_context", ENCODER_CONTEXTS),
+            ("attention_impl", ATTENTION_IMPLS),
+            ("decoder_tanh_ffn", TANH_FFN_PLACES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"VQGANConfig.{name}={getattr(self, name)!r}; expected one of {allowed}"
+                )
         if self.logit_laplace and self.output != "sigmoid":
             raise ValueError(
                 "VQGANConfig.logit_laplace=True needs VQGANConfig.output='sigmoid' (the "
                 "likelihood lives in logit space); set logit_laplace=False for a linear decoder"
             )
-        if self.position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(
-                f"VQGANConfig.position_embedding={self.position_embedding!r}; "
-                f"expected one of {POSITION_EMBEDDINGS}"
-            )
-        if self.encoder_context not in ENCODER_CONTEXTS:
-            raise ValueError(
-                f"VQGANConfig.encoder_context={self.encoder_context!r}; "
-                f"expected one of {ENCODER_CONTEXTS}"
-            )
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
-                f"VQGANConfig.attention_impl={self.attention_impl!r}; "
-                f"expected one of {ATTENTION_IMPLS}"
-            )
         if not 0.0 < self.logit_laplace_eps < 0.5:
             raise ValueError(
                 f"VQGANConfig.logit_laplace_eps={self.logit_laplace_eps} must be in (0, 0.5)"
             )
-        for name in ("dtype", "weight_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError as e:
-                raise ValueError(
-                    f"VQGANConfig.{name}={getattr(self, name)!r} is not a dtype name "
-                    "(use 'float32' or 'bfloat16')"
-                ) from e
+        self.check_dtypes()
 
     @property
     def grid(self) -> int:
@@ -151,11 +145,3 @@ class VQGANConfig:
     def out_channels(self) -> int:
         """Channels per pixel predicted by the decoder: 6 (mu, log b) with logit-Laplace, else 3."""
         return 6 if self.logit_laplace else 3
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def param_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.weight_dtype)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parti_jax.models.layers import DenseGeneral
 from parti_jax.partitioning import CODE_DIM, CODEBOOK, EMBED
 
 Array = jax.Array
@@ -57,23 +58,11 @@ class FactorizedQuantizer(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        dense = nn.initializers.xavier_uniform()
-        self.in_proj = nn.Dense(
-            self.code_dim,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(dense, (EMBED, CODE_DIM)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (CODE_DIM,)),
-            name="in_proj",
+        kw = dict(
+            use_bias=True, kernel_init="xavier", dtype=self.dtype, param_dtype=self.param_dtype
         )
-        self.out_proj = nn.Dense(
-            self.out_dim,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(dense, (CODE_DIM, EMBED)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
-            name="out_proj",
-        )
+        self.in_proj = DenseGeneral((self.code_dim,), (EMBED, CODE_DIM), **kw)
+        self.out_proj = DenseGeneral((self.out_dim,), (CODE_DIM, EMBED), **kw)
         # Rows have norm ~1 at init; they are normalised at every lookup anyway.
         self.codebook = self.param(
             "codebook",

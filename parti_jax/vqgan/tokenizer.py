@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from parti_jax import partitioning
 from parti_jax.vqgan.config import VQGANConfig
@@ -43,7 +42,8 @@ from parti_jax.vqgan.quantizer import codebook_hash
 from parti_jax.vqgan.vit_vqgan import ViTVQGAN
 
 META_FILE = "vqgan_meta.json"
-META_FORMAT_VERSION = 1
+# 2: VQGANConfig.decoder_tanh_ffn is recorded (format 1 predates it: the 'before' layout).
+META_FORMAT_VERSION = 2
 GENERATOR = "generator"
 
 
@@ -89,7 +89,11 @@ def write_vqgan_meta(workdir: str | os.PathLike, meta: Mapping[str, Any]) -> Pat
 
 
 def config_from_meta(meta: Mapping[str, Any]) -> VQGANConfig:
-    """The VQGANConfig recorded in a meta; unknown fields are an error naming them."""
+    """The VQGANConfig recorded in a meta; unknown fields are an error naming them.
+
+    A config without `decoder_tanh_ffn` (META_FORMAT_VERSION 1) was trained
+    with the tanh feed-forward before the decoder's blocks: it loads as 'before'.
+    """
     fields = {f.name for f in dataclasses.fields(VQGANConfig)}
     unknown = sorted(set(meta["config"]) - fields)
     if unknown:
@@ -97,7 +101,7 @@ def config_from_meta(meta: Mapping[str, Any]) -> VQGANConfig:
             f"{meta.get('_path', META_FILE)}: config has unknown VQGANConfig field(s) {unknown} "
             "(written by another parti_jax version?)"
         )
-    return VQGANConfig(**meta["config"])
+    return VQGANConfig(**{"decoder_tanh_ffn": "before", **meta["config"]})
 
 
 def config_differences(saved: VQGANConfig, given: VQGANConfig) -> list[str]:
@@ -114,15 +118,12 @@ def config_differences(saved: VQGANConfig, given: VQGANConfig) -> list[str]:
 
 
 def local_mesh(devices: list[Any] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh of this process's devices, all on 'data'."""
+    """A ('data', 'fsdp', 'tensor') mesh of this process's devices, all on 'data' (the
+    default for encoding and sampling: each host works on its own rows)."""
     devices = list(jax.local_devices() if devices is None else devices)
     array = np.asarray(devices, dtype=object).reshape(len(devices), 1, 1)
     auto = (jax.sharding.AxisType.Auto,) * len(partitioning.MESH_AXES)
     return Mesh(array, partitioning.MESH_AXES, axis_types=auto)
-
-
-def _batch_devices(mesh: Mesh) -> int:
-    return math.prod(mesh.shape[a] for a in partitioning.BATCH_MESH_AXES if a in mesh.shape)
 
 
 def _as_images(images: Any, size: int) -> np.ndarray:
@@ -188,33 +189,33 @@ class ImageTokenizer:
         rules: Any = "data_parallel",
         batch_size: int = 64,
     ) -> None:
-        """`params`: the ViTVQGAN 'params' collection (unboxed); `batch_size`: largest chunk."""
+        """Wraps loaded parameters; most callers use `ImageTokenizer.load`.
+
+        Args:
+          config: the VQGAN's config.
+          params: its 'params' (unboxed), on `mesh` as `load` places them (the
+            bundle keeps only the quantizer and decoder: decode-only).
+          meta: records (step, checkpoint, ...) merged into `self.meta`.
+          mesh, rules: where encode/decode run (default: local devices on 'data').
+          batch_size: the largest chunk of rows per jitted call.
+        """
         self._config = config
         self._model = ViTVQGAN(config)
         self.mesh = mesh or local_mesh()
         self.rules = partitioning.get_rules(rules) if isinstance(rules, str) else tuple(rules)
-        self._num_batch_devices = _batch_devices(self.mesh)
-        n = self._num_batch_devices
+        self._num_batch_devices = n = partitioning.batch_devices(self.mesh)
         self.batch_size = max(n, -(-int(batch_size) // n) * n)
-        self._row_sharding = NamedSharding(
-            self.mesh, PartitionSpec(tuple(a for a in partitioning.BATCH_MESH_AXES))
-        )
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0))
-        with partitioning.with_sharding_rules(self.mesh, self.rules):
-            shardings = partitioning.logical_shardings(abstract, self.mesh, self.rules)
-        self._params = jax.device_put(params, shardings)
-        hash_ = codebook_hash(self._params)
+        self._row_sharding = partitioning.batch_sharding(self.mesh)
+        self._params = params
         self._meta = {
             "codebook_size": config.codebook_size,
             "grid": [config.grid, config.grid],
-            "codebook_hash": hash_,
             "image_size": config.image_size,
             "step": None,
             "checkpoint": None,
-            **{k: v for k, v in (meta or {}).items() if k not in ("codebook_hash",)},
+            **(meta or {}),
+            "codebook_hash": codebook_hash(params),  # of these weights, whatever `meta` says
         }
-        self._meta["codebook_hash"] = hash_
         self._encode_fn = jax.jit(
             lambda p, x: self._model.apply({"params": p}, x, method=ViTVQGAN.encode),
             out_shardings=self._row_sharding,
@@ -223,10 +224,6 @@ class ImageTokenizer:
             lambda p, c: self._model.apply({"params": p}, c, method=ViTVQGAN.decode_codes),
             out_shardings=self._row_sharding,
         )
-
-    def _init(self, key: jax.Array) -> Any:
-        size = self._config.image_size
-        return self._model.init(key, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
 
     # -------------------------------------------------------------- loading
 
@@ -260,17 +257,14 @@ class ImageTokenizer:
         loaded_step = int(step_dir.name)
         tok_mesh = mesh or local_mesh()
         tok_rules = partitioning.get_rules(rules) if isinstance(rules, str) else rules
-        model = ViTVQGAN(saved)
-        size = saved.image_size
-        abstract = jax.eval_shape(
-            lambda k: model.init(k, jnp.zeros((1, size, size, 3), jnp.float32))["params"],
-            jax.random.PRNGKey(0),
-        )
+        # The restore target: the parameters' shapes with their shardings on the mesh.
+        images = jax.ShapeDtypeStruct((1, saved.image_size, saved.image_size, 3), jnp.float32)
+        abstract = jax.eval_shape(ViTVQGAN(saved).init, jax.random.key(0), images)["params"]
         with partitioning.with_sharding_rules(tok_mesh, tok_rules):
             shardings = partitioning.logical_shardings(abstract, tok_mesh, tok_rules)
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            nn.meta.unbox(abstract),
+            nn.unbox(abstract),
             shardings,
         )
         try:

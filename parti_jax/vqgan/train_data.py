@@ -1,80 +1,62 @@
-"""Pixel batches and image grids for VQGAN training (TensorFlow-free).
+"""Pixel batches and image grids for the VQGAN and upsampler trainers.
 
-- `SyntheticImagesIterator`: coloured rectangles and discs on a plain
-  background, every row a pure function of (seed, step, global row), with a
-  saved/restored position: the trainer's smoke-test data without TensorFlow.
-- `PixelsIterator`: wraps a pixel iterator (e.g. `make_pixels_iterator`'s)
-  so only `image` reaches the device, keeping its `save` / `restore`.
+- `pixel_source`: where training images come from (a data_factory, the
+  built-in synthetic images or shapes world, or a seqio `<name>_pixels` task).
+- `PixelsIterator`: wraps a pixel iterator so only a checked float32 `image`
+  reaches the device, keeping its `save` / `restore`.
 - `image_grid` / `write_png`: inputs above reconstructions, as a PNG.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from parti_jax.train.data_position import StepPositionIterator
+from parti_jax.train.synthetic import ShapesPixelsIterator, SyntheticImagesIterator
+
+SYNTHETIC, SHAPES_WORLD = "synthetic", "shapes_world"  # the built-in pixel sources
 
 
-class SyntheticImagesIterator(StepPositionIterator):
-    """`next(it)` -> {'image': float32 [B, S, S, 3] in [0, 1]}; `save` / `restore` its position.
+def pixel_source(
+    task: Any,
+    data_factory: Callable[..., Iterator] | None,
+    *,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    shard_index: int,
+    num_shards: int,
+    seed: int,
+    drop_remainder: bool = True,
+) -> Iterator[Mapping[str, Any]]:
+    """Host-local {'image': [B, S, S, 3]} batches: from `data_factory`, the built-in
+    'synthetic' images or 'shapes_world' (no TensorFlow; other splits get other seeds), or
+    a registered seqio `<name>_pixels` task (shuffled and repeated for 'train')."""
+    kw = dict(batch_size=batch_size, shard_index=shard_index, num_shards=num_shards)
+    train = split == "train"
+    if data_factory is not None:
+        return data_factory(**kw, seed=seed, split=split)
+    if task in (SYNTHETIC, SHAPES_WORLD):
+        seed = seed if train else seed + 1_000_003
+        if task == SYNTHETIC:
+            return SyntheticImagesIterator(**kw, image_size=image_size, seed=seed)
+        return ShapesPixelsIterator(**kw, image_size=image_size, split=split, seed=seed)
+    from parti_jax.data import pipeline  # TensorFlow: only for seqio tasks
 
-    Each image: a random background colour and 1-3 random rectangles or discs
-    in random colours. Rows are functions of (seed, step, global row index),
-    so 1 host x 8 devices and 2 hosts x 4 devices see the same global batch.
-    """
-
-    def __init__(
-        self,
-        *,
-        batch_size: int,
-        image_size: int,
-        shard_index: int = 0,
-        num_shards: int = 1,
-        seed: int = 0,
-    ) -> None:
-        """`batch_size` is the host-local batch (global batch / num_shards)."""
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.shard_index = shard_index
-        self.num_shards = num_shards
-        self.seed = seed
-        self.step = 0
-
-    def _image(self, global_index: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.step, global_index])
-        s = self.image_size
-        image = np.empty((s, s, 3), np.float32)
-        image[:] = rng.uniform(0.0, 1.0, 3)
-        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
-        for _ in range(int(rng.integers(1, 4))):
-            cx, cy = rng.uniform(0.2 * s, 0.8 * s, 2)
-            half = rng.uniform(0.1 * s, 0.3 * s)
-            if rng.integers(2):
-                mask = (np.abs(xx - cx) < half) & (np.abs(yy - cy) < half)
-            else:
-                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < half**2
-            image[mask] = rng.uniform(0.0, 1.0, 3)
-        return image
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        start = self.shard_index * self.batch_size
-        images = np.stack([self._image(start + i) for i in range(self.batch_size)])
-        self.step += 1
-        return {"image": images}
-
-    def _description(self) -> dict[str, int]:
-        return {
-            "batch_size": self.batch_size,
-            "image_size": self.image_size,
-            "shard_index": self.shard_index,
-            "num_shards": self.num_shards,
-            "seed": self.seed,
-        }
+    return pipeline.make_pixels_iterator(
+        task,
+        **kw,
+        split=split,
+        image_size=image_size,
+        seed=seed,
+        shuffle=train,
+        repeat=train,
+        drop_remainder=drop_remainder,
+    )
 
 
 class PixelsIterator:

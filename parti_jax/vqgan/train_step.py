@@ -25,22 +25,22 @@ updates (optax.set_to_zero), so they stay bit-identical.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from parti_jax.train import loop, optimizers
-from parti_jax.train.optimizers import OptimizerConfig, path_str
+from parti_jax.train import optimizers
+from parti_jax.train.optimizers import OptimizerConfig, path_name
 from parti_jax.train.state import TrainState
 from parti_jax.vqgan import losses, lpips
 from parti_jax.vqgan.config import VQGANConfig
-from parti_jax.vqgan.discriminator import Discriminator
+from parti_jax.vqgan.discriminator import Discriminator, DiscriminatorConfig
 from parti_jax.vqgan.quantizer import reinit_dead_codes
 from parti_jax.vqgan.vit_vqgan import ViTVQGAN
 
@@ -49,6 +49,91 @@ GENERATOR, DISCRIMINATOR = "generator", "discriminator"
 FREEZE_OPTIONS = ("encoder_and_codebook",)
 # Encoder, the projection into the lookup space and the codebook: what makes the codes.
 FROZEN_PARAMS = re.compile(r"^(encoder/|quantizer/(in_proj|codebook)(/|$))")
+# AlexNet's strided convolutions and pools leave nothing of smaller images (LPIPS is NaN).
+MIN_ALEXNET_SIZE = 32
+
+
+# ------------------------------------------------------------------ set-up
+
+
+@dataclasses.dataclass(frozen=True)
+class GanSetup:
+    """The adversarial set-up the VQGAN and upsampler trainers share.
+
+    Parameter groups {'generator', 'discriminator'} with one optimizer each
+    (default `OptimizerConfig.adamw_defaults`: warm-up to min(1000,
+    num_steps / 10), cosine decay to 0 at num_steps); no discriminator at all
+    when `LossConfig.adversarial_weight` is 0; LPIPS weights for the
+    perceptual term.
+    """
+
+    loss_config: losses.LossConfig
+    discriminator: Discriminator | None
+    generator_optimizer: OptimizerConfig
+    discriminator_optimizer: OptimizerConfig
+    freeze: str | None = None
+
+    @classmethod
+    def create(
+        cls,
+        loss_config: losses.LossConfig,
+        discriminator_config: DiscriminatorConfig | None,
+        generator_optimizer: OptimizerConfig | None,
+        discriminator_optimizer: OptimizerConfig | None,
+        *,
+        num_steps: int,
+        image_size: int,
+        freeze: str | None = None,
+    ) -> GanSetup:
+        if (
+            loss_config.perceptual_weight > 0
+            and loss_config.perceptual_net == "alexnet"
+            and image_size < MIN_ALEXNET_SIZE
+        ):
+            raise ValueError(
+                f"LossConfig.perceptual_net='alexnet' needs images of at least "
+                f"{MIN_ALEXNET_SIZE}px (these are {image_size}px); use 'vgg16' or "
+                "perceptual_weight=0"
+            )
+        default = OptimizerConfig.adamw_defaults(
+            warmup_steps=min(1000, max(num_steps // 10, 0)), decay_end_step=max(num_steps, 2)
+        )
+        discriminator = None
+        if loss_config.adversarial_weight > 0:
+            discriminator = Discriminator(discriminator_config or DiscriminatorConfig())
+        return cls(
+            loss_config,
+            discriminator,
+            generator_optimizer or default,
+            discriminator_optimizer or default,
+            freeze,
+        )
+
+    def optimizers(self) -> dict[str, optax.GradientTransformation]:
+        tx = {GENERATOR: generator_optimizer_tx(self.generator_optimizer, self.freeze)}
+        if self.discriminator is not None:
+            tx[DISCRIMINATOR] = optimizers.make_optimizer(self.discriminator_optimizer)
+        return tx
+
+    def learning_rate_fn(self) -> Any:
+        return optimizers.learning_rate_fn(self.generator_optimizer)
+
+    def variables(self, generator: dict, key: jax.Array, images: jax.Array) -> dict:
+        """{'generator': generator variables, 'discriminator': its init on `images`}."""
+        out = {GENERATOR: generator}
+        if self.discriminator is not None:
+            out[DISCRIMINATOR] = {"params": self.discriminator.init(key, images)["params"]}
+        return out
+
+    def lpips_params(self) -> PyTree:
+        """LPIPS weights of the perceptual term ({} when it is off): a step argument."""
+        if self.loss_config.perceptual_weight <= 0:
+            return {}
+        return lpips.load_lpips_params(self.loss_config.perceptual_net)
+
+    def eval_lpips_net(self, image_size: int) -> str:
+        """The LPIPS trunk for evaluation: the loss's, or VGG16 below AlexNet's minimum size."""
+        return "vgg16" if image_size < MIN_ALEXNET_SIZE else self.loss_config.perceptual_net
 
 
 # ------------------------------------------------------------------ pieces
@@ -63,7 +148,7 @@ def _stop_frozen(params: PyTree, freeze: str | None) -> PyTree:
     if freeze is None:
         return params
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: jax.lax.stop_gradient(x) if is_frozen(path_str(p), freeze) else x, params
+        lambda p, x: jax.lax.stop_gradient(x) if is_frozen(path_name(p), freeze) else x, params
     )
 
 
@@ -75,7 +160,7 @@ def generator_optimizer_tx(config: OptimizerConfig, freeze: str | None) -> Any:
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(
-            lambda p, _: "frozen" if is_frozen(path_str(p), freeze) else "trained", params
+            lambda p, _: "frozen" if is_frozen(path_name(p), freeze) else "trained", params
         )
 
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
@@ -153,13 +238,12 @@ def train_step(
     model: ViTVQGAN,
     discriminator: Discriminator | None,
     loss_config: losses.LossConfig,
-    learning_rate_fn: Callable[[jax.Array], jax.Array],
     freeze: str | None = None,
     dead_code_reinit: bool = False,
     dead_code_threshold: float = 1.0,
-    nan_policy: str = "stop",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One generator + discriminator update. Pure; jitted once with shardings and donation.
+    """One generator + discriminator update. Pure; the training loop jits it once with
+    shardings and donation (and adds the learning rate and the NaN policy).
 
     `lpips_params`: LPIPS weights (lpips.load_lpips_params), an argument rather
     than a constant so they are not baked into the compiled program ({} when
@@ -181,7 +265,9 @@ def train_step(
 
     def g_loss(params):
         params = _stop_frozen(params, freeze)
-        recon, aux = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        recon, aux = model.apply(
+            {"params": params}, images, enable_dropout=True, rngs={"dropout": rng}
+        )
         loss, metrics = losses.generator_loss(
             images,
             recon,
@@ -204,7 +290,6 @@ def train_step(
         metrics,
         discriminator=discriminator,
         loss_config=loss_config,
-        learning_rate_fn=learning_rate_fn,
         real=images,
         fake=recon,
     )
@@ -228,10 +313,6 @@ def train_step(
     new_state = new_state.replace(
         params=dict(new_state.params, **{GENERATOR: g_new}), model_state=model_state
     )
-    if nan_policy == "skip":
-        ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
-        new_state = loop.keep_if_finite(ok, new_state, state)
-        metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics
 
 
@@ -242,7 +323,6 @@ def apply_adversarial_gradients(
     *,
     discriminator: Discriminator | None,
     loss_config: losses.LossConfig,
-    learning_rate_fn: Callable[[jax.Array], jax.Array],
     real: jax.Array,
     fake: jax.Array,
 ) -> TrainState:
@@ -251,13 +331,12 @@ def apply_adversarial_gradients(
     Shared by the VQGAN and upsampler steps: the discriminator's loss
     (logistic + R1) is taken on the same `real` / `fake` images the
     generator's loss saw; before `LossConfig.adversarial_start_step` the
-    discriminator and its optimizer state stay as they were. Adds grad_norm,
-    learning_rate and (with a discriminator) its metrics and disc_grad_norm.
+    discriminator and its optimizer state stay as they were. Adds grad_norm
+    and (with a discriminator) its metrics and disc_grad_norm.
     """
     step = state.step
     d_params = state.params.get(DISCRIMINATOR) if discriminator is not None else None
     metrics["grad_norm"] = optax.tree.norm(g_grads)
-    metrics["learning_rate"] = learning_rate_fn(step)
     grads = {GENERATOR: g_grads}
     if d_params is not None:
 
@@ -281,53 +360,3 @@ def apply_adversarial_gradients(
         opt_state[DISCRIMINATOR] = keep(opt_state[DISCRIMINATOR], state.opt_state[DISCRIMINATOR])
         new_state = new_state.replace(params=params, opt_state=opt_state)
     return new_state
-
-
-class BoundStep:
-    """A jitted (state, batch, extra) step seen by loop.run as (state, batch) -> ..., with lower()."""
-
-    def __init__(self, jitted: Any, extra: PyTree) -> None:
-        self.jitted, self.extra = jitted, extra
-
-    def __call__(self, state: TrainState, batch: Any) -> Any:
-        return self.jitted(state, batch, self.extra)
-
-    def lower(self, state: TrainState, batch: Any) -> Any:
-        lowered, extra = self.jitted.lower(state, batch, self.extra), self.extra
-
-        class _Lowered:
-            def compile(self):
-                compiled = lowered.compile()
-                return lambda s, b: compiled(s, b, extra)
-
-        return _Lowered()
-
-
-# ------------------------------------------------------------------ layouts
-
-
-def convert_block_layout(tree: PyTree, scanned: bool) -> PyTree:
-    """Stacks `block_<i>` subtrees into one scanned `blocks` subtree (or back), everywhere.
-
-    For warm starts between VQGANs that differ in `scan_layers` (e.g. a Small
-    base encoder under a fine-tuning config that scans its Large decoder).
-    """
-    if not isinstance(tree, Mapping):
-        return tree
-    keys = list(tree)
-    block_keys = sorted(
-        (k for k in keys if re.fullmatch(r"block_\d+", str(k))), key=lambda k: int(k[6:])
-    )
-    out = {k: convert_block_layout(v, scanned) for k, v in tree.items() if k not in block_keys}
-    if scanned and block_keys:
-        out["blocks"] = jax.tree.map(
-            lambda *xs: np.stack([np.asarray(x) for x in xs]), *[tree[k] for k in block_keys]
-        )
-    elif not scanned and "blocks" in tree:
-        stacked = out.pop("blocks")
-        depth = jax.tree.leaves(stacked)[0].shape[0]
-        for i in range(depth):
-            out[f"block_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], stacked)
-    else:
-        out.update({k: tree[k] for k in block_keys})
-    return out

@@ -1,12 +1,22 @@
 """ViT-VQGAN (arXiv 2110.04627): a ViT encoder over 8x8 patches, a factorized
-l2 quantizer, and a ViT decoder back to pixels.
+l2 quantizer, and a ViT decoder back to pixels, built from `models/layers.py`.
 
 Encoder: patches -> linear patch embedding -> + position embedding -> pre-norm
-transformer blocks -> LayerNorm -> the paper's two-layer feed-forward network
+transformer layers -> LayerNorm -> the paper's two-layer feed-forward network
 with a tanh in the middle -> quantizer (projects to code_dim, looks up, projects
-up to the decoder width). Decoder: tanh feed-forward -> + position embedding ->
-pre-norm blocks -> LayerNorm -> linear patch unembedding to
-patch_size**2 * out_channels values per token -> pixels.
+up to the decoder width). Decoder (`VQGANConfig.decoder_tanh_ffn='after'`, the
+paper's "at the output of transformer blocks", as in the encoder): + position
+embedding -> pre-norm layers -> LayerNorm -> tanh feed-forward -> linear patch
+unembedding to patch_size**2 * out_channels values per token -> pixels; with
+'before' (the older layout) the tanh feed-forward comes first instead.
+
+The VQGAN's numerics, as options of the shared layers: xavier-uniform kernels
+and zero biases on every dense, GELU MLPs in the layers, LayerNorm computed in
+float32, the local attention mask (`attention_window`), MLP-only encoder layers
+(`encoder_context='patch'`). Parameters: 'encoder' / 'decoder' hold
+'patch_embedding', 'position_embedding', 'transformer' (its layers 'layers_<i>',
+or one scanned 'layers'), 'final_norm', 'tanh_ffn', 'patch_unembedding';
+'quantizer' holds the projections and the codebook.
 
 How the decoder output becomes an image (`decoder_output_to_images`):
   * output='sigmoid', logit_laplace=False: 3 channels, image = sigmoid(out).
@@ -23,6 +33,8 @@ Images in and out are float32 [B, H, W, 3] in [0, 1]; image tokens are int32
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -30,44 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parti_jax.partitioning import (
-    ACT_BATCH,
-    ACT_EMBED,
-    ACT_LENGTH,
-    EMBED,
-    HEADS,
-    KV,
-    LAYERS,
-    MLP,
-    PATCH,
-    POSITION,
-)
+from parti_jax.models.layers import HIDDEN_AXES, EncoderLayer, LayerSpec, Mlp, Stack, constrain
+from parti_jax.partitioning import EMBED, PATCH, POSITION
 from parti_jax.vqgan.config import VQGANConfig
 from parti_jax.vqgan.quantizer import FactorizedQuantizer
 
 Array = jax.Array
-
-_DENSE_INIT = nn.initializers.xavier_uniform()
-_ZEROS = nn.initializers.zeros
-_ONES = nn.initializers.ones
-
-
-def _kernel(axes: tuple[str | None, ...], init=_DENSE_INIT):
-    return nn.with_logical_partitioning(init, axes)
-
-
-def _layer_norm(name: str | None = None) -> nn.LayerNorm:
-    """LayerNorm computed in float32 with logically partitioned scale and bias."""
-    return nn.LayerNorm(
-        dtype=jnp.float32,
-        scale_init=_kernel((EMBED,), _ONES),
-        bias_init=_kernel((EMBED,), _ZEROS),
-        name=name,
-    )
-
-
-def _constrain(x: Array) -> Array:
-    return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
 
 def sincos_2d(grid: int, width: int) -> np.ndarray:
@@ -108,143 +88,31 @@ def unpatchify(tokens: Array, patch: int, grid: int, channels: int) -> Array:
     return x.reshape(b, grid * patch, grid * patch, channels)
 
 
-class HeadsProjection(nn.Module):
-    """[B, T, E] -> [B, T, heads, head_dim], or back with `to_heads=False`.
-
-    The kernel is created at its full rank ([E, H, D] or [H, D, E]): nn.DenseGeneral
-    calls its initializer with a flattened 2-D shape, which breaks 3-D logical
-    sharding constraints under a mesh.
-    """
-
-    heads: int
-    head_dim: int
-    width: int
-    config: VQGANConfig
-    to_heads: bool = True
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        if self.to_heads:
-            shape, axes = (self.width, self.heads, self.head_dim), (EMBED, HEADS, KV)
-            init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
-            bias_shape, bias_axes, eq = (self.heads, self.head_dim), (HEADS, KV), "bte,ehd->bthd"
-        else:
-            shape, axes = (self.heads, self.head_dim, self.width), (HEADS, KV, EMBED)
-            init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
-            bias_shape, bias_axes, eq = (self.width,), (EMBED,), "bthd,hde->bte"
-        kernel = self.param("kernel", _kernel(axes, init), shape, cfg.param_dtype)
-        bias = self.param("bias", _kernel(bias_axes, _ZEROS), bias_shape, cfg.param_dtype)
-        dtype = cfg.compute_dtype
-        y = jnp.einsum(eq, x.astype(dtype), jnp.asarray(kernel, dtype))
-        return y + jnp.asarray(bias, dtype)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention through jax.nn.dot_product_attention."""
-
-    width: int
-    heads: int
-    config: VQGANConfig
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        head_dim = self.width // self.heads
-        args = (self.heads, head_dim, self.width, cfg)
-        q = HeadsProjection(*args, name="query")(x)
-        k = HeadsProjection(*args, name="key")(x)
-        v = HeadsProjection(*args, name="value")(x)
-        mask = None
-        if cfg.attention_window:
-            mask = jnp.asarray(local_attention_mask(cfg.grid, cfg.attention_window))[None, None]
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
-        return HeadsProjection(*args, to_heads=False, name="out")(y)
-
-
-class FeedForward(nn.Module):
-    """Two dense layers with `activation` between them (GELU in blocks, tanh around the stacks)."""
-
-    width: int
-    hidden: int
-    config: VQGANConfig
-    activation: str = "gelu"
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        h = nn.Dense(
-            self.hidden,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_kernel((EMBED, MLP)),
-            bias_init=_kernel((MLP,), _ZEROS),
-            name="wi",
-        )(x)
-        h = jnp.tanh(h) if self.activation == "tanh" else nn.gelu(h)
-        return nn.Dense(
-            self.width,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_kernel((MLP, EMBED)),
-            bias_init=_kernel((EMBED,), _ZEROS),
-            name="wo",
-        )(h)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
-
-    width: int
-    heads: int
-    mlp_dim: int
-    config: VQGANConfig
-    attention: bool = True  # False: an MLP-only block, each patch on its own
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool) -> tuple[Array, None]:
-        drop = nn.Dropout(self.config.dropout, deterministic=not train)
-        if self.attention:
-            y = Attention(self.width, self.heads, self.config, name="attention")(
-                _layer_norm("pre_attention_norm")(x)
-            )
-            x = _constrain(x + drop(y).astype(x.dtype))
-        y = FeedForward(self.width, self.mlp_dim, self.config, name="mlp")(
-            _layer_norm("pre_mlp_norm")(x)
+def check_images(images: Array, size: int, field: str, fix: str) -> None:
+    """Raises unless `images` is [B, size, size, 3]; the error names `field` and `fix`."""
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise ValueError(
+            f"image batch has shape {tuple(images.shape)} but {field}={size} expects "
+            f"[B, {size}, {size}, 3]; {fix}"
         )
-        x = _constrain(x + drop(y).astype(x.dtype))
-        return x, None
 
 
-class Transformer(nn.Module):
-    """`depth` blocks, unrolled or under nn.scan (parameters stacked on a 'layers' axis)."""
-
-    width: int
-    depth: int
-    heads: int
-    mlp_dim: int
-    config: VQGANConfig
-    attention: bool = True  # False: MLP-only blocks (VQGANConfig.encoder_context='patch')
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
-        cfg = self.config
-        block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
-        args = (self.width, self.heads, self.mlp_dim, cfg, self.attention)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast,),
-                length=self.depth,
-                metadata_params={nn.PARTITION_NAME: LAYERS},
-            )(*args, name="blocks")
-            x, _ = stack(x, train)
-        else:
-            for i in range(self.depth):
-                x, _ = block(*args, name=f"block_{i}")(x, train)
-        return x
+def layer_spec(config: VQGANConfig, side: str) -> LayerSpec:
+    """The layers of the 'encoder' or 'decoder' stack."""
+    width, heads = getattr(config, f"{side}_width"), getattr(config, f"{side}_heads")
+    return LayerSpec(
+        width=width,
+        num_heads=heads,
+        head_dim=width // heads,
+        mlp_dim=getattr(config, f"{side}_mlp_dim"),
+        activation="gelu",
+        use_bias=True,
+        kernel_init="xavier",
+        dtype=config.compute_dtype,
+        param_dtype=config.param_dtype,
+        attention_impl=config.attention_impl,
+        dropout_rate=config.dropout,
+    )
 
 
 class PositionEmbedding(nn.Module):
@@ -263,77 +131,53 @@ class PositionEmbedding(nn.Module):
         else:
             table = self.param(
                 "table",
-                _kernel((POSITION, EMBED), nn.initializers.normal(stddev=0.02)),
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=0.02), (POSITION, EMBED)
+                ),
                 (self.grid * self.grid, self.width),
                 self.config.param_dtype,
             )
         return x + jnp.asarray(table, x.dtype)[None]
 
 
-class ViTEncoder(nn.Module):
-    """Images [B, H, W, 3] in [0, 1] -> token features [B, N, encoder_width]."""
+class ViTStack(nn.Module):
+    """The encoder or the decoder (`side`) of the ViT-VQGAN (see the module docstring).
+
+    'encoder': images [B, H, W, 3] in [0, 1] -> features [B, N, encoder_width];
+    'decoder': quantized features [B, N, decoder_width] -> raw output
+    [B, H, W, out_channels] in float32.
+    """
 
     config: VQGANConfig
+    side: str
 
     @nn.compact
-    def __call__(self, images: Array, train: bool = False) -> Array:
-        cfg = self.config
-        x = patchify(images.astype(jnp.float32) * 2.0 - 1.0, cfg.patch_size)
-        x = nn.Dense(
-            cfg.encoder_width,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_kernel((PATCH, EMBED)),
-            bias_init=_kernel((EMBED,), _ZEROS),
-            name="patch_embedding",
-        )(x)
-        x = PositionEmbedding(cfg.grid, cfg.encoder_width, cfg, name="position_embedding")(x)
-        x = _constrain(x)
-        x = Transformer(
-            cfg.encoder_width,
-            cfg.encoder_depth,
-            cfg.encoder_heads,
-            cfg.encoder_mlp_dim,
-            cfg,
-            attention=cfg.encoder_context == "attention",
-            name="transformer",
-        )(x, train)
-        x = _layer_norm("final_norm")(x)
-        return FeedForward(
-            cfg.encoder_width, cfg.encoder_mlp_dim, cfg, activation="tanh", name="tanh_ffn"
-        )(x)
-
-
-class ViTDecoder(nn.Module):
-    """Quantized features [B, N, decoder_width] -> raw output [B, H, W, out_channels] (f32)."""
-
-    config: VQGANConfig
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        cfg = self.config
-        x = FeedForward(
-            cfg.decoder_width, cfg.decoder_mlp_dim, cfg, activation="tanh", name="tanh_ffn"
-        )(x)
-        x = PositionEmbedding(cfg.grid, cfg.decoder_width, cfg, name="position_embedding")(x)
-        x = _constrain(x)
-        x = Transformer(
-            cfg.decoder_width,
-            cfg.decoder_depth,
-            cfg.decoder_heads,
-            cfg.decoder_mlp_dim,
-            cfg,
-            name="transformer",
-        )(x, train)
-        x = _layer_norm("final_norm")(x)
-        x = nn.Dense(
-            cfg.patch_size * cfg.patch_size * cfg.out_channels,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_kernel((EMBED, PATCH)),
-            bias_init=_kernel((PATCH,), _ZEROS),
-            name="patch_unembedding",
-        )(x)
+    def __call__(self, x: Array, enable_dropout: bool = False) -> Array:
+        cfg, encoder = self.config, self.side == "encoder"
+        spec = layer_spec(cfg, self.side)
+        # The paper's two-layer feed-forward network with a tanh in the middle.
+        tanh_ffn = Mlp(dataclasses.replace(spec, activation="tanh"), name="tanh_ffn")
+        if encoder:
+            x = patchify(x.astype(jnp.float32) * 2.0 - 1.0, cfg.patch_size)
+            x = spec.dense((spec.width,), (PATCH, EMBED), name="patch_embedding")(x)
+        elif cfg.decoder_tanh_ffn == "before":
+            x = tanh_ffn(x)
+        x = PositionEmbedding(cfg.grid, spec.width, cfg, name="position_embedding")(x)
+        mask = None
+        if cfg.attention_window:
+            mask = jnp.asarray(local_attention_mask(cfg.grid, cfg.attention_window))[None, None]
+        attention = not encoder or cfg.encoder_context == "attention"
+        layer = functools.partial(EncoderLayer, spec, attention=attention)
+        depth = getattr(cfg, f"{self.side}_depth")
+        stack = Stack(layer, depth, scan=cfg.scan_layers, remat=cfg.remat, name="transformer")
+        x, _ = stack(constrain(x, HIDDEN_AXES), None, (None, mask), enable_dropout)
+        x = spec.norm(name="final_norm")(x)
+        if encoder or cfg.decoder_tanh_ffn == "after":
+            x = tanh_ffn(x)
+        if encoder:
+            return x
+        pixels = (cfg.patch_size**2 * cfg.out_channels,)
+        x = spec.dense(pixels, (EMBED, PATCH), name="patch_unembedding")(x)
         return unpatchify(x.astype(jnp.float32), cfg.patch_size, cfg.grid, cfg.out_channels)
 
 
@@ -354,28 +198,19 @@ class ViTVQGAN(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        self.encoder = ViTEncoder(cfg)
-        self.quantizer = FactorizedQuantizer(
-            codebook_size=cfg.codebook_size,
-            code_dim=cfg.code_dim,
-            out_dim=cfg.decoder_width,
-            beta=cfg.beta,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.param_dtype,
-        )
-        self.decoder = ViTDecoder(cfg)
+        self.encoder = ViTStack(cfg, "encoder")
+        sizes = (cfg.codebook_size, cfg.code_dim, cfg.decoder_width, cfg.beta)
+        self.quantizer = FactorizedQuantizer(*sizes, cfg.compute_dtype, cfg.param_dtype)
+        self.decoder = ViTStack(cfg, "decoder")
 
     def _check_images(self, images: Array) -> None:
-        size = self.config.image_size
-        if images.ndim != 4 or images.shape[1:] != (size, size, 3):
-            raise ValueError(
-                f"image batch has shape {tuple(images.shape)} but VQGANConfig.image_size="
-                f"{size} expects [B, {size}, {size}, 3]; resize the images or set "
-                "VQGANConfig.image_size to match"
-            )
+        fix = "resize the images or set VQGANConfig.image_size to match"
+        check_images(images, self.config.image_size, "VQGANConfig.image_size", fix)
 
-    def __call__(self, images: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
-        """Reconstructs images [B, H, W, 3] in [0, 1].
+    def __call__(
+        self, images: Array, enable_dropout: bool = False
+    ) -> tuple[Array, dict[str, Array]]:
+        """Reconstructs images [B, H, W, 3] in [0, 1] (dropout only with `enable_dropout`).
 
         Returns:
           (recon [B, H, W, 3] float32, unclipped, aux): aux holds the quantizer's
@@ -385,9 +220,9 @@ class ViTVQGAN(nn.Module):
           what losses.logit_laplace_nll reads).
         """
         self._check_images(images)
-        features = self.encoder(images, train)
+        features = self.encoder(images, enable_dropout)
         quantized, aux = self.quantizer(features)
-        output = self.decoder(quantized, train)
+        output = self.decoder(quantized, enable_dropout)
         b, g = images.shape[0], self.config.grid
         aux = dict(aux, codes=aux["codes"].reshape(b, g, g), decoder_output=output)
         return decoder_output_to_images(output, self.config), aux
@@ -395,7 +230,7 @@ class ViTVQGAN(nn.Module):
     def encode(self, images: Array) -> Array:
         """Images [B, H, W, 3] in [0, 1] -> image tokens int32 [B, grid, grid]."""
         self._check_images(images)
-        latents = self.quantizer.project(self.encoder(images, False))
+        latents = self.quantizer.project(self.encoder(images))
         g = self.config.grid
         return self.quantizer.lookup(latents).reshape(images.shape[0], g, g)
 
@@ -420,7 +255,7 @@ class ViTVQGAN(nn.Module):
                 )
         b = codes.shape[0]
         quantized = self.quantizer.embed_codes(codes.reshape(b, cfg.num_tokens).astype(jnp.int32))
-        output = self.decoder(quantized, False)
+        output = self.decoder(quantized)
         return jnp.clip(decoder_output_to_images(output, cfg), 0.0, 1.0)
 
 

@@ -82,3 +82,21 @@ def test_mesh_rules_selected_by_name(tmp_path):
     parse(str(good))
     with pytest.raises(ValueError, match="unknown partitioning rules 'tensor_only'"):
         gin.get_configurable("MeshConfig")()
+
+
+def test_gin_flags_are_split_from_the_others(tmp_path):
+    parser = flags.make_parser("x", "test")
+    argv = ["--gin.train.batch_size", "8", "--gin.ModelConfig.d_model=64", "--workdir=/w"]
+    args = flags.parse_args(parser, argv)
+    assert args.gin_bindings == ["train.batch_size = 8", "ModelConfig.d_model = 64"]
+    assert args.workdir == "/w" and args.gin_files == []
+    with pytest.raises(flags.UsageError, match="needs a value"):
+        flags.parse_args(parser, ["--gin.train.batch_size"])
+    with pytest.raises(flags.UsageError, match="empty binding name"):
+        flags.parse_args(parser, ["--gin.=3"])
+    with pytest.raises(flags.UsageError, match="gin file models/no_such.gin: Unable to open"):
+        parse("models/no_such.gin")
+    # A file in a --gin_search_path folder is found by its relative name.
+    (tmp_path / "mine.gin").write_text("include 'models/tiny.gin'\nModelConfig.d_model = 48\n")
+    parse("mine.gin", search=(str(tmp_path),))
+    assert gin.get_configurable("ModelConfig")().d_model == 48

@@ -5,6 +5,7 @@ import pytest
 from scipy import ndimage
 
 from parti_jax.data import judge, shapes
+from parti_jax.data.shapes_parsing import parse_caption
 
 
 def _degrade(image: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
@@ -26,7 +27,7 @@ def _rates(resolution: int, per_split: int, sigma: float):
     for split in shapes.SPLITS:
         for i in range(per_split):
             ex = shapes.generate_example(i, split, config=cfg)
-            req = shapes.parse_caption(ex.caption)
+            req = parse_caption(ex.caption)
             detected = judge.analyse(ex.image)
             n += 1
             clean += judge.judge_requirements(detected, req).match
@@ -34,9 +35,7 @@ def _rates(resolution: int, per_split: int, sigma: float):
             degraded += judge.judge_requirements(noisy, req).match
             for caption, _ in shapes.near_miss_captions(ex.spec, rng, cfg):
                 misses += 1
-                rejected += not judge.judge_requirements(
-                    detected, shapes.parse_caption(caption)
-                ).match
+                rejected += not judge.judge_requirements(detected, parse_caption(caption)).match
     return n, clean / n, degraded / n, rejected / misses
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from parti_jax.data import shapes
+from parti_jax.data.shapes_parsing import parse_caption
 
 
 def _true_attrs(spec: shapes.SceneSpec):
@@ -155,7 +156,7 @@ def test_templates_are_varied_and_every_caption_parses_to_what_it_states():
             spec = shapes.sample_scene(rng, split, shapes.ShapesWorldConfig())
             replay, req = shapes.sample_caption(spec, rng, shapes.ShapesWorldConfig())
             assert (spec, replay) == (ex_spec, caption)
-            assert shapes.parse_caption(caption) == req, caption
+            assert parse_caption(caption) == req, caption
             # What a caption states is true of its scene.
             for r, o in zip(req.objects, spec.objects):
                 assert r.shape == o.shape and r.color == o.color
@@ -164,7 +165,7 @@ def test_templates_are_varied_and_every_caption_parses_to_what_it_states():
                 assert req.relation in shapes.true_relations(*spec.objects)
             captions.add(caption)
     assert len(captions) > 1000
-    stated = [shapes.parse_caption(c) for c in captions]
+    stated = [parse_caption(c) for c in captions]
     assert any(r.objects[0].size is None for r in stated)  # some leave size unstated
     assert any(r.objects[0].cell is None for r in stated)
 
@@ -179,16 +180,16 @@ def test_parse_caption_variants_and_errors():
         "  top left:   a little red circle ",
         "small red circle in the top left corner",
     ):
-        assert shapes.parse_caption(text) == want, text
-    two = shapes.parse_caption("a yellow triangle with a big blue square to its left")
+        assert parse_caption(text) == want, text
+    two = parse_caption("a yellow triangle with a big blue square to its left")
     assert two.relation == "left"
     assert two.objects[0] == shapes.ObjectRequirement("square", "blue", "large", None)
     assert two.objects[1] == shapes.ObjectRequirement("triangle", "yellow", None, None)
-    assert shapes.parse_caption("green diamond").objects[0].color == "green"
+    assert parse_caption("green diamond").objects[0].color == "green"
     with pytest.raises(ValueError, match=r"not a shapes-world caption \(unknown words: 'dog'"):
-        shapes.parse_caption("a red dog in the top left")
+        parse_caption("a red dog in the top left")
     with pytest.raises(ValueError, match="not a shapes-world caption"):
-        shapes.parse_caption("")
+        parse_caption("")
 
 
 def test_near_misses_change_exactly_one_attribute():
@@ -204,7 +205,7 @@ def test_near_misses_change_exactly_one_attribute():
         assert set(kinds) == expected and len(kinds) == len(expected)
         seen.add(len(spec.objects))
         for caption, kind in misses:
-            req = shapes.parse_caption(caption)
+            req = parse_caption(caption)
             if kind == "count":
                 assert len(req.objects) != len(spec.objects)
                 continue

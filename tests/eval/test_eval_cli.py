@@ -60,9 +60,9 @@ def test_compare_writes_the_report_and_bad_files_give_one_line(tmp_path, capsys)
 
 
 def _eval_dir(path, n=5):
-    prompts = [S.EvalPrompt(i, f"prompt <b>{i}</b>", "Animals", "Basic") for i in range(n)]
-    S.generate_prompts(RecordingGenerator(), path, prompts, S.GenerationSettings(),
-                       process_index=0, process_count=1)  # fmt: skip
+    prompts = [R.PromptRecord(i, f"prompt <b>{i}</b>", "Animals", "Basic") for i in range(n)]
+    S.generate_suite(RecordingGenerator(), path, prompts, S.GenerationSettings(),
+                     process_index=0, process_count=1)  # fmt: skip
     return path
 
 

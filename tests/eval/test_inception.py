@@ -20,27 +20,28 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert_fid_inceptio
 TRUNK_PARAMS = 27_161_264 - (98_304 + 256 + 2_457_600 + 1_536 + 769_000) - 2_049_000
 
 
-def test_expected_table_matches_the_architecture_and_the_flax_module():
-    assert len(I.CONV_SPECS) == 94  # Inception-v3's conv layers without the aux head
-    learned = {k: v for k, v in I.EXPECTED_PARAMS.items() if "running" not in k}
+def test_expected_table_matches_torchvisions_inception_trunk():
+    """The .npz table, read off the Flax module, against torchvision's published numbers."""
+    table = I.expected_params()
+    convs = [k for k in table if k.endswith(".conv.weight")]
+    assert len(convs) == 94  # Inception-v3's conv layers without the aux head
+    learned = {k: v for k, v in table.items() if "running" not in k}
     assert sum(int(np.prod(s)) for s in learned.values()) == TRUNK_PARAMS == 21_785_568
-    assert len(I.EXPECTED_PARAMS) == 94 * 5
-    assert I.EXPECTED_PARAMS["Conv2d_1a_3x3.conv.weight"] == (32, 3, 3, 3)
-    assert I.EXPECTED_PARAMS["Mixed_5b.branch1x1.conv.weight"] == (64, 192, 1, 1)
-    assert I.EXPECTED_PARAMS["Mixed_6b.branch7x7_2.conv.weight"] == (128, 128, 1, 7)
-    assert I.EXPECTED_PARAMS["Mixed_7c.branch_pool.bn.running_var"] == (192,)
-    # The Flax module's variables, named and laid out as torch, are exactly the table.
-    assert I.flax_variable_shapes() == I.EXPECTED_PARAMS
+    assert len(table) == 94 * 5  # conv weight + BatchNorm weight, bias, running mean, var
+    assert table["Conv2d_1a_3x3.conv.weight"] == (32, 3, 3, 3)
+    assert table["Mixed_5b.branch1x1.conv.weight"] == (64, 192, 1, 1)
+    assert table["Mixed_6b.branch7x7_2.conv.weight"] == (128, 128, 1, 7)
+    assert table["Mixed_7c.branch_pool.bn.running_var"] == (192,)
 
 
 def test_converter_mapping_and_script(tmp_path):
-    state = {k: np.zeros(s, np.float64) for k, s in I.EXPECTED_PARAMS.items()}
+    state = {k: np.zeros(s, np.float64) for k, s in I.expected_params().items()}
     state.update({k.replace("running_mean", "num_batches_tracked"): np.zeros((), np.int64)
-                  for k in I.EXPECTED_PARAMS if k.endswith("running_mean")})  # fmt: skip
+                  for k in I.expected_params() if k.endswith("running_mean")})  # fmt: skip
     state["fc.weight"] = np.zeros((1008, 2048), np.float32)
     state["fc.bias"] = np.zeros((1008,), np.float32)
     arrays = I.torch_state_to_npz_arrays(state)
-    assert set(arrays) == set(I.EXPECTED_PARAMS)
+    assert set(arrays) == set(I.expected_params())
     assert all(a.dtype == np.float32 for a in arrays.values())
     del state["Mixed_6a.branch3x3.bn.bias"]
     with pytest.raises(I.WeightsError, match=r"missing key\(s\): Mixed_6a.branch3x3.bn.bias"):
@@ -109,7 +110,7 @@ def random_weights(tmp_path_factory):
     """An .npz in the documented format with random arrays (He-scaled so features stay finite)."""
     rng = np.random.default_rng(0)
     arrays = {}
-    for key, shape in I.EXPECTED_PARAMS.items():
+    for key, shape in I.expected_params().items():
         if key.endswith("conv.weight"):
             scale = np.sqrt(2.0 / np.prod(shape[1:]))
             arrays[key] = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
@@ -145,7 +146,9 @@ def test_forward_pass_and_unvalidated_fid(random_weights, tmp_path, monkeypatch)
     # The second batch is uint8 (scaled by 1/255, equal to the floats up to rounding).
     as_uint8 = np.round(images[::-1] * 255).astype(np.uint8)
     result = F.compute_fid(iter([images, as_uint8]), random_weights, ref)
-    both = np.concatenate([feats, feats[::-1]]).astype(np.float64)
+    uint8_feats = np.asarray(I.inception_features(variables, as_uint8))
+    np.testing.assert_allclose(uint8_feats, feats[::-1], atol=0.05 * np.abs(feats).max())
+    both = np.concatenate([feats, uint8_feats]).astype(np.float64)
     np.testing.assert_allclose(seen["mu1"], both.mean(0), rtol=1e-2, atol=1e-2)
     sigma = np.cov(both, rowvar=False)
     np.testing.assert_allclose(seen["sigma1"], sigma, atol=1e-2 * np.abs(sigma).max())

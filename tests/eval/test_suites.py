@@ -73,6 +73,22 @@ def test_parti_prompts_two_processes_then_resume(tmp_path):
         )
 
 
+def test_settings_from_a_suites_arguments():
+    """A suite's own arguments pick the settings; num_samples / seed default to the config's."""
+    from parti_jax.decoding import SamplingConfig
+
+    config = SamplingConfig(num_samples=3, seed=9)
+    args = dict(generator=None, num_samples=None, seed=None, keep_top_k=2, world_seed=5,
+                sampling_config=config, scorer=_Crash("not a name"), batch_size=None)  # fmt: skip
+    settings = S.GenerationSettings.from_args(args)
+    assert (settings.num_samples, settings.seed, settings.keep_top_k) == (3, 9, 2)
+    assert settings.record()["scorer"] == "_Crash" and settings.image_size is None
+    bare = S.GenerationSettings.from_args({"num_samples": None, "seed": None})
+    assert (bare.num_samples, bare.seed) == (1, 0)
+    with pytest.raises(S.SuiteError, match=r"keep_top_k=4 must be in \[1, num_samples=3\]"):
+        S.GenerationSettings.from_args(dict(args, keep_top_k=4))
+
+
 class _Crash(RuntimeError):
     pass
 
@@ -230,7 +246,7 @@ def test_psnr_and_codebook_numbers():
     a = np.zeros((2, 4, 4, 3))
     b = a.copy()
     b[1] += 0.1  # MSE 0.01 -> 20 dB
-    value, identical = reconstruction.psnr_per_image(a, b)
+    value, identical, _ = reconstruction.psnr_per_image(a, b)
     assert value.tolist() == pytest.approx([100.0, 20.0]) and identical.tolist() == [True, False]
     stats = reconstruction.codebook_stats(np.array([5, 5, 0, 0]))
     assert stats["codebook_usage"] == 0.5 and stats["codebook_perplexity"] == pytest.approx(2.0)
@@ -243,9 +259,9 @@ def test_psnr_and_codebook_numbers():
 
 def _eval_folder(path, n=6, size=8):
     gen = RecordingGenerator(size=size)
-    prompts = [S.EvalPrompt(i, f"prompt {i}") for i in range(n)]
+    prompts = [R.PromptRecord(i, f"prompt {i}") for i in range(n)]
     settings = S.GenerationSettings(num_samples=1)
-    S.generate_prompts(gen, path, prompts, settings, process_index=0, process_count=1)
+    S.generate_suite(gen, path, prompts, settings, process_index=0, process_count=1)
     return path
 
 

@@ -138,7 +138,7 @@ def test_shapes_suite_metrics_structure_on_tiny_checkpoints(generator, tmp_path)
 
 
 def test_reconstruction_suite_on_tiny_vqgan_and_upsampler(tiny_pipeline, tmp_path):
-    from parti_jax.upsampler.train import load_upsampler
+    from parti_jax.loading import load_upsampler
     from parti_jax.vqgan.tokenizer import ImageTokenizer
 
     tok = ImageTokenizer.load(tiny_pipeline["vqgan"])

@@ -139,7 +139,7 @@ def test_mesh_mismatch_names_both_numbers(capsys):
         *TRAIN,
     )
     assert rc == 2
-    assert re.search(r"= 8 devices, but the slice's 16 devices", err)
+    assert re.search(r"= 8 devices, not the slice's 16 devices", err)
 
 
 @pytest.mark.parametrize(

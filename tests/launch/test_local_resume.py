@@ -53,9 +53,9 @@ def test_killed_trainer_stops_all_restarts_and_resumes(tmp_path):
     workdir = tmp_path / "run"
     command = [
         sys.executable, "-m", "parti_jax", "train", "--gin_file=runs/tiny_train.gin",
-        f"--workdir={workdir}", f"--gin.train.num_steps={NUM_STEPS}",
-        f"--gin.train.checkpoint_every={CHECKPOINT_EVERY}", "--gin.train.log_every=1",
-        "--gin.train.async_checkpoints=False",
+        f"--workdir={workdir}", f"--gin.train/LoopConfig.num_steps={NUM_STEPS}",
+        f"--gin.train/LoopConfig.checkpoint_every={CHECKPOINT_EVERY}",
+        "--gin.train/LoopConfig.log_every=1", "--gin.train/LoopConfig.async_checkpoints=False",
     ]  # fmt: skip
     status = io.StringIO()
     launcher = local.LocalLauncher(

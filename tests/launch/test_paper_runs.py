@@ -10,13 +10,16 @@ device memory analytically (no compilation of large models here).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 
 import pytest
 
 import gin
 from parti_jax import memory
+from parti_jax.cli import benchmark as benchmark_cli
 from parti_jax.cli import flags
+from parti_jax.cli import main as cli_main
 from parti_jax.models.config import ModelConfig
 from parti_jax.partitioning import MeshConfig
 from parti_jax.train.optimizers import OptimizerConfig
@@ -36,19 +39,8 @@ def _clean_gin():
 
 
 def _load(path: str) -> dict:
-    gin.clear_config()
     flags.setup_gin(flags.CommonArgs([path], [], [], None, argparse.Namespace()), finalize=False)
-    q = gin.query_parameter
-    return dict(
-        config=gin.get_configurable("ModelConfig")(),
-        target=gin.get_configurable("HardwareTarget")(),
-        mesh_config=gin.get_configurable("MeshConfig")(),
-        optimizer_config=gin.get_configurable("OptimizerConfig")(),
-        batch_size=q("train.batch_size"),
-        text_length=q("train.text_length"),
-        num_micro_batches=q("train.num_micro_batches"),
-        loss_chunk_size=q("train.loss_chunk_size"),
-    )
+    return benchmark_cli.run_file_setup()
 
 
 @pytest.mark.parametrize("path", sorted(PAPER_RUNS))
@@ -58,7 +50,8 @@ def test_paper_run_fits_its_target(path):
     assert setup["mesh_config"].rules == rules
     assert setup["batch_size"] == 8192 and setup["text_length"] == 128
     assert setup["optimizer_config"] == OptimizerConfig()  # the paper's Adafactor
-    assert gin.query_parameter("train.num_steps") == 450_000
+    with gin.config_scope("train"):
+        assert gin.get_configurable("LoopConfig")().num_steps == 450_000
     est = memory.train_memory(**setup)
     assert dict(est.mesh) == degrees
     assert est.batch_per_device * degrees["data"] * degrees["fsdp"] == 8192
@@ -67,6 +60,19 @@ def test_paper_run_fits_its_target(path):
     text = (flags.gin_dir() / path).read_text()
     stated = float(re.search(r"= ([\d.]+) GiB of ([\d.]+) GiB", text).group(1))
     assert stated == pytest.approx(est.total / memory.GIB, abs=0.06), est.gib()
+
+
+def test_benchmark_memory_prints_the_estimate_as_a_json_line(capsys):
+    code = cli_main.main(["benchmark", "memory", "--gin_file=runs/parti_350m_dp.gin"])
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert code == 0, line
+    assert (line["benchmark"], line["model"], line["method"]) == (
+        "memory",
+        "parti_350m_dp",
+        "analytic",
+    )
+    assert line["mesh"] == PAPER_RUNS["runs/parti_350m_dp.gin"][1] and line["fits_90_percent"]
+    assert line["batch_per_device"] * 64 == line["batch_size"] == 8192
 
 
 def test_state_bytes_follow_the_sharding():
@@ -91,12 +97,12 @@ def test_state_bytes_follow_the_sharding():
 
 def test_memory_errors_name_the_field():
     target = memory.HardwareTarget(num_devices=8)
-    with pytest.raises(ValueError, match="train.batch_size=12"):
+    with pytest.raises(ValueError, match="batch_size=12 must be a positive multiple"):
         memory.train_memory(
             ModelConfig(), target=target, mesh_config=MeshConfig(data=8, fsdp=1), batch_size=12
         )
     with pytest.raises(ValueError, match="MeshConfig data=4 x fsdp=1 x tensor=1 = 4 devices"):
-        memory.mesh_degrees(MeshConfig(data=4, fsdp=1), 8)
+        MeshConfig(data=4, fsdp=1).degrees(8)
     with pytest.raises(ValueError, match="num_heads=16 is not divisible by tensor=3"):
         memory.train_memory(
             ModelConfig(),
@@ -125,7 +131,7 @@ def test_analytic_estimate_matches_compiled_memory_analysis(cpu_devices):
         loss_chunk_size=16,
     )
     analytic = memory.train_memory(cfg, target=memory.HardwareTarget(num_devices=8), **kw)
-    compiled = memory.compiled_train_memory(cfg, num_devices=8, **kw)
+    compiled = memory.train_memory(cfg, target=memory.HardwareTarget(), method="compiled", **kw)
     assert dict(analytic.mesh) == dict(compiled.mesh) == {"data": 1, "fsdp": 4, "tensor": 2}
     # The state is what the compiled step takes as arguments (less the batch).
     args = compiled.compiled["argument"] - analytic.batch

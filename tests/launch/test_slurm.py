@@ -180,7 +180,7 @@ def test_bad_input_is_named():
         slurm.sbatch_script(spec, slurm.SlurmTarget())
     with pytest.raises(LaunchError, match="num_slices"):
         slurm.sbatch_script(LaunchSpec(command=("x",), num_slices=2), slurm.SlurmTarget())
-    with pytest.raises(LaunchError, match=r"= 4 devices, but the slice's 16 devices"):
+    with pytest.raises(LaunchError, match=r"= 4 devices, not the slice's 16 devices"):
         slurm.sbatch_script(
             LaunchSpec(command=("x",), num_hosts=2, devices_per_host=8, data=2, fsdp=2),
             slurm.SlurmTarget(),

@@ -100,7 +100,7 @@ def test_spec_mismatches_name_both_numbers():
     with pytest.raises(LaunchError, match=r"v4-32 has 4 host\(s\).*is 2"):
         tpu.tpu_plan(wrong_hosts, target)
     bad_mesh = _spec("v4-32", data=2, fsdp=4)
-    with pytest.raises(LaunchError, match=r"= 8 devices, but the slice's 16 devices"):
+    with pytest.raises(LaunchError, match=r"= 8 devices, not the slice's 16 devices"):
         tpu.tpu_plan(bad_mesh, target)
     with pytest.raises(LaunchError, match="--zone"):
         tpu.tpu_plan(_spec("v4-32"), tpu.TpuTarget(accelerator_type="v4-32"))

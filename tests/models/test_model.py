@@ -128,6 +128,31 @@ def test_cached_decoding_matches_teacher_forcing(case, params):
     np.testing.assert_array_equal(np.asarray(cache["text_lengths"][0]), [4, 2])
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_named_decoder_methods(case, params):
+    cfg = CASES[case]
+    p = _layout(cfg, params)
+    model, variables = EncoderDecoder(cfg), {"params": p}
+    apply = jax.jit(model.apply, static_argnames="method")
+    # Hidden states then their logits, or the encoding then the teacher-forced
+    # decoder: both are the whole teacher-forced pass.
+    full = logits_of(cfg, p)
+    hidden = apply(variables, ENC, DEC, method=EncoderDecoder.hidden_states)
+    assert hidden.shape == (2, N, cfg.d_model)
+    logits = apply(variables, hidden, method=EncoderDecoder.logits_from_hidden)
+    np.testing.assert_allclose(logits, full, atol=1e-5, rtol=1e-5)
+    encoded = apply(variables, ENC, method=EncoderDecoder.encode)
+    decoded = apply(variables, encoded, ENC, DEC, method=EncoderDecoder.decode)
+    np.testing.assert_allclose(decoded, full, atol=1e-5, rtol=1e-5)
+    # Cross-attention K/V: each layer's own key and value projections of the text.
+    key, value = apply(variables, encoded, method=lambda m, e: m.decoder.cross_kv(e))
+    cross = params["decoder"]["layers"]["cross_attention"]  # scanned: [layers, ...]
+    for i in range(cfg.num_decoder_layers):
+        for got, proj in ((key, "key"), (value, "value")):
+            want = jnp.einsum("btd,dhk->bthk", encoded, cross[proj]["kernel"][i])
+            np.testing.assert_allclose(got[i], want, atol=1e-5, rtol=1e-5)
+
+
 def test_make_tokens_to_logits_accepts_variables(params):
     model = EncoderDecoder(CFG)
     cache_a = jax.eval_shape(lambda p: make_tokens_to_logits(model, p, ENC)[1], params)

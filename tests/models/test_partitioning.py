@@ -9,7 +9,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -88,7 +87,7 @@ def test_mesh_axes_and_fill(mesh, cpu_devices):
             dict(data=3, fsdp=-1),
             "cannot fill fsdp=-1, the other degrees multiply to 3, which does not divide the 8 devices",
         ),
-        (dict(data=2, fsdp=2, tensor=1), "= 4 devices, but there are 8 devices"),
+        (dict(data=2, fsdp=2, tensor=1), "= 4 devices, not the 8 devices"),
         (dict(dcn_data=2, fsdp=-1), "2 slices, but the devices come from 1 processes"),
         (dict(dcn_data=3), "3 slices does not divide the 8 devices"),
     ],
@@ -110,6 +109,17 @@ def test_bad_mesh_degrees_name_the_numbers(kwargs, message):
 def test_mesh_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         pt.MeshConfig(**kwargs)
+
+
+def test_degrees_fold_ici_and_dcn_and_parse_from_a_flag():
+    config = pt.MeshConfig(data=1, fsdp=-1, tensor=2, dcn_data=4)
+    assert config.ici_degrees(32) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert config.degrees(32) == {"data": 4, "fsdp": 4, "tensor": 2}
+    with pytest.raises(ValueError, match=r"does not divide the 6 devices per slice \(4 slices\)"):
+        pt.MeshConfig(data=4, fsdp=-1, dcn_data=4).degrees(24)
+    assert pt.parse_mesh("data=2, fsdp=-1,dcn_data=2") == {"data": 2, "fsdp": -1, "dcn_data": 2}
+    with pytest.raises(ValueError, match="'model=4' is not AXIS=DEGREE"):
+        pt.parse_mesh("data=2,model=4")
 
 
 # ------------------------------------------------------------ rule tables
@@ -194,8 +204,9 @@ def test_logical_constraint_changes_compiled_sharding(mesh):
     assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 2)
     assert y.addressable_shards[0].data.shape == (2, 16)
     assert z.sharding.is_fully_replicated
-    batch = pt.batch_sharding(mesh, pt.FSDP_TP_RULES)
+    batch = pt.batch_sharding(mesh)
     assert batch.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 3)
+    assert pt.batch_devices(mesh) == 4
     # Rules without a mesh in context do nothing (why with_sharding_rules sets both).
     with nn.logical_axis_rules(pt.FSDP_RULES):
         assert jax.jit(constrained)(x).sharding.is_fully_replicated
@@ -235,46 +246,6 @@ def test_sharded_init_fails_before_compiling_on_a_bad_mesh(cpu_devices):
         match=r"self_attention/query/kernel dim 2 \(heads\) = 2 is not divisible by tensor=3",
     ):
         pt.sharded_init(_init, mesh3, pt.FSDP_TP_RULES, jax.random.key(0), ENC[:3], DEC[:3])
-
-
-# ------------------------------------------------- optimizer-state specs
-def test_state_shardings_follow_params_and_factored_moments(mesh):
-    rng = jax.random.key(0)
-    abstract = jax.eval_shape(_init, rng, ENC, DEC)
-    params = nn.unbox(abstract)["params"]
-    param_shardings = pt.logical_shardings(abstract, mesh, pt.FSDP_TP_RULES)["params"]
-    wi = ("decoder", "layers", "mlp", "wi", "kernel")  # [2, 32 (fsdp), 64 (tensor)]
-
-    adam = optax.adam(1e-3)
-    adam_state = jax.eval_shape(adam.init, params)
-    adam_shardings = pt.state_shardings(adam_state, params, param_shardings)
-    assert _get(adam_shardings[0].mu, wi) == _get(param_shardings, wi)
-    assert adam_shardings[0].count.is_fully_replicated
-
-    adafactor = optax.adafactor(1e-3, min_dim_size_to_factor=16)
-    state = jax.eval_shape(adafactor.init, params)
-    shardings = pt.state_shardings(state, params, param_shardings)
-    factored = shardings[0]
-    # v_row drops the largest dim (64, 'tensor'); v_col the second largest (32, 'fsdp').
-    assert _get(factored.v_row, wi).spec == P(None, "fsdp")
-    assert _get(factored.v_col, wi).spec == P(None, "tensor")
-    assert _get(factored.v, wi).is_fully_replicated  # (1,) placeholder
-    # The shardings are usable: the optimizer state is created directly in them.
-    real = jax.jit(adafactor.init, out_shardings=shardings)(params)
-    assert _get(real[0].v_row, wi).sharding.spec == P(None, "fsdp")
-
-
-def test_state_shardings_tie_break_for_square_factored_params(mesh):
-    params = {"w": jax.ShapeDtypeStruct((16, 16), jnp.float32)}
-    param_shardings = {"w": NamedSharding(mesh, P("fsdp", "tensor"))}
-    state = jax.eval_shape(optax.adafactor(1e-3, min_dim_size_to_factor=8).init, params)
-    shardings = pt.state_shardings(state, params, param_shardings)
-    row, col = shardings[0].v_row["w"], shardings[0].v_col["w"]
-    # optax: v_row reduces sorted_dims[-1] (axis 1 on a tie), v_col sorted_dims[-2] (axis 0).
-    assert row.spec == P("fsdp") and col.spec == P("tensor")
-    # Unknown leaves with an ambiguous reduction fall back to replication.
-    other = pt.state_shardings({"m": {"w": jnp.zeros(16)}}, params, param_shardings)
-    assert other["m"]["w"].is_fully_replicated
 
 
 # -------------------------------------------------------- host data shard

@@ -1,5 +1,5 @@
-"""The generic loop on a tiny flax model: loss falls, micro-batches, NaN policies,
-SIGTERM save, data position, restore onto another mesh, optimizer-state shardings."""
+"""The one training loop on a tiny flax model: loss falls, logs, checkpoints and resumes,
+micro-batches, NaN policies, SIGTERM, hooks, evaluation, settings checked, shardings."""
 
 import os
 import signal
@@ -15,7 +15,7 @@ from parti_jax import partitioning
 from parti_jax.partitioning import EMBED, MLP
 from parti_jax.train import checkpoints, loop, metrics, optimizers
 from parti_jax.train.optimizers import OptimizerConfig
-from parti_jax.train.state import create_sharded_train_state
+from parti_jax.train.state import sharded_train_state
 
 DIN, HID, BATCH = 16, 32, 8
 RULES = {name: partitioning.get_rules(name) for name in partitioning.RULE_TABLES}
@@ -48,22 +48,35 @@ def loss_fn(params, batch, rng):
     return loss, {"mse": loss}
 
 
+def step_fn(state, batch):
+    loss, _, grads = loop.accumulate_gradients(loss_fn, state.params, batch, state.step_rng())
+    return state.apply_gradients(grads), {
+        "loss": loss,
+        "grad_norm": optimizers.optax.tree.norm(grads),
+    }
+
+
 def make_mesh(data=8, fsdp=1, tensor=1):
     return jax.make_mesh(
         (data, fsdp, tensor), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3
     )
 
 
-class Iterator:
+class Batches:
     """Deterministic regression batches with a checkpointable position."""
 
-    def __init__(self, poison_at=None):
-        self.position = 0
-        self.poison_at = poison_at
+    def __init__(self, seed=0, poison_at=None, on_position=None):
+        self.seed, self.position = seed, 0
+        self.poison_at, self.on_position = poison_at, on_position
+
+    def __iter__(self):
+        return self
 
     def __next__(self):
-        rng = np.random.default_rng(self.position)
+        rng = np.random.default_rng([self.seed, self.position])
         self.position += 1
+        if self.on_position is not None:
+            self.on_position(self.position)
         x = rng.normal(size=(BATCH, DIN)).astype(np.float32)
         if self.position == self.poison_at:
             x[0, 0] = np.nan
@@ -78,77 +91,66 @@ class Iterator:
             self.position = int(f.read())
 
 
-def setup(mesh, rules, *, nan_policy="stop", lr=3e-2, min_dim=8, momentum="float32"):
+def optimizer(min_dim=8, momentum="float32"):
     cfg = OptimizerConfig(
-        learning_rate=lr,
+        learning_rate=3e-2,
         schedule="constant",
         warmup_steps=0,
         min_dim_size_to_factor=min_dim,
         momentum_dtype=momentum,
     )
-    tx = optimizers.make_optimizer(cfg)
-    init_fn = lambda k: MODEL.init(k, jnp.zeros((1, DIN)))  # noqa: E731
-    state, shardings = create_sharded_train_state(
-        init_fn, tx, mesh=mesh, rules=rules, rng=jax.random.PRNGKey(0)
-    )
-    step_fn = loop.make_train_step(
-        loss_fn, nan_policy=nan_policy, learning_rate_fn=optimizers.learning_rate_fn(cfg)
-    )
-    bsh = loop.batch_sharding(mesh)
-    jitted = loop.compile_step(step_fn, shardings, {"x": bsh, "y": bsh})
-    return state, shardings, jitted, bsh
+    return optimizers.make_optimizer(cfg), optimizers.learning_rate_fn(cfg)
 
 
-def test_loss_falls_logs_and_resumes(tmp_path):
-    mesh = make_mesh()
-    state, shardings, step, bsh = setup(mesh, RULES["data_parallel"])
-    ckpt = checkpoints.Checkpointer(tmp_path, save_interval_steps=20, async_save=True)
-    writer = metrics.MetricWriter(tmp_path)
-    it = Iterator()
-    result = loop.run(
-        train_step=step,
-        state=state,
-        data_iterator=it,
-        batch_sharding=bsh,
-        num_data_shards=1,
-        num_steps=40,
-        workdir=tmp_path,
-        checkpointer=ckpt,
-        writer=writer,
-        log_every=10,
+def init_fn(key):
+    return MODEL.init(key, jnp.zeros((1, DIN)))
+
+
+def task(data=None, **overrides):
+    tx, lr = optimizer()
+    kw = dict(
+        init=init_fn,
+        optimizer=tx,
+        step=step_fn,
+        data=data or (lambda seed: Batches(seed)),
+        batch_keys=("x", "y"),
+        learning_rate_fn=lr,
     )
+    return loop.TrainTask(**{**kw, **overrides})
+
+
+def train(workdir, config, data=None, mesh=None, rules=None, **task_overrides):
+    mesh_config = mesh or partitioning.MeshConfig(data=-1, fsdp=1, tensor=1, rules="data_parallel")
+    run = loop.start_run(workdir, batch_size=BATCH, mesh_config=mesh_config, rules=rules)
+    return loop.run_training(run, task(data, **task_overrides), config)
+
+
+def test_loss_falls_logs_checkpoints_and_resumes_exactly(tmp_path):
+    config = loop.LoopConfig(num_steps=40, log_every=10, checkpoint_every=20, tensorboard=True)
+    result = train(tmp_path, config)
     assert result.status == "done" and result.step == 40
     lines = metrics.read_metrics(tmp_path / "metrics.jsonl")
     assert [line["step"] for line in lines] == [10, 20, 30, 40]
-    assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]
-    assert ckpt.all_steps() == [20, 40]
+    assert lines[-1]["loss"] < 0.7 * lines[0]["loss"]
+    assert lines[0]["learning_rate"] == pytest.approx(3e-2)
+    assert {"seconds_per_step", "examples_per_second"} <= set(lines[-1])
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [20, 40]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
-    # Resume from step 20 (params, optimizer, data position) -> same losses at 30, 40.
-    fresh, _, step, _ = setup(mesh, RULES["data_parallel"])
-    it2 = Iterator()
-    restored, data_ok = ckpt.restore(fresh, step=20, data_iterator=it2)
-    assert data_ok and it2.position == 20 and int(restored.step) == 20
-    writer2 = metrics.MetricWriter(tmp_path, filename="resumed.jsonl")
-    loop.run(
-        train_step=step,
-        state=restored,
-        data_iterator=it2,
-        batch_sharding=bsh,
-        num_data_shards=1,
-        num_steps=40,
-        workdir=tmp_path,
-        writer=writer2,
-        log_every=10,
-    )
-    writer2.close()
-    resumed = metrics.read_metrics(tmp_path / "resumed.jsonl")
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in lines[2:]]
-    ckpt.close()
+    # Drop step 40 and run again: it resumes from step 20 (parameters, optimizer, data
+    # position) and logs the same losses at steps 30 and 40.
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints" / "40")
+    resumed = train(tmp_path, config)
+    assert resumed.step == 40
+    again = metrics.read_metrics(tmp_path / "metrics.jsonl")[4:]
+    assert [(r["step"], r["loss"]) for r in again] == [(r["step"], r["loss"]) for r in lines[2:]]
 
 
 def test_micro_batches_match_full_batch():
     params = MODEL.init(jax.random.PRNGKey(1), jnp.zeros((1, DIN)))["params"]
-    batch = next(Iterator())
+    batch = next(Batches())
     acc = jax.jit(loop.accumulate_gradients, static_argnums=(0, 4))
     l1, a1, g1 = acc(loss_fn, params, batch, jax.random.PRNGKey(0), 1)
     l4, a4, g4 = acc(loss_fn, params, batch, jax.random.PRNGKey(0), 4)
@@ -159,86 +161,111 @@ def test_micro_batches_match_full_batch():
 
 
 def test_nan_skip_keeps_params_and_stop_names_the_step(tmp_path):
-    mesh = make_mesh()
-    state, _, step, bsh = setup(mesh, RULES["data_parallel"], nan_policy="skip")
-    it = Iterator(poison_at=2)
-    s1, _ = step(state, loop.make_global_batch(next(it), bsh, 1))
-    before = jax.device_get(s1.params)
-    s2, m2 = step(s1, loop.make_global_batch(next(it), bsh, 1))
-    assert float(m2["skipped"]) == 1.0 and not np.isfinite(float(m2["loss"]))
-    assert int(s2.step) == 2
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(s2.params))):
-        np.testing.assert_array_equal(a, b)
-    s3, m3 = step(s2, loop.make_global_batch(next(it), bsh, 1))
-    assert float(m3["skipped"]) == 0.0 and np.isfinite(float(m3["loss"]))
+    poisoned = lambda seed: Batches(seed, poison_at=2)  # noqa: E731
+    skip = loop.LoopConfig(num_steps=3, log_every=1, checkpoint_every=100, nan_policy="skip")
+    result = train(tmp_path / "skip", skip, data=poisoned)
+    lines = metrics.read_metrics(tmp_path / "skip" / "metrics.jsonl")
+    assert [m["skipped"] for m in lines] == [0.0, 1.0, 0.0]
+    assert not np.isfinite(lines[1]["loss"]) and lines[2]["skipped_steps"] == 1.0
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(result.state.params))
 
-    state, _, step, bsh = setup(mesh, RULES["data_parallel"], nan_policy="stop")
-    ckpt = checkpoints.Checkpointer(tmp_path, save_interval_steps=100)
+    stop = loop.LoopConfig(num_steps=8, log_every=4, checkpoint_every=100)
+    poisoned = lambda seed: Batches(seed, poison_at=3)  # noqa: E731
     with pytest.raises(loop.NonFiniteLossError, match=r"step 3: loss is nan"):
-        loop.run(
-            train_step=step,
-            state=state,
-            data_iterator=Iterator(poison_at=3),
-            batch_sharding=bsh,
-            num_data_shards=1,
-            num_steps=8,
-            workdir=tmp_path,
-            checkpointer=ckpt,
-            log_every=4,
-            nan_policy="stop",
-        )
-    assert ckpt.all_steps() == []  # no poisoned checkpoint written
+        train(tmp_path / "stop", stop, data=poisoned)
+    assert not list((tmp_path / "stop" / "checkpoints").iterdir())  # no poisoned checkpoint
 
 
 def test_sigterm_saves_and_stops(tmp_path):
-    mesh = make_mesh()
-    state, _, step, bsh = setup(mesh, RULES["data_parallel"])
-    ckpt = checkpoints.Checkpointer(tmp_path, save_interval_steps=1000)
-    it = Iterator()
-
-    def hook(s, local):
-        if s == 3:
+    def kill_at_3(position):
+        if position == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return {}
 
-    result = loop.run(
-        train_step=step,
-        state=state,
-        data_iterator=it,
-        batch_sharding=bsh,
-        num_data_shards=1,
-        num_steps=50,
-        workdir=tmp_path,
-        checkpointer=ckpt,
-        log_every=100,
-        batch_hook=hook,
-    )
+    config = loop.LoopConfig(num_steps=50, log_every=100, checkpoint_every=1000)
+    result = train(tmp_path, config, data=lambda seed: Batches(seed, on_position=kill_at_3))
     assert result.status == "preempted" and result.step == 3
-    assert ckpt.all_steps() == [3]
-    shard_file = tmp_path / "checkpoints" / "3" / "data" / "shard_0_of_1"
-    assert shard_file.read_text() == "3"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]
+    assert (tmp_path / "checkpoints" / "3" / "data" / "shard_0_of_1").read_text() == "3"
     # A resume with another number of data shards is refused unless allowed.
+    state = sharded_train_state(
+        init_fn,
+        optimizer()[0],
+        mesh=make_mesh(),
+        rules=RULES["data_parallel"],
+        rng=jax.random.key(0),
+    )[0]
     other = checkpoints.Checkpointer(tmp_path, data_shard=checkpoints.DataShard(index=0, count=2))
     with pytest.raises(checkpoints.CheckpointError, match=r"saved for \[1\] data shard.*reads 2"):
-        other.restore(state, data_iterator=Iterator())
-    _, data_ok = other.restore(state, data_iterator=Iterator(), allow_data_reshuffle=True)
+        other.restore(state, data_iterator=Batches())
+    _, data_ok = other.restore(state, data_iterator=Batches(), allow_data_reshuffle=True)
     assert data_ok is False
-    ckpt.close()
     other.close()
 
 
+def test_hooks_evaluation_and_warm_start(tmp_path):
+    saved, evaluated = [], []
+
+    def warm_start(state):
+        return state.replace(params=jax.tree.map(jnp.zeros_like, state.params))
+
+    def evaluate(state, step):
+        evaluated.append(step)
+        return {"w1_norm": float(jnp.linalg.norm(state.params["w1"]))}
+
+    config = loop.LoopConfig(num_steps=7, log_every=7, checkpoint_every=3, eval_every=3)
+    train(
+        tmp_path,
+        config,
+        warm_start=warm_start,
+        evaluate=evaluate,
+        evaluate_at_end=True,
+        on_save=lambda step, state: saved.append(step),
+    )
+    assert evaluated == [3, 6, 7] and saved == [3, 6, 7]
+    evals = [m for m in metrics.read_metrics(tmp_path / "metrics.jsonl") if "eval/w1_norm" in m]
+    assert [m["step"] for m in evals] == [3, 6, 7]
+    # Zeroed by the warm start, relu(0) = 0: no gradient reaches w1 or w2.
+    assert evals[-1]["eval/w1_norm"] == 0.0
+
+    # A resumed run is not warm-started again.
+    train(tmp_path, loop.LoopConfig(num_steps=8, checkpoint_every=3), warm_start=pytest.fail)
+
+
+def test_settings_are_checked_naming_the_field(tmp_path):
+    for kwargs, message in [
+        (dict(num_steps="ten"), r"LoopConfig.num_steps='ten' must be an integer >= 1"),
+        (dict(num_steps=0), r"LoopConfig.num_steps=0 must be an integer >= 1"),
+        (dict(num_steps=5, log_every=0), r"LoopConfig.log_every=0"),
+        (dict(num_steps=5, eval_every=-1), r"LoopConfig.eval_every=-1 .* or None"),
+        (dict(num_steps=5, nan_policy="ignore"), r"LoopConfig.nan_policy='ignore'"),
+        (dict(num_steps=5, profile_steps=(3, 1)), r"LoopConfig.profile_steps=\(3, 1\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            loop.LoopConfig(**kwargs)
+    with pytest.raises(ValueError, match=r"train.batch_size=-8 must be an integer >= 1"):
+        loop.start_run(tmp_path, batch_size=-8)
+    with pytest.raises(ValueError, match=r"train_vqgan.batch_size=12 does not divide over the "):
+        loop.start_run(tmp_path, batch_size=12, where="train_vqgan")
+
+
 @pytest.mark.parametrize("table", ["data_parallel", "fsdp", "fsdp_tp"])
-def test_optimizer_state_shardings_follow_params(table):
-    """Compiled output shardings of Adafactor's moments (factored and int8) per rule table."""
-    mesh = make_mesh(2, 2, 2)
-    state, _, step, bsh = setup(mesh, RULES[table], min_dim=8, momentum="int8")
-    new_state, _ = step(state, loop.make_global_batch(next(Iterator()), bsh, 1))
-    ada = new_state.opt_state[1]
+def test_optimizer_state_shardings_follow_params(table, tmp_path):
+    """Output shardings of Adafactor's moments (factored and int8) per rule table."""
+    tx, _ = optimizer(min_dim=8, momentum="int8")
+    result = train(
+        tmp_path,
+        loop.LoopConfig(num_steps=1, tensorboard=False),
+        mesh=make_mesh(2, 2, 2),
+        rules=RULES[table],
+        optimizer=tx,
+    )
+    state = result.state
+    ada = state.opt_state[1]
     exp = EXPECTED[table]
     spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))  # noqa: E731
     for name in ("w1", "w2"):
         row, col = exp[name]
-        assert spec(new_state.params[name]) == (row, col)
+        assert spec(state.params[name]) == (row, col)
         assert spec(ada.v_row[name]) == (row, None)  # column dim reduced
         assert spec(ada.v_col[name]) == (None, col)  # row dim reduced
         assert spec(ada.m[name]) == (row, col) and ada.m[name].dtype == jnp.int8
@@ -248,14 +275,20 @@ def test_optimizer_state_shardings_follow_params(table):
     assert spec(ada.v["w1"]) == (None, None)  # placeholder
 
 
+def _state(mesh, rules):
+    return sharded_train_state(
+        init_fn, optimizer()[0], mesh=mesh, rules=rules, rng=jax.random.PRNGKey(0)
+    )[0]
+
+
 def test_restore_onto_another_mesh_and_partial(tmp_path):
-    state, _, _, _ = setup(make_mesh(8, 1, 1), RULES["data_parallel"])
+    state = _state(make_mesh(8, 1, 1), RULES["data_parallel"])
     state = state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))
     ckpt = checkpoints.Checkpointer(tmp_path, save_interval_steps=1)
     ckpt.save(5, state)
     ckpt.wait_until_finished()
 
-    target, shardings, _, _ = setup(make_mesh(1, 4, 2), RULES["fsdp_tp"])
+    target = _state(make_mesh(1, 4, 2), RULES["fsdp_tp"])
     restored, _ = ckpt.restore(target)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -282,19 +315,18 @@ def test_restore_onto_another_mesh_and_partial(tmp_path):
 def test_two_param_groups_with_their_own_optimizers():
     """The VQGAN pattern: generator and discriminator, one step counter, sharded init."""
     mesh = make_mesh(2, 2, 2)
-    rules = RULES["fsdp_tp"]
     adam = optimizers.make_optimizer(
         OptimizerConfig(name="adam", learning_rate=0.1, schedule="constant", warmup_steps=0)
     )
     tx = {"generator": adam, "discriminator": optimizers.make_optimizer(OptimizerConfig())}
 
-    def init_fn(key):
+    def init_groups(key):
         k1, k2 = jax.random.split(key)
         x = jnp.zeros((1, DIN))
         return {"generator": MODEL.init(k1, x), "discriminator": MODEL.init(k2, x)}
 
-    state, shardings = create_sharded_train_state(
-        init_fn, tx, mesh=mesh, rules=rules, rng=jax.random.PRNGKey(0)
+    state, shardings = sharded_train_state(
+        init_groups, tx, mesh=mesh, rules=RULES["fsdp_tp"], rng=jax.random.PRNGKey(0)
     )
     assert state.params["generator"]["w1"].sharding.spec == PartitionSpec("fsdp", "tensor")
     assert shardings.opt_state["discriminator"][1].v["b1"].spec == PartitionSpec("tensor")
@@ -311,18 +343,16 @@ def test_two_param_groups_with_their_own_optimizers():
         state.apply_gradients({"critic": grads["generator"]})
 
 
-def test_profile_window_writes_a_trace(tmp_path):
-    mesh = make_mesh()
-    state, _, step, bsh = setup(mesh, RULES["data_parallel"])
-    loop.run(
-        train_step=step,
-        state=state,
-        data_iterator=Iterator(),
-        batch_sharding=bsh,
-        num_data_shards=1,
-        num_steps=3,
-        workdir=tmp_path,
-        profile_steps=(1, 2),
-        log_every=3,
-    )
+def test_profile_window_writes_a_trace_and_images_reach_tensorboard(tmp_path):
+    train(tmp_path, loop.LoopConfig(num_steps=3, log_every=3, profile_steps=(1, 2)))
     assert any((tmp_path / "profile").rglob("*.xplane.pb"))
+
+    writer = metrics.MetricWriter(tmp_path / "tb")
+    writer.write_images(5, {"grid": np.zeros((4, 6, 3), np.uint8)})
+    writer.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    (image,) = events.Images("grid")
+    assert (image.step, image.width, image.height) == (5, 6, 4)

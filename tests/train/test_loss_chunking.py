@@ -14,6 +14,7 @@ import pytest
 from parti_jax.models.config import ModelConfig
 from parti_jax.models.transformer import EncoderDecoder
 from parti_jax.train import t2i
+from parti_jax.train.loop import LoopConfig
 from parti_jax.train.synthetic import SyntheticCodesIterator
 
 # A vocabulary (1024) much wider than the model (32) so the logits dominate memory.
@@ -131,7 +132,7 @@ def test_bad_chunk_size_is_named(tmp_path):
             workdir=str(tmp_path),
             model_config=CFG,
             batch_size=8,
-            num_steps=1,
+            loop=LoopConfig(num_steps=1),
             text_length=8,
             loss_chunk_size=0,
         )

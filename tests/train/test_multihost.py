@@ -5,7 +5,11 @@ import pytest
 
 from tests.train import cli_testing as ct
 
-STEPS = ("train.num_steps=6", "train.log_every=1", "train.log_data_hash=True")
+STEPS = (
+    "train/LoopConfig.num_steps=6",
+    "train/LoopConfig.log_every=1",
+    "train/LoopConfig.log_data_hash=True",
+)
 
 
 @pytest.mark.slow

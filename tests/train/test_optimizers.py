@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from parti_jax.train import optimizers, schedules
+from parti_jax.train import optimizers
 from parti_jax.train.optimizers import OptimizerConfig
 
 
@@ -116,25 +116,84 @@ def test_weight_decay_exclude():
     assert float(u["layer"]["kernel"][0]) == pytest.approx(-0.1 * 4.5e-2)
 
 
-def test_paper_schedule_values():
-    lr = schedules.parti_schedule()
+def _closed_form_lr(c: OptimizerConfig, t: np.ndarray) -> np.ndarray:
+    """The schedules written out in float64 (docs: OptimizerConfig, learning_rate_fn)."""
+    t = t.astype(np.float64)
+    warm = np.minimum(1.0, t / c.warmup_steps) if c.warmup_steps else np.ones_like(t)
+    if c.schedule == "parti":
+        span = c.decay_end_step - c.decay_start_step
+        frac = np.clip((t - c.decay_start_step) / span, 0.0, 1.0)
+        return c.learning_rate * warm * c.final_lr_ratio**frac
+    if c.schedule == "cosine":
+        frac = np.clip((t - c.warmup_steps) / (c.decay_end_step - c.warmup_steps), 0.0, 1.0)
+        cosine = 0.5 * (1.0 + np.cos(np.pi * frac))
+        return c.learning_rate * warm * (c.final_lr_ratio + (1 - c.final_lr_ratio) * cosine)
+    return c.learning_rate * warm
+
+
+ADAMW = OptimizerConfig.adamw_defaults
+# Every OptimizerConfig the shipped gin files bind (gin/runs/*.gin), the defaults, and
+# the VQGAN trainer's default for a 5-step run (warm-up 0).
+SCHEDULES = {
+    "paper (parti_paper_common.gin, defaults)": OptimizerConfig(),
+    "shapes_train.gin": OptimizerConfig(
+        learning_rate=2e-3,
+        warmup_steps=100,
+        decay_start_step=600,
+        decay_end_step=1200,
+        final_lr_ratio=0.1,
+    ),
+    "tiny_train.gin": OptimizerConfig(learning_rate=1e-2, warmup_steps=10),
+    "adamw_defaults": ADAMW(),
+    "shapes_vqgan.gin": ADAMW(learning_rate=1e-3, warmup_steps=100, decay_end_step=2000),
+    "shapes_upsampler.gin": ADAMW(learning_rate=2e-3, warmup_steps=30, decay_end_step=150),
+    "photos_vqgan.gin": ADAMW(learning_rate=1e-3, warmup_steps=100, decay_end_step=800),
+    "vqgan_finetune_decoder.gin": ADAMW(warmup_steps=5000, decay_end_step=200_000),
+    "tiny_vqgan.gin": ADAMW(learning_rate=3e-3, warmup_steps=2, decay_end_step=100),
+    "vqgan default, 5 steps": ADAMW(warmup_steps=0, decay_end_step=5),
+    "constant": OptimizerConfig(schedule="constant", warmup_steps=4),
+    "constant, no warm-up": OptimizerConfig(schedule="constant", warmup_steps=0),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedule_equals_the_closed_form_at_every_step(name):
+    c = SCHEDULES[name]
+    end = max(c.decay_start_step, c.decay_end_step) + 1000
+    steps = np.arange(end) if end <= 20_000 else np.unique(np.r_[0:20_000, 0:end:7, end - 1])
+    lr = jax.jit(jax.vmap(optimizers.learning_rate_fn(c)))(jnp.asarray(steps, jnp.int32))
+    want = _closed_form_lr(c, steps)
+    # float32 rounding: the schedules subtract values of the peak's size (warm-up, cosine),
+    # so the error is a few float32 ulps of the peak rate, not of each value.
+    ulp = c.learning_rate * 2.0**-23
+    np.testing.assert_allclose(np.asarray(lr, np.float64), want, rtol=1e-6, atol=2 * ulp)
+    # Python ints (as the loop logs them) give the same values.
+    for t in (0, 1, c.warmup_steps, c.decay_start_step, end - 1):
+        got = float(optimizers.learning_rate_fn(c)(t))
+        assert got == pytest.approx(_closed_form_lr(c, np.array([t]))[0], rel=1e-6, abs=2 * ulp)
+
+
+def test_paper_schedule_landmarks():
+    lr = optimizers.learning_rate_fn(OptimizerConfig())
     assert float(lr(0)) == 0.0
     assert float(lr(2_500)) == pytest.approx(2.25e-5)
-    assert float(lr(5_000)) == pytest.approx(4.5e-5)
     assert float(lr(85_000)) == pytest.approx(4.5e-5)
-    assert float(lr(450_000)) == pytest.approx(4.5e-5 * 0.025, rel=1e-5)
-    assert float(lr(267_500)) == pytest.approx(4.5e-5 * 0.025**0.5, rel=1e-5)
-    assert float(lr(600_000)) == pytest.approx(4.5e-5 * 0.025, rel=1e-5)
-    cfg_lr = optimizers.learning_rate_fn(OptimizerConfig())
-    assert float(cfg_lr(450_000)) == pytest.approx(float(lr(450_000)))
-
-
-def test_cosine_schedule_values():
-    lr = schedules.warmup_cosine_schedule(1e-3, warmup_steps=10, total_steps=110)
-    assert float(lr(0)) == 0.0
-    assert float(lr(10)) == pytest.approx(1e-3)
-    assert float(lr(60)) == pytest.approx(0.5e-3)
-    assert float(lr(110)) == pytest.approx(0.0, abs=1e-12)
+    assert float(lr(267_500)) == pytest.approx(4.5e-5 * 0.025**0.5, rel=1e-6)
+    assert float(lr(600_000)) == pytest.approx(4.5e-5 * 0.025, rel=1e-6)
+    cosine = optimizers.learning_rate_fn(
+        ADAMW(learning_rate=1e-3, warmup_steps=10, decay_end_step=110)
+    )
+    assert [float(cosine(t)) for t in (10, 60)] == pytest.approx([1e-3, 0.5e-3])
+    assert float(cosine(110)) == pytest.approx(0.0, abs=1e-12)
+    for bad, field in (
+        (dict(warmup_steps=90_000), "warmup_steps=90000"),
+        (dict(decay_end_step=85_000), "decay_end_step=85000"),
+        (dict(final_lr_ratio=0.0), "final_lr_ratio=0.0"),
+        (dict(schedule="cosine", decay_end_step=10), "decay_end_step=10"),
+        (dict(schedule="linear"), "schedule='linear'"),
+    ):
+        with pytest.raises(ValueError, match=f"OptimizerConfig.*{field}"):
+            optimizers.learning_rate_fn(OptimizerConfig(**bad))
 
 
 def test_int8_momentum_tracks_float():
@@ -259,20 +318,6 @@ def test_muon_minimises_least_squares():
     assert float(loss(params)) < 0.05 * first
 
 
-def test_orthogonalise_batched_wide_and_tall():
-    rng = np.random.default_rng(3)
-    for shape in ((4, 8, 24), (3, 24, 8)):
-        x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.1, 10, size=(shape[0], 1, 1)))
-        sv = np.linalg.svd(np.asarray(optimizers.orthogonalise(x)), compute_uv=False)
-        assert sv.shape == (shape[0], 8)
-        assert sv.min() > 0.6 and sv.max() < 1.25, sv
-        # Each matrix on its own: batching changes nothing.
-        one = optimizers.orthogonalise(x[1])
-        np.testing.assert_allclose(
-            np.asarray(one), np.asarray(optimizers.orthogonalise(x)[1]), atol=1e-5
-        )
-
-
 def test_muon_state_shards_like_its_parameters_and_checkpoints(tmp_path):
     import orbax.checkpoint as ocp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
@@ -292,7 +337,7 @@ def test_muon_state_shards_like_its_parameters_and_checkpoints(tmp_path):
     state = tx.init(params)
     shardings = optimizers.optimizer_state_shardings(jax.eval_shape(tx.init, params), specs, mesh)
     got = {
-        optimizers.path_str(p): s.spec
+        optimizers.path_name(p): s.spec
         for p, s in jax.tree_util.tree_flatten_with_path(
             shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
         )[0]

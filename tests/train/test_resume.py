@@ -10,7 +10,11 @@ import pytest
 
 from tests.train import cli_testing as ct
 
-COMMON = ("train.log_every=1", "train.checkpoint_every=4", "train.keep_checkpoints=3")
+COMMON = (
+    "train/LoopConfig.log_every=1",
+    "train/LoopConfig.checkpoint_every=4",
+    "train/LoopConfig.keep_checkpoints=3",
+)
 
 
 def _committed_steps(workdir):
@@ -21,13 +25,13 @@ def _committed_steps(workdir):
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference"
-    ct.run(ct.train_args(reference, "train.num_steps=60", *COMMON))
+    ct.run(ct.train_args(reference, "train/LoopConfig.num_steps=60", *COMMON))
     expected = ct.losses(reference / "metrics.jsonl")
     assert sorted(expected) == list(range(1, 61))
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        ct.train_args(killed, "train.num_steps=100000", *COMMON),
+        ct.train_args(killed, "train/LoopConfig.num_steps=100000", *COMMON),
         env=ct.env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -48,7 +52,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     for m in before:  # the killed run agrees with the reference up to its death
         assert m["loss"] == expected[m["step"]]
 
-    ct.run(ct.train_args(killed, f"train.num_steps={resume_from + 4}", *COMMON))
+    ct.run(ct.train_args(killed, f"train/LoopConfig.num_steps={resume_from + 4}", *COMMON))
     after = ct.read_jsonl(killed / "metrics.jsonl")[len(before) :]
     assert [m["step"] for m in after] == list(range(resume_from + 1, resume_from + 5))
     assert [m["loss"] for m in after] == [expected[m["step"]] for m in after]

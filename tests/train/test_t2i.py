@@ -18,12 +18,9 @@ from parti_jax.models import transformer
 from parti_jax.models.config import ModelConfig
 from parti_jax.partitioning import MeshConfig
 from parti_jax.train import checkpoints, metrics, optimizers, t2i
+from parti_jax.train.loop import LoopConfig
 from parti_jax.train.optimizers import OptimizerConfig, factored_dims
-from parti_jax.train.state import (
-    TrainState,
-    create_sharded_train_state,
-    train_state_shardings,
-)
+from parti_jax.train.state import TrainState, sharded_train_state
 from parti_jax.train.synthetic import SyntheticCodesIterator
 
 TINY = ModelConfig(
@@ -62,11 +59,8 @@ def test_loss_falls_on_synthetic_codes(tmp_path):
         mesh_config=DP_MESH,
         optimizer_config=OPT,
         batch_size=8,
-        num_steps=40,
+        loop=LoopConfig(num_steps=40, log_every=1, checkpoint_every=1000, eval_every=40),
         text_length=8,
-        log_every=1,
-        checkpoint_every=1000,
-        eval_every=40,
         eval_steps=1,
     )
     assert result.status == "done" and result.step == 40
@@ -85,7 +79,7 @@ def test_loss_falls_on_synthetic_codes(tmp_path):
     # A new run warm-started from this one starts where this one ended.
     warm = t2i.train(
         workdir=str(tmp_path / "warm"), model_config=TINY, mesh_config=DP_MESH,
-        optimizer_config=OPT, batch_size=8, num_steps=1, text_length=8,
+        optimizer_config=OPT, batch_size=8, loop=LoopConfig(num_steps=1), text_length=8,
         restore_from=str(tmp_path), restore_include=r"^(encoder|decoder)/",
     )  # fmt: skip
     assert warm.last_metrics["loss"] < 0.6 * first
@@ -129,10 +123,8 @@ def test_micro_batches_are_exact_with_uneven_weights():
     cfg = dataclasses.replace(OPT, warmup_steps=0)
     tx = optimizers.make_optimizer(cfg)
     state = TrainState.create(params=params, tx=tx, rng=jax.random.PRNGKey(1))
-    lr_fn = optimizers.learning_rate_fn(cfg)
     step = jax.jit(
-        functools.partial(t2i.train_step, model=model, learning_rate_fn=lr_fn),
-        static_argnames=("num_micro_batches",),
+        functools.partial(t2i.train_step, model=model), static_argnames=("num_micro_batches",)
     )
     s1, m1 = step(state, batch, num_micro_batches=1)
     s2, m2 = step(state, batch, num_micro_batches=2)
@@ -191,17 +183,15 @@ def test_adafactor_state_shardings_follow_each_rule_table():
     for table in ("data_parallel", "fsdp", "fsdp_tp"):
         mesh = partitioning.create_mesh(MeshConfig(data=2, fsdp=2, tensor=2, rules=table))
         rules = partitioning.get_rules(table)
-        abstract, sh = train_state_shardings(
-            _tiny_init(model), tx, mesh=mesh, rules=rules, rng=jax.random.PRNGKey(0)
-        )
-        with_shapes = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh
-        )
+        with_shapes, _ = sharded_train_state(
+            _tiny_init(model), tx, mesh=mesh, rules=rules, rng=jax.random.PRNGKey(0),
+            abstract=True,
+        )  # fmt: skip
         get = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))  # noqa: E731
         sharded = _check_moment_shardings(with_shapes.params, with_shapes.opt_state[1], get)
         assert (sharded > 0) == (table != "data_parallel")
     # The compiled initialisation lays the arrays out as computed.
-    state, _ = create_sharded_train_state(
+    state, _ = sharded_train_state(
         _tiny_init(model), tx, mesh=mesh, rules=rules, rng=jax.random.PRNGKey(0)
     )
     assert _check_moment_shardings(state.params, state.opt_state[1], get) > 0
@@ -218,7 +208,7 @@ def test_mesh_that_cannot_divide_heads_fails_before_compiling(tmp_path):
     with pytest.raises(ValueError, match=r"num_heads=16 is not divisible by tensor=3"):
         t2i.train(
             workdir=str(tmp_path), model_config=cfg, mesh_config=mesh, rules="fsdp_tp",
-            batch_size=3, num_steps=1, text_length=8,
+            batch_size=3, loop=LoopConfig(num_steps=1), text_length=8,
         )  # fmt: skip
     assert not (tmp_path / "checkpoints").exists()
 
@@ -227,7 +217,10 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(PermissionError, match=r"work directory .*a_file/run is not writable"):
-        t2i.train(workdir=str(blocker / "run"), model_config=TINY, batch_size=8, num_steps=1)
+        t2i.train(
+            workdir=str(blocker / "run"), model_config=TINY, batch_size=8,
+            loop=LoopConfig(num_steps=1), text_length=8,
+        )  # fmt: skip
 
 
 def test_warm_start_scanned_to_unscanned_and_encoder_only(tmp_path):
@@ -277,13 +270,14 @@ def test_codes_task_checked_against_the_model(tmp_path):
     with pytest.raises(ValueError, match=r"codebook_size 32 != expected 16"):
         t2i.train(
             workdir=str(tmp_path / "run"), model_config=TINY, mesh_config=DP_MESH,
-            task=task, batch_size=8, num_steps=1, text_length=8,
+            task=task, batch_size=8, loop=LoopConfig(num_steps=1), text_length=8,
         )  # fmt: skip
     with pytest.raises(ValueError, match=r"codebook_hash feedc0de != expected 0123abcd"):
         t2i.train(
             workdir=str(tmp_path / "run"),
             model_config=dataclasses.replace(TINY, codebook_size=32),
-            mesh_config=DP_MESH, task=task, batch_size=8, num_steps=1, text_length=8,
+            mesh_config=DP_MESH, task=task, batch_size=8, loop=LoopConfig(num_steps=1),
+            text_length=8,
             codebook_hash="0123abcd",
         )  # fmt: skip
     # Matching codes train through the SeqIO pipeline; its position is checkpointed
@@ -291,11 +285,12 @@ def test_codes_task_checked_against_the_model(tmp_path):
     cfg = dataclasses.replace(TINY, codebook_size=32, text_vocab_size=256)
     kw = dict(
         workdir=str(tmp_path / "ok"), model_config=cfg, mesh_config=DP_MESH, task=task,
-        batch_size=8, text_length=8, log_every=1, checkpoint_every=2, optimizer_config=OPT,
+        batch_size=8, text_length=8, optimizer_config=OPT,
     )  # fmt: skip
-    assert t2i.train(num_steps=2, **kw).status == "done"
+    loop = functools.partial(LoopConfig, log_every=1, checkpoint_every=2)
+    assert t2i.train(loop=loop(num_steps=2), **kw).status == "done"
     saved = list((tmp_path / "ok" / "checkpoints" / "2" / "data").glob("shard_0_of_1*"))
     assert saved, "no data position saved"
-    assert t2i.train(num_steps=3, **kw).step == 3
+    assert t2i.train(loop=loop(num_steps=3), **kw).step == 3
     steps = [m["step"] for m in metrics.read_metrics(tmp_path / "ok" / "metrics.jsonl")]
     assert steps == [1, 2, 3]

@@ -14,16 +14,15 @@ import numpy as np
 import pytest
 
 import gin
+from parti_jax.loading import load_upsampler
 from parti_jax.train import metrics as metrics_lib
+from parti_jax.train.loop import LoopConfig
 from parti_jax.train.optimizers import OptimizerConfig
+from parti_jax.train.synthetic import ShapesPixelsIterator
 from parti_jax.upsampler.config import UpsamplerConfig
-from parti_jax.upsampler.data import ReconstructionPairs, ShapesPixelsIterator, area_downsample
-from parti_jax.upsampler.train import (
-    META_FILE,
-    UpsamplerLoadError,
-    load_upsampler,
-    train_upsampler,
-)
+from parti_jax.upsampler.data import ReconstructionPairs, area_downsample
+from parti_jax.upsampler.inference import META_FILE
+from parti_jax.upsampler.train import train_upsampler
 from parti_jax.vqgan.losses import LossConfig
 
 pytest_plugins = ["tests.pipeline_fixtures"]
@@ -70,13 +69,14 @@ def test_short_training_lowers_loss_checkpoints_and_resumes(tmp_path):
         batch_size=8,
         loss_config=NO_GAN,
         generator_optimizer=OptimizerConfig.adamw_defaults(learning_rate=2e-3, warmup_steps=1),
-        log_every=1,
-        checkpoint_every=10,
-        async_checkpoints=False,
     )
-    result = train_upsampler(num_steps=20, **kwargs)
+    loop = dict(log_every=1, checkpoint_every=10, async_checkpoints=False, eval_every=20)
+    result = train_upsampler(loop=LoopConfig(num_steps=20, **loop), eval_steps=1, **kwargs)
     assert result.status == "done" and result.step == 20
-    rows = metrics_lib.read_metrics(workdir / "metrics.jsonl")
+    logged = metrics_lib.read_metrics(workdir / "metrics.jsonl")
+    (evaluated,) = [r for r in logged if "eval/psnr" in r]
+    assert evaluated["step"] == 20 and np.isfinite(evaluated["eval/psnr_gain"])
+    rows = [r for r in logged if "loss" in r]
     losses = [r["loss"] for r in rows]
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), losses
     last = rows[-1]
@@ -94,18 +94,10 @@ def test_short_training_lowers_loss_checkpoints_and_resumes(tmp_path):
     assert up.shape == (1, 32, 32, 3) and float(up.min()) >= 0.0 and float(up.max()) <= 1.0
 
     # Resume: continues from step 20 with the saved data position.
-    resumed = train_upsampler(num_steps=22, **kwargs)
+    resumed = train_upsampler(loop=LoopConfig(num_steps=22, **loop), **kwargs)
     assert resumed.step == 22
     steps = [r["step"] for r in metrics_lib.read_metrics(workdir / "metrics.jsonl")]
     assert steps[-2:] == [21, 22]
-
-
-def test_load_upsampler_errors(tmp_path):
-    with pytest.raises(UpsamplerLoadError, match="no upsampler_meta.json"):
-        load_upsampler(tmp_path)
-    (tmp_path / META_FILE).write_text("{not json")
-    with pytest.raises(UpsamplerLoadError, match="not valid JSON"):
-        load_upsampler(tmp_path)
 
 
 def test_vqgan_resolution_must_match_upsampler_input(tiny_pipeline, tmp_path):
@@ -115,7 +107,7 @@ def test_vqgan_resolution_must_match_upsampler_input(tiny_pipeline, tmp_path):
             workdir=str(tmp_path),
             upsampler_config=big_input,
             batch_size=8,
-            num_steps=1,
+            loop=LoopConfig(num_steps=1),
             loss_config=NO_GAN,
             vqgan_path=tiny_pipeline["vqgan"],
         )
@@ -144,9 +136,9 @@ def test_cli_tiny_gin_with_discriminator(tmp_path):
                 "train-upsampler",
                 "--gin_file=runs/tiny_upsampler.gin",
                 f"--workdir={workdir}",
-                "--gin.train_upsampler.num_steps=4",
-                "--gin.train_upsampler.log_every=1",
-                "--gin.train_upsampler.checkpoint_every=4",
+                "--gin.train_upsampler/LoopConfig.num_steps=4",
+                "--gin.train_upsampler/LoopConfig.log_every=1",
+                "--gin.train_upsampler/LoopConfig.checkpoint_every=4",
                 "--gin.LossConfig.adversarial_start_step=2",
                 "--gin.LossConfig.r1_gamma=0.0",  # R1 is tested with the losses; saves compile time
             ]

@@ -9,35 +9,9 @@ import numpy as np
 import pytest
 
 from parti_jax.train.checkpoints import CheckpointError
-from parti_jax.train.optimizers import OptimizerConfig
-from parti_jax.vqgan.config import VQGANConfig
-from parti_jax.vqgan.losses import LossConfig
 from parti_jax.vqgan.tokenizer import ImageTokenizer, load_vqgan_meta
-from parti_jax.vqgan.train import train_vqgan
 from parti_jax.vqgan.train_data import SyntheticImagesIterator
-from tests.pipeline_fixtures import TINY_VQGAN
-
-TINY = VQGANConfig(**TINY_VQGAN)
-
-
-def train_tiny(workdir, *, num_steps=2, config=TINY, **overrides):
-    kwargs = dict(
-        workdir=str(workdir),
-        vqgan_config=config,
-        batch_size=8,
-        num_steps=num_steps,
-        loss_config=LossConfig(perceptual_weight=0.0, adversarial_weight=0.0),
-        generator_optimizer=OptimizerConfig.adamw_defaults(
-            learning_rate=3e-3, warmup_steps=1, decay_end_step=100
-        ),
-        log_every=1,
-        image_grid_every=None,
-        checkpoint_every=num_steps,
-        codebook_window=2,
-        async_checkpoints=False,
-    )
-    kwargs.update(overrides)
-    return train_vqgan(**kwargs)
+from tests.vqgan.vqgan_testing import TINY, train_tiny
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,15 @@
 
 Parameter counts are taken with `jax.eval_shape` (nothing allocated, nothing
 compiled). Counted per stack: the encoder's patch embedding + position table +
-transformer blocks + final LayerNorm + tanh feed-forward; the decoder's tanh
-feed-forward + position table + blocks + final LayerNorm + patch unembedding.
+transformer layers + final LayerNorm + tanh feed-forward; the decoder's position
+table + layers + final LayerNorm + tanh feed-forward + patch unembedding.
 The quantizer (projections and codebook) is counted apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 
 import flax.linen as nn
@@ -23,7 +24,9 @@ from jax.sharding import PartitionSpec as P
 import gin
 from parti_jax import partitioning
 from parti_jax.cli import flags
+from parti_jax.models.layers import scan_to_unscanned
 from parti_jax.partitioning import LAYERS
+from parti_jax.vqgan import tokenizer
 from parti_jax.vqgan.config import VQGANConfig
 from parti_jax.vqgan.losses import LossConfig
 from parti_jax.vqgan.vit_vqgan import ViTVQGAN, param_count, patchify, unpatchify
@@ -167,7 +170,7 @@ def test_sharded_scanned_remat_dropout_training_on_a_mesh(cpu_devices):
     with partitioning.with_sharding_rules(mesh, rules):
         abstract = jax.eval_shape(model.init, jax.random.key(0), images(4))
         shardings = partitioning.logical_shardings(abstract, mesh, rules)
-    query = shardings["params"]["encoder"]["transformer"]["block_0"]["attention"]["query"]
+    query = shardings["params"]["encoder"]["transformer"]["layers_0"]["attention"]["query"]
     assert query["kernel"].spec == P("fsdp", "tensor", None)
 
     # Scanned + remat + dropout: sharded init, then gradients under the mesh.
@@ -175,11 +178,11 @@ def test_sharded_scanned_remat_dropout_training_on_a_mesh(cpu_devices):
     model = ViTVQGAN(cfg)
     x = images(4)
     variables, _ = partitioning.sharded_init(model.init, mesh, rules, jax.random.key(0), x)
-    blocks = variables["params"]["encoder"]["transformer"]["blocks"]
-    assert blocks["attention"]["query"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
+    layers = variables["params"]["encoder"]["transformer"]["layers"]
+    assert layers["attention"]["query"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
 
     def loss(v, key):
-        recon, aux = model.apply(v, x, train=True, rngs={"dropout": key})
+        recon, aux = model.apply(v, x, enable_dropout=True, rngs={"dropout": key})
         return jnp.mean(jnp.square(recon - x)) + aux["vq_loss"], aux["codes"]
 
     with partitioning.with_sharding_rules(mesh, rules):
@@ -187,8 +190,8 @@ def test_sharded_scanned_remat_dropout_training_on_a_mesh(cpu_devices):
         g1, codes = grad_fn(variables, jax.random.key(1))
         g2, _ = grad_fn(variables, jax.random.key(2))
     assert codes.shape == (4, 4, 4)
-    wi1 = g1["params"]["decoder"]["transformer"]["blocks"]["mlp"]["wi"]["kernel"]
-    wi2 = g2["params"]["decoder"]["transformer"]["blocks"]["mlp"]["wi"]["kernel"]
+    wi1 = g1["params"]["decoder"]["transformer"]["layers"]["mlp"]["wi"]["kernel"]
+    wi2 = g2["params"]["decoder"]["transformer"]["layers"]["mlp"]["wi"]["kernel"]
     assert wi1.shape[0] == 2  # the stacked 'layers' axis
     assert float(jnp.abs(wi1).sum()) > 0
     assert not np.allclose(wi1, wi2)  # dropout masks differ per key
@@ -249,8 +252,8 @@ def test_patch_encoder_codes_a_patch_by_its_own_pixels():
         encoder_context="patch",
     )
     model, variables = init(cfg)
-    assert "attention" not in variables["params"]["encoder"]["transformer"]["block_0"]
-    assert "attention" in variables["params"]["decoder"]["transformer"]["block_0"]
+    assert "attention" not in variables["params"]["encoder"]["transformer"]["layers_0"]
+    assert "attention" in variables["params"]["decoder"]["transformer"]["layers_0"]
     x = np.zeros((1, 32, 32, 3), np.float32)
     x[0, 4:10, 4:10] = (1.0, 0.1, 0.1)  # an object in patches (1..2, 1..2)
     codes = np.asarray(
@@ -275,6 +278,7 @@ def test_paper_sizes_per_stack(name):
     else:
         assert loss_cfg == LossConfig()  # the paper's loss weights
         assert cfg.logit_laplace and cfg.output == "sigmoid"
+    assert cfg.decoder_tanh_ffn == "after"  # the paper's placement
     _, variables = init(cfg, abstract=True)
     params = variables["params"]
     for stack, paper in zip(("encoder", "decoder"), PAPER[name]):
@@ -286,6 +290,7 @@ def test_paper_sizes_per_stack(name):
 @pytest.mark.parametrize("name", ["vqgan/shapes.gin", "vqgan/tiny.gin"])
 def test_small_gin_configs_build(name):
     cfg, _ = gin_config(name)
+    assert cfg.decoder_tanh_ffn == "before"  # the layout the shapes VQGAN was measured with
     _, variables = init(cfg, abstract=True)
     total = param_count(variables["params"])
     assert total == stated(name, "total"), f"{name}: update the '# total params' comment"
@@ -302,7 +307,7 @@ def test_training_steps_lower_reconstruction_loss():
     opt = optax.adam(3e-3)
 
     def loss_fn(p):
-        recon, aux = model.apply({"params": p}, batch, train=True)
+        recon, aux = model.apply({"params": p}, batch, enable_dropout=True)
         return jnp.mean(jnp.square(recon - batch)) + aux["vq_loss"]
 
     @jax.jit
@@ -317,3 +322,69 @@ def test_training_steps_lower_reconstruction_loss():
         params, state, loss = step(params, state)
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _decoder_stages(model, variables, codes):
+    """Outputs of the decoder's final norm, tanh feed-forward and patch unembedding."""
+    _, state = model.apply(
+        variables, codes, method=ViTVQGAN.decode_codes, capture_intermediates=True
+    )
+    stages = state["intermediates"]["decoder"]
+    return {k: stages[k]["__call__"][0] for k in ("final_norm", "tanh_ffn", "patch_unembedding")}
+
+
+def test_decoder_tanh_ffn_placement():
+    after, before = tiny_config(decoder_tanh_ffn="after"), tiny_config(decoder_tanh_ffn="before")
+    assert VQGANConfig().decoder_tanh_ffn == "after"  # the default: the paper's
+    (model_a, variables), (model_b, variables_b) = init(after), init(before)
+    # The same parameters, even their values ...
+    assert jax.tree.structure(variables) == jax.tree.structure(variables_b)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(variables_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+    codes = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 4, 4)), jnp.int32)
+    stages_a = _decoder_stages(model_a, variables, codes)
+    stages_b = _decoder_stages(model_b, variables, codes)
+    # ... but other functions: the patch unembedding reads the tanh feed-forward's
+    # output ('after') or the final norm's ('before').
+    unembedding = nn.meta.unbox(variables["params"]["decoder"]["patch_unembedding"])
+
+    def unembed(h):
+        return h @ unembedding["kernel"] + unembedding["bias"]
+
+    np.testing.assert_allclose(
+        unembed(stages_a["tanh_ffn"]), stages_a["patch_unembedding"], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        unembed(stages_b["final_norm"]), stages_b["patch_unembedding"], atol=1e-5
+    )
+    assert np.abs(stages_a["patch_unembedding"] - stages_b["patch_unembedding"]).max() > 1e-3
+
+
+def test_decoder_tanh_ffn_is_validated_and_recorded():
+    with pytest.raises(ValueError, match="VQGANConfig.decoder_tanh_ffn='middle'"):
+        tiny_config(decoder_tanh_ffn="middle")
+    fields = dataclasses.asdict(tiny_config(decoder_tanh_ffn="after"))
+    assert tokenizer.config_from_meta({"config": fields}).decoder_tanh_ffn == "after"
+    # A meta written before the field existed describes the old layout ...
+    legacy = {k: v for k, v in fields.items() if k != "decoder_tanh_ffn"}
+    saved = tokenizer.config_from_meta({"config": legacy, "format_version": 1})
+    assert saved.decoder_tanh_ffn == "before"
+    # ... and resuming it with the paper's layout is refused by the config comparison.
+    assert tokenizer.config_differences(saved, tiny_config(decoder_tanh_ffn="after")) == [
+        "VQGANConfig.decoder_tanh_ffn: checkpoint 'before', given 'after'"
+    ]
+
+
+def test_scanned_and_unrolled_layers_agree():
+    cfg = tiny_config(encoder_depth=2, decoder_depth=3, attention_window=1)
+    model, variables = init(dataclasses.replace(cfg, scan_layers=True))
+    unrolled = scan_to_unscanned(variables)
+    assert sorted(unrolled["params"]["decoder"]["transformer"]) == [
+        "layers_0",
+        "layers_1",
+        "layers_2",
+    ]
+    x = images()
+    recon, _ = jax.jit(model.apply)(variables, x)
+    recon_unrolled, _ = jax.jit(ViTVQGAN(cfg).apply)(unrolled, x)
+    np.testing.assert_allclose(recon, recon_unrolled, atol=1e-5)

@@ -26,12 +26,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import jax
 import seqio
 import tensorflow as tf
 
 from parti_jax.data import codes as codes_lib
 from parti_jax.data import pipeline
+from parti_jax.train import distributed
+from parti_jax.vqgan.tokenizer import ImageTokenizer
 
 SETTINGS_FILE = "precompute.json"
 
@@ -53,10 +55,6 @@ class PrecomputeResult:
     shards_written: int  # by this process in this call
     shards_skipped: int  # complete shards found from an earlier run
     meta: dict | None  # codes_meta.json (process 0, when finished)
-
-
-def _task_name(task: Any) -> str:
-    return task if isinstance(task, str) else task.name
 
 
 def _check_settings(output_dir: str, settings: dict) -> None:
@@ -95,24 +93,20 @@ def _resume_point(output_dir: str, host: int, shard_size: int) -> tuple[int, boo
     return index, tf.io.gfile.exists(_done_file(output_dir, host))
 
 
-def _pixels_dataset(
-    task: Any, split: str, image_size: int, host: int, num_hosts: int, skip: int, batch_size: int
-) -> tf.data.Dataset:
-    """This host's examples in a fixed order, the first `skip` dropped, batched."""
-    ds = pipeline.make_pixels_dataset(
-        task,
-        batch_size=batch_size,
-        split=split,
-        image_size=image_size,
-        shard_index=host,
-        num_shards=num_hosts,
-        shuffle=False,
-        repeat=False,
-        drop_remainder=False,
-    )
-    if skip:
-        ds = ds.unbatch().skip(skip).batch(batch_size)
-    return ds.prefetch(2)
+def _source_task(task: Any, split: str) -> seqio.Task:
+    """The seqio task to encode (a name or a task), checked for `split`."""
+    if isinstance(task, str):
+        import parti_jax.tasks  # noqa: F401  (registers the built-in tasks)
+
+        task = seqio.get_mixture_or_task(task)
+    if not isinstance(task, seqio.Task):
+        raise ValueError(
+            f"precompute_codes.task={getattr(task, 'name', task)!r} is a "
+            f"{type(task).__name__}; encode each `<name>_pixels` task of a mixture separately"
+        )
+    if split not in task.splits:
+        raise ValueError(f"task {task.name!r} has no split {split!r}; it has {list(task.splits)}")
+    return task
 
 
 def precompute_codes(
@@ -143,50 +137,30 @@ def precompute_codes(
     Returns:
       PrecomputeResult; `meta` is the written codes_meta.json on process 0.
     """
-    import jax
-
-    from parti_jax.train import distributed
-    from parti_jax.vqgan.tokenizer import ImageTokenizer
-
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be >= 1")
     host, num_hosts = jax.process_index(), jax.process_count()
     tokenizer = ImageTokenizer.load(vqgan, step=vqgan_step, batch_size=batch_size)
     tmeta = tokenizer.meta
-    if isinstance(task, str):
-        import parti_jax.tasks  # noqa: F401  (registers the built-in tasks)
-
-        provider = seqio.get_mixture_or_task(task)
-    else:
-        provider = task
-    task_name = _task_name(provider)
-    if not isinstance(provider, seqio.Task):
-        raise ValueError(
-            f"precompute_codes.task={task_name!r} is a {type(provider).__name__}; encode "
-            "each `<name>_pixels` task of a mixture separately"
-        )
-    if split not in provider.splits:
-        raise ValueError(
-            f"task {task_name!r} has no split {split!r}; it has {list(provider.splits)}"
-        )
+    provider = _source_task(task, split)
+    meta_file = os.path.join(output_dir, codes_lib.META_FILE)
+    if tf.io.gfile.exists(meta_file):
+        existing = codes_lib.load_codes_meta(output_dir)
+        tokenizer.check_codes_meta(existing)
+        if existing["source_task"] != provider.name or existing["split"] != split:
+            raise ValueError(
+                f"{meta_file}: already holds codes of {existing['source_task']}/"
+                f"{existing['split']}, not {provider.name}/{split}; pick another output_dir"
+            )
+        return PrecomputeResult(output_dir, "already_done", 0, 0, 0, existing)
     settings = {
-        "source_task": task_name,
+        "source_task": provider.name,
         "split": split,
         "codebook_hash": tokenizer.codebook_hash,
         "vqgan_checkpoint": tmeta["checkpoint"],
         "shard_size": int(shard_size),
         "num_hosts": num_hosts,
     }
-    meta_file = os.path.join(output_dir, codes_lib.META_FILE)
-    if tf.io.gfile.exists(meta_file):
-        existing = codes_lib.load_codes_meta(output_dir)
-        tokenizer.check_codes_meta(existing)
-        if existing["source_task"] != task_name or existing["split"] != split:
-            raise ValueError(
-                f"{meta_file}: already holds codes of {existing['source_task']}/"
-                f"{existing['split']}, not {task_name}/{split}; pick another output_dir"
-            )
-        return PrecomputeResult(output_dir, "already_done", 0, 0, 0, existing)
     if host == 0:
         _check_settings(output_dir, settings)
     distributed.barrier("precompute_settings")
@@ -195,29 +169,35 @@ def precompute_codes(
 
     first_shard, finished = _resume_point(output_dir, host, shard_size)
     written = shards_written = 0
-    status = "done"
     if not finished:
-        skip = first_shard * shard_size
-        total = None
-        try:
-            total = int(provider.num_input_examples(split)) // num_hosts
-        except Exception:  # noqa: BLE001 - unknown size: the bar counts without a total
-            total = None
-        bar = None
+        position = skip = first_shard * shard_size  # the examples of the complete shards
+        index, writer, bar = first_shard, None, None
         if progress and host == 0:
             from tqdm import tqdm
 
+            try:
+                total = int(provider.num_input_examples(split)) // num_hosts
+            except Exception:  # noqa: BLE001 - unknown size: the bar counts without a total
+                total = None
             bar = tqdm(total=total, initial=skip, unit="img", desc=f"precompute {split}")
-        ds = _pixels_dataset(
-            provider, split, tokenizer.image_size, host, num_hosts, skip, batch_size
+        batches = pipeline.make_pixels_iterator(
+            provider,
+            batch_size=batch_size,
+            split=split,
+            image_size=tokenizer.image_size,
+            shard_index=host,
+            num_shards=num_hosts,
+            shuffle=False,
+            repeat=False,
+            drop_remainder=False,
         )
-        index, position = first_shard, skip
-        writer = None
         try:
-            for batch in ds.as_numpy_iterator():
-                images = batch["image"].astype(np.float32) / np.float32(255.0)
-                codes = tokenizer.encode(images)
-                for text, image_codes in zip(batch["text"], codes):
+            for batch in batches:
+                images, texts = batch["image"][skip:], batch["text"][skip:]
+                skip = max(0, skip - len(batch["text"]))
+                if not len(texts):
+                    continue
+                for text, image_codes in zip(texts, tokenizer.encode(images)):
                     if writer is None:
                         writer = codes_lib.CodesShardWriter(
                             output_dir,
@@ -225,36 +205,27 @@ def precompute_codes(
                             codebook_size=tokenizer.codebook_size,
                             grid=tokenizer.grid,
                         )
-                    writer.write(
-                        f"{split}/{host:03d}/{position:09d}", text.decode("utf-8"), image_codes
-                    )
+                    writer.write(f"{split}/{host:03d}/{position:09d}", text, image_codes)
                     position += 1
                     if writer.count == shard_size:
                         writer.close()
-                        writer, index = None, index + 1
-                        shards_written += 1
+                        writer, index, shards_written = None, index + 1, shards_written + 1
+                written += len(texts)
                 if bar is not None:
-                    bar.update(len(codes))
-                written += len(codes)
+                    bar.update(len(texts))
                 if max_shards is not None and shards_written >= max_shards:
-                    status = "stopped"
-                    break
+                    # Stopped (the test hook): the shard in progress is dropped, no .done file.
+                    return PrecomputeResult(
+                        output_dir, "stopped", written, shards_written, first_shard, None
+                    )
             if writer is not None:
-                if status == "stopped":
-                    writer.abort()
-                else:
-                    writer.close()
-                    shards_written += 1
-                writer = None
-        except BaseException:
+                writer.close()
+                writer, shards_written = None, shards_written + 1
+        finally:
             if writer is not None:
                 writer.abort()
-            raise
-        finally:
             if bar is not None:
                 bar.close()
-        if status == "stopped":
-            return PrecomputeResult(output_dir, status, written, shards_written, first_shard, None)
         with tf.io.gfile.GFile(_done_file(output_dir, host), "w") as f:
             f.write(json.dumps({"host": host, "examples": position}) + "\n")
 
@@ -275,12 +246,12 @@ def precompute_codes(
             image_size=tokenizer.image_size,
             vqgan_checkpoint=tmeta["checkpoint"],
             vqgan_step=int(tmeta["step"]),
-            source_task=task_name,
+            source_task=provider.name,
             split=split,
             shard_pattern="shard-*.tfrecord",
         )
     distributed.barrier("precompute_meta")
-    return PrecomputeResult(output_dir, status, written, shards_written, first_shard, meta)
+    return PrecomputeResult(output_dir, "done", written, shards_written, first_shard, meta)
 
 
 def output_dirs(output_dir: str, splits: list[str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 
 from parti_jax.data import codes as codes_lib
 from parti_jax.data import pipeline
-from parti_jax.data.precompute import precompute_codes, shard_name
+from parti_jax.vqgan.precompute import precompute_codes, shard_name
 from parti_jax.vqgan.tokenizer import ImageTokenizer
 from tests.vqgan.test_tokenizer import train_tiny
 
