@@ -4,25 +4,17 @@ Each `bench_*` function builds its model from a config dataclass, feeds it
 synthetic data already on the device, compiles once, runs `warmup` calls and
 then `steps` timed calls (each ended by `jax.block_until_ready`), and returns
 JSON-ready dicts: the median time and the rates derived from it, the device
-and software versions, and the config knobs that change speed.
-
-Accounting (BENCHMARKS.md gives the formulas):
-  * train step MFU: `t2i.t2i_flops_per_step` (FLOPs counted per stack, causal
-    self-attention scores counted as the lower triangle, x3 for forward +
-    backward, remat recomputation not counted) over the step time and the
-    devices' dense bf16 peak;
-  * sampling: the memory-bandwidth floor of `decoding.sampling_bandwidth_floor`
-    (decoder weights + cross-attention K/V + the filled self-attention prefix,
-    read once per step) over the measured seconds per batch.
-
-`run_benchmarks` runs a list of them and prints each result as a JSON line
-(a failure as a line with an `error` field). Nothing here imports TensorFlow
-or gin: the model benchmarks run on a host with only jax/flax/optax/orbax;
-`bench_input` loads TensorFlow.
+and software versions, and the config knobs that change speed. BENCHMARKS.md
+gives the accounting: train-step MFU from `t2i.t2i_flops_per_step` over the
+devices' dense bf16 peak; sampling against the memory-bandwidth floor of
+`decoding.sampling_bandwidth_floor`. Nothing here imports TensorFlow or gin
+(the model benchmarks run on a host with only jax/flax/optax/orbax) except
+`bench_input`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -41,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from parti_jax.devices import DEVICE_SPECS, device_spec  # noqa: F401 - re-exported
+from parti_jax.memory import compiled_sizes
 from parti_jax.models.config import ModelConfig
+from parti_jax.models.layers import param_count
 
 PyTree = Any
 
@@ -54,13 +48,10 @@ def _package_version(name: str) -> str:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
@@ -71,16 +62,14 @@ def environment() -> dict[str, Any]:
         load = round(os.getloadavg()[0], 2)
     except OSError:
         load = None
+    packages = {"jaxlib": "jaxlib", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint"}
     return {
         "device": device.device_kind,
         "platform": device.platform,
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
         "jax": jax.__version__,
-        "jaxlib": _package_version("jaxlib"),
-        "flax": _package_version("flax"),
-        "optax": _package_version("optax"),
-        "orbax": _package_version("orbax-checkpoint"),
+        **{key: _package_version(name) for key, name in packages.items()},
         "numpy": np.__version__,
         "python": platform.python_version(),
         "host_cpu": _cpu_model(),
@@ -88,6 +77,11 @@ def environment() -> dict[str, Any]:
         "load_avg_1m": load,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+def _result(benchmark: str, label: str, **fields: Any) -> dict[str, Any]:
+    """A result line: the benchmark, the model's label, `environment()`, then `fields`."""
+    return {"benchmark": benchmark, "model": label, **environment(), **fields}
 
 
 BENCHMARKS = ("train_step", "sample", "vqgan", "input")
@@ -133,12 +127,9 @@ def run_benchmarks(
             failed += 1
             traceback.print_exc(file=sys.stderr)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            results = {
-                "benchmark": fn.__name__.removeprefix("bench_"),
-                "model": kwargs.get("label", ""),
-                **environment(),
-                "error": f"{type(e).__name__}: {first}"[:2000],
-            }
+            name = fn.__name__.removeprefix("bench_")
+            error = f"{type(e).__name__}: {first}"[:2000]
+            results = _result(name, kwargs.get("label", ""), error=error)
         for r in results if isinstance(results, list) else [results]:
             emit(r, output)
     return 1 if failed else 0
@@ -161,70 +152,57 @@ def _time_calls(fn: Callable[[], Any], *, warmup: int, steps: int) -> list[float
     return times
 
 
-def _timing_fields(times: Sequence[float], prefix: str) -> dict[str, float]:
+def _compile_and_time(fn: Callable, *args: Any, warmup: int, steps: int) -> tuple[Any, dict]:
+    """(`fn` compiled for `args`, the fields of `_timing` for `seconds_per_batch`)."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    times = _time_calls(lambda: compiled(*args), warmup=warmup, steps=steps)
+    return compiled, _timing(times, "seconds_per_batch", compile_s, warmup=warmup)
+
+
+def _timing(times: Sequence[float], name: str, compile_s: float, **before: Any) -> dict:
+    """`before`, steps, compile_s, then the median (`name`), min and max of `times`."""
+    stem = name.removesuffix("_s")
     return {
-        f"{prefix}": float(statistics.median(times)),
-        f"{prefix.removesuffix('_s')}_min_s": float(min(times)),
-        f"{prefix.removesuffix('_s')}_max_s": float(max(times)),
+        **before,
+        "steps": len(times),
+        "compile_s": compile_s,
+        name: float(statistics.median(times)),
+        f"{stem}_min_s": float(min(times)),
+        f"{stem}_max_s": float(max(times)),
     }
 
 
 def _compiled_memory(compiled: Any) -> dict[str, int]:
     """XLA's buffer sizes of a compiled executable (what must fit on one device)."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        return {}
-    if stats is None:
-        return {}
-    out = {}
-    for key in ("argument", "output", "temp", "alias"):
-        value = getattr(stats, f"{key}_size_in_bytes", None)
-        if value is not None:
-            out[f"compiled_{key}_bytes"] = int(value)
-    return out
+    return {f"compiled_{k}_bytes": v for k, v in compiled_sizes(compiled).items()}
 
 
 def _device_peak_memory() -> dict[str, int]:
     try:
-        stats = jax.devices()[0].memory_stats()
+        stats = jax.devices()[0].memory_stats() or {}
     except Exception:  # noqa: BLE001 - CPU has none
-        return {}
-    if not stats:
-        return {}
-    out = {}
-    if "peak_bytes_in_use" in stats:
-        out["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
-    if "bytes_limit" in stats:
-        out["bytes_limit"] = int(stats["bytes_limit"])
-    return out
+        stats = {}
+    return {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
 
 
-def param_count(tree: PyTree) -> int:
-    """Scalars in a (boxed or abstract) parameter tree."""
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree))))
-
-
-def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
-    """Floating leaves cast to `dtype` (inference holds weights in the compute dtype)."""
+def _random_params(model: nn.Module, seed: int, dtype: Any, *inputs: Any) -> PyTree:
+    """Unboxed random parameters of `model`, floating leaves cast to `dtype` unless None
+    (inference holds weights in the compute dtype)."""
+    variables = jax.jit(model.init)({"params": jax.random.PRNGKey(seed)}, *inputs)
+    params = nn.meta.unbox(variables["params"])
+    if dtype is None:
+        return params
     return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
     )
 
 
 def _model_fields(config: ModelConfig) -> dict[str, Any]:
-    return {
-        "d_model": config.d_model,
-        "num_encoder_layers": config.num_encoder_layers,
-        "num_decoder_layers": config.num_decoder_layers,
-        "image_tokens": config.num_image_tokens,
-        "dtype": config.dtype,
-        "attention_impl": config.attention_impl,
-        "remat_policy": config.remat_policy,
-        "scan_layers": config.scan_layers,
-        "decoder_attention": config.decoder_attention,
-        "decode_block_size": config.decode_block_size,
-    }
+    names = ("d_model", "num_encoder_layers", "num_decoder_layers", "dtype", "attention_impl")
+    names += ("remat_policy", "scan_layers", "decoder_attention", "decode_block_size")
+    return {"image_tokens": config.num_image_tokens, **{k: getattr(config, k) for k in names}}
 
 
 def synthetic_codes_batch(
@@ -269,18 +247,11 @@ def bench_train_step(
 ) -> dict[str, Any]:
     """Median step time, examples/s, tokens/s and MFU of `t2i.train_step` on a mesh.
 
-    Args:
-      model_config: the encoder-decoder.
-      batch_size: global batch (a multiple of the mesh's data x fsdp devices).
-      mesh_config: partitioning.MeshConfig (None: all devices on 'fsdp').
-      text_length: encoder length (None: model_config.max_text_length).
-      steps, warmup: timed and untimed steps after compilation.
-      peak_flops: per-device peak FLOP/s (None: DEVICE_SPECS by device kind).
-      optimizer_config: OptimizerConfig (None: the paper's Adafactor).
-      num_micro_batches: gradient accumulation slices.
-      loss_chunk_size: image tokens per chunk of the cross-entropy (None: whole logits).
-      num_devices: use the first N devices (None: all).
-      profile_dir: if set, a jax.profiler trace of `profile_steps` more steps.
+    `batch_size` is global (a multiple of the mesh's data x fsdp devices);
+    `mesh_config` None: all devices on 'fsdp'; `text_length` None: the model's
+    max_text_length; `peak_flops` None: DEVICE_SPECS by device kind;
+    `optimizer_config` None: the paper's Adafactor; `num_devices`: use the
+    first N; `profile_dir`: a jax.profiler trace of `profile_steps` more steps.
     """
     from parti_jax.memory import abstract_train_step
     from parti_jax.partitioning import MeshConfig, batch_sharding
@@ -307,8 +278,7 @@ def bench_train_step(
         loss_chunk_size=loss_chunk_size,
         devices=devices,
     )
-    mesh = step.mesh
-    key = jax.random.PRNGKey(seed)
+    mesh, key = step.mesh, jax.random.PRNGKey(seed)
     t0 = time.perf_counter()
     state, _ = sharded_train_state(
         step.task.init,
@@ -347,52 +317,43 @@ def bench_train_step(
 
     step_s = float(statistics.median(times))
     flops = float(t2i.t2i_flops_per_step(cfg, batch_size, text_length))
-    device_kind = devices[0].device_kind
-    peak = float(peak_flops) if peak_flops else device_spec(device_kind)[0]
+    peak = float(peak_flops) if peak_flops else device_spec(devices[0].device_kind)[0]
     n = mesh.size
-    return {
-        "benchmark": "train_step",
-        "model": label,
-        **environment(),
-        "mesh_devices": n,
-        "mesh": dict(mesh.shape),
-        "rules": mesh_config.rules,
+    return _result(
+        "train_step",
+        label,
+        mesh_devices=n,
+        mesh=dict(mesh.shape),
+        rules=mesh_config.rules,
         **_model_fields(cfg),
-        "params": param_count(state.params),
-        "optimizer": opt.name,
-        "batch_size": batch_size,
-        "text_length": text_length,
-        "num_micro_batches": num_micro_batches,
-        "loss_chunk_size": loss_chunk_size,
-        "steps": steps,
-        "warmup": warmup,
-        "init_s": init_s,
-        "compile_s": compile_s,
-        **_timing_fields(times, "step_time_s"),
-        "examples_per_s": batch_size / step_s,
-        "tokens_per_s": batch_size * (text_length + cfg.num_image_tokens) / step_s,
-        "image_tokens_per_s": batch_size * cfg.num_image_tokens / step_s,
-        "flops_per_step": flops,
-        "tflops_per_s_per_device": flops / step_s / n / 1e12,
-        "peak_flops": peak,
-        "mfu": (flops / step_s / (n * peak)) if peak else None,
-        "loss": loss,
-        "profile_dir": profile_dir,
+        params=param_count(state.params),
+        optimizer=opt.name,
+        batch_size=batch_size,
+        text_length=text_length,
+        num_micro_batches=num_micro_batches,
+        loss_chunk_size=loss_chunk_size,
+        **_timing(times, "step_time_s", compile_s, warmup=warmup, init_s=init_s),
+        examples_per_s=batch_size / step_s,
+        tokens_per_s=batch_size * (text_length + cfg.num_image_tokens) / step_s,
+        image_tokens_per_s=batch_size * cfg.num_image_tokens / step_s,
+        flops_per_step=flops,
+        tflops_per_s_per_device=flops / step_s / n / 1e12,
+        peak_flops=peak,
+        mfu=(flops / step_s / (n * peak)) if peak else None,
+        loss=loss,
+        profile_dir=profile_dir,
         **_compiled_memory(compiled),
         **_device_peak_memory(),
-    }
+    )
 
 
 # --------------------------------------------------------------- sampling
 
 
 def decoder_step_params(params: Mapping[str, Any]) -> int:
-    """Decoder parameters read by one cached decoding step.
-
-    All decoder parameters but the token and position embeddings (gathered one
-    row at a time) and the cross-attention key/value kernels (their output is
-    in the cache, computed once from the prompt).
-    """
+    """Decoder parameters read by one cached decoding step: all but the token and position
+    embeddings (gathered one row at a time) and the cross-attention key/value kernels
+    (their output is cached, computed once from the prompt)."""
     total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params["decoder"]))[0]:
         names = [str(getattr(p, "key", p)) for p in path]
@@ -439,11 +400,9 @@ def bench_sample(
     )
     rows = num_prompts * (1 if guidance_scale is None else 2)  # guidance adds the [EOS] rows
     image = jnp.zeros((1, cfg.num_image_tokens), jnp.int32)
-    params = jax.jit(model.init)({"params": jax.random.PRNGKey(seed)}, text[:1], image)["params"]
-    params = nn.meta.unbox(params)
-    if cast_weights:
-        params = cast_floating(params, cfg.compute_dtype)
-    weight_bytes = jax.tree.leaves(params)[0].dtype.itemsize
+    dtype = cfg.compute_dtype if cast_weights else None
+    params = _random_params(model, seed, dtype, text[:1], image)
+    weights_dtype = jax.tree.leaves(params)[0].dtype
     prompt_ids, sample_indices = decoding.sample_ids(num_prompts, 1)
 
     def run(params, text):
@@ -457,10 +416,7 @@ def bench_sample(
             guidance_scale=guidance_scale,
         )
 
-    t0 = time.perf_counter()
-    compiled = jax.jit(run).lower(params, text).compile()
-    compile_s = time.perf_counter() - t0
-    times = _time_calls(lambda: compiled(params, text), warmup=warmup, steps=steps)
+    compiled, timing = _compile_and_time(run, params, text, warmup=warmup, steps=steps)
     tokens = np.asarray(compiled(params, text))
     if tokens.shape != (num_prompts, cfg.num_image_tokens) or not (
         tokens.min() >= 1 and tokens.max() <= cfg.codebook_size
@@ -470,53 +426,49 @@ def bench_sample(
             f"expected [{num_prompts}, {cfg.num_image_tokens}] in [1, {cfg.codebook_size}]"
         )
 
-    seconds = float(statistics.median(times))
+    seconds = timing["seconds_per_batch"]
     bandwidth = memory_bandwidth or device_spec(jax.devices()[0].device_kind)[1]
-    n = cfg.num_image_tokens
+    n, step_params = cfg.num_image_tokens, decoder_step_params(params)
     floor = decoding.sampling_bandwidth_floor(
-        decoder_params=decoder_step_params(params),
+        decoder_params=step_params,
         num_layers=cfg.num_decoder_layers,
         kv_width=cfg.num_heads * cfg.kv_dim,
         text_length=text_length,
         num_steps=n,
         rows=rows,
         memory_bandwidth=bandwidth or 1.0,
-        param_bytes=weight_bytes,
+        param_bytes=weights_dtype.itemsize,
         cache_bytes=jnp.dtype(cfg.compute_dtype).itemsize,
     )
     # What the same run reads if every step reads the whole preallocated
     # self-attention cache (N positions) instead of its filled prefix (t + 1).
     full_cache_bytes = floor.total_bytes - floor.self_attention_bytes
     full_cache_bytes += floor.self_attention_bytes * 2 * n / (n + 1)
-    return {
-        "benchmark": "sample",
-        "model": label,
-        **environment(),
+    return _result(
+        "sample",
+        label,
         **_model_fields(cfg),
-        "params": param_count(params),
-        "weights_dtype": str(jax.tree.leaves(params)[0].dtype),
-        "num_prompts": num_prompts,
-        "guidance_scale": guidance_scale,
-        "rows": rows,
-        "text_length": text_length,
-        "steps": steps,
-        "warmup": warmup,
-        "compile_s": compile_s,
-        **_timing_fields(times, "seconds_per_batch"),
-        "images_per_s": num_prompts / seconds,
-        "image_tokens_per_s": num_prompts * n / seconds,
-        "decoder_step_params": decoder_step_params(params),
-        "floor_bytes": floor.total_bytes,
-        "floor_weight_bytes": floor.weight_bytes,
-        "floor_cross_attention_bytes": floor.cross_attention_bytes,
-        "floor_self_attention_bytes": floor.self_attention_bytes,
-        "full_cache_read_bytes": full_cache_bytes,
-        "memory_bandwidth": bandwidth,
-        "floor_s": floor.seconds if bandwidth else None,
-        "floor_ratio": seconds / floor.seconds if bandwidth else None,
-        "full_cache_read_s": full_cache_bytes / bandwidth if bandwidth else None,
+        params=param_count(params),
+        weights_dtype=str(weights_dtype),
+        num_prompts=num_prompts,
+        guidance_scale=guidance_scale,
+        rows=rows,
+        text_length=text_length,
+        **timing,
+        images_per_s=num_prompts / seconds,
+        image_tokens_per_s=num_prompts * n / seconds,
+        decoder_step_params=step_params,
+        floor_bytes=floor.total_bytes,
+        floor_weight_bytes=floor.weight_bytes,
+        floor_cross_attention_bytes=floor.cross_attention_bytes,
+        floor_self_attention_bytes=floor.self_attention_bytes,
+        full_cache_read_bytes=full_cache_bytes,
+        memory_bandwidth=bandwidth,
+        floor_s=floor.seconds if bandwidth else None,
+        floor_ratio=seconds / floor.seconds if bandwidth else None,
+        full_cache_read_s=full_cache_bytes / bandwidth if bandwidth else None,
         **_compiled_memory(compiled),
-    }
+    )
 
 
 # ------------------------------------------------------------------ VQGAN
@@ -543,10 +495,7 @@ def bench_vqgan(
     size = cfg.image_size
     images = jnp.asarray(rng.random((batch_size, size, size, 3), dtype=np.float32))
     codes = jnp.asarray(rng.integers(0, cfg.codebook_size, (batch_size, cfg.grid, cfg.grid)))
-    params = jax.jit(model.init)({"params": jax.random.PRNGKey(seed)}, images[:1])["params"]
-    params = nn.meta.unbox(params)
-    if cast_weights:
-        params = cast_floating(params, cfg.compute_dtype)
+    params = _random_params(model, seed, cfg.compute_dtype if cast_weights else None, images[:1])
     results = []
     for op, method, data, stack in (
         ("encode", ViTVQGAN.encode, images, "encoder"),
@@ -556,67 +505,29 @@ def bench_vqgan(
         def fn(params, x, method=method):
             return model.apply({"params": params}, x, method=method)
 
-        t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(params, data).compile()
-        compile_s = time.perf_counter() - t0
-        times = _time_calls(lambda c=compiled, d=data: c(params, d), warmup=warmup, steps=steps)
-        seconds = float(statistics.median(times))
+        compiled, timing = _compile_and_time(fn, params, data, warmup=warmup, steps=steps)
+        fields = {"image_size": size, "patch_size": cfg.patch_size}
+        fields.update({k: getattr(cfg, f"{stack}_{k}") for k in ("width", "depth")})
         results.append(
-            {
-                "benchmark": "vqgan",
-                "op": op,
-                "model": label,
-                **environment(),
-                "image_size": size,
-                "patch_size": cfg.patch_size,
-                "width": getattr(cfg, f"{stack}_width"),
-                "depth": getattr(cfg, f"{stack}_depth"),
-                "stack_params": param_count(params[stack]),
-                "dtype": cfg.dtype,
-                "attention_impl": cfg.attention_impl,
-                "weights_dtype": str(jax.tree.leaves(params)[0].dtype),
-                "batch_size": batch_size,
-                "steps": steps,
-                "warmup": warmup,
-                "compile_s": compile_s,
-                **_timing_fields(times, "seconds_per_batch"),
-                "images_per_s": batch_size / seconds,
+            _result(
+                "vqgan",
+                label,
+                op=op,
+                **fields,
+                stack_params=param_count(params[stack]),
+                dtype=cfg.dtype,
+                attention_impl=cfg.attention_impl,
+                weights_dtype=str(jax.tree.leaves(params)[0].dtype),
+                batch_size=batch_size,
+                **timing,
+                images_per_s=batch_size / timing["seconds_per_batch"],
                 **_compiled_memory(compiled),
-            }
+            )
         )
     return results
 
 
 # ----------------------------------------------------------- input pipeline
-
-
-def write_synthetic_codes(
-    codes_dir: str, *, num_examples: int, codebook_size: int, grid: Sequence[int], seed: int = 0
-) -> None:
-    """A complete codes folder (4 shards) of shapes-world captions and random codes."""
-    from parti_jax.data import codes as codes_lib
-    from parti_jax.data import shapes
-
-    rng = np.random.default_rng(seed)
-    num_shards = 4
-    for s in range(num_shards):
-        with codes_lib.CodesShardWriter(
-            codes_dir, f"bench-{s:05d}.tfrecord", codebook_size=codebook_size, grid=grid
-        ) as writer:
-            for i in range(s, num_examples, num_shards):
-                _, caption = shapes.generate_scene(i, "train", seed)
-                writer.write(f"bench-{i}", caption, rng.integers(0, codebook_size, size=grid))
-    codes_lib.finalize_codes_meta(
-        codes_dir,
-        codebook_size=codebook_size,
-        grid=grid,
-        codebook_hash="benchmark",
-        image_size=int(grid[0]) * 8,
-        vqgan_checkpoint="none (synthetic benchmark codes)",
-        vqgan_step=0,
-        source_task="synthetic",
-        split="train",
-    )
 
 
 def bench_input(
@@ -649,13 +560,7 @@ def bench_input(
         synthetic = codes_dir is None
         if synthetic:
             codes_dir = tmp
-            write_synthetic_codes(
-                tmp,
-                num_examples=num_examples,
-                codebook_size=cfg.codebook_size,
-                grid=cfg.image_grid,
-                seed=seed,
-            )
+            _write_synthetic_codes(tmp, num_examples, cfg.codebook_size, cfg.image_grid, seed)
         task = register_codes_task(f"benchmark_input_{os.getpid()}", codes_dir)
         result = benchmark_input(
             task,
@@ -667,15 +572,41 @@ def bench_input(
             seed=seed,
             num_threads=num_threads,
         )
-    result.pop("benchmark", None)
-    result.pop("host", None)
-    return {
-        "benchmark": "input",
-        "model": label,
-        **environment(),
-        "codes_dir": None if synthetic else codes_dir,
-        "synthetic_examples": num_examples if synthetic else None,
-        "text_length": text_length,
-        "image_tokens": cfg.num_image_tokens,
-        **result,
-    }
+    return _result(
+        "input",
+        label,
+        codes_dir=None if synthetic else codes_dir,
+        synthetic_examples=num_examples if synthetic else None,
+        text_length=text_length,
+        image_tokens=cfg.num_image_tokens,
+        **{k: v for k, v in result.items() if k not in ("benchmark", "host")},
+    )
+
+
+def _write_synthetic_codes(
+    codes_dir: str, num_examples: int, codebook_size: int, grid: Sequence[int], seed: int
+) -> None:
+    """A complete codes folder (4 shards) of shapes-world captions and random codes."""
+    from parti_jax.data import codes as codes_lib
+    from parti_jax.data import shapes
+
+    rng = np.random.default_rng(seed)
+    num_shards = 4
+    for s in range(num_shards):
+        with codes_lib.CodesShardWriter(
+            codes_dir, f"bench-{s:05d}.tfrecord", codebook_size=codebook_size, grid=grid
+        ) as writer:
+            for i in range(s, num_examples, num_shards):
+                _, caption = shapes.generate_scene(i, "train", seed)
+                writer.write(f"bench-{i}", caption, rng.integers(0, codebook_size, size=grid))
+    codes_lib.finalize_codes_meta(
+        codes_dir,
+        codebook_size=codebook_size,
+        grid=grid,
+        codebook_hash="benchmark",
+        image_size=int(grid[0]) * 8,
+        vqgan_checkpoint="none (synthetic benchmark codes)",
+        vqgan_step=0,
+        source_task="synthetic",
+        split="train",
+    )

@@ -7,27 +7,20 @@
     sampler = ExportedSampler("/models/parti_shapes")   # no model code at all
     codes, images = sampler(sampler.encode_prompts(prompts), seed=0)
 
-`load_bundle` reads the safetensors weights, the JSON configs and the
-SentencePiece model, checks them against each other and against
-`bundle.json` (file hashes, parameter names and shapes, the codebook hash),
-and builds the same `parti_jax.sampling.Generator` that `parti-jax sample`
-uses, so a bundle draws the images its checkpoints draw for the same seed. It
-imports neither TensorFlow, nor orbax, nor the training code.
-
-`ExportedSampler` runs the `jax.export` artefact of the sampling function:
-it deserializes it and calls it with the safetensors weights as arguments. It
-imports jax, numpy, safetensors and sentencepiece, and no parti_jax model
-code (this module imports flax and the models only inside `load_bundle`).
-
-Weights are stored per layer ('layers_0', 'layers_1', ...) whatever
-`scan_layers` the model trained with; `load_bundle` restacks them when the
-stored config scans its layers. Configs, compatibility checks and abstract
-parameters are those of `parti_jax.loading`.
+`load_bundle` checks the safetensors weights, JSON configs and SentencePiece
+model against `bundle.json` and each other (with the configs, checks and
+abstract parameters of `parti_jax.loading`) and builds the Generator of
+`parti-jax sample`: a bundle draws its checkpoints' images for a seed, with no
+TensorFlow, orbax or training code. `ExportedSampler` calls the `jax.export`
+artefact with the weights as arguments and imports no parti_jax model code
+(flax and the models are imported only inside `load_bundle`). Weights are
+stored per layer ('layers_<i>') and restacked when the stored config scans.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -142,10 +135,7 @@ def read_bundle_info(path: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(
             f"{file}: not found{hint}; pass the directory written by `parti-jax export`"
         )
-    try:
-        info = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{file}: not valid JSON ({e}); export the bundle again") from None
+    info = read_json(file)
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise BundleError(f"{file}: 'format' is not {FORMAT!r}; not a parti_jax bundle")
     version = info.get("format_version")
@@ -225,11 +215,10 @@ def read_weights(path: str | os.PathLike, info: Mapping[str, Any], group: str) -
 class ExportedSampler:
     """The bundle's `jax.export` sampler: text tokens [B, L] -> (codes [B, N], images).
 
-    Needs no parti_jax model code: it deserializes `sample.jax_export` and
-    calls it with the weights of `t2i.safetensors` and
-    `vqgan_decoder.safetensors`. B, L, top-k and whether guidance / top-p /
-    greedy decoding are on were fixed at export (`self.signature`); seed,
-    temperature, top_p and guidance_scale are arguments.
+    Calls `sample.jax_export` with the weights of `t2i.safetensors` and
+    `vqgan_decoder.safetensors` (no parti_jax model code). B, L, top-k and
+    whether guidance / top-p / greedy are on were fixed at export
+    (`self.signature`); seed, temperature, top_p and guidance_scale are arguments.
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
@@ -307,17 +296,9 @@ class ExportedSampler:
         for name, value in (("prompt_ids", ids), ("sample_indices", samples)):
             if value.shape != (b,):
                 raise ValueError(f"{name}: shape [{b}] expected, got {list(value.shape)}")
-        codes, images = self.exported.call(
-            self._t2i,
-            self._vqgan,
-            text.astype(np.int32),
-            ids.astype(np.int32),
-            samples.astype(np.int32),
-            np.int32(seed),
-            np.float32(temperature),
-            np.float32(top_p),
-            np.float32(guidance_scale),
-        )
+        rows = (text.astype(np.int32), ids.astype(np.int32), samples.astype(np.int32))
+        scalars = (np.int32(seed), *map(np.float32, (temperature, top_p, guidance_scale)))
+        codes, images = self.exported.call(self._t2i, self._vqgan, *rows, *scalars)
         return np.asarray(codes), np.asarray(images)
 
 
@@ -334,14 +315,14 @@ def _jax_platform() -> str:
 # ------------------------------------------------------------------ bundle
 
 
+@dataclasses.dataclass
 class Bundle:
     """A loaded bundle: `generate` (the Generator of `parti-jax sample`) plus its records."""
 
-    def __init__(self, path: Path, info: dict[str, Any], generator: Any, sampling: Any) -> None:
-        self.path = path
-        self.info = info
-        self.generator = generator
-        self.sampling_config = sampling
+    path: Path
+    info: dict[str, Any]  # bundle.json
+    generator: Any
+    sampling_config: Any  # sampling_config.json: generate's default
 
     @property
     def records(self) -> dict[str, Any]:
@@ -399,9 +380,7 @@ def load_bundle(
         (text_tokenizer.vocab_size, str(root / VOCAB_FILE)),
     )  # fmt: skip
 
-    def t2i_abstract(config: Any, **mesh_rules: Any) -> Any:
-        return loading.t2i_abstract_params(config, t2i.text_length, **mesh_rules)
-
+    t2i_abstract = functools.partial(loading.t2i_abstract_params, text_length=t2i.text_length)
     params = _read_group(root, info, "t2i", t2i_abstract, t2i.config, mesh, rules)
     upsampler = None
     if up_info:
@@ -425,18 +404,13 @@ def _read_group(
     root: Path, info: dict, group: str, abstract: Any, config: Any, mesh: Any = None,
     rules: Any = None,
 ) -> Any:  # fmt: skip
-    """One weight group's parameters for `config`, on `mesh` (host numpy without one).
-
-    The file's per-layer names and shapes are checked against `abstract(config
-    without scan_layers)`; they are stacked when `config` scans its layers.
-    `abstract(config, mesh=, rules=)` gives the abstract parameters (`parti_jax.loading`).
-    """
+    """One weight group's parameters for `config`, on `mesh` (host numpy without one):
+    its per-layer names and shapes are checked against `abstract(config, mesh=,
+    rules=)` without scan_layers, and stacked when `config` scans its layers."""
     from parti_jax import loading
 
     scan = bool(getattr(config, "scan_layers", False))
-    per_layer = (
-        abstract(dataclasses.replace(config, scan_layers=False)) if scan else abstract(config)
-    )
+    per_layer = abstract(dataclasses.replace(config, scan_layers=False) if scan else config)
     file, prefix = WEIGHTS[group]
     flat = read_weights(root, info, group)
     check_tensors(specs(flat), specs(flatten(per_layer, prefix)), str(root / file))

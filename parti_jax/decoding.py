@@ -1,35 +1,24 @@
 """Pure samplers for the image-token decoder, driven by a `tokens_to_logits` callback.
 
-The sampler knows nothing about the model. It follows the sampling contract of
-docs/DESIGN.md section 3::
+The sampler knows nothing about the model (contract: docs/DESIGN.md section 3)::
 
     tokens_to_logits(tokens [R, 1] int32, cache, step int32 scalar)
         -> (logits [R, V] float32, cache)
 
-`step` is the position of the input token in the decoder sequence (0 for the
-BOS token) and hence also the position of the image token whose logits come
-back. The cache is preallocated by the caller (a pytree stacked per layer);
-the sampler only threads it through a `lax.scan` over the whole grid. Image
-sequences carry no EOS: every row writes all `num_steps` tokens.
-
-Classifier-free guidance runs conditional and unconditional rows in one
-forward pass of R = 2B rows: rows [0, B) are the prompts, rows [B, 2B) the
-empty prompt `[EOS]`, and the guided token is fed to both halves.
-
-Randomness: row i uses `fold_in(fold_in(key(seed), prompt_ids[i]),
-sample_indices[i])` and, at step t, `fold_in(row_key, t)`. A row's tokens are
-therefore a function of (seed, prompt id, sample index, model) only, not of
-batch size, batch composition, resumption or host count.
-
-`sample` is traceable: callers jit the whole prompt -> tokens function (model
-prefill plus `sample`) so the model parameters stay jit arguments rather than
-constants; the decoding loop itself is one `lax.scan`.
+`step` is the position of the input token (0 for BOS), hence of the image
+token whose logits come back. The caller preallocates the cache; `sample`
+threads it through one `lax.scan` over the whole grid (no EOS). With
+classifier-free guidance R = 2B: rows [B, 2B) hold the empty prompt `[EOS]`
+and the guided token is fed to both halves. Row i draws with
+`fold_in(fold_in(key(seed), prompt_ids[i]), sample_indices[i])`, folded with
+the step, so its tokens do not depend on batch size or composition. `sample`
+is traceable: callers jit prefill + `sample` with the parameters as arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -59,12 +48,9 @@ class SamplingConfig:
     seed: int = 0  # root of every sample's randomness
 
     def __post_init__(self):
-        _check_filters(self.temperature, self.top_k, self.top_p, where="SamplingConfig")
-        if self.guidance_scale is not None and not np.isfinite(self.guidance_scale):
-            raise ValueError(
-                f"SamplingConfig.guidance_scale must be a finite number or None, "
-                f"got {self.guidance_scale!r}"
-            )
+        _check_filters(
+            self.temperature, self.top_k, self.top_p, self.guidance_scale, where="SamplingConfig"
+        )
         if int(self.num_samples) < 1:
             raise ValueError(f"SamplingConfig.num_samples must be >= 1, got {self.num_samples!r}")
 
@@ -88,7 +74,7 @@ def _concrete(value: Any) -> float | None:
         return None
 
 
-def _check_filters(temperature, top_k, top_p, *, where: str) -> None:
+def _check_filters(temperature, top_k, top_p, guidance_scale, *, where: str) -> None:
     t = _concrete(temperature)
     if temperature is None or (t is not None and (not np.isfinite(t) or t < 0)):
         raise ValueError(f"{where}.temperature must be >= 0 (0 = greedy), got {temperature!r}")
@@ -99,29 +85,27 @@ def _check_filters(temperature, top_k, top_p, *, where: str) -> None:
     p = _concrete(top_p)
     if p is not None and not (0.0 < p <= 1.0):
         raise ValueError(f"{where}.top_p must be in (0, 1] or None, got {top_p!r}")
+    g = _concrete(guidance_scale)
+    if g is not None and not np.isfinite(g):
+        raise ValueError(
+            f"{where}.guidance_scale must be a finite number or None, got {guidance_scale!r}"
+        )
 
 
 def sample_ids(
     num_prompts: int, num_samples: int, *, first_prompt_id: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt-major (prompt_ids, sample_indices) for `num_prompts` x `num_samples` rows.
-
-    Row `p * num_samples + s` is sample `s` of prompt `first_prompt_id + p`, the
-    layout `parti_jax.rerank.rerank` expects.
-    """
+    """Prompt-major (prompt_ids, sample_indices): row `p * num_samples + s` is sample `s`
+    of prompt `first_prompt_id + p`, the layout `parti_jax.rerank.rerank` expects."""
     prompt_ids = np.repeat(np.arange(num_prompts, dtype=np.int32) + first_prompt_id, num_samples)
     sample_indices = np.tile(np.arange(num_samples, dtype=np.int32), num_prompts)
     return prompt_ids, sample_indices
 
 
 def valid_token_mask(vocab_size: int, num_valid_tokens: int | None) -> Array:
-    """Bool [V]: ids that may be sampled: 1 .. num_valid_tokens-1 (0 is pad/BOS).
-
-    `num_valid_tokens` is `codebook_size + 1`; the ids above it only pad the
-    vocabulary to a multiple of 128. None keeps every id but 0.
-    """
-    if num_valid_tokens is None:
-        num_valid_tokens = vocab_size
+    """Bool [V]: the ids that may be sampled, 1 .. num_valid_tokens-1 (0 is pad/BOS; ids
+    from `codebook_size + 1` pad the vocabulary); None keeps every id but 0."""
+    num_valid_tokens = vocab_size if num_valid_tokens is None else num_valid_tokens
     if not 2 <= num_valid_tokens <= vocab_size:
         raise ValueError(
             f"num_valid_tokens={num_valid_tokens} must be in [2, vocab size {vocab_size}]; "
@@ -132,21 +116,16 @@ def valid_token_mask(vocab_size: int, num_valid_tokens: int | None) -> Array:
 
 
 def guide_logits(logits: Array, guidance_scale: float | Array) -> Array:
-    """[2B, V] -> [B, V]: `uncond + λ (cond - uncond)` written as `λ cond + (1-λ) uncond`.
-
-    The second form is the same number but exact at λ = 1 (= cond) and λ = 0
-    (= uncond) in floating point.
-    """
-    rows = logits.shape[0]
-    cond, uncond = logits[: rows // 2], logits[rows // 2 :]
+    """[2B, V] -> [B, V]: `uncond + λ (cond - uncond)` written as `λ cond + (1-λ) uncond`,
+    which is exact at λ = 1 (= cond) and λ = 0 (= uncond) in floating point."""
+    cond, uncond = jnp.split(logits, 2)
     scale = jnp.asarray(guidance_scale, jnp.float32)
     return scale * cond + (1.0 - scale) * uncond
 
 
 def top_k_filter(logits: Array, top_k: int) -> Array:
     """Sets all but the `top_k` largest logits of each row to -inf (ties: lower id wins)."""
-    vocab = logits.shape[-1]
-    if top_k >= vocab:
+    if top_k >= logits.shape[-1]:
         return logits
     _, idx = jax.lax.top_k(logits, top_k)
     rows = jnp.arange(logits.shape[0])[:, None]
@@ -155,20 +134,16 @@ def top_k_filter(logits: Array, top_k: int) -> Array:
 
 
 def top_p_filter(logits: Array, top_p: float | Array) -> Array:
-    """Keeps the nucleus: the most likely tokens whose mass first reaches `top_p`.
-
-    A token is kept when the probability mass of the tokens ranked above it is
-    below `top_p`, so the most likely token is always kept.
-    """
+    """Keeps the nucleus: a token stays when the mass of the tokens ranked above it is
+    below `top_p` (so the most likely token always stays)."""
     if _concrete(top_p) is not None and _concrete(top_p) >= 1.0:
         return logits
     order = jnp.argsort(-logits, axis=-1, stable=True)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_above = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_above < top_p
     rows = jnp.arange(logits.shape[0])[:, None]
-    keep = jnp.zeros(logits.shape, bool).at[rows, order].set(keep_sorted)
+    keep = jnp.zeros(logits.shape, bool).at[rows, order].set(mass_above < top_p)
     return jnp.where(keep, logits, NEG_INF)
 
 
@@ -186,17 +161,15 @@ def row_keys(seed: int | Array, prompt_ids: Array, sample_indices: Array) -> Arr
             f"sample: seed must be an integer or a typed key (jax.random.key), got {seed!r}"
         )
 
-    def one(p, s):
-        return jax.random.fold_in(jax.random.fold_in(key, p), s)
-
-    return jax.vmap(one)(jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(sample_indices, jnp.int32))
+    fold = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(key, p), s))
+    return fold(jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(sample_indices, jnp.int32))
 
 
-# ------------------------------------------------------------------ sharding
+# ------------------------------------------------------------------ sampler
 
 
-def _batch_spec_axes(mesh: jax.sharding.Mesh, batch_axes: Sequence[str], rows: int):
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+def _batch_spec_axes(mesh: jax.sharding.Mesh, rows: int):
+    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
     shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     if rows % shards:
         raise ValueError(
@@ -206,63 +179,33 @@ def _batch_spec_axes(mesh: jax.sharding.Mesh, batch_axes: Sequence[str], rows: i
     return axes or None
 
 
-class _RowSharding:
-    """Constrains row-indexed arrays: explicit mesh axes, or logical ACT_BATCH rules."""
+def _row_constraint(mesh: jax.sharding.Mesh | None) -> Callable:
+    """constrain(x, axis=0, names=None): x's rows (on `axis`) split over the mesh's batch
+    axes, or without a mesh the logical `names` (default ACT_BATCH on `axis`)."""
+    free = jax.sharding.PartitionSpec.UNCONSTRAINED
 
-    def __init__(self, mesh, batch_axes, cache_batch_axis):
-        self.mesh = mesh
-        self.batch_axes = batch_axes
-        self.cache_batch_axis = cache_batch_axis
+    def constrain(x: Array, axis: int = 0, names: tuple | None = None) -> Array:
+        spec = [free] * x.ndim
+        if mesh is None:
+            spec[axis] = ACT_BATCH
+            return nn.with_logical_constraint(x, names or tuple(spec))
+        spec[axis] = _batch_spec_axes(mesh, x.shape[axis])
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+        return jax.lax.with_sharding_constraint(x, sharding)
 
-    def _constrain(self, x: Array, axis: int) -> Array:
-        rest = jax.sharding.PartitionSpec.UNCONSTRAINED
-        if self.mesh is not None:
-            spec = [rest] * x.ndim
-            spec[axis] = _batch_spec_axes(self.mesh, self.batch_axes, x.shape[axis])
-            sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
-            return jax.lax.with_sharding_constraint(x, sharding)
-        names = [rest] * x.ndim
-        names[axis] = ACT_BATCH
-        return nn.with_logical_constraint(x, tuple(names))
-
-    def rows(self, x: Array) -> Array:
-        return self._constrain(x, 0)
-
-    def tokens(self, x: Array) -> Array:
-        if self.mesh is not None:
-            return self._constrain(x, 0)
-        return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH))
-
-    def cache(self, cache: Cache, rows: int) -> Cache:
-        axis = self.cache_batch_axis
-        if axis is None:
-            return cache
-
-        def leaf(x):
-            if getattr(x, "ndim", 0) > axis and x.shape[axis] == rows:
-                return self._constrain(x, axis)
-            return x
-
-        return jax.tree_util.tree_map(leaf, cache)
-
-
-# ------------------------------------------------------------------ sampler
+    return constrain
 
 
 def _check_cache_rows(cache: Cache, axis: int | None, rows: int, *, guided: bool) -> None:
     """Fails early, naming guidance, when no cache leaf has `rows` rows on `axis`."""
     if axis is None:
         return
-    sizes = {
-        x.shape[axis] for x in jax.tree_util.tree_leaves(cache) if getattr(x, "ndim", 0) > axis
-    }
+    sizes = {x.shape[axis] for x in jax.tree.leaves(cache) if getattr(x, "ndim", 0) > axis}
     if sizes and rows not in sizes:
-        layout = (
-            " (with guidance: conditional rows, then as many unconditional rows)" if guided else ""
-        )
+        layout = " (with guidance: conditional rows, then as many unconditional rows)"
         raise ValueError(
             f"sample: the cache holds {sorted(sizes)} rows on axis {axis} but {rows} are "
-            f"needed{layout}; build the cache for {rows} rows "
+            f"needed{layout if guided else ''}; build the cache for {rows} rows "
             f"(guidance_scale={'set' if guided else 'None'}), or pass cache_batch_axis"
         )
 
@@ -281,7 +224,6 @@ def sample(
     guidance_scale: float | None = None,
     num_valid_tokens: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
-    batch_axes: Sequence[str] = BATCH_MESH_AXES,
     cache_batch_axis: int | None = 1,
 ) -> SampleOutput:
     """Draws `num_steps` image tokens for each of B rows, starting from BOS (id 0).
@@ -291,36 +233,29 @@ def sample(
       cache: its preallocated cache for R rows: R = B, or 2B with guidance
         (conditional rows first, then the unconditional `[EOS]` rows).
       num_steps: grid height x width; the whole grid is always written.
-      prompt_ids: int [B], a global id of each row's prompt (e.g. its index in
-        the prompt file, not in this batch).
+      prompt_ids: int [B], a global id of each row's prompt (not its index in this batch).
       sample_indices: int [B], which of the prompt's samples the row is.
       seed: an int or a typed PRNG key; the root of all randomness.
-      temperature: divides the logits; a Python 0 means greedy (argmax;
-        top-k/top-p moot). May be a traced scalar (> 0) to avoid recompiling.
+      temperature: divides the logits; a Python 0 means greedy (argmax). May be
+        a traced scalar (> 0) to avoid recompiling.
       top_k: keep the k most likely valid tokens (None: all); a Python int.
       top_p: keep the nucleus with mass >= top_p (None: all); may be traced.
-      guidance_scale: λ of classifier-free guidance, `uncond + λ (cond - uncond)`;
-        None runs without guidance on R = B rows. λ = 1 is conditional sampling,
-        λ = 0 unconditional sampling (exactly, with the same randomness). May
-        be traced, so a guidance sweep compiles once.
-      num_valid_tokens: codebook_size + 1. Id 0 (pad/BOS) and ids >= this
-        (vocabulary padding) are set to -inf before any filtering, so they are
-        never drawn. None masks only id 0.
-      mesh: shard rows over `batch_axes` of this mesh (the cache on
-        `cache_batch_axis`). Without a mesh, rows are constrained with the
-        logical name ACT_BATCH, which applies only under `nn.logical_axis_rules`.
-      batch_axes: mesh axes that split rows (those absent from the mesh are skipped).
+      guidance_scale: λ of classifier-free guidance, `uncond + λ (cond - uncond)`
+        (None: off, R = B); λ = 1 / 0 is exactly conditional / unconditional
+        sampling with the same randomness. May be traced (a sweep compiles once).
+      num_valid_tokens: codebook_size + 1: id 0 (pad/BOS) and ids >= this
+        (vocabulary padding) are never drawn. None masks only id 0.
+      mesh: shard rows over this mesh's batch axes ('data', 'fsdp' where present; the
+        cache on `cache_batch_axis`); without one, rows carry the logical name
+        ACT_BATCH (effective under `nn.logical_axis_rules`).
       cache_batch_axis: the axis of cache leaves that indexes rows (1 for a
-        per-layer stacked cache [L, R, ...]); leaves without R rows there, such
-        as per-layer counters, are left alone. None: do not constrain the cache.
+        per-layer stacked cache [L, R, ...]; leaves without R rows there are left
+        alone). None: do not constrain the cache.
 
     Order of operations per step: guidance -> mask invalid ids -> temperature ->
     top-k -> top-p -> draw with the row's step key.
     """
-    _check_filters(temperature, top_k, top_p, where="sample")
-    scale = _concrete(guidance_scale)
-    if scale is not None and not np.isfinite(scale):
-        raise ValueError(f"sample: guidance_scale must be finite, got {guidance_scale!r}")
+    _check_filters(temperature, top_k, top_p, guidance_scale, where="sample")
     if int(num_steps) < 1:
         raise ValueError(f"sample: num_steps must be >= 1 (the grid size), got {num_steps!r}")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
@@ -333,10 +268,18 @@ def sample(
     batch = prompt_ids.shape[0]
     rows = batch if guidance_scale is None else 2 * batch
     if mesh is not None:
-        _batch_spec_axes(mesh, batch_axes, batch)  # B itself must split (both halves with CFG)
+        _batch_spec_axes(mesh, batch)  # B itself must split (both halves with CFG)
     _check_cache_rows(cache, cache_batch_axis, rows, guided=guidance_scale is not None)
-    shard = _RowSharding(mesh, batch_axes, cache_batch_axis)
-    keys = shard.rows(row_keys(seed, prompt_ids, sample_indices))
+    constrain = _row_constraint(mesh)
+    keys = constrain(row_keys(seed, prompt_ids, sample_indices))
+
+    def constrain_cache(cache: Cache) -> Cache:
+        def leaf(x):
+            if getattr(x, "ndim", 0) > cache_batch_axis and x.shape[cache_batch_axis] == rows:
+                return constrain(x, cache_batch_axis)
+            return x
+
+        return cache if cache_batch_axis is None else jax.tree.map(leaf, cache)
 
     def step_fn(carry, step):
         token, cache = carry
@@ -352,7 +295,7 @@ def sample(
         if guidance_scale is not None:
             logits = guide_logits(logits, guidance_scale)
         logits = jnp.where(valid_token_mask(logits.shape[-1], num_valid_tokens), logits, NEG_INF)
-        logits = shard.rows(logits)
+        logits = constrain(logits)
         if _concrete(temperature) == 0.0:
             new = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
@@ -363,46 +306,24 @@ def sample(
                 filtered = top_p_filter(filtered, top_p)
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
             new = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
-        new = shard.rows(new)
+        new = constrain(new)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         chosen = jnp.take_along_axis(log_probs, new[:, None], axis=-1)[:, 0]
         fed = new if guidance_scale is None else jnp.concatenate([new, new])
-        cache = shard.cache(cache, rows)
-        return (shard.rows(fed), cache), (new, chosen)
+        cache = constrain_cache(cache)
+        return (constrain(fed), cache), (new, chosen)
 
-    bos = shard.rows(jnp.full((rows,), BOS_ID, jnp.int32))
-    cache = shard.cache(cache, rows)
+    bos = constrain(jnp.full((rows,), BOS_ID, jnp.int32))
+    cache = constrain_cache(cache)
     steps = jnp.arange(num_steps, dtype=jnp.int32)
     _, (tokens, log_probs) = jax.lax.scan(step_fn, (bos, cache), steps)
-    return SampleOutput(tokens=shard.tokens(tokens.T), token_log_probs=shard.tokens(log_probs.T))
-
-
-def uncached_tokens_to_logits(
-    decoder_logits_fn: Callable[[Array], Array], *, rows: int, num_steps: int
-) -> tuple[TokensToLogits, Array]:
-    """The no-cache reference: re-runs the whole teacher-forced decoder every step.
-
-    `decoder_logits_fn(decoder_input_tokens [R, N]) -> logits [R, N, V]` (a
-    causal decoder with the prompt already bound). The returned cache is the
-    token buffer [R, N]. O(N^2) work; meant for tests and for debugging a
-    model's cache, not for sampling.
-    """
-
-    def tokens_to_logits(tokens, buffer, step):
-        buffer = jax.lax.dynamic_update_slice(buffer, tokens.astype(jnp.int32), (0, step))
-        logits = decoder_logits_fn(buffer)
-        return jax.lax.dynamic_index_in_dim(logits, step, axis=1, keepdims=False), buffer
-
-    return tokens_to_logits, jnp.zeros((rows, num_steps), jnp.int32)
+    names = (ACT_BATCH, ACT_LENGTH)  # the logical names of [B, num_steps] (without a mesh)
+    return SampleOutput(constrain(tokens.T, names=names), constrain(log_probs.T, names=names))
 
 
 def tokens_to_codes(tokens: np.ndarray | Array, codebook_size: int | None = None) -> np.ndarray:
-    """Decoder ids [..., N] -> codebook indices (id - 1) on the host, checked.
-
-    Raises ValueError naming the first row/position holding id 0 (pad/BOS) or
-    an id above `codebook_size` (a padding id), which a correct sampler never
-    emits.
-    """
+    """Decoder ids [..., N] -> codebook indices (id - 1) on the host; an id 0 (pad/BOS)
+    or above `codebook_size` (padding), which a correct sampler never emits, is an error."""
     tokens = np.asarray(tokens)
     bad = tokens < 1
     if codebook_size is not None:
@@ -443,13 +364,10 @@ def sampling_bandwidth_floor(
     param_bytes: int = 2,
     cache_bytes: int = 2,
 ) -> BandwidthFloor:
-    """Memory-bandwidth floor of one sampling run (docs/DESIGN.md section 6).
-
-    Per step t (0-based) the decoder reads its weights once (in compute dtype,
-    `param_bytes` each), every layer's cross-attention K and V over the prompt,
-    and every layer's self-attention K and V for the t + 1 filled positions
-    (including the one just written). Summed over the grid and divided by
-    `memory_bandwidth` (bytes/s).
+    """Memory-bandwidth floor of one sampling run (docs/DESIGN.md section 6): per step t
+    (0-based) the decoder reads its weights once, every layer's cross-attention K and V
+    over the prompt and its self-attention K and V for the t + 1 filled positions;
+    summed over the grid and divided by `memory_bandwidth`.
 
     Args:
       decoder_params: parameters the decoder reads per step (its layers, the
@@ -463,16 +381,8 @@ def sampling_bandwidth_floor(
       memory_bandwidth: bytes per second of the device.
       param_bytes, cache_bytes: bytes per weight / per K or V element.
     """
-    for name, value in dict(
-        decoder_params=decoder_params,
-        num_layers=num_layers,
-        kv_width=kv_width,
-        text_length=text_length,
-        num_steps=num_steps,
-        rows=rows,
-        param_bytes=param_bytes,
-        cache_bytes=cache_bytes,
-    ).items():
+    counts = {k: v for k, v in locals().items() if k != "memory_bandwidth"}  # the arguments
+    for name, value in counts.items():
         if int(value) != value or value < 1:
             raise ValueError(
                 f"sampling_bandwidth_floor: {name} must be a positive integer, got {value!r}"

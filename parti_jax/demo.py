@@ -14,16 +14,13 @@ Stages, in order, each in its own folder of the demo's work directory:
     report     report/      index.html: sample grids, accuracy, loss curves, stage times
 
 A finished stage writes `stages/<name>.json` (its wall time, interrupted
-attempts included, and a summary) and is skipped by the next run; an interrupted stage runs again and resumes from what
-it left (the trainers from `<folder>/checkpoints`, precompute from its complete
-shards, eval from the prompts already judged). `demo.json` marks the folder as
-a demo's: a non-empty folder without it is refused, so a demo never writes into
-another job's work directory.
-
-The stage functions come from the caller (`DemoStageFns`: the CLI passes the
-gin-configured trainers), so this module has no gin and no TensorFlow; each is
-called with the paths it needs (work directories, the VQGAN's codebook hash)
-and everything else is the caller's configuration.
+attempts included, and a summary) and is skipped by the next run; an
+interrupted stage runs again and resumes from what it left (the trainers from
+`<folder>/checkpoints`, precompute from its complete shards, eval from the
+prompts already judged). `demo.json` marks the folder as a demo's: a non-empty
+folder without it is refused, so a demo never writes into another job's work
+directory. The stage functions come from the caller (`DemoStageFns`), so this
+module has no gin and no TensorFlow.
 """
 
 from __future__ import annotations
@@ -50,6 +47,14 @@ FOLDERS: dict[str, str] = {**{s: s for s in STAGES}, "sample": "samples"}  # in 
 MARKER = "demo.json"
 FORMAT_VERSION = 1
 CODES_SPLITS: tuple[str, ...] = ("train", "validation")
+# The stages each stage reads from (finished in this run or an earlier one).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "codes": ("vqgan",),
+    "t2i": ("vqgan", "codes"),
+    "upsampler": ("vqgan",),
+    "sample": ("vqgan", "t2i", "upsampler"),
+    "eval": ("vqgan", "t2i", "upsampler"),
+}
 # Prompts of the sample stage's grid: in-distribution scenes, then held-out pairs
 # (shapes.HELDOUT_COMBINATIONS: blue triangle, red square, green circle, ...).
 DEFAULT_SAMPLE_PROMPTS: tuple[str, ...] = (
@@ -112,10 +117,6 @@ class DemoResult:
 # ------------------------------------------------------------------ folder checks
 
 
-def stage_dir(workdir: str | os.PathLike, stage: str) -> Path:
-    return Path(workdir) / FOLDERS[stage]
-
-
 def stage_record_path(workdir: str | os.PathLike, stage: str) -> Path:
     return Path(workdir) / "stages" / f"{stage}.json"
 
@@ -154,30 +155,28 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
     marker = path / MARKER
     if path.exists() and not path.is_dir():
         raise DemoError(f"--workdir={path} is a file; pass a folder for the demo")
-    if path.is_dir() and not marker.exists():
-        extra = sorted(
-            p.name for p in path.iterdir() if p.name not in ("config.gin", "operative_config.gin")
-        )
-        if extra:
-            shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
-            raise DemoError(
-                f"--workdir={path} is not empty ({shown}) and holds no demo ({MARKER} is "
-                "missing): it may be another job's folder; pass a new or empty folder, or "
-                "the folder of an earlier demo to resume it"
-            )
     if marker.exists():
         try:
-            saved = json.loads(marker.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            version = json.loads(marker.read_text()).get("format_version")
+        except (OSError, ValueError, AttributeError) as e:
             raise DemoError(
                 f"{marker}: unreadable ({e}); delete the folder and start again"
             ) from None
-        if saved.get("format_version") != FORMAT_VERSION:
+        if version != FORMAT_VERSION:
             raise DemoError(
-                f"{marker}: written by demo format {saved.get('format_version')!r}, this is "
-                f"{FORMAT_VERSION}; use a new --workdir"
+                f"{marker}: written by demo format {version!r}, this is {FORMAT_VERSION}; "
+                "use a new --workdir"
             )
         return path
+    ignored = ("config.gin", "operative_config.gin")
+    extra = sorted(p.name for p in path.iterdir() if p.name not in ignored) if path.is_dir() else []
+    if extra:
+        shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
+        raise DemoError(
+            f"--workdir={path} is not empty ({shown}) and holds no demo ({MARKER} is "
+            "missing): it may be another job's folder; pass a new or empty folder, or "
+            "the folder of an earlier demo to resume it"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         _write_json(marker, {"format_version": FORMAT_VERSION, "created": time.time()})
@@ -203,13 +202,10 @@ def _console(message: str) -> None:
 def last_logged_step(metrics_file: Path) -> int:
     """The largest `step` in a metrics.jsonl (0 when there is none yet)."""
     step = 0
-    try:
-        with metrics_file.open() as f:
-            for line in f:
-                with contextlib.suppress(json.JSONDecodeError, AttributeError, TypeError):
-                    step = max(step, int(json.loads(line).get("step", 0)))
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), metrics_file.open() as f:
+        for line in f:  # a torn last line or a foreign one is skipped
+            with contextlib.suppress(json.JSONDecodeError, AttributeError, TypeError):
+                step = max(step, int(json.loads(line).get("step", 0)))
     return step
 
 
@@ -227,10 +223,11 @@ def step_progress(
     stop = threading.Event()
 
     def follow() -> None:
-        while not stop.wait(1.0):
-            step = min(last_logged_step(metrics_file), bar.total)
-            if step > bar.n:
-                bar.update(step - bar.n)
+        while True:
+            stopped = stop.wait(1.0)  # the last update follows the stop
+            bar.update(max(0, min(last_logged_step(metrics_file), bar.total) - bar.n))
+            if stopped:
+                return
 
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
@@ -239,9 +236,6 @@ def step_progress(
     finally:
         stop.set()
         thread.join()
-        step = min(last_logged_step(metrics_file), bar.total)
-        if step > bar.n:
-            bar.update(step - bar.n)
         bar.close()
 
 
@@ -259,12 +253,11 @@ def run_world_stage(
     config = shapes.ShapesWorldConfig(resolution=resolution)
     examples = [shapes.generate_example(i, "train", seed, config) for i in range(num_preview)]
     side = int(np.ceil(np.sqrt(max(num_preview, 1))))
-    grid = np.zeros((side * resolution, side * resolution, 3), np.uint8)
+    tiles = np.zeros((side * side, resolution, resolution, 3), np.uint8)
     for k, ex in enumerate(examples):
-        r, c = divmod(k, side)
-        grid[r * resolution : (r + 1) * resolution, c * resolution : (c + 1) * resolution] = (
-            ex.image
-        )
+        tiles[k] = ex.image
+    grid = tiles.reshape(side, side, resolution, resolution, 3).swapaxes(1, 2)
+    grid = grid.reshape(side * resolution, side * resolution, 3)  # tile k at row k // side
     out_dir.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(out_dir / "preview.png")
     two = sum(len(ex.spec.objects) == 2 for ex in examples)
@@ -343,8 +336,7 @@ def headline(
 ) -> dict[str, Any]:
     """The demo's headline numbers from the eval metrics, the stage times and the
     vqgan stage's summary (the judge's acceptance of reconstructions)."""
-    shapes_m = eval_metrics.get("shapes", {}) if isinstance(eval_metrics, Mapping) else {}
-    recon = eval_metrics.get("reconstruction", {}) if isinstance(eval_metrics, Mapping) else {}
+    shapes_m, recon = eval_metrics.get("shapes", {}), eval_metrics.get("reconstruction", {})
     ind, held = shapes_m.get("in_distribution", {}), shapes_m.get("heldout", {})
     return {
         "in_distribution_accuracy": ind.get("accuracy"),
@@ -407,17 +399,9 @@ def run_demo(
     if not sample_prompts:
         raise DemoError("demo.sample_prompts is empty; give at least one prompt")
     wd = prepare_workdir(workdir)
-    paths = {s: stage_dir(wd, s) for s in STAGES}
+    paths = {s: wd / FOLDERS[s] for s in STAGES}
     ran, skipped = [], []
     total_start = time.perf_counter()
-
-    def needs(stage: str, *earlier: str) -> None:
-        missing = [e for e in earlier if read_stage_record(wd, e) is None]
-        if missing:
-            raise DemoError(
-                f"stage {stage!r} needs stage(s) {missing} finished first in {wd}; run them "
-                f"(demo.stages) or the whole demo"
-            )
 
     def vqgan_hash() -> str:
         from parti_jax.vqgan.tokenizer import load_vqgan_meta
@@ -427,21 +411,10 @@ def run_demo(
     def trained_models() -> dict[str, str]:
         return {f"{s}_path": str(paths[s]) for s in ("t2i", "vqgan", "upsampler")}
 
-    def do_world() -> dict[str, Any]:
-        return run_world_stage(
-            paths["world"],
-            resolution=world_resolution,
-            seed=world_seed,
-            num_preview=num_preview,
-            num_examples=world_num_examples or {},
-        )
-
-    def do_vocab() -> dict[str, Any]:
-        return run_vocab_stage(
-            paths["vocab"], vocab_path=vocab_path, train=train_vocab, train_fn=fns.train_vocab
-        )
-
-    def trained(stage: str, result: Any) -> dict[str, Any]:
+    def train(stage: str, fn: Callable[..., Any], steps: int | None, **kwargs) -> dict[str, Any]:
+        """Runs a trainer in the stage's folder; its summary: the step and final loss."""
+        with step_progress(stage, paths[stage] / "metrics.jsonl", steps, enabled=progress):
+            result = fn(workdir=str(paths[stage]), **kwargs)
         status = getattr(result, "status", "done")
         if status != "done":
             raise DemoError(
@@ -455,10 +428,7 @@ def run_demo(
         return out
 
     def do_vqgan() -> dict[str, Any]:
-        with step_progress("vqgan", paths["vqgan"] / "metrics.jsonl", vqgan_steps,
-                           enabled=progress):  # fmt: skip
-            result = fns.train_vqgan(workdir=str(paths["vqgan"]))
-        out = {**trained("vqgan", result), "codebook_hash": vqgan_hash()}
+        out = {**train("vqgan", fns.train_vqgan, vqgan_steps), "codebook_hash": vqgan_hash()}
         if vqgan_judge_images:
             judged = judge_reconstructions(paths["vqgan"], vqgan_judge_images, world_seed)
             out["reconstruction_judge_acceptance"] = judged["judge_acceptance"]
@@ -467,113 +437,71 @@ def run_demo(
         return out
 
     def do_codes() -> dict[str, Any]:
-        needs("codes", "vqgan")
         out = {}
         for split in CODES_SPLITS:
             result = fns.precompute_codes(
                 vqgan=str(paths["vqgan"]), output_dir=str(paths["codes"] / split), split=split
             )
-            meta = getattr(result, "meta", None) or {}
-            out[split] = int(meta.get("num_examples", 0))
+            out[split] = int((getattr(result, "meta", None) or {}).get("num_examples", 0))
         return {"num_examples": out}
 
-    def do_t2i() -> dict[str, Any]:
-        needs("t2i", "vqgan", "codes")
-        with step_progress("t2i", paths["t2i"] / "metrics.jsonl", t2i_steps, enabled=progress):
-            result = fns.train_t2i(workdir=str(paths["t2i"]), codebook_hash=vqgan_hash())
-        return trained("t2i", result)
-
-    def do_upsampler() -> dict[str, Any]:
-        needs("upsampler", "vqgan")
-        with step_progress("upsampler", paths["upsampler"] / "metrics.jsonl", upsampler_steps,
-                           enabled=progress):  # fmt: skip
-            result = fns.train_upsampler(
-                workdir=str(paths["upsampler"]), vqgan_path=str(paths["vqgan"])
-            )
-        return trained("upsampler", result)
-
     def do_sample() -> dict[str, Any]:
-        needs("sample", "vqgan", "t2i", "upsampler")
         manifest = fns.sample(
             workdir=str(paths["sample"]), prompts=list(sample_prompts), **trained_models()
         )
         return {"num_images": len((manifest or {}).get("images", []))}
 
-    def do_eval() -> dict[str, Any]:
-        needs("eval", "vqgan", "t2i", "upsampler")
-        results = fns.evaluate(workdir=str(paths["eval"]), **trained_models())
-        return {"headline": headline(results, {})}
-
     def do_report() -> dict[str, Any]:
-        seconds = _stage_seconds(wd)
         page = demo_report.write_demo_report(
             wd,
-            stage_seconds=seconds,
-            heldout_prompts=list(sample_prompts)[len(sample_prompts) - num_heldout_sample_prompts :]
-            if num_heldout_sample_prompts
-            else [],
+            stage_seconds=_stage_seconds(wd),
+            heldout_prompts=list(sample_prompts)[
+                len(sample_prompts) - num_heldout_sample_prompts :
+            ],
             machine=machine or _machine(),
         )
         return {"page": str(page)}
 
-    runners = {
-        "world": do_world,
-        "vocab": do_vocab,
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "world": lambda: run_world_stage(
+            paths["world"],
+            resolution=world_resolution,
+            seed=world_seed,
+            num_preview=num_preview,
+            num_examples=world_num_examples or {},
+        ),
+        "vocab": lambda: run_vocab_stage(
+            paths["vocab"], vocab_path=vocab_path, train=train_vocab, train_fn=fns.train_vocab
+        ),
         "vqgan": do_vqgan,
         "codes": do_codes,
-        "t2i": do_t2i,
-        "upsampler": do_upsampler,
+        "t2i": lambda: train("t2i", fns.train_t2i, t2i_steps, codebook_hash=vqgan_hash()),
+        "upsampler": lambda: train(
+            "upsampler", fns.train_upsampler, upsampler_steps, vqgan_path=str(paths["vqgan"])
+        ),
         "sample": do_sample,
-        "eval": do_eval,
+        "eval": lambda: {
+            "headline": headline(fns.evaluate(workdir=str(paths["eval"]), **trained_models()), {})
+        },
         "report": do_report,
     }
-    stage_bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        stage_bar = tqdm(total=len(wanted), desc="demo", unit="stage", dynamic_ncols=True)
-    try:
+    with tqdm(
+        total=len(wanted), desc="demo", unit="stage", dynamic_ncols=True, disable=not progress
+    ) as stage_bar:
         for stage in wanted:
-            if stage_bar is not None:
-                stage_bar.set_postfix_str(stage)
+            stage_bar.set_postfix_str(stage)
             # The report is always rewritten: it shows the latest times and numbers.
             if stage != "report" and read_stage_record(wd, stage) is not None:
                 skipped.append(stage)
                 _console(f"demo: stage {stage} already complete, skipped")
             else:
-                _console(f"demo: stage {stage} ...")
-                start = time.perf_counter()
-                # Time spent by interrupted attempts counts towards the stage's time.
-                partial = stage_record_path(wd, stage).with_suffix(".partial.json")
-                earlier = float(read_json(partial).get("seconds", 0.0))
-                try:
-                    summary = runners[stage]()
-                except BaseException:
-                    spent = earlier + time.perf_counter() - start
-                    _write_json(partial, {"stage": stage, "seconds": round(spent, 3)})
-                    raise
-                seconds = earlier + time.perf_counter() - start
-                if stage != "report":
-                    _write_json(
-                        stage_record_path(wd, stage),
-                        {
-                            "stage": stage,
-                            "seconds": round(seconds, 3),
-                            "interrupted_seconds": round(earlier, 3),
-                            "finished": time.time(),
-                            "summary": summary,
-                        },  # fmt: skip
-                    )
-                partial.unlink(missing_ok=True)
+                _run_stage(wd, stage, runners[stage])
                 ran.append(stage)
-                _console(f"demo: stage {stage} done in {seconds:.1f} s")
-            if stage_bar is not None:
-                stage_bar.update(1)
-    finally:
-        if stage_bar is not None:
-            stage_bar.close()
+            stage_bar.update(1)
     seconds = _stage_seconds(wd)
-    eval_metrics = read_json(paths["eval"] / "metrics.json")
+    vqgan_summary = (read_stage_record(wd, "vqgan") or {}).get("summary")
     return DemoResult(
         workdir=wd,
         report=paths["report"] / "index.html",
@@ -581,25 +509,50 @@ def run_demo(
         ran=ran,
         skipped=skipped,
         headline={
-            **headline(eval_metrics, seconds, _summary(wd, "vqgan")),
+            **headline(read_json(paths["eval"] / "metrics.json"), seconds, vqgan_summary),
             "this_run_seconds": round(time.perf_counter() - total_start, 1),
-        },  # fmt: skip
+        },
     )
 
 
-def _summary(workdir: Path, stage: str) -> dict[str, Any]:
-    record = read_stage_record(workdir, stage) or {}
-    summary = record.get("summary")
-    return summary if isinstance(summary, dict) else {}
+def _run_stage(wd: Path, stage: str, runner: Callable[[], dict[str, Any]]) -> None:
+    """Runs a stage once the stages it reads from are done, and writes its record (not
+    the report's). Time spent by interrupted attempts counts towards the stage's time."""
+    _console(f"demo: stage {stage} ...")
+    start = time.perf_counter()
+    partial = stage_record_path(wd, stage).with_suffix(".partial.json")
+    earlier = float(read_json(partial).get("seconds", 0.0))
+    try:
+        missing = [e for e in NEEDS.get(stage, ()) if read_stage_record(wd, e) is None]
+        if missing:
+            raise DemoError(
+                f"stage {stage!r} needs stage(s) {missing} finished first in {wd}; run them "
+                "(demo.stages) or the whole demo"
+            )
+        summary = runner()
+    except BaseException:
+        spent = earlier + time.perf_counter() - start
+        _write_json(partial, {"stage": stage, "seconds": round(spent, 3)})
+        raise
+    seconds = earlier + time.perf_counter() - start
+    if stage != "report":
+        _write_json(
+            stage_record_path(wd, stage),
+            {
+                "stage": stage,
+                "seconds": round(seconds, 3),
+                "interrupted_seconds": round(earlier, 3),
+                "finished": time.time(),
+                "summary": summary,
+            },
+        )
+    partial.unlink(missing_ok=True)
+    _console(f"demo: stage {stage} done in {seconds:.1f} s")
 
 
 def _stage_seconds(workdir: Path) -> dict[str, float]:
-    out = {}
-    for stage in STAGES:
-        record = read_stage_record(workdir, stage)
-        if record is not None:
-            out[stage] = float(record.get("seconds", 0.0))
-    return out
+    records = {stage: read_stage_record(workdir, stage) for stage in STAGES}
+    return {s: float(r.get("seconds", 0.0)) for s, r in records.items() if r is not None}
 
 
 def _machine() -> str:

@@ -1,7 +1,7 @@
 """Peak compute and memory bandwidth of common accelerators, by `device_kind`.
 
-Used for MFU in training metrics and for the bandwidth floor in benchmarks.
-Vendor data sheets, dense bf16, no sparsity; a command-line value overrides.
+Used for MFU in training metrics and for the bandwidth floor in benchmarks; a
+command-line value overrides.
 """
 
 from __future__ import annotations

@@ -5,21 +5,16 @@
     report = inspect_path("/runs/t2i")      # or a VQGAN / upsampler work dir, or a bundle
     print(format_inspection(report))
 
-A bundle (layout: docs/EXPORT.md) holds the encoder-decoder, the VQGAN
-decoder half and the upsampler as safetensors with stable per-layer names,
-their configs as JSON, the SentencePiece model, `bundle.json` (versions,
-creation time, source checkpoints with steps and hashes, the codebook hash,
-every file's size and sha256) and a `jax.export` serialization of the
-sampling function for one batch shape, which takes the weights as arguments.
-`parti_jax.load_bundle` (parti_jax/bundle.py) reads it without TensorFlow,
-orbax or the training code.
-
-The three models are loaded with `parti_jax.loading.load_models`, which
-checks that they belong together (codebook size and hash, grid, resolution,
-vocabulary) before anything is written. The bundle is written into a temporary sibling directory
-and renamed into place at the end, so an interrupted export leaves no
-half-written bundle, and an existing bundle is only replaced with
-`overwrite=True` (a non-empty directory that is not a bundle never is).
+A bundle (layout: docs/EXPORT.md; read by `parti_jax.load_bundle`) holds the
+encoder-decoder, the VQGAN decoder half and the upsampler as safetensors with
+stable per-layer names, their JSON configs, the SentencePiece model,
+`bundle.json` (versions, sources, hashes and sizes of every file) and a
+`jax.export` sampler for one batch shape taking the weights as arguments. The
+models are loaded and cross-checked by `parti_jax.loading.load_models` before
+anything is written; the bundle is written into a temporary sibling directory
+and renamed into place, so an interrupted export leaves no half bundle, and an
+existing bundle is replaced only with `overwrite=True` (a non-empty directory
+that is not a bundle never is).
 """
 
 from __future__ import annotations
@@ -106,7 +101,7 @@ def export_bundle(
     try:
         info = _write_bundle(tmp, models, vqgan_path, sampling)
         if jax_export:
-            info["jax_export"] = _write_exported(tmp, models, info, sampling, batch, platforms)
+            info["jax_export"] = _write_exported(tmp, models, sampling, batch, platforms)
             _add_file(tmp, info, bundle_lib.EXPORT_FILE)
         (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         _default_permissions(tmp)
@@ -287,16 +282,13 @@ def _write_bundle(
 
 
 def export_sampler(
-    models: loading.LoadedModels, sampling: Any, *, batch_size: int, platforms: Sequence[str],
-    t2i_specs: Mapping[str, Any], vqgan_specs: Mapping[str, Any],
+    root: Path, models: loading.LoadedModels, sampling: Any, *, batch_size: int,
+    platforms: Sequence[str],
 ) -> Any:  # fmt: skip
     """`jax.export.Exported` of (t2i_weights, vqgan_weights, text [B, L], prompt_ids [B],
-    sample_indices [B], seed, temperature, top_p, guidance_scale) -> (codes [B, N], images).
-
-    The weights are flat {name: array} dicts as stored in the safetensors
-    files (arguments, not constants). It is traced on a one-device mesh with
-    the XLA attention path, so one device of any listed platform runs it.
-    """
+    sample_indices [B], seed, temperature, top_p, guidance_scale) -> (codes [B, N], images),
+    the weights flat {name: array} dicts as in the safetensors files in `root`. Traced on
+    one device with XLA attention, so one device of any listed platform runs it."""
     import jax.numpy as jnp
 
     from parti_jax import partitioning
@@ -312,14 +304,11 @@ def export_sampler(
     single = Generator(bare, mesh=mesh)
     sample_fn, _ = single.sample_function(sampling)
     vq_config = dataclasses.replace(models.image_tokenizer.config, attention_impl="xla")
-    vqgan = ViTVQGAN(vq_config)
-    grid = vq_config.grid
+    vqgan, grid = ViTVQGAN(vq_config), vq_config.grid
 
-    def sample(t2i_weights, vqgan_weights, text, prompt_ids, sample_indices, seed, temperature,
-               top_p, guidance_scale):  # fmt: skip
+    def sample(t2i_weights, vqgan_weights, *rows_and_scalars):
         params = bundle_lib.unflatten(t2i_weights, WEIGHTS["t2i"][1], scan=model_config.scan_layers)
-        tokens = sample_fn(params, text, prompt_ids, sample_indices, seed, temperature, top_p,
-                           guidance_scale)  # fmt: skip
+        tokens = sample_fn(params, *rows_and_scalars)
         codes = (tokens - 1).astype(jnp.int32)  # decoder ids are codes + 1
         vq_params = bundle_lib.unflatten(vqgan_weights, WEIGHTS["vqgan"][1],
                                          scan=vq_config.scan_layers)  # fmt: skip
@@ -327,37 +316,28 @@ def export_sampler(
                              method=ViTVQGAN.decode_codes)  # fmt: skip
         return codes, images.astype(jnp.float32)
 
-    def spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(shape, dtype)
-
+    spec = jax.ShapeDtypeStruct
+    rows = spec((batch_size,), jnp.int32)  # prompt_ids, sample_indices
+    weights = [  # {name: spec} of t2i.safetensors and vqgan_decoder.safetensors
+        {e["name"]: spec(tuple(e["shape"]), e["dtype"]) for e in _safetensors_entries(root / f)}
+        for f in (WEIGHTS["t2i"][0], WEIGHTS["vqgan"][0])
+    ]
     args = (
-        {n: spec(s, d) for n, (s, d) in t2i_specs.items()},
-        {n: spec(s, d) for n, (s, d) in vqgan_specs.items()},
+        *weights,
         spec((batch_size, models.text_length), jnp.int32),
-        spec((batch_size,), jnp.int32),
-        spec((batch_size,), jnp.int32),
-        spec((), jnp.int32),
-        spec((), jnp.float32),
-        spec((), jnp.float32),
-        spec((), jnp.float32),
+        rows,
+        rows,
+        spec((), jnp.int32),  # seed; then temperature, top_p, guidance_scale
+        *[spec((), jnp.float32)] * 3,
     )
     with partitioning.with_sharding_rules(mesh, single.rules):
         return jax.export.export(jax.jit(sample), platforms=tuple(platforms))(*args)
 
 
 def _write_exported(
-    root: Path, models: loading.LoadedModels, info: dict, sampling: Any, batch: int,
-    platforms: Sequence[str],
-) -> dict[str, Any]:  # fmt: skip
-    specs = {
-        group: {e["name"]: (tuple(e["shape"]), e["dtype"])
-                for e in _safetensors_entries(root / WEIGHTS[group][0])}
-        for group in ("t2i", "vqgan")
-    }  # fmt: skip
-    exported = export_sampler(
-        models, sampling, batch_size=batch, platforms=platforms,
-        t2i_specs=specs["t2i"], vqgan_specs=specs["vqgan"],
-    )  # fmt: skip
+    root: Path, models: loading.LoadedModels, sampling: Any, batch: int, platforms: Sequence[str]
+) -> dict[str, Any]:
+    exported = export_sampler(root, models, sampling, batch_size=batch, platforms=platforms)
     (root / bundle_lib.EXPORT_FILE).write_bytes(exported.serialize())
     cfg, length = models.model_config, models.text_length
     size = models.image_tokenizer.image_size
@@ -406,13 +386,9 @@ def _np_dtype(name: str) -> str:
 
 
 def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
-    """Parameter names, shapes, dtypes and totals of a bundle, work directory or checkpoint.
-
-    Accepts a bundle directory, a `parti-jax train` / `train-vqgan` /
-    `train-upsampler` work directory (its latest checkpoint), a
-    `checkpoints/<step>` folder or a .safetensors file. Reads only metadata
-    (safetensors headers, orbax array metadata): no weights are loaded.
-    """
+    """Parameter names, shapes, dtypes and totals of a bundle, a work directory of any
+    trainer (its latest checkpoint), a `checkpoints/<step>` folder or a .safetensors
+    file, from metadata only (safetensors headers, orbax array metadata)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{p}: does not exist; pass a bundle, work directory or checkpoint")
@@ -478,11 +454,10 @@ def _tree_entries(tree: Any) -> list[dict[str, Any]]:
 
 
 def _entry(name: str, shape: Sequence[int], dtype: Any) -> dict[str, Any]:
-    shape = [int(d) for d in shape]
-    dtype = np.dtype(jax.numpy.dtype(dtype)).name if dtype is not None else "unknown"
+    shape, dtype = [int(d) for d in shape], np.dtype(jax.numpy.dtype(dtype))
     count = int(np.prod(shape, dtype=np.int64))
-    return {"name": name, "shape": shape, "dtype": dtype, "params": count,
-            "bytes": count * np.dtype(jax.numpy.dtype(dtype)).itemsize}  # fmt: skip
+    return {"name": name, "shape": shape, "dtype": dtype.name, "params": count,
+            "bytes": count * dtype.itemsize}  # fmt: skip
 
 
 def _report(path: str, kind: str, entries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,23 +1,16 @@
 """Loading trained models: work directories into (config, params), checked to belong together.
 
     models = load_models("/runs/t2i", "/runs/vqgan", "/runs/upsampler")  # the trio + vocabulary
-    t2i = read_t2i("/runs/t2i")              # model_config.json: config, text length, records
     upsampler = load_upsampler("/runs/upsampler")
 
-A work directory is known by its record (docs/DESIGN.md §3): `model_config.json`
-(`parti-jax train`), `vqgan_meta.json` (`parti-jax train-vqgan`, read by
-`ImageTokenizer.load`, which the VQGAN package keeps) or `upsampler_meta.json`
-(`parti-jax train-upsampler`); one kind passed where another is expected is
-an error naming both. Configs are rebuilt by `config_from_record` (an unknown
-field or a bad value names the file and the field), parameters are restored
-from the latest (or a given) orbax checkpoint onto `abstract_params` of the
-model, placed on a mesh. `check_compatibility` compares the records of the
-trio and fails naming both values of every disagreement and their files.
-
-`parti_jax.sampling.Generator`, eval, export and the inference bundle
-(`parti_jax.bundle`, which reads safetensors instead of orbax and shares the
-configs, checks and abstract parameters) load through here. Orbax and the
-training code are imported only by the work-directory restores; no TensorFlow.
+A work directory is known by its record (docs/DESIGN.md §3): `model_config.json`,
+`vqgan_meta.json` (read by `ImageTokenizer.load`) or `upsampler_meta.json`;
+another kind's directory is an error naming both. Configs come from
+`config_from_record`, parameters from an orbax checkpoint restored onto
+`abstract_params` on a mesh, and `check_compatibility` names both values and
+files of every disagreement. The Generator, eval, export and the bundle (which
+reads safetensors instead) load through here; orbax and the training code are
+imported only by the work-directory restores.
 """
 
 from __future__ import annotations
@@ -141,13 +134,6 @@ def t2i_record(
     return T2IRecord(config, info, path)
 
 
-def read_t2i(
-    workdir: str | os.PathLike, config_overrides: Mapping[str, Any] | None = None
-) -> T2IRecord:
-    """The model_config.json of a `parti-jax train` work directory."""
-    return t2i_record(*read_record(workdir, T2I), config_overrides)
-
-
 # ------------------------------------------------------------------ parameters
 
 
@@ -159,12 +145,9 @@ def rule_table(rules: Any) -> tuple:
 def abstract_params(
     module: nn.Module, *inputs: Any, mesh: Mesh | None = None, rules: Any = "data_parallel"
 ) -> PyTree:
-    """ShapeDtypeStructs of `module.init(key, *inputs)['params']`; nothing is allocated.
-
-    `inputs` are example arrays or ShapeDtypeStructs. With a mesh, each leaf
-    carries the sharding its logical axes get under `rules` (the target of a
-    restore or of `place`).
-    """
+    """ShapeDtypeStructs of `module.init(key, *inputs)['params']` (inputs: arrays or
+    ShapeDtypeStructs; nothing is allocated), with a mesh carrying the shardings
+    their logical axes get under `rules`: the target of a restore or of `place`."""
     boxed = jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
     if mesh is None:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nn.unbox(boxed))
@@ -205,12 +188,9 @@ def place(params: PyTree, target: PyTree) -> PyTree:
 def restore_params(
     workdir: str | os.PathLike, target: PyTree, record_path: str, step: int | None = None
 ) -> tuple[PyTree, str]:
-    """(params, checkpoint dir): every leaf of `target` from the latest (or `step`) checkpoint.
-
-    `target` mirrors the checkpoint's params (the VQGAN and the upsampler keep
-    theirs under 'generator'); leaves are restored onto its shardings (host
-    numpy where it has none). Errors name the checkpoint and `record_path`.
-    """
+    """(params, checkpoint dir): every leaf of `target` (the checkpoint's params; the
+    upsampler keeps them under 'generator') from the latest (or `step`) checkpoint,
+    onto its shardings (host numpy without); errors name both files."""
     from parti_jax.train import checkpoints
 
     step_dir = checkpoints.resolve_checkpoint_dir(workdir, step)
@@ -233,10 +213,8 @@ def restore_params(
 
 
 def params_fingerprint(params: PyTree) -> str | None:
-    """sha256 (first 16 hex digits) over every parameter's path, shape, dtype and bytes.
-
-    None when some array is not fully addressable from this process.
-    """
+    """sha256 (16 hex digits) of every parameter's path, shape, dtype and bytes (None when
+    an array is not fully addressable here)."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
@@ -265,12 +243,6 @@ def load_upsampler(
 # ------------------------------------------------------------------ compatibility
 
 
-def _grid(value: Any) -> list[int]:
-    if isinstance(value, int | np.integer):
-        return [int(value), int(value)]
-    return [int(v) for v in value]
-
-
 def check_compatibility(
     t2i: T2IRecord,
     vqgan: Record,
@@ -279,11 +251,8 @@ def check_compatibility(
 ) -> None:
     """Raises CompatibilityError listing every disagreement, each with both values and files.
 
-    Args:
-      t2i: the encoder-decoder's record (its codes_meta: the codes it was trained on).
-      vqgan: (vqgan_meta contents, file).
-      upsampler: (upsampler_meta contents, file), if any.
-      vocab: (the vocabulary's size, its file), if any.
+    `t2i` is the encoder-decoder's record (its codes_meta: the codes it was trained
+    on); `vqgan`, `upsampler` are (meta contents, file); `vocab` is (size, file).
     """
     vq_meta, vq_file = vqgan
     up_meta, up_file = upsampler or ({}, "")
@@ -295,7 +264,7 @@ def check_compatibility(
         ("codebook size", cfg.codebook_size, t2i_at + "model_config.codebook_size",
          int(vq_meta["codebook_size"]), vq + "codebook_size"),
         ("grid", list(cfg.image_grid), t2i_at + "model_config.image_grid",
-         _grid(vq_meta["grid"]), vq + "grid"),
+         [int(v) for v in np.broadcast_to(vq_meta["grid"], 2)], vq + "grid"),
         ("codebook hash", codes.get("codebook_hash"),
          t2i_at + "codes_meta.codebook_hash (the codes it was trained on)",
          vq_hash, vq + "codebook_hash"),
@@ -374,7 +343,7 @@ def load_models(
       fingerprint: record a sha256 of the encoder-decoder's and upsampler's
         parameters in `records` (reads every parameter once).
     """
-    t2i = read_t2i(t2i_workdir, config_overrides)
+    t2i = t2i_record(*read_record(t2i_workdir, T2I), config_overrides)
     image_tokenizer = vqgan_tokenizer.ImageTokenizer.load(vqgan_path, mesh=mesh)
     vocab = vocab_path or t2i.info.get("vocab_path") or default_vocab_path()
     text_tokenizer = SentencePieceTokenizer(vocab)

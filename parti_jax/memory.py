@@ -1,24 +1,15 @@
 """Per-device memory of an encoder-decoder training run, before a pod is booked.
 
-`train_memory(..., method=...)` has two methods:
-
-- 'analytic' (no devices, seconds for any size): the train state is sized
-  exactly from the real parameter tree, the real optimizer state (factored
-  Adafactor moments included) and the real sharding rules on an
-  `AbstractMesh` of the target's degrees; gradients, activations and logits
-  come from a formula of the model's shapes (`activation_bytes`, assumptions
-  listed there).
-- 'compiled' (XLA's buffer assignment of the real train step): lowers and
-  compiles `t2i.train_step` with abstract inputs (`jax.ShapeDtypeStruct`s
-  carrying their `NamedSharding`s, `abstract_train_step`) on a mesh of the
-  process's devices, and reads `compiled.memory_analysis()`. With CPU devices
-  faked by `--xla_force_host_platform_device_count=N` this gives a per-device
-  figure for a mesh of the target's size without the target; it is XLA:CPU's
-  buffer assignment (fusion and layouts differ a little from TPU / GPU).
-
-`HardwareTarget` names the machine a run file is written for (device count
-and memory per device); `parti-jax benchmark memory --gin_file=runs/X.gin`
-prints both estimates against it.
+`train_memory(..., method=...)`: 'analytic' (no devices, seconds for any size)
+sizes the train state exactly from the real parameter and optimizer trees and
+sharding rules on an `AbstractMesh` of the target's degrees, and gradients,
+activations and logits from a formula (`activation_bytes`); 'compiled' reads
+XLA's buffer assignment of the real train step (`abstract_train_step`) on a
+mesh of this process's devices. With CPU devices faked by
+`--xla_force_host_platform_device_count=N` that gives a per-device figure for a
+mesh of the target's size without the target (XLA:CPU's fusion and layouts
+differ a little from TPU / GPU). `HardwareTarget` names the machine a run file
+is written for; `parti-jax benchmark memory --gin_file=runs/X.gin` prints both.
 """
 
 from __future__ import annotations
@@ -35,11 +26,13 @@ from jax.sharding import NamedSharding
 
 from parti_jax import partitioning
 from parti_jax.models.config import ModelConfig
+from parti_jax.models.layers import GATED_ACTIVATIONS
 from parti_jax.partitioning import MeshConfig
 from parti_jax.train.optimizers import OptimizerConfig
 
 GIB = 2**30
 _AXES = partitioning.MESH_AXES
+_KINDS = ("params", "optimizer_state", "gradients", "activations", "logits", "batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +49,8 @@ class HardwareTarget:
     device_memory_gib: float = 16.0
 
     def __post_init__(self) -> None:
-        for name in ("num_devices", "devices_per_host"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"HardwareTarget.{name}={value!r} must be a positive integer")
+        counts = {"num_devices": self.num_devices, "devices_per_host": self.devices_per_host}
+        partitioning.check_degrees(counts, "HardwareTarget", fill=False)
         if self.num_devices % self.devices_per_host:
             raise ValueError(
                 f"HardwareTarget.devices_per_host={self.devices_per_host} does not divide "
@@ -101,19 +92,11 @@ class MemoryEstimate:
         if self.compiled:
             c = self.compiled
             return c["argument"] + c["output"] - c["alias"] + c["temp"]
-        return (
-            self.params
-            + self.optimizer_state
-            + self.gradients
-            + self.activations
-            + self.logits
-            + self.batch
-        )
+        return sum(getattr(self, k) for k in _KINDS)
 
     def gib(self) -> dict[str, float]:
         """The figures in GiB (rounded to 0.01) for reports."""
-        keys = ("params", "optimizer_state", "gradients", "activations", "logits", "batch")
-        out = {k: round(getattr(self, k) / GIB, 2) for k in keys}
+        out = {k: round(getattr(self, k) / GIB, 2) for k in _KINDS}
         out.update({f"compiled_{k}": round(v / GIB, 2) for k, v in self.compiled.items()})
         out["total"] = round(self.total / GIB, 2)
         return out
@@ -176,6 +159,12 @@ def _rows(batch_size: int, mesh: Any, num_micro_batches: int) -> tuple[int, int]
     return batch_size // n, batch_size // n // num_micro_batches
 
 
+def _widths(config: ModelConfig) -> tuple[int, int]:
+    """(attention width heads x head_dim, MLP input kernels: 2, or 3 when gated)."""
+    gated = config.mlp_activation in GATED_ACTIVATIONS
+    return config.num_heads * config.kv_dim, 3 if gated else 2
+
+
 def activation_bytes(config: ModelConfig, rows: int, text_length: int, tensor: int) -> int:
     """Activation bytes of one micro-batch of `rows` rows on one device.
 
@@ -197,14 +186,13 @@ def activation_bytes(config: ModelConfig, rows: int, text_length: int, tensor: i
     t = tensor
     d, f, h = config.d_model, config.mlp_dim, config.num_heads
     n, s = config.num_image_tokens, text_length
-    attn = config.num_heads * config.kv_dim
+    attn, mlp_mats = _widths(config)
 
     def layer(q_len: int, cross: bool) -> tuple[float, float, float]:
         """(whole saved set, matmul outputs only, carry) in bytes for one layer."""
         tokens = rows * q_len
         residual = 3 if cross else 2
         norms = 3 if cross else 2
-        mlp_mats = 3 if config.mlp_activation in ("gated_gelu", "swiglu") else 2
         dots = tokens * attn * 4 / t + tokens * f * mlp_mats / t
         probs = rows * h / t * q_len * q_len * (4 + c)
         if cross:
@@ -277,8 +265,7 @@ def train_memory(
     if degrees["fsdp"] > 1:
         # FSDP gathers a layer's weights (float32, then cast) before using them and
         # reduce-scatters its gradients: count two decoder layers' worth in flight.
-        mlp_mats = 3 if config.mlp_activation in ("gated_gelu", "swiglu") else 2
-        attn = config.num_heads * config.kv_dim
+        attn, mlp_mats = _widths(config)
         layer = 8 * config.d_model * attn + mlp_mats * config.d_model * config.mlp_dim
         grads += int(2 * layer / degrees["tensor"] * 4 * 2)
     return MemoryEstimate(
@@ -391,13 +378,9 @@ def _compiled_train_memory(
     step = abstract_train_step(
         config, mesh_config=mesh_config, devices=devices[:num_devices], **run
     )
-    stats = step.compile().memory_analysis()
-    if stats is None:
+    sizes = compiled_sizes(step.compile())
+    if len(sizes) < 4:
         raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis")
-    sizes = {
-        k: int(getattr(stats, f"{k}_size_in_bytes"))
-        for k in ("argument", "output", "alias", "temp")
-    }
     per_device, rows = _rows(run["batch_size"], step.mesh, run["num_micro_batches"])
     return MemoryEstimate(
         method=f"compiled ({jax.default_backend()})",
@@ -408,3 +391,17 @@ def _compiled_train_memory(
         optimizer_state=_shard_bytes(step.state.opt_state),
         compiled=sizes,
     )
+
+
+def compiled_sizes(compiled: Any) -> dict[str, int]:
+    """XLA's argument / output / temp / alias bytes of a compiled executable on one device
+    ({} where the backend reports none)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return {}
+    sizes = {
+        k: getattr(stats, f"{k}_size_in_bytes", None)
+        for k in ("argument", "output", "temp", "alias")
+    }
+    return {k: int(v) for k, v in sizes.items() if v is not None}

@@ -2,15 +2,8 @@
 
 Layers name *logical* axes only (the constants below); which mesh axis each
 one lands on is decided by a rule table chosen at the edge (gin). Mesh axes
-are ('data', 'fsdp', 'tensor') with Auto axis types.
-
-Also here: `MeshConfig` / `create_mesh` and `fill_degrees` (the one fill of a
--1 degree, also used by the launchers), `parse_mesh`, `get_rules`,
-`with_sharding_rules`, `sharded_init` (a model bigger than one device never
-materialises on one), `logical_shardings`, `batch_sharding` / `batch_devices`
-(the batch axes 'data' x 'fsdp'), `host_data_shard` (a host's position on the
-batch axes), divisibility checks that fail before compiling, and
-`params_without_axes`. Optimizer state follows its parameters through
+are ('data', 'fsdp', 'tensor') with Auto axis types; the batch is split over
+'data' x 'fsdp'. Optimizer state follows its parameters through
 `train.optimizers.optimizer_state_shardings`.
 """
 
@@ -18,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -69,71 +63,26 @@ ACT_HEIGHT = "activation_height"
 ACT_WIDTH = "activation_width"
 ACT_CHANNELS = "activation_channels"
 
-# All logical names; every rule table maps each of them (a test checks).
-LOGICAL_AXES = (
-    EMBED,
-    MLP,
-    HEADS,
-    KV,
-    VOCAB,
-    LAYERS,
-    POSITION,
-    CODEBOOK,
-    CODE_DIM,
-    CONV_HEIGHT,
-    CONV_WIDTH,
-    CONV_IN,
-    CONV_OUT,
-    NORM,
-    PATCH,
-    ACT_BATCH,
-    ACT_LENGTH,
-    ACT_EMBED,
-    ACT_HEADS,
-    ACT_KV,
-    ACT_MLP,
-    ACT_VOCAB,
-    ACT_HEIGHT,
-    ACT_WIDTH,
-    ACT_CHANNELS,
-)
-
 # ------------------------------------------------------------ rule tables
 # Order matters: for each array dim the first rule whose mesh axis is still
 # free wins, so EMBED comes before MLP/VOCAB/HEADS in `fsdp` (a 2-D kernel is
 # split once, on its width). Convolution channels, codebooks, norms of conv
 # nets and patch pixels stay replicated in every table: those parameters are
 # small and their sizes (3 RGB channels, 32-d codes) rarely divide a mesh axis.
-_ALWAYS_REPLICATED: Rules = (
-    (KV, None),
-    (LAYERS, None),
-    (POSITION, None),
-    (CODEBOOK, None),
-    (CODE_DIM, None),
-    (CONV_HEIGHT, None),
-    (CONV_WIDTH, None),
-    (CONV_IN, None),
-    (CONV_OUT, None),
-    (NORM, None),
-    (PATCH, None),
-    (ACT_LENGTH, None),
-    (ACT_EMBED, None),
-    (ACT_KV, None),
-    (ACT_HEIGHT, None),
-    (ACT_WIDTH, None),
-    (ACT_CHANNELS, None),
+_ALWAYS_REPLICATED: Rules = tuple(
+    (axis, None)
+    for group in (
+        (KV, LAYERS, POSITION, CODEBOOK, CODE_DIM),
+        (CONV_HEIGHT, CONV_WIDTH, CONV_IN, CONV_OUT, NORM, PATCH),
+        (ACT_LENGTH, ACT_EMBED, ACT_KV, ACT_HEIGHT, ACT_WIDTH, ACT_CHANNELS),
+    )
+    for axis in group
 )
 
 # Pure data parallelism: parameters replicated, batch split over data x fsdp.
 DATA_PARALLEL_RULES: Rules = (
     (ACT_BATCH, BATCH_MESH_AXES),
-    (EMBED, None),
-    (MLP, None),
-    (HEADS, None),
-    (VOCAB, None),
-    (ACT_HEADS, None),
-    (ACT_MLP, None),
-    (ACT_VOCAB, None),
+    *((axis, None) for axis in (EMBED, MLP, HEADS, VOCAB, ACT_HEADS, ACT_MLP, ACT_VOCAB)),
     *_ALWAYS_REPLICATED,
 )
 
@@ -141,13 +90,8 @@ DATA_PARALLEL_RULES: Rules = (
 # their width, gathered per layer; batch over data x fsdp.
 FSDP_RULES: Rules = (
     (ACT_BATCH, BATCH_MESH_AXES),
-    (EMBED, FSDP),
-    (MLP, FSDP),
-    (VOCAB, FSDP),
-    (HEADS, FSDP),
-    (ACT_HEADS, None),
-    (ACT_MLP, None),
-    (ACT_VOCAB, None),
+    *((axis, FSDP) for axis in (EMBED, MLP, VOCAB, HEADS)),
+    *((axis, None) for axis in (ACT_HEADS, ACT_MLP, ACT_VOCAB)),
     *_ALWAYS_REPLICATED,
 )
 
@@ -155,13 +99,9 @@ FSDP_RULES: Rules = (
 # 'tensor' (parameters and the matching activations), width on 'fsdp'.
 FSDP_TP_RULES: Rules = (
     (ACT_BATCH, BATCH_MESH_AXES),
-    (HEADS, TENSOR),
-    (MLP, TENSOR),
-    (VOCAB, TENSOR),
+    *((axis, TENSOR) for axis in (HEADS, MLP, VOCAB)),
     (EMBED, FSDP),
-    (ACT_HEADS, TENSOR),
-    (ACT_MLP, TENSOR),
-    (ACT_VOCAB, TENSOR),
+    *((axis, TENSOR) for axis in (ACT_HEADS, ACT_MLP, ACT_VOCAB)),
     *_ALWAYS_REPLICATED,
 )
 
@@ -170,6 +110,8 @@ RULE_TABLES: dict[str, Rules] = {
     "fsdp": FSDP_RULES,
     "fsdp_tp": FSDP_TP_RULES,
 }
+# All logical names; every rule table maps each of them (a test checks).
+LOGICAL_AXES = tuple(axis for axis, _ in FSDP_RULES)
 
 
 def get_rules(name: str) -> Rules:
@@ -205,10 +147,8 @@ class MeshConfig:
 
     def __post_init__(self) -> None:
         check_degrees({a: getattr(self, a) for a in MESH_AXES}, "MeshConfig")
-        for name in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MeshConfig.{name}={value!r} must be a positive integer")
+        dcn = {f"dcn_{a}": getattr(self, f"dcn_{a}") for a in MESH_AXES}
+        check_degrees(dcn, "MeshConfig", fill=False)
         get_rules(self.rules)
 
     @property
@@ -239,11 +179,13 @@ class MeshConfig:
         return {a: ici[a] * getattr(self, f"dcn_{a}") for a in MESH_AXES}
 
 
-def check_degrees(degrees: Mapping[str, int], owner: str) -> None:
-    """Each degree a positive integer or -1 (fill), at most one -1; errors name `owner.axis`."""
+def check_degrees(degrees: Mapping[str, int], owner: str, *, fill: bool = True) -> None:
+    """Each degree a positive integer (or, with `fill`, -1: at most one); errors name
+    `owner.axis`."""
     for axis, value in degrees.items():
-        if not isinstance(value, int) or (value < 1 and value != -1):
-            raise ValueError(f"{owner}.{axis}={value!r} must be a positive integer or -1 (fill)")
+        if not isinstance(value, int) or (value < 1 and not (fill and value == -1)):
+            also = " or -1 (fill)" if fill else ""
+            raise ValueError(f"{owner}.{axis}={value!r} must be a positive integer{also}")
     fills = [axis for axis, value in degrees.items() if value == -1]
     if len(fills) > 1:
         raise ValueError(
@@ -332,13 +274,11 @@ def with_sharding_rules(mesh: Mesh | jax.sharding.AbstractMesh, rules: Rules) ->
 
 # ----------------------------------------------------------- divisibility
 def _mesh_axes_size(mesh: Mesh, axes: MeshAxes) -> tuple[str, int]:
-    if axes is None:
-        return "", 1
-    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     return "*".join(names), math.prod(mesh.shape[a] for a in names)
 
 
-def check_divisibility(abstract: PyTree, mesh: Mesh, rules: Rules, what: str = "") -> None:
+def check_divisibility(abstract: PyTree, mesh: Mesh, rules: Rules) -> None:
     """Raises (before any compile) if a boxed array dim does not divide its mesh axes."""
     problems = []
     for path, leaf in _leaves_with_path(abstract):
@@ -354,7 +294,7 @@ def check_divisibility(abstract: PyTree, mesh: Mesh, rules: Rules, what: str = "
                     f"{path} dim {dim} ({name}) = {size} is not divisible by {label}={parts}"
                 )
     if problems:
-        raise ValueError(f"{what or 'parameters'} do not fit the mesh: " + "; ".join(problems))
+        raise ValueError("parameters do not fit the mesh: " + "; ".join(problems))
 
 
 # Config fields of the encoder-decoder and the logical axes of the arrays they size.
@@ -393,12 +333,9 @@ def check_mesh_compat(config: Any, mesh: Mesh, rules: Rules) -> None:
 
 # ------------------------------------------------------ sharded creation
 def logical_shardings(abstract: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
-    """NamedShardings for a pytree: boxed leaves by their logical names, others replicated.
-
-    The result has the structure of `nn.unbox(abstract)`.
-    """
-    specs = nn.get_partition_spec(abstract)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    """NamedShardings for a pytree (the structure of `nn.unbox(abstract)`): boxed leaves by
+    their logical names, others replicated."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh | jax.sharding.AbstractMesh) -> NamedSharding:
@@ -414,12 +351,8 @@ def batch_devices(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
 def sharded_init(
     init_fn: Callable[..., PyTree], mesh: Mesh, rules: Rules, *args: Any
 ) -> tuple[PyTree, PyTree]:
-    """Initialises a (boxed) pytree directly in its sharded layout.
-
-    `jax.eval_shape` gives the logical names, `check_divisibility` fails early
-    on a bad mesh, and `jax.jit(init_fn, out_shardings=...)` creates every array
-    on its devices. Returns (unboxed arrays, matching tree of NamedShardings).
-    """
+    """(unboxed arrays, their NamedShardings) of the boxed `init_fn(*args)`, created directly
+    in their sharded layout; a dim that does not divide its mesh axes fails before compiling."""
     with with_sharding_rules(mesh, rules):
         abstract = jax.eval_shape(init_fn, *args)
         check_divisibility(abstract, mesh, rules)
@@ -430,10 +363,8 @@ def sharded_init(
 
 # -------------------------------------------------------- axes coverage
 def params_without_axes(variables: PyTree) -> list[str]:
-    """Paths of parameters that carry no logical axis names (or the wrong number).
-
-    Pass the boxed output of `model.init` (or `jax.eval_shape(model.init, ...)`).
-    """
+    """Paths of parameters without logical axis names (or with the wrong number) in the boxed
+    output of `model.init` (or of `jax.eval_shape(model.init, ...)`)."""
     missing = []
     for path, leaf in _leaves_with_path(variables):
         if not isinstance(leaf, nn.Partitioned):
@@ -445,8 +376,7 @@ def params_without_axes(variables: PyTree) -> list[str]:
 
 def assert_all_params_have_axes(variables: PyTree) -> None:
     """Fails listing every parameter without logical axes."""
-    missing = params_without_axes(variables)
-    if missing:
+    if missing := params_without_axes(variables):
         raise AssertionError(
             f"{len(missing)} parameters without logical axes: " + ", ".join(missing)
         )
@@ -469,21 +399,19 @@ def data_shard_of_process(
     rest = [i for i in range(grid.ndim) if i not in batch]
     moved = np.transpose(grid, batch + rest)
     rows = moved.reshape(math.prod(moved.shape[: len(batch)]), -1)
-    positions: dict[int, frozenset[int]] = {}
-    for p in np.unique(rows):
-        positions[int(p)] = frozenset(np.nonzero((rows == p).any(axis=1))[0].tolist())
+    positions = {
+        int(p): frozenset(np.flatnonzero((rows == p).any(axis=1))) for p in np.unique(rows)
+    }
     if process_index not in positions:
         raise ValueError(f"process {process_index} owns no device of the mesh")
     groups = sorted(set(positions.values()), key=min)
-    for i, a in enumerate(groups):
-        for b in groups[i + 1 :]:
-            if a & b:
-                owners = sorted(p for p, s in positions.items() if s in (a, b))
-                raise ValueError(
-                    f"processes {owners} hold overlapping but different positions on the batch "
-                    "axes (data, fsdp); lay the mesh out so each host's devices cover whole "
-                    "batch rows"
-                )
+    for a, b in itertools.combinations(groups, 2):
+        if a & b:
+            owners = sorted(p for p, s in positions.items() if s in (a, b))
+            raise ValueError(
+                f"processes {owners} hold overlapping but different positions on the batch "
+                "axes (data, fsdp); lay the mesh out so each host's devices cover whole batch rows"
+            )
     if len({len(g) for g in groups}) > 1:
         raise ValueError(
             "hosts hold different numbers of batch positions "
@@ -494,8 +422,7 @@ def data_shard_of_process(
 
 def host_data_shard(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:
     """This host's (shard index, number of shards) for reading data, from its mesh position."""
-    if process_index is None:
-        process_index = jax.process_index()
+    process_index = jax.process_index() if process_index is None else process_index
     grid = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
     return data_shard_of_process(grid, mesh.axis_names, process_index)
 

@@ -1,24 +1,16 @@
 """Reranking the samples of each prompt: the scorer interface and a likelihood scorer.
 
-Parti draws `num_samples` images per prompt and keeps the best by a scorer.
 A scorer follows the contract of docs/DESIGN.md section 3::
 
     scorer.score(images [B, H, W, 3] float in [0, 1], prompts [B], *,
                  image_tokens=None [B, N]) -> np.ndarray [B]   (higher is better)
 
-Rows are prompt-major, as `parti_jax.decoding.sample_ids` lays them out: row
-`p * num_samples + s` is sample `s` of prompt `p`.
-
-Where a contrastive image-text model plugs in: the paper reranks with a
-CoCa-style contrastive model. Such a model is a class with a `score` method
-that embeds the images and the prompts and returns their cosine similarity
-per row; it needs no change here or in the sampler. parti_jax ships no
-contrastive weights, so `LikelihoodScorer` (the model's own log-likelihood of
-its tokens given the prompt) is the generic fallback, and the shapes world has
-its exact pixel judge (`parti_jax.data.judge`).
-
-This module imports no model code: `LikelihoodScorer` is built on a
-teacher-forced logits callback.
+Rows are prompt-major (`parti_jax.decoding.sample_ids`). The paper's CoCa-style
+contrastive reranker plugs in as such a class (cosine similarity of image and
+prompt embeddings per row); without its weights `LikelihoodScorer` (the
+model's own log-likelihood, built on a teacher-forced logits callback: no
+model code here) is the generic fallback, and the shapes world has its exact
+pixel judge (`parti_jax.data.judge`).
 """
 
 from __future__ import annotations
@@ -59,8 +51,8 @@ def rerank(
       scores: float [num_prompts * num_samples], prompt-major.
       num_samples: samples per prompt.
       keep_top_k: how many to keep per prompt (1 <= keep_top_k <= num_samples).
-      prompts: optional prompt of each row; checked to be constant within a
-        prompt's group, which catches a batch that is not prompt-major.
+      prompts: optional prompt of each row, checked to be constant within a
+        prompt's group (a batch that is not prompt-major fails).
 
     Ties keep the lower sample index first; NaN scores rank last.
     """
@@ -94,7 +86,7 @@ def rerank(
 
 
 def score_and_rerank(
-    scorer: Scorer,
+    scorer: Scorer | None,
     images: np.ndarray,
     prompts: Sequence[str],
     *,
@@ -102,8 +94,12 @@ def score_and_rerank(
     keep_top_k: int,
     image_tokens: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores every row with `scorer` and reranks; returns (indices [P, k], scores [B])."""
-    scores = np.asarray(scorer.score(images, prompts, image_tokens=image_tokens), np.float32)
+    """Scores every row with `scorer` (None: all 0, draw order kept) and reranks; returns
+    (indices [P, k], scores [B])."""
+    if scorer is None:
+        scores = np.zeros((len(prompts),), np.float32)
+    else:
+        scores = np.asarray(scorer.score(images, prompts, image_tokens=image_tokens), np.float32)
     if scores.shape != (len(prompts),):
         raise ValueError(
             f"score_and_rerank: {type(scorer).__name__}.score returned shape {scores.shape}, "
@@ -115,11 +111,9 @@ def score_and_rerank(
 class LikelihoodScorer:
     """Scores image tokens by the model's own mean log-probability given the prompt.
 
-    The generic fallback scorer (no extra model): for each row it runs the
-    decoder teacher-forced on the sampled image tokens and averages
-    `log p(token_t | tokens_<t, prompt)` over the grid, with id 0 and the
-    vocabulary padding masked out as in sampling. It ignores the pixels, so it
-    needs `image_tokens`.
+    Runs the decoder teacher-forced on each row's image tokens and averages
+    `log p(token_t | tokens_<t, prompt)` over the grid, id 0 and the vocabulary
+    padding masked as in sampling. It ignores the pixels: it needs `image_tokens`.
 
     Args:
       logits_fn: `(encoder_input_tokens int32 [B, L], decoder_input_tokens
@@ -130,13 +124,12 @@ class LikelihoodScorer:
       num_valid_tokens: codebook_size + 1; None masks only id 0.
       batch_size: rows per `logits_fn` call (None: all at once).
       unconditional_weight: w in `log p(x | prompt) - w log p(x | "")` (per-token
-        means). 0 is the plain likelihood; 1 is the pointwise mutual information
-        of image and prompt, which a model trained with conditioning dropout can
-        compute: it discounts what is likely under any prompt (on the shapes
-        world: a scene with one object where the caption asks for two). The
-        empty prompt is `encode_prompts([""])`, which for the shipped
-        tokenizers is `[EOS]`, the unconditional row of classifier-free
-        guidance.
+        means). 0 is the plain likelihood; 1 the pointwise mutual information of
+        image and prompt (a model trained with conditioning dropout has it): it
+        discounts what is likely under any prompt (on the shapes world: one
+        object where the caption asks for two). The empty prompt is
+        `encode_prompts([""])`, `[EOS]` for the shipped tokenizers, the
+        unconditional row of classifier-free guidance.
     """
 
     def __init__(
@@ -189,11 +182,9 @@ class LikelihoodScorer:
 
     def _score_batch(self, prompts: list[str], tokens: np.ndarray) -> np.ndarray:
         score = self._mean_log_prob(prompts, tokens)
-        if self.unconditional_weight:
-            score = score - self.unconditional_weight * self._mean_log_prob(
-                [""] * len(prompts), tokens
-            )
-        return score
+        if not self.unconditional_weight:
+            return score
+        return score - self.unconditional_weight * self._mean_log_prob([""] * len(prompts), tokens)
 
     def _mean_log_prob(self, prompts: list[str], tokens: np.ndarray) -> np.ndarray:
         encoder_input = np.asarray(self.encode_prompts(prompts), np.int32)

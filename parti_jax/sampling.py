@@ -4,22 +4,14 @@
     results = gen.generate(["a red circle above a blue square"], num_samples=16, keep_top_k=4)
     results[0].images        # float32 [4, 1024, 1024, 3] in [0, 1], best first
 
-`Generator.load` restores the three models from their work directories
-through `parti_jax.loading`, which checks that they belong together (grid,
-codebook size and hash, resolution, text vocabulary), with errors naming both
-values and the files they come from; `parti_jax.load_bundle` builds the same
-Generator from an exported bundle.
-`generate` lays prompts x samples out prompt-major, runs them in batches of
-`batch_size` rows (a multiple of the mesh's batch devices; the last batch is
-padded), each batch through one jitted prefill + `decoding.sample` function
-that takes the parameters as arguments (compiled once per batch shape), then
-decodes the codes of each finished prompt with the VQGAN, scores them at the
-VQGAN's resolution, keeps the best `keep_top_k` and upsamples only those.
-A sample's randomness is fold_in(fold_in(seed, prompt_id), sample_index), so
-the same seed gives the same images whatever the batch size or batch layout.
-
-One process samples its own prompts on its local devices (the default mesh);
-several hosts split the prompt list between them. No TensorFlow is imported.
+`generate` runs prompts x samples (prompt-major) in batches of rows through one
+jitted prefill + `decoding.sample` that takes the parameters as arguments
+(compiled once per batch shape; the last batch padded), decodes each finished
+prompt's codes with the VQGAN, scores them at its resolution, keeps the best
+`keep_top_k` and upsamples only those. A sample's randomness is
+fold_in(fold_in(seed, prompt_id), sample_index), so a seed gives the same
+images whatever the batch size or layout. One process samples on its local
+devices; several hosts split the prompt list. No TensorFlow is imported.
 """
 
 from __future__ import annotations
@@ -44,15 +36,6 @@ from parti_jax.loading import LoadedModels
 from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
 from parti_jax.vqgan.tokenizer import local_mesh
 
-__all__ = [
-    "Generator",
-    "PromptResult",
-    "PromptTruncatedWarning",
-    "read_prompts_file",
-    "sample_to_folder",
-    "sample_tokens",
-    "write_results",
-]
 PyTree = Any
 SCORERS = ("likelihood", "pmi", "shapes_judge", "none")
 _DEFAULT_MAX_ROWS = 64
@@ -83,10 +66,8 @@ def resolve_scorer(scorer: Any, *, likelihood: Callable[[float], rerank.Scorer])
     `likelihood(unconditional_weight)` builds the model's own scorer:
     'likelihood' (None too) is weight 0, 'pmi' weight 1 (`rerank.LikelihoodScorer`).
     """
-    if scorer is None or scorer == "likelihood":
-        return likelihood(0.0)
-    if scorer == "pmi":
-        return likelihood(1.0)
+    if scorer is None or scorer in ("likelihood", "pmi"):
+        return likelihood(1.0 if scorer == "pmi" else 0.0)
     if scorer == "shapes_judge":
         from parti_jax.data.judge import ShapesJudgeScorer
 
@@ -137,16 +118,9 @@ class Generator:
     def __init__(
         self, models: LoadedModels, *, mesh: Mesh | None = None, rules: Any = "data_parallel"
     ) -> None:
-        """Wraps loaded models (`Generator.load`, `parti_jax.load_bundle`).
-
-        Args:
-          models: the encoder-decoder (its 'params' on `mesh`), the VQGAN's
-            `ImageTokenizer` (decode), an optional
-            `parti_jax.upsampler.inference.LoadedUpsampler`, the vocabulary and
-            the records (checkpoint paths, steps, hashes) for manifests.
-          mesh, rules: where the encoder-decoder runs (default: local devices on 'data').
-        """
-        self.models = models
+        """Wraps `loading.LoadedModels` (the encoder-decoder's params on `mesh`; made by
+        `Generator.load` or `parti_jax.load_bundle`); `mesh, rules`: where the
+        encoder-decoder runs (default: local devices on 'data')."""
         self.model_config, self.params = models.model_config, models.params
         self.text_tokenizer, self.image_tokenizer = models.text_tokenizer, models.image_tokenizer
         self.text_length, self.upsampler = int(models.text_length), models.upsampler
@@ -157,13 +131,13 @@ class Generator:
         self._batch_devices = partitioning.batch_devices(self.mesh)
         self._rows = partitioning.batch_sharding(self.mesh)
         self._sample_fns: dict[tuple, Callable] = {}
-        self._logits_fn = jax.jit(lambda p, e, d: self._model.apply({"params": p}, e, d))
-        self._upsample_fn = None
-        self._upsampler_params = None
+        apply = jax.jit(lambda p, e, d: self._model.apply({"params": p}, e, d))
+        self._logits_fn = functools.partial(apply, self.params)
+        self._upsample_fn = None  # (images) -> images, with the upsampler's params replicated
         if self.upsampler is not None:
-            self._upsample_fn = self.upsampler.make_upsample_fn()
             replicated = NamedSharding(self.mesh, PartitionSpec())
-            self._upsampler_params = jax.device_put(self.upsampler.params, replicated)
+            params = jax.device_put(self.upsampler.params, replicated)
+            self._upsample_fn = functools.partial(self.upsampler.make_upsample_fn(), params)
 
     @classmethod
     def load(
@@ -200,58 +174,45 @@ class Generator:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         return -(-want // n) * n
 
-    def _sample_fn(self, *, guided: bool, greedy: bool, top_k: int | None, top_p: bool):
-        key = (guided, greedy, top_k, top_p)
-        if key not in self._sample_fns:
-
-            def fn(params, text, prompt_ids, sample_indices, seed, temperature, p, scale):
-                return sample_tokens(
-                    self._model, params, text, prompt_ids, sample_indices, seed=seed,
-                    temperature=0.0 if greedy else temperature, top_k=top_k,
-                    top_p=p if top_p else None, guidance_scale=scale if guided else None,
-                    mesh=self.mesh,
-                )  # fmt: skip
-
-            self._sample_fns[key] = jax.jit(fn)
-        return self._sample_fns[key]
-
     def sample_function(
         self, sampling_config: decoding.SamplingConfig, *, seed: int | None = None
     ) -> tuple[Callable, tuple[jax.Array, ...]]:
         """(fn, scalars): the jitted sampler for `sampling_config` and its scalar arguments.
 
-        `fn(params, text [B, L], prompt_ids [B], sample_indices [B], *scalars)
-        -> decoder tokens int32 [B, N]` (codes + 1), where scalars are (seed,
-        temperature, top_p, guidance_scale). Greedy/top-k/top-p/guidance on or
-        off are compiled in; the scalar values are arguments. Call it under
-        `partitioning.with_sharding_rules(self.mesh, self.rules)`; export
-        traces it with the parameters as arguments.
+        `fn(params, text [B, L], prompt_ids [B], sample_indices [B], seed, temperature,
+        top_p, guidance_scale) -> decoder tokens int32 [B, N]` (codes + 1): which
+        filters are on is compiled in, their values are arguments. Call it under
+        `partitioning.with_sharding_rules(self.mesh, self.rules)`.
         """
         cfg = sampling_config
-        guided = cfg.guidance_scale is not None
-        fn = self._sample_fn(
-            guided=guided,
-            greedy=cfg.temperature == 0,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p is not None,
-        )
+        guided, greedy, top_p = cfg.guidance_scale is not None, cfg.temperature == 0, cfg.top_p
+        key = (guided, greedy, cfg.top_k, top_p is not None)
+        if key not in self._sample_fns:
+
+            def fn(params, text, prompt_ids, sample_indices, seed, temperature, p, scale):
+                return sample_tokens(
+                    self._model, params, text, prompt_ids, sample_indices, seed=seed,
+                    temperature=0.0 if greedy else temperature, top_k=cfg.top_k,
+                    top_p=None if top_p is None else p, guidance_scale=scale if guided else None,
+                    mesh=self.mesh,
+                )  # fmt: skip
+
+            self._sample_fns[key] = jax.jit(fn)
         scalars = (
             jnp.asarray(cfg.seed if seed is None else seed, jnp.int32),
             jnp.asarray(cfg.temperature if cfg.temperature else 1.0, jnp.float32),
-            jnp.asarray(cfg.top_p if cfg.top_p is not None else 1.0, jnp.float32),
+            jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
             jnp.asarray(cfg.guidance_scale if guided else 1.0, jnp.float32),
         )
-        return fn, scalars
+        return self._sample_fns[key], scalars
 
     def _padded(self, fn: Callable, rows: int, *arrays: np.ndarray) -> np.ndarray:
         """Runs fn(*row_arrays) on `rows`-row chunks (the last padded); host numpy out."""
-        total = arrays[0].shape[0]
         outs = []
-        for start in range(0, total, rows):
+        for start in range(0, arrays[0].shape[0], rows):
             part = [a[start : start + rows] for a in arrays]
             n = part[0].shape[0]
-            if n < rows:
-                part = [np.concatenate([a, np.repeat(a[-1:], rows - n, 0)]) for a in part]
+            part = [np.concatenate([a, np.repeat(a[-1:], rows - n, 0)]) for a in part]
             with partitioning.with_sharding_rules(self.mesh, self.rules):
                 out = fn(*[jax.device_put(a, self._rows) for a in part])
             outs.append(np.asarray(jax.device_get(out))[:n])
@@ -264,8 +225,7 @@ class Generator:
         `unconditional_weight` times that given the empty prompt (1: PMI)."""
 
         def logits_fn(encoder_input, decoder_input):
-            fn = functools.partial(self._logits_fn, self.params)
-            return self._padded(fn, rows, encoder_input, decoder_input)
+            return self._padded(self._logits_fn, rows, encoder_input, decoder_input)
 
         return rerank.LikelihoodScorer(
             logits_fn,
@@ -278,8 +238,7 @@ class Generator:
         """VQGAN-resolution images -> upsampled (identity without an upsampler)."""
         if self._upsample_fn is None or images.shape[0] == 0:
             return images
-        fn = functools.partial(self._upsample_fn, self._upsampler_params)
-        return self._padded(fn, self._batch_devices, images.astype(np.float32))
+        return self._padded(self._upsample_fn, self._batch_devices, images.astype(np.float32))
 
     # ------------------------------------------------------------- generate
 
@@ -343,95 +302,58 @@ class Generator:
             )
         total = len(prompts) * num_samples
         rows = self.rows_per_call(total, batch_size)
-        row_prompt = np.repeat(np.arange(len(prompts)), num_samples)
-        row_sample = np.tile(np.arange(num_samples, dtype=np.int32), len(prompts))
-        scorer_obj = resolve_scorer(
+        row_prompt, row_sample = decoding.sample_ids(len(prompts), num_samples)
+        scorer = resolve_scorer(
             scorer, likelihood=lambda w: self.likelihood_scorer(rows, unconditional_weight=w)
         )
         fn, scalars = self.sample_function(cfg, seed=seed)
+        mc = self.model_config
+        tokens = np.zeros((total, mc.num_image_tokens), np.int32)
 
-        def run(text_rows, pid_rows, sample_rows):
-            return fn(self.params, text_rows, pid_rows, sample_rows, *scalars)
+        def finish(which: range) -> list[PromptResult]:
+            """Decodes, scores and reranks the samples of prompts `which`; upsamples the kept."""
+            toks = tokens[which.start * num_samples : which.stop * num_samples]
+            codes = decoding.tokens_to_codes(toks, mc.codebook_size).reshape(-1, *mc.image_grid)
+            low = self.image_tokenizer.decode(codes)
+            keep, scores = rerank.score_and_rerank(
+                scorer, low, [prompts[p] for p in which for _ in range(num_samples)],
+                num_samples=num_samples, keep_top_k=keep_top_k, image_tokens=toks,
+            )  # fmt: skip
+            final = self.upsample(low[keep.reshape(-1)])
+            final = final.reshape((len(which), keep_top_k, *final.shape[1:]))
+            return [
+                PromptResult(
+                    prompt=prompts[p],
+                    prompt_id=int(ids[p]),
+                    seed=seed,
+                    images=final[j],
+                    low_res_images=low[keep[j]],
+                    scores=np.asarray(scores[keep[j]], np.float32),
+                    codes=codes[keep[j]],
+                    sample_indices=(keep[j] % num_samples).astype(np.int32),
+                    truncated=p in truncated,
+                )
+                for j, p in enumerate(which)
+            ]
 
-        tokens = np.zeros((total, self.model_config.num_image_tokens), np.int32)
         batches = range(0, total, rows)
         if progress:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=-(-total // rows), unit="batch", desc="sampling")
         results: list[PromptResult] = []
-        done = 0  # prompts finished
-        truncated_set = set(truncated)
         for start in batches:
-            stop = min(start + rows, total)
-            sl = slice(start, stop)
+            sl = slice(start, min(start + rows, total))
             tokens[sl] = self._padded(
-                run,
+                lambda *a: fn(self.params, *a, *scalars),
                 rows,
                 text[row_prompt[sl]],
                 ids[row_prompt[sl]].astype(np.int32),
                 row_sample[sl],
             )
-            finished = stop // num_samples
-            if finished > done:
-                results += self._finish(
-                    prompts, ids, range(done, finished), tokens, num_samples, keep_top_k,
-                    scorer_obj, seed, truncated_set,
-                )  # fmt: skip
-                done = finished
+            if sl.stop // num_samples > len(results):  # prompts finished
+                results += finish(range(len(results), sl.stop // num_samples))
         return results
-
-    def _finish(
-        self,
-        prompts: list[str],
-        ids: np.ndarray,
-        which: range,
-        tokens: np.ndarray,
-        num_samples: int,
-        keep_top_k: int,
-        scorer: Any,
-        seed: int,
-        truncated: set[int],
-    ) -> list[PromptResult]:
-        """Decodes, scores and reranks the samples of prompts `which`; upsamples the kept."""
-        sl = slice(which.start * num_samples, which.stop * num_samples)
-        cfg = self.model_config
-        toks = tokens[sl]
-        codes = decoding.tokens_to_codes(toks, cfg.codebook_size).reshape((-1, *cfg.image_grid))
-        low = self.image_tokenizer.decode(codes)
-        row_prompts = [prompts[p] for p in which for _ in range(num_samples)]
-        if scorer is None:
-            scores = np.zeros((len(row_prompts),), np.float32)
-            keep = rerank.rerank(scores, num_samples=num_samples, keep_top_k=keep_top_k)
-        else:
-            keep, scores = rerank.score_and_rerank(
-                scorer,
-                low,
-                row_prompts,
-                num_samples=num_samples,
-                keep_top_k=keep_top_k,
-                image_tokens=toks,
-            )
-        kept = keep.reshape(-1)
-        final = self.upsample(low[kept])
-        final = final.reshape((len(which), keep_top_k, *final.shape[1:]))
-        out = []
-        for j, p in enumerate(which):
-            rows = keep[j]
-            out.append(
-                PromptResult(
-                    prompt=prompts[p],
-                    prompt_id=int(ids[p]),
-                    seed=seed,
-                    images=final[j],
-                    low_res_images=low[rows],
-                    scores=np.asarray(scores[rows], np.float32),
-                    codes=codes[rows],
-                    sample_indices=(rows % num_samples).astype(np.int32),
-                    truncated=p in truncated,
-                )
-            )
-        return out
 
 
 # ------------------------------------------------------------------ output folder
@@ -466,12 +388,8 @@ def write_results(
     sampling: Mapping[str, Any] | None = None,
     save_low_res: bool = False,
 ) -> dict[str, Any]:
-    """Writes `<out>/<prompt_id>_<rank>.png` (+ `low_res/` copies) and `manifest.json`.
-
-    Returns the manifest: the models (checkpoints, steps, hashes), the
-    sampling settings, and one entry per image (prompt, prompt_id, seed,
-    sample_index, score, rank, file).
-    """
+    """Writes `<out>/<prompt_id>_<rank>.png` (+ `low_res/` copies) and `manifest.json`; returns
+    the manifest: the models' records, the sampling settings and one entry per image."""
     from PIL import Image
 
     out = Path(out_dir).expanduser()

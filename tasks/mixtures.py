@@ -11,8 +11,6 @@ from collections.abc import Sequence
 
 import seqio
 
-from parti_jax.data import features
-
 
 def register_mixture(name: str, tasks: Sequence[tuple[str, float]]) -> seqio.Mixture:
     """Registers (or replaces) mixture `name`; every task must already be registered."""
@@ -25,4 +23,5 @@ def register_mixture(name: str, tasks: Sequence[tuple[str, float]]) -> seqio.Mix
             raise ValueError(f"mixture {name!r}: task {task_name!r} is not registered")
         if not rate > 0:
             raise ValueError(f"mixture {name!r}: rate of {task_name!r} must be > 0, got {rate}")
-    return features.add_mixture(name, [(t, float(r)) for t, r in tasks])
+    seqio.MixtureRegistry.remove(name)  # replaces a mixture of the same name
+    return seqio.MixtureRegistry.add(name, [(t, float(r)) for t, r in tasks])

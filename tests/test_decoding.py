@@ -126,10 +126,15 @@ def run(t, prompts, prompt_ids, sample_indices, *, uncond_prompts=None, **kw):
 VALID = (np.arange(VOCAB) > 0) & (np.arange(VOCAB) < NUM_VALID)
 
 
+def shift_right(tokens):
+    """The decoder input of a token path: BOS (0), then the path without its last token."""
+    return np.concatenate([np.zeros((tokens.shape[0], 1), np.int32), tokens[:, :-1]], 1)
+
+
 def path_logits(t, prompts, tokens, *, mask=True):
     """Logits [R, N, V] at every step along the sampled path, invalid ids masked."""
     t = {k: np.asarray(v, np.float64) for k, v in t.items()}
-    decoder_input = np.concatenate([np.zeros((tokens.shape[0], 1), np.int32), tokens[:, :-1]], 1)
+    decoder_input = shift_right(tokens)
     counts = np.cumsum(np.eye(VOCAB)[decoder_input], axis=1)
     hist = counts @ t["hist"] / np.arange(1, STEPS + 1)[None, :, None]
     logits = (
@@ -182,11 +187,14 @@ def test_cached_equals_uncached(tables):
 
     @jax.jit
     def uncached(tables):
-        ttl, cache = decoding.uncached_tokens_to_logits(
-            functools.partial(full_logits, tables, jnp.asarray(prompts)),
-            rows=len(prompts),
-            num_steps=STEPS,
-        )
+        """The no-cache reference: the cache is the token buffer; every step re-runs the
+        teacher-forced stand-in over it."""
+
+        def ttl(tokens, buffer, step):
+            buffer = jax.lax.dynamic_update_slice(buffer, tokens, (0, step))
+            return full_logits(tables, jnp.asarray(prompts), buffer)[:, step], buffer
+
+        cache = jnp.zeros((len(prompts), STEPS), jnp.int32)
         return decoding.sample(
             ttl,
             cache,
@@ -225,17 +233,8 @@ def test_guided_token_is_fed_to_both_halves(tables):
     scale = 3.0
     pid, sid = decoding.sample_ids(4, 1)
     empty = np.full(4, EMPTY, np.int32)
-    tokens, _ = run(
-        tables,
-        PROMPTS4,
-        pid,
-        sid,
-        uncond_prompts=empty,
-        guidance_scale=scale,
-        seed=0,
-        temperature=0.0,
-        num_valid_tokens=NUM_VALID,
-    )
+    kw = dict(seed=0, temperature=0.0, guidance_scale=scale, **MASKED)
+    tokens, _ = run(tables, PROMPTS4, pid, sid, uncond_prompts=empty, **kw)
     cond = path_logits(tables, PROMPTS4, tokens, mask=False)
     uncond = path_logits(tables, empty, tokens, mask=False)
     guided = np.where(VALID, uncond + scale * (cond - uncond), -np.inf)
@@ -317,15 +316,8 @@ def test_rows_do_not_depend_on_batch_composition(tables):
     empty = np.full(8, EMPTY, np.int32)
     whole_g, _ = run(tables, prompts, pid, sid, uncond_prompts=empty, **g)
     halves = [
-        run(
-            tables,
-            prompts[i : i + 4],
-            pid[i : i + 4],
-            sid[i : i + 4],
-            uncond_prompts=empty[:4],
-            **g,
-        )[0]
-        for i in (0, 4)
+        run(tables, prompts[s], pid[s], sid[s], uncond_prompts=empty[:4], **g)[0]
+        for s in (slice(0, 4), slice(4, 8))
     ]
     np.testing.assert_array_equal(np.concatenate(halves), whole_g)
     # Another seed draws other images.
@@ -346,41 +338,29 @@ def test_sharded_over_eight_devices_equals_unsharded(tables, cpu_devices):
     kw = dict(seed=4, temperature=1.0, top_p=0.9, guidance_scale=1.2, **FILTERED)
     plain, plain_lp = run(tables, prompts, pid, sid, uncond_prompts=empty, **kw)
 
-    @jax.jit
-    def sharded(tables, cache_prompts):
+    @functools.partial(jax.jit, static_argnames="mesh")
+    def sharded(tables, cache_prompts, mesh=None):
         ttl, cache = make_cached(tables, cache_prompts)
         return decoding.sample(
             ttl, cache, num_steps=STEPS, prompt_ids=pid, sample_indices=sid, mesh=mesh, **kw
         )
 
-    out = sharded(tables, jnp.asarray(np.concatenate([prompts, empty])))
+    both = jnp.asarray(np.concatenate([prompts, empty]))
+    out = sharded(tables, both, mesh)
     expected = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     assert out.tokens.sharding.is_equivalent_to(expected, 2)
     np.testing.assert_array_equal(np.asarray(out.tokens), plain)
     np.testing.assert_allclose(np.asarray(out.token_log_probs), plain_lp, atol=1e-6)
 
     # The logical route: ACT_BATCH rules under jax.set_mesh, no mesh argument.
-    @jax.jit
-    def logical(tables, cache_prompts):
-        ttl, cache = make_cached(tables, cache_prompts)
-        return decoding.sample(
-            ttl, cache, num_steps=STEPS, prompt_ids=pid, sample_indices=sid, **kw
-        )
-
     with jax.set_mesh(mesh), nn.logical_axis_rules([(ACT_BATCH, ("data", "fsdp"))]):
-        out = logical(tables, jnp.asarray(np.concatenate([prompts, empty])))
+        out = sharded(tables, both)
     assert out.tokens.sharding.is_equivalent_to(expected, 2)
     np.testing.assert_array_equal(np.asarray(out.tokens), plain)
 
+    three = dict(num_steps=STEPS, prompt_ids=pid[:3], sample_indices=sid[:3], seed=0, mesh=mesh)
     with pytest.raises(ValueError, match="multiple of 8"):
-        decoding.sample(
-            *make_cached(tables, prompts[:3]),
-            num_steps=STEPS,
-            prompt_ids=pid[:3],
-            sample_indices=sid[:3],
-            seed=0,
-            mesh=mesh,
-        )
+        decoding.sample(*make_cached(tables, prompts[:3]), **three)
 
 
 def test_bad_arguments_are_named(tables):
@@ -424,16 +404,9 @@ def test_sampling_config_gin_binding():
 
 
 def test_sampling_bandwidth_floor_hand_computed():
+    sizes = dict(decoder_params=100, num_layers=2, kv_width=4, text_length=3, num_steps=4, rows=2)
     floor = decoding.sampling_bandwidth_floor(
-        decoder_params=100,
-        num_layers=2,
-        kv_width=4,
-        text_length=3,
-        num_steps=4,
-        rows=2,
-        memory_bandwidth=1000.0,
-        param_bytes=2,
-        cache_bytes=2,
+        **sizes, memory_bandwidth=1000.0, param_bytes=2, cache_bytes=2
     )
     # weights: 4 steps x 100 params x 2 B = 800
     # one position's K/V: 2 layers x 2 (K, V) x 2 rows x 4 x 2 B = 64
@@ -445,15 +418,9 @@ def test_sampling_bandwidth_floor_hand_computed():
     assert floor.total_bytes == 2208
     assert floor.seconds == pytest.approx(2.208)
     with pytest.raises(ValueError, match="memory_bandwidth"):
-        decoding.sampling_bandwidth_floor(
-            decoder_params=1,
-            num_layers=1,
-            kv_width=1,
-            text_length=1,
-            num_steps=1,
-            rows=1,
-            memory_bandwidth=0.0,
-        )
+        decoding.sampling_bandwidth_floor(**sizes, memory_bandwidth=0.0)
+    with pytest.raises(ValueError, match="kv_width must be a positive integer"):
+        decoding.sampling_bandwidth_floor(**dict(sizes, kv_width=0), memory_bandwidth=1.0)
 
 
 # ------------------------------------------------------------ the real model
@@ -462,20 +429,10 @@ def test_sampling_bandwidth_floor_hand_computed():
 def _tiny_model():
     from parti_jax.models.config import ModelConfig
     from parti_jax.models.transformer import EncoderDecoder
+    from tests.pipeline_fixtures import TINY_MODEL
 
-    cfg = ModelConfig(
-        text_vocab_size=32,
-        codebook_size=CODEBOOK,
-        image_grid=(2, 3),
-        max_text_length=8,
-        d_model=32,
-        num_heads=2,
-        mlp_dim=64,
-        num_encoder_layers=1,
-        num_decoder_layers=2,
-        dropout_rate=0.0,
-        dtype="float32",
-    )
+    cfg = ModelConfig(**dict(TINY_MODEL, text_vocab_size=32, codebook_size=CODEBOOK,
+                             image_grid=(2, 3), max_text_length=8, num_decoder_layers=2))  # fmt: skip
     model = EncoderDecoder(cfg)
     rng = np.random.default_rng(0)
     text = rng.integers(3, cfg.text_vocab_size, size=(4, 6)).astype(np.int32)
@@ -518,12 +475,7 @@ def test_real_model_cached_sampling_matches_teacher_forced_decoder(cpu_devices):
     def full(enc, dec):
         return np.asarray(apply(variables, jnp.asarray(enc), jnp.asarray(dec)))
 
-    def path(tokens):
-        return np.concatenate([np.zeros((tokens.shape[0], 1), np.int32), tokens[:, :-1]], 1)
-
-    valid = (np.arange(cfg.decoder_vocab_size) > 0) & (
-        np.arange(cfg.decoder_vocab_size) <= CODEBOOK
-    )
+    valid = np.isin(np.arange(cfg.decoder_vocab_size), np.arange(1, CODEBOOK + 1))
 
     @functools.partial(jax.jit, static_argnames=("temperature", "guidance_scale", "mesh"))
     def cached(variables, enc, temperature, guidance_scale=None, mesh=None):
@@ -536,7 +488,7 @@ def test_real_model_cached_sampling_matches_teacher_forced_decoder(cpu_devices):
     # Greedy: the cached loop follows the argmax of the full decoder at every step.
     out = cached(variables, jnp.asarray(text), 0.0)
     tokens = np.asarray(out.tokens)
-    logits = np.where(valid, full(text, path(tokens)), -np.inf)
+    logits = np.where(valid, full(text, shift_right(tokens)), -np.inf)
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
     expected = np.take_along_axis(log_softmax(logits), tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(out.token_log_probs), expected, atol=2e-5)
@@ -545,7 +497,7 @@ def test_real_model_cached_sampling_matches_teacher_forced_decoder(cpu_devices):
     # Guided greedy over 2B rows equals guiding the full decoder's logits on the shared path.
     both = jnp.asarray(np.concatenate([text, empty]))
     guided = np.asarray(cached(variables, both, 0.0, guidance_scale=1.2).tokens)
-    cond, uncond = full(text, path(guided)), full(empty, path(guided))
+    cond, uncond = full(text, shift_right(guided)), full(empty, shift_right(guided))
     reference_logits = np.where(valid, uncond + 1.2 * (cond - uncond), -np.inf)
     np.testing.assert_array_equal(guided, reference_logits.argmax(-1))
 
@@ -556,7 +508,7 @@ def test_real_model_cached_sampling_matches_teacher_forced_decoder(cpu_devices):
     assert sharded.tokens.sharding.spec[0] in ("data", ("data",)), sharded.tokens.sharding
     drawn = np.asarray(sharded.tokens)
     assert not np.array_equal(drawn, guided)
-    cond, uncond = full(text, path(drawn)), full(empty, path(drawn))
+    cond, uncond = full(text, shift_right(drawn)), full(empty, shift_right(drawn))
     logits = np.where(valid, uncond + 1.2 * (cond - uncond), -np.inf)
     expected = np.take_along_axis(log_softmax(logits), drawn[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(sharded.token_log_probs), expected, atol=2e-5)

@@ -73,10 +73,9 @@ def test_layout_names_and_version_stamp(bundle_dir, tiny_pipeline):
     with safe_open(str(bundle_dir / "vqgan_decoder.safetensors"), framework="numpy") as f:
         vq_names = list(f.keys())  # noqa: SIM118
     assert "vqgan/quantizer/codebook" in vq_names and not any("encoder" in n for n in vq_names)
-    assert info["jax_export"]["platforms"] == list(PLATFORMS)
-    assert (
-        info["jax_export"]["batch_size"] == 4 and info["jax_export"]["compiled_in"]["top_k"] == 32
-    )
+    exported = info["jax_export"]
+    assert exported["platforms"] == list(PLATFORMS) and exported["batch_size"] == 4
+    assert exported["compiled_in"]["top_k"] == 32
 
 
 CHILD = textwrap.dedent("""

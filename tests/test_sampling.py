@@ -210,11 +210,10 @@ def test_missing_or_wrong_work_directories(tiny_pipeline, tmp_path):
     # Another kind's work directory: named, with what was expected.
     with pytest.raises(LoadError) as err:
         Generator.load(p["upsampler"], p["vqgan"])
-    assert "not an encoder-decoder work directory (no model_config.json; it holds " in str(
-        err.value
-    )
-    assert "upsampler_meta.json, a `parti-jax train-upsampler` work directory" in str(err.value)
-    assert "pass the --workdir of `parti-jax train`" in str(err.value)
+    message = str(err.value)
+    assert "not an encoder-decoder work directory (no model_config.json; it holds " in message
+    assert "upsampler_meta.json, a `parti-jax train-upsampler` work directory" in message
+    assert "pass the --workdir of `parti-jax train`" in message
     with pytest.raises(LoadError, match=r"not an upsampler work directory \(no upsampler_meta"
                        r".json; it holds vqgan_meta.json, a `parti-jax train-vqgan`"):  # fmt: skip
         Generator.load(p["t2i"], p["vqgan"], p["vqgan"])
@@ -229,7 +228,7 @@ def test_bad_model_config_names_the_file_and_field(tiny_pipeline, tmp_path):
         Generator.load(unknown, p["vqgan"])
     bad = _copy_meta(p["t2i"], tmp_path / "bad", "model_config.json", **{"model_config.d_model": 0})
     with pytest.raises(LoadError, match=r"bad/model_config.json: model_config: bad ModelConfig "
-                       r"\(ModelConfig: d_model=0 must be a positive integer\)"):  # fmt: skip
+                       r"\(ModelConfig[:.] ?d_model=0 must be a positive integer\)"):  # fmt: skip
         Generator.load(bad, p["vqgan"])
     with pytest.raises(LoadError, match=r"config_overrides for .*: unknown ModelConfig field"):
         Generator.load(p["t2i"], p["vqgan"], config_overrides={"atention_impl": "xla"})

@@ -7,21 +7,18 @@
         [--dtype=bfloat16] [--attention_impl=cudnn] [--remat_policy=full] [--scan_layers] \\
         [--guidance=both] [--profile_dir=DIR] [--output=results.jsonl]
 
-Prints one JSON object per line on stdout (and appends it to `--output`):
-the figure, the device, the software versions, the command-line knobs
-(`parti_jax.benchmark`, `parti_jax.memory`). A benchmark that fails (e.g. out
-of memory at a large batch) prints a line with an `error` field instead and
-the command exits 1 after the others have run. Gin files give the sizes:
-`ModelConfig` (gin/models/*.gin) for train_step / sample / input,
-`VQGANConfig` (gin/vqgan/*.gin) for vqgan, optional `MeshConfig`; `memory`
-reads a run file (train.*, MeshConfig, HardwareTarget). Only `input` loads
-TensorFlow.
+Prints one JSON object per line (and appends it to `--output`): the figure,
+the device, the software versions and the knobs. A benchmark that fails (e.g.
+out of memory) prints a line with an `error` field and the command exits 1
+after the others ran. Sizes come from gin: `ModelConfig` (gin/models/) for
+train_step / sample / input, `VQGANConfig` (gin/vqgan/) for vqgan, optional
+`MeshConfig`; `memory` reads a run file (train.*, MeshConfig, HardwareTarget).
+Only `input` loads TensorFlow.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import subprocess
@@ -121,12 +118,11 @@ def main(argv: Sequence[str]) -> int:
                 )
         knobs = ("dtype", "attention_impl", "remat_policy", "scan_layers")
         changes = {k: getattr(ns, k) for k in knobs if getattr(ns, k) is not None}
-        model = gin.get_configurable("ModelConfig")().replace(**changes)
+        model = gin.get_configurable("ModelConfig")(**changes)
         vq_changes = {k: v for k, v in changes.items() if k in ("dtype", "attention_impl")}
-        vqgan = dataclasses.replace(gin.get_configurable("VQGANConfig")(), **vq_changes)
-        mesh = gin.get_configurable("MeshConfig")()
-        mesh = dataclasses.replace(mesh, **partitioning.parse_mesh(ns.mesh or ""))
-        mesh = dataclasses.replace(mesh, rules=ns.rules or mesh.rules)
+        vqgan = gin.get_configurable("VQGANConfig")(**vq_changes)
+        mesh = partitioning.parse_mesh(ns.mesh or "") | ({"rules": ns.rules} if ns.rules else {})
+        mesh = gin.get_configurable("MeshConfig")(**mesh)
     timing = {k: getattr(ns, k) for k in ("steps", "warmup") if getattr(ns, k) is not None}
     common = dict(timing, seed=ns.seed, label=_label(ns))
     sample = dict(common, num_prompts=ns.num_prompts, text_length=ns.text_length)

@@ -26,20 +26,6 @@ DEMO_GIN = "runs/demo.gin"
 DEFAULT_WORKDIR = "demo_workdir"
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _query(name: str, default=None):
-    import gin
-
-    try:
-        return gin.query_parameter(name)
-    except ValueError:
-        return default
-
-
 def main(argv: Sequence[str]) -> int:
     parser = flags.make_parser("demo", DESCRIPTION)
     parser.add_argument(
@@ -55,11 +41,9 @@ def main(argv: Sequence[str]) -> int:
 
     from parti_jax import demo as demo_lib
 
-    try:
+    with flags.usage_errors(demo_lib.DemoError):
         stages = demo_lib.check_stages(args.namespace.stage or None)
         demo_lib.prepare_workdir(workdir)
-    except demo_lib.DemoError as e:
-        raise flags.UsageError(str(e)) from None
 
     import gin
 
@@ -69,6 +53,7 @@ def main(argv: Sequence[str]) -> int:
     gin.finalize()
     flags.write_config(workdir)
 
+    from parti_jax.data.vocab import make_shapes_vocab
     from parti_jax.eval import suites as S
     from parti_jax.train import checkpoints
 
@@ -85,11 +70,6 @@ def main(argv: Sequence[str]) -> int:
             upsampler_dir=upsampler_path,
         )
 
-    def train_vocab(output_prefix: str) -> str:
-        from parti_jax.data.vocab import make_shapes_vocab
-
-        return make_shapes_vocab(output_prefix)
-
     fns = demo_lib.DemoStageFns(
         train_vqgan=get("train_vqgan"),
         precompute_codes=get("precompute_codes"),
@@ -97,27 +77,25 @@ def main(argv: Sequence[str]) -> int:
         train_upsampler=get("train_upsampler"),
         sample=get("sample"),
         evaluate=evaluate,
-        train_vocab=train_vocab,
+        train_vocab=make_shapes_vocab,
     )
-    run = get("demo")
-    try:
-        chosen = {"stages": stages} if args.namespace.stage else {}
-        result = run(
+
+    def num_steps(scope: str) -> int | None:  # for the progress bars
+        name = f"{scope}/LoopConfig.num_steps"
+        return gin.query_parameter(name) if flags.is_bound(name) else None
+
+    chosen = {"stages": stages} if args.namespace.stage else {}
+    with flags.usage_errors(
+        ValueError, FileNotFoundError, PermissionError, checkpoints.CheckpointError
+    ):
+        result = get("demo")(
             workdir=str(workdir),
             fns=fns,
             **chosen,
-            vqgan_steps=_query("train_vqgan/LoopConfig.num_steps"),
-            t2i_steps=_query("train/LoopConfig.num_steps"),
-            upsampler_steps=_query("train_upsampler/LoopConfig.num_steps"),
+            vqgan_steps=num_steps("train_vqgan"),
+            t2i_steps=num_steps("train"),
+            upsampler_steps=num_steps("train_upsampler"),
         )
-    except (
-        demo_lib.DemoError,
-        ValueError,
-        FileNotFoundError,
-        PermissionError,
-        checkpoints.CheckpointError,
-    ) as e:
-        raise flags.UsageError(_one_line(e)) from None
     flags.write_config(workdir, operative=True)
     print(demo_lib.format_headline(result))
     return 0

@@ -27,11 +27,7 @@ DESCRIPTION = "Run eval suites (PartiPrompts, shapes faithfulness, reconstructio
 def _compare(argv: list[str]) -> int:
     from parti_jax.eval import compare
 
-    rest = []
-    for arg in argv:
-        if arg == "--compare":
-            continue
-        rest.append(arg[len("--compare=") :] if arg.startswith("--compare=") else arg)
+    rest = [arg.removeprefix("--compare=") for arg in argv if arg != "--compare"]
     try:
         return compare.main_compare(rest)
     except compare.VotesError as e:
@@ -80,14 +76,11 @@ def _suites_main(argv: list[str]) -> int:
     flags.add_distributed_flags(parser)
     args = flags.parse_args(parser, argv)
     ns = args.namespace
-    flags.require_workdir_and_gin(
-        args, workdir_holds="each suite writes a folder there", gin_example="runs/eval_shapes.gin"
-    )
     if (ns.process_index is None) != (ns.process_count is None):
         raise flags.UsageError("give --process_index and --process_count together")
-
-    flags.init_distributed(ns)
-    workdir = flags.start_run(args)
+    workdir = flags.start_distributed_run(
+        args, workdir_holds="each suite writes a folder there", gin_example="runs/eval_shapes.gin"
+    )
 
     import gin
     from parti_jax.eval import runner

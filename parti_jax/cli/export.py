@@ -35,9 +35,7 @@ def main(argv: Sequence[str]) -> int:
         "train-vqgan / train-upsampler work directory or a checkpoint, then exit.",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="With --inspect: print JSON.")
-    parser.add_argument("--t2i", default=None, help="Encoder-decoder work directory.")
-    parser.add_argument("--vqgan", default=None, help="VQGAN work directory.")
-    parser.add_argument("--upsampler", default=None, help="Upsampler work directory.")
+    flags.add_model_dir_flags(parser)
     parser.add_argument(
         "--platforms", default=None,
         help="jax.export lowering platforms, comma separated (default cpu,cuda,tpu).",
@@ -52,8 +50,13 @@ def main(argv: Sequence[str]) -> int:
     )
     args = flags.parse_args(parser, argv)
     ns = args.namespace
+    from parti_jax import export
+
     if ns.inspect is not None:
-        return _inspect(ns.inspect, as_json=ns.json)
+        with flags.usage_errors(ValueError, FileNotFoundError):
+            report = export.inspect_path(ns.inspect)
+        print(json.dumps(report, indent=2) if ns.json else export.format_inspection(report))
+        return 0
     if not args.workdir:
         raise flags.UsageError(
             "--workdir is required (the bundle directory to write), or pass --inspect PATH"
@@ -61,18 +64,16 @@ def main(argv: Sequence[str]) -> int:
     flags.setup_gin(args)
 
     import gin
-    from parti_jax import export
 
     out = Path(args.workdir).expanduser()
-    kwargs: dict = {}
-    for flag, name in (("t2i", "t2i_path"), ("vqgan", "vqgan_path"),
-                       ("upsampler", "upsampler_path"), ("platforms", "platforms"),
-                       ("export_batch_size", "export_batch_size")):  # fmt: skip
-        if getattr(ns, flag) is not None:
-            kwargs[name] = getattr(ns, flag)
+    kwargs = flags.model_dir_kwargs(ns, "platforms", "export_batch_size")
     if ns.no_jax_export:
         kwargs["jax_export"] = False
-    _check_required(set(kwargs))
+    flags.check_required_bindings(
+        "export",
+        flags.required_parameters(export.export_bundle, {"out_dir", *kwargs}),
+        "pass --t2i / --vqgan or bind them in a gin file",
+    )
     try:
         with flags.usage_errors(ValueError, FileNotFoundError):
             export.check_destination(out.absolute(), overwrite=ns.overwrite)
@@ -91,23 +92,3 @@ def main(argv: Sequence[str]) -> int:
         + ")"
     )
     return 0
-
-
-def _inspect(path: str, *, as_json: bool) -> int:
-    from parti_jax import export
-
-    with flags.usage_errors(ValueError, FileNotFoundError):
-        report = export.inspect_path(path)
-    print(json.dumps(report, indent=2) if as_json else export.format_inspection(report))
-    return 0
-
-
-def _check_required(given: set[str]) -> None:
-    """t2i_path and vqgan_path must come from gin or a flag; names the missing ones."""
-    missing = flags.missing_bindings(
-        "export", [n for n in ("t2i_path", "vqgan_path") if n not in given]
-    )
-    if missing:
-        raise flags.UsageError(
-            "missing: " + ", ".join(missing) + " (pass --t2i / --vqgan or bind them in a gin file)"
-        )

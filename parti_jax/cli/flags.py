@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_PREEMPTED = 143  # a run told to stop (SIGTERM) saved and exits 128 + 15
 
@@ -81,18 +82,14 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> CommonAr
     """Splits `--gin.X=Y` (or `--gin.X Y`) overrides from ordinary flags and parses the rest."""
     bindings: list[str] = []
     rest: list[str] = []
-    argv = list(argv)
-    while argv:
-        arg = argv.pop(0)
+    args = iter(argv)
+    for arg in args:
         if not arg.startswith("--gin."):
             rest.append(arg)
             continue
-        body = arg[len("--gin.") :]
-        if "=" not in body:
-            if not argv:
-                raise UsageError(f"{arg}: a gin override needs a value: --gin.NAME=VALUE")
-            body = f"{body}={argv.pop(0)}"
-        name, value = body.split("=", 1)
+        name, given, value = arg.removeprefix("--gin.").partition("=")
+        if not given and (value := next(args, None)) is None:
+            raise UsageError(f"{arg}: a gin override needs a value: --gin.NAME=VALUE")
         if not name:
             raise UsageError(f"{arg}: empty binding name; write --gin.NAME=VALUE")
         bindings.append(f"{name} = {value}")
@@ -141,12 +138,11 @@ def _quiet_gin_path_probes() -> Iterator[None]:
     def keep(record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Path not found")
 
-    root = logging.getLogger()
-    root.addFilter(keep)
+    logging.getLogger().addFilter(keep)
     try:
         yield
     finally:
-        root.removeFilter(keep)
+        logging.getLogger().removeFilter(keep)
 
 
 def one_line(e: BaseException) -> str:
@@ -234,14 +230,6 @@ def init_distributed(ns: argparse.Namespace) -> None:
         )
 
 
-def require_workdir_and_gin(args: CommonArgs, *, workdir_holds: str, gin_example: str) -> None:
-    """Fails unless --workdir and at least one --gin_file are given."""
-    if not args.workdir:
-        raise UsageError(f"--workdir is required ({workdir_holds})")
-    if not args.gin_files:
-        raise UsageError(f"pass --gin_file (e.g. --gin_file={gin_example})")
-
-
 def start_run(args: CommonArgs) -> Path:
     """Checks the work directory, parses gin and writes `config.gin` there."""
     workdir = check_workdir(args.workdir)
@@ -251,8 +239,11 @@ def start_run(args: CommonArgs) -> Path:
 
 
 def start_distributed_run(args: CommonArgs, *, workdir_holds: str, gin_example: str) -> Path:
-    """The training commands' start: required flags, jax.distributed, then `start_run`."""
-    require_workdir_and_gin(args, workdir_holds=workdir_holds, gin_example=gin_example)
+    """A run's start: --workdir and a --gin_file required, jax.distributed, then `start_run`."""
+    if not args.workdir:
+        raise UsageError(f"--workdir is required ({workdir_holds})")
+    if not args.gin_files:
+        raise UsageError(f"pass --gin_file (e.g. --gin_file={gin_example})")
     init_distributed(args.namespace)  # before anything starts a jax backend
     return start_run(args)
 
@@ -281,16 +272,21 @@ def required_parameters(fn: Callable, given: Iterable[str] = ("workdir",)) -> li
     ]
 
 
-def missing_bindings(scope: str, names: Iterable[str]) -> list[str]:
-    """`scope.name` for each name that gin has no binding for."""
-    return [f"{scope}.{n}" for n in names if not is_bound(f"{scope}.{n}")]
-
-
-def check_required_bindings(scope: str, names: Iterable[str]) -> None:
-    """Fails with the unbound `scope.name`s and how to set them."""
-    missing = missing_bindings(scope, names)
+def check_required_bindings(scope: str, names: Iterable[str], fix: str | None = None) -> None:
+    """Fails with the unbound `scope.name`s and how to set them (`fix`, else a gin hint)."""
+    missing = [f"{scope}.{n}" for n in names if not is_bound(f"{scope}.{n}")]
     if missing:
-        raise UsageError(
-            f"missing gin binding(s): {', '.join(missing)} "
-            f"(set them in the gin file or with --gin.{scope}.NAME=VALUE)"
-        )
+        fix = fix or f"set them in the gin file or with --gin.{scope}.NAME=VALUE"
+        raise UsageError(f"missing gin binding(s): {', '.join(missing)} ({fix})")
+
+
+def add_model_dir_flags(parser: argparse.ArgumentParser) -> None:
+    """--t2i / --vqgan / --upsampler: the work directories `sample` and `export` read."""
+    for flag, what in (("t2i", "Encoder-decoder"), ("vqgan", "VQGAN"), ("upsampler", "Upsampler")):
+        parser.add_argument(f"--{flag}", default=None, help=f"{what} work directory.")
+
+
+def model_dir_kwargs(ns: argparse.Namespace, *others: str) -> dict[str, Any]:
+    """`t2i_path` / `vqgan_path` / `upsampler_path` (and `others`) from the flags given."""
+    names = {f"{n}_path": n for n in ("t2i", "vqgan", "upsampler")} | {n: n for n in others}
+    return {k: getattr(ns, n) for k, n in names.items() if getattr(ns, n) is not None}

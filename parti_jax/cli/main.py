@@ -28,11 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage() -> str:
-    lines = ["usage: parti-jax <command> [--gin_file=F ...] [--gin.NAME=VALUE ...] [flags]", ""]
-    lines.append("commands:")
-    for name, (_, helptext) in SUBCOMMANDS.items():
-        lines.append(f"  {name:<18} {helptext}")
-    lines.append("")
+    lines = ["usage: parti-jax <command> [--gin_file=F ...] [--gin.NAME=VALUE ...] [flags]"]
+    lines += ["", "commands:", *(f"  {n:<18} {h}" for n, (_, h) in SUBCOMMANDS.items()), ""]
     lines.append("Run `parti-jax <command> --help` for the flags of one command.")
     return "\n".join(lines)
 

@@ -37,12 +37,8 @@ def main(argv: Sequence[str]) -> int:
     import gin
 
     def bound(name: str, flag_value):
-        if flag_value not in (None, []):
-            return flag_value
-        try:
-            return gin.query_parameter(f"precompute_codes.{name}")
-        except ValueError:
-            return None
+        name = f"precompute_codes.{name}"
+        return flag_value or (gin.query_parameter(name) if flags.is_bound(name) else None)
 
     vqgan = bound("vqgan", ns.vqgan)
     output_dir = bound("output_dir", ns.output_dir)
@@ -51,13 +47,9 @@ def main(argv: Sequence[str]) -> int:
         raise flags.UsageError("pass --vqgan=<train-vqgan work directory>")
     if not output_dir:
         raise flags.UsageError("pass --output_dir=<codes folder>")
-    try:
-        gin.query_parameter("precompute_codes.task")
-    except ValueError:
-        raise flags.UsageError(
-            "missing gin binding precompute_codes.task (e.g. "
-            "precompute_codes.task = @register_shapes_task())"
-        ) from None
+    flags.check_required_bindings(
+        "precompute_codes", ["task"], "e.g. precompute_codes.task = @register_shapes_task()"
+    )
     out = flags.check_workdir(output_dir)
     flags.write_config(out)
 

@@ -18,6 +18,7 @@ Writes `<workdir>/<prompt_id>_<rank>.png` and `<workdir>/manifest.json`.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import warnings
 from collections.abc import Sequence
@@ -40,9 +41,7 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--split", default="validation", help="Split of --task.")
     parser.add_argument("--num_prompts", type=int, default=16, help="Prompts taken from --task.")
-    parser.add_argument("--t2i", default=None, help="Encoder-decoder work directory.")
-    parser.add_argument("--vqgan", default=None, help="VQGAN work directory.")
-    parser.add_argument("--upsampler", default=None, help="Upsampler work directory.")
+    flags.add_model_dir_flags(parser)
     parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
     args = flags.parse_args(parser, argv)
     ns = args.namespace
@@ -59,15 +58,12 @@ def main(argv: Sequence[str]) -> int:
     from parti_jax.data.vocab import VocabularyError
     from parti_jax.train.checkpoints import CheckpointError
 
-    kwargs: dict = {"workdir": str(workdir), "progress": not ns.no_progress}
-    for flag, name in (
-        ("t2i", "t2i_path"),
-        ("vqgan", "vqgan_path"),
-        ("upsampler", "upsampler_path"),
-    ):
-        if getattr(ns, flag):
-            kwargs[name] = getattr(ns, flag)
-    _check_required(sampling.sample_to_folder, set(kwargs))
+    kwargs = {"workdir": str(workdir), "progress": not ns.no_progress, **flags.model_dir_kwargs(ns)}
+    flags.check_required_bindings(
+        "sample",
+        flags.required_parameters(sampling.sample_to_folder, kwargs),
+        "bind them in the gin file, e.g. --gin_file=runs/shapes_sample.gin, or pass --t2i / --vqgan",
+    )
     # ValueError covers loading.LoadError and CompatibilityError.
     with flags.usage_errors(ValueError, FileNotFoundError, CheckpointError, VocabularyError):
         if ns.prompt is not None:
@@ -106,25 +102,10 @@ def task_prompts(task: str, split: str, num_prompts: int) -> tuple[list[str], li
     it = pipeline.make_pixels_iterator(
         task, batch_size=1, split=split, shuffle=False, repeat=False, drop_remainder=False
     )
-    captions = []
-    for batch in it:
-        captions.append(str(batch["text"][0]))
-        if len(captions) == num_prompts:
-            break
+    captions = [str(batch["text"][0]) for batch in itertools.islice(it, num_prompts)]
     if not captions:
         raise ValueError(f"task {task!r} split {split!r} has no examples")
     return captions, list(range(len(captions)))
-
-
-def _check_required(fn, given: set[str]) -> None:
-    """Required arguments of `sample` must come from gin or a flag; names the missing ones."""
-    missing = flags.missing_bindings("sample", flags.required_parameters(fn, given))
-    if missing:
-        raise flags.UsageError(
-            f"missing: {', '.join(missing)}"
-            " (bind them in the gin file, e.g. --gin_file=runs/shapes_sample.gin, or pass "
-            "--t2i / --vqgan)"
-        )
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -15,76 +15,12 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import json
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from itertools import islice
-from pathlib import Path
 
 from parti_jax.cli import flags
 
 DESCRIPTION = "Train the SentencePiece text vocabulary from captions (T5 ids: pad 0, eos 1, unk 2)."
-
-
-def _read_txt(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n")
-
-
-def _read_jsonl(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise flags.UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            text = record.get("caption", record.get("text")) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise flags.UsageError(
-                    f'{path}:{n}: needs a string field "caption" or "text" '
-                    f"(found keys {sorted(record) if isinstance(record, dict) else type(record).__name__})"
-                )
-            yield text
-
-
-def _read_tsv(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if header is None:
-            return
-        names = [h.strip().lower() for h in header]
-        column = next((names.index(k) for k in ("caption", "text", "prompt") if k in names), None)
-        if column is None:  # no header: the first row is a caption too
-            column = 0
-            yield header[0]
-        for row in rows:
-            if len(row) > column:
-                yield row[column]
-
-
-def read_captions(path: str) -> Iterator[str]:
-    """Captions from a .txt / .jsonl / .tsv file (by extension)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise flags.UsageError(f"--input={path}: no such file")
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(p)
-    if suffix == ".tsv":
-        return _read_tsv(p)
-    return _read_txt(p)
-
-
-def _shapes_captions(n: int, seed: int) -> Iterator[str]:
-    from parti_jax.data import shapes  # noqa: PLC0415
-
-    for i in range(n):
-        yield shapes.generate_scene(i, "train", seed)[1]
 
 
 def main(argv: Sequence[str]) -> int:
@@ -124,21 +60,20 @@ def main(argv: Sequence[str]) -> int:
             "pass exactly one caption source: --input=FILE, --shapes_examples=N or --task=NAME "
             f"(got {', '.join('--' + c for c in chosen) or 'none'})"
         )
-    if ns.input is not None:
-        texts = read_captions(ns.input)
-        source = ns.input
-    elif ns.shapes_examples is not None:
-        if ns.shapes_examples <= 0:
-            raise flags.UsageError(f"--shapes_examples={ns.shapes_examples}: must be positive")
-        texts = _shapes_captions(ns.shapes_examples, ns.shapes_seed)
-        source = f"shapes world, {ns.shapes_examples} train captions"
-    else:
-        texts = vocab.task_texts(ns.task, ns.split, ns.text_feature)
-        source = f"task {ns.task}, split {ns.split}"
-    if ns.max_examples:
-        texts = islice(texts, ns.max_examples)
-
     try:
+        if ns.input is not None:
+            source = ns.input
+            texts = vocab.read_captions(ns.input)
+        elif ns.shapes_examples is not None:
+            source = f"shapes world, {ns.shapes_examples} train captions"
+            if ns.shapes_examples <= 0:
+                raise flags.UsageError(f"--shapes_examples={ns.shapes_examples}: must be positive")
+            texts = vocab.shapes_captions(ns.shapes_examples, ns.shapes_seed, splits=["train"])
+        else:
+            source = f"task {ns.task}, split {ns.split}"
+            texts = vocab.task_texts(ns.task, ns.split, ns.text_feature)
+        if ns.max_examples:
+            texts = islice(texts, ns.max_examples)
         options = ("model_type", "character_coverage", "max_sentences", "num_threads")
         path = vocab.train_sentencepiece(
             texts,
@@ -147,13 +82,11 @@ def main(argv: Sequence[str]) -> int:
             normalization_rule_name=ns.normalization,
             **{k: getattr(ns, k) for k in options},
         )
-    except vocab.VocabularyError as e:
-        raise flags.UsageError(f"{source}: {e}") from None
+    except vocab.VocabularyError as e:  # a reader's errors name the file already
+        message = str(e) if str(e).startswith(source) else f"{source}: {e}"
+        raise flags.UsageError(message) from None
     except OSError as e:
         raise flags.UsageError(f"--output_prefix={ns.output_prefix}: {e.strerror or e}") from None
     tok = vocab.SentencePieceTokenizer(path)
-    print(
-        f"wrote {path} ({tok.vocab_size} pieces, sha256 {tok.fingerprint[:16]}) from {source}",
-        file=sys.stdout,
-    )
+    print(f"wrote {path} ({tok.vocab_size} pieces, sha256 {tok.fingerprint[:16]}) from {source}")
     return 0

@@ -27,17 +27,8 @@ def benchmark_input(
     warmup_batches: int = 5,
     **pipeline_kwargs,
 ) -> dict:
-    """Measures the codes pipeline (`make_codes_iterator`) after warm-up.
-
-    `pipeline_kwargs` go to `make_codes_iterator` (feature_lengths, shard_index,
-    num_shards, seed, conditioning_dropout_rate, num_threads, ...); it shuffles
-    and repeats, as in training.
-
-    Returns:
-      A JSON-ready dict: benchmark, task, split, batch_size, num_batches,
-      seconds, examples_per_s, batches_per_s, per-batch median and p90
-      seconds, tokens_per_s (text + image tokens), host and versions.
-    """
+    """Measures the codes pipeline (`make_codes_iterator`, shuffled and repeated as in
+    training; `pipeline_kwargs` go to it) after warm-up; returns a JSON-ready dict."""
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     iterator = pipeline.make_codes_iterator(

@@ -1,6 +1,4 @@
-"""Precomputed image codes: TFRecord shards plus `codes_meta.json`.
-
-A codes folder holds shards of `tf.train.Example` records
+"""Precomputed image codes: TFRecord shards of `tf.train.Example` records plus `codes_meta.json`.
 
     id           bytes   the example's id (str ids are stored UTF-8)
     text         bytes   the caption, UTF-8
@@ -8,17 +6,11 @@ A codes folder holds shards of `tf.train.Example` records
                          uint16 when the codebook has <= 65536 entries (2 bytes a
                          code: a 32x32 grid is 2 KiB), else int32 ("codes_dtype")
 
-and `codes_meta.json` (docs/DESIGN.md §3 "Compatibility records"):
-codebook_size, grid [h, w], codebook_hash, image_size, vqgan_checkpoint,
-vqgan_step, source_task, split, num_examples, shards [{path, count}] (paths
-relative to the folder), plus codes_dtype and format_version.
-
-Writing is crash-safe: `CodesShardWriter` writes `<shard>.incomplete` and
-renames it to `<shard>` only when closed, so a complete-looking shard is
-always complete and an interrupted run loses only the shard in progress;
-`finalize_codes_meta` writes the meta last, after every shard is complete.
-precompute-codes writes per-host shards (`shard-{host:03d}-{index:05d}.tfrecord`)
-and resumes by skipping those for which `shard_is_complete` holds.
+The meta holds the fields of docs/DESIGN.md §3 "Compatibility records" (shard
+paths relative to the folder) plus codes_dtype and format_version. Writing is
+crash-safe: `CodesShardWriter` renames `<shard>.incomplete` to `<shard>` only
+when closed, so a complete-looking shard is complete, and `finalize_codes_meta`
+writes the meta last, after every shard is complete.
 """
 
 from __future__ import annotations
@@ -36,6 +28,7 @@ import tensorflow as tf
 from parti_jax.data import features
 
 META_FILE = "codes_meta.json"
+RECORD_FEATURES = ("id", "text", "image_codes")  # each a bytes feature of a record
 INCOMPLETE_SUFFIX = ".incomplete"
 FORMAT_VERSION = 1
 REQUIRED_META_KEYS = (
@@ -123,10 +116,10 @@ class CodesShardWriter:
         )
         example_id = example_id.encode("utf-8") if isinstance(example_id, str) else example_id
         raw = codes.astype("<u2" if self.dtype == "uint16" else "<i4").tobytes()
+        values = (bytes(example_id), text.encode("utf-8"), raw)
         features = {
-            "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[bytes(example_id)])),
-            "text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode("utf-8")])),
-            "image_codes": tf.train.Feature(bytes_list=tf.train.BytesList(value=[raw])),
+            k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+            for k, v in zip(RECORD_FEATURES, values)
         }
         record = tf.train.Example(features=tf.train.Features(feature=features))
         self._writer.write(record.SerializeToString())
@@ -220,13 +213,10 @@ def finalize_codes_meta(
 
 
 # ------------------------------------------------------------------ meta
-def _meta_path(codes_dir: str) -> str:
-    return codes_dir if codes_dir.endswith(".json") else os.path.join(codes_dir, META_FILE)
-
-
 def load_codes_meta(codes_dir: str) -> dict:
-    """Reads and checks `<codes_dir>/codes_meta.json`; `meta["_path"]` records where from."""
-    path = _meta_path(codes_dir)
+    """Reads and checks `<codes_dir>/codes_meta.json` (or a meta file's path);
+    `meta["_path"]` records where from."""
+    path = codes_dir if codes_dir.endswith(".json") else os.path.join(codes_dir, META_FILE)
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(
             f"{path}: not found; the meta is written when precompute-codes finishes, so "
@@ -308,20 +298,18 @@ def read_codes(
             raise FileNotFoundError(f"{meta['_path']}: lists shard {path}, which is missing")
         for index, raw in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
             where = f"{path}: record {index}"
-            example = tf.train.Example.FromString(raw)
-            feature = example.features.feature
-            for key in ("id", "text", "image_codes"):
+            feature = tf.train.Example.FromString(raw).features.feature
+            for key in RECORD_FEATURES:
                 if key not in feature:
                     raise ValueError(f"{where}: missing feature {key!r}")
-            codes = np.frombuffer(feature["image_codes"].bytes_list.value[0], dtype=dtype)
+            value = {k: feature[k].bytes_list.value[0] for k in RECORD_FEATURES}
             codes = _check_codes(
-                codes, codebook_size=int(meta["codebook_size"]), num_codes=num_codes, where=where
+                np.frombuffer(value["image_codes"], dtype=dtype),
+                codebook_size=int(meta["codebook_size"]),
+                num_codes=num_codes,
+                where=where,
             )
-            yield CodesRecord(
-                id=feature["id"].bytes_list.value[0],
-                text=feature["text"].bytes_list.value[0].decode("utf-8"),
-                image_codes=codes.astype(np.int32),
-            )
+            yield CodesRecord(value["id"], value["text"].decode("utf-8"), codes.astype(np.int32))
 
 
 class CodesDataSource(features.HostShardedSource):
@@ -345,16 +333,13 @@ class CodesDataSource(features.HostShardedSource):
     ) -> None:
         self.metas = {split: load_codes_meta(d) for split, d in split_dirs.items()}
         first = next(iter(self.metas.values()))
-        codebook_size = first["codebook_size"] if codebook_size is None else codebook_size
-        grid = first["grid"] if grid is None else grid
-        codebook_hash = first["codebook_hash"] if codebook_hash is None else codebook_hash
+        expected = dict(codebook_size=codebook_size, grid=grid, codebook_hash=codebook_hash)
+        expected = {k: first[k] if v is None else v for k, v in expected.items()}
         for meta in self.metas.values():
-            validate_codes_meta(
-                meta, codebook_size=codebook_size, grid=grid, codebook_hash=codebook_hash
-            )
-        self.codebook_size = int(codebook_size)
-        self.grid = [int(g) for g in grid]
-        self.codebook_hash = str(codebook_hash)
+            validate_codes_meta(meta, **expected)
+        self.codebook_size = int(expected["codebook_size"])
+        self.grid = [int(g) for g in expected["grid"]]
+        self.codebook_hash = str(expected["codebook_hash"])
         self._cycle_length = cycle_length
         super().__init__(
             splits=list(self.metas),
@@ -400,11 +385,7 @@ class CodesDataSource(features.HostShardedSource):
 
 def _make_parser(codebook_size: int, grid: Sequence[int], codes_dtype: str):
     num_codes = int(grid[0]) * int(grid[1])
-    spec = {
-        "id": tf.io.FixedLenFeature([], tf.string),
-        "text": tf.io.FixedLenFeature([], tf.string),
-        "image_codes": tf.io.FixedLenFeature([], tf.string),
-    }
+    spec = {k: tf.io.FixedLenFeature([], tf.string) for k in RECORD_FEATURES}
     out_type = tf.uint16 if codes_dtype == "uint16" else tf.int32
 
     @tf.autograph.experimental.do_not_convert
@@ -414,25 +395,17 @@ def _make_parser(codebook_size: int, grid: Sequence[int], codes_dtype: str):
         num = tf.size(codes)
         low = tf.reduce_min(tf.concat([codes, [0]], 0))
         high = tf.reduce_max(tf.concat([codes, [0]], 0))
-        in_range = tf.logical_and(low >= 0, high < codebook_size)
+        where = tf.strings.format("{}: record {}: ", [path, index])
+        count_error = tf.strings.format("{} image codes, expected {}", [num, num_codes])
+        range_error = tf.strings.format(
+            "image code outside [0, {}) (min {}, max {}); these codes come from another VQGAN "
+            "or the shard is corrupt",
+            [codebook_size, low, high],
+        )
         checks = [
+            tf.debugging.Assert(tf.equal(num, num_codes), [where + count_error]),
             tf.debugging.Assert(
-                tf.equal(num, num_codes),
-                [
-                    tf.strings.format(
-                        "{}: record {}: {} image codes, expected {}", [path, index, num, num_codes]
-                    )
-                ],
-            ),
-            tf.debugging.Assert(
-                in_range,
-                [
-                    tf.strings.format(
-                        "{}: record {}: image code outside [0, {}) (min {}, max {}); these "
-                        "codes come from another VQGAN or the shard is corrupt",
-                        [path, index, codebook_size, low, high],
-                    )
-                ],
+                tf.logical_and(low >= 0, high < codebook_size), [where + range_error]
             ),
         ]
         with tf.control_dependencies(checks):

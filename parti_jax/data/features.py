@@ -1,29 +1,16 @@
-"""Output features of the tasks, registration, the sources' base, the feature converter.
-
-Token-id contract (docs/DESIGN.md §3 "Token ids" and "Batches"):
-- `encoder_input_tokens` int32 [B, L_text]: SentencePiece ids, EOS appended,
-  0-padded.
-- `decoder_target_tokens` int32 [B, N]: image codes + 1 (the task applies the
-  offset), no EOS, never packed, exactly N = h * w per example.
-- `decoder_input_tokens` int32 [B, N]: targets shifted right with BOS = 0.
-- `decoder_loss_weights` float32 [B, N]: 1 on every target (targets are never 0).
-
-`ImageCodesFeatureConverter` is seqio's `EncDecFeatureConverter(pack=False)`
-with float32 loss weights, a check that every target row is a full grid of
-offset codes, and `text_truncated` carried through so the iterator can count
-truncated captions.
+"""Output features of the tasks, registration, the sources' base, and the feature converter
+that makes the batches of docs/DESIGN.md §3 "Batches" (`CODES_BATCH_KEYS`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import seqio
 import tensorflow as tf
 
 from parti_jax.data.preprocessors import TEXT_TRUNCATED
 
-TEXT_LENGTH = 128
 CODES_BATCH_KEYS = (
     "encoder_input_tokens",
     "decoder_input_tokens",
@@ -46,14 +33,6 @@ def text_feature(vocabulary: seqio.Vocabulary) -> seqio.Feature:
     return seqio.Feature(vocabulary=vocabulary, add_eos=True)
 
 
-def image_codes_feature(codebook_size: int) -> seqio.Feature:
-    """Image targets: ids 1..K (codes + 1) in a vocabulary of K + 1, no EOS."""
-    return seqio.Feature(
-        vocabulary=seqio.PassThroughVocabulary(size=codebook_size + 1, eos_id=None),
-        add_eos=False,
-    )
-
-
 def pixel_output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
     """Features of every `<name>_pixels` task: image (uint8 HxWx3), text, inputs."""
     passthrough = seqio.PassThroughVocabulary(size=0, eos_id=None)
@@ -67,8 +46,10 @@ def pixel_output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Featu
 def codes_output_features(
     vocabulary: seqio.Vocabulary, codebook_size: int
 ) -> dict[str, seqio.Feature]:
-    """Features of every `<name>_codes` task: inputs (text ids), targets (codes + 1)."""
-    return {"inputs": text_feature(vocabulary), "targets": image_codes_feature(codebook_size)}
+    """Features of every `<name>_codes` task: inputs (text ids), targets (ids 1..K: codes + 1
+    in a vocabulary of K + 1, no EOS)."""
+    targets = seqio.PassThroughVocabulary(size=codebook_size + 1, eos_id=None)
+    return {"inputs": text_feature(vocabulary), "targets": seqio.Feature(targets, add_eos=False)}
 
 
 # ------------------------------------------------------------ registration
@@ -81,12 +62,6 @@ def add_task(name: str, **kwargs) -> seqio.Task:
     """
     seqio.TaskRegistry.remove(name)
     return seqio.TaskRegistry.add(name, **kwargs)
-
-
-def add_mixture(name: str, tasks: Sequence[tuple[str, float]], **kwargs) -> seqio.Mixture:
-    """`seqio.MixtureRegistry.add` that replaces an existing mixture of the same name."""
-    seqio.MixtureRegistry.remove(name)
-    return seqio.MixtureRegistry.add(name, list(tasks), **kwargs)
 
 
 class HostShardedSource(seqio.DataSource):
@@ -124,11 +99,10 @@ class HostShardedSource(seqio.DataSource):
 
 # ------------------------------------------------------------ feature converter
 class ImageCodesFeatureConverter(seqio.EncDecFeatureConverter):
-    """Task features {inputs, targets} -> the 4 batch keys of docs/DESIGN.md §3.
-
-    Never packs (image targets are a whole grid each). With
-    `count_truncations=True` the scalar `text_truncated` is passed through
-    (the pipeline pops it from the batch and sums it).
+    """Task features {inputs, targets} -> the 4 batch keys: seqio's
+    `EncDecFeatureConverter(pack=False)` (image targets are a whole grid each) with
+    float32 loss weights, a check that every target row is a full grid of offset codes,
+    and the scalar `text_truncated` passed through (the pipeline pops and sums it).
     """
 
     MODEL_FEATURES = {
@@ -138,23 +112,19 @@ class ImageCodesFeatureConverter(seqio.EncDecFeatureConverter):
         "decoder_loss_weights": _FeatureSpec(dtype=tf.float32),
     }
 
-    def __init__(self, *, count_truncations: bool = True, bos_id: int = 0) -> None:
-        passthrough = {TEXT_TRUNCATED: _FeatureSpec(dtype=tf.int32, rank=0)}
+    def __init__(self) -> None:
         super().__init__(
             pack=False,
-            bos_id=bos_id,
             # Lengths are enforced here (full target grids) and by the tokenizer.
             apply_length_check=False,
-            passthrough_features=passthrough if count_truncations else None,
+            passthrough_features={TEXT_TRUNCATED: _FeatureSpec(dtype=tf.int32, rank=0)},
         )
 
     def __call__(
         self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
     ) -> tf.data.Dataset:
-        lengths = dict(task_feature_lengths)
-        for key in self._passthrough_features:
-            lengths.setdefault(key, 1)  # rank-0: the length is never checked
-        return super().__call__(ds, lengths)
+        # text_truncated is rank-0: its length is never checked.
+        return super().__call__(ds, {TEXT_TRUNCATED: 1, **task_feature_lengths})
 
     def _convert_features(
         self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]

@@ -34,10 +34,10 @@ import tensorflow as tf
 
 from parti_jax.data import features
 from parti_jax.data.preprocessors import ImageDecodeError, decode_image_rgb, decode_image_tf
+from parti_jax.data.vocab import CAPTION_KEYS
 
 CAPTION_FILES = ("captions.jsonl", "captions.tsv")
 FILE_KEYS = ("file", "image")
-CAPTION_KEYS = ("caption", "text")
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,6 @@ class FolderIndex:
     captions_file: str
     records: list[FolderRecord]
     skipped: list[str]  # one message per skipped row
-
-    @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
 
     def split_records(self, split: str) -> list[FolderRecord]:
         return [r for r in self.records if r.split == split]

@@ -118,21 +118,17 @@ def to_float_image(image: np.ndarray) -> np.ndarray:
     return np.clip(image, 0.0, 1.0)
 
 
+def _palette_distance(hue: np.ndarray) -> np.ndarray:
+    """Degrees from hues [...] to each palette hue: [..., len(palette)]."""
+    return np.abs((_PALETTE_HUES - hue[..., None] + 180.0) % 360.0 - 180.0)
+
+
 def _classify_color(rgb: np.ndarray, cfg: JudgeConfig) -> str | None:
-    chroma = float(rgb.max() - rgb.min())
-    if chroma < cfg.min_chroma:
+    if float(rgb.max() - rgb.min()) < cfg.min_chroma:
         return None
-    h = float(_hue(rgb))
-    dist = np.abs((_PALETTE_HUES - h + 180.0) % 360.0 - 180.0)
+    dist = _palette_distance(_hue(rgb))
     k = int(np.argmin(dist))
     return _PALETTE_NAMES[k] if dist[k] <= cfg.hue_tolerance else None
-
-
-def _pixel_color_labels(d: np.ndarray) -> np.ndarray:
-    """Nearest palette index per pixel, by hue."""
-    h = _hue(np.clip(d, 0.0, None))
-    dist = np.abs((_PALETTE_HUES[None, :] - h[:, None] + 180.0) % 360.0 - 180.0)
-    return np.argmin(dist, axis=1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -145,25 +141,13 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
 
 
 def _object_features(alpha: np.ndarray) -> dict[str, float]:
-    """Geometry of one object's alpha map (a crop with a margin)."""
+    """Area and centroid (cx, cy; pixel centres at +0.5) of one object's alpha map."""
     area = float(alpha.sum())
-    width = float(alpha.sum(1).max())  # widest row
-    height = float(alpha.sum(0).max())  # tallest column
-    ys, xs = np.mgrid[0 : alpha.shape[0], 0 : alpha.shape[1]].astype(np.float64)
-    ys += 0.5
-    xs += 0.5
-    cy = float((alpha * ys).sum() / area)
-    cx = float((alpha * xs).sum() / area)
-    var_y = float((alpha * (ys - cy) ** 2).sum() / area)
-    skew_y = float((alpha * (ys - cy) ** 3).sum() / area / max(var_y, 1e-9) ** 1.5)
+    ys, xs = np.mgrid[0 : alpha.shape[0], 0 : alpha.shape[1]].astype(np.float64) + 0.5
     return {
         "area": area,
-        "width": width,
-        "height": height,
-        "cx": cx,
-        "cy": cy,
-        "fill": area / max(width * height, 1e-9),
-        "skew_y": skew_y,
+        "cx": float((alpha * xs).sum() / area),
+        "cy": float((alpha * ys).sum() / area),
     }
 
 
@@ -216,7 +200,7 @@ def analyse(image: np.ndarray, config: JudgeConfig | None = None) -> list[Detect
         if comp.sum() < min_area:
             continue
         # Split a blob where two palette colours touch.
-        colors = _pixel_color_labels(d[sl][comp])
+        colors = np.argmin(_palette_distance(_hue(np.clip(d[sl][comp], 0.0, None))), axis=1)
         w = strength[sl][comp]
         share = np.bincount(colors, weights=w, minlength=len(_PALETTE_NAMES)) / w.sum()
         major = [c for c in np.argsort(-share) if share[c] >= cfg.split_fraction]
@@ -281,17 +265,17 @@ def _relation_holds(a: DetectedObject, b: DetectedObject, relation: str, margin:
     }[relation]
 
 
+_OBJECT_FIELDS = {"color": "color", "shape": "shape", "size": "size", "position": "cell"}
+
+
 def _object_checks(
     req: shapes.ObjectRequirement, det: DetectedObject | None
 ) -> dict[str, bool | None]:
-    def check(want, got):
-        return None if want is None else (det is not None and want == got)
-
+    """Per stated attribute: whether `det` has it (None: not stated)."""
+    wanted = {a: getattr(req, f) for a, f in _OBJECT_FIELDS.items()}
     return {
-        "color": check(req.color, det.color if det else None),
-        "shape": check(req.shape, det.shape if det else None),
-        "size": check(req.size, det.size if det else None),
-        "position": check(req.cell, det.cell if det else None),
+        a: None if want is None else (det is not None and want == getattr(det, _OBJECT_FIELDS[a]))
+        for a, want in wanted.items()
     }
 
 
@@ -310,22 +294,17 @@ def judge_requirements(
         dets = [slots[p] for p in perm]
         per_obj = [_object_checks(r, d) for r, d in zip(req.objects, dets)]
         attrs: dict[str, bool | None] = {}
-        for a in ("color", "shape", "size", "position"):
+        for a in _OBJECT_FIELDS:
             vals = [p[a] for p in per_obj if p[a] is not None]
             attrs[a] = all(vals) if vals else None
-        if req.relation is None:
-            attrs["relation"] = None
-        else:
+        attrs["relation"] = None
+        if req.relation is not None:
             a, b = dets[0], dets[1]
-            attrs["relation"] = (
-                a is not None
-                and b is not None
-                and _relation_holds(a, b, req.relation, cfg.relation_margin)
+            attrs["relation"] = None not in (a, b) and _relation_holds(
+                a, b, req.relation, cfg.relation_margin
             )
         attrs["count"] = len(detected) == n
-        score = sum(
-            bool(p[a]) for p in per_obj for a in ("color", "shape", "size", "position")
-        ) + 2 * bool(attrs["relation"])
+        score = sum(bool(v) for p in per_obj for v in p.values()) + 2 * bool(attrs["relation"])
         if best is None or score > best[0]:
             best = (score, attrs)
     attrs = best[1]
@@ -344,11 +323,6 @@ class ShapesJudgeScorer:
 
     def __init__(self, config: JudgeConfig | None = None):
         self.config = config or JudgeConfig()
-
-    def __call__(
-        self, images: np.ndarray, prompts: Sequence[str], *, image_tokens=None
-    ) -> np.ndarray:
-        return self.score(images, prompts, image_tokens=image_tokens)
 
     def score(self, images: np.ndarray, prompts: Sequence[str], *, image_tokens=None) -> np.ndarray:
         """images float [B, H, W, 3] in [0, 1]; prompts: B shapes captions -> float32 [B]."""
@@ -370,7 +344,4 @@ class ShapesJudgeScorer:
             out[i] = 1.0 if r.match else r.fraction_matched
         return out
 
-
-def score(images: np.ndarray, prompts: Sequence[str], *, image_tokens=None) -> np.ndarray:
-    """`ShapesJudgeScorer().score` with the default thresholds."""
-    return ShapesJudgeScorer().score(images, prompts, image_tokens=image_tokens)
+    __call__ = score

@@ -1,8 +1,8 @@
 """Host-sharded, checkpointable input iterators over SeqIO tasks and mixtures.
 
-Each host builds its own iterator for its data shard: `shard_index` /
-`num_shards` are the host's position along the mesh's batch axes, computed by
-the caller (`partitioning.host_data_shard(mesh)`); this module never calls jax.
+Each host builds its own iterator for its data shard (`shard_index` /
+`num_shards`: the host's position along the mesh's batch axes, from
+`partitioning.host_data_shard(mesh)`; this module never calls jax).
 
     it = make_codes_iterator("shapes_codes", batch_size=8, shard_index=0, num_shards=1)
     batch = next(it)       # the 4 batch keys of docs/DESIGN.md §3, numpy
@@ -10,16 +10,10 @@ the caller (`partitioning.host_data_shard(mesh)`); this module never calls jax.
     it.restore(path)       # continue exactly after the saved batch
 
 The data position is the tf.data iterator itself, saved with
-`tf.train.Checkpoint` (T5X's approach): shuffle buffers, file offsets,
-per-example seed streams and prefetched elements are all inside it; there is
-no Python-side buffering that a save could miss. A saved position needs the
-same (task, split, seed, batch size, shard_index, num_shards) to restore; a
-sidecar JSON records them and `restore` refuses a mismatch with an error
-naming both values.
-
-Counters travel in the same checkpoint: `it.stats` gives the examples served
-and the number whose caption was truncated to fit the text length
-(`text_truncated`), summed over the iterator's life.
+`tf.train.Checkpoint` (T5X's approach), so shuffle buffers, file offsets and
+prefetched elements are all in it; a sidecar JSON records the settings it needs
+and `restore` refuses a mismatch. `it.stats` (examples served, captions
+truncated) travels in the same checkpoint.
 """
 
 from __future__ import annotations
@@ -35,8 +29,8 @@ import seqio
 import tensorflow as tf
 
 from parti_jax.data import preprocessors
-from parti_jax.data.features import TEXT_LENGTH, ImageCodesFeatureConverter
-from parti_jax.data.preprocessors import TEXT_TRUNCATED
+from parti_jax.data.features import ImageCodesFeatureConverter
+from parti_jax.data.preprocessors import TEXT_LENGTH, TEXT_TRUNCATED
 
 logger = logging.getLogger(__name__)
 _DROPOUT_SEED_OFFSET = 0x5EED
@@ -48,11 +42,6 @@ class DataPipelineError(ValueError):
 
 class DataPositionMismatch(ValueError):
     """A saved data position written by a differently configured iterator."""
-
-
-def data_checkpoint_path(step_dir: str, shard_index: int, num_shards: int) -> str:
-    """`<step_dir>/data/shard_<i>_of_<n>`: where a host saves its position for a step."""
-    return os.path.join(step_dir, "data", f"shard_{shard_index}_of_{num_shards}")
 
 
 def _provider(name: str | seqio.Task | seqio.Mixture):
@@ -91,27 +80,22 @@ def _task_dataset(
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} must be in [0, num_shards={num_shards})")
     split = settings["split"]
-    kwargs = dict(
+    mixture = isinstance(provider, seqio.Mixture)
+    if not mixture and split not in provider.splits:
+        raise ValueError(
+            f"task {provider.name!r} has no split {split!r}; it has {list(provider.splits)}"
+        )
+    # A mixture passes the truncation count of its tasks through.
+    extra = {"passthrough_features": [TEXT_TRUNCATED], "log_mixing_proportions": False}
+    return provider.get_dataset(
+        sequence_length,
         split=split,
         shuffle=settings["shuffle"],
         seed=settings["seed"],
         shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
         num_epochs=None if settings["repeat"] else 1,
         try_in_mem_cache=False,  # a cache would be written into every data checkpoint
-    )
-    if isinstance(provider, seqio.Mixture):
-        return provider.get_dataset(
-            sequence_length,
-            passthrough_features=[TEXT_TRUNCATED],
-            log_mixing_proportions=False,
-            **kwargs,
-        )
-    if split not in provider.splits:
-        raise ValueError(
-            f"task {provider.name!r} has no split {split!r}; it has {list(provider.splits)}"
-        )
-    return provider.get_dataset(
-        sequence_length, shuffle_buffer_size=settings["shuffle_buffer_size"], **kwargs
+        **(extra if mixture else {}),
     )
 
 
@@ -148,7 +132,6 @@ class DataIterator:
             raise ValueError(f"kind must be 'codes' or 'pixels', got {kind!r}")
         self.kind = kind
         self.description = dict(description)
-        self._dataset = dataset
         self._iterator = iter(dataset)
         self._examples = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._truncated = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -189,10 +172,6 @@ class DataIterator:
             "examples": int(self._examples.numpy()),
             "text_truncated": int(self._truncated.numpy()),
         }
-
-    @property
-    def element_spec(self):
-        return self._dataset.element_spec
 
     def save(self, path: str) -> str:
         """Writes the data position under the prefix `path` (+ `path.json` describing it)."""
@@ -257,7 +236,6 @@ def make_codes_iterator(
     shuffle: bool = True,
     repeat: bool = True,
     conditioning_dropout_rate: float = 0.0,
-    shuffle_buffer_size: int | None = None,
     drop_remainder: bool = True,
     num_threads: int | None = None,
 ) -> DataIterator:
@@ -272,7 +250,6 @@ def make_codes_iterator(
       seed: shuffling and per-example randomness; the order is a function of it.
       shuffle, repeat: training (True, True) or one pass in order (False, False).
       conditioning_dropout_rate: share of examples whose text becomes `[EOS]`.
-      shuffle_buffer_size: overrides the task's buffer (tasks only).
       num_threads: tf.data private thread pool size (None: TensorFlow's default).
 
     Returns:
@@ -308,7 +285,6 @@ def make_pixels_iterator(
     seed: int = 0,
     shuffle: bool = True,
     repeat: bool = True,
-    shuffle_buffer_size: int | None = None,
     drop_remainder: bool = True,
     num_threads: int | None = None,
 ) -> DataIterator:

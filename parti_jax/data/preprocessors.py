@@ -1,4 +1,5 @@
-"""Preprocessors shared by the SeqIO tasks: images, text tokens, image codes.
+"""Preprocessors shared by the SeqIO tasks: images, text tokens (docs/DESIGN.md §3 "Token
+ids"), image codes.
 
 Images are decoded in Python with PIL (it reads what people actually have on
 disk: grayscale, palette, RGBA, CMYK JPEGs, 16-bit PNGs) and resized / cropped
@@ -6,11 +7,6 @@ with TensorFlow ops. Everything random (crops, conditioning dropout) takes a
 per-example stateless seed from `seqio.map_over_dataset(num_seeds=1)`, so a
 pipeline is a pure function of its seed and its tf.data iterator can be
 checkpointed.
-
-Token-id contract (docs/DESIGN.md §3): text ids from SentencePiece with pad 0,
-EOS 1; at most `sequence_length["inputs"]` (128) ids with the EOS appended;
-truncations are counted in a `text_truncated` feature (0 or 1 per example)
-that the iterator sums. Image codes `0..K-1` become targets `c + 1`.
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ import seqio
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-DEFAULT_TEXT_LENGTH = 128
+TEXT_LENGTH = 128
 TEXT_TRUNCATED = "text_truncated"
 
 
@@ -32,7 +28,7 @@ class ImageDecodeError(ValueError):
 
 
 # ------------------------------------------------------------ image decoding
-def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+def _to_uint8(array: np.ndarray) -> np.ndarray:
     """Scales 16-bit / 32-bit integer and float pixel arrays to uint8."""
     if array.dtype == np.uint8:
         return array
@@ -63,13 +59,13 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
     if mode.startswith("I") or mode == "F":
-        gray = _to_uint8(np.asarray(image), mode)
+        gray = _to_uint8(np.asarray(image))
         return np.repeat(gray[..., None], 3, axis=-1)
     if mode != "RGB":
         image = image.convert("RGB")
     array = np.asarray(image)
     if array.dtype != np.uint8:  # defensive: some plugins give 16-bit RGB
-        array = _to_uint8(array, mode)
+        array = _to_uint8(array)
     return array
 
 
@@ -113,24 +109,20 @@ def decode_image_tf(data: tf.Tensor, source: tf.Tensor | str = "<bytes>") -> tf.
 
 
 # ------------------------------------------------------------ resize and crop
-def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Resizes uint8 [H, W, 3] so that min(H, W) == size (antialiased bilinear)."""
+def resize_and_crop(image: tf.Tensor, size: int, *, seed: tf.Tensor | None = None) -> tf.Tensor:
+    """uint8 [H, W, 3] -> shorter side `size` (antialiased bilinear), then a size x size
+    crop: centred, or random with `seed`.
+
+    `seed` is a stateless seed (shape [2]); the crop offset is a pure function
+    of it, so restoring a checkpointed iterator reproduces the crop.
+    """
     shape = tf.shape(image)
     height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
     scale = tf.cast(size, tf.float32) / tf.minimum(height, width)
     new_h = tf.maximum(size, tf.cast(tf.round(height * scale), tf.int32))
     new_w = tf.maximum(size, tf.cast(tf.round(width * scale), tf.int32))
-    resized = tf.image.resize(image, [new_h, new_w], method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
-
-
-def resize_and_crop(image: tf.Tensor, size: int, *, seed: tf.Tensor | None = None) -> tf.Tensor:
-    """Shorter side to `size`, then a size x size crop: centred, or random with `seed`.
-
-    `seed` is a stateless seed (shape [2]); the crop offset is a pure function
-    of it, so restoring a checkpointed iterator reproduces the crop.
-    """
-    image = resize_shorter_side(image, size)
+    image = tf.image.resize(image, [new_h, new_w], method="bilinear", antialias=True)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
     if seed is None:
         shape = tf.shape(image)
         top = (shape[0] - size) // 2
@@ -165,31 +157,28 @@ def tokenize_text(
     dataset: tf.data.Dataset,
     output_features: Mapping[str, seqio.Feature],
     sequence_length: Mapping[str, int] | None = None,
-    *,
-    text_key: str = "text",
-    output_key: str = "inputs",
 ) -> tf.data.Dataset:
     """Tokenizes `text` into `inputs` (int32, EOS appended) and counts truncations.
 
-    The caption keeps at most `sequence_length[output_key] - 1` pieces (128 by
+    The caption keeps at most `sequence_length["inputs"] - 1` pieces (128 by
     default) so the EOS always fits. `text_truncated` is 1 when pieces were
     dropped: a counted, not a silent, truncation (the iterator reports the sum).
     """
-    feature = output_features[output_key]
+    feature = output_features["inputs"]
     vocabulary = feature.vocabulary
-    max_length = (sequence_length or {}).get(output_key) or DEFAULT_TEXT_LENGTH
+    max_length = (sequence_length or {}).get("inputs") or TEXT_LENGTH
     eos_id = vocabulary.eos_id
     keep = max_length - 1 if feature.add_eos else max_length
 
     @tf.autograph.experimental.do_not_convert
     def _tokenize(example):
         example = dict(example)
-        ids = tf.cast(vocabulary.encode_tf(example[text_key]), tf.int32)
+        ids = tf.cast(vocabulary.encode_tf(example["text"]), tf.int32)
         example[TEXT_TRUNCATED] = tf.cast(tf.size(ids) > keep, tf.int32)
         ids = ids[:keep]
         if feature.add_eos:
             ids = tf.concat([ids, tf.constant([eos_id], tf.int32)], axis=0)
-        example[output_key] = ids
+        example["inputs"] = ids
         return example
 
     return dataset.map(_tokenize, num_parallel_calls=tf.data.AUTOTUNE)
@@ -198,7 +187,7 @@ def tokenize_text(
 @seqio.map_over_dataset(num_seeds=1)
 @tf.autograph.experimental.do_not_convert
 def conditioning_dropout(
-    example: Mapping[str, tf.Tensor], seed, *, rate: float, key: str = "inputs", eos_id: int = 1
+    example: Mapping[str, tf.Tensor], seed, *, rate: float, eos_id: int = 1
 ) -> dict:
     """Replaces the text tokens by the empty prompt `[EOS]` with probability `rate`.
 
@@ -209,18 +198,14 @@ def conditioning_dropout(
     if rate <= 0.0:
         return example
     drop = tf.random.stateless_uniform([], seed=tf.stack(seed)) < rate
-    tokens = example[key]
-    example[key] = tf.cond(drop, lambda: tf.constant([eos_id], tokens.dtype), lambda: tokens)
+    tokens = example["inputs"]
+    example["inputs"] = tf.cond(drop, lambda: tf.constant([eos_id], tokens.dtype), lambda: tokens)
     return example
 
 
 # ------------------------------------------------------------ image codes
 @seqio.map_over_dataset
 @tf.autograph.experimental.do_not_convert
-def offset_image_codes(
-    example: Mapping[str, tf.Tensor], *, codes_key: str = "image_codes", offset: int = 1
-) -> dict:
+def offset_image_codes(example: Mapping[str, tf.Tensor]) -> dict:
     """`targets` = codes + 1: id 0 stays free for padding / BOS (docs/DESIGN.md §3)."""
-    example = dict(example)
-    example["targets"] = tf.cast(example[codes_key], tf.int32) + offset
-    return example
+    return {**example, "targets": tf.cast(example["image_codes"], tf.int32) + 1}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 NUM_PROMPTS = 1632
 HEADER = ("Prompt", "Category", "Challenge", "Note")
@@ -59,14 +59,6 @@ def _read_rows(path: str) -> list[PartiPrompt]:
     return prompts
 
 
-def _check_names(kind: str, wanted: Iterable[str], known: Sequence[str]) -> set[str]:
-    wanted = set(wanted)
-    unknown = sorted(wanted - set(known))
-    if unknown:
-        raise ValueError(f"unknown PartiPrompts {kind} {unknown}; known: {sorted(known)}")
-    return wanted
-
-
 def load_parti_prompts(
     path: str | None = None,
     *,
@@ -86,29 +78,19 @@ def load_parti_prompts(
       PartiPrompt records in file order; `index` is the row number in the full
       file, so filtered subsets keep stable ids.
     """
-    path = path or default_prompts_path()
-    everything = _read_rows(path)
+    everything = _read_rows(path or default_prompts_path())
     prompts = everything
-    if categories is not None:
-        keep = _check_names("categories", categories, list_categories(everything))
-        prompts = [p for p in prompts if p.category in keep]
-    if challenges is not None:
-        keep = _check_names("challenges", challenges, list_challenges(everything))
-        prompts = [p for p in prompts if p.challenge in keep]
+    filters = {"category": ("categories", categories), "challenge": ("challenges", challenges)}
+    for field, (kind, wanted) in filters.items():
+        if wanted is not None:
+            wanted, known = set(wanted), {getattr(p, field) for p in everything}
+            if wanted - known:
+                raise ValueError(
+                    f"unknown PartiPrompts {kind} {sorted(wanted - known)}; known: {sorted(known)}"
+                )
+            prompts = [p for p in prompts if getattr(p, field) in wanted]
     if limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         prompts = prompts[:limit]
     return prompts
-
-
-def list_categories(prompts: Sequence[PartiPrompt] | None = None) -> list[str]:
-    """Sorted distinct categories (12 in the published file)."""
-    prompts = load_parti_prompts() if prompts is None else prompts
-    return sorted({p.category for p in prompts})
-
-
-def list_challenges(prompts: Sequence[PartiPrompt] | None = None) -> list[str]:
-    """Sorted distinct challenges (11 in the published file)."""
-    prompts = load_parti_prompts() if prompts is None else prompts
-    return sorted({p.challenge for p in prompts})

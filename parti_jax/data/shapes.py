@@ -1,24 +1,13 @@
-"""The shapes world: a procedurally generated, captioned and judgeable image data set.
-
-Each image shows one or two coloured shapes on a black background; the caption
-states their colour, shape, size (small / large), position on a 3x3 grid and,
-for two objects, their relation (left of / right of / above / below). It is
-the embedded default data set of parti_jax (docs/DESIGN.md, section 5): small
-enough that the whole pipeline trains on a CPU in minutes, and judgeable, as
-`parti_jax.data.judge` reads the attributes back from pixels.
+"""The shapes world (docs/DESIGN.md, section 5): one or two coloured shapes on black,
+captioned with their colour, shape, size, 3x3 grid position and relation, and judgeable
+(`parti_jax.data.judge` reads the attributes back from pixels). numpy only.
 
 Every example is a pure function of (seed, split, index): random access, no
-state, the same scene at every resolution (geometry is stored in normalised
-coordinates, by default on a 1/16 lattice: `ShapesWorldConfig.lattice`).
-Splits:
-
-- 'train' and 'validation': the same distribution of scenes (different random
-  draws); no object has a (colour, shape) pair from `HELDOUT_COMBINATIONS`.
-- 'heldout': every scene contains at least one object with a held-out pair,
-  which measures compositional generalisation (each colour and each shape is
-  seen in training, just never together).
-
-This module needs only numpy (no TensorFlow).
+state, the same scene at every resolution (geometry is in normalised
+coordinates, by default on a 1/16 lattice). 'train' and 'validation' draw from
+the same scenes, none with a (colour, shape) pair of `HELDOUT_COMBINATIONS`;
+every 'heldout' scene has at least one such pair (each colour and shape is
+seen in training, just never together).
 """
 
 from __future__ import annotations
@@ -102,16 +91,12 @@ class ShapesWorldConfig:
             raise ValueError(
                 f"ShapesWorldConfig.two_object_fraction={self.two_object_fraction}: must be in [0, 1]"
             )
-        for c in self.colors:
-            if c not in COLORS:
-                raise ValueError(
-                    f"ShapesWorldConfig.colors: unknown colour {c!r}; known: {list(COLORS)}"
-                )
-        for s in self.shapes:
-            if s not in SHAPES:
-                raise ValueError(
-                    f"ShapesWorldConfig.shapes: unknown shape {s!r}; known: {list(SHAPES)}"
-                )
+        for field, word, known in (("colors", "colour", COLORS), ("shapes", "shape", SHAPES)):
+            for v in getattr(self, field):
+                if v not in known:
+                    raise ValueError(
+                        f"ShapesWorldConfig.{field}: unknown {word} {v!r}; known: {list(known)}"
+                    )
         if len(self.allowed_pairs()) < 2:
             raise ValueError(
                 "ShapesWorldConfig: fewer than two (colour, shape) pairs remain for training "
@@ -143,18 +128,13 @@ class ShapesWorldConfig:
 
     def allowed_pairs(self) -> list[tuple[str, str]]:
         """(colour, shape) pairs that train/validation scenes may use."""
-        return list(_pairs(self.colors, self.shapes, self.heldout_combinations)[0])
+        held = set(self.heldout_combinations)
+        return [(c, s) for c in self.colors for s in self.shapes if (c, s) not in held]
 
     def heldout_pairs(self) -> list[tuple[str, str]]:
         """Held-out pairs made of colours and shapes this config uses."""
-        return list(_pairs(self.colors, self.shapes, self.heldout_combinations)[1])
-
-
-@functools.lru_cache(maxsize=64)
-def _pairs(colors, shapes, heldout) -> tuple[tuple, tuple]:
-    held = set(heldout)
-    allowed = tuple((c, s) for c in colors for s in shapes if (c, s) not in held)
-    return allowed, tuple((c, s) for c, s in heldout if c in colors and s in shapes)
+        pairs = self.heldout_combinations
+        return [(c, s) for c, s in pairs if c in self.colors and s in self.shapes]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,16 +187,9 @@ class Example:
 
 def true_relations(a: ObjectSpec, b: ObjectSpec) -> list[str]:
     """Relations of a to b implied by their grid cells (column for left/right, row for above/below)."""
-    rels = []
-    if a.cell[1] < b.cell[1]:
-        rels.append("left")
-    if a.cell[1] > b.cell[1]:
-        rels.append("right")
-    if a.cell[0] < b.cell[0]:
-        rels.append("above")
-    if a.cell[0] > b.cell[0]:
-        rels.append("below")
-    return rels
+    (ar, ac), (br, bc) = a.cell, b.cell
+    holds = {"left": ac < bc, "right": ac > bc, "above": ar < br, "below": ar > br}
+    return [r for r in RELATIONS if holds[r]]
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -482,16 +455,15 @@ def caption_from_requirements(
         templates = ONE_OBJECT_TEMPLATES if n == 1 else TWO_OBJECT_TEMPLATES
         want_pos = all(o.cell is not None for o in req.objects)
         want_rel = req.relation is not None
-        ok = []
-        for t in templates:
-            st = _states(t)
+
+        def fits(st: dict[str, bool]) -> bool:
             if st["size"] and any(o.size is None for o in req.objects):
-                continue
-            if (n == 1 and st["position"] != want_pos) or (n == 2 and st["relation"] != want_rel):
-                continue
-            if n == 2 and st["position"] and not want_pos:
-                continue
-            ok.append(t)
+                return False
+            if n == 1:
+                return st["position"] == want_pos
+            return st["relation"] == want_rel and (want_pos or not st["position"])
+
+        ok = [t for t in templates if fits(_states(t))]
         if not ok:
             raise ValueError(f"no caption template states exactly {req}")
         template = _pick(rng, ok)
@@ -592,16 +564,11 @@ def iterate_examples(
 
 def all_caption_words() -> list[str]:
     """Every word any template or synonym can produce (the vocabulary must cover them)."""
-    words: set[str] = set()
-    texts = list(ONE_OBJECT_TEMPLATES + TWO_OBJECT_TEMPLATES)
-    texts += list(COLORS) + list(SHAPES)
-    texts += [w for ws in SIZE_WORDS.values() for w in ws]
-    texts += [w for ws in CELL_PHRASES.values() for w in ws]
-    texts += [w for ws in RELATION_WORDS.values() for w in ws]
-    texts += [w for ws in RELATION_ITS_WORDS.values() for w in ws]
-    for t in texts:
-        words.update(re.sub(r"\{\w+\}", " ", t).replace(":", " : ").replace(",", " , ").split())
-    return sorted(words)
+    tables = (SIZE_WORDS, CELL_PHRASES, RELATION_WORDS, RELATION_ITS_WORDS)
+    texts = [*ONE_OBJECT_TEMPLATES, *TWO_OBJECT_TEMPLATES, *COLORS, *SHAPES]
+    texts += [w for table in tables for words in table.values() for w in words]
+    text = re.sub(r"\{\w+\}", " ", " ".join(texts)).replace(":", " : ").replace(",", " , ")
+    return sorted(set(text.split()))
 
 
 # ----------------------------------------------------------------------------- near misses

@@ -110,11 +110,7 @@ def parse_caption(text: str) -> CaptionRequirements:
                     cell=cell,
                 )
             )
-        relation = None
-        if g.get("rel"):
-            relation = _REL_OF[g["rel"]]
-        elif g.get("rel_its"):
-            relation = _REL_ITS_OF[g["rel_its"]]
+        relation = _REL_OF.get(g.get("rel")) or _REL_ITS_OF.get(g.get("rel_its"))
         return CaptionRequirements(objects=tuple(objs), relation=relation)
     known = set(all_caption_words())
     unknown = [w for w in re.findall(r"[a-z]+|[^\sa-z]", norm) if w not in known]

@@ -1,22 +1,15 @@
 """Aggregates side-by-side votes into win rates with 95% confidence intervals.
 
-Input: vote files exported by the side-by-side page (format in
-parti_jax/eval/side_by_side.py), from one or many raters and pages, all
-comparing the same two systems A and B. A file that names them the other way
-round (its "a" is our B) has its winners flipped.
+Input: vote files exported by the side-by-side page (parti_jax/eval/side_by_side.py),
+from any number of raters and pages, all comparing the same systems A and B; a
+file naming them the other way round has its winners flipped. Groups: overall,
+per PartiPrompts category and per challenge.
 
-Win rate of A over B = (A wins + ties / 2) / votes: a tie counts half a win
-for each side, so A and B's win rates add up to 1 and 0.5 means no preference.
-
-Confidence interval: the Wilson score interval at 95% (z = 1.95996) on that
-proportion, with the half-counted ties in the numerator and every vote in n.
-Wilson rather than the normal approximation because it stays inside [0, 1]
-and behaves for small groups and rates near 0 or 1. Every vote counts as one
-independent observation (several raters of one prompt are not pooled first),
-so with many raters per prompt the interval is somewhat too narrow.
-
-Groups: overall, per PartiPrompts category and per challenge aspect.
-`write_compare_report` writes compare.json, compare.md and compare.html.
+Win rate of A = (A wins + ties / 2) / votes, so A's and B's rates add up to 1.
+The interval is the 95% Wilson score interval on that proportion: unlike the
+normal approximation it stays inside [0, 1] and behaves for small groups and
+rates near 0 or 1. Every vote counts as one observation (raters of one prompt
+are not pooled), so with many raters per prompt it is somewhat too narrow.
 """
 
 from __future__ import annotations
@@ -32,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from parti_jax.eval import html as H
+from parti_jax.eval.records import is_int, write_atomic
 
 CONFIDENCE = 0.95
 Z = statistics.NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
@@ -40,6 +34,7 @@ METHOD = (
     "win rate of A = (A wins + 0.5 * ties) / votes; 95% Wilson score interval on that "
     "proportion; each vote one observation"
 )
+HEADERS = ["group", "name", "votes", "A wins", "B wins", "ties", "A win rate", "95% CI"]
 
 
 class VotesError(ValueError):
@@ -65,10 +60,6 @@ class VoteFile:
     votes: tuple[Vote, ...]
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def parse_votes(obj: Any, *, where: str = "votes") -> VoteFile:
     """Validates an exported votes object; errors name `where` and the field."""
     if not isinstance(obj, dict):
@@ -86,27 +77,20 @@ def parse_votes(obj: Any, *, where: str = "votes") -> VoteFile:
         at = f"{where}: votes[{i}]"
         if not isinstance(v, dict):
             raise VotesError(f"{at}: expected an object")
-        if not _is_int(v.get("prompt_id")):
+        if not is_int(v.get("prompt_id")):
             raise VotesError(f"{at}: field 'prompt_id' must be an int")
         if v.get("winner") not in WINNERS:
             raise VotesError(f"{at}: field 'winner' is {v.get('winner')!r}; expected a, b or tie")
-        for key in ("prompt", "category", "challenge"):
-            if not isinstance(v.get(key, ""), str):
+        texts = [v.get(key, "") for key in ("prompt", "category", "challenge")]
+        for key, text in zip(("prompt", "category", "challenge"), texts):
+            if not isinstance(text, str):
                 raise VotesError(f"{at}: field '{key}' must be a string")
         if v["prompt_id"] in seen:
             raise VotesError(f"{at}: prompt_id {v['prompt_id']} voted twice in one file")
         seen.add(v["prompt_id"])
-        votes.append(
-            Vote(
-                v["prompt_id"],
-                v.get("prompt", ""),
-                v.get("category", ""),
-                v.get("challenge", ""),
-                v["winner"],
-            )
-        )
-    rater = obj.get("rater", "")
-    return VoteFile(where, obj["page_id"], obj["a"], obj["b"], rater or "", tuple(votes))
+        votes.append(Vote(v["prompt_id"], *texts, v["winner"]))
+    rater = obj.get("rater") or ""
+    return VoteFile(where, obj["page_id"], obj["a"], obj["b"], rater, tuple(votes))
 
 
 def read_votes(path: str | os.PathLike) -> VoteFile:
@@ -164,23 +148,19 @@ class CompareReport:
     by_challenge: dict[str, GroupStats]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "a": self.a,
-            "b": self.b,
-            "method": METHOD,
-            "confidence": CONFIDENCE,
-            "files": list(self.files),
-            "raters": list(self.raters),
-            "overall": dataclasses.asdict(self.overall),
-            "by_category": {k: dataclasses.asdict(v) for k, v in self.by_category.items()},
-            "by_challenge": {k: dataclasses.asdict(v) for k, v in self.by_challenge.items()},
-        }
+        fields = dataclasses.asdict(self)  # the GroupStats as dicts
+        fields.update(files=list(self.files), raters=list(self.raters))
+        return {"a": self.a, "b": self.b, "method": METHOD, "confidence": CONFIDENCE, **fields}
 
-    def _rows(self) -> list[tuple[str, str, GroupStats]]:
-        rows = [("overall", "all", self.overall)]
-        rows += [("category", k or "(none)", v) for k, v in self.by_category.items()]
-        rows += [("challenge", k or "(none)", v) for k, v in self.by_challenge.items()]
-        return rows
+    def _rows(self) -> list[list[Any]]:
+        groups = [("overall", "all", self.overall)]
+        groups += [("category", k or "(none)", v) for k, v in self.by_category.items()]
+        groups += [("challenge", k or "(none)", v) for k, v in self.by_challenge.items()]
+        return [
+            [g, name, s.n, s.a_wins, s.b_wins, s.ties, f"{s.win_rate_a:.3f}",
+             f"[{s.ci95_low:.3f}, {s.ci95_high:.3f}]"]
+            for g, name, s in groups
+        ]  # fmt: skip
 
     def markdown(self) -> str:
         """A readable table: one row per group."""
@@ -189,52 +169,33 @@ class CompareReport:
             "",
             f"{len(self.files)} vote file(s); {METHOD}.",
             "",
-            "| group | name | votes | A wins | B wins | ties | A win rate | 95% CI |",
+            "| " + " | ".join(HEADERS) + " |",
             "|---|---|---:|---:|---:|---:|---:|---|",
         ]
-        for group, name, s in self._rows():
-            name = name.replace("|", "\\|")
-            lines.append(
-                f"| {group} | {name} | {s.n} | {s.a_wins} | {s.b_wins} | {s.ties} | "
-                f"{s.win_rate_a:.3f} | [{s.ci95_low:.3f}, {s.ci95_high:.3f}] |"
-            )
+        for row in self._rows():
+            row[1] = row[1].replace("|", "\\|")
+            lines.append("| " + " | ".join(map(str, row)) + " |")
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
-        rows = [
-            [g, n, s.n, s.a_wins, s.b_wins, s.ties, f"{s.win_rate_a:.3f}",
-             f"[{s.ci95_low:.3f}, {s.ci95_high:.3f}]"]
-            for g, n, s in self._rows()
-        ]  # fmt: skip
-        headers = ["group", "name", "votes", "A wins", "B wins", "ties", "A win rate", "95% CI"]
         body = (
             f"<h1>Side-by-side: A vs B</h1><p>A = <code>{H.esc(self.a)}</code>, "
             f"B = <code>{H.esc(self.b)}</code></p><p class=muted>{H.esc(METHOD)}. "
-            f"{len(self.files)} vote file(s).</p>" + H.table(headers, rows, numeric={2, 3, 4, 5, 6})
+            f"{len(self.files)} vote file(s).</p>"
+            + H.table(HEADERS, self._rows(), numeric={2, 3, 4, 5, 6})
         )
         return H.page(f"Side-by-side: {self.a} vs {self.b}", body)
 
 
-def _flip(w: str) -> str:
-    return {"a": "b", "b": "a"}.get(w, w)
-
-
 def aggregate_votes(vote_files: Sequence[str | os.PathLike | Mapping[str, Any]]) -> CompareReport:
-    """Win rates of A over B overall, per category and per challenge, from vote files.
-
-    Args:
-      vote_files: paths of exported vote files, or already-loaded vote objects.
-
-    Returns:
-      A CompareReport (`.to_json()`, `.markdown()`, `.html()`); groups sorted by name.
-    """
+    """Win rates of A over B overall, per category and per challenge (groups sorted by name),
+    from the paths of exported vote files or already-loaded vote objects."""
     if not vote_files:
         raise VotesError("no vote files given; pass the JSON files exported by the page")
-    files: list[VoteFile] = []
-    for i, f in enumerate(vote_files):
-        files.append(
-            parse_votes(f, where=f"votes[{i}]") if isinstance(f, Mapping) else read_votes(f)
-        )
+    files = [
+        parse_votes(f, where=f"votes[{i}]") if isinstance(f, Mapping) else read_votes(f)
+        for i, f in enumerate(vote_files)
+    ]
     paths = [f.path for f in files if not f.path.startswith("votes[")]
     if len(set(paths)) != len(paths):
         raise VotesError("the same vote file was given twice; pass each file once")
@@ -244,7 +205,8 @@ def aggregate_votes(vote_files: Sequence[str | os.PathLike | Mapping[str, Any]])
         if (f.a, f.b) == (ref.a, ref.b):
             winners.extend(f.votes)
         elif (f.a, f.b) == (ref.b, ref.a):
-            winners.extend(dataclasses.replace(v, winner=_flip(v.winner)) for v in f.votes)
+            flip = {"a": "b", "b": "a", "tie": "tie"}
+            winners.extend(dataclasses.replace(v, winner=flip[v.winner]) for v in f.votes)
         else:
             raise VotesError(
                 f"{f.path}: compares {f.a!r} with {f.b!r}, but {ref.path} compares {ref.a!r} "
@@ -272,13 +234,12 @@ def aggregate_votes(vote_files: Sequence[str | os.PathLike | Mapping[str, Any]])
 
 def write_compare_report(report: CompareReport, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Writes compare.json, compare.md and compare.html into `out_dir`; returns the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "compare.json", "md": out / "compare.md", "html": out / "compare.html"}
-    paths["json"].write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
-    paths["md"].write_text(report.markdown(), encoding="utf-8")
-    H.write_page(paths["html"], report.html())
-    return paths
+    texts = {
+        "json": json.dumps(report.to_json(), indent=2) + "\n",
+        "md": report.markdown(),
+        "html": report.html(),
+    }
+    return {k: write_atomic(Path(out_dir) / f"compare.{k}", text) for k, text in texts.items()}
 
 
 def main_compare(argv: Sequence[str]) -> int:

@@ -1,12 +1,10 @@
 """The demo's report: `<demo>/report/index.html`, one page that opens from the file system.
 
-It shows the headline (the shapes judge's accuracy on in-distribution and
-held-out scenes, the two-object share, the total time), the time each stage
-took, a loss curve per training stage (PNG plots drawn with matplotlib's Agg
-backend from the stage's metrics.jsonl, in `report/plots/`), the sampled
-images with their prompts, the world's preview and the VQGAN's reconstruction
-grid, and links to the eval suites' own reports. Every text is escaped
-(`parti_jax.eval.html`); images are linked by relative path.
+The headline (the shapes judge's accuracy in-distribution and held-out), the
+time and summary of each stage, loss curves (PNGs drawn with matplotlib's Agg
+backend from each trainer's metrics.jsonl, in `report/plots/`), the samples,
+the world's preview, the VQGAN's reconstructions and links to the suites'
+reports. Every text is escaped (`parti_jax.eval.html`).
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ CURVES: dict[str, tuple[str, tuple[str, ...]]] = {
     "t2i": ("t2i", ("loss", "eval/loss")),
     "upsampler": ("upsampler", ("loss", "psnr", "eval/psnr")),
 }
+# The stages in the time table, with what each does (the report's own stage is not listed).
 STAGE_WORDS: dict[str, str] = {
     "world": "generate the shapes world (preview, splits)",
     "vocab": "text vocabulary (SentencePiece)",
@@ -36,45 +35,41 @@ STAGE_WORDS: dict[str, str] = {
     "upsampler": "train the upsampler",
     "sample": "sample the prompt grid",
     "eval": "eval: shapes judge + reconstruction",
-    "report": "this report",
 }
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file's contents; {} when missing, torn or not an object."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return _json_object(path.read_text())
+    except OSError:
+        return {}
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append(row)
-    return rows
-
-
 def plot_curves(metrics_file: Path, keys: Sequence[str], out_png: Path, title: str) -> list[str]:
-    """Draws each of `keys` present in a metrics.jsonl against the step; returns those drawn.
-
-    Nothing is written when no key has a value (an empty list is returned).
-    """
-    rows = _read_jsonl(metrics_file)
+    """Draws each of `keys` present in a metrics.jsonl against the step; returns those drawn
+    (none: nothing is written)."""
+    try:
+        rows = [_json_object(line) for line in metrics_file.read_text().splitlines()]
+    except OSError:
+        return []
     series = {}
     for key in keys:
-        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        points = {
+            r["step"]: r[key]
+            for r in rows
+            if isinstance(r.get("step"), int | float) and isinstance(r.get(key), int | float)
+        }
         if points:
-            series[key] = sorted(dict(points).items())  # a resumed run may repeat steps
+            series[key] = sorted(points.items())  # a resumed run may repeat steps
     if not series:
         return []
     import matplotlib
@@ -96,10 +91,6 @@ def plot_curves(metrics_file: Path, keys: Sequence[str], out_png: Path, title: s
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
     return list(series)
-
-
-def _pct(value: Any) -> str:
-    return "n/a" if value is None else f"{100.0 * float(value):.1f}%"
 
 
 def _link(target: Path, report_dir: Path, text: str) -> str:
@@ -130,19 +121,19 @@ def _headline_section(
         else "one draw per caption, no reranking"
     )
     rows = [
-        ["in-distribution accuracy", _pct(ind.get("accuracy")), ind.get("num_scenes")],
-        ["  one-object scenes", _pct((ind.get("one_object") or {}).get("accuracy")),
+        ["in-distribution accuracy", H.pct(ind.get("accuracy")), ind.get("num_scenes")],
+        ["  one-object scenes", H.pct((ind.get("one_object") or {}).get("accuracy")),
          (ind.get("one_object") or {}).get("num_scenes")],
-        ["  two-object scenes", _pct((ind.get("two_objects") or {}).get("accuracy")),
+        ["  two-object scenes", H.pct((ind.get("two_objects") or {}).get("accuracy")),
          (ind.get("two_objects") or {}).get("num_scenes")],
-        ["held-out accuracy (unseen colour-shape pairs)", _pct(held.get("accuracy")),
+        ["held-out accuracy (unseen colour-shape pairs)", H.pct(held.get("accuracy")),
          held.get("num_scenes")],
-        ["two-object share (in-distribution)", _pct(ind.get("two_object_share")), ""],
+        ["two-object share (in-distribution)", H.pct(ind.get("two_object_share")), ""],
         ["judge false-accept rate on near misses",
-         _pct((ind.get("near_miss") or {}).get("false_accept_rate")),
+         H.pct((ind.get("near_miss") or {}).get("false_accept_rate")),
          (ind.get("near_miss") or {}).get("num_captions")],
         ["VQGAN reconstructions accepted by the judge (validation)",
-         _pct(vqgan_summary.get("reconstruction_judge_acceptance")),
+         H.pct(vqgan_summary.get("reconstruction_judge_acceptance")),
          vqgan_summary.get("judged_images", "")],
         ["total time of all stages", f"{total:.0f} s", ""],
     ]  # fmt: skip
@@ -155,23 +146,13 @@ def _headline_section(
     )
 
 
-def _summary_value(value: int | float | str) -> str:
-    """A stage summary's value for the table: floats to 4 significant digits."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _stage_table(stage_seconds: Mapping[str, float], workdir: Path) -> str:
     rows = []
     for stage, words in STAGE_WORDS.items():
-        if stage == "report":
-            continue
         seconds = stage_seconds.get(stage)
-        record = _read_json(workdir / "stages" / f"{stage}.json")
-        summary = record.get("summary") or {}
+        summary = _read_json(workdir / "stages" / f"{stage}.json").get("summary") or {}
         detail = "; ".join(
-            f"{k} {_summary_value(v)}"
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
             for k, v in summary.items()
             if isinstance(v, (int, float, str)) and k != "page"
         )
@@ -204,7 +185,7 @@ def _samples_section(workdir: Path, report_dir: Path, heldout_prompts: Sequence[
         tag = '<span class="tag">held-out pair</span>' if prompt in held else ""
         cards.append(
             f'<article class="card"><div class="prompt">{H.esc(prompt)}</div>'
-            f'<div class="meta">{tag}score {H.esc(H.format_score(float(entry.get("score", 0.0))))}'
+            f'<div class="meta">{tag}score {float(entry.get("score", 0.0)):.3f}'
             f'</div><div class="images">{figures}</div></article>'
         )
     sampling = manifest.get("sampling") or {}
@@ -231,14 +212,6 @@ def _curves_section(workdir: Path, report_dir: Path) -> str:
     return '<section id="curves"><h2>Loss curves</h2>' + "".join(figures) + "</section>"
 
 
-def _vqgan_grid(workdir: Path) -> Path | None:
-    grids = sorted(
-        (workdir / "vqgan" / "images").glob("step_*.png"),
-        key=lambda p: int(p.stem.split("_")[-1]) if p.stem.split("_")[-1].isdigit() else -1,
-    )
-    return grids[-1] if grids else None
-
-
 def write_demo_report(
     workdir: str | os.PathLike,
     *,
@@ -252,33 +225,32 @@ def write_demo_report(
     report_dir.mkdir(parents=True, exist_ok=True)
     eval_metrics = _read_json(workdir / "eval" / "metrics.json")
     total = float(sum(stage_seconds.values()))
-    extra = []
-    preview = workdir / "world" / "preview.png"
-    if preview.exists():
-        extra.append(_img(preview, report_dir, "shapes world: training examples", "world preview"))
-    grid = _vqgan_grid(workdir)
-    if grid is not None:
-        extra.append(
-            _img(
-                grid,
-                report_dir,
+    grids = sorted(
+        (workdir / "vqgan" / "images").glob("step_*.png"),
+        key=lambda p: int(p.stem.split("_")[-1]) if p.stem.split("_")[-1].isdigit() else -1,
+    )
+    pictures = "".join(
+        _img(path, report_dir, title, caption)
+        for path, title, caption in (
+            (workdir / "world" / "preview.png", "shapes world: training examples", "world preview"),
+            (
+                (grids or [None])[-1],
                 "validation images (top) and VQGAN reconstructions (bottom)",
                 "VQGAN: inputs / reconstructions",
-            )  # fmt: skip
-        )
+            ),
+        )  # fmt: skip
+        if path is not None and path.exists()
+    )
     recon = (eval_metrics.get("reconstruction") or {}).get("vqgan") or {}
-    recon_rows = [[k, H.format_score(v)] for k, v in sorted(recon.items()) if isinstance(v, float)]
+    recon_rows = [[k, f"{v:.3f}"] for k, v in sorted(recon.items()) if isinstance(v, float)]
     links = " · ".join(
-        [
-            _link(workdir / "eval" / "shapes" / "report.html", report_dir, "shapes eval report"),
-            _link(workdir / "eval" / "index.html", report_dir, "all eval suites"),
-            _link(
-                workdir / "eval" / "reconstruction" / "report.html",
-                report_dir,
-                "reconstruction report",
-            ),  # fmt: skip
-            _link(workdir / "world" / "world.json", report_dir, "world.json"),
-        ]
+        _link(workdir / rel, report_dir, text)
+        for rel, text in (
+            ("eval/shapes/report.html", "shapes eval report"),
+            ("eval/index.html", "all eval suites"),
+            ("eval/reconstruction/report.html", "reconstruction report"),
+            ("world/world.json", "world.json"),
+        )
     )
     body = (
         "<header><h1>parti_jax demo: the shapes world</h1>"
@@ -292,7 +264,7 @@ def write_demo_report(
         + _samples_section(workdir, report_dir, heldout_prompts)
         + _curves_section(workdir, report_dir)
         + '<section id="pictures"><h2>World and tokenizer</h2>'
-        + f'<div class="images">{"".join(extra)}</div>'
+        + f'<div class="images">{pictures}</div>'
         + (
             H.table(["VQGAN reconstruction (validation)", "value"], recon_rows)
             if recon_rows
@@ -306,4 +278,4 @@ def write_demo_report(
         " #pictures figure img { width: 256px; height: 256px; }"
         " #samples figure img, #pictures figure img { image-rendering: pixelated; }</style>"
     )
-    return H.write_page(report_dir / "index.html", H.page("parti_jax demo", body, head_extra=css))
+    return H.write_page(report_dir / "index.html", "parti_jax demo", body, head_extra=css)

@@ -1,26 +1,18 @@
 """Fréchet Inception Distance (FID) from Inception pool3 features.
 
-FID between two sets of images is the Fréchet distance between Gaussians
-fitted to their Inception features (Heusel et al. 2017):
+FID is the Fréchet distance between Gaussians fitted to two sets of Inception
+features (Heusel et al. 2017), computed as pytorch-fid does: `scipy.linalg.sqrtm`
+of the covariance product, eps * I added to both covariances if that is not
+finite, and a complex result with imaginary diagonal below 1e-3 taken as real.
+Statistics accumulate in float64 with Chan's parallel update (independent of
+the batch size); covariances are unbiased (ddof = 1). Reference statistics are
+an `.npz` with `mu` [2048] and `sigma` [2048, 2048] (pytorch-fid's format).
 
-    ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))
-
-computed as pytorch-fid does: `scipy.linalg.sqrtm` of the product; if that is
-not finite (a singular product), eps * I is added to both covariances; a
-complex result whose imaginary diagonal is below 1e-3 is taken as its real
-part, a larger one is an error.
-
-Feature statistics accumulate in float64 over batches with Chan's parallel
-update (mean and centred sums), so numbers do not depend on the batch size.
-Covariances are unbiased (ddof = 1, as `np.cov`). Reference statistics are an
-`.npz` with `mu` [2048] and `sigma` [2048, 2048] (pytorch-fid's format).
-
-Weights provenance: a figure is "validated" only if the weights file has a
-provenance record written by scripts/convert_fid_inception.py
-(`<weights>.npz.provenance.json`) that says it came from the official
-`pt_inception-2015-12-05-6726825d.pth` (sha256 prefix), that the Flax features
-matched pytorch-fid's on the same inputs, and whose digest matches the
-file's arrays. Anything else is reported as "unvalidated" in metrics.json.
+A figure is "validated" only if the weights file has a provenance record from
+scripts/convert_fid_inception.py (`<weights>.npz.provenance.json`) saying it
+came from the official `pt_inception-2015-12-05-6726825d.pth`, that the Flax
+features matched pytorch-fid's, and whose digest matches the file's arrays;
+anything else is "unvalidated".
 """
 
 from __future__ import annotations
@@ -30,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +39,12 @@ class FIDError(ValueError):
     """Bad statistics, a numerical failure, or unusable inputs (the message names the file)."""
 
 
-# --------------------------------------------------------------------------- distance
-
-
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
 ) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64."""
-    mu1, mu2 = (
-        np.atleast_1d(np.asarray(mu1, np.float64)),
-        np.atleast_1d(np.asarray(mu2, np.float64)),
-    )
-    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
-    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(c, np.float64)) for c in (sigma1, sigma2))
     if mu1.shape != mu2.shape:
         raise FIDError(f"mean vectors differ in length: {mu1.shape} vs {mu2.shape}")
     d = mu1.shape[0]
@@ -83,14 +68,11 @@ def frechet_distance(
     return float(value)
 
 
-# --------------------------------------------------------------------------- statistics
-
-
 class FeatureStats:
     """Running mean and covariance of feature vectors, in float64 (Chan's merge)."""
 
-    def __init__(self, dim: int | None = None):
-        self.dim = dim
+    def __init__(self) -> None:
+        self.dim: int | None = None
         self.count = 0
         self._mean: np.ndarray | None = None
         self._m2: np.ndarray | None = None  # sum of outer products of centred features
@@ -111,9 +93,8 @@ class FeatureStats:
         mean_b = x.mean(axis=0)
         centred = x - mean_b
         m2_b = centred.T @ centred
-        if self._mean is None:
-            self._mean, self._m2, self.count = mean_b, m2_b, n_b
-            return
+        if self._mean is None:  # the merge below then gives exactly mean_b and m2_b
+            self._mean, self._m2 = np.zeros_like(mean_b), np.zeros_like(m2_b)
         n = self.count + n_b
         delta = mean_b - self._mean
         self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (self.count * n_b / n)
@@ -146,18 +127,17 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise FIDError(f"{path}: no such reference statistics file")
     try:
         with np.load(path, allow_pickle=False) as data:
-            keys = set(data.files)
-            missing = {"mu", "sigma"} - keys
-            if missing:
-                raise FIDError(
-                    f"{path}: missing key(s) {', '.join(sorted(missing))}; reference statistics "
-                    f"need 'mu' and 'sigma' (found: {', '.join(sorted(keys)) or 'none'})"
-                )
-            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
-    except FIDError:
-        raise
+            found = sorted(data.files)
+            arrays = {k: np.asarray(data[k], np.float64) for k in found if k in ("mu", "sigma")}
     except Exception as e:
         raise FIDError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    missing = {"mu", "sigma"} - set(arrays)
+    if missing:
+        raise FIDError(
+            f"{path}: missing key(s) {', '.join(sorted(missing))}; reference statistics "
+            f"need 'mu' and 'sigma' (found: {', '.join(found) or 'none'})"
+        )
+    mu, sigma = arrays["mu"], arrays["sigma"]
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise FIDError(
             f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} do not match as [d], [d, d]"
@@ -165,9 +145,6 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise FIDError(f"{path}: statistics contain NaN or inf")
     return mu, sigma
-
-
-# --------------------------------------------------------------------------- provenance
 
 
 def weights_digest(path: str | os.PathLike) -> str:
@@ -200,9 +177,6 @@ def weights_validation(path: str | os.PathLike) -> tuple[bool, str]:
     return True, "official weights; Flax features match pytorch-fid"
 
 
-# --------------------------------------------------------------------------- FID
-
-
 @dataclasses.dataclass(frozen=True)
 class FIDResult:
     """An FID value, or None with the reason it was skipped."""
@@ -212,23 +186,10 @@ class FIDResult:
     reason: str
     num_images: int = 0
 
-    def to_metrics(self, prefix: str = "fid") -> dict[str, Any]:
+    def to_metrics(self) -> dict[str, Any]:
         """Keys for metrics.json: `fid`, `fid_status`, `fid_reason`, `fid_num_images`."""
-        return {
-            prefix: self.value,
-            f"{prefix}_status": self.status,
-            f"{prefix}_reason": self.reason,
-            f"{prefix}_num_images": self.num_images,
-        }
-
-
-def _as_batch(images: Any) -> np.ndarray:
-    x = np.asarray(images)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise FIDError(f"images must be [B, H, W, 3] (or one [H, W, 3]), got shape {x.shape}")
-    return x
+        rest = {f"fid_{k}": getattr(self, k) for k in ("status", "reason", "num_images")}
+        return {"fid": self.value, **rest}
 
 
 def accumulate_stats(
@@ -237,7 +198,11 @@ def accumulate_stats(
     """Runs `feature_fn` over batches of images and accumulates float64 statistics."""
     stats = FeatureStats()
     for images in images_iter:
-        stats.update(np.asarray(feature_fn(_as_batch(images))))
+        x = np.asarray(images)
+        x = x[None] if x.ndim == 3 else x
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise FIDError(f"images must be [B, H, W, 3] (or one [H, W, 3]), got shape {x.shape}")
+        stats.update(np.asarray(feature_fn(x)))
     return stats
 
 
@@ -261,19 +226,10 @@ def compute_fid(
     *,
     feature_fn: Callable[[np.ndarray], Any] | None = None,
 ) -> FIDResult:
-    """FID of generated images against reference statistics.
-
-    Args:
-      images_iter: batches [B, H, W, 3], float in [0, 1] or uint8 (any size; resized to 299).
-      inception_params_path: the FID Inception weights .npz (scripts/convert_fid_inception.py).
-        None or "" skips the metric (result value None, status "skipped", with the reason).
-      ref_stats_path: reference statistics .npz (`mu`, `sigma`); None or "" skips likewise.
-      feature_fn: replaces the Inception network (tests, other feature extractors); the
-        result is then "unvalidated".
-
-    Returns:
-      FIDResult; `.to_metrics()` gives the metrics.json keys.
-    """
+    """FID of `images_iter` (batches [B, H, W, 3], float in [0, 1] or uint8, any size)
+    against reference statistics (.npz with `mu`, `sigma`), with the Inception weights made by
+    scripts/convert_fid_inception.py. `feature_fn` replaces the network (the result is then
+    "unvalidated"); without statistics, or without weights and feature_fn, it is "skipped"."""
     if not ref_stats_path:
         return _skip("no reference statistics given (an .npz with mu and sigma)")
     if feature_fn is None and not inception_params_path:
@@ -323,33 +279,31 @@ def iter_image_batches(
     """Loads image files as uint8 [B, H, W, 3] batches (all images of a batch the same size)."""
     from PIL import Image
 
-    batch: list[np.ndarray] = []
-    for p in paths:
+    def load(path: str | os.PathLike) -> np.ndarray:
         try:
-            with Image.open(p) as im:
-                batch.append(np.asarray(im.convert("RGB")))
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
         except OSError as e:
-            raise FIDError(f"{p}: cannot read image ({e})") from None
-        if len(batch) == batch_size:
-            yield _stack(batch)
-            batch = []
-    if batch:
-        yield _stack(batch)
+            raise FIDError(f"{path}: cannot read image ({e})") from None
+
+    paths = list(paths)
+    for start in range(0, len(paths), batch_size):
+        batch = [load(p) for p in paths[start : start + batch_size]]
+        shapes = {b.shape for b in batch}
+        if len(shapes) != 1:
+            raise FIDError(
+                f"images in one batch differ in size: {sorted(shapes)}; resize them first"
+            )
+        yield np.stack(batch)
 
 
-def _stack(batch: list[np.ndarray]) -> np.ndarray:
-    shapes = {b.shape for b in batch}
-    if len(shapes) != 1:
-        raise FIDError(f"images in one batch differ in size: {sorted(shapes)}; resize them first")
-    return np.stack(batch)
-
-
-def eval_dir_image_paths(eval_dir: str | os.PathLike, *, first_only: bool = True) -> list[Path]:
-    """Image paths of an eval folder (the top-ranked image per prompt by default)."""
+def eval_dir_batches(
+    eval_dir: str | os.PathLike, batch_size: int = 50, *, first_only: bool = True
+) -> Iterator[np.ndarray]:
+    """uint8 batches of an eval folder's images (the top-ranked per prompt by default); the
+    manifest is read only when the first batch is asked for."""
     from parti_jax.eval import records
 
-    out = []
-    for r in records.read_manifest(eval_dir, check_images=True, allow_torn_tail=True):
-        images = r.images[:1] if first_only else r.images
-        out.extend(Path(eval_dir) / i for i in images)
-    return out
+    recs = records.read_manifest(eval_dir, check_images=True, allow_torn_tail=True)
+    paths = [Path(eval_dir) / i for r in recs for i in (r.images[:1] if first_only else r.images)]
+    yield from iter_image_batches(paths, batch_size)

@@ -1,20 +1,10 @@
 """Shared pieces of the HTML reports: escaping, embedded JSON, image links, page shell.
 
-Prompts are untrusted text (anyone can write a prompt file), so every report
-builds markup only through these helpers:
-
-- `esc` escapes text and attribute values (`html.escape(..., quote=True)`).
-- `script_json` serialises data for a `<script type="application/json">`
-  element, escaping `<`, `>`, `&`, U+2028 and U+2029 as `\\uXXXX`, so a prompt
-  holding `</script>` or `<!--` cannot end the element or change its parsing.
-  Pages read it back with `JSON.parse(el.textContent)` and put strings into the
-  DOM with `textContent`, never `innerHTML`.
-- `image_src` percent-encodes each segment of a relative path, so an image path
-  cannot become a `javascript:` URL or break out of the attribute.
-
-Pages are single files that work from the file system (file://), with no
-server and nothing fetched from the network: CSS and JS are inline, images are
-linked by relative path.
+Prompts are untrusted text, so every page builds markup only through these
+helpers: `esc` for text and attributes, `script_json` for data (read back with
+`JSON.parse` and put into the DOM with `textContent`), `image_src` for links.
+Pages are single files that work from file://: inline CSS and JS, images linked
+by relative path, nothing fetched from the network.
 """
 
 from __future__ import annotations
@@ -25,6 +15,8 @@ import os
 import urllib.parse
 from pathlib import Path
 from typing import Any
+
+from parti_jax.eval.records import write_atomic
 
 CSS = """
 :root { --fg: #1d1d1f; --muted: #6e6e73; --line: #d2d2d7; --bg: #fafafa; --accent: #0a66c2; }
@@ -71,17 +63,12 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-_SCRIPT_ESCAPES = {
-    "<": "\\u003c",
-    ">": "\\u003e",
-    "&": "\\u0026",
-    "\u2028": "\\u2028",
-    "\u2029": "\\u2029",
-}
+# Characters that could end a <script> element or a JS line, written as \uXXXX.
+_SCRIPT_ESCAPES = {c: f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"}
 
 
 def script_json(data: Any) -> str:
-    """JSON text that is safe inside a `<script>` element (see module docstring)."""
+    """JSON text that is safe inside a `<script>` element."""
     text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return "".join(_SCRIPT_ESCAPES.get(ch, ch) for ch in text)
 
@@ -103,6 +90,12 @@ def relative_path(target: str | os.PathLike, start_dir: str | os.PathLike) -> st
     return rel.replace(os.sep, "/")
 
 
+def folder_prefix(folder: str | os.PathLike, page_dir: str | os.PathLike) -> str:
+    """What leads from a page in `page_dir` to files in `folder`: "" or "<relative path>/"."""
+    rel = relative_path(folder, page_dir)
+    return "" if rel == "." else rel + "/"
+
+
 def img_tag(src_path: str, *, title: str = "", caption: str | None = None) -> str:
     """An `<img>` in a `<figure>`, lazily loaded, with an optional caption."""
     cap = f"<figcaption>{esc(caption)}</figcaption>" if caption is not None else ""
@@ -112,32 +105,36 @@ def img_tag(src_path: str, *, title: str = "", caption: str | None = None) -> st
     )
 
 
-def table(headers: list[str], rows: list[list[Any]], *, numeric: set[int] | None = None) -> str:
+def table(headers: list[str], rows: list[list[Any]], *, numeric: set[int] = frozenset()) -> str:
     """A plain table; every cell escaped; columns in `numeric` right-aligned."""
-    numeric = numeric or set()
-    head = "".join(
-        f"<th{' class=num' if i in numeric else ''}>{esc(h)}</th>" for i, h in enumerate(headers)
-    )
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f"<td{' class=num' if i in numeric else ''}>{esc(c)}</td>" for i, c in enumerate(row)
+
+    def cells(tag: str, values: list[Any]) -> str:
+        return "".join(
+            f"<{tag}{' class=num' if i in numeric else ''}>{esc(v)}</{tag}>"
+            for i, v in enumerate(values)
         )
-        + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
+    return f"<table><thead><tr>{cells('th', headers)}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """`flatten_metrics` rows as a two-column table."""
+    return table(["metric", "value"], [list(row) for row in flatten_metrics(metrics)])
+
+
+# Query helpers every page script may use.
+_JS_HELPERS = """const $ = (s, el) => (el || document).querySelector(s);
+const $$ = (s, el) => Array.from((el || document).querySelectorAll(s));
+"""
 
 
 def page(title: str, body: str, *, script: str = "", head_extra: str = "") -> str:
-    """A whole HTML document: inline CSS, `body` markup (already escaped), inline JS.
-
-    `script` is trusted code written by parti_jax (never built from prompts); data
-    goes in `json_script_tag` elements.
-    """
+    """A whole HTML document: inline CSS, `body` markup (already escaped), inline JS (`script`:
+    trusted code written by parti_jax, never built from prompts; data goes in json_script_tag)."""
     if "</script" in script.lower():
         raise ValueError("page script must not contain '</script'; pass data via json_script_tag")
-    js = f"<script>\n'use strict';\n{script}\n</script>" if script else ""
+    js = f"<script>\n'use strict';\n{_JS_HELPERS}{script}\n</script>" if script else ""
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
@@ -147,18 +144,14 @@ def page(title: str, body: str, *, script: str = "", head_extra: str = "") -> st
     )
 
 
-def write_page(path: str | os.PathLike, text: str) -> Path:
-    """Writes a page atomically (temp file + rename) so a reader never sees half a page."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+def write_page(path: str | os.PathLike, title: str, body: str, **page_kwargs: str) -> Path:
+    """Writes `page(title, body, ...)` atomically, so a reader never sees half a page."""
+    return write_atomic(path, page(title, body, **page_kwargs))
 
 
-def format_score(value: float) -> str:
-    return f"{value:.3f}"
+def pct(value: float | None) -> str:
+    """A fraction as a percentage with one decimal; None as "n/a"."""
+    return "n/a" if value is None else f"{100.0 * float(value):.1f}%"
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:

@@ -1,35 +1,19 @@
 """Inception-v3 as used for FID (pytorch-fid / clean-fid's `pt_inception-2015-12-05`), in Flax.
 
-The network is TensorFlow's 2015-12-05 Inception graph that the original FID
-code used, as ported to PyTorch by pytorch-fid (`FIDInceptionV3`). It differs
-from torchvision's Inception-v3 in its weights and in four blocks:
+TensorFlow's 2015-12-05 Inception graph that the original FID code used, as
+ported by pytorch-fid (`FIDInceptionV3`). It differs from torchvision's in its
+weights and in four blocks: in Mixed_5b-d, 6b-e and 7b the pooling branch
+averages without counting zero padding (TF's avg-pool), and in Mixed_7c it is
+a 3x3 *max* pool. Features are the 2048-d "pool3" output. Input: [B, H, W, 3]
+in [0, 1] (uint8 is divided by 255), resized to 299 bilinearly as torch's
+`F.interpolate(align_corners=False)` does, then scaled to [-1, 1].
 
-- Mixed_5b/5c/5d (FIDInceptionA), Mixed_6b..6e (FIDInceptionC) and Mixed_7b
-  (FIDInceptionE_1): the pooling branch averages over the 3x3 window without
-  counting zero padding (TF's avg-pool; `count_include_pad=False`).
-- Mixed_7c (FIDInceptionE_2): the pooling branch is a 3x3 *max* pool.
-
-Features are the 2048-d output of the final average pool ("pool3"). Input:
-images float in [0, 1], [B, H, W, 3] (uint8 is divided by 255), resized to
-299x299 bilinearly (half-pixel centres, no antialiasing, as torch's
-`F.interpolate(mode="bilinear", align_corners=False)`), then scaled to [-1, 1].
-
-Weights: a `.npz` with one array per parameter, keyed by the PyTorch
-state_dict names of pytorch-fid's FID Inception (`fc.*` and
-`*.num_batches_tracked` left out); `expected_params()` lists every key and shape,
-for example::
-
-    Conv2d_1a_3x3.conv.weight      (32, 3, 3, 3)   torch conv layout (O, I, kH, kW)
-    Conv2d_1a_3x3.bn.weight        (32,)           BatchNorm scale (gamma)
-    Conv2d_1a_3x3.bn.bias          (32,)           BatchNorm shift (beta)
-    Conv2d_1a_3x3.bn.running_mean  (32,)
-    Conv2d_1a_3x3.bn.running_var   (32,)
-    Mixed_5b.branch1x1.conv.weight (64, 192, 1, 1)
-    ...
-
-`load_params` converts conv kernels to Flax's (kH, kW, I, O). Every conv has
-no bias and is followed by BatchNorm (eps 1e-3) and ReLU. Make the file with
-scripts/convert_fid_inception.py where torch and the official weights exist.
+Weights: a `.npz` keyed by pytorch-fid's state_dict names (`fc.*`, `AuxLogits.*`
+and `*.num_batches_tracked` left out) in torch layout, e.g.
+`Conv2d_1a_3x3.conv.weight` (32, 3, 3, 3) or `Mixed_5b.branch1x1.bn.running_var`
+(64,); `expected_params()` lists every key and shape. Every conv has no bias and
+is followed by BatchNorm (eps 1e-3) and ReLU. scripts/convert_fid_inception.py
+makes the file where torch and the official weights exist.
 """
 
 from __future__ import annotations
@@ -63,9 +47,6 @@ class WeightsError(ValueError):
     """The Inception weights file is missing keys, has extra keys or misshaped arrays."""
 
 
-# --------------------------------------------------------------------------- Flax modules
-
-
 class BasicConv(nn.Module):
     """Conv (no bias) + BatchNorm (running statistics, eps 1e-3) + ReLU."""
 
@@ -76,15 +57,10 @@ class BasicConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        ph, pw = self.padding
-        x = nn.Conv(
-            self.features,
-            self.kernel,
-            strides=self.strides,
-            padding=((ph, ph), (pw, pw)),
-            use_bias=False,
-            name="conv",
-        )(x)
+        padding = [(p, p) for p in self.padding]
+        x = nn.Conv(self.features, self.kernel, self.strides, padding, use_bias=False, name="conv")(
+            x
+        )
         x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, name="bn")(x)
         return nn.relu(x)
 
@@ -154,6 +130,12 @@ class InceptionD(nn.Module):
         return jnp.concatenate([b3, b7, _max_pool_valid(x)], axis=-1)
 
 
+def _split_conv(x: Array, name: str) -> Array:
+    """A 1x3 and a 3x1 conv side by side (`<name>a`, `<name>b`), inside InceptionE."""
+    a = BasicConv(384, (1, 3), padding=(0, 1), name=f"{name}a")(x)
+    return jnp.concatenate([a, BasicConv(384, (3, 1), padding=(1, 0), name=f"{name}b")(x)], -1)
+
+
 class InceptionE(nn.Module):
     """`pool="avg"`: FIDInceptionE_1 (Mixed_7b); `pool="max"`: FIDInceptionE_2 (Mixed_7c)."""
 
@@ -162,23 +144,10 @@ class InceptionE(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b1 = BasicConv(320, (1, 1), name="branch1x1")(x)
-        b3 = BasicConv(384, (1, 1), name="branch3x3_1")(x)
-        b3 = jnp.concatenate(
-            [
-                BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-                BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
-            ],
-            axis=-1,
-        )
+        b3 = _split_conv(BasicConv(384, (1, 1), name="branch3x3_1")(x), "branch3x3_2")
         bd = BasicConv(448, (1, 1), name="branch3x3dbl_1")(x)
         bd = BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = jnp.concatenate(
-            [
-                BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-                BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
-            ],
-            axis=-1,
-        )
+        bd = _split_conv(bd, "branch3x3dbl_3")
         if self.pool == "max":
             pooled = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
         else:
@@ -188,11 +157,8 @@ class InceptionE(nn.Module):
 
 
 def resize_images(images: Array, size: int = IMAGE_SIZE) -> Array:
-    """Bilinear resize to size x size as torch's `F.interpolate(..., align_corners=False)`.
-
-    Half-pixel centres and no antialiasing: downscaling samples two input pixels
-    per axis, as pytorch-fid does (jax.image.resize antialiases by default).
-    """
+    """Bilinear resize to size x size as torch's `F.interpolate(..., align_corners=False)`:
+    no antialiasing (jax.image.resize's default), so downscaling samples as pytorch-fid does."""
     if images.shape[1:3] == (size, size):
         return images
     shape = (images.shape[0], size, size, images.shape[3])
@@ -231,9 +197,6 @@ class FIDInceptionV3(nn.Module):
         return jnp.mean(x, axis=(1, 2))
 
 
-# --------------------------------------------------------------------------- weights
-
-
 @functools.cache
 def expected_params() -> dict[str, tuple[int, ...]]:
     """Every key of the weights .npz and its shape, in torch's names and layout: the
@@ -247,18 +210,6 @@ def expected_params() -> dict[str, tuple[int, ...]]:
             shape = (shape[3], shape[2], shape[0], shape[1])
         table[".".join([*modules, TORCH_NAMES[(collection, layer, leaf)]])] = shape
     return table
-
-
-def npz_key_for_torch_key(key: str) -> str | None:
-    """The .npz key for a pytorch-fid state_dict key, or None for keys the .npz leaves out.
-
-    The .npz keeps torch's names; it drops the classifier (`fc.*`), the auxiliary
-    head (`AuxLogits.*`, absent from the FID network) and BatchNorm's
-    `num_batches_tracked` counters. scripts/convert_fid_inception.py uses this.
-    """
-    if key.startswith(("fc.", "AuxLogits.")) or key.endswith(".num_batches_tracked"):
-        return None
-    return key
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
@@ -286,20 +237,17 @@ def check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
 
 def torch_state_to_npz_arrays(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A pytorch-fid state_dict (as numpy arrays) -> the .npz's arrays (float32, torch layout)."""
-    arrays = {}
-    for key, value in state.items():
-        npz_key = npz_key_for_torch_key(key)
-        if npz_key is not None:
-            arrays[npz_key] = np.asarray(value, dtype=np.float32)
+    arrays = {
+        key: np.asarray(value, dtype=np.float32)
+        for key, value in state.items()
+        if not key.startswith(("fc.", "AuxLogits.")) and not key.endswith(".num_batches_tracked")
+    }
     check_arrays(arrays, "state_dict")
     return arrays
 
 
 def validate_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Checks a weights .npz against `expected_params()`; returns its arrays (float32).
-
-    Raises WeightsError naming every missing, extra or misshaped key.
-    """
+    """Checks a weights .npz against `expected_params()`; returns its arrays (float32)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(
@@ -329,16 +277,13 @@ def params_from_arrays(arrays: dict[str, np.ndarray]) -> dict:
 
 
 def load_params(path: str | os.PathLike) -> dict:
-    """Validates and loads a weights .npz as Flax variables for FIDInceptionV3.
-
-    Cached per (path, size, mtime), so several suites in one process read it once.
-    """
+    """Validates and loads a weights .npz as Flax variables for FIDInceptionV3; cached per
+    (path, size, mtime), so several suites in one process read it once."""
     path = Path(path)
-    stat = path.stat() if path.is_file() else None
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns) if stat else None
-    if key is None:
+    if not path.is_file():
         validate_npz(path)  # raises the "no such file" error
-    return _load_params_cached(key)
+    stat = path.stat()
+    return _load_params_cached((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
 
 
 @functools.lru_cache(maxsize=2)

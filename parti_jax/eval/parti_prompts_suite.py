@@ -2,31 +2,26 @@
 
     run_parti_prompts(generator, "OUT/parti_prompts", num_samples=16, keep_top_k=4)
 
-Each prompt's row number in PartiPrompts.tsv is its prompt_id (folded into
-its samples' seed, so an image never depends on the batch, host count or
-resumption). `num_samples` images are drawn per prompt and reranked; the best
-`keep_top_k` are saved, best first, with their scores. The folder is an eval
-folder (parti_jax/eval/records.py) with the gallery as `index.html`, grouped by
-the 12 categories and 11 challenge aspects, and `metrics.json`::
+A prompt's row in PartiPrompts.tsv is its prompt_id (folded into its seed, so
+an image never depends on the batch, host count or resumption); the best
+`keep_top_k` of `num_samples` images are kept with their scores. The folder is
+an eval folder (parti_jax/eval/records.py) with the gallery as `index.html`;
+`metrics.json` (describing every record in the folder)::
 
     {"suite": "parti_prompts", "num_prompts": 1632, "num_images": 1632,
-     "prompts_per_category": {"Abstract": 51, ...},     # 12 entries for all prompts
-     "prompts_per_challenge": {"Basic": 262, ...},      # 11 entries
+     "prompts_per_category": {"Abstract": 51, ...}, "prompts_per_challenge": {...},
      "mean_rerank_score": 0.31 | null,                  # best image's score, averaged
      "mean_rerank_score_per_category": {...}, "mean_rerank_score_per_challenge": {...},
      "num_samples": 16, "keep_top_k": 4, "seed": 0, "scorer": "likelihood" | null,
      "filters": {"categories": null, "challenges": null, "limit": null},
      "this_run": {"generated": 1632, "skipped": 0, "seconds": 812.4}}
-
-The metrics and gallery describe every record in the folder (an earlier run
-with more prompts included).
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -38,53 +33,30 @@ from parti_jax.eval import suites as S
 NAME = "parti_prompts"
 
 
-def parti_eval_prompts(
-    prompts_path: str | None = None,
-    *,
-    categories: Iterable[str] | None = None,
-    challenges: Iterable[str] | None = None,
-    limit: int | None = None,
-) -> list[R.PromptRecord]:
-    """PartiPrompts rows as prompts to generate for (prompt_id = row number), optionally
-    filtered."""
-    from parti_jax.data.prompts import load_parti_prompts
-
-    try:
-        rows = load_parti_prompts(
-            prompts_path, categories=categories, challenges=challenges, limit=limit
-        )
-    except ValueError as e:
-        raise S.SuiteError(f"{NAME}: {e}") from None
-    return [R.PromptRecord(p.index, p.prompt, p.category, p.challenge, p.note) for p in rows]
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
 def parti_metrics(records: Sequence[R.PromptRecord]) -> dict[str, Any]:
     """Counts per category / challenge and mean best-image rerank score."""
-    by_cat: dict[str, list[float]] = defaultdict(list)
-    by_chal: dict[str, list[float]] = defaultdict(list)
-    best = []
-    for r in records:
-        if r.scores:
-            best.append(r.scores[0])
-            by_cat[r.category].append(r.scores[0])
-            by_chal[r.challenge].append(r.scores[0])
-    cats = Counter(r.category for r in records)
-    chals = Counter(r.challenge for r in records)
-    order_cat = gallery.ordered_groups(list(cats), gallery.PARTI_CATEGORIES)
-    order_chal = gallery.ordered_groups(list(chals), gallery.PARTI_CHALLENGES)
-    return {
+
+    def mean(values: list[float]) -> float | None:
+        return float(np.mean(values)) if values else None
+
+    scored = [r for r in records if r.scores]
+    out = {
         "num_prompts": len(records),
         "num_images": sum(len(r.images) for r in records),
-        "prompts_per_category": {c: cats[c] for c in order_cat},
-        "prompts_per_challenge": {c: chals[c] for c in order_chal},
-        "mean_rerank_score": _mean(best),
-        "mean_rerank_score_per_category": {c: _mean(by_cat[c]) for c in order_cat if by_cat[c]},
-        "mean_rerank_score_per_challenge": {c: _mean(by_chal[c]) for c in order_chal if by_chal[c]},
+        "mean_rerank_score": mean([r.scores[0] for r in scored]),
     }
+    for group, known in (
+        ("category", gallery.PARTI_CATEGORIES),
+        ("challenge", gallery.PARTI_CHALLENGES),
+    ):
+        counts = Counter(getattr(r, group) for r in records)
+        best = defaultdict(list)
+        for r in scored:
+            best[getattr(r, group)].append(r.scores[0])
+        order = gallery.ordered_groups(list(counts), known)
+        out[f"prompts_per_{group}"] = {c: counts[c] for c in order}
+        out[f"mean_rerank_score_per_{group}"] = {c: mean(best[c]) for c in order if best[c]}
+    return out
 
 
 def run_parti_prompts(
@@ -125,10 +97,16 @@ def run_parti_prompts(
       The metrics (module docstring), or a "pending" note on a process that
       leaves the reports to another.
     """
+    from parti_jax.data.prompts import load_parti_prompts
+
     settings = S.GenerationSettings.from_args(locals())
-    prompts = parti_eval_prompts(
-        prompts_path, categories=categories, challenges=challenges, limit=limit
-    )
+    try:
+        rows = load_parti_prompts(
+            prompts_path, categories=categories, challenges=challenges, limit=limit
+        )
+    except ValueError as e:
+        raise S.SuiteError(f"{NAME}: {e}") from None
+    prompts = [R.PromptRecord(p.index, p.prompt, p.category, p.challenge, p.note) for p in rows]
     run = S.generate_suite(generator, out_dir, prompts, settings, name=NAME,
                            process_index=process_index, process_count=process_count)  # fmt: skip
     if run.pending is not None:

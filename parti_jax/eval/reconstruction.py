@@ -1,23 +1,16 @@
 """Reconstruction eval of the image tokenizer (VQGAN) and the upsampler.
 
 Over held-out images of a pixels task (or the shapes world, TensorFlow-free):
+the VQGAN's PSNR, LPIPS and codebook usage (share of the K codes used, and the
+perplexity exp(entropy) of the code histogram: K for uniform use, 1 for one
+code); with an upsampler, originals at its output size are area downsampled,
+reconstructed by the VQGAN and upsampled, beside a bicubic upsample of the same
+reconstructions (the baseline the network must beat).
 
-- VQGAN: images at the VQGAN's size -> encode -> decode; PSNR, LPIPS and
-  codebook usage (share of the K codes used over all images, and the
-  perplexity exp(entropy) of the code histogram: K for uniform use, 1 when
-  one code is used).
-- Upsampler (when given): originals at the upsampler's output size are area
-  downsampled to its input size (the VQGAN's), reconstructed by the VQGAN and
-  upsampled; PSNR / LPIPS against the originals, beside a bicubic upsample of
-  the same reconstructions (the baseline the network must beat).
-
-PSNR is 10 log10(1 / MSE) per image (pixels in [0, 1]), averaged over images;
-an exact reconstruction (MSE 0, infinite PSNR) counts as PSNR_CAP_DB and is
-counted in `psnr_num_identical`. LPIPS uses the VGG16 LPIPS weights
-(parti_jax/vqgan/lpips.py); images too small for its deepest feature map
-(under 16 px for VGG16) get `lpips: null` with the reason.
-
-metrics.json::
+PSNR is 10 log10(1 / MSE) per image (pixels in [0, 1]), averaged; an exact
+reconstruction counts as PSNR_CAP_DB and in `psnr_num_identical`. LPIPS uses
+parti_jax/vqgan/lpips.py; images too small for its deepest feature map get
+`lpips: null` and `lpips_note`. metrics.json::
 
     {"suite": "reconstruction", "num_images", "source": {"task", "split", "seed"},
      "psnr_cap_db": 100.0, "lpips_net": "vgg16" | null, "lpips_note": str (if skipped),
@@ -27,8 +20,7 @@ metrics.json::
                    "bicubic": {"psnr", "psnr_num_identical", "lpips"},
                    "psnr_gain_over_bicubic"}}     # only with an upsampler
 
-`report.html` shows the numbers and the first images: originals,
-reconstructions and (with an upsampler) upsampled and bicubic versions.
+`report.html` shows the numbers and the first images of each kind.
 """
 
 from __future__ import annotations
@@ -48,9 +40,6 @@ from parti_jax.eval import suites as S
 NAME = "reconstruction"
 PSNR_CAP_DB = 100.0
 SHAPES_WORLD = "shapes_world"
-
-
-# --------------------------------------------------------------------------- numbers
 
 
 def psnr_per_image(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,34 +81,24 @@ def lpips_problem(net: str, size: int) -> str | None:
     return None
 
 
-class _Accumulator:
-    """Per-image PSNR and LPIPS of one comparison, over batches."""
-
-    def __init__(self) -> None:
-        self.psnr: list[np.ndarray] = []
-        self.identical = 0
-        self.mse: list[np.ndarray] = []
-        self.lpips: list[np.ndarray] = []
-
-    def add(self, pred: np.ndarray, target: np.ndarray, lpips_fn: Callable | None) -> None:
-        value, identical, mse = psnr_per_image(pred, target)
-        self.psnr.append(value)
-        self.identical += int(identical.sum())
-        self.mse.append(mse)
-        if lpips_fn is not None:
-            self.lpips.append(np.asarray(lpips_fn(pred, target), np.float64))
-
-    def result(self) -> dict[str, Any]:
-        lp = float(np.mean(np.concatenate(self.lpips))) if self.lpips else None
-        return {
-            "psnr": float(np.mean(np.concatenate(self.psnr))),
-            "psnr_num_identical": self.identical,
-            "mse": float(np.mean(np.concatenate(self.mse))),
-            "lpips": lp,
-        }
+def _compare(pred: np.ndarray, target: np.ndarray, lpips_fn: Callable | None) -> dict:
+    """Per-image PSNR, identical mask, MSE and (with `lpips_fn`) LPIPS of one batch."""
+    psnr, identical, mse = psnr_per_image(pred, target)
+    out = {"psnr": psnr, "identical": identical, "mse": mse}
+    if lpips_fn is not None:
+        out["lpips"] = np.asarray(lpips_fn(pred, target), np.float64)
+    return out
 
 
-# --------------------------------------------------------------------------- inputs
+def _summary(batches: list[dict]) -> dict[str, Any]:
+    """The means over every image of `_compare`'s batches."""
+    cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    return {
+        "psnr": float(np.mean(cat["psnr"])),
+        "psnr_num_identical": int(cat["identical"].sum()),
+        "mse": float(np.mean(cat["mse"])),
+        "lpips": float(np.mean(cat["lpips"])) if "lpips" in cat else None,
+    }
 
 
 def tokenizer_size(tokenizer: Any, name: str) -> int:
@@ -156,11 +135,10 @@ def upsampler_output_size(upsampler: Any, input_size: int) -> int:
 def shapes_world_images(
     *, image_size: int, split: str = "validation", seed: int = 0, batch_size: int = 32
 ) -> Iterator[np.ndarray]:
-    """Endless float32 [B, S, S, 3] batches of shapes-world examples 0, 1, ... of `split`.
-
-    Sides under the world's 32 px minimum are drawn at a multiple and area downsampled.
-    """
+    """Endless float32 [B, S, S, 3] batches of shapes-world examples 0, 1, ... of `split`
+    (sides under the world's 32 px minimum are drawn at a multiple and area downsampled)."""
     from parti_jax.data import shapes
+    from parti_jax.upsampler.data import area_downsample
 
     factor = -(-32 // image_size)
     config = shapes.ShapesWorldConfig(resolution=image_size * factor)
@@ -170,23 +148,11 @@ def shapes_world_images(
             shapes.generate_example(i + r, split, seed, config).image for r in range(batch_size)
         ]
         i += batch_size
-        images = np.stack(batch).astype(np.float32) / np.float32(255.0)
-        if factor > 1:
-            b, h, w, c = images.shape
-            images = images.reshape(b, h // factor, factor, w // factor, factor, c).mean((2, 4))
-        yield images
-
-
-def task_images(
-    task: Any, *, split: str, image_size: int, batch_size: int, seed: int = 0
-) -> Iterator[np.ndarray]:
-    """float32 batches of a SeqIO pixels task, in order, once (TensorFlow via parti_jax.data)."""
-    batches = S.task_batches(task, split=split, batch_size=batch_size, image_size=image_size,
-                             seed=seed)  # fmt: skip
-    return (np.asarray(batch["image"], np.float32) for batch in batches)
+        yield area_downsample(np.stack(batch).astype(np.float32) / np.float32(255.0), factor)
 
 
 def _take(batches: Iterable[np.ndarray], num_images: int | None) -> Iterator[np.ndarray]:
+    """The first `num_images` images (all if None) as float32 batches in [0, 1]."""
     left = num_images
     for batch in batches:
         batch = np.asarray(batch)
@@ -199,9 +165,6 @@ def _take(batches: Iterable[np.ndarray], num_images: int | None) -> Iterator[np.
             yield batch.astype(np.float32)
         if left is not None and left <= 0:
             return
-
-
-# --------------------------------------------------------------------------- the suite
 
 
 def evaluate_reconstruction(
@@ -221,6 +184,8 @@ def evaluate_reconstruction(
     `S` is the VQGAN's image size, or the upsampler's output size when an
     upsampler is given. `lpips_fn(a, b) -> [B]` replaces the LPIPS network.
     """
+    from parti_jax.upsampler.data import area_downsample, bicubic_upsample
+
     out_dir = Path(out_dir)
     size, k = tokenizer_size(tokenizer, "image_size"), tokenizer_size(tokenizer, "codebook_size")
     upsample = upsample_fn_of(upsampler) if upsampler is not None else None
@@ -236,8 +201,7 @@ def evaluate_reconstruction(
             lpips_fn = jax.jit(make_lpips_fn(lpips_net))
         else:
             lpips_label = None
-    lpips = lpips_fn
-    vq, up, bic = _Accumulator(), _Accumulator(), _Accumulator()
+    vq, up, bic = [], [], []
     counts = np.zeros(k, np.int64)
     shown: list[dict[str, np.ndarray]] = []
     total = 0
@@ -248,55 +212,34 @@ def evaluate_reconstruction(
                 f"{NAME}: images have shape {batch.shape[1:]} but {what} is {hi_size}; give a "
                 f"source at {hi_size}px"
             )
-        if upsampler is not None and hi_size != size:
-            from parti_jax.upsampler.data import area_downsample
-
-            low = np.asarray(area_downsample(batch, hi_size // size), np.float32)
-        else:
-            low = batch
+        low = np.asarray(area_downsample(batch, hi_size // size), np.float32)
         codes = np.asarray(tokenizer.encode(low))
         if codes.size and (codes.min() < 0 or codes.max() >= k):
             raise S.SuiteError(f"{NAME}: the tokenizer returned codes outside [0, {k})")
         counts += np.bincount(codes.reshape(-1), minlength=k)
         recon = np.clip(np.asarray(tokenizer.decode(codes), np.float32), 0.0, 1.0)
-        vq.add(recon, low, lpips)
+        vq.append(_compare(recon, low, lpips_fn))
         row = {"original": low, "reconstruction": recon}
         if upsample is not None:
-            import jax
-
             upsampled = np.clip(upsample(recon), 0.0, 1.0)
-            b, h, w, c = recon.shape
-            bicubic = np.clip(
-                np.asarray(jax.image.resize(recon, (b, hi_size, hi_size, c), "bicubic")), 0.0, 1.0
-            )
-            up.add(upsampled, batch, lpips)
-            bic.add(bicubic, batch, lpips)
+            bicubic = np.clip(np.asarray(bicubic_upsample(recon, hi_size // size)), 0.0, 1.0)
+            up.append(_compare(upsampled, batch, lpips_fn))
+            bic.append(_compare(bicubic, batch, lpips_fn))
             row.update(original_hi=batch, upsampled=upsampled, bicubic=bicubic)
-        for i in range(len(batch)):
-            if len(shown) < report_images:
-                shown.append({key: value[i] for key, value in row.items()})
+        for i in range(min(len(batch), report_images - len(shown))):
+            shown.append({key: value[i] for key, value in row.items()})
         total += len(batch)
     if total == 0:
         raise S.SuiteError(f"{NAME}: the image source gave no images")
-    metrics: dict[str, Any] = {
-        "suite": NAME,
-        "num_images": total,
-        "source": source or {},
-        "psnr_cap_db": PSNR_CAP_DB,
-        "lpips_net": lpips_label,
-        "vqgan": {"image_size": size, **vq.result(), **codebook_stats(counts)},
-    }
+    metrics: dict[str, Any] = dict(suite=NAME, num_images=total, source=source or {})
+    metrics.update(psnr_cap_db=PSNR_CAP_DB, lpips_net=lpips_label)
+    metrics["vqgan"] = {"image_size": size, **_summary(vq), **codebook_stats(counts)}
     if lpips_note:
         metrics["lpips_note"] = lpips_note
     if upsample is not None:
-        u, b = up.result(), bic.result()
-        metrics["upsampler"] = {
-            "input_size": size,
-            "output_size": hi_size,
-            **u,
-            "bicubic": b,
-            "psnr_gain_over_bicubic": u["psnr"] - b["psnr"],
-        }
+        u, b = _summary(up), _summary(bic)
+        metrics["upsampler"] = {"input_size": size, "output_size": hi_size, **u, "bicubic": b}
+        metrics["upsampler"]["psnr_gain_over_bicubic"] = u["psnr"] - b["psnr"]
     R.update_metrics(out_dir, metrics)
     _write_report(out_dir, metrics, shown)
     return metrics
@@ -311,15 +254,14 @@ def _write_report(out_dir: Path, metrics: dict[str, Any], shown: list[dict]) -> 
             S.save_png(out_dir / rel, S.to_uint8(image))
             cells.append(f"<td>{H.img_tag(rel, title=key, caption=key)}</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    numbers = H.table(["metric", "value"], [list(r) for r in H.flatten_metrics(metrics)])
     body = (
         "<header><h1>Reconstruction</h1></header>"
         f'<p class="muted">PSNR in dB (identical images count as {PSNR_CAP_DB:g}); LPIPS lower '
         "is better; codebook usage = share of codes used, perplexity = exp(entropy).</p>"
-        f'<div id="metrics">{numbers}</div><h2>First images</h2>'
+        f'<div id="metrics">{H.metrics_table(metrics)}</div><h2>First images</h2>'
         f'<table id="samples"><tbody>{"".join(rows)}</tbody></table>'
     )
-    return H.write_page(out_dir / S.REPORT, H.page("Reconstruction", body))
+    return H.write_page(out_dir / S.REPORT, "Reconstruction", body)
 
 
 def run_reconstruction(
@@ -349,9 +291,8 @@ def run_reconstruction(
       lpips_net: 'vgg16', 'alexnet' or None (no LPIPS); lpips_fn replaces the network.
       report_images: images shown in report.html.
     """
-    index = process_index if process_index is not None else S.resolve_processes()[0]
-    if index != 0:
-        return {"suite": NAME, "status": "skipped", "reason": "runs on process 0"}
+    if skipped := S.process_0_only(NAME, process_index):
+        return skipped
     size = tokenizer_size(tokenizer, "image_size")
     hi = upsampler_output_size(upsampler, size) if upsampler is not None else size
     if task is None or task == SHAPES_WORLD:
@@ -360,9 +301,10 @@ def run_reconstruction(
         )
         name = SHAPES_WORLD
     else:
-        images = task_images(
-            task, split=split, image_size=hi, batch_size=batch_size, seed=data_seed
+        batches = S.task_batches(
+            task, split=split, batch_size=batch_size, image_size=hi, seed=data_seed
         )
+        images = (batch["image"] for batch in batches)  # TensorFlow via parti_jax.data
         name = getattr(task, "name", task)
     return evaluate_reconstruction(
         tokenizer,

@@ -1,40 +1,28 @@
 """The eval output folder: what an eval suite writes and every report reads.
 
-An eval run over a prompt set (PartiPrompts, shapes, COCO captions) writes one
-folder::
+An eval run over a prompt set (PartiPrompts, shapes, COCO captions) writes::
 
     <eval_dir>/
-      metrics.json      # one JSON object: suite-level numbers (e.g. {"fid": 7.2,
-                        #   "fid_status": "unvalidated", ...}); rewritten atomically
-      manifest.jsonl    # one JSON object per prompt, one per line (see below)
-      images/...        # the images the manifest names (PNG), any sub-folders
+      metrics.json      # one JSON object of suite-level numbers, rewritten atomically
+      manifest.jsonl    # one PromptRecord per line (below)
+      images/...        # the images the manifest names (PNG)
       index.html        # the gallery (parti_jax.eval.gallery.write_gallery)
 
-Each manifest line is a `PromptRecord`::
+A manifest line::
 
     {"prompt_id": 12, "prompt": "a red cube", "category": "Artifacts",
      "challenge": "Basic", "note": "", "images": ["images/00012_0.png", ...],
      "scores": [0.31, ...], "seed": 0}
 
-- `prompt_id`: int >= 0, unique within the manifest (the prompt's row in its
-  prompt set; sampling folds it into the seed, see docs/DESIGN.md "Sampling").
-- `prompt`, `category`, `challenge`, `note`: strings (untrusted text; every page
-  escapes them). Prompt sets without categories use "" (shown as "(none)").
-- `images`: relative POSIX paths inside the eval folder ("/" separators, no
-  "..", not absolute), in rank order (best first after reranking).
-- `scores`: one number per image (reranker or judge score, higher is better), or
-  an empty list when nothing scored the images.
-- `seed`: int, the sampling seed.
-- `extra` (optional): a JSON object with suite-specific fields (judge verdicts,
-  timings); no other keys are allowed, so a misspelt field is an error.
+`prompt_id` is an int >= 0, unique in the manifest (the prompt's row in its
+set; sampling folds it into the seed). Texts are untrusted (pages escape them).
+`images` are relative POSIX paths inside the folder, best first; `scores` one
+per image (higher is better) or []. An optional `extra` object holds suite
+fields; any other key is an error, so a misspelt field is caught.
 
-The manifest is append-only: `ManifestWriter` writes one line per finished
-prompt and flushes it to disk (fsync) before returning, so a crashed or
-pre-empted eval keeps every record it wrote, and a resumed eval skips the
-prompt ids already present (`ManifestWriter.done_ids`). A last line cut short
-by a crash (no trailing newline, not valid JSON) is dropped with a warning when
-the writer reopens the file; any other bad line is an error naming the file
-and line.
+The manifest is append-only and each line is fsynced, so a crashed eval keeps
+every record it wrote; a last line cut short by a crash is dropped with a
+warning on resume, any other bad line is an error naming the file and line.
 """
 
 from __future__ import annotations
@@ -44,7 +32,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -54,7 +42,6 @@ IMAGES_DIR = "images"
 INDEX = "index.html"
 
 _REQUIRED = ("prompt_id", "prompt", "category", "challenge", "note", "images", "scores", "seed")
-_OPTIONAL = ("extra",)
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +73,8 @@ class PromptRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The manifest line's object (key order fixed; `extra` only when non-empty)."""
-        out: dict[str, Any] = {
-            "prompt_id": self.prompt_id,
-            "prompt": self.prompt,
-            "category": self.category,
-            "challenge": self.challenge,
-            "note": self.note,
-            "images": list(self.images),
-            "scores": [float(s) for s in self.scores],
-            "seed": self.seed,
-        }
+        out = {k: getattr(self, k) for k in _REQUIRED}
+        out.update(images=list(self.images), scores=[float(s) for s in self.scores])
         if self.extra:
             out["extra"] = dict(self.extra)
         return out
@@ -111,46 +90,36 @@ class PromptRecord:
                 f"{where}: missing field(s) {', '.join(missing)}; every manifest line needs "
                 f"{', '.join(_REQUIRED)}"
             )
-        unknown = sorted(set(obj) - set(_REQUIRED) - set(_OPTIONAL))
+        unknown = sorted(set(obj) - {*_REQUIRED, "extra"})
         if unknown:
             raise RecordError(
                 f"{where}: unknown field(s) {', '.join(unknown)}; put suite-specific "
                 "fields under 'extra'"
             )
+        for field in ("images", "scores"):
+            if not isinstance(obj[field], list):
+                raise RecordError(
+                    f"{where}: field '{field}' must be a list, got {type(obj[field]).__name__}"
+                )
         try:
-            return cls(
-                prompt_id=obj["prompt_id"],
-                prompt=obj["prompt"],
-                category=obj["category"],
-                challenge=obj["challenge"],
-                note=obj["note"],
-                images=_as_tuple(obj["images"], "images", where),
-                scores=_as_tuple(obj["scores"], "scores", where),
-                seed=obj["seed"],
-                extra=obj.get("extra") or {},
-            )
+            return cls(**{k: obj[k] for k in _REQUIRED}, extra=obj.get("extra") or {})
         except RecordError as e:
             raise RecordError(f"{where}: {e}") from None
 
 
-def _as_tuple(value: Any, field: str, where: str) -> tuple:
-    if not isinstance(value, list):
-        raise RecordError(f"{where}: field '{field}' must be a list, got {type(value).__name__}")
-    return tuple(value)
-
-
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
+    """An int that is not a bool."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _problem(r: PromptRecord) -> str | None:
     """Returns what is wrong with a record, or None."""
-    if not _is_int(r.prompt_id) or r.prompt_id < 0:
+    if not is_int(r.prompt_id) or r.prompt_id < 0:
         return f"field 'prompt_id' must be an int >= 0, got {r.prompt_id!r}"
     for name in ("prompt", "category", "challenge", "note"):
         if not isinstance(getattr(r, name), str):
             return f"field '{name}' must be a string, got {type(getattr(r, name)).__name__}"
-    if not _is_int(r.seed):
+    if not is_int(r.seed):
         return f"field 'seed' must be an int, got {r.seed!r}"
     for path in r.images:
         problem = image_path_problem(path)
@@ -181,31 +150,17 @@ def image_path_problem(path: Any) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def _decode(path: Path, raw: bytes) -> str:
+def _parse(path: Path, *, drop_torn_tail: bool) -> tuple[list[PromptRecord], bytes, int]:
+    """Reads a manifest; returns its records, its bytes and the length of the valid prefix."""
+    raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise RecordError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
-
-
-def manifest_path(eval_dir: str | os.PathLike) -> Path:
-    return Path(eval_dir) / MANIFEST
-
-
-def metrics_path(eval_dir: str | os.PathLike) -> Path:
-    return Path(eval_dir) / METRICS
-
-
-def _parse_lines(path: Path, text: str, *, drop_torn_tail: bool) -> tuple[list[PromptRecord], int]:
-    """Parses manifest text; returns records and the byte length of the valid prefix."""
     records: list[PromptRecord] = []
     seen: dict[int, int] = {}
     lines = text.split("\n")
-    torn = not text.endswith("\n") and text != ""
     valid_len = 0
     for lineno, line in enumerate(lines, start=1):
         is_last = lineno == len(lines)
@@ -217,7 +172,7 @@ def _parse_lines(path: Path, text: str, *, drop_torn_tail: bool) -> tuple[list[P
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            if is_last and torn and drop_torn_tail:
+            if is_last and drop_torn_tail:  # no newline after it: torn
                 log.warning("%s: dropping a last line cut short by a crash (%s)", where, e.msg)
                 break
             raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
@@ -230,41 +185,34 @@ def _parse_lines(path: Path, text: str, *, drop_torn_tail: bool) -> tuple[list[P
         seen[record.prompt_id] = lineno
         records.append(record)
         valid_len += len(line.encode("utf-8")) + (0 if is_last else 1)
-    return records, valid_len
+    return records, raw, valid_len
 
 
 def read_manifest(
     eval_dir: str | os.PathLike, *, check_images: bool = False, allow_torn_tail: bool = False
 ) -> list[PromptRecord]:
-    """Reads and validates `<eval_dir>/manifest.jsonl` (or a manifest file path given directly).
-
-    Args:
-      eval_dir: the eval folder, or the path of a manifest file.
-      check_images: also check that every image file exists (error names the line).
-      allow_torn_tail: skip a last line cut short by a crash instead of failing.
-    """
+    """Reads and validates `<eval_dir>/manifest.jsonl` (or a manifest file given directly);
+    `check_images`: every image file must exist; `allow_torn_tail`: skip a last line cut short
+    by a crash instead of failing."""
     path = Path(eval_dir)
     if path.is_dir():
         path = path / MANIFEST
     if not path.exists():
         raise RecordError(f"{path}: no manifest; is {path.parent} an eval output folder?")
-    text = _decode(path, path.read_bytes())
-    records, _ = _parse_lines(path, text, drop_torn_tail=allow_torn_tail)
-    if check_images:
-        root = path.parent
-        for lineno, record in enumerate(records, start=1):
-            for image in record.images:
-                if not (root / image).is_file():
-                    raise RecordError(
-                        f"{path}:{lineno}: image {image!r} of prompt_id {record.prompt_id} "
-                        f"does not exist under {root}"
-                    )
+    records = _parse(path, drop_torn_tail=allow_torn_tail)[0]
+    for lineno, record in enumerate(records if check_images else [], start=1):
+        for image in record.images:
+            if not (path.parent / image).is_file():
+                raise RecordError(
+                    f"{path}:{lineno}: image {image!r} of prompt_id {record.prompt_id} "
+                    f"does not exist under {path.parent}"
+                )
     return records
 
 
 def read_metrics(eval_dir: str | os.PathLike) -> dict[str, Any]:
     """Reads `<eval_dir>/metrics.json`; an absent file is an empty dict."""
-    path = metrics_path(eval_dir)
+    path = Path(eval_dir) / METRICS
     if not path.exists():
         return {}
     try:
@@ -276,21 +224,28 @@ def read_metrics(eval_dir: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
-# --------------------------------------------------------------------------- writing
+def write_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:
+    """Writes a text file through a temp file and a rename (creating its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 def write_metrics(eval_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
-    """Writes `metrics.json` atomically (temp file + rename); values must be JSON-able."""
-    path = metrics_path(eval_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes `metrics.json` atomically; values must be JSON-able."""
+    path = Path(eval_dir) / METRICS
     try:
         text = json.dumps(dict(metrics), indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise RecordError(f"{path}: metrics are not plain JSON ({e})") from None
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, text + "\n")
 
 
 def update_metrics(eval_dir: str | os.PathLike, updates: Mapping[str, Any]) -> dict[str, Any]:
@@ -301,42 +256,34 @@ def update_metrics(eval_dir: str | os.PathLike, updates: Mapping[str, Any]) -> d
     return merged
 
 
+def manifest_line(record: PromptRecord) -> str:
+    """A record as one manifest line; ASCII-only, so U+2028 and friends cannot split it."""
+    return json.dumps(record.to_json(), ensure_ascii=True, allow_nan=False) + "\n"
+
+
 class ManifestWriter:
-    """Append-only writer for `manifest.jsonl`; one durable line per finished prompt.
+    """Append-only writer for `manifest.jsonl`, a context manager: one durable line per
+    finished prompt; a resumed run skips the ids in `done_ids` (written by an earlier run)."""
 
-    Use as a context manager::
-
-        with ManifestWriter(eval_dir) as writer:
-            for prompt in prompts:
-                if prompt.prompt_id in writer.done_ids:
-                    continue  # written by an earlier, interrupted run
-                writer.append(PromptRecord(...))
-    """
-
-    def __init__(
-        self, eval_dir: str | os.PathLike, *, check_images: bool = True, fsync_each: bool = True
-    ):
+    def __init__(self, eval_dir: str | os.PathLike, *, fsync_each: bool = True):
         self.eval_dir = Path(eval_dir)
         self.fsync_each = fsync_each
         self._unsynced = False
         self.path = self.eval_dir / MANIFEST
-        self.check_images = check_images
         try:
             (self.eval_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RecordError(f"{self.eval_dir}: cannot create the eval folder ({e})") from None
         self.records: list[PromptRecord] = []
         if self.path.exists():
-            raw = self.path.read_bytes()
-            text = _decode(self.path, raw)
-            self.records, valid_len = _parse_lines(self.path, text, drop_torn_tail=True)
-            if valid_len != len(raw) or (valid_len and not raw.endswith(b"\n")):
-                # Cut a torn last line, or add the newline a complete last line lacks.
+            self.records, raw, valid_len = _parse(self.path, drop_torn_tail=True)
+            valid = raw[:valid_len]
+            newline = b"\n" if valid and not valid.endswith(b"\n") else b""
+            if valid + newline != raw:  # cut a torn last line, or end a complete one
                 with open(self.path, "r+b") as f:
                     f.truncate(valid_len)
-                    if valid_len and not raw[:valid_len].endswith(b"\n"):
-                        f.seek(valid_len)
-                        f.write(b"\n")
+                    f.seek(valid_len)
+                    f.write(newline)
                     f.flush()
                     os.fsync(f.fileno())
         self.done_ids: set[int] = {r.prompt_id for r in self.records}
@@ -349,16 +296,13 @@ class ManifestWriter:
                 f"{self.path}: prompt_id {record.prompt_id} is already in the manifest; "
                 "skip ids in ManifestWriter.done_ids when resuming"
             )
-        if self.check_images:
-            for image in record.images:
-                if not (self.eval_dir / image).is_file():
-                    raise RecordError(
-                        f"{self.path}: prompt_id {record.prompt_id} names image {image!r}, "
-                        f"which does not exist under {self.eval_dir}; write the image first"
-                    )
-        # ASCII-only lines: U+2028 and friends cannot split a record for any reader.
-        line = json.dumps(record.to_json(), ensure_ascii=True, allow_nan=False)
-        self._file.write(line + "\n")
+        for image in record.images:
+            if not (self.eval_dir / image).is_file():
+                raise RecordError(
+                    f"{self.path}: prompt_id {record.prompt_id} names image {image!r}, "
+                    f"which does not exist under {self.eval_dir}; write the image first"
+                )
+        self._file.write(manifest_line(record))
         self._file.flush()
         if self.fsync_each:
             os.fsync(self._file.fileno())
@@ -366,10 +310,6 @@ class ManifestWriter:
             self._unsynced = True
         self.done_ids.add(record.prompt_id)
         self.records.append(record)
-
-    def extend(self, records: Iterable[PromptRecord]) -> None:
-        for record in records:
-            self.append(record)
 
     def close(self) -> None:
         if not self._file.closed:
@@ -384,13 +324,10 @@ class ManifestWriter:
         self.close()
 
 
-def write_manifest(
-    eval_dir: str | os.PathLike, records: Sequence[PromptRecord], *, check_images: bool = True
-) -> Path:
-    """Appends `records` to the eval folder's manifest (creating it); returns its path.
-
-    Bulk writes fsync once at the end; an eval loop uses ManifestWriter (one fsync per prompt).
-    """
-    with ManifestWriter(eval_dir, check_images=check_images, fsync_each=False) as writer:
-        writer.extend(records)
+def write_manifest(eval_dir: str | os.PathLike, records: Sequence[PromptRecord]) -> Path:
+    """Appends `records` to the eval folder's manifest (creating it), with one fsync at the
+    end; returns its path."""
+    with ManifestWriter(eval_dir, fsync_each=False) as writer:
+        for record in records:
+            writer.append(record)
     return writer.path

@@ -1,10 +1,7 @@
 """The runner behind `parti-jax eval`: loads the models once, runs the gin-selected suites.
 
-`parti-jax eval --workdir=OUT` runs the suites named in `eval.suites`, each in
-its own folder (parti_jax/eval/suites.py describes the layout), and writes a
-summary: `OUT/metrics.json` ({suite name: that suite's metrics}) and
-`OUT/index.html` (one row per suite with its headline numbers and a link to
-its report).
+Each suite writes its own folder (layout in parti_jax/eval/suites.py); the
+summary is `OUT/metrics.json` ({suite: metrics}) and `OUT/index.html`.
 """
 
 from __future__ import annotations
@@ -94,7 +91,7 @@ def write_summary(workdir: str | os.PathLike, results: Mapping[str, Mapping[str,
         f"<tbody>{''.join(rows)}</tbody></table>"
         '<p class="muted">All numbers: metrics.json in this folder and in each suite folder.</p>'
     )
-    return H.write_page(workdir / R.INDEX, H.page("parti_jax eval", body))
+    return H.write_page(workdir / R.INDEX, "parti_jax eval", body)
 
 
 def run_eval_suites(

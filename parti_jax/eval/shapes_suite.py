@@ -1,27 +1,18 @@
 """Shapes-world faithfulness: does the model draw what the caption says? The judge decides.
 
-Scenes come from two splits of the shapes world (parti_jax/data/shapes.py):
-'validation' ("in_distribution": unseen scenes made of (colour, shape) pairs
-seen in training) and 'heldout' (every scene has a pair never seen in
-training). For each caption the generator draws images; the judge
-(parti_jax/data/judge.py) reads the objects back from the best image and checks
-every attribute the caption states.
+Captions come from the world's 'validation' split ("in_distribution": unseen
+scenes of (colour, shape) pairs seen in training; prompt id i) and 'heldout'
+split (each scene has a pair never seen in training; HELDOUT_ID_OFFSET + i).
+The judge (parti_jax/data/judge.py) reads the objects back from the best image
+and checks every attribute the caption states.
 
-Why the figure can be trusted: beside the accuracy stands the judge's
-false-accept rate on near-miss captions of the same generated images
-(`shapes.near_miss_captions`: one attribute changed). A near miss counts only
-where it is certainly wrong for the image: the image was accepted for its own
-caption, and that caption stated the changed attribute (for a relation: the
-relation or both positions), so the image is known to differ from the near
-miss there. Others are excluded and counted.
-
-Prompt ids: validation example i is prompt i, heldout example i is
-HELDOUT_ID_OFFSET + i. Categories: "in_distribution" / "heldout"; challenges:
-"one object" / "two objects" (so the gallery groups them). Each record's
-`extra` holds the judge's verdict per kept image and the near misses of the
-best one, so the metrics are recomputed from the manifest after a resume.
-
-metrics.json::
+Beside the accuracy stands the judge's false-accept rate on near-miss captions
+of the same images (one attribute changed). A near miss counts only where it is
+certainly wrong: the image was accepted for its own caption, and that caption
+stated the changed attribute; the others are counted as excluded. Each record's
+`extra` holds the verdicts and near misses, so a resume recomputes the metrics
+from the manifest. Categories are the groups and challenges "one object" /
+"two objects", so the gallery groups them. metrics.json::
 
     {"suite": "shapes", "num_samples", "keep_top_k", "seed", "scorer", "world_seed",
      "in_distribution": GROUP, "heldout": GROUP}
@@ -36,15 +27,14 @@ metrics.json::
                            "num_excluded", "per_attribute": {attr: {"num_captions",
                            "num_accepted", "false_accept_rate"}}}}
 
-An accuracy with nothing to count is null. `report.html` shows the tables and
-a grid of generated images with their captions and verdicts (escaped).
+An accuracy with nothing to count is null.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,20 +103,10 @@ def shapes_scenes(
 def _determined(attribute: str, req: Any) -> bool:
     """Whether a near miss changing `attribute` is certainly wrong for an image that the
     judge accepted for a caption stating `req`."""
-    objs = req.objects
-    if attribute in ("color", "shape"):
-        return all(getattr(o, attribute) is not None for o in objs)
-    if attribute == "size":
-        return all(o.size is not None for o in objs)
-    if attribute == "position":
-        return all(o.cell is not None for o in objs)
-    if attribute == "relation":
-        return req.relation is not None or all(o.cell is not None for o in objs)
-    return attribute == "count"
-
-
-def _verdict(result: Any) -> dict[str, Any]:
-    return {"match": bool(result.match), "attributes": dict(result.attributes)}
+    if attribute == "count" or (attribute == "relation" and req.relation is not None):
+        return True
+    field = "cell" if attribute in ("position", "relation") else attribute
+    return all(getattr(o, field) is not None for o in req.objects)
 
 
 def make_judge_hook(
@@ -143,39 +123,23 @@ def make_judge_hook(
     def hook(prompt: R.PromptRecord, images: list[np.ndarray], paths: list[str], result: Any):
         del paths, result
         scene = by_id[prompt.prompt_id]
+        detections = [judge.analyse(image, judge_config) for image in images]
         verdicts = []
-        detections = []
-        for image in images:
-            found = judge.analyse(image, judge_config)
-            detections.append(found)
-            verdicts.append(
-                _verdict(judge.judge_requirements(found, scene.requirements, judge_config))
-            )
+        for found in detections:
+            v = judge.judge_requirements(found, scene.requirements, judge_config)
+            verdicts.append({"match": bool(v.match), "attributes": dict(v.attributes)})
         rng = np.random.default_rng([int(near_miss_seed), int(prompt.prompt_id)])
         near = []
         for caption, attribute in shapes.near_miss_captions(scene.spec, rng, config):
-            req = parse_caption(caption)
-            accepted = judge.judge_requirements(detections[0], req, judge_config).match
+            v = judge.judge_requirements(detections[0], parse_caption(caption), judge_config)
+            sure = _determined(attribute, scene.requirements)
             near.append(
-                {
-                    "caption": caption,
-                    "attribute": attribute,
-                    "accepted": bool(accepted),
-                    "determined": _determined(attribute, scene.requirements),
-                }
+                dict(caption=caption, attribute=attribute, accepted=bool(v.match), determined=sure)
             )
-        return {
-            "split": scene.split,
-            "index": scene.index,
-            "num_objects": scene.num_objects,
-            "verdicts": verdicts,
-            "near_misses": near,
-        }
+        where = dict(split=scene.split, index=scene.index, num_objects=scene.num_objects)
+        return {**where, "verdicts": verdicts, "near_misses": near}
 
     return hook
-
-
-# --------------------------------------------------------------------------- metrics
 
 
 def _rate(hits: int, n: int) -> float | None:
@@ -209,20 +173,13 @@ def _near_miss_block(records: Sequence[R.PromptRecord]) -> dict[str, Any]:
             else:
                 excluded += 1
     flat = [x for v in counted.values() for x in v]
-    return {
-        "num_captions": len(flat),
-        "num_accepted": sum(flat),
-        "false_accept_rate": _rate(sum(flat), len(flat)),
-        "num_excluded": excluded,
-        "per_attribute": {
-            a: {
-                "num_captions": len(v),
-                "num_accepted": sum(v),
-                "false_accept_rate": _rate(sum(v), len(v)),
-            }
-            for a, v in sorted(counted.items())
-        },  # fmt: skip
-    }
+    per_attribute = {a: _accepts(v) for a, v in sorted(counted.items())}
+    return {**_accepts(flat), "num_excluded": excluded, "per_attribute": per_attribute}
+
+
+def _accepts(accepted: list[bool]) -> dict[str, Any]:
+    n, hits = len(accepted), sum(accepted)
+    return {"num_captions": n, "num_accepted": hits, "false_accept_rate": _rate(hits, n)}
 
 
 def shapes_metrics(records: Sequence[R.PromptRecord]) -> dict[str, Any]:
@@ -246,42 +203,36 @@ def shapes_metrics(records: Sequence[R.PromptRecord]) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- report
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
 def _tables(metrics: dict[str, Any]) -> str:
     from parti_jax.data.judge import ATTRIBUTES
 
-    groups = list(GROUPS)
-    head = ["", *groups]
-    rows = [
-        ["scenes", *[metrics[g]["num_scenes"] for g in groups]],
-        ["two-object share", *[_pct(metrics[g]["two_object_share"]) for g in groups]],
-        ["accuracy (all stated attributes)", *[_pct(metrics[g]["accuracy"]) for g in groups]],
-        ["  one-object scenes", *[_pct(metrics[g]["one_object"]["accuracy"]) for g in groups]],
-        ["  two-object scenes", *[_pct(metrics[g]["two_objects"]["accuracy"]) for g in groups]],
-    ]
-    for a in ATTRIBUTES:
-        cells = []
-        for g in groups:
-            m = metrics[g]["attributes"][a]
-            cells.append(f"{_pct(m['accuracy'])} of {m['num_stated']}")
-        rows.append([f"{a} accuracy", *cells])
-    rows.append(
+    def row(label: str, cell: Callable[[dict], Any]) -> list[Any]:
+        return [label, *(cell(metrics[g]) for g in GROUPS)]
+
+    def of(m: dict, rate: str, n: str) -> str:
+        return f"{H.pct(m[rate])} of {m[n]}"
+
+    return H.table(
+        ["", *GROUPS],
         [
-            "judge false-accept rate on near misses",
-            *[
-                f"{_pct(metrics[g]['near_miss']['false_accept_rate'])} of "
-                f"{metrics[g]['near_miss']['num_captions']}"
-                for g in groups
-            ],
-        ]
+            row("scenes", lambda m: m["num_scenes"]),
+            row("two-object share", lambda m: H.pct(m["two_object_share"])),
+            row("accuracy (all stated attributes)", lambda m: H.pct(m["accuracy"])),
+            row("  one-object scenes", lambda m: H.pct(m["one_object"]["accuracy"])),
+            row("  two-object scenes", lambda m: H.pct(m["two_objects"]["accuracy"])),
+            *(
+                row(
+                    f"{a} accuracy", lambda m, a=a: of(m["attributes"][a], "accuracy", "num_stated")
+                )
+                for a in ATTRIBUTES
+            ),
+            row(
+                "judge false-accept rate on near misses",
+                lambda m: of(m["near_miss"], "false_accept_rate", "num_captions"),
+            ),
+        ],
+        numeric={1, 2},
     )
-    return H.table(head, rows, numeric={1, 2})
 
 
 def _mark(value: Any) -> str:
@@ -303,14 +254,6 @@ def _scene_card(record: R.PromptRecord) -> str:
     )
 
 
-def _scorer_words(name: str | None) -> str:
-    if name in (None, "likelihood"):
-        return "the model's likelihood"
-    if name == "pmi":
-        return "the model's own pointwise mutual information of image and caption (no judge)"
-    return "nothing (draw order)" if name == "none" else name
-
-
 def write_report(
     out_dir: str | os.PathLike,
     records: Sequence[R.PromptRecord],
@@ -319,10 +262,15 @@ def write_report(
     max_scenes: int = 48,
 ) -> Path:
     """`report.html`: the accuracy tables and a grid of images with their verdicts."""
+    scorer = {
+        None: "the model's likelihood",
+        "likelihood": "the model's likelihood",
+        "pmi": "the model's own pointwise mutual information of image and caption (no judge)",
+        "none": "nothing (draw order)",
+    }.get(metrics["scorer"], metrics["scorer"])
     settings = (
         f"{metrics['num_samples']} sample(s) per caption, best {metrics['keep_top_k']} kept, "
-        f"reranked by {_scorer_words(metrics['scorer'])}; the judge reads "
-        "the best image."
+        f"reranked by {scorer}; the judge reads the best image."
     )
     if metrics["scorer"] == "shapes_judge":
         settings += " Note: the reranker is the judge itself (best-of-N by the evaluator)."
@@ -341,10 +289,7 @@ def write_report(
         f'<div id="tables">{_tables(metrics)}</div>'
         f'<p><a href="{R.INDEX}">All images (gallery)</a> · metrics.json</p>' + "".join(grids)
     )
-    return H.write_page(Path(out_dir) / S.REPORT, H.page("Shapes-world faithfulness", body))
-
-
-# --------------------------------------------------------------------------- the suite
+    return H.write_page(Path(out_dir) / S.REPORT, "Shapes-world faithfulness", body)
 
 
 def run_shapes(

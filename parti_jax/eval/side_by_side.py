@@ -1,19 +1,14 @@
 """Blind side-by-side rating of two eval folders (two checkpoints or two settings).
 
-`write_side_by_side(eval_dir_a, eval_dir_b, out_path)` writes one HTML page
-that shows, for every prompt present in both folders, A's images and B's images
-next to each other. Which system is on the left is drawn per prompt from
-`seed` (exactly half the prompts have A on the left, up to one for an odd count),
-so a rater cannot learn a side. The page shows no system names, paths or
-scores; the assignment is stored in the page's data (not displayed) and applied
-only when votes are exported.
+`write_side_by_side(eval_dir_a, eval_dir_b, out_path)` writes one page showing,
+for every prompt in both folders, A's and B's images side by side. The left
+side is drawn per prompt from `seed` (half the prompts have A on the left); the
+page shows no system names, paths or scores, and un-blinds only on export.
 
-A rater clicks "Left is better", "Tie" or "Right is better" per prompt. Choices
-live in memory and in the browser's localStorage under
-`parti_jax.sbs.<page_id>`, so a reload keeps them. "Export votes" writes the
-un-blinded votes into the `<textarea id="votes-json">` (to copy) and downloads
-them as `votes_<page_id>.json` (a Blob + anchor download, which works from
-file://). The export format, read by parti_jax.eval.compare::
+A rater clicks "Left is better", "Tie" or "Right is better" per prompt; choices
+persist in localStorage under `parti_jax.sbs.<page_id>`. "Export votes" fills
+the `votes-json` box and downloads `votes_<page_id>.json`, the format that
+parti_jax.eval.compare reads::
 
     {"format": "parti_jax.side_by_side.votes/1", "page_id": "sbs-...",
      "a": "<name of A>", "b": "<name of B>", "seed": 0, "rater": "...",
@@ -40,6 +35,7 @@ from parti_jax.eval import records as R
 
 VOTES_FORMAT = "parti_jax.side_by_side.votes/1"
 STORAGE_PREFIX = "parti_jax.sbs."
+PROMPT_KEYS = ("prompt_id", "prompt", "category", "challenge")
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +57,8 @@ def plan_pairs(
     where_a: str = "A",
     where_b: str = "B",
 ) -> list[Pair]:
-    """Joins two runs on prompt_id and draws the left/right sides (balanced, seeded).
-
-    Prompts in only one run are left out (logged). The same prompt_id with a
-    different prompt text is an error: the runs used different prompt sets.
-    """
+    """Joins two runs on prompt_id (others left out, logged) and draws the left/right sides
+    (balanced, seeded). One prompt_id with two prompt texts is an error: other prompt sets."""
     by_id_b = {r.prompt_id: r for r in records_b}
     common = sorted(r.prompt_id for r in records_a if r.prompt_id in by_id_b)
     by_id_a = {r.prompt_id: r for r in records_a}
@@ -91,28 +84,18 @@ def plan_pairs(
     ]
 
 
-def page_id_for(name_a: str, name_b: str, seed: int, prompt_ids: Sequence[int]) -> str:
-    """A stable id for a page (same inputs, same id): keys localStorage and exports."""
-    key = json.dumps([name_a, name_b, seed, list(prompt_ids)], separators=(",", ":"))
-    return "sbs-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
-
-
 def read_page_data(page: str | os.PathLike) -> dict:
     """The data embedded in a written page (prompts, sides, names, page id)."""
     text = Path(page).read_text(encoding="utf-8")
-    start_tag = '<script type="application/json" id="sbs-data">'
-    start = text.find(start_tag)
-    if start < 0:
+    _, tag, rest = text.partition('<script type="application/json" id="sbs-data">')
+    if not tag:
         raise R.RecordError(f"{page}: not a side-by-side page (no sbs-data element)")
-    start += len(start_tag)
-    return json.loads(text[start : text.index("</script>", start)])
+    return json.loads(rest[: rest.index("</script>")])
 
 
 def export_votes(page_data: dict, choices: dict[int, str], *, rater: str = "") -> dict:
-    """Un-blinds per-prompt choices ("left", "right", "tie") into the page's export format.
-
-    The page's "Export votes" button does the same in JS; this serves scripts and tests.
-    """
+    """Un-blinds per-prompt choices ("left", "right", "tie") into the page's export format,
+    as its "Export votes" button does in JS (for scripts and tests)."""
     votes = []
     for p in page_data["prompts"]:
         choice = choices.get(p["prompt_id"])
@@ -122,47 +105,25 @@ def export_votes(page_data: dict, choices: dict[int, str], *, rater: str = "") -
             raise ValueError(f"prompt_id {p['prompt_id']}: choice {choice!r} is not left/right/tie")
         right = "b" if p["left"] == "a" else "a"
         winner = {"left": p["left"], "right": right, "tie": "tie"}[choice]
-        votes.append(
-            {
-                "prompt_id": p["prompt_id"],
-                "prompt": p["prompt"],
-                "category": p["category"],
-                "challenge": p["challenge"],
-                "winner": winner,
-                "left": p["left"],
-            }
-        )
-    return {
-        "format": page_data["format"],
-        "page_id": page_data["page_id"],
-        "a": page_data["a"],
-        "b": page_data["b"],
-        "seed": page_data["seed"],
-        "rater": rater,
-        "num_prompts": len(page_data["prompts"]),
-        "votes": votes,
-    }
-
-
-def _side(record: R.PromptRecord, prefix: str, num_images: int) -> str:
-    return "".join(H.img_tag(prefix + image) for image in record.images[:num_images])
+        votes.append({**{k: p[k] for k in PROMPT_KEYS}, "winner": winner, "left": p["left"]})
+    header = {k: page_data[k] for k in ("format", "page_id", "a", "b", "seed")}
+    return {**header, "rater": rater, "num_prompts": len(page_data["prompts"]), "votes": votes}
 
 
 def _pair_html(pair: Pair, prefix_a: str, prefix_b: str, max_images: int | None) -> str:
-    r = pair.a
     # Equal image counts on both sides, so the count cannot reveal a system.
-    k = min(len(pair.a.images), len(pair.b.images))
-    k = min(k, max_images) if max_images else k
-    sides = {"a": _side(pair.a, prefix_a, k), "b": _side(pair.b, prefix_b, k)}
+    k = min(len(pair.a.images), len(pair.b.images), max_images or len(pair.a.images))
+    sides = {
+        "a": "".join(H.img_tag(prefix_a + image) for image in pair.a.images[:k]),
+        "b": "".join(H.img_tag(prefix_b + image) for image in pair.b.images[:k]),
+    }
     right = "b" if pair.left == "a" else "a"
-    pid = r.prompt_id
+    r, pid = pair.a, pair.a.prompt_id
     buttons = "".join(
         f'<button type="button" class="vote-button" data-prompt-id="{pid}" '
         f'data-choice="{choice}">{label}</button>'
-        for choice, label in (
-            ("left", "Left is better"),
-            ("tie", "Tie"),
-            ("right", "Right is better"),
+        for choice, label in zip(
+            ("left", "tie", "right"), ("Left is better", "Tie", "Right is better")
         )
     )
     return (
@@ -179,8 +140,6 @@ def _pair_html(pair: Pair, prefix_a: str, prefix_b: str, max_images: int | None)
 
 
 _SCRIPT = r"""
-const $ = (s, el) => (el || document).querySelector(s);
-const $$ = (s, el) => Array.from((el || document).querySelectorAll(s));
 const data = JSON.parse($('#sbs-data').textContent);
 const storageKey = data.storage_prefix + data.page_id;
 const byId = new Map(data.prompts.map(p => [String(p.prompt_id), p]));
@@ -204,19 +163,11 @@ function render() {
   $('#progress').textContent = n + ' of ' + data.prompts.length + ' rated';
   $('#rater').value = state.rater || '';
 }
-function winner(p, choice) {
-  if (choice === 'tie') return 'tie';
-  const right = p.left === 'a' ? 'b' : 'a';
-  return choice === 'left' ? p.left : right;
-}
+const winner = (p, c) => c === 'tie' ? 'tie' : c === 'left' ? p.left : p.left === 'a' ? 'b' : 'a';
 function buildExport() {
-  const votes = [];
-  for (const p of data.prompts) {
-    const c = state.choices[String(p.prompt_id)];
-    if (!c) continue;
-    votes.push({prompt_id: p.prompt_id, prompt: p.prompt, category: p.category,
-                challenge: p.challenge, winner: winner(p, c), left: p.left});
-  }
+  const votes = data.prompts.filter(p => state.choices[p.prompt_id]).map(p => ({
+    prompt_id: p.prompt_id, prompt: p.prompt, category: p.category, challenge: p.challenge,
+    winner: winner(p, state.choices[p.prompt_id]), left: p.left}));
   return {format: data.format, page_id: data.page_id, a: data.a, b: data.b, seed: data.seed,
           rater: state.rater || '', exported_at: new Date().toISOString(),
           num_prompts: data.prompts.length, votes: votes};
@@ -227,9 +178,8 @@ function exportVotes() {
   try {
     const blob = new Blob([text], {type: 'application/json'});
     const url = URL.createObjectURL(blob);
-    const link = document.createElement('a');
-    link.href = url;
-    link.download = 'votes_' + data.page_id + '.json';
+    const link = Object.assign(document.createElement('a'),
+                               {href: url, download: 'votes_' + data.page_id + '.json'});
     document.body.appendChild(link);
     link.click();
     link.remove();
@@ -259,37 +209,45 @@ render();
 """
 
 
-def render_side_by_side(
-    pairs: Sequence[Pair],
+def write_side_by_side(
+    eval_dir_a: str | os.PathLike,
+    eval_dir_b: str | os.PathLike,
+    out_path: str | os.PathLike,
     *,
-    name_a: str,
-    name_b: str,
-    seed: int,
+    name_a: str | None = None,
+    name_b: str | None = None,
+    seed: int = 0,
     title: str = "Side-by-side",
-    prefix_a: str = "",
-    prefix_b: str = "",
     max_images: int | None = None,
-) -> str:
-    """The page's HTML for planned `pairs`; prefixes lead from the page to each folder."""
-    page_id = page_id_for(name_a, name_b, seed, [p.a.prompt_id for p in pairs])
-    data = {
-        "format": VOTES_FORMAT,
-        "page_id": page_id,
-        "storage_prefix": STORAGE_PREFIX,
-        "a": name_a,
-        "b": name_b,
-        "seed": seed,
-        "prompts": [
-            {
-                "prompt_id": p.a.prompt_id,
-                "prompt": p.a.prompt,
-                "category": p.a.category,
-                "challenge": p.a.challenge,
-                "left": p.left,
-            }
-            for p in pairs
-        ],
-    }
+) -> Path:
+    """Writes a blind side-by-side page comparing two eval folders; returns its path.
+
+    `name_a`, `name_b` go into the exported votes (default: the folder paths); `seed`
+    draws the sides (same seed, same page id); `max_images` caps the images per side
+    (both sides always show the same number).
+    """
+    out = Path(out_path)
+    name_a = name_a if name_a is not None else str(eval_dir_a)
+    name_b = name_b if name_b is not None else str(eval_dir_b)
+    if name_a == name_b:
+        raise ValueError(f"A and B are both named {name_a!r}; pass distinct name_a/name_b")
+    pairs = plan_pairs(
+        R.read_manifest(eval_dir_a, allow_torn_tail=True),
+        R.read_manifest(eval_dir_b, allow_torn_tail=True),
+        seed=seed,
+        where_a=str(Path(eval_dir_a) / R.MANIFEST),
+        where_b=str(Path(eval_dir_b) / R.MANIFEST),
+    )
+    # A stable page id (same inputs, same id): keys localStorage and the exports.
+    key = json.dumps([name_a, name_b, seed, [p.a.prompt_id for p in pairs]], separators=(",", ":"))
+    page_id = "sbs-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    prompts = [{**{k: getattr(p.a, k) for k in PROMPT_KEYS}, "left": p.left} for p in pairs]
+    data = dict(format=VOTES_FORMAT, page_id=page_id, storage_prefix=STORAGE_PREFIX)
+    data.update(a=name_a, b=name_b, seed=seed, prompts=prompts)
+    prefix_a, prefix_b = (
+        H.folder_prefix(eval_dir_a, out.parent),
+        H.folder_prefix(eval_dir_b, out.parent),
+    )
     cards = "".join(_pair_html(p, prefix_a, prefix_b, max_images) for p in pairs)
     body = (
         f"<header><h1>{H.esc(title)}</h1>"
@@ -307,55 +265,4 @@ def render_side_by_side(
         'placeholder="Click Export votes"></textarea>'
         f"{H.json_script_tag('sbs-data', data)}"
     )
-    return H.page(title, body, script=_SCRIPT)
-
-
-def write_side_by_side(
-    eval_dir_a: str | os.PathLike,
-    eval_dir_b: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    name_a: str | None = None,
-    name_b: str | None = None,
-    seed: int = 0,
-    title: str = "Side-by-side",
-    max_images: int | None = None,
-) -> Path:
-    """Writes a blind side-by-side page comparing two eval folders; returns its path.
-
-    Args:
-      eval_dir_a, eval_dir_b: eval output folders (parti_jax/eval/records.py).
-      out_path: the page to write; image links are relative to its folder.
-      name_a, name_b: names in the exported votes (default: the folder paths).
-      seed: draws the left/right sides; the same seed gives the same page id.
-      title: the page title.
-      max_images: show at most this many images per side (default: all that both
-        sides have; the two sides always show the same number).
-    """
-    out = Path(out_path)
-    name_a = name_a if name_a is not None else str(eval_dir_a)
-    name_b = name_b if name_b is not None else str(eval_dir_b)
-    if name_a == name_b:
-        raise ValueError(f"A and B are both named {name_a!r}; pass distinct name_a/name_b")
-    records_a = R.read_manifest(eval_dir_a, allow_torn_tail=True)
-    records_b = R.read_manifest(eval_dir_b, allow_torn_tail=True)
-    pairs = plan_pairs(
-        records_a,
-        records_b,
-        seed=seed,
-        where_a=str(R.manifest_path(eval_dir_a)),
-        where_b=str(R.manifest_path(eval_dir_b)),
-    )
-    prefix_a = H.relative_path(eval_dir_a, out.parent) + "/"
-    prefix_b = H.relative_path(eval_dir_b, out.parent) + "/"
-    text = render_side_by_side(
-        pairs,
-        name_a=name_a,
-        name_b=name_b,
-        seed=seed,
-        title=title,
-        prefix_a="" if prefix_a == "./" else prefix_a,
-        prefix_b="" if prefix_b == "./" else prefix_b,
-        max_images=max_images,
-    )
-    return H.write_page(out, text)
+    return H.write_page(out, title, body, script=_SCRIPT)

@@ -1,36 +1,23 @@
 """What every eval suite shares: host sharding and resumable generation into an eval folder.
 
-`parti-jax eval --workdir=OUT` (parti_jax/eval/runner.py) runs the suites
-named in `eval.suites`, each in its own folder, and writes a summary::
+Each suite of `parti-jax eval` (parti_jax/eval/runner.py) writes its own folder:
+the generating suites (parti_prompts, shapes, coco_fid) an eval folder
+(parti_jax/eval/records.py) and their reports, the others metrics.json and report.html.
 
-    OUT/
-      metrics.json        {suite name: that suite's metrics}
-      index.html          one row per suite: headline numbers, link to its report
-      parti_prompts/      eval folder (parti_jax/eval/records.py) + index.html gallery
-      shapes/             eval folder + report.html (verdicts) + index.html gallery
-      reconstruction/     metrics.json + report.html + images/
-      coco_fid/           eval folder of COCO captions + FID in metrics.json + report.html
-      fid/                FID of another eval folder: metrics.json + report.html
-
-Sharding: process i of n takes prompts i::n (`jax.process_index()` /
-`jax.process_count()`, or given explicitly to simulate hosts). With one
-process the suite writes its eval folder directly; with several, process i
+Sharding: process i of n takes prompts i::n. With several processes each
 writes a complete eval folder of its own under `shards/process_<i>_of_<n>/`
-and marks it done (`DONE.json`). The process that finds every shard of the
-run done (process 0 after a barrier on a real multi-host run) merges the
-shard manifests into the suite folder's `manifest.jsonl` (image paths
-prefixed by the shard folder) and writes the metrics and reports.
+and marks it done (`DONE.json`); the process that finds every shard done
+(process 0 after a barrier on a real multi-host run) merges the shard
+manifests into the suite folder's (image paths prefixed by the shard folder)
+and writes the metrics and reports.
 
-Resume: a prompt whose id is in the suite folder's manifest or in any shard's
-manifest is skipped; images are written before their manifest line, and each
-batch of lines is fsynced, so an interrupted eval loses at most the prompts in
-flight. The generation settings are recorded in `generation.json`; resuming
-with other settings is refused (the error names the field and both values).
+Resume: a prompt whose id is in the suite folder's or any shard's manifest is
+skipped; images are written before their manifest line, so an interrupted eval
+loses at most the prompts in flight. Resuming with other generation settings
+(recorded in `generation.json`) is refused, naming the field and both values.
 
-Suites accept any object with the `Generator.generate` interface
-(`parti_jax.sampling`), which lets tests swap in a stand-in. A prompt to
-generate for is a `records.PromptRecord` without images; its labels
-(category, challenge, note) go into its manifest record.
+Suites take any object with `parti_jax.sampling.Generator.generate` (tests pass
+stand-ins); a prompt to generate for is a `records.PromptRecord` without images.
 """
 
 from __future__ import annotations
@@ -119,17 +106,10 @@ class GenerationSettings:
             "num_samples": int(self.num_samples),
             "keep_top_k": int(self.keep_top_k),
             "seed": int(self.seed),
-            "sampling_config": _jsonable(config),
+            "sampling_config": json.loads(json.dumps(config, default=str)),
             "scorer": name_of(self.scorer),
             "image_size": self.image_size,
         }
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-# --------------------------------------------------------------------------- processes
 
 
 def resolve_processes(
@@ -149,9 +129,12 @@ def resolve_processes(
     return index, count, False
 
 
-def shard(items: Sequence[Any], index: int, count: int) -> list[Any]:
-    """The items process `index` of `count` handles: items[index::count]."""
-    return list(items[index::count])
+def process_0_only(name: str, process_index: int | None) -> dict[str, Any] | None:
+    """For a suite that runs on process 0 only: a "skipped" note on other processes, else None."""
+    index = process_index if process_index is not None else resolve_processes()[0]
+    return (
+        None if index == 0 else {"suite": name, "status": "skipped", "reason": "runs on process 0"}
+    )
 
 
 def shard_dir(out_dir: str | os.PathLike, index: int, count: int) -> Path:
@@ -159,53 +142,31 @@ def shard_dir(out_dir: str | os.PathLike, index: int, count: int) -> Path:
 
 
 def _shard_dirs(out_dir: Path) -> list[Path]:
-    root = out_dir / SHARDS_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / R.MANIFEST).exists())
+    return sorted(p.parent for p in (out_dir / SHARDS_DIR).glob(f"*/{R.MANIFEST}"))
 
 
-def done_prompts(out_dir: str | os.PathLike) -> dict[int, str]:
-    """{prompt_id: prompt} already in the suite folder's manifest or in any shard's manifest."""
-    out_dir = Path(out_dir)
-    done: dict[int, str] = {}
-    for folder in [out_dir, *_shard_dirs(out_dir)]:
-        if (folder / R.MANIFEST).exists():
-            for r in R.read_manifest(folder, allow_torn_tail=True):
-                done.setdefault(r.prompt_id, r.prompt)
-    return done
-
-
-def merge_shards(out_dir: str | os.PathLike) -> list[R.PromptRecord]:
-    """Folds every shard's records into the suite folder's manifest; returns all records.
-
-    Idempotent: records already there are kept, each prompt id appears once,
-    shard image paths get the shard folder as prefix. The manifest is rewritten
-    atomically.
-    """
-    out_dir = Path(out_dir)
+def _gather(out_dir: Path) -> tuple[list[R.PromptRecord], int]:
+    """The suite folder's records, then each prompt found only in a shard (image paths
+    prefixed by the shard folder); and how many came from the suite folder."""
     main = out_dir / R.MANIFEST
     records = R.read_manifest(out_dir, allow_torn_tail=True) if main.exists() else []
-    seen = {r.prompt_id for r in records}
-    added = 0
+    num_main, seen = len(records), {r.prompt_id for r in records}
     for folder in _shard_dirs(out_dir):
         prefix = folder.relative_to(out_dir).as_posix() + "/"
         for r in R.read_manifest(folder, allow_torn_tail=True):
-            if r.prompt_id in seen:
-                continue
-            seen.add(r.prompt_id)
-            records.append(dataclasses.replace(r, images=tuple(prefix + i for i in r.images)))
-            added += 1
-    if added:
-        lines = "".join(
-            json.dumps(r.to_json(), ensure_ascii=True, allow_nan=False) + "\n" for r in records
-        )
-        tmp = main.with_name(f"{main.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, main)
+            if r.prompt_id not in seen:
+                seen.add(r.prompt_id)
+                records.append(dataclasses.replace(r, images=tuple(prefix + i for i in r.images)))
+    return records, num_main
+
+
+def merge_shards(out_dir: str | os.PathLike) -> list[R.PromptRecord]:
+    """Folds every shard's records into the suite folder's manifest (rewritten atomically,
+    each prompt id once); returns all records."""
+    records, num_main = _gather(Path(out_dir))
+    if len(records) > num_main:
+        text = "".join(R.manifest_line(r) for r in records)
+        R.write_atomic(Path(out_dir) / R.MANIFEST, text, fsync=True)
     return records
 
 
@@ -216,9 +177,6 @@ def task_batches(task: Any, *, split: str, batch_size: int, **options: Any) -> A
 
     return pipeline.make_pixels_iterator(task, batch_size=batch_size, split=split, shuffle=False,
                                          repeat=False, drop_remainder=False, **options)  # fmt: skip
-
-
-# --------------------------------------------------------------------------- images
 
 
 def to_uint8(image: Any) -> np.ndarray:
@@ -247,8 +205,6 @@ def load_png(path: str | os.PathLike) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
-
-# --------------------------------------------------------------------------- generation
 
 # (prompt, uint8 images as saved, image paths, the generator's result) -> record `extra`.
 ResultHook = Callable[[R.PromptRecord, list[np.ndarray], list[str], Any], Mapping[str, Any]]
@@ -290,26 +246,13 @@ def _check_settings(out_dir: Path, settings: GenerationSettings) -> None:
                     f"{key}={value!r}; use another work directory or the same settings"
                 )
     else:  # every process writes the same record; the rename is atomic
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def _plan_id(prompts: Sequence[R.PromptRecord], count: int) -> str:
-    h = hashlib.sha256(f"{count}|".encode())
-    for p in prompts:
-        h.update(f"{p.prompt_id},".encode())
-    return h.hexdigest()[:16]
+        R.write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
 def _result_scores(result: Any, num_images: int, prompt_id: int) -> list[float]:
     scores = getattr(result, "scores", None)
-    if scores is None:
-        return []
-    scores = [float(s) for s in np.asarray(scores).reshape(-1)]
-    if not scores:
-        return []
-    if len(scores) != num_images:
+    scores = [] if scores is None else [float(s) for s in np.asarray(scores).reshape(-1)]
+    if scores and len(scores) != num_images:
         raise SuiteError(
             f"prompt_id {prompt_id}: the generator returned {num_images} images but "
             f"{len(scores)} scores"
@@ -354,8 +297,8 @@ def generate_suite(
         folder = shard_dir(out_dir, index, count)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / DONE_FILE).unlink(missing_ok=True)
-    mine = shard(prompts, index, count)
-    done = done_prompts(out_dir)
+    mine = list(prompts[index::count])
+    done = {r.prompt_id: r.prompt for r in _gather(out_dir)[0]}
     for p in prompts:
         if p.prompt_id in done and done[p.prompt_id] != p.prompt:
             raise SuiteError(
@@ -390,7 +333,8 @@ def generate_suite(
     seconds = time.perf_counter() - start
     finalize = True
     if count > 1:
-        plan = _plan_id(prompts, count)
+        key = f"{count}|" + "".join(f"{p.prompt_id}," for p in prompts)
+        plan = hashlib.sha256(key.encode()).hexdigest()[:16]
         marker = {"plan": plan, "prompts": len(mine), "generated": len(todo)}
         (folder / DONE_FILE).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         if real_multihost:

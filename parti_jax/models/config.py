@@ -8,9 +8,9 @@ config fails at construction with the field named, not deep inside jax.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 # Decoder vocabulary is padded to a multiple of this (MXU/tensor-core friendly,
@@ -37,8 +37,9 @@ REMAT_POLICIES = (
 )
 
 
-class DtypeFields:
-    """Mixin for config dataclasses with `dtype` (compute) and `weight_dtype` (parameters) fields."""
+class CheckedConfig:
+    """Mixin of the config dataclasses: the `dtype` (compute) and `weight_dtype`
+    (parameters) fields as jnp dtypes, and checks whose errors name the field."""
 
     @property
     def compute_dtype(self) -> Any:
@@ -48,23 +49,22 @@ class DtypeFields:
     def param_dtype(self) -> Any:
         return DTYPES[self.weight_dtype]
 
-    def check_dtypes(self) -> None:
-        """Raises unless both fields are keys of DTYPES; the error names the field."""
-        for name in ("dtype", "weight_dtype"):
+    def check(self, ok: bool, message: str) -> None:
+        """Raises ValueError('<class>.<message>') unless `ok`."""
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{message}")
+
+    def check_choices(self, **allowed: Sequence[Any]) -> None:
+        """Checks that `dtype`, `weight_dtype` and each named field hold allowed values."""
+        for name, options in dict(dtype=DTYPES, weight_dtype=DTYPES, **allowed).items():
             value = getattr(self, name)
-            if value not in DTYPES:
-                raise ValueError(
-                    f"{type(self).__name__}.{name}={value!r} is not one of {', '.join(DTYPES)}"
-                )
-
-
-def round_up(value: int, multiple: int) -> int:
-    """Smallest multiple of `multiple` that is >= `value`."""
-    return -(-value // multiple) * multiple
+            self.check(
+                value in options, f"{name}={value!r} is not one of {', '.join(map(repr, options))}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig(DtypeFields):
+class ModelConfig(CheckedConfig):
     """Architecture and numerics of the text-to-image encoder-decoder."""
 
     # SentencePiece vocabulary size of the text encoder (pad 0, eos 1, unk 2).
@@ -75,12 +75,10 @@ class ModelConfig(DtypeFields):
     image_grid: tuple[int, int] = (32, 32)
     # Longest text the encoder accepts (and the size of the learned position table).
     max_text_length: int = 128
-    # Where a text token is: 'learned' (a table of absolute positions added to the
-    # embeddings, the paper's) or 'rotary' (no table; the encoder's queries and
-    # keys are rotated by their position, so attention scores depend on the
-    # offset between tokens, as with T5's relative bias, and fused attention
-    # kernels still apply). Relative positions let a phrase such as "at the top
-    # left" find the object words just before it wherever the caption puts them.
+    # Text positions: 'learned' (a table of absolute positions, the paper's) or
+    # 'rotary' (queries and keys rotated by position, so scores depend on the offset
+    # between tokens as with T5's relative bias, and fused attention still applies:
+    # "at the top left" finds the words just before it wherever the caption has them).
     text_positions: str = "learned"
     # Model (residual stream) width.
     d_model: int = 1024
@@ -112,12 +110,10 @@ class ModelConfig(DtypeFields):
     # Side of the 2-D window of 'conv_sparse' attention (odd).
     conv_kernel_size: int = 11
     # Cached decoding of decoder_attention='full': None reads each layer's whole
-    # self-attention cache once per step (masked beyond the step); an integer
-    # reads the cache in blocks of this many positions and only the blocks up to
-    # the step (a dynamic-length loop: ~half the cache traffic over a grid, but
-    # one loop trip per block, which costs a host round-trip per trip on XLA:GPU).
-    # Must divide the number of image tokens. 'conv_sparse' decoding always
-    # reads only the window its mask can see.
+    # self-attention cache per step (masked beyond the step); an integer (dividing
+    # the image tokens) reads only the blocks of this many positions up to the step
+    # (~half the cache traffic over a grid, but a dynamic loop: one host round-trip
+    # per block on XLA:GPU). 'conv_sparse' decoding reads only its mask's window.
     decode_block_size: int | None = None
     # Scan over layers (one compiled block, parameters stacked on a LAYERS axis).
     scan_layers: bool = True
@@ -131,79 +127,55 @@ class ModelConfig(DtypeFields):
     logits_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        check = self.check
         object.__setattr__(self, "image_grid", tuple(int(v) for v in self.image_grid))
-        _check(len(self.image_grid) == 2, f"image_grid={self.image_grid} must be (rows, columns)")
-        for name in (
-            "text_vocab_size",
-            "codebook_size",
-            "max_text_length",
-            "d_model",
-            "num_heads",
-            "mlp_dim",
-            "num_encoder_layers",
-            "num_decoder_layers",
-            "conv_kernel_size",
-        ):
+        check(len(self.image_grid) == 2, f"image_grid={self.image_grid} must be (rows, columns)")
+        positive = ["text_vocab_size", "codebook_size", "max_text_length", "d_model", "num_heads"]
+        positive += ["mlp_dim", "num_encoder_layers", "num_decoder_layers", "conv_kernel_size"]
+        optional = [n for n in ("head_dim", "decode_block_size") if getattr(self, n) is not None]
+        for name in positive + optional:
             value = getattr(self, name)
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                f"{name}={value!r} must be a positive integer",
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            check(
+                ok, f"{name}={value!r} must be a positive integer" + " or None" * (name in optional)
             )
-        _check(min(self.image_grid) > 0, f"image_grid={self.image_grid} must be positive")
-        _check(
+        check(min(self.image_grid) > 0, f"image_grid={self.image_grid} must be positive")
+        check(
             self.text_vocab_size > 2,
             f"text_vocab_size={self.text_vocab_size} must exceed the 3 reserved ids (pad, eos, unk)",
         )
         if self.head_dim is None:
-            _check(
+            check(
                 self.d_model % self.num_heads == 0,
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
                 "change one of them or set head_dim explicitly",
             )
-        else:
-            _check(
-                isinstance(self.head_dim, int) and self.head_dim > 0,
-                f"head_dim={self.head_dim!r} must be a positive integer or None",
-            )
-        _choice("mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
-        _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        _choice("decoder_attention", self.decoder_attention, DECODER_ATTENTIONS)
-        _choice("remat_policy", self.remat_policy, REMAT_POLICIES)
-        _choice("norm_type", self.norm_type, NORM_TYPES)
-        _choice("text_positions", self.text_positions, TEXT_POSITIONS)
+        self.check_choices(mlp_activation=MLP_ACTIVATIONS, attention_impl=ATTENTION_IMPLS)
+        self.check_choices(decoder_attention=DECODER_ATTENTIONS, remat_policy=REMAT_POLICIES)
+        self.check_choices(norm_type=NORM_TYPES, text_positions=TEXT_POSITIONS, logits_dtype=DTYPES)
         if self.text_positions == "rotary":
-            _check(
+            check(
                 self.kv_dim % 2 == 0,
                 f"text_positions='rotary' needs an even head width, got {self.kv_dim}",
             )
-        for name in ("dtype", "weight_dtype", "logits_dtype"):
-            _choice(name, getattr(self, name), tuple(DTYPES))
-        if self.decode_block_size is not None:
-            block = self.decode_block_size
-            _check(
-                isinstance(block, int) and not isinstance(block, bool) and block > 0,
-                f"decode_block_size={block!r} must be a positive integer or None",
-            )
-            _check(
+        if (block := self.decode_block_size) is not None:
+            check(
                 self.num_image_tokens % block == 0,
                 f"decode_block_size={block} must divide the {self.num_image_tokens} image "
                 f"tokens of image_grid={self.image_grid}",
             )
-            _check(
+            check(
                 self.decoder_attention == "full",
                 f"decode_block_size={block} applies to decoder_attention='full'; "
                 "'conv_sparse' decoding already reads only its window (set it to None)",
             )
-        _check(
+        check(
             self.conv_kernel_size % 2 == 1,
             f"conv_kernel_size={self.conv_kernel_size} must be odd (a window centred on the token)",
         )
-        _check(
-            0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)"
-        )
-        _check(
-            self.layer_norm_epsilon > 0,
-            f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0",
+        check(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+        check(
+            self.layer_norm_epsilon > 0, f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0"
         )
 
     # ----------------------------------------------------------- derived
@@ -215,33 +187,13 @@ class ModelConfig(DtypeFields):
     @property
     def decoder_vocab_size(self) -> int:
         """K codes + pad/BOS id 0, padded up to a multiple of 128."""
-        return round_up(self.codebook_size + 1, VOCAB_MULTIPLE)
+        return -(-(self.codebook_size + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     @property
     def num_image_tokens(self) -> int:
         """Tokens the decoder writes per image (rows * columns)."""
         return self.image_grid[0] * self.image_grid[1]
 
-    @property
-    def logits_jnp_dtype(self) -> Any:
-        return DTYPES[self.logits_dtype]
-
-    @property
-    def remat_policy_fn(self) -> Any:
-        """The jax.checkpoint policy for `nn.remat` (None means save nothing)."""
-        if self.remat_policy in ("none", "full"):
-            return None
-        return getattr(jax.checkpoint_policies, self.remat_policy)
-
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(f"ModelConfig: {message}")
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    _check(value in allowed, f"{name}={value!r} is not one of {', '.join(allowed)}")

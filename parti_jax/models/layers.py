@@ -1,14 +1,10 @@
-"""The transformer toolkit: dense, embeddings, norms, MLP, attention, layers, layer stacks, masks.
+"""The transformer toolkit of the encoder-decoder and the ViT-VQGAN: dense, embeddings,
+norms, MLP, attention, layers, layer stacks, masks, parameter-tree helpers.
 
-The encoder-decoder (models/transformer.py) and the ViT-VQGAN
-(vqgan/vit_vqgan.py) are built from these pieces. A `LayerSpec` of plain
-fields (widths, heads, activation, bias, initializer, dtypes, attention
-implementation) parametrises the norms, MLP and attention, so nothing here
-needs a model config. Every parameter is created with logical axis names
-(constants from `parti_jax.partitioning`) and stored in `param_dtype`; matmuls
-run in `dtype`; norms and softmax statistics run in float32. Layers never
-name mesh axes. Dropout is on where a call passes `enable_dropout=True`;
-stacked layers are 'layers_0', 'layers_1', ... or, scanned, one 'layers'.
+A `LayerSpec` of plain fields parametrises the norms, MLP and attention, so
+nothing here needs a model config. Parameters carry logical axis names (from
+`parti_jax.partitioning`), never mesh axes, and are stored in `param_dtype`;
+matmuls run in `dtype`; norms and softmax statistics in float32.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import unfreeze
 
 from parti_jax.partitioning import (
     ACT_BATCH,
@@ -173,26 +170,17 @@ class Norm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        def param(name: str, init: Callable[..., Array]) -> Array:
+            init = nn.with_logical_partitioning(init, (EMBED,))
+            return self.param(name, init, x.shape[-1:], self.param_dtype).astype(jnp.float32)
+
         x = x.astype(jnp.float32)
-        features = x.shape[-1]
         if self.norm_type == "layernorm":
             x = x - jnp.mean(x, axis=-1, keepdims=True)
         y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
-            (features,),
-            self.param_dtype,
-        )
-        y = y * scale.astype(jnp.float32)
+        y = y * param("scale", nn.initializers.ones)
         if self.norm_type == "layernorm":
-            bias = self.param(
-                "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
-                (features,),
-                self.param_dtype,
-            )
-            y = y + bias.astype(jnp.float32)
+            y = y + param("bias", nn.initializers.zeros)
         return y.astype(self.dtype)
 
 
@@ -467,7 +455,7 @@ class Stack(nn.Module):
         return run_stack(stack, carry, per_layer, shared, enable_dropout)
 
 
-# ------------------------------------------------- scanned <-> unscanned
+# ------------------------------------------------------- parameter trees
 _LAYER_KEY = re.compile(r"^layers_(\d+)$")
 
 
@@ -475,25 +463,9 @@ def _is_box(x: Any) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
-def _slice_leaf(leaf: Any, i: int) -> Any:
-    if _is_box(leaf):
-        return leaf.replace(value=leaf.value[i], names=tuple(leaf.names[1:]))
-    return leaf[i]
-
-
-def _stack_leaves(*leaves: Any) -> Any:
-    if _is_box(leaves[0]):
-        return leaves[0].replace(
-            value=jnp.stack([x.value for x in leaves]), names=(LAYERS, *leaves[0].names)
-        )
-    return jnp.stack(leaves)
-
-
-def _plain(tree: PyTree) -> PyTree:
-    """Nested FrozenDict/Mapping -> nested dict (leaves untouched)."""
-    if isinstance(tree, Mapping):
-        return {k: _plain(v) for k, v in tree.items()}
-    return tree
+def param_count(tree: PyTree) -> int:
+    """Number of scalars in a (possibly boxed, possibly abstract) parameter tree."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree))))
 
 
 def scan_to_unscanned(params: PyTree) -> PyTree:
@@ -506,15 +478,17 @@ def scan_to_unscanned(params: PyTree) -> PyTree:
         return params
     out: dict[str, Any] = {}
     for name, value in params.items():
-        if name == "layers" and isinstance(value, Mapping):
-            leaves = jax.tree.leaves(value, is_leaf=_is_box)
-            first = leaves[0].value if _is_box(leaves[0]) else leaves[0]
-            for i in range(first.shape[0]):
-                out[f"layers_{i}"] = jax.tree.map(
-                    lambda leaf, i=i: _slice_leaf(leaf, i), _plain(value), is_leaf=_is_box
-                )
-        else:
+        if name != "layers" or not isinstance(value, Mapping):
             out[name] = scan_to_unscanned(value)
+            continue
+        for i in range(jax.tree.leaves(nn.meta.unbox(value))[0].shape[0]):
+            out[f"layers_{i}"] = jax.tree.map(
+                lambda x, i=i: (
+                    x.replace(value=x.value[i], names=x.names[1:]) if _is_box(x) else x[i]
+                ),
+                unfreeze(value),
+                is_leaf=_is_box,
+            )
     return out
 
 
@@ -522,23 +496,24 @@ def unscanned_to_scan(params: PyTree) -> PyTree:
     """'layers_0', 'layers_1', ... -> one 'layers' entry stacked on a leading LAYERS axis."""
     if not isinstance(params, Mapping):
         return params
-    out: dict[str, Any] = {}
-    layers: dict[int, Any] = {}
-    for name, value in params.items():
-        match = _LAYER_KEY.match(name)
-        if match:
-            layers[int(match.group(1))] = _plain(value)
-        else:
-            out[name] = unscanned_to_scan(value)
-    if layers:
-        if sorted(layers) != list(range(len(layers))):
-            raise ValueError(
-                f"unscanned_to_scan: layer indices {sorted(layers)} are not 0..{len(layers) - 1}"
-            )
-        if "layers" in out:
-            raise ValueError("unscanned_to_scan: both 'layers' and 'layers_<i>' entries present")
-        ordered = [layers[i] for i in range(len(layers))]
-        out["layers"] = jax.tree.map(_stack_leaves, *ordered, is_leaf=_is_box)
+    out = {k: unscanned_to_scan(v) for k, v in params.items() if not _LAYER_KEY.match(k)}
+    layers = {int(k[7:]): unfreeze(v) for k, v in params.items() if _LAYER_KEY.match(k)}
+    if not layers:
+        return out
+    if sorted(layers) != list(range(len(layers))):
+        raise ValueError(
+            f"unscanned_to_scan: layer indices {sorted(layers)} are not 0..{len(layers) - 1}"
+        )
+    if "layers" in out:
+        raise ValueError("unscanned_to_scan: both 'layers' and 'layers_<i>' entries present")
+
+    def stack(*xs: Any) -> Any:
+        if _is_box(xs[0]):
+            values = jnp.stack([x.value for x in xs])
+            return xs[0].replace(value=values, names=(LAYERS, *xs[0].names))
+        return jnp.stack(xs)
+
+    out["layers"] = jax.tree.map(stack, *[layers[i] for i in range(len(layers))], is_leaf=_is_box)
     return out
 
 

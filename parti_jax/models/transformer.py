@@ -1,11 +1,9 @@
 """The Parti encoder-decoder (T5X style): text encoder, image-token decoder, cached decoding.
 
-Pre-norm blocks, an extra final norm on the encoder and decoder outputs,
-learned 1-D text positions (or rotary) and learned 2-D (row + column) image
-positions, no relative-position bias (it would block fused attention
-kernels). The output projection is separate from the decoder input embedding
-(not tied): the paper's parameter counts include it, and logits are float32
-over `decoder_vocab_size`. Built from `models/layers.py`.
+Built from `models/layers.py`: pre-norm blocks, a final norm on the encoder and
+decoder outputs, learned (or rotary) text positions and learned 2-D (row +
+column) image positions, no relative-position bias (it would block fused
+attention kernels); the output projection is untied (the paper's counts include it).
 
 API (other modules rely on it):
 
@@ -33,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parti_jax.models.config import ModelConfig
+from parti_jax.models.config import DTYPES, ModelConfig
 from parti_jax.models.layers import (
     HIDDEN_AXES,
     Attention,
@@ -49,34 +47,12 @@ from parti_jax.models.layers import (
     conv_sparse_mask,
     layer_stack,
     run_stack,
-    scan_to_unscanned,
+    scan_to_unscanned,  # noqa: F401 - re-exported
     single_query_attention,
     text_lengths,
-    unscanned_to_scan,
+    unscanned_to_scan,  # noqa: F401 - re-exported
 )
-from parti_jax.partitioning import (
-    ACT_BATCH,
-    ACT_HEADS,
-    ACT_KV,
-    ACT_LENGTH,
-    ACT_VOCAB,
-    EMBED,
-    LAYERS,
-    POSITION,
-    VOCAB,
-)
-
-__all__ = [
-    "CACHE_KEYS",
-    "Decoder",
-    "Encoder",
-    "EncoderDecoder",
-    "cache_logical_axes",
-    "layer_spec",
-    "make_tokens_to_logits",
-    "scan_to_unscanned",  # moved to models/layers.py; still importable from here
-    "unscanned_to_scan",
-]
+from parti_jax.partitioning import ACT_BATCH, ACT_LENGTH, ACT_VOCAB, EMBED, POSITION, VOCAB
 
 Array = jax.Array
 PyTree = Any
@@ -106,12 +82,14 @@ def _stack(
     layer: Callable[..., nn.Module], config: ModelConfig, num_layers: int, **kw: Any
 ) -> LayerStack:
     """`num_layers` layers, scanned and rematerialised as the config says."""
+    policy = config.remat_policy  # 'full' rematerialises with no policy: it saves nothing
+    named = policy not in ("none", "full")
     return layer_stack(
         layer,
         num_layers,
         scan=config.scan_layers,
-        remat=config.remat_policy != "none",
-        remat_policy=config.remat_policy_fn,
+        remat=policy != "none",
+        remat_policy=getattr(jax.checkpoint_policies, policy) if named else None,
         **kw,
     )
 
@@ -145,16 +123,10 @@ class DecoderLayer(nn.Module):
         drop = functools.partial(self.dropout, deterministic=not enable_dropout)
         att = self.self_attention
         h = self.pre_self_attention_norm(x)
-        key, value = att.project_key_value(h)
+        key, value = att.project_key_value(h)  # before Q: keeps the backward's gradient-sum order
         mask = self._self_mask(x.shape[1])
-        out = att.attend(
-            att.project_query(h),
-            key,
-            value,
-            is_causal=mask is None,
-            mask=None if mask is None else jnp.asarray(mask)[None, None],
-        )
-        x = x + drop(out)
+        causal = dict(is_causal=True) if mask is None else dict(mask=jnp.asarray(mask)[None, None])
+        x = x + drop(att.attend(att.project_query(h), key, value, **causal))
         h = self.pre_cross_attention_norm(x)
         x = x + drop(self.cross_attention(h, encoded, kv_lengths=lengths))
         x = x + drop(self.mlp(self.pre_mlp_norm(x)))
@@ -286,8 +258,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Image-token decoder: one method per entry point (teacher-forced logits or
-    hidden states, logits of hidden states, cross-attention K/V, one cached step)."""
+    """Image-token decoder: one method per entry point (teacher-forced hidden states,
+    their logits, cross-attention K/V, one cached step)."""
 
     config: ModelConfig
 
@@ -307,9 +279,11 @@ class Decoder(nn.Module):
             (cfg.decoder_vocab_size,), (EMBED, VOCAB), accum_dtype=jnp.float32, **kw
         )
 
-    def _final_hidden(
-        self, tokens: Array, encoded: Array, lengths: Array, enable_dropout: bool
+    def __call__(
+        self, tokens: Array, encoded: Array, lengths: Array, enable_dropout: bool = False
     ) -> Array:
+        """Teacher-forced: decoder tokens [B, N], encoded text, text lengths -> hidden
+        states after the final norm [B, N, D] (compute dtype; `logits` projects them)."""
         cfg = self.config
         length = tokens.shape[-1]
         (rows, cols), n = cfg.image_grid, cfg.num_image_tokens
@@ -321,21 +295,9 @@ class Decoder(nn.Module):
         )
         return self.final_norm(x)
 
-    def __call__(
-        self, tokens: Array, encoded: Array, lengths: Array, enable_dropout: bool = False
-    ) -> Array:
-        """Teacher-forced: decoder tokens [B, N], encoded text, text lengths -> logits [B, N, V]."""
-        return self.logits(self._final_hidden(tokens, encoded, lengths, enable_dropout))
-
-    def hidden_states(
-        self, tokens: Array, encoded: Array, lengths: Array, enable_dropout: bool = False
-    ) -> Array:
-        """Teacher-forced, up to the final norm: [B, N, D] in the compute dtype."""
-        return constrain(self._final_hidden(tokens, encoded, lengths, enable_dropout), HIDDEN_AXES)
-
     def logits(self, hidden: Array) -> Array:
         """Hidden states [B, n, D] -> logits [B, n, decoder_vocab_size] (logits_dtype)."""
-        logits = self.logits_dense(hidden).astype(self.config.logits_jnp_dtype)
+        logits = self.logits_dense(hidden).astype(DTYPES[self.config.logits_dtype])
         return constrain(logits, (ACT_BATCH, ACT_LENGTH, ACT_VOCAB))
 
     def cross_kv(self, encoded: Array) -> tuple[Array, Array]:
@@ -382,7 +344,9 @@ class EncoderDecoder(nn.Module):
     ) -> Array:
         """Teacher-forced decoder: -> float32 logits [B, N, decoder_vocab_size]."""
         lengths = text_lengths(encoder_input_tokens)
-        return self.decoder(decoder_input_tokens, encoded, lengths, enable_dropout)
+        return self.decoder.logits(
+            self.decoder(decoder_input_tokens, encoded, lengths, enable_dropout)
+        )
 
     def hidden_states(
         self,
@@ -397,7 +361,8 @@ class EncoderDecoder(nn.Module):
         """
         encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
         lengths = text_lengths(encoder_input_tokens)
-        return self.decoder.hidden_states(decoder_input_tokens, encoded, lengths, enable_dropout)
+        hidden = self.decoder(decoder_input_tokens, encoded, lengths, enable_dropout)
+        return constrain(hidden, HIDDEN_AXES)
 
     def logits_from_hidden(self, hidden: Array) -> Array:
         """Decoder hidden states [B, n, D] -> logits [B, n, decoder_vocab_size]."""
@@ -463,15 +428,3 @@ def make_tokens_to_logits(
         return model.apply(variables, tokens, cache, step, method=EncoderDecoder.decode_step)
 
     return tokens_to_logits, cache
-
-
-def cache_logical_axes() -> dict[str, tuple[str, ...]]:
-    """Logical axis names of each decoding-cache leaf (for sharding the cache)."""
-    kv = (LAYERS, ACT_BATCH, ACT_LENGTH, ACT_HEADS, ACT_KV)
-    return {
-        "self_key": kv,
-        "self_value": kv,
-        "cross_key": kv,
-        "cross_value": kv,
-        "text_lengths": (LAYERS, ACT_BATCH),
-    }

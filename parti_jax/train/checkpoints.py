@@ -14,8 +14,8 @@ number of data shards is refused unless `allow_data_reshuffle=True`.
 
 `restore_params_from` warm-starts parameters from another run: all of them or
 those whose path matches a regex, converting the layer layout (scanned <->
-unscanned) with a hook supplied by the model, with an error naming the
-parameter when shapes differ.
+unscanned) when the names say so, with an error naming the parameter when
+shapes differ.
 """
 
 from __future__ import annotations
@@ -336,7 +336,9 @@ def restore_params_from(
         (e.g. 'encoder/.*'); None restores every parameter the checkpoint has.
         Every parameter matching `include` must be in the checkpoint.
       convert: applied to the checkpoint's parameters (as numpy) before
-        matching, e.g. the model's `scan_to_unscanned`; None: same layout.
+        matching; None: `scan_to_unscanned` or `unscanned_to_scan` when that
+        makes the checkpoint's names match this model's better (a scanned
+        checkpoint into unrolled layers or back), else the same layout.
       step: which step (default: the latest).
 
     Returns:
@@ -353,6 +355,7 @@ def restore_params_from(
         raise CheckpointError(f"restore_from include={include!r} matches no parameter")
 
     ckpt_meta = {"params": meta["params"]}
+    convert = convert or _layout_converter(meta["params"], set(flat_target))
     if convert is None:
         # Same layout: restore only the wanted arrays, straight onto their shardings.
         flat_meta = flat_tree(meta["params"])
@@ -400,6 +403,24 @@ def restore_params_from(
         len(skipped),
     )
     return new_params, names
+
+
+def _layout_converter(ckpt_params: PyTree, want: set[str]) -> Callable[[PyTree], PyTree] | None:
+    """The layer-layout conversion that makes the checkpoint's names match `want` best."""
+    from parti_jax.models.layers import scan_to_unscanned, unscanned_to_scan
+
+    best, best_score = None, len(set(flat_tree(ckpt_params)) & want)
+    if best_score == len(want):
+        return None
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), ckpt_params)
+    for fn in (scan_to_unscanned, unscanned_to_scan):
+        try:
+            score = len(set(flat_tree(jax.eval_shape(fn, abstract))) & want)
+        except Exception:  # noqa: BLE001 - this direction does not apply
+            continue
+        if score > best_score:
+            best, best_score = fn, score
+    return best
 
 
 def _check_warm_start(step_dir, wanted, flat_target, flat_ckpt, include) -> None:

@@ -80,26 +80,22 @@ def distributed_settings(
             "num_processes": num_processes,
             "process_id": process_id,
         }
-    if _auto_detectable():
-        return {}
-    return None
+    return {} if _auto_detectable() else None
 
 
 def _auto_detectable() -> bool:
     """Whether jax's own cluster detection applies to a multi-process launch."""
     env = os.environ
-    if env.get("PARTI_JAX_AUTO_DETECT") == "1":
-        # Set by `parti-jax launch tpu`: jax finds coordinator and process id
-        # in the TPU VM metadata.
-        return True
-    if "SLURM_JOB_ID" in env and (_env_int("SLURM_NTASKS", "SLURM_NPROCS") or 1) > 1:
-        return True
-    if "OMPI_MCA_orte_hnp_uri" in env:
-        return True
-    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-    if len([h for h in hosts.split(",") if h]) > 1:
-        return True
-    return bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return (
+        # Set by `parti-jax launch tpu`: jax finds coordinator and process id in the TPU VM
+        # metadata.
+        env.get("PARTI_JAX_AUTO_DETECT") == "1"
+        or ("SLURM_JOB_ID" in env and (_env_int("SLURM_NTASKS", "SLURM_NPROCS") or 1) > 1)
+        or "OMPI_MCA_orte_hnp_uri" in env
+        or len(hosts) > 1
+        or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+    )
 
 
 def maybe_initialize_distributed(
@@ -115,7 +111,7 @@ def maybe_initialize_distributed(
     settings = distributed_settings(coordinator_address, num_processes, process_id)
     import jax
 
-    if settings is not None and not _already_initialized():
+    if settings is not None and _client() is None:
         # Only affects the CPU backend (CPU runs and host-side collectives elsewhere).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         kwargs = {k: v for k, v in settings.items() if v is not None}
@@ -148,17 +144,14 @@ def barrier(name: str, timeout_s: float = 900.0) -> None:
     already runs the step, which happens on loaded machines. A no-op when
     running as a single process.
     """
-    mod = sys.modules.get("jax._src.distributed")
-    client = getattr(getattr(mod, "global_state", None), "client", None)
-    if client is None:
-        return
-    client.wait_at_barrier(f"parti_jax/{name}", int(timeout_s * 1000))
+    if (client := _client()) is not None:
+        client.wait_at_barrier(f"parti_jax/{name}", int(timeout_s * 1000))
 
 
-def _already_initialized() -> bool:
-    mod = sys.modules.get("jax._src.distributed")
-    state = getattr(mod, "global_state", None)
-    return getattr(state, "client", None) is not None
+def _client() -> Any:
+    """jax's coordination-service client (None before `jax.distributed.initialize`)."""
+    state = getattr(sys.modules.get("jax._src.distributed"), "global_state", None)
+    return getattr(state, "client", None)
 
 
 # ------------------------------------------------------------- data shards

@@ -249,26 +249,6 @@ class Run:
             tmp.replace(self.workdir / name)
 
 
-def resolve_mesh(
-    mesh_config: Any, rules: Any, default: partitioning.MeshConfig
-) -> tuple[jax.sharding.Mesh, tuple]:
-    """A Mesh and rule table from a MeshConfig (or a ready Mesh) and a rule name/table/None.
-
-    `default` is the trainer's MeshConfig when none is given; a ready Mesh
-    without `rules` uses `default.rules`.
-    """
-    if isinstance(mesh_config, jax.sharding.Mesh):
-        mesh = mesh_config
-        rules = default.rules if rules is None else rules
-    else:
-        mesh_config = mesh_config or default
-        mesh = partitioning.create_mesh(mesh_config)
-        rules = mesh_config.rules if rules is None else rules
-    if isinstance(rules, str):
-        rules = partitioning.get_rules(rules)
-    return mesh, tuple(tuple(r) for r in rules)
-
-
 def start_run(
     workdir: str | Path,
     *,
@@ -280,12 +260,20 @@ def start_run(
 ) -> Run:
     """Checks the work dir, builds the mesh and finds this host's data shard.
 
-    The global `batch_size` must divide over the data shards (hosts) and over
-    the devices of the batch axes; the errors name `<where>.batch_size`.
+    `mesh_config` is a MeshConfig or a ready Mesh (default `default_mesh`);
+    `rules` a rule-table name or table (default the MeshConfig's). The global
+    `batch_size` must divide over the data shards (hosts) and over the devices
+    of the batch axes; the errors name `<where>.batch_size`.
     """
     workdir = check_workdir(workdir)
     _check_int(f"{where}.batch_size", batch_size, 1)
-    mesh, rules = resolve_mesh(mesh_config, rules, default_mesh)
+    if isinstance(mesh_config, jax.sharding.Mesh):
+        mesh = mesh_config
+    else:
+        mesh = partitioning.create_mesh(mesh_config or default_mesh)
+        default_mesh = mesh_config or default_mesh
+    rules = default_mesh.rules if rules is None else rules
+    rules = tuple(map(tuple, partitioning.get_rules(rules) if isinstance(rules, str) else rules))
     index, count, writer = distributed.data_shard(mesh)
     devices = partitioning.batch_devices(mesh)
     for n, what in ((count, "data shards (hosts)"), (devices, "data x fsdp devices")):
@@ -357,17 +345,11 @@ def run_training(run: Run, task: TrainTask, config: LoopConfig) -> TrainResult:
         data = task.data(config.seed)
         state, shardings, data = _init_or_restore(run, task, config, checkpointer, data)
         step_fn = compile_step(task, shardings, config.nan_policy)
-        with jax.set_mesh(run.mesh), _logical_rules(run.rules):
+        with partitioning.with_sharding_rules(run.mesh, run.rules):
             return _loop(run, task, config, checkpointer, writer, state, step_fn, data)
     finally:
         writer.close()
         checkpointer.close()
-
-
-def _logical_rules(rules: tuple) -> Any:
-    import flax.linen as nn
-
-    return nn.logical_axis_rules(rules)
 
 
 def _init_or_restore(

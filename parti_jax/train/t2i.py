@@ -279,33 +279,6 @@ def _make_iterator(
     )
 
 
-def _layout_converter(ckpt_dir: Any, params: PyTree) -> Callable[[PyTree], PyTree] | None:
-    """scan_to_unscanned / unscanned_to_scan when that makes the checkpoint's parameter
-    names match this model's better than as saved; None when the layouts agree."""
-    from parti_jax.models import transformer
-
-    meta = checkpoints.state_metadata(ckpt_dir / "state")
-    if meta is None or "params" not in meta:
-        return None
-
-    def names(tree):
-        return set(checkpoints.flat_tree(tree))
-
-    want = names(params)
-    best, best_score = None, len(names(meta["params"]) & want)
-    if best_score == len(want):
-        return None
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta["params"])
-    for fn in (transformer.scan_to_unscanned, transformer.unscanned_to_scan):
-        try:
-            score = len(names(jax.eval_shape(fn, abstract)) & want)
-        except Exception:  # noqa: BLE001 - this direction does not apply
-            continue
-        if score > best_score:
-            best, best_score = fn, score
-    return best
-
-
 # ------------------------------------------------------------------ train
 
 
@@ -448,10 +421,7 @@ def train(
     def warm_start(state: TrainState) -> TrainState:
         step_dir = checkpoints.resolve_checkpoint_dir(restore_from)
         params, names = checkpoints.restore_params_from(
-            step_dir,
-            state.params,
-            include=restore_include,
-            convert=_layout_converter(step_dir, state.params),
+            step_dir, state.params, include=restore_include
         )
         metrics_lib.console(f"warm start: {len(names)} parameter(s) from {step_dir}")
         return state.replace(params=params)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from parti_jax.models.config import DtypeFields
+from parti_jax.models.config import CheckedConfig
 
 GLOBAL_RESIDUALS = ("bicubic", "nearest")
 
 
 @dataclasses.dataclass(frozen=True)
-class UpsamplerConfig(DtypeFields):
+class UpsamplerConfig(CheckedConfig):
     """WDSR-A-style upsampler hyper-parameters (defaults: Parti's 256 -> 1024)."""
 
     # Total upscaling factor; a power of two, built from log2(scale) cascaded 2x stages.
@@ -40,17 +40,11 @@ class UpsamplerConfig(DtypeFields):
     weight_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.scale < 2 or 2 ** int(round(math.log2(self.scale))) != self.scale:
-            raise ValueError(f"UpsamplerConfig.scale={self.scale} must be 2, 4, 8, ...")
-        if self.global_residual not in GLOBAL_RESIDUALS:
-            raise ValueError(
-                f"UpsamplerConfig.global_residual={self.global_residual!r}; "
-                f"expected one of {GLOBAL_RESIDUALS}"
-            )
+        power = 2 ** int(round(math.log2(self.scale))) if self.scale >= 2 else 0
+        self.check(power == self.scale, f"scale={self.scale} must be 2, 4, 8, ...")
         for name in ("num_blocks", "channels", "expansion", "input_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"UpsamplerConfig.{name}={getattr(self, name)} must be >= 1")
-        self.check_dtypes()
+            self.check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+        self.check_choices(global_residual=GLOBAL_RESIDUALS)
 
     @property
     def num_stages(self) -> int:

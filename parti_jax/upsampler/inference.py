@@ -1,9 +1,5 @@
-"""A trained upsampler for sampling: its record file and the loaded model with its jitted call.
-
-`parti_jax.loading.load_upsampler` reads a train-upsampler work directory into
-a `LoadedUpsampler` and the inference bundle builds one from safetensors.
-Light on purpose: jax and the model only (no orbax, no TensorFlow).
-"""
+"""A trained upsampler for sampling (made by `loading.load_upsampler` or a bundle) and its
+record file; jax and the model only (no orbax, no TensorFlow)."""
 
 from __future__ import annotations
 

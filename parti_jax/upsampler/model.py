@@ -53,12 +53,6 @@ def pixel_shuffle(x: Array, factor: int) -> Array:
     return x.reshape(b, h * factor, w * factor, out)
 
 
-def resize2x(images: Array, method: str) -> Array:
-    """2x resize of [B, H, W, C] with jax.image.resize ('bicubic' or 'nearest')."""
-    b, h, w, c = images.shape
-    return jax.image.resize(images, (b, 2 * h, 2 * w, c), method=method)
-
-
 class WDSRBlock(nn.Module):
     """WDSR-A residual block with wide activation."""
 
@@ -86,7 +80,9 @@ class UpsampleStage(nn.Module):
             x = WDSRBlock(cfg, name=f"block_{i}")(x)
         # Small init of the last conv: a fresh stage starts as the plain resize.
         x = _conv(3 * 4, cfg, "tail", scale=0.1)(x)
-        return resize2x(images, cfg.global_residual) + pixel_shuffle(x.astype(jnp.float32), 2)
+        b, h, w, c = images.shape
+        resized = jax.image.resize(images, (b, 2 * h, 2 * w, c), method=cfg.global_residual)
+        return resized + pixel_shuffle(x.astype(jnp.float32), 2)
 
 
 class Upsampler(nn.Module):

@@ -1,30 +1,14 @@
-"""Training the upsampler on VQGAN reconstructions: pairs, the GAN step, `train_upsampler`.
+"""`train_upsampler` (`parti-jax train-upsampler`): the upsampler on the training loop.
 
-Pairs (Parti §2.4): a target image x at the output resolution
-(`UpsamplerConfig.output_size`) is area-downsampled by `scale` to the input
-resolution, and the upsampler's input is the VQGAN's reconstruction of it,
-decode(encode(downsample(x))), which is what it sees at sampling time. A
-`clean_fraction` share of rows gets the clean downsample instead (drawn per
-row in the step from the state's key, so a resumed run draws the same rows).
-Without a VQGAN every input is the clean downsample.
-
-Losses: `parti_jax.vqgan.losses.generator_loss` without VQ terms (L2 + LPIPS +
-non-saturating adversarial, the adversarial term on from
-`LossConfig.adversarial_start_step`) for the upsampler, and the logistic loss
-+ R1 for the StyleGAN discriminator (`discriminator_loss`), one optimizer per
-parameter group in one `TrainState` ({'generator', 'discriminator'}; no
-discriminator at all when `LossConfig.adversarial_weight` is 0). The shared
-loop (`parti_jax.train.loop.run`) does checkpoints, resume, metrics and the
-SIGTERM save.
-
-Metrics: loss parts, `psnr` (clipped prediction vs target), `bicubic_psnr`
-(the bicubic resize of the same input vs target, the baseline to beat) and
-their difference `psnr_gain`; with `eval_every`, the same on the eval split
-with VQGAN inputs only (the sampling-time case).
-
-Work directory: `checkpoints/<step>/state` (TrainState), `metrics.jsonl`, and
-`upsampler_meta.json` (configs, input/output resolution, the VQGAN and its
-codebook hash the upsampler was trained on), which `parti_jax.loading` reads.
+Pairs (Parti §2.4): a target at `UpsamplerConfig.output_size` is
+area-downsampled by `scale`, and the input is the VQGAN's reconstruction of
+that downsample, what the upsampler sees at sampling time (`clean_fraction`
+of the rows, drawn per step from the state's key, get the clean downsample;
+without a VQGAN all do). The loss is `generator_loss` without VQ terms, with
+the discriminator of `GanSetup`. Metrics: the loss parts, `psnr`,
+`bicubic_psnr` (the baseline to beat) and `psnr_gain`; the evaluation
+measures them on held-out VQGAN inputs. `upsampler_meta.json` records the
+configs and the VQGAN (codebook hash) the upsampler was trained on.
 """
 
 from __future__ import annotations

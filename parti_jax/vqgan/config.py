@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from parti_jax.models.config import DtypeFields
+from parti_jax.models.config import CheckedConfig
 
 OUTPUTS = ("sigmoid", "linear")
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
@@ -22,7 +22,7 @@ TANH_FFN_PLACES = ("before", "after")
 
 
 @dataclasses.dataclass(frozen=True)
-class VQGANConfig(DtypeFields):
+class VQGANConfig(CheckedConfig):
     """ViT-VQGAN hyper-parameters (defaults: the paper's Small, 256px, 8x8 patches)."""
 
     # Side of the square input images in pixels; every batch must match it.
@@ -72,11 +72,10 @@ class VQGANConfig(DtypeFields):
     # jax.nn.dot_product_attention as a boolean mask (tested on the XLA path).
     attention_window: int = 0
     # What a patch's code may depend on: 'attention' (the paper's: the encoder's
-    # blocks attend across patches, within attention_window) or 'patch' (the
-    # encoder's blocks are MLPs only, so a code is a function of the patch's own
-    # pixels; the decoder still attends). With 'patch', a background patch next
-    # to an object gets the same code as any other background patch, so the
-    # encoder-decoder meets an object's code only where the object is drawn.
+    # blocks attend across patches, within attention_window) or 'patch' (MLP-only
+    # encoder blocks: a code is a function of the patch's own pixels, so a
+    # background patch next to an object gets the background's code and the
+    # encoder-decoder meets an object's code only where it is drawn).
     encoder_context: str = "attention"
     # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (GPU) or None (jax picks).
     attention_impl: str | None = "xla"
@@ -92,44 +91,35 @@ class VQGANConfig(DtypeFields):
     decoder_tanh_ffn: str = "after"
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"VQGANConfig.image_size={self.image_size} is not a multiple of "
-                f"VQGANConfig.patch_size={self.patch_size}; pick sizes that divide"
-            )
-        if self.attention_window < 0:
-            raise ValueError(
-                f"VQGANConfig.attention_window={self.attention_window}: must be >= 0 "
-                "(0: global attention; w: a (2w+1)x(2w+1) neighbourhood of patches)"
-            )
+        check = self.check
+        check(
+            self.image_size % self.patch_size == 0,
+            f"image_size={self.image_size} is not a multiple of VQGANConfig.patch_size="
+            f"{self.patch_size}; pick sizes that divide",
+        )
+        check(
+            self.attention_window >= 0,
+            f"attention_window={self.attention_window}: must be >= 0 "
+            "(0: global attention; w: a (2w+1)x(2w+1) neighbourhood of patches)",
+        )
         for side in ("encoder", "decoder"):
             width, heads = getattr(self, f"{side}_width"), getattr(self, f"{side}_heads")
-            if width % heads:
-                raise ValueError(
-                    f"VQGANConfig.{side}_width={width} is not divisible by "
-                    f"VQGANConfig.{side}_heads={heads}"
-                )
-        for name, allowed in (
-            ("output", OUTPUTS),
-            ("position_embedding", POSITION_EMBEDDINGS),
-            ("encoder_context", ENCODER_CONTEXTS),
-            ("attention_impl", ATTENTION_IMPLS),
-            ("decoder_tanh_ffn", TANH_FFN_PLACES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"VQGANConfig.{name}={getattr(self, name)!r}; expected one of {allowed}"
-                )
-        if self.logit_laplace and self.output != "sigmoid":
-            raise ValueError(
-                "VQGANConfig.logit_laplace=True needs VQGANConfig.output='sigmoid' (the "
-                "likelihood lives in logit space); set logit_laplace=False for a linear decoder"
+            check(
+                width % heads == 0,
+                f"{side}_width={width} is not divisible by VQGANConfig.{side}_heads={heads}",
             )
-        if not 0.0 < self.logit_laplace_eps < 0.5:
-            raise ValueError(
-                f"VQGANConfig.logit_laplace_eps={self.logit_laplace_eps} must be in (0, 0.5)"
-            )
-        self.check_dtypes()
+        self.check_choices(output=OUTPUTS, position_embedding=POSITION_EMBEDDINGS)
+        self.check_choices(encoder_context=ENCODER_CONTEXTS, attention_impl=ATTENTION_IMPLS)
+        self.check_choices(decoder_tanh_ffn=TANH_FFN_PLACES)
+        check(
+            not self.logit_laplace or self.output == "sigmoid",
+            "logit_laplace=True needs VQGANConfig.output='sigmoid' (the likelihood lives in "
+            "logit space); set logit_laplace=False for a linear decoder",
+        )
+        check(
+            0.0 < self.logit_laplace_eps < 0.5,
+            f"logit_laplace_eps={self.logit_laplace_eps} must be in (0, 0.5)",
+        )
 
     @property
     def grid(self) -> int:

@@ -1,25 +1,10 @@
 """Losses of the ViT-VQGAN and the upsampler, and PSNR.
 
-ViT-VQGAN (arXiv 2110.04627, §3.3) trains on
-
-    loss = vq + 0.1 adversarial + 0.1 perceptual + 0.1 logit_laplace + 1.0 L2
-
-(`LossConfig` defaults). The upsampler reuses `generator_loss` with aux=None
-(L2 + perceptual + adversarial). The discriminator is trained with the
-logistic (non-saturating) GAN loss plus an R1 gradient penalty.
-
-Logit-Laplace (DALL-E, arXiv 2102.12092, §A.3), when the VQGAN has
-`logit_laplace=True`: the decoder emits 6 channels per pixel, [mu_r, mu_g,
-mu_b, log_b_r, log_b_g, log_b_b]. A target pixel x in [0, 1] is squeezed into
-y = eps + (1 - 2 eps) x in (eps, 1 - eps) (eps = VQGANConfig.logit_laplace_eps,
-0.1), and y is modelled as a Laplace(mu, b) variable in logit space, density
-
-    p(y) = exp(-|logit(y) - mu| / b) / (2 b y (1 - y)).
-
-`logit_laplace_nll` is the exact negative log-density averaged over
-sub-pixels; log b is floored at LOG_B_MIN (b = 0.0067, below 8-bit resolution
-in logit space) so the loss cannot run to -inf on flat regions. The
-reconstruction handed to L2/LPIPS is (sigmoid(mu) - eps) / (1 - 2 eps).
+The ViT-VQGAN (arXiv 2110.04627, §3.3) trains on vq + 0.1 adversarial + 0.1
+perceptual + 0.1 logit-Laplace + 1.0 L2 (the `LossConfig` defaults); the
+upsampler on `generator_loss` with aux=None (L2, perceptual, adversarial). The
+discriminator is trained with the logistic (non-saturating) GAN loss plus an R1
+gradient penalty.
 """
 
 from __future__ import annotations
@@ -86,10 +71,17 @@ def psnr(a: Array, b: Array, max_val: float = 1.0) -> Array:
 def logit_laplace_nll(decoder_output: Array, images: Array, eps: float = 0.1) -> Array:
     """Mean negative log-likelihood of images under the decoder's logit-Laplace prediction.
 
+    DALL-E's (arXiv 2102.12092, §A.3): a pixel x in [0, 1] is squeezed into
+    y = eps + (1 - 2 eps) x and y is Laplace(mu, b) in logit space, density
+    p(y) = exp(-|logit(y) - mu| / b) / (2 b y (1 - y)); the result is the exact
+    negative log-density averaged over sub-pixels. log b is floored at
+    LOG_B_MIN (b = 0.0067, below 8-bit resolution in logit space) so the loss
+    cannot run to -inf on flat regions.
+
     Args:
       decoder_output: [B, H, W, 6] raw decoder output, [mu (3), log b (3)].
       images: [B, H, W, 3] targets in [0, 1].
-      eps: the squeeze into (eps, 1 - eps).
+      eps: the squeeze into (eps, 1 - eps) (VQGANConfig.logit_laplace_eps).
     """
     if decoder_output.shape[-1] != 6 or decoder_output.shape[:-1] != images.shape[:-1]:
         raise ValueError(
@@ -225,8 +217,7 @@ def discriminator_loss(
         return logistic, r1, jnp.mean(real_logits), jnp.mean(fake_logits)
 
     def inactive(real: Array, fake: Array) -> tuple[Array, Array, Array, Array]:
-        zero = jnp.zeros((), jnp.float32)
-        return zero, zero, zero, zero
+        return (jnp.zeros((), jnp.float32),) * 4
 
     on = _adversarial_on(config, step)
     logistic, r1, real_mean, fake_mean = jax.lax.cond(

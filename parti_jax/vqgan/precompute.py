@@ -21,12 +21,15 @@ order). Progress is shown with tqdm on process 0.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -84,11 +87,8 @@ def _resume_point(output_dir: str, host: int, shard_size: int) -> tuple[int, boo
     index = 0
     while codes_lib.shard_is_complete(output_dir, shard_name(host, index)):
         index += 1
-    if (
-        index
-        and codes_lib.count_records(os.path.join(output_dir, shard_name(host, index - 1)))
-        < shard_size
-    ):
+    last = os.path.join(output_dir, shard_name(host, index - 1))
+    if index and codes_lib.count_records(last) < shard_size:
         return index, True  # a short shard is the host's last one
     return index, tf.io.gfile.exists(_done_file(output_dir, host))
 
@@ -141,7 +141,6 @@ def precompute_codes(
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be >= 1")
     host, num_hosts = jax.process_index(), jax.process_count()
     tokenizer = ImageTokenizer.load(vqgan, step=vqgan_step, batch_size=batch_size)
-    tmeta = tokenizer.meta
     provider = _source_task(task, split)
     meta_file = os.path.join(output_dir, codes_lib.META_FILE)
     if tf.io.gfile.exists(meta_file):
@@ -153,14 +152,18 @@ def precompute_codes(
                 f"{existing['split']}, not {provider.name}/{split}; pick another output_dir"
             )
         return PrecomputeResult(output_dir, "already_done", 0, 0, 0, existing)
-    settings = {
-        "source_task": provider.name,
-        "split": split,
-        "codebook_hash": tokenizer.codebook_hash,
-        "vqgan_checkpoint": tmeta["checkpoint"],
-        "shard_size": int(shard_size),
-        "num_hosts": num_hosts,
-    }
+    record = dict(  # what the meta records
+        codebook_size=tokenizer.codebook_size,
+        grid=tokenizer.grid,
+        codebook_hash=tokenizer.codebook_hash,
+        image_size=tokenizer.image_size,
+        vqgan_checkpoint=tokenizer.meta["checkpoint"],
+        vqgan_step=int(tokenizer.meta["step"]),
+        source_task=provider.name,
+        split=split,
+    )
+    settings = {k: record[k] for k in ("source_task", "split", "codebook_hash", "vqgan_checkpoint")}
+    settings.update(shard_size=int(shard_size), num_hosts=num_hosts)
     if host == 0:
         _check_settings(output_dir, settings)
     distributed.barrier("precompute_settings")
@@ -170,16 +173,15 @@ def precompute_codes(
     first_shard, finished = _resume_point(output_dir, host, shard_size)
     written = shards_written = 0
     if not finished:
-        position = skip = first_shard * shard_size  # the examples of the complete shards
-        index, writer, bar = first_shard, None, None
-        if progress and host == 0:
-            from tqdm import tqdm
+        from tqdm import tqdm
 
-            try:
-                total = int(provider.num_input_examples(split)) // num_hosts
-            except Exception:  # noqa: BLE001 - unknown size: the bar counts without a total
-                total = None
-            bar = tqdm(total=total, initial=skip, unit="img", desc=f"precompute {split}")
+        skip = position = first_shard * shard_size  # the examples of the complete shards
+        try:
+            total = int(provider.num_input_examples(split)) // num_hosts
+        except Exception:  # noqa: BLE001 - unknown size: the bar counts without a total
+            total = None
+        quiet = not progress or host != 0
+        bar = tqdm(total=total, initial=skip, unit="img", desc=f"precompute {split}", disable=quiet)
         batches = pipeline.make_pixels_iterator(
             provider,
             batch_size=batch_size,
@@ -191,41 +193,38 @@ def precompute_codes(
             repeat=False,
             drop_remainder=False,
         )
-        try:
+
+        def encoded() -> Iterator[tuple[str, np.ndarray]]:
+            """(caption, codes) of this host's examples after those of the complete shards."""
+            nonlocal skip
             for batch in batches:
                 images, texts = batch["image"][skip:], batch["text"][skip:]
                 skip = max(0, skip - len(batch["text"]))
-                if not len(texts):
-                    continue
-                for text, image_codes in zip(texts, tokenizer.encode(images)):
-                    if writer is None:
-                        writer = codes_lib.CodesShardWriter(
-                            output_dir,
-                            shard_name(host, index),
-                            codebook_size=tokenizer.codebook_size,
-                            grid=tokenizer.grid,
-                        )
-                    writer.write(f"{split}/{host:03d}/{position:09d}", text, image_codes)
-                    position += 1
-                    if writer.count == shard_size:
-                        writer.close()
-                        writer, index, shards_written = None, index + 1, shards_written + 1
-                written += len(texts)
-                if bar is not None:
+                if len(texts):
+                    yield from zip(texts, tokenizer.encode(images))
                     bar.update(len(texts))
+
+        examples = encoded()
+        with bar:
+            for index in itertools.count(first_shard):
+                shard = list(itertools.islice(examples, shard_size))
+                if not shard:
+                    break
+                with codes_lib.CodesShardWriter(
+                    output_dir,
+                    shard_name(host, index),
+                    codebook_size=tokenizer.codebook_size,
+                    grid=tokenizer.grid,
+                ) as writer:
+                    for text, image_codes in shard:
+                        writer.write(f"{split}/{host:03d}/{position:09d}", text, image_codes)
+                        position += 1
+                written, shards_written = written + len(shard), shards_written + 1
                 if max_shards is not None and shards_written >= max_shards:
-                    # Stopped (the test hook): the shard in progress is dropped, no .done file.
+                    # Stopped (the test hook): no .done file, no meta.
                     return PrecomputeResult(
                         output_dir, "stopped", written, shards_written, first_shard, None
                     )
-            if writer is not None:
-                writer.close()
-                writer, shards_written = None, shards_written + 1
-        finally:
-            if writer is not None:
-                writer.abort()
-            if bar is not None:
-                bar.close()
         with tf.io.gfile.GFile(_done_file(output_dir, host), "w") as f:
             f.write(json.dumps({"host": host, "examples": position}) + "\n")
 
@@ -238,18 +237,7 @@ def precompute_codes(
                 f"{output_dir}: host(s) {missing} have not finished their shards; rerun "
                 "precompute-codes on every host"
             )
-        meta = codes_lib.finalize_codes_meta(
-            output_dir,
-            codebook_size=tokenizer.codebook_size,
-            grid=tokenizer.grid,
-            codebook_hash=tokenizer.codebook_hash,
-            image_size=tokenizer.image_size,
-            vqgan_checkpoint=tmeta["checkpoint"],
-            vqgan_step=int(tmeta["step"]),
-            source_task=provider.name,
-            split=split,
-            shard_pattern="shard-*.tfrecord",
-        )
+        meta = codes_lib.finalize_codes_meta(output_dir, **record, shard_pattern="shard-*.tfrecord")
     distributed.barrier("precompute_meta")
     return PrecomputeResult(output_dir, "done", written, shards_written, first_shard, meta)
 

@@ -1,19 +1,15 @@
 """Factorized, l2-normalised vector quantizer of ViT-VQGAN (arXiv 2110.04627, §3.2).
 
-The encoder output (width D_enc) is projected by a linear layer to a small
-lookup space (code_dim, 32 in the paper); there both the projected latent and
-every codebook entry are l2-normalised, so the nearest code by Euclidean
-distance is the one with the highest cosine similarity. The straight-through
-estimator passes the decoder's gradient to the encoder unchanged; the codebook
-learns only from the VQ loss
+The encoder output is projected to a small lookup space (code_dim, 32 in the
+paper) where the latent and every code are l2-normalised, so the nearest code
+is the one with the highest cosine similarity; the chosen code is projected
+up to the decoder width. The straight-through estimator passes the decoder's
+gradient to the encoder unchanged; the codebook learns only from the VQ loss
 
     vq = ||sg[z] - e||^2 + beta * ||z - sg[e]||^2   (on the normalised vectors).
 
-The chosen code is projected back up to the decoder width.
-
-Also here: `codebook_hash` (the compatibility fingerprint recorded in
-vqgan_meta.json and codes_meta.json) and `reinit_dead_codes`, a pure function
-the trainer calls to restart codes that went unused for a window.
+Also here: `codebook_hash` (the compatibility fingerprint in vqgan_meta.json
+and codes_meta.json) and `reinit_dead_codes`, which restarts unused codes.
 """
 
 from __future__ import annotations
@@ -26,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
 
 from parti_jax.models.layers import DenseGeneral
 from parti_jax.partitioning import CODE_DIM, CODEBOOK, EMBED
@@ -40,14 +38,11 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
 
 
 class FactorizedQuantizer(nn.Module):
-    """Projects to code_dim, looks up the nearest l2-normalised code, projects to out_dim.
+    """Projects to code_dim, looks up the nearest of `codebook_size` l2-normalised codes,
+    projects to out_dim (the decoder width).
 
-    Attributes:
-      codebook_size: K, the number of codes.
-      code_dim: width of the lookup space.
-      out_dim: width handed to the decoder.
-      beta: commitment weight inside the VQ loss.
-      dtype / param_dtype: matmul and parameter dtypes of the two projections.
+    `beta` weights the commitment term of the VQ loss; `dtype` / `param_dtype`
+    are those of the two projections.
     """
 
     codebook_size: int
@@ -191,34 +186,23 @@ def reinit_dead_codes(
     return jnp.where(dead[:, None], replacement, codebook), dead
 
 
-def _find_codebook(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        if "codebook" in tree:
-            return tree["codebook"]
-        for value in tree.values():
-            found = _find_codebook(value)
-            if found is not None:
-                return found
-    return None
-
-
 def codebook_hash(params_or_codebook: Any) -> str:
     """First 16 hex digits of sha256 over the codebook as float32 little-endian bytes.
 
     Accepts the codebook array itself or any params tree (boxed or not)
     holding a leaf named `codebook` (e.g. the ViTVQGAN variables).
     """
-    if isinstance(params_or_codebook, Mapping):
-        codebook = _find_codebook(params_or_codebook)
-        if codebook is None:
+    codebook = params_or_codebook
+    if isinstance(codebook, Mapping):
+        flat = traverse_util.flatten_dict(unfreeze(codebook))
+        found = [leaf for path, leaf in flat.items() if path[-1] == "codebook"]
+        if not found:
             raise ValueError(
                 "codebook_hash: no 'codebook' entry in the given params tree; pass the "
                 "ViTVQGAN variables or the codebook array"
             )
-    else:
-        codebook = params_or_codebook
-    codebook = nn.meta.unbox(codebook)
-    array = np.ascontiguousarray(np.asarray(jax.device_get(codebook), dtype="<f4"))
+        codebook = found[0]
+    array = np.ascontiguousarray(np.asarray(jax.device_get(nn.meta.unbox(codebook)), dtype="<f4"))
     if array.ndim != 2:
         raise ValueError(f"codebook_hash: codebook must be [K, code_dim], got {array.shape}")
     return hashlib.sha256(array.tobytes()).hexdigest()[:16]

@@ -5,20 +5,14 @@
     images = tok.decode(codes)    # int32 [B, h, w] -> float32 [B, H, W, 3] in [0, 1]
     tok.check_codes_meta(codes_meta)   # codes made by this VQGAN? (error names both values)
 
-`encode` / `decode` take host-local numpy, cut it into chunks, pad the last
-chunk, and run one jitted function per chunk size, the chunk split over the
-mesh's batch axes ('data', 'fsdp'). Chunk sizes are powers of two times the
-number of batch devices (up to `batch_size`), so a handful of compiles serve
-every input size, and an image's codes do not depend on the batch it came in.
-The default mesh holds this process's local devices only, so hosts encode
-independently (precompute-codes relies on that); with a mesh that spans
-processes every process must call with the same number of rows.
-
-A work directory holds `vqgan_meta.json` (docs/DESIGN.md §3 "Compatibility
-records"): the config, codebook size, grid, image size, the codebook hash and
-step of the newest checkpoint, and the hash of every checkpoint written.
-`load` restores only the generator parameters of the latest (or a given)
-checkpoint and recomputes the codebook hash from them. TensorFlow-free.
+`encode` / `decode` run host numpy in padded chunks of a power of two times
+the mesh's batch devices (up to `batch_size`): a handful of compiles serve every
+input size, and an image's codes do not depend on its batch. The default mesh
+holds this process's devices, so hosts encode independently (precompute-codes
+relies on that); with a multi-process mesh every process passes as many rows.
+`vqgan_meta.json` (docs/DESIGN.md §3) records the config, codebook size and
+hash, grid, image size and steps; `load` restores only the generator
+parameters and checks the codebook hash recomputed from them. TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -68,11 +62,8 @@ def load_vqgan_meta(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
-    missing = [
-        k
-        for k in ("config", "codebook_size", "grid", "codebook_hash", "image_size", "step")
-        if k not in meta
-    ]
+    required = ("config", "codebook_size", "grid", "codebook_hash", "image_size", "step")
+    missing = [k for k in required if k not in meta]
     if missing:
         raise ValueError(f"{file}: missing key(s) {missing}; not a parti_jax VQGAN meta")
     meta["_path"] = str(file)
@@ -89,11 +80,8 @@ def write_vqgan_meta(workdir: str | os.PathLike, meta: Mapping[str, Any]) -> Pat
 
 
 def config_from_meta(meta: Mapping[str, Any]) -> VQGANConfig:
-    """The VQGANConfig recorded in a meta; unknown fields are an error naming them.
-
-    A config without `decoder_tanh_ffn` (META_FORMAT_VERSION 1) was trained
-    with the tanh feed-forward before the decoder's blocks: it loads as 'before'.
-    """
+    """The VQGANConfig recorded in a meta (unknown fields are an error naming them); one
+    without `decoder_tanh_ffn` (format 1) had it before the decoder's blocks: 'before'."""
     fields = {f.name for f in dataclasses.fields(VQGANConfig)}
     unknown = sorted(set(meta["config"]) - fields)
     if unknown:
@@ -106,12 +94,10 @@ def config_from_meta(meta: Mapping[str, Any]) -> VQGANConfig:
 
 def config_differences(saved: VQGANConfig, given: VQGANConfig) -> list[str]:
     """'field: saved X, given Y' for every field that differs."""
-    out = []
-    for f in dataclasses.fields(VQGANConfig):
-        a, b = getattr(saved, f.name), getattr(given, f.name)
-        if a != b:
-            out.append(f"VQGANConfig.{f.name}: checkpoint {a!r}, given {b!r}")
-    return out
+    pairs = [
+        (f.name, getattr(saved, f.name), getattr(given, f.name)) for f in dataclasses.fields(saved)
+    ]
+    return [f"VQGANConfig.{n}: checkpoint {a!r}, given {b!r}" for n, a, b in pairs if a != b]
 
 
 # ------------------------------------------------------------------ helpers
@@ -189,24 +175,17 @@ class ImageTokenizer:
         rules: Any = "data_parallel",
         batch_size: int = 64,
     ) -> None:
-        """Wraps loaded parameters; most callers use `ImageTokenizer.load`.
-
-        Args:
-          config: the VQGAN's config.
-          params: its 'params' (unboxed), on `mesh` as `load` places them (the
-            bundle keeps only the quantizer and decoder: decode-only).
-          meta: records (step, checkpoint, ...) merged into `self.meta`.
-          mesh, rules: where encode/decode run (default: local devices on 'data').
-          batch_size: the largest chunk of rows per jitted call.
-        """
-        self._config = config
+        """Wraps the VQGAN's unboxed 'params' (on `mesh`, as `load` places them; a bundle's
+        quantizer and decoder only: decode-only); `meta`: records (step, checkpoint,
+        ...) for `self.meta`; `mesh, rules`: where encode/decode run (default: local
+        devices on 'data'); `batch_size`: the largest chunk of rows per jitted call."""
+        self.config, self.params = config, params
         self._model = ViTVQGAN(config)
         self.mesh = mesh or local_mesh()
         self.rules = partitioning.get_rules(rules) if isinstance(rules, str) else tuple(rules)
         self._num_batch_devices = n = partitioning.batch_devices(self.mesh)
         self.batch_size = max(n, -(-int(batch_size) // n) * n)
         self._row_sharding = partitioning.batch_sharding(self.mesh)
-        self._params = params
         self._meta = {
             "codebook_size": config.codebook_size,
             "grid": [config.grid, config.grid],
@@ -238,11 +217,8 @@ class ImageTokenizer:
         config: VQGANConfig | None = None,
         batch_size: int = 64,
     ) -> ImageTokenizer:
-        """The VQGAN of a train-vqgan work directory (latest checkpoint, or `step`).
-
-        `config`, if given, must equal the recorded one (the error lists each
-        differing field with both values).
-        """
+        """The VQGAN of a train-vqgan work directory (latest checkpoint, or `step`); a given
+        `config` must equal the recorded one (the error lists each differing field)."""
         from parti_jax.train import checkpoints
 
         meta = load_vqgan_meta(path)
@@ -295,17 +271,9 @@ class ImageTokenizer:
     # ---------------------------------------------------------- properties
 
     @property
-    def config(self) -> VQGANConfig:
-        return self._config
-
-    @property
     def meta(self) -> dict[str, Any]:
         """codebook_size, grid [h, w], codebook_hash, image_size, step, checkpoint (+ config)."""
         return dict(self._meta)
-
-    @property
-    def params(self) -> Any:
-        return self._params
 
     @property
     def codebook_hash(self) -> str:
@@ -313,39 +281,34 @@ class ImageTokenizer:
 
     @property
     def codebook_size(self) -> int:
-        return self._config.codebook_size
+        return self.config.codebook_size
 
     @property
     def grid(self) -> tuple[int, int]:
-        return (self._config.grid, self._config.grid)
+        return (self.config.grid, self.config.grid)
 
     @property
     def image_size(self) -> int:
-        return self._config.image_size
+        return self.config.image_size
 
     # -------------------------------------------------------------- checks
 
     def check_codes_meta(self, codes_meta: Mapping[str, Any]) -> None:
         """Raises ValueError (naming both values) unless the codes were made by this VQGAN."""
         where = codes_meta.get("_path", "codes_meta.json")
-        problems = []
-        if int(codes_meta.get("codebook_size", -1)) != self.codebook_size:
-            problems.append(
-                f"codebook_size {codes_meta.get('codebook_size')} != this VQGAN's "
-                f"{self.codebook_size}"
-            )
-        grid = [int(g) for g in codes_meta.get("grid", [])]
-        if grid != list(self.grid):
-            problems.append(f"grid {grid} != this VQGAN's {list(self.grid)}")
-        if str(codes_meta.get("codebook_hash")) != self.codebook_hash:
-            problems.append(
-                f"codebook_hash {codes_meta.get('codebook_hash')} != this VQGAN's "
-                f"{self.codebook_hash}"
-            )
-        if "image_size" in codes_meta and int(codes_meta["image_size"]) != self.image_size:
-            problems.append(
-                f"image_size {codes_meta['image_size']} != this VQGAN's {self.image_size}"
-            )
+        mine = {"codebook_size": self.codebook_size, "grid": list(self.grid),
+                "codebook_hash": self.codebook_hash, "image_size": self.image_size}  # fmt: skip
+        given = {
+            "codebook_size": int(codes_meta.get("codebook_size", -1)),
+            "grid": [int(g) for g in codes_meta.get("grid", [])],
+            "codebook_hash": str(codes_meta.get("codebook_hash")),
+            "image_size": int(codes_meta.get("image_size", self.image_size)),  # optional
+        }
+        problems = [
+            f"{k} {given[k] if k == 'grid' else codes_meta.get(k)} != this VQGAN's {mine[k]}"
+            for k in mine
+            if given[k] != mine[k]
+        ]
         if problems:
             raise ValueError(
                 f"{where}: the codes were not made by this VQGAN ({self._meta.get('checkpoint')}): "
@@ -374,10 +337,9 @@ class ImageTokenizer:
             for start in range(0, total, chunk):
                 part = rows[start : start + chunk]
                 n = part.shape[0]
-                if n < chunk:  # pad the last chunk with copies of its first row
-                    pad = np.repeat(part[:1], chunk - n, axis=0)
-                    part = np.concatenate([part, pad], axis=0)
-                out = fn(self._params, self._put(part))
+                # The last chunk is padded with copies of its first row.
+                part = np.concatenate([part, np.repeat(part[:1], chunk - n, axis=0)])
+                out = fn(self.params, self._put(part))
                 outs.append(self._fetch(out)[:n])
         return np.concatenate(outs, axis=0).astype(out_dtype)
 
@@ -389,12 +351,10 @@ class ImageTokenizer:
 
     def _fetch(self, out: jax.Array) -> np.ndarray:
         if self.mesh.is_multi_process:
-            from jax.experimental import multihost_utils
+            from jax.experimental.multihost_utils import global_array_to_host_local_array
 
             return np.asarray(
-                multihost_utils.global_array_to_host_local_array(
-                    out, self.mesh, self._row_sharding.spec
-                )
+                global_array_to_host_local_array(out, self.mesh, self._row_sharding.spec)
             )
         return np.asarray(jax.device_get(out))
 
@@ -405,5 +365,5 @@ class ImageTokenizer:
 
     def decode(self, codes: Any) -> np.ndarray:
         """Image tokens int [B, h, w] (or [B, h*w]) in [0, K) -> images float32 [B, H, W, 3] in [0, 1]."""
-        codes = check_codes(codes, self._config)
+        codes = check_codes(codes, self.config)
         return self._run(self._decode_fn, codes, np.float32)

@@ -1,24 +1,15 @@
-"""ViT-VQGAN training and decoder fine-tuning: `train_vqgan` (`parti-jax train-vqgan`).
+"""`train_vqgan` (`parti-jax train-vqgan`): the ViT-VQGAN on the training loop.
 
-The step (train_step.py) updates generator and discriminator in one jitted
-call; the shared loop (parti_jax.train.loop.run) drives it: metrics every
-`log_every` steps, orbax checkpoints with the data position, resume, SIGTERM
-saves. Every checkpoint also (re)writes `<workdir>/vqgan_meta.json`
-(tokenizer.py: config, codebook size, grid, image size, codebook hash and
-step, and the hash of every step), and every `image_grid_every` steps
-`<workdir>/images/step_<n>.png` shows fixed held-out inputs above their
-reconstructions while `eval/psnr`, `eval/lpips`, `eval/codebook_usage` of
-those images are logged. With `adversarial_weight = 0` there is no
-discriminator at all.
+Every checkpoint also (re)writes `<workdir>/vqgan_meta.json` (config,
+codebook size, grid, image size, the codebook hash of every step); every
+`loop.eval_every` steps fixed held-out images and their reconstructions go to
+`<workdir>/images/step_<n>.png` and TensorBoard, with PSNR, LPIPS and the
+codebook share they use.
 
-Decoder fine-tuning (Parti §2.1): `init_from` a base train-vqgan work directory
-with `freeze='encoder_and_codebook'` restores the encoder, the quantizer's
-input projection and the codebook and never changes them, so the fine-tuned
-checkpoint has the base's codebook hash and encodes bit-identically; the
-decoder (any size, e.g. `output='linear'` without the logit-Laplace term) is
-trained from scratch. The encoder fields of the two configs must agree (the
-error names each differing field); scanned and unscanned block layouts are
-converted.
+Decoder fine-tuning (Parti §2.1): `init_from` a base work directory with
+`freeze='encoder_and_codebook'` keeps the base's encoder, input projection
+and codebook bit-identical (same codebook hash, same codes) and trains a new
+decoder (any size, e.g. `output='linear'`); the encoder fields must agree.
 """
 
 from __future__ import annotations
@@ -33,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parti_jax.models.transformer import scan_to_unscanned, unscanned_to_scan
 from parti_jax.train import checkpoints
 from parti_jax.train import loop as loop_lib
 from parti_jax.train import metrics as metrics_lib
@@ -161,16 +151,7 @@ def _warm_start(
         )
     if freeze is not None:
         include = FROZEN_RESTORE
-    convert = None
-    if base_cfg.scan_layers != config.scan_layers:
-        layout = unscanned_to_scan if config.scan_layers else scan_to_unscanned
-
-        def convert(tree):
-            return dict(tree, **{GENERATOR: layout(tree[GENERATOR])})
-
-    params, names = checkpoints.restore_params_from(
-        step_dir, state.params, include=include, convert=convert
-    )
+    params, names = checkpoints.restore_params_from(step_dir, state.params, include=include)
     state = state.replace(params=params)
     restored_hash = _state_codebook_hash(state)
     expected = base_meta.get("codebook_hashes", {}).get(str(base_step))

@@ -1,26 +1,18 @@
-"""The VQGAN training step and its pieces (see parti_jax/vqgan/train.py for the whole).
+"""The VQGAN's training step and the GAN set-up it shares with the upsampler.
 
-One jitted step updates both parameter groups of one TrainState
-({'generator', 'discriminator'}, each with its own Adam-W): the generator's
-loss (losses.generator_loss: L2, LPIPS, logit-Laplace, VQ, adversarial) is
-differentiated with the current discriminator, then the discriminator's
-(logistic + R1) on the same reconstructions. Before
-`LossConfig.adversarial_start_step` the discriminator is neither evaluated nor
-updated (its optimizer count, and so its warm-up, starts when it does).
+One jitted step updates both parameter groups ({'generator', 'discriminator'},
+one optimizer each): the generator's loss is differentiated with the current
+discriminator, then the discriminator's (logistic + R1) on the same images;
+before `LossConfig.adversarial_start_step` the discriminator and its
+optimizer count stay as they were.
 
-Codebook bookkeeping lives in the state (`model_state['generator']['codebook']`),
-so it is checkpointed and a resumed run continues it exactly:
-  * `counts` [window, K]: codes chosen per step over the last `codebook_window`
-    steps (a ring); metrics `codebook_usage` (fraction of codes used in the
-    window) and `codebook_perplexity` come from its sum;
-  * `latents` [M, code_dim]: a ring of recent lookup-space encoder outputs;
-    with `dead_code_reinit`, every `codebook_window` steps the codes used fewer
-    than `dead_code_threshold` times in the window are moved onto latents from
-    it (quantizer.reinit_dead_codes, keyed by the step: deterministic).
-
-Freezing ('encoder_and_codebook'): the encoder, the quantizer's input
-projection and the codebook get no gradient (stop_gradient) and exactly zero
-updates (optax.set_to_zero), so they stay bit-identical.
+Codebook bookkeeping lives in `model_state['generator']['codebook']`, so a
+resumed run continues it exactly: `counts` [window, K] (a ring of codes used
+per step: `codebook_usage`, `codebook_perplexity`) and `latents` (a ring of
+recent encoder outputs, from which `dead_code_reinit` restarts the codes used
+fewer than `dead_code_threshold` times per window). Freezing
+('encoder_and_codebook') stops gradients to the encoder, input projection and
+codebook and gives them exactly zero updates.
 """
 
 from __future__ import annotations

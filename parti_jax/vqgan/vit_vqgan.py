@@ -1,31 +1,16 @@
 """ViT-VQGAN (arXiv 2110.04627): a ViT encoder over 8x8 patches, a factorized
 l2 quantizer, and a ViT decoder back to pixels, built from `models/layers.py`.
 
-Encoder: patches -> linear patch embedding -> + position embedding -> pre-norm
-transformer layers -> LayerNorm -> the paper's two-layer feed-forward network
-with a tanh in the middle -> quantizer (projects to code_dim, looks up, projects
-up to the decoder width). Decoder (`VQGANConfig.decoder_tanh_ffn='after'`, the
-paper's "at the output of transformer blocks", as in the encoder): + position
-embedding -> pre-norm layers -> LayerNorm -> tanh feed-forward -> linear patch
-unembedding to patch_size**2 * out_channels values per token -> pixels; with
-'before' (the older layout) the tanh feed-forward comes first instead.
-
-The VQGAN's numerics, as options of the shared layers: xavier-uniform kernels
-and zero biases on every dense, GELU MLPs in the layers, LayerNorm computed in
-float32, the local attention mask (`attention_window`), MLP-only encoder layers
-(`encoder_context='patch'`). Parameters: 'encoder' / 'decoder' hold
-'patch_embedding', 'position_embedding', 'transformer' (its layers 'layers_<i>',
-or one scanned 'layers'), 'final_norm', 'tanh_ffn', 'patch_unembedding';
-'quantizer' holds the projections and the codebook.
-
-How the decoder output becomes an image (`decoder_output_to_images`):
-  * output='sigmoid', logit_laplace=False: 3 channels, image = sigmoid(out).
-  * output='sigmoid', logit_laplace=True: 6 channels [mu (3), log b (3)] of a
-    logit-Laplace distribution over pixels squeezed into (eps, 1 - eps);
-    image = (sigmoid(mu) - eps) / (1 - 2 eps). See losses.logit_laplace_nll.
-  * output='linear' (Parti's fine-tuned decoder): 3 channels predicting pixels
-    in [-1, 1]; image = out / 2 + 0.5, unclipped in training (`__call__`),
-    clipped to [0, 1] by `decode_codes`.
+Encoder: patches -> linear patch embedding -> + positions -> pre-norm layers
+-> LayerNorm -> the paper's two-layer tanh feed-forward -> quantizer. Decoder:
++ positions -> layers -> LayerNorm -> tanh feed-forward -> linear patch
+unembedding to patch_size**2 * out_channels values per token. With
+`VQGANConfig.decoder_tanh_ffn='before'` (the older layout) the decoder's tanh
+feed-forward comes before its layers instead. Every dense has xavier-uniform
+kernels and zero biases. Parameters: 'encoder' / 'decoder' hold
+'patch_embedding', 'position_embedding', 'transformer' ('layers_<i>' or one
+scanned 'layers'), 'final_norm', 'tanh_ffn', 'patch_unembedding'; 'quantizer'
+holds the projections and the codebook.
 
 Images in and out are float32 [B, H, W, 3] in [0, 1]; image tokens are int32
 [B, grid, grid] in row-major patch order (token t = row * grid + col).
@@ -35,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -182,7 +166,13 @@ class ViTStack(nn.Module):
 
 
 def decoder_output_to_images(output: Array, config: VQGANConfig) -> Array:
-    """Raw decoder output -> images [B, H, W, 3] (unclipped; see the module docstring)."""
+    """Raw decoder output -> images [B, H, W, 3], unclipped.
+
+    'sigmoid': sigmoid(out); with logit_laplace the first 3 of 6 channels are
+    the logit-Laplace mean mu (see losses.logit_laplace_nll) and the image is
+    (sigmoid(mu) - eps) / (1 - 2 eps). 'linear' (Parti's fine-tuned decoder):
+    out predicts pixels in [-1, 1], so out / 2 + 0.5 (`decode_codes` clips).
+    """
     if config.logit_laplace:
         eps = config.logit_laplace_eps
         return (jax.nn.sigmoid(output[..., :3]) - eps) / (1.0 - 2.0 * eps)
@@ -257,9 +247,3 @@ class ViTVQGAN(nn.Module):
         quantized = self.quantizer.embed_codes(codes.reshape(b, cfg.num_tokens).astype(jnp.int32))
         output = self.decoder(quantized)
         return jnp.clip(decoder_output_to_images(output, cfg), 0.0, 1.0)
-
-
-def param_count(tree: Any) -> int:
-    """Number of scalars in a (possibly boxed, possibly abstract) parameter tree."""
-    leaves = jax.tree_util.tree_leaves(nn.meta.unbox(tree))
-    return int(sum(np.prod(leaf.shape) for leaf in leaves))

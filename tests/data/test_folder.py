@@ -155,7 +155,7 @@ def test_bad_rows_name_file_and_line(tmp_path, name, line, files, message):
     with pytest.raises(folder.FolderDataError, match=r"captions\.jsonl: line 2: .*" + message):
         folder.scan_folder(str(root))
     index = folder.scan_folder(str(root), skip_bad_examples=True)
-    assert index.num_skipped == 1 and len(index.records) == 2
+    assert len(index.skipped) == 1 and len(index.records) == 2
     assert [r.line for r in index.records] == [1, 3]
     assert "line 2" in index.skipped[0]
 
@@ -172,10 +172,10 @@ def test_symlink_leaving_folder_and_tsv_missing_column(tmp_path):
     ):
         folder.scan_folder(str(root))
     index = folder.scan_folder(str(root), skip_bad_examples=True)
-    assert index.num_skipped == 2 and len(index.records) == 1
+    assert len(index.skipped) == 2 and len(index.records) == 1
     assert "line 3: missing caption column" in index.skipped[1]
     task = register_folder_task("skippy", str(root), image_size=16, skip_bad_examples=True)
-    assert task.source.index.num_skipped == 2
+    assert len(task.source.index.skipped) == 2
 
 
 def test_bad_image_found_while_reading_names_the_file(tmp_path):

@@ -129,7 +129,7 @@ def test_scorer_interface():
     np.testing.assert_array_equal(scores, 1.0)
     rng = np.random.default_rng(0)
     misses = [shapes.near_miss_captions(e.spec, rng)[0][0] for e in examples]
-    worse = judge.score(images, misses)
+    worse = scorer(images, misses)
     assert ((worse < 1.0) & (worse > 0.0)).all()
     with pytest.raises(ValueError, match="prompt 1: 'a cat' is not a shapes-world caption"):
         scorer(images[:2], [captions[0], "a cat"])

@@ -57,7 +57,7 @@ def test_codes_save_restore_continues_exactly(codes_task, tmp_path):
     it = pipeline.make_codes_iterator(codes_task, **kwargs)
     for _ in range(5):  # k batches: past the first epoch of 24 examples
         next(it)
-    path = pipeline.data_checkpoint_path(str(tmp_path / "checkpoints" / "5"), 0, 1)
+    path = str(tmp_path / "checkpoints" / "5" / "data" / "shard_0_of_1")
     it.save(path)
     stats_at_save = it.stats
     expected = [next(it) for _ in range(6)]  # m batches

@@ -12,8 +12,8 @@ def all_prompts():
 
 def test_counts_categories_and_challenges(all_prompts):
     assert len(all_prompts) == prompts.NUM_PROMPTS == 1632
-    assert len(prompts.list_categories(all_prompts)) == 12
-    assert len(prompts.list_challenges(all_prompts)) == 11
+    assert len({p.category for p in all_prompts}) == 12
+    assert len({p.challenge for p in all_prompts}) == 11
     assert [p.index for p in all_prompts] == list(range(1632))
     assert all_prompts[0].prompt == "bond"
     assert all_prompts[0].category == "Abstract"

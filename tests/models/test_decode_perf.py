@@ -21,23 +21,19 @@ import numpy as np
 import pytest
 
 from parti_jax.models.config import ModelConfig
-from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
+from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits, scan_to_unscanned
 from tests.models.test_model import CFG, ENC, greedy_fn, logits_of, random_params
 
 # Cache-dominated sizes: K+V of one layer for 8 rows x 256 positions (2 MiB)
 # against ~0.4 MB of weights, embeddings and cross-attention K/V.
-PERF_CFG = ModelConfig(
-    text_vocab_size=64,
+PERF_CFG = CFG.replace(
     codebook_size=64,
     image_grid=(16, 16),
-    max_text_length=8,
     d_model=64,
-    num_heads=2,
     head_dim=64,
     mlp_dim=128,
     num_encoder_layers=1,
     num_decoder_layers=1,
-    dtype="float32",
     dropout_rate=0.0,
 )
 ROWS, TEXT = 8, 8
@@ -137,8 +133,6 @@ def params():
     ids=["blocked_scanned", "blocked_unscanned", "conv_sparse_scanned"],
 )
 def test_decoding_variants_match_teacher_forcing(changes, params):
-    from parti_jax.models.transformer import scan_to_unscanned
-
     cfg = CFG.replace(**changes)
     p = params if cfg.scan_layers else scan_to_unscanned(params)
     inputs, step_logits, _ = greedy_fn(cfg)(p, ENC)

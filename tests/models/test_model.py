@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from parti_jax.models.config import ModelConfig
-from parti_jax.models.layers import conv_sparse_mask, rotary
+from parti_jax.models.layers import conv_sparse_mask, param_count, rotary
 from parti_jax.models.transformer import (
     CACHE_KEYS,
     EncoderDecoder,
@@ -48,11 +48,14 @@ DEC = np.random.default_rng(0).integers(1, CFG.codebook_size + 1, (2, N)).astype
 DEC[:, 0] = 0  # BOS
 
 
+def abstract_variables(cfg: ModelConfig) -> dict:
+    """The boxed abstract variables of `EncoderDecoder(cfg).init` (nothing compiled)."""
+    return jax.eval_shape(EncoderDecoder(cfg).init, jax.random.key(0), ENC, DEC)
+
+
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
     """Random float32 params with the model's structure (scanned or not, per cfg)."""
-    shapes = nn.unbox(
-        jax.eval_shape(EncoderDecoder(cfg).init, jax.random.key(0), ENC, DEC)["params"]
-    )
+    shapes = nn.unbox(abstract_variables(cfg)["params"])
     rng = np.random.default_rng(seed)
     return jax.tree.map(
         lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape).astype(np.float32)), shapes
@@ -259,9 +262,7 @@ def test_scan_and_unscanned_layers_agree(params):
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
     # The structures match what each layout's init produces.
-    shapes_unrolled = nn.unbox(
-        jax.eval_shape(EncoderDecoder(cfg_unrolled).init, jax.random.key(0), ENC, DEC)["params"]
-    )
+    shapes_unrolled = nn.unbox(abstract_variables(cfg_unrolled)["params"])
     assert jax.tree.structure(shapes_unrolled) == jax.tree.structure(unrolled)
 
 
@@ -283,13 +284,11 @@ def test_scan_conversion_keeps_logical_axes():
 @pytest.mark.parametrize("activation", ["gated_gelu", "swiglu"])
 def test_gated_mlp(activation):
     cfg = CFG.replace(mlp_activation=activation)
-    shapes = jax.eval_shape(EncoderDecoder(cfg).init, jax.random.key(0), ENC, DEC)["params"]
-    mlp = nn.unbox(shapes)["decoder"]["layers"]["mlp"]
-    assert sorted(mlp) == ["wi_0", "wi_1", "wo"]
-    count = lambda tree: sum(x.size for x in jax.tree.leaves(nn.unbox(tree)))  # noqa: E731
-    plain = jax.eval_shape(EncoderDecoder(CFG).init, jax.random.key(0), ENC, DEC)["params"]
+    shapes = abstract_variables(cfg)
+    assert sorted(shapes["params"]["decoder"]["layers"]["mlp"]) == ["wi_0", "wi_1", "wo"]
     layers = CFG.num_encoder_layers + CFG.num_decoder_layers
-    assert count(shapes) - count(plain) == layers * CFG.d_model * CFG.mlp_dim
+    added = param_count(shapes) - param_count(abstract_variables(CFG))
+    assert added == layers * CFG.d_model * CFG.mlp_dim
     if activation == "swiglu":  # one compile is enough to show it runs
         logits = logits_of(cfg, random_params(cfg))
         assert logits.shape == (2, N, cfg.decoder_vocab_size) and np.isfinite(logits).all()
@@ -332,7 +331,7 @@ def test_dropout_only_when_enabled(params):
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(params):
     cfg = CFG.replace(dtype="bfloat16")
-    shapes = jax.eval_shape(EncoderDecoder(cfg).init, jax.random.key(0), ENC, DEC)
+    shapes = abstract_variables(cfg)
     assert {x.dtype for x in jax.tree.leaves(nn.unbox(shapes))} == {jnp.dtype("float32")}
     encoded = jax.eval_shape(
         functools.partial(EncoderDecoder(cfg).apply, method=EncoderDecoder.encode),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import re
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ import pytest
 import gin
 from parti_jax.cli import flags
 from parti_jax.models.config import ModelConfig
+from parti_jax.models.layers import param_count
 from parti_jax.models.transformer import EncoderDecoder
 
 # The Parti paper's Table 1: (encoder, decoder) layers, width, MLP, heads, nominal params.
@@ -35,24 +35,29 @@ PAPER_TOLERANCE = 0.025
 SIZE_FILES = [
     f for f in flags.list_gin_files() if f.startswith("models/") and f != "models/base.gin"
 ]
-# "# params: 386,461,696 built; 352,448,512 without embeddings and the output layer"
-_PARAMS_COMMENT = re.compile(r"^#\s*params:\s*([\d,]+)(?: built; ([\d,]+) without)?", re.M)
 
 
-def config_from_gin(name: str) -> ModelConfig:
-    args = flags.CommonArgs([name], [], [], None, argparse.Namespace())
-    flags.setup_gin(args, finalize=False)
+def gin_configurables(name: str, *configurables: str) -> list:
+    """The named configurables (e.g. 'ModelConfig') as gin file `name` binds them."""
+    flags.setup_gin(flags.CommonArgs([name], [], [], None, argparse.Namespace()), finalize=False)
     try:
-        return gin.get_configurable("ModelConfig")()
+        return [gin.get_configurable(c)() for c in configurables]
     finally:
         gin.clear_config()
+
+
+def stated_params(name: str, what: str = "") -> tuple[int, int | None]:
+    """Gin file `name`'s "# <what>params: N" count, and M of "N built; M without ..."."""
+    text = (flags.gin_dir() / name).read_text()
+    match = re.search(rf"^#\s*{what}params:\s*([\d,]+)(?: built; ([\d,]+) without)?", text, re.M)
+    assert match, f"{name}: state the parameter count in a '# {what}params: N' comment"
+    return tuple(int(g.replace(",", "")) if g else None for g in match.groups())
 
 
 def count_params(cfg: ModelConfig) -> int:
     enc = jax.ShapeDtypeStruct((1, cfg.max_text_length), np.int32)
     dec = jax.ShapeDtypeStruct((1, cfg.num_image_tokens), np.int32)
-    shapes = jax.eval_shape(EncoderDecoder(cfg).init, jax.random.key(0), enc, dec)
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
+    return param_count(jax.eval_shape(EncoderDecoder(cfg).init, jax.random.key(0), enc, dec))
 
 
 def parti_counts(layers: tuple[int, int], d: int, mlp: int) -> tuple[int, int]:
@@ -73,14 +78,6 @@ def parti_counts(layers: tuple[int, int], d: int, mlp: int) -> tuple[int, int]:
     return body + embeddings + d * 8_320, body
 
 
-def stated_counts(name: str) -> tuple[int, int | None]:
-    text = (flags.gin_dir() / name).read_text()
-    match = _PARAMS_COMMENT.search(text)
-    assert match, f"{name}: add a '# params: N' comment stating the parameter count"
-    body = match.group(2)
-    return int(match.group(1).replace(",", "")), body and int(body.replace(",", ""))
-
-
 def test_all_sizes_are_shipped():
     for name in [*PAPER, "models/tiny.gin", "models/shapes.gin"]:
         assert name in SIZE_FILES, f"{name} is missing from gin/"
@@ -93,9 +90,9 @@ def test_hand_count_of_parti_350m():
 
 @pytest.mark.parametrize("name", SIZE_FILES)
 def test_param_count_matches_gin_comment(name):
-    cfg = config_from_gin(name)
+    (cfg,) = gin_configurables(name, "ModelConfig")
     n = count_params(cfg)
-    stated, stated_body = stated_counts(name)
+    stated, stated_body = stated_params(name)
     assert n == stated, f"{name}: built {n:,} params, comment says {stated:,}"
     if name not in PAPER:
         return

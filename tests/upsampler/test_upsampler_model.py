@@ -6,9 +6,6 @@ jax.eval_shape (nothing allocated or compiled for the full sizes).
 
 from __future__ import annotations
 
-import argparse
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,26 +13,17 @@ import numpy as np
 import optax
 import pytest
 
-import gin
-from parti_jax.cli import flags
+from parti_jax import partitioning
+from parti_jax.models.layers import param_count
 from parti_jax.upsampler.config import UpsamplerConfig
 from parti_jax.upsampler.model import Upsampler, pixel_shuffle
 from parti_jax.vqgan.losses import LossConfig, generator_loss
+from tests.models.test_sizes import gin_configurables, stated_params
 
 
 def count(cfg: UpsamplerConfig) -> int:
     x = jax.ShapeDtypeStruct((1, cfg.input_size, cfg.input_size, 3), jnp.float32)
-    shapes = jax.eval_shape(Upsampler(cfg).init, jax.random.key(0), x)
-    return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(nn.meta.unbox(shapes)))
-
-
-def gin_config(name: str) -> tuple[UpsamplerConfig, LossConfig]:
-    args = flags.CommonArgs([name], [], [], None, argparse.Namespace())
-    flags.setup_gin(args, finalize=False)
-    try:
-        return gin.get_configurable("UpsamplerConfig")(), gin.get_configurable("LossConfig")()
-    finally:
-        gin.clear_config()
+    return param_count(jax.eval_shape(Upsampler(cfg).init, jax.random.key(0), x))
 
 
 @pytest.mark.parametrize("scale,paper", [(2, 15e6), (4, 30e6)])
@@ -48,19 +36,12 @@ def test_parti_parameter_counts(scale, paper):
     "name", ["upsampler/default.gin", "upsampler/shapes.gin", "upsampler/tiny.gin"]
 )
 def test_gin_files_state_their_counts(name):
-    cfg, loss_cfg = gin_config(name)
-    text = (flags.gin_dir() / name).read_text()
-    match = re.search(r"^#\s*params:\s*([\d,]+)", text, re.MULTILINE)
-    assert match, f"{name}: state '# params: N'"
-    assert count(cfg) == int(match.group(1).replace(",", "")), f"{name}: update '# params'"
+    cfg, loss_cfg = gin_configurables(name, "UpsamplerConfig", "LossConfig")
+    assert count(cfg) == stated_params(name)[0], f"{name}: update '# params'"
     assert loss_cfg.vq_weight == 0.0 and loss_cfg.logit_laplace_weight == 0.0
     if name == "upsampler/default.gin":
-        assert (cfg.input_size, cfg.output_size, cfg.num_blocks, cfg.channels) == (
-            256,
-            1024,
-            12,
-            128,
-        )
+        assert (cfg.input_size, cfg.output_size) == (256, 1024)
+        assert (cfg.num_blocks, cfg.channels) == (12, 128)
 
 
 @pytest.mark.parametrize("scale", [2, 4])
@@ -98,16 +79,9 @@ def test_global_residual_and_clipping():
 def test_every_parameter_has_logical_axes():
     cfg = UpsamplerConfig(scale=4, input_size=8, num_blocks=2, channels=8, expansion=2)
     shapes = jax.eval_shape(Upsampler(cfg).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-    flat = jax.tree_util.tree_flatten_with_path(
-        shapes["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)
-    )[0]
-    bad = [
-        jax.tree_util.keystr(p)
-        for p, leaf in flat
-        if not isinstance(leaf, nn.LogicallyPartitioned) or len(leaf.names) != leaf.value.ndim
-    ]
+    assert partitioning.params_without_axes(shapes) == []
     # Per stage: head (2) + 2 blocks x (expand, reduce) x (kernel, bias) + tail (2).
-    assert not bad and len(flat) == 2 * (2 + 2 * 4 + 2)
+    assert len(jax.tree.leaves(nn.meta.unbox(shapes))) == 2 * (2 + 2 * 4 + 2)
 
 
 def test_pixel_shuffle_layout():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +27,7 @@ def _images(n: int = 4, size: int = 32) -> jnp.ndarray:
 
 @pytest.mark.parametrize("blur", [True, False])
 def test_logits_shape_and_input_gradient(blur):
-    cfg = DiscriminatorConfig(base_channels=8, max_channels=16, mbstd_group_size=2, blur=blur)
-    model = Discriminator(cfg)
+    model = Discriminator(dataclasses.replace(TINY, blur=blur))
     x = _images()
     variables = jax.jit(model.init)(jax.random.key(0), x)
     logits = jax.jit(model.apply)(variables, x)
@@ -42,15 +42,7 @@ def test_logits_shape_and_input_gradient(blur):
 
 def test_every_parameter_has_logical_axes():
     variables = jax.eval_shape(Discriminator(TINY).init, jax.random.key(0), _images())
-    flat = jax.tree_util.tree_flatten_with_path(
-        variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)
-    )[0]
-    bad = [
-        jax.tree_util.keystr(p)
-        for p, leaf in flat
-        if not isinstance(leaf, nn.LogicallyPartitioned) or len(leaf.names) != leaf.value.ndim
-    ]
-    assert not bad, f"parameters without logical axes: {bad}"
+    assert partitioning.params_without_axes(variables) == []
     conv = variables["params"]["block_0"]["conv_0"]["kernel"]
     assert conv.names == (CONV_HEIGHT, CONV_WIDTH, CONV_IN, CONV_OUT)
 

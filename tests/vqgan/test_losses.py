@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,9 +168,7 @@ def test_l1_term_is_off_by_default_and_adds_the_mean_absolute_error():
     off = LossConfig(perceptual_weight=0.0, adversarial_weight=0.0, logit_laplace_weight=0.0)
     loss0, m0 = generator_loss(x, recon, config=off, step=0)
     assert "l1" not in m0
-    on = LossConfig(
-        l1_weight=2.0, perceptual_weight=0.0, adversarial_weight=0.0, logit_laplace_weight=0.0
-    )
+    on = dataclasses.replace(off, l1_weight=2.0)
     loss1, m1 = generator_loss(x, recon, config=on, step=0)
     assert float(m1["l1"]) == pytest.approx(0.1, rel=1e-4)
     assert float(loss1) == pytest.approx(float(loss0) + 2.0 * 0.1, rel=1e-4)

@@ -9,9 +9,7 @@ The quantizer (projections and codebook) is counted apart.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import re
 
 import flax.linen as nn
 import jax
@@ -21,15 +19,14 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import gin
 from parti_jax import partitioning
-from parti_jax.cli import flags
-from parti_jax.models.layers import scan_to_unscanned
+from parti_jax.models.layers import param_count, scan_to_unscanned
 from parti_jax.partitioning import LAYERS
 from parti_jax.vqgan import tokenizer
 from parti_jax.vqgan.config import VQGANConfig
 from parti_jax.vqgan.losses import LossConfig
-from parti_jax.vqgan.vit_vqgan import ViTVQGAN, param_count, patchify, unpatchify
+from parti_jax.vqgan.vit_vqgan import ViTVQGAN, patchify, unpatchify
+from tests.models.test_sizes import gin_configurables, stated_params
 from tests.pipeline_fixtures import TINY_VQGAN
 
 # The ViT-VQGAN paper's per-stack sizes (encoder, decoder parameters); Parti pairs
@@ -56,22 +53,6 @@ def init(cfg: VQGANConfig, abstract: bool = False):
     if abstract:
         return model, jax.eval_shape(model.init, jax.random.key(0), x)
     return model, jax.jit(model.init)(jax.random.key(0), x)
-
-
-def gin_config(name: str) -> tuple[VQGANConfig, LossConfig]:
-    args = flags.CommonArgs([name], [], [], None, argparse.Namespace())
-    flags.setup_gin(args, finalize=False)
-    try:
-        return gin.get_configurable("VQGANConfig")(), gin.get_configurable("LossConfig")()
-    finally:
-        gin.clear_config()
-
-
-def stated(name: str, what: str) -> int:
-    text = (flags.gin_dir() / name).read_text()
-    match = re.search(rf"^#\s*{what} params:\s*([\d,]+)", text, re.MULTILINE)
-    assert match, f"{name}: state '# {what} params: N' in a comment"
-    return int(match.group(1).replace(",", ""))
 
 
 def test_shapes_of_call_encode_decode():
@@ -148,18 +129,10 @@ def test_patchify_roundtrip_is_row_major():
 def test_every_parameter_has_logical_axes(scan):
     cfg = tiny_config(scan_layers=scan, encoder_depth=2)
     _, variables = init(cfg, abstract=True)
-    flat = jax.tree_util.tree_flatten_with_path(
-        variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)
-    )[0]
-    missing = [
-        jax.tree_util.keystr(path)
-        for path, leaf in flat
-        if not isinstance(leaf, nn.LogicallyPartitioned) or len(leaf.names) != leaf.value.ndim
-    ]
-    assert not missing, f"parameters without logical axes: {missing}"
-    assert len(flat) > 20
-    layered = [leaf for _, leaf in flat if leaf.names[0] == LAYERS]
-    assert bool(layered) == scan
+    assert partitioning.params_without_axes(variables) == []
+    leaves = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert len(leaves) > 20
+    assert any(leaf.names[0] == LAYERS for leaf in leaves) == scan
 
 
 def test_sharded_scanned_remat_dropout_training_on_a_mesh(cpu_devices):
@@ -269,7 +242,7 @@ def test_patch_encoder_codes_a_patch_by_its_own_pixels():
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_sizes_per_stack(name):
-    cfg, loss_cfg = gin_config(name)
+    cfg, loss_cfg = gin_configurables(name, "VQGANConfig", "LossConfig")
     assert (cfg.image_size, cfg.patch_size, cfg.codebook_size, cfg.code_dim) == (256, 8, 8192, 32)
     assert cfg.grid == 32 and cfg.num_tokens == 1024
     if name == "vqgan/parti_finetune.gin":
@@ -284,16 +257,16 @@ def test_paper_sizes_per_stack(name):
     for stack, paper in zip(("encoder", "decoder"), PAPER[name]):
         count = param_count(params[stack])
         assert abs(count / paper - 1) < 0.15, f"{name} {stack}: {count:,}"
-        assert count == stated(name, stack), f"{name}: update the '# {stack} params' comment"
+        assert count == stated_params(name, f"{stack} ")[0], f"{name}: update '# {stack} params'"
 
 
 @pytest.mark.parametrize("name", ["vqgan/shapes.gin", "vqgan/tiny.gin"])
 def test_small_gin_configs_build(name):
-    cfg, _ = gin_config(name)
+    (cfg,) = gin_configurables(name, "VQGANConfig")
     assert cfg.decoder_tanh_ffn == "before"  # the layout the shapes VQGAN was measured with
     _, variables = init(cfg, abstract=True)
     total = param_count(variables["params"])
-    assert total == stated(name, "total"), f"{name}: update the '# total params' comment"
+    assert total == stated_params(name, "total ")[0], f"{name}: update the '# total params'"
 
 
 def test_training_steps_lower_reconstruction_loss():
@@ -347,16 +320,9 @@ def test_decoder_tanh_ffn_placement():
     # ... but other functions: the patch unembedding reads the tanh feed-forward's
     # output ('after') or the final norm's ('before').
     unembedding = nn.meta.unbox(variables["params"]["decoder"]["patch_unembedding"])
-
-    def unembed(h):
-        return h @ unembedding["kernel"] + unembedding["bias"]
-
-    np.testing.assert_allclose(
-        unembed(stages_a["tanh_ffn"]), stages_a["patch_unembedding"], atol=1e-5
-    )
-    np.testing.assert_allclose(
-        unembed(stages_b["final_norm"]), stages_b["patch_unembedding"], atol=1e-5
-    )
+    for stages, unembedded in ((stages_a, "tanh_ffn"), (stages_b, "final_norm")):
+        got = stages[unembedded] @ unembedding["kernel"] + unembedding["bias"]
+        np.testing.assert_allclose(got, stages["patch_unembedding"], atol=1e-5)
     assert np.abs(stages_a["patch_unembedding"] - stages_b["patch_unembedding"]).max() > 1e-3
 
 
@@ -379,11 +345,8 @@ def test_scanned_and_unrolled_layers_agree():
     cfg = tiny_config(encoder_depth=2, decoder_depth=3, attention_window=1)
     model, variables = init(dataclasses.replace(cfg, scan_layers=True))
     unrolled = scan_to_unscanned(variables)
-    assert sorted(unrolled["params"]["decoder"]["transformer"]) == [
-        "layers_0",
-        "layers_1",
-        "layers_2",
-    ]
+    layers = sorted(unrolled["params"]["decoder"]["transformer"])
+    assert layers == [f"layers_{i}" for i in range(3)]
     x = images()
     recon, _ = jax.jit(model.apply)(variables, x)
     recon_unrolled, _ = jax.jit(ViTVQGAN(cfg).apply)(unrolled, x)
