@@ -287,12 +287,11 @@ def train_task(
     *,
     optimizer_config: OptimizerConfig,
     text_length: int,
-    num_micro_batches: int = 1,
-    z_loss: float = 0.0,
-    loss_chunk_size: int | None = None,
+    **step_options: Any,
 ) -> loop_lib.TrainTask:
     """The encoder-decoder's init, optimizer and step: what `train` runs (with its data),
-    and what the memory planner and the benchmark compile."""
+    and what the memory planner and the benchmark compile. `step_options` go to
+    `train_step` (z_loss, num_micro_batches, loss_chunk_size)."""
     model = EncoderDecoder(model_config)
 
     def init(key):
@@ -303,13 +302,7 @@ def train_task(
     return loop_lib.TrainTask(
         init=init,
         optimizer=optimizers.make_optimizer(optimizer_config),
-        step=functools.partial(
-            train_step,
-            model=model,
-            z_loss=z_loss,
-            num_micro_batches=num_micro_batches,
-            loss_chunk_size=loss_chunk_size,
-        ),
+        step=functools.partial(train_step, model=model, **step_options),
         batch_keys=BATCH_KEYS,
         learning_rate_fn=optimizers.learning_rate_fn(optimizer_config),
     )

@@ -301,9 +301,8 @@ def train_upsampler(
 
     return loop_lib.run_training(
         run,
-        loop_lib.TrainTask(
+        gan.task(
             init=init,
-            optimizer=gan.optimizers(),
             step=functools.partial(
                 train_step,
                 model=model,
@@ -312,8 +311,6 @@ def train_upsampler(
             ),
             data=lambda seed: make_data(seed, "train"),
             batch_keys=("image", "reconstruction") if train_reconstruct else ("image",),
-            constants=(gan.lpips_params(),),
-            learning_rate_fn=gan.learning_rate_fn(),
             evaluate=evaluate,
         ),
         loop,

@@ -371,9 +371,8 @@ def train_vqgan(
         evaluate = _make_evaluate(run, model, images, num_grid_images, gan.eval_lpips_net(size))
     result = loop_lib.run_training(
         run,
-        loop_lib.TrainTask(
+        gan.task(
             init=init,
-            optimizer=gan.optimizers(),
             step=functools.partial(
                 train_step,
                 model=model,
@@ -385,8 +384,6 @@ def train_vqgan(
             ),
             data=lambda seed: make(split=split, batch_size=run.local_batch, seed=seed),
             batch_keys=("image",),
-            constants=(gan.lpips_params(),),
-            learning_rate_fn=gan.learning_rate_fn(),
             evaluate=evaluate,
             evaluate_at_end=True,
             warm_start=warm_start if init_from else None,

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from parti_jax.train import optimizers
+from parti_jax.train.loop import TrainTask
 from parti_jax.train.optimizers import OptimizerConfig, path_name
 from parti_jax.train.state import TrainState
 from parti_jax.vqgan import losses, lpips
@@ -99,6 +100,16 @@ class GanSetup:
             generator_optimizer or default,
             discriminator_optimizer or default,
             freeze,
+        )
+
+    def task(self, **fields: Any) -> TrainTask:
+        """A TrainTask with these optimizers, learning rate and LPIPS weights (the step's
+        constant argument); `fields` give the rest (init, step, data, ...)."""
+        return TrainTask(
+            optimizer=self.optimizers(),
+            constants=(self.lpips_params(),),
+            learning_rate_fn=self.learning_rate_fn(),
+            **fields,
         )
 
     def optimizers(self) -> dict[str, optax.GradientTransformation]:
