@@ -369,6 +369,8 @@ def load_bundle(
     info = read_bundle_info(root)
     if verify:
         verify_files(root, info)
+    sampling_file = str(root / SAMPLING_CONFIG_FILE)  # read first: a bad key fails fast
+    sampling = loading.config_from_record(SamplingConfig, read_json(sampling_file), sampling_file)
     mesh = mesh or local_mesh()
     t2i_file, vq_file, up_file = (str(root / f) for f in CONFIG_FILES)
     t2i = loading.t2i_record(read_json(t2i_file), t2i_file, config_overrides)
@@ -396,7 +398,6 @@ def load_bundle(
         t2i.config, params, t2i.text_length, text_tokenizer,
         _load_vqgan_decoder(root, info, vq_info, mesh, rules), upsampler, records, t2i.info,
     )  # fmt: skip
-    sampling = SamplingConfig(**read_json(root / SAMPLING_CONFIG_FILE))
     return Bundle(root, info, Generator(models, mesh=mesh, rules=rules), sampling)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from parti_jax import bundle as bundle_lib
 from parti_jax import loading
 from parti_jax.bundle import BUNDLE_FILE, WEIGHTS, BundleError
+from parti_jax.decoding import SamplingConfig
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -63,7 +64,7 @@ def export_bundle(
     upsampler_path: str | None = None,
     vocab_path: str | None = None,
     t2i_step: int | None = None,
-    sampling_config: Any = None,
+    sampling_config: SamplingConfig | None = None,
     jax_export: bool = True,
     export_batch_size: int | None = None,
     platforms: Sequence[str] | None = None,
@@ -84,7 +85,6 @@ def export_bundle(
       platforms: jax.export lowering platforms (default cpu, cuda, tpu).
       overwrite: replace an existing bundle at `out_dir`.
     """
-    from parti_jax.decoding import SamplingConfig
     from parti_jax.vqgan.tokenizer import local_mesh
 
     out = Path(out_dir).expanduser().absolute()

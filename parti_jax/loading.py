@@ -195,7 +195,9 @@ def restore_params(
 
     step_dir = checkpoints.resolve_checkpoint_dir(workdir, step)
     try:
-        params, _ = checkpoints.restore_params_from(step_dir, target)
+        params, _ = checkpoints.restore_params_from(
+            step_dir, target, fix=f"use the work directory whose {record_path} wrote it"
+        )
     except checkpoints.CheckpointError as e:
         raise checkpoints.CheckpointError(f"{step_dir}: does not fit {record_path}: {e}") from None
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]

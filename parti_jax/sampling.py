@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from parti_jax import decoding, loading, partitioning, rerank
-from parti_jax.data.vocab import EOS_ID
+from parti_jax.data.vocab import EOS_ID, text_lines, text_problem
 from parti_jax.loading import LoadedModels
 from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
 from parti_jax.vqgan.tokenizer import local_mesh
@@ -66,20 +66,58 @@ def resolve_scorer(scorer: Any, *, likelihood: Callable[[float], rerank.Scorer])
     `likelihood(unconditional_weight)` builds the model's own scorer:
     'likelihood' (None too) is weight 0, 'pmi' weight 1 (`rerank.LikelihoodScorer`).
     """
+    check_scorer(scorer)
     if scorer is None or scorer in ("likelihood", "pmi"):
         return likelihood(1.0 if scorer == "pmi" else 0.0)
     if scorer == "shapes_judge":
         from parti_jax.data.judge import ShapesJudgeScorer
 
         return ShapesJudgeScorer()
-    if scorer == "none":
-        return None
-    if isinstance(scorer, str) or not callable(getattr(scorer, "score", None)):
+    return None if scorer == "none" else scorer
+
+
+def check_scorer(scorer: Any) -> None:
+    """Raises ValueError unless `scorer` is None, one of SCORERS or has a `score` method."""
+    if isinstance(scorer, str):
+        known = scorer in SCORERS
+    else:
+        known = scorer is None or callable(getattr(scorer, "score", None))
+    if not known:
         raise ValueError(
             f"scorer={scorer!r}: expected one of {SCORERS} or an object with a "
             "score(images, prompts, *, image_tokens=None) method"
         )
-    return scorer
+
+
+def check_prompts(
+    prompts: Sequence[str], where: str = "prompt", *, allow_empty: bool = True
+) -> list[str]:
+    """`prompts` as a list; a ValueError names `where` and the prompt's number when one is
+    not a string, not valid Unicode or (unless `allow_empty`) empty: the empty prompt
+    samples unconditionally, which must be asked for."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts: pass at least one prompt")
+    for i, text in enumerate(prompts, 1):
+        if not isinstance(text, str):
+            raise ValueError(f"{where} {i}: {text!r} is not a string")
+        check_text(text, f"{where} {i}")
+        if not allow_empty and not text.strip():
+            raise ValueError(
+                f"{where} {i}: empty prompt (it samples unconditionally); pass "
+                "--allow_empty_prompt (sample_to_folder(allow_empty_prompt=True)) to mean it"
+            )
+    return prompts
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` if it is valid Unicode, else a ValueError naming `where` (`text_problem`)."""
+    problem = text_problem(text)
+    if problem:
+        raise ValueError(f"{where}: {problem}; use UTF-8 text")
+    return text
 
 
 def sample_tokens(
@@ -271,11 +309,7 @@ class Generator:
             its randomness, so a prompt keeps its images in any batch or list.
           progress: show a tqdm bar over batches.
         """
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not one string")
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("no prompts: pass at least one prompt")
+        prompts = check_prompts(prompts)
         cfg = sampling_config or decoding.SamplingConfig()
         num_samples = int(num_samples if num_samples is not None else cfg.num_samples)
         seed = int(cfg.seed if seed is None else seed)
@@ -360,16 +394,21 @@ class Generator:
 
 
 def read_prompts_file(path: str | os.PathLike) -> list[str]:
-    """One prompt per line (blank lines skipped); an empty file is an error naming it."""
+    """One prompt per line (a UTF-8 BOM dropped, blank lines skipped); a file that cannot
+    be read, is not UTF-8 or holds no prompt is an error naming it (and the line)."""
+    prompts = []
     try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
+        for line, text, problem in text_lines(Path(path).expanduser()):
+            if problem is None:
+                problem = text_problem(text)
+            if problem:
+                raise ValueError(f"{path}:{line}: {problem}; write UTF-8, one prompt per line")
+            if text.strip():
+                prompts.append(text.strip())
     except OSError as e:
         raise FileNotFoundError(
             f"{path}: cannot read the prompts file ({e.strerror or e})"
         ) from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e}); write one prompt per line") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts (the file is empty); write one prompt per line")
     return prompts
@@ -450,6 +489,7 @@ def sample_to_folder(
     t2i_step: int | None = None,
     config_overrides: Mapping[str, Any] | None = None,
     progress: bool = True,
+    allow_empty_prompt: bool = False,
 ) -> dict[str, Any]:
     """`parti-jax sample`: prompts -> reranked (upsampled) PNGs and manifest.json in `workdir`.
 
@@ -466,15 +506,25 @@ def sample_to_folder(
       save_low_res: also write the VQGAN's images to `low_res/`.
       vocab_path, t2i_step, config_overrides: see Generator.load.
       progress: tqdm progress bar.
+      allow_empty_prompt: accept empty prompts (unconditional samples); else an error.
     Returns:
       The manifest written to `<workdir>/manifest.json`.
     """
     if (prompts is None) == (prompts_file is None):
         raise ValueError("pass exactly one of prompts or prompts_file")
-    prompts = read_prompts_file(prompts_file) if prompts_file is not None else list(prompts)
-    if not prompts:
-        raise ValueError("no prompts: pass at least one prompt")
+    if prompts_file is not None:
+        prompts = read_prompts_file(prompts_file)
+    prompts = check_prompts(prompts, "prompt", allow_empty=allow_empty_prompt)
     cfg = sampling_config or decoding.SamplingConfig()
+    # Checked before any model is loaded (generate checks them again).
+    if not 1 <= keep_top_k <= cfg.num_samples:
+        raise ValueError(
+            f"sample.keep_top_k={keep_top_k} must be in [1, SamplingConfig.num_samples="
+            f"{cfg.num_samples}]"
+        )
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"sample.batch_size={batch_size} must be >= 1")
+    check_scorer(scorer)
     generator = Generator.load(t2i_path, vqgan_path, upsampler_path, vocab_path=vocab_path,
                                t2i_step=t2i_step, config_overrides=config_overrides)  # fmt: skip
     results = generator.generate(prompts, keep_top_k=keep_top_k, sampling_config=cfg,

@@ -36,8 +36,10 @@ def register_folder_task(
       random_crop: random crops from a stateless per-example seed.
       validation_fraction: share of images hashed into 'validation' when rows
         have no split.
-      skip_bad_examples: count and skip bad rows (the count is logged and kept
-        in `task.source.index.skipped`) instead of failing.
+      skip_bad_examples: count and skip bad rows instead of failing: at the scan
+        (logged, kept in `task.source.index.skipped`) and while reading, an image
+        that turned bad since (logged, `task.source.skipped_at_read`, the
+        iterator's `stats['skipped_at_read']`).
       verify_images: decode every image at registration (see folder.scan_folder).
       vocab_path: SentencePiece model; default the shipped shapes vocabulary.
     """
@@ -50,7 +52,7 @@ def register_folder_task(
     crop = preprocessors.random_crop_image if random_crop else preprocessors.center_crop_image
     return features.add_task(
         f"{name}_pixels",
-        source=folder_lib.FolderDataSource(index),
+        source=folder_lib.FolderDataSource(index, skip_bad_examples=skip_bad_examples),
         output_features=features.pixel_output_features(features.text_vocabulary(vocab_path)),
         preprocessors=[functools.partial(crop, image_size=image_size), preprocessors.tokenize_text],
         shuffle_buffer_size=max(1, min(shuffle_buffer_size, len(index.records))),

@@ -205,6 +205,14 @@ def test_corrupt_or_inconsistent_bundles_name_the_file(bundle_dir, tmp_path):
     (codebook / "vqgan_config.json").write_text(json.dumps(vq))
     with pytest.raises(CompatibilityError, match="codebook hash"):
         load_bundle(codebook, verify=False)
+    # An unknown sampling key: one line naming the file and the key (was a raw TypeError).
+    sampling = copy("sampling")
+    stored = json.loads((sampling / "sampling_config.json").read_text())
+    (sampling / "sampling_config.json").write_text(json.dumps(dict(stored, top_q=0.5)))
+    with pytest.raises(
+        ValueError, match=r"sampling_config.json: unknown SamplingConfig field\(s\) \['top_q'\]"
+    ):
+        load_bundle(sampling, verify=False)
     with pytest.raises(BundleError, match="bundle.json: not found"):
         load_bundle(tmp_path)
 

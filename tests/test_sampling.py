@@ -21,7 +21,13 @@ from parti_jax import partitioning
 from parti_jax.data.vocab import EOS_ID
 from parti_jax.decoding import SamplingConfig
 from parti_jax.loading import CompatibilityError, LoadError
-from parti_jax.sampling import Generator, PromptTruncatedWarning, read_prompts_file
+from parti_jax.sampling import (
+    Generator,
+    PromptTruncatedWarning,
+    check_prompts,
+    read_prompts_file,
+    sample_to_folder,
+)
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -124,6 +130,43 @@ def test_bad_prompts(generator, tmp_path):
     empty.write_text("\n  \n")
     with pytest.raises(ValueError, match=r"prompts.txt: no prompts \(the file is empty\)"):
         read_prompts_file(empty)
+
+
+def test_prompts_checked_at_the_door(tmp_path):
+    """Bad prompts fail in one line naming the prompt (or file and line), before any model
+    is loaded (the paths here do not exist); a BOM is dropped; "" must be asked for."""
+    with pytest.raises(
+        ValueError, match=r"prompt 2: not valid Unicode \(lone surrogate '\\ud800' at character 2\)"
+    ):
+        check_prompts(["ok", "x \ud800"])  # legal JSON, not Unicode text
+    with pytest.raises(
+        ValueError, match=r"--prompt 1: .* at character 2: byte 0xff that is not UTF-8"
+    ):
+        check_prompts(["a \udcff"], "--prompt")  # a non-UTF-8 argv byte, surrogate-escaped
+    with pytest.raises(ValueError, match=r"prompt 1: 3 is not a string"):
+        check_prompts([3])
+    assert check_prompts(["", " "]) == ["", " "]  # the library's default: allowed
+    with pytest.raises(ValueError, match=r"prompt 2: empty prompt .*--allow_empty_prompt"):
+        check_prompts(["a", " "], allow_empty=False)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfa red circle\r\n\r\na blue square\n")
+    assert read_prompts_file(bom) == ["a red circle", "a blue square"]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"a red circle\n\na caf\xe9\n")
+    with pytest.raises(ValueError, match=r"latin1.txt:3: not valid UTF-8 \(invalid continuation"):
+        read_prompts_file(latin1)
+    nowhere = {"workdir": str(tmp_path / "out"), "t2i_path": "/nonexistent/t2i",
+               "vqgan_path": "/nonexistent/vqgan", "progress": False}  # fmt: skip
+    for kwargs, message in (
+        ({"prompts": [""]}, r"prompt 1: empty prompt"),
+        ({"prompts": ["a \ud800"]}, r"prompt 1: not valid Unicode \(lone surrogate"),
+        ({"prompts": ["a"], "keep_top_k": 0}, r"sample.keep_top_k=0 must be in \[1, "),
+        ({"prompts": ["a"], "batch_size": 0}, r"sample.batch_size=0 must be >= 1"),
+        ({"prompts": ["a"], "scorer": "clip"}, r"scorer='clip': expected one of"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sample_to_folder(**nowhere, **kwargs)
+    assert not (tmp_path / "out").exists()
 
 
 def test_over_long_prompt_truncated_with_a_warning_naming_it(generator):

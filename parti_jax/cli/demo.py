@@ -44,6 +44,7 @@ def main(argv: Sequence[str]) -> int:
     with flags.usage_errors(demo_lib.DemoError):
         stages = demo_lib.check_stages(args.namespace.stage or None)
         demo_lib.prepare_workdir(workdir)
+    flags.check_workdir(workdir, "demo")  # the kind and the lock, before anything is written
 
     import gin
 

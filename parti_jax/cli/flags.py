@@ -51,6 +51,7 @@ class CommonArgs:
     gin_search_paths: list[str]
     workdir: str | None
     namespace: argparse.Namespace
+    kind: str = ""  # the subcommand ('train', 'sample', ...): the kind of work dir it writes
 
 
 def make_parser(prog: str, description: str, *, workdir: bool = True) -> argparse.ArgumentParser:
@@ -100,6 +101,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> CommonAr
         gin_search_paths=list(ns.gin_search_path),
         workdir=getattr(ns, "workdir", None),
         namespace=ns,
+        kind=parser.prog.removeprefix("parti-jax "),
     )
 
 
@@ -189,26 +191,54 @@ def run_main(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str]) -> 
 # --------------------------------------------------------------- work dirs
 
 
-def check_workdir(workdir: str | os.PathLike) -> Path:
-    """Creates the work directory and fails early (not after hours) if it is not writable."""
-    from parti_jax.workdir import check_workdir as _check
+def check_workdir(
+    workdir: str | os.PathLike, kind: str | None = None, *, share: int | None = None
+) -> Path:
+    """Creates the work directory and fails early (not after hours) if it is not writable.
 
-    with usage_errors(PermissionError):
-        return _check(workdir, fix="pass --workdir with a folder you can write to")
+    With `kind` (the subcommand) the run also claims it (`parti_jax.workdir.claim_workdir`):
+    another kind's folder, or one that another run writes, is refused before anything is
+    written. Of several processes, process 0 takes the lock and the others wait for its
+    outcome (and fail with its error); `share`: a share of a job split by hand (eval's
+    --process_index), where share 0 alone takes the lock.
+    """
+    from parti_jax import workdir as W
+
+    fix = "pass --workdir with a folder you can write to"
+    with usage_errors(PermissionError, ValueError):  # ValueError: tensorstore's I/O errors
+        if kind is None:
+            return W.check_workdir(workdir, fix=fix)
+        client = None
+        if "jax" in sys.modules:  # several processes only once jax.distributed started
+            from parti_jax.train import distributed
+
+            client = distributed._client()
+        process0 = W.is_primary()
+        key = f"parti_jax/workdir_claim/{os.fspath(workdir)}"  # as given: the same on every host
+        wait = client is not None and not process0
+        outcome = client.blocking_key_value_get(key, 600_000) if wait else "ok"
+        if outcome != "ok":  # process 0's refusal
+            raise W.WorkdirError(outcome)
+        try:
+            path = W.claim_workdir(workdir, kind, primary=process0 and not share, fix=fix)
+        except PermissionError as e:
+            if client is not None and process0:
+                client.key_value_set(key, one_line(e), allow_overwrite=True)
+            raise
+        if client is not None and process0:
+            client.key_value_set(key, "ok", allow_overwrite=True)
+        return path
 
 
 def write_config(workdir: str | os.PathLike, *, operative: bool = False) -> Path:
     """Writes the parsed (`config.gin`) or operative (`operative_config.gin`) gin config
     from the first process."""
     import gin
+    from parti_jax.workdir import is_primary
 
     name = "operative_config.gin" if operative else "config.gin"
     path = Path(workdir) / name
-    # Consult jax only if the caller has loaded it; a backend that is not ready: one process.
-    primary = True
-    with contextlib.suppress(Exception):
-        primary = sys.modules["jax"].process_index() == 0
-    if primary:
+    if is_primary():
         path.write_text(gin.operative_config_str() if operative else gin.config_str())
     return path
 
@@ -230,9 +260,10 @@ def init_distributed(ns: argparse.Namespace) -> None:
         )
 
 
-def start_run(args: CommonArgs) -> Path:
-    """Checks the work directory, parses gin and writes `config.gin` there."""
-    workdir = check_workdir(args.workdir)
+def start_run(args: CommonArgs, *, share: int | None = None) -> Path:
+    """Claims the work directory for the subcommand (`check_workdir`), parses gin and
+    writes `config.gin` there."""
+    workdir = check_workdir(args.workdir, args.kind or None, share=share)
     setup_gin(args)
     write_config(workdir)
     return workdir
@@ -245,7 +276,7 @@ def start_distributed_run(args: CommonArgs, *, workdir_holds: str, gin_example: 
     if not args.gin_files:
         raise UsageError(f"pass --gin_file (e.g. --gin_file={gin_example})")
     init_distributed(args.namespace)  # before anything starts a jax backend
-    return start_run(args)
+    return start_run(args, share=getattr(args.namespace, "process_index", None))
 
 
 # ---------------------------------------------------------- gin bindings

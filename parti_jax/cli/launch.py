@@ -120,9 +120,9 @@ def make_parser() -> argparse.ArgumentParser:
 def _configured(cls: type, kwargs: dict[str, Any]) -> Any:
     """`cls(**kwargs)` with gin bindings applied underneath, as a plain dataclass."""
     try:
-        obj = gin.get_configurable(cls)(**kwargs)
-    except TypeError as e:
-        raise flags.UsageError(f"{cls.__name__}: {e}") from e
+        obj = gin.get_configurable(cls.__name__)(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise flags.UsageError(f"{cls.__name__}: {flags.one_line(e)}") from e
     return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)})
 
 
@@ -200,7 +200,7 @@ def main(argv: Sequence[str]) -> int:
         spec, target = build(ns.target, ns, command)
         return _dispatch(ns.target, spec, target, dry_run=ns.dry_run)
     except ValueError as e:  # LaunchError, a bad --mesh
-        raise flags.UsageError(str(e)) from e
+        raise flags.UsageError(flags.one_line(e)) from e
 
 
 def _dispatch(name: str, spec: LaunchSpec, target: Any, *, dry_run: bool) -> int:

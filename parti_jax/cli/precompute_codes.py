@@ -50,7 +50,7 @@ def main(argv: Sequence[str]) -> int:
     flags.check_required_bindings(
         "precompute_codes", ["task"], "e.g. precompute_codes.task = @register_shapes_task()"
     )
-    out = flags.check_workdir(output_dir)
+    out = flags.check_workdir(output_dir, "precompute-codes")
     flags.write_config(out)
 
     from parti_jax.train import checkpoints

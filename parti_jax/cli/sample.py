@@ -13,6 +13,8 @@ the --t2i / --vqgan / --upsampler flags override them), `SamplingConfig`,
 from the flags: --prompt (repeatable), --prompts_file (one per line) or
 --task/--split (the captions of a `<name>_pixels` task split, or of the
 built-in 'shapes_world'; the prompt id is the example's index in the split).
+Prompts must be UTF-8 text; an empty one (an unconditional sample) needs
+--allow_empty_prompt.
 Writes `<workdir>/<prompt_id>_<rank>.png` and `<workdir>/manifest.json`.
 """
 
@@ -43,6 +45,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--num_prompts", type=int, default=16, help="Prompts taken from --task.")
     flags.add_model_dir_flags(parser)
     parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
+    parser.add_argument(
+        "--allow_empty_prompt", action="store_true",
+        help='Accept an empty --prompt "" (an unconditional sample); refused otherwise.',
+    )  # fmt: skip
     args = flags.parse_args(parser, argv)
     ns = args.namespace
     if not args.workdir:
@@ -51,14 +57,25 @@ def main(argv: Sequence[str]) -> int:
         raise flags.UsageError(
             "pass --prompt TEXT (repeatable), --prompts_file FILE or --task NAME"
         )
+    from parti_jax import sampling
+
+    prompts = None
+    with flags.usage_errors(ValueError, FileNotFoundError):  # at the door: before any write
+        if ns.prompt is not None:
+            prompts = sampling.check_prompts(
+                ns.prompt, "--prompt", allow_empty=ns.allow_empty_prompt
+            )
+        elif ns.prompts_file is not None:
+            prompts = sampling.read_prompts_file(ns.prompts_file)
     workdir = flags.start_run(args)
 
     import gin
-    from parti_jax import sampling
     from parti_jax.data.vocab import VocabularyError
     from parti_jax.train.checkpoints import CheckpointError
 
     kwargs = {"workdir": str(workdir), "progress": not ns.no_progress, **flags.model_dir_kwargs(ns)}
+    if ns.allow_empty_prompt:
+        kwargs["allow_empty_prompt"] = True
     flags.check_required_bindings(
         "sample",
         flags.required_parameters(sampling.sample_to_folder, kwargs),
@@ -66,10 +83,8 @@ def main(argv: Sequence[str]) -> int:
     )
     # ValueError covers loading.LoadError and CompatibilityError.
     with flags.usage_errors(ValueError, FileNotFoundError, CheckpointError, VocabularyError):
-        if ns.prompt is not None:
-            kwargs["prompts"] = list(ns.prompt)
-        elif ns.prompts_file is not None:
-            kwargs["prompts_file"] = ns.prompts_file
+        if prompts is not None:
+            kwargs["prompts"] = prompts
         else:
             kwargs["prompts"], kwargs["prompt_ids"] = task_prompts(
                 ns.task, ns.split, ns.num_prompts

@@ -18,7 +18,8 @@ trainer's name: `train.loop = @train/LoopConfig()` with
 `parti-jax launch`) are detected from the environment or given with
 --coordinator_address / --num_processes / --process_id. A run told to stop
 (SIGTERM) saves a checkpoint and exits with status 143; run the same command
-again to resume.
+again to resume: from the newest intact checkpoint (a damaged one is kept
+aside as `<step>.corrupt-<time>`), or from --restore_step=N.
 """
 
 from __future__ import annotations
@@ -86,8 +87,18 @@ def run(trainer: Trainer, argv: Sequence[str]) -> int:
     parser = flags.make_parser(trainer.command, trainer.description)
     for name, help_text in trainer.flags:
         parser.add_argument(f"--{name}", default=None, help=help_text)
+    parser.add_argument(
+        "--restore_step",
+        type=int,
+        default=None,
+        help="Resume from this checkpoint step instead of the newest intact one; newer "
+        "checkpoints are kept aside as <step>.replaced-<time> (LoopConfig.restore_step). "
+        "A one-off: leave it out when resuming later.",
+    )
     flags.add_distributed_flags(parser)
     args = flags.parse_args(parser, argv)
+    if args.namespace.restore_step is not None:
+        args.gin_bindings.append(f"LoopConfig.restore_step = {args.namespace.restore_step}")
     workdir = flags.start_distributed_run(
         args, workdir_holds=trainer.holds, gin_example=trainer.example
     )

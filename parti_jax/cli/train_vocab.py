@@ -3,7 +3,9 @@
 Caption sources (exactly one):
   --input=FILE           .txt (one caption per line), .jsonl (field "caption" or
                          "text" per line, e.g. a folder's captions.jsonl) or .tsv
-                         (the column named caption / text / prompt, else the first)
+                         (the column named caption / text / prompt, else the first);
+                         a bad line (not UTF-8, invalid Unicode, bad JSON) is an
+                         error naming it, or with --skip_bad_examples counted and skipped
   --shapes_examples=N    captions of the first N examples of the shapes world's
                          train split
   --task=NAME --split=S  a registered SeqIO task's text feature (needs TensorFlow)
@@ -31,6 +33,9 @@ def main(argv: Sequence[str]) -> int:
     src.add_argument("--input", help="captions file: .txt, .jsonl or .tsv")
     src.add_argument("--shapes_examples", type=int, help="use N shapes-world train captions")
     src.add_argument("--task", help="SeqIO task name (needs TensorFlow)")
+    parser.add_argument(
+        "--skip_bad_examples", action="store_true", help="skip (and count) bad lines of --input"
+    )
     parser.add_argument("--split", default="train", help="split of --task")
     parser.add_argument("--text_feature", default="text", help="text feature of --task")
     parser.add_argument("--shapes_seed", type=int, default=0, help="seed of the shapes world")
@@ -60,10 +65,11 @@ def main(argv: Sequence[str]) -> int:
             "pass exactly one caption source: --input=FILE, --shapes_examples=N or --task=NAME "
             f"(got {', '.join('--' + c for c in chosen) or 'none'})"
         )
+    skipped: list[str] | None = [] if ns.skip_bad_examples else None
     try:
         if ns.input is not None:
             source = ns.input
-            texts = vocab.read_captions(ns.input)
+            texts = vocab.read_captions(ns.input, skipped=skipped)
         elif ns.shapes_examples is not None:
             source = f"shapes world, {ns.shapes_examples} train captions"
             if ns.shapes_examples <= 0:
@@ -89,4 +95,6 @@ def main(argv: Sequence[str]) -> int:
         raise flags.UsageError(f"--output_prefix={ns.output_prefix}: {e.strerror or e}") from None
     tok = vocab.SentencePieceTokenizer(path)
     print(f"wrote {path} ({tok.vocab_size} pieces, sha256 {tok.fingerprint[:16]}) from {source}")
+    if skipped:
+        print(f"skipped {len(skipped)} bad line(s) (--skip_bad_examples); first: {skipped[0]}")
     return 0

@@ -9,12 +9,17 @@ Layout:
       (or captions.tsv file<TAB>caption[<TAB>split], with an optional header row)
       cats/1.jpg ...
 
-Paths are resolved inside the folder only: absolute paths, `..` escapes and
-symlinks that lead outside are refused. Every bad row — malformed JSON, a
-missing key or column, an empty or non-UTF-8 caption, a missing file, an
-unsafe path, an empty, truncated or undecodable image — is an error naming the
-captions file and its line, or, with `skip_bad_examples=True`, is counted,
-logged and skipped (`FolderIndex.skipped` holds the reasons).
+A split is exactly one of `SPLITS`. Paths are resolved inside the folder only:
+absolute paths, `..` escapes and symlinks that lead outside are refused. Every
+bad row — malformed JSON, a missing key or column, an extra TSV column, an
+unknown split, an empty caption, text that is not UTF-8 or not valid Unicode (a
+lone surrogate), a missing file, an unsafe path, an empty, truncated or
+undecodable image — is an error naming the captions file and its line, or,
+with `skip_bad_examples=True`, is counted, logged and skipped
+(`FolderIndex.skipped` holds the reasons). An image that turns bad after the
+scan (or is not checked, `verify_images=False`) is met while reading: the same
+one-line error, or with `skip_bad_examples=True` skipped and counted
+(`FolderDataSource.skipped_at_read`, the iterator's `stats`).
 
 Without a split key/column, a deterministic hash of the file path sends
 `validation_fraction` of the images (all captions of an image together) to
@@ -30,14 +35,16 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from parti_jax.data import features
-from parti_jax.data.preprocessors import ImageDecodeError, decode_image_rgb, decode_image_tf
-from parti_jax.data.vocab import CAPTION_KEYS
+from parti_jax.data.preprocessors import ImageDecodeError, decode_image_rgb
+from parti_jax.data.vocab import CAPTION_KEYS, text_lines, text_problem
 
 CAPTION_FILES = ("captions.jsonl", "captions.tsv")
 FILE_KEYS = ("file", "image")
+SPLITS = ("train", "validation", "test")  # the split names a row may give
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +123,15 @@ def _first_key(row: Mapping, keys: Sequence[str]):
     raise ValueError(f'missing key "{keys[0]}" (or "{keys[1]}")')
 
 
+def _split(value, what: str) -> str:
+    """`value` when it is exactly one of SPLITS; ValueError naming `what` otherwise."""
+    if value in SPLITS:
+        return value
+    near = str(value).strip().lower()
+    hint = f" (did you mean {near!r}?)" if near in SPLITS else ""
+    raise ValueError(f"{what} {value!r} is not a split: use one of {', '.join(SPLITS)}{hint}")
+
+
 def _jsonl_row(text: str, line: int) -> tuple[str, str, str | None]:
     """(file, caption, split or None) of a captions.jsonl line; ValueError names the problem."""
     del line
@@ -128,38 +144,43 @@ def _jsonl_row(text: str, line: int) -> tuple[str, str, str | None]:
     file, caption = _first_key(row, FILE_KEYS), _first_key(row, CAPTION_KEYS)
     if not isinstance(file, str) or not isinstance(caption, str):
         raise ValueError('"file" and "caption" must be strings')
-    return file, caption, row.get("split")
+    for key, value in (("file", file), ("caption", caption)):
+        if problem := text_problem(value):
+            raise ValueError(f'"{key}" is {problem}')
+    split = row.get("split")
+    return file, caption, None if split is None else _split(split, '"split"')
 
 
 def _tsv_row(text: str, line: int) -> tuple[str, str, str | None] | None:
     """(file, caption, split or None) of a captions.tsv line, None for a header row."""
     fields = text.split("\t")
-    lowered = [f.strip().lower() for f in fields[:2]]
-    if line == 1 and len(lowered) == 2 and lowered[0] in FILE_KEYS and lowered[1] in CAPTION_KEYS:
+    names = [f.strip().lower() for f in fields]
+    header = len(names) in (2, 3) and names[0] in FILE_KEYS and names[1] in CAPTION_KEYS
+    if line == 1 and header and names[2:] in ([], ["split"]):
         return None
     if len(fields) < 2:
         raise ValueError("missing caption column (expected file<TAB>caption)")
     if len(fields) > 3:
         raise ValueError(f"{len(fields)} columns; expected file<TAB>caption[<TAB>split]")
-    return fields[0].strip(), fields[1], fields[2].strip() if len(fields) == 3 else None
+    split = None
+    if len(fields) == 3:
+        split = _split(fields[2].strip(), "third column (file<TAB>caption<TAB>split)")
+    return fields[0].strip(), fields[1], split
 
 
 def _rows(captions_file: str, parse_row):
     """(line, (file, caption, split), None) or (line, None, problem) per data row."""
-    with open(captions_file, "rb") as f:
-        for line, raw in enumerate(f, start=1):
-            if line == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
+    for line, text, problem in text_lines(captions_file):
+        if problem is None and text.strip():
             try:
-                text = raw.decode("utf-8").rstrip("\r\n")
-                row = parse_row(text, line) if text.strip() else None
-            except UnicodeDecodeError as e:
-                yield line, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                row = parse_row(text, line)
             except ValueError as e:
-                yield line, None, str(e)
+                problem = str(e)
             else:
                 if row is not None:
                     yield line, row, None
+        if problem is not None:
+            yield line, None, problem
 
 
 def scan_folder(
@@ -215,15 +236,11 @@ def scan_folder(
             continue
         if verify_images:
             try:
-                with open(path, "rb") as f:
-                    decode_image_rgb(f.read(), source=file)
+                read_image(path, file)
             except ImageDecodeError as e:
                 bad(line, str(e))
                 continue
-        if split is not None and (not isinstance(split, str) or not split.strip()):
-            bad(line, f"split must be a non-empty string, got {split!r}")
-            continue
-        split = split.strip() if split else hash_split(file, validation_fraction)
+        split = split or hash_split(file, validation_fraction)
         records.append(FolderRecord(file, path, caption, split, line))
     if skipped:
         logger.warning(
@@ -237,16 +254,34 @@ def scan_folder(
     return FolderIndex(folder, captions_file, records, skipped)
 
 
+def read_image(path: str, file: str) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of the image at `path`; ImageDecodeError naming `file` when it
+    cannot be read or decoded."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ImageDecodeError(f"{file}: cannot read the image file ({e.strerror or e})") from None
+    return decode_image_rgb(data, source=file)
+
+
 class FolderDataSource(features.HostShardedSource):
     """Yields {file, text, image uint8 [H, W, 3]} from a scanned folder.
 
     Shuffling permutes the (in-memory) file list with the seed; host sharding
     takes every num_shards-th row after a fixed order, so hosts read disjoint
-    rows whatever the seed.
+    rows whatever the seed. An image that cannot be read or decoded when the
+    pipeline reaches it fails with the one-line error naming the captions file,
+    line and image, or, with `skip_bad_examples`, is left out, logged and
+    counted in `skipped_at_read` ({line: reason}, the rows found bad while
+    reading in this process).
     """
 
-    def __init__(self, index: FolderIndex) -> None:
+    def __init__(self, index: FolderIndex, *, skip_bad_examples: bool = False) -> None:
         self.index = index
+        self.skip_bad_examples = skip_bad_examples
+        self.skipped_at_read: dict[int, str] = {}
+        self._records = {r.line: r for r in index.records}
         super().__init__(
             splits=index.splits,
             num_input_examples={s: len(index.split_records(s)) for s in index.splits},
@@ -256,6 +291,27 @@ class FolderDataSource(features.HostShardedSource):
     def list_shards(self, split: str) -> Sequence[str]:
         return [r.path for r in self.index.split_records(split)]
 
+    def _load(self, line: np.int64) -> tuple[np.ndarray, bytes]:
+        """(image, b"") of the row at `line`, or (placeholder, the one-line problem)."""
+        record = self._records[int(line)]
+        try:
+            return read_image(record.path, record.file), b""
+        except ImageDecodeError as e:
+            problem = f"{self.index.captions_file}: line {record.line}: {e}"
+        if not self.skip_bad_examples:
+            problem += (
+                " (replace or remove the image, or register the task with "
+                "skip_bad_examples=True to skip such rows)"
+            )
+        elif record.line not in self.skipped_at_read:
+            self.skipped_at_read[record.line] = problem
+            logger.warning(
+                "skipped while reading (skip_bad_examples=True, %d row(s) so far): %s",
+                len(self.skipped_at_read),
+                problem,
+            )
+        return np.zeros((1, 1, 3), np.uint8), problem.encode("utf-8")
+
     def read(
         self, split: str, *, shuffle: bool, seed: int | None, shard_index: int, num_shards: int
     ) -> tf.data.Dataset:
@@ -263,8 +319,8 @@ class FolderDataSource(features.HostShardedSource):
         ds = tf.data.Dataset.from_tensor_slices(
             {
                 "file": [r.file for r in records],
-                "path": [r.path for r in records],
                 "text": [r.caption for r in records],
+                "line": np.array([r.line for r in records], np.int64),
             }
         )
         if shuffle and records:
@@ -272,7 +328,21 @@ class FolderDataSource(features.HostShardedSource):
 
         @tf.autograph.experimental.do_not_convert
         def load(row):
-            image = decode_image_tf(tf.io.read_file(row["path"]), row["file"])
-            return {"file": row["file"], "text": row["text"], "image": image}
+            # A bad image fails the pipeline through an assertion carrying the message
+            # (one line), not an exception inside numpy_function (a logged traceback).
+            image, problem = tf.numpy_function(
+                self._load, [row["line"]], (tf.uint8, tf.string), stateful=False
+            )
+            image.set_shape([None, None, 3])
+            ok = tf.equal(problem, "")
+            if self.skip_bad_examples:
+                return {"file": row["file"], "text": row["text"], "image": image}, ok
+            with tf.control_dependencies([tf.debugging.Assert(ok, [problem])]):
+                return {"file": row["file"], "text": row["text"], "image": tf.identity(image)}
 
-        return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        if self.skip_bad_examples:
+            ok = tf.autograph.experimental.do_not_convert(lambda example, ok: ok)
+            example = tf.autograph.experimental.do_not_convert(lambda example, ok: example)
+            ds = ds.filter(ok).map(example)
+        return ds

@@ -14,15 +14,24 @@ The data position is the tf.data iterator itself, saved with
 prefetched elements are all in it; a sidecar JSON records the settings it needs
 and `restore` refuses a mismatch. `it.stats` (examples served, captions
 truncated) travels in the same checkpoint.
+
+Bad data met while iterating raises `DataPipelineError` (one line naming the
+file) and closes the iterator. Every iterator is closed on its first error and
+at interpreter exit: tf.data's map threads run Python (image decoding), and an
+iterator left to interpreter shutdown deadlocks there (its destructor waits for
+decode calls whose threads Python no longer runs), which hung the trainer after
+it had printed the error.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import seqio
@@ -124,30 +133,67 @@ def _clean_error(error: tf.errors.OpError) -> str:
     return message.split("\n", 1)[0]
 
 
+_OPEN: weakref.WeakSet[DataIterator] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    """Closes the iterators still open at exit, while Python still runs their threads."""
+    for iterator in list(_OPEN):
+        iterator.close()
+
+
 class DataIterator:
     """`next(it)` -> dict of numpy arrays; `save(path)` / `restore(path)` the data position."""
 
-    def __init__(self, dataset: tf.data.Dataset, *, kind: str, description: Mapping) -> None:
+    def __init__(
+        self,
+        dataset: tf.data.Dataset,
+        *,
+        kind: str,
+        description: Mapping,
+        sources: Sequence[seqio.DataSource] = (),
+    ) -> None:
         if kind not in ("codes", "pixels"):
             raise ValueError(f"kind must be 'codes' or 'pixels', got {kind!r}")
         self.kind = kind
         self.description = dict(description)
-        self._iterator = iter(dataset)
+        self._sources = list(sources)
         self._examples = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._truncated = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._checkpoint = tf.train.Checkpoint(
-            iterator=self._iterator, examples=self._examples, text_truncated=self._truncated
+            iterator=iter(dataset), examples=self._examples, text_truncated=self._truncated
         )
         self._warned = False
+        self._closed = ""  # why the iterator was closed
+        _OPEN.add(self)
+
+    def close(self, reason: str = "the data iterator was closed") -> None:
+        """Stops its tf.data threads and frees the tf.data iterator (idempotent)."""
+        if self._checkpoint is not None:
+            self._checkpoint = None
+            self._closed = reason
+            _OPEN.discard(self)
 
     def __iter__(self) -> DataIterator:
         return self
 
+    def _open(self) -> tf.train.Checkpoint:
+        """The iterator's checkpoint; DataPipelineError (why) once it is closed."""
+        if self._checkpoint is None:
+            raise DataPipelineError(self._closed)
+        return self._checkpoint
+
     def __next__(self) -> dict[str, np.ndarray]:
         try:
-            element = next(self._iterator)
+            element = next(self._open().iterator)
         except tf.errors.OpError as e:
-            raise DataPipelineError(_clean_error(e)) from None
+            error = _clean_error(e)
+        else:
+            error = None
+        if error is not None:  # outside the except: no traceback keeps the iterator alive
+            self.close(error)
+            raise DataPipelineError(error)
         batch = {k: v.numpy() for k, v in element.items()}
         truncated = batch.pop(TEXT_TRUNCATED)
         self._examples.assign_add(len(truncated))
@@ -167,16 +213,19 @@ class DataIterator:
 
     @property
     def stats(self) -> dict[str, int]:
-        """{'examples': served so far, 'text_truncated': of those, captions cut to fit}."""
+        """{'examples': served so far, 'text_truncated': of those, captions cut to fit,
+        'skipped_at_read': rows of its tasks found bad while reading in this process and
+        skipped (skip_bad_examples=True; not part of the data position)}."""
         return {
             "examples": int(self._examples.numpy()),
             "text_truncated": int(self._truncated.numpy()),
+            "skipped_at_read": sum(len(getattr(s, "skipped_at_read", ())) for s in self._sources),
         }
 
     def save(self, path: str) -> str:
         """Writes the data position under the prefix `path` (+ `path.json` describing it)."""
         tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-        written = self._checkpoint.write(path)
+        written = self._open().write(path)
         with tf.io.gfile.GFile(path + ".json", "w") as f:
             json.dump(self.description, f, indent=2, sort_keys=True)
         return written
@@ -199,7 +248,7 @@ class DataIterator:
                 "resume with the same data settings and number of data shards, or start a "
                 "fresh data order (train.allow_data_reshuffle=True)"
             )
-        self._checkpoint.read(path).assert_consumed()
+        self._open().read(path).assert_consumed()
 
 
 def _settings(arguments: Mapping) -> dict:
@@ -221,7 +270,10 @@ def _iterator(
     ds = ds.batch(settings["batch_size"], drop_remainder=settings["drop_remainder"])
     ds = ds.prefetch(2).with_options(_options(num_threads))
     name = task_or_mixture if isinstance(task_or_mixture, str) else task_or_mixture.name
-    return DataIterator(ds, kind=kind, description={"kind": kind, "task": name, **settings})
+    sources = [t.source for t in _tasks_of(_provider(task_or_mixture))]
+    return DataIterator(
+        ds, kind=kind, description={"kind": kind, "task": name, **settings}, sources=sources
+    )
 
 
 def make_codes_iterator(

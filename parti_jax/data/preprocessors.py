@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 import seqio
 import tensorflow as tf
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 TEXT_LENGTH = 128
 TEXT_TRUNCATED = "text_truncated"
@@ -76,7 +76,7 @@ def decode_image_rgb(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
       ImageDecodeError naming `source` for empty, truncated or undecodable data.
     """
     if not data:
-        raise ImageDecodeError(f"{source}: image file is empty (0 bytes); replace or remove it")
+        raise ImageDecodeError(f"{source}: image file is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # forces a full decode: truncated files fail here
@@ -84,28 +84,16 @@ def decode_image_rgb(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+        reason = f"{type(e).__name__}: {e}"
+        if isinstance(e, UnidentifiedImageError):  # its message is a BytesIO's repr
+            reason = "no image format PIL knows"
         raise ImageDecodeError(
-            f"{source}: cannot decode image ({type(e).__name__}: {e}); "
+            f"{source}: cannot decode image ({reason}); "
             "the file is truncated, corrupt or not an image"
         ) from None
     if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageDecodeError(f"{source}: decoded to an empty image of shape {array.shape}")
     return np.ascontiguousarray(array)
-
-
-def decode_image_tf(data: tf.Tensor, source: tf.Tensor | str = "<bytes>") -> tf.Tensor:
-    """tf.data op: encoded bytes -> uint8 [H, W, 3] through `decode_image_rgb`.
-
-    A failure surfaces as a tf.errors.InvalidArgumentError whose message is
-    the ImageDecodeError's (file name and reason).
-    """
-
-    def _decode(raw: bytes, name: bytes) -> np.ndarray:
-        return decode_image_rgb(raw, source=name.decode("utf-8", "replace"))
-
-    image = tf.numpy_function(_decode, [data, source], tf.uint8, stateful=False)
-    image.set_shape([None, None, 3])
-    return image
 
 
 # ------------------------------------------------------------ resize and crop

@@ -12,7 +12,6 @@ byte for byte.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib.resources
 import io
@@ -49,14 +48,19 @@ class VocabularyError(ValueError):
     """Bad vocabulary input: an empty text source, an impossible size, a wrong model file."""
 
 
-def _clean_lines(texts: Iterable[str], counter: list[int]) -> Iterator[str]:
-    for t in texts:
-        if not isinstance(t, str):
-            t = t.decode("utf-8") if isinstance(t, bytes) else str(t)
-        t = " ".join(t.split())  # one line per text; sentencepiece reads lines
-        if t:
-            counter[0] += 1
-            yield t
+def _clean_lines(
+    texts: Iterable[str], counter: list[int], failed: list[VocabularyError]
+) -> Iterator[str]:
+    try:
+        for t in texts:
+            if not isinstance(t, str):
+                t = t.decode("utf-8") if isinstance(t, bytes) else str(t)
+            t = " ".join(t.split())  # one line per text; sentencepiece reads lines
+            if t:
+                counter[0] += 1
+                yield t
+    except VocabularyError as e:  # a bad caption line: reraised as it is once training ends
+        failed.append(e)
 
 
 def train_sentencepiece(
@@ -116,11 +120,14 @@ def train_sentencepiece(
     )
     buffer = io.BytesIO()
     spm.set_random_generator_seed(seed)
+    failed: list[VocabularyError] = []
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_clean_lines(texts, count), model_writer=buffer, **options
+            sentence_iterator=_clean_lines(texts, count, failed), model_writer=buffer, **options
         )
     except RuntimeError as e:
+        if failed:
+            raise failed[0] from None
         msg = str(e)
         if count[0] == 0:
             raise VocabularyError(
@@ -136,6 +143,8 @@ def train_sentencepiece(
                 "or more text"
             ) from None
         raise VocabularyError(f"sentencepiece training failed on {count[0]} texts: {msg}") from None
+    if failed:
+        raise failed[0]
     model_path = prefix.with_name(prefix.name + ".model")
     model_path.write_bytes(buffer.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
@@ -297,51 +306,86 @@ def default_vocab_path() -> str:
     return str(importlib.resources.files("parti_jax.data") / "assets" / "shapes_sp.model")
 
 
-def read_captions(path: str | os.PathLike) -> Iterator[str]:
+def text_problem(text: str) -> str | None:
+    """Why `text` is not valid Unicode, or None when it is fine: a lone surrogate (e.g. from
+    the JSON escape "\\ud800") cannot become UTF-8, and a surrogate-escaped byte is a
+    command-line argument that was not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char, code = text[e.start], ord(text[e.start])
+        byte = f": byte 0x{code - 0xDC00:02x} that is not UTF-8" if code >= 0xDC80 else ""
+        return f"not valid Unicode (lone surrogate {char!r} at character {e.start}{byte})"
+    return None
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, None) or (line number, None, problem) per line of a UTF-8 text
+    file: the newline is removed, a byte-order mark at the start dropped, and a line that
+    is not valid UTF-8 is reported instead of read."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            if line == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                yield line, raw.decode("utf-8").rstrip("\r\n"), None
+            except UnicodeDecodeError as e:
+                yield line, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+
+
+def read_captions(path: str | os.PathLike, *, skipped: list[str] | None = None) -> Iterator[str]:
     """Captions of a .txt (one a line), .jsonl (field "caption" or "text" per line, e.g. a
     folder's captions.jsonl) or .tsv file (the column named caption / text / prompt, else
-    the first). A bad line is a VocabularyError naming the file and line."""
+    the first). A bad line (not UTF-8, invalid Unicode, bad JSON) is a VocabularyError
+    naming the file and line, or, when a `skipped` list is given, appended to it and
+    skipped."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise VocabularyError(f"{path}: no such file")
-    reader = {".jsonl": _read_jsonl, ".tsv": _read_tsv}.get(file.suffix.lower(), _read_txt)
-    return reader(file, str(path))
-
-
-def _read_txt(file: Path, name: str) -> Iterator[str]:
-    with file.open(encoding="utf-8") as f:
-        yield from (line.rstrip("\n") for line in f)
-
-
-def _read_jsonl(file: Path, name: str) -> Iterator[str]:
-    with file.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise VocabularyError(f"{name}:{n}: not valid JSON ({e.msg})") from None
-            keys = [k for k in CAPTION_KEYS if k in record] if isinstance(record, dict) else []
-            text = record[keys[0]] if keys else None
-            if not isinstance(text, str):
-                found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise VocabularyError(
-                    f'{name}:{n}: needs a string field "caption" or "text" (found keys {found})'
-                )
+    for line, text, problem in _caption_rows(file):
+        if problem is None and (problem := text_problem(text)) is None:
             yield text
+            continue
+        message = f"{path}:{line}: {problem}"
+        if skipped is None:
+            raise VocabularyError(f"{message} (fix the line, or pass --skip_bad_examples)")
+        skipped.append(message)
 
 
-def _read_tsv(file: Path, name: str) -> Iterator[str]:
-    with file.open(encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, [])
-        names = [h.strip().lower() for h in header]
-        named = [names.index(k) for k in ("caption", "text", "prompt") if k in names]
-        column = named[0] if named else 0
-        if header and not named:
-            yield header[0]  # no header: the first row is a caption too
-        yield from (row[column] for row in rows if len(row) > column)
+def _caption_rows(file: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """`text_lines` of a captions file, each reduced to its caption (see read_captions)."""
+    kind = file.suffix.lower()
+    column = 0
+    for line, text, problem in text_lines(file):
+        if problem is not None:
+            yield line, None, problem
+        elif kind == ".jsonl":
+            if text.strip():
+                yield (line, *_jsonl_caption(text))
+        elif kind == ".tsv":
+            fields = text.split("\t")
+            names = [f.strip().lower() for f in fields]
+            named = [names.index(k) for k in ("caption", "text", "prompt") if k in names]
+            if line == 1 and named:  # a header row names the column
+                column = named[0]
+            elif len(fields) > column:
+                yield line, fields[column], None
+        else:
+            yield line, text, None
+
+
+def _jsonl_caption(text: str) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, problem) of one JSON line."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg})"
+    keys = [k for k in CAPTION_KEYS if k in record] if isinstance(record, dict) else []
+    caption = record[keys[0]] if keys else None
+    if not isinstance(caption, str):
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        return None, f'needs a string field "caption" or "text" (found keys {found})'
+    return caption, None
 
 
 def shapes_captions(

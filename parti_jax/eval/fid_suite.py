@@ -28,6 +28,7 @@ from parti_jax.eval import gallery
 from parti_jax.eval import html as H
 from parti_jax.eval import records as R
 from parti_jax.eval import suites as S
+from parti_jax.models.config import check_counts
 
 PROMPTS_FILE = "prompts.jsonl"
 
@@ -144,6 +145,7 @@ def run_coco_fid(
     """
     settings = S.GenerationSettings.from_args(locals())
     out_dir = Path(out_dir)
+    check_counts("coco_fid", num_prompts=num_prompts, inception_batch_size=inception_batch_size)
     if feature_fn is None:
         early = F.compute_fid(iter(()), inception_params_path, ref_stats_path)
         if early.status == "skipped" and not generate_without_fid:

@@ -29,6 +29,7 @@ import numpy as np
 from parti_jax.eval import gallery
 from parti_jax.eval import records as R
 from parti_jax.eval import suites as S
+from parti_jax.models.config import check_counts
 
 NAME = "parti_prompts"
 
@@ -99,6 +100,7 @@ def run_parti_prompts(
     """
     from parti_jax.data.prompts import load_parti_prompts
 
+    check_counts("parti_prompts", limit=limit)
     settings = S.GenerationSettings.from_args(locals())
     try:
         rows = load_parti_prompts(

@@ -36,6 +36,7 @@ import numpy as np
 from parti_jax.eval import html as H
 from parti_jax.eval import records as R
 from parti_jax.eval import suites as S
+from parti_jax.models.config import check_counts
 
 NAME = "reconstruction"
 PSNR_CAP_DB = 100.0
@@ -293,6 +294,8 @@ def run_reconstruction(
     """
     if skipped := S.process_0_only(NAME, process_index):
         return skipped
+    check_counts(NAME, num_images=num_images, batch_size=batch_size)
+    check_counts(NAME, low=0, report_images=report_images)
     size = tokenizer_size(tokenizer, "image_size")
     hi = upsampler_output_size(upsampler, size) if upsampler is not None else size
     if task is None or task == SHAPES_WORLD:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from parti_jax.decoding import SamplingConfig
 from parti_jax.eval import html as H
 from parti_jax.eval import records as R
 from parti_jax.eval.suites import (
@@ -103,7 +104,7 @@ def run_eval_suites(
     vqgan_dir: str | None = None,
     upsampler_dir: str | None = None,
     vocab_path: str | None = None,
-    sampling_config: Any = None,
+    sampling_config: SamplingConfig | None = None,
     seed: int | None = None,
     batch_size: int | None = None,
     process_index: int | None = None,
@@ -136,6 +137,8 @@ def run_eval_suites(
         raise SuiteError(
             f"eval.suites={list(suites)!r}: unknown or empty; choose from {list(SUITE_NAMES)}"
         )
+    if batch_size is not None and batch_size < 1:
+        raise SuiteError(f"eval.batch_size={batch_size} must be >= 1 (or None: each suite's own)")
     if inputs is None:
         inputs = _inputs_from_paths(checkpoint_dir, vqgan_dir, upsampler_dir, vocab_path)
     index, count, _ = resolve_processes(process_index, process_count)

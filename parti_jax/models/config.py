@@ -37,6 +37,15 @@ REMAT_POLICIES = (
 )
 
 
+def check_counts(where: str, low: int = 1, **values: Any) -> None:
+    """Each of `values` is an integer >= `low` or None; the error names `<where>.<name>`."""
+    for name, value in values.items():
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < low
+        ):
+            raise ValueError(f"{where}.{name}={value!r} must be an integer >= {low} or None")
+
+
 class CheckedConfig:
     """Mixin of the config dataclasses: the `dtype` (compute) and `weight_dtype`
     (parameters) fields as jnp dtypes, and checks whose errors name the field."""

@@ -7,7 +7,12 @@ Layout of a work directory:
 
 `Checkpointer` saves asynchronously (arrays are copied off the devices, then
 written in the background), keeps the newest `max_to_keep`, and resumes the
-latest step. Each data shard's iterator state is written by one process (the
+newest intact step: orbax keeps no checksums, so a checkpoint is verified by
+restoring it, data position included; a damaged one is reported in one line,
+kept aside as `<step>.corrupt-<time>` (never deleted; orbax ignores the name)
+and the next older one is tried, every process agreeing on the outcome.
+Temporary folders of saves cut short by a kill are removed when the next run
+starts. Each data shard's iterator state is written by one process (the
 first process that reads that shard) next to the arrays of the same step, so
 a resumed run neither repeats nor skips examples; a resume with another
 number of data shards is refused unless `allow_data_reshuffle=True`.
@@ -21,8 +26,12 @@ shapes differ.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import re
+import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from parti_jax.train import distributed
+from parti_jax.train.metrics import console
 from parti_jax.train.optimizers import path_name
 from parti_jax.train.state import TrainState
 
@@ -69,6 +80,38 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit this run (shapes, data shards, missing files)."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint that cannot be read: a file missing, cut short or garbled."""
+
+
+def _why(error: BaseException) -> str:
+    """One line saying what is wrong: the innermost message of the exception chain,
+    without TensorStore's spec dump."""
+    chain = [error]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) and inner not in chain:
+        chain.append(inner)
+    error = next((e for e in reversed(chain) if str(e).strip()), error)
+    text = str(error).strip()
+    text = text.splitlines()[0] if text else type(error).__name__
+    text = re.sub(r'Error opening "\w+" driver: ', "", text.split(" [tensorstore_spec")[0])
+    return text.rstrip(": ")
+
+
+def process_max(value: int, barrier: str | None = None) -> int:
+    """The largest `value` over all processes (a collective; `value` itself with one process).
+
+    `barrier` first waits for every process at that name (the coordination service,
+    which waits long; CPU collectives give up after 30 s while a process lags).
+    """
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    if barrier:
+        distributed.barrier(barrier)
+    return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int32))))
+
+
 # ------------------------------------------------------------ data iterator item
 
 
@@ -84,6 +127,8 @@ class DataIteratorHandler(ocp.CheckpointHandler):
         counts = sorted(
             {int(m.group(2)) for p in directory.iterdir() if (m := _SHARD_RE.match(p.name))}
         )
+        if not counts:
+            raise DamagedCheckpointError(f"{directory}: no data position file (shard_*)")
         if counts != [args.shard_count]:
             if args.allow_reshuffle:
                 log.warning(
@@ -101,8 +146,15 @@ class DataIteratorHandler(ocp.CheckpointHandler):
         path = directory / f"shard_{args.shard_index}_of_{args.shard_count}"
         matches = [p for p in directory.iterdir() if p.name.startswith(path.name)]
         if not matches:
-            raise CheckpointError(f"{path}: no saved data position for this data shard")
-        args.iterator.restore(str(path))
+            raise DamagedCheckpointError(f"{path}: no saved data position for this data shard")
+        try:
+            args.iterator.restore(str(path))
+        except ValueError as e:  # data settings that differ are not damage; garbled files are
+            if not isinstance(e, json.JSONDecodeError | UnicodeDecodeError):
+                raise
+            raise DamagedCheckpointError(f"{path}: {_why(e)}") from e
+        except Exception as e:  # noqa: BLE001 - a file missing or cut short
+            raise DamagedCheckpointError(f"{path}: {_why(e)}") from e
         return True
 
     def metadata(self, directory: epath.Path) -> None:
@@ -170,7 +222,7 @@ class Checkpointer:
             save_interval_steps=save_interval_steps,
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            create=True,
+            cleanup_tmp_directories=True,  # of saves cut short (kill -9): go before the next
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -215,36 +267,131 @@ class Checkpointer:
         data_iterator: Any = None,
         allow_data_reshuffle: bool = False,
     ) -> tuple[TrainState, bool]:
-        """Restores onto the shapes/dtypes/shardings of `state` (concrete or abstract).
+        """Restores the newest intact checkpoint, or `step`, onto the shapes/dtypes/shardings
+        of `state` (concrete or abstract).
 
         `state`'s shardings decide where arrays land, so a checkpoint saved on
-        one mesh restores onto another. Returns (state, data_restored):
-        data_restored is False when the data position was not restored (no
-        iterator state saved, or a reshuffle was allowed).
+        one mesh restores onto another. Verifying a step means restoring it
+        (arrays and data position); one that is damaged on any process is
+        reported in one line and the next older one is tried; once one
+        restores, the damaged newer ones are set aside as `<step>.corrupt-<time>`.
+        A `step` chosen by hand must be there and intact; checkpoints newer
+        than it are set aside as `<step>.replaced-<time>`, so a later resume
+        does not return to them. Returns (state, data_restored): data_restored
+        is False when the data position was not restored (an iterator without
+        one, or a reshuffle was allowed).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        steps = self._agreed_steps()
+        if step is not None and step not in steps:
+            raise CheckpointError(
+                f"{self.directory}: no checkpoint for step {step}; steps there are {steps}"
+            )
+        if not steps:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         target = jax.tree.map(_abstract, state.checkpoint_items())
-        self._check_shapes(step, target)
-        items = {"state": ocp.args.StandardRestore(target)}
-        step_dir = self.directory / str(step)
-        has_data = (step_dir / "data").exists()
-        if _has_position(data_iterator) and has_data:
-            items["data"] = DataIteratorRestore(
-                data_iterator,
-                self.data_shard.index,
-                self.data_shard.count,
-                allow_data_reshuffle,
+        damaged: list[int] = []
+        for s in [step] if step is not None else steps[::-1]:
+            restored = self._try_restore(s, target, data_iterator, allow_data_reshuffle)
+            if restored is not None:
+                break
+            damaged.append(s)
+            if step is not None:
+                raise DamagedCheckpointError(
+                    f"{self.directory / str(s)} is damaged (see above); restore another step "
+                    f"(steps there are {steps}) or leave the step out for the newest intact one"
+                )
+        else:
+            raise DamagedCheckpointError(
+                f"{self.directory}: no intact checkpoint; tried steps {damaged}, each damaged "
+                "(see above); restore a copy, or move the folder away to start afresh"
             )
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        data_restored = bool(restored.get("data", False)) if "data" in items else False
-        if _has_position(data_iterator) and not has_data:
-            log.warning("%s: no data position saved; the data starts from its beginning", step_dir)
-        return state.replace_checkpoint_items(restored["state"]), data_restored
+        self._set_aside(damaged, "corrupt")
+        self._set_aside([t for t in steps if t > s and t not in damaged], "replaced")
+        return state.replace_checkpoint_items(restored[0]), restored[1]
 
-    def _check_shapes(self, step: int, target: PyTree) -> None:
-        meta = state_metadata(self.directory / str(step) / "state")
+    def _agreed_steps(self) -> list[int]:
+        """The committed steps, as process 0 lists them (broadcast to every process)."""
+        steps = sorted(self.manager.all_steps())
+        if jax.process_count() == 1:
+            return steps
+        from jax.experimental import multihost_utils
+
+        distributed.barrier("restore_list_steps")
+        n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+        if n == 0:
+            return []
+        mine = np.asarray(steps if jax.process_index() == 0 else [0] * n, np.int32)
+        return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]
+
+    def _try_restore(
+        self, step: int, target: PyTree, data_iterator: Any, allow_reshuffle: bool
+    ) -> tuple[PyTree, bool] | None:
+        """(state items, data restored) of `step`, or None when it is damaged on any process.
+
+        Errors that are not damage (a checkpoint that does not fit this run)
+        are raised on every process; the processes agree before anyone raises.
+        """
+        step_dir = self.directory / str(step)
+        outcome: Any = None
+        try:
+            outcome = self._read(step_dir, target, data_iterator, allow_reshuffle)
+            status = 0
+        except DamagedCheckpointError as e:
+            report(f"checkpoint {step_dir} is damaged: {str(e).replace(f'{step_dir}/', '')}")
+            status = 1
+        except Exception as e:  # noqa: BLE001 - raised below, once every process knows
+            outcome, status = e, 2
+        agreed = process_max(status, barrier=f"restore_{step}")
+        if agreed == 2:
+            if isinstance(outcome, Exception):
+                raise outcome
+            raise CheckpointError(
+                f"{step_dir}: cannot be restored on another process (see its log)"
+            )
+        if agreed == 1 and status == 0:
+            report(f"checkpoint {step_dir} is damaged on another process (see its log)")
+        return outcome if agreed == 0 else None
+
+    def _read(
+        self, step_dir: epath.Path, target: PyTree, data_iterator: Any, allow_reshuffle: bool
+    ) -> tuple[PyTree, bool]:
+        """Reads one step (without orbax's cross-process barriers: a damaged file may fail
+        on one process only); raises DamagedCheckpointError naming what is wrong."""
+        _quiet_abandoned_reads()
+        if not (step_dir / "state" / "_METADATA").exists():
+            raise DamagedCheckpointError(f"{step_dir / 'state' / '_METADATA'} is missing")
+        self._check_shapes(step_dir, target)
+        try:
+            items = ocp.StandardCheckpointHandler().restore(
+                step_dir / "state", args=ocp.args.StandardRestore(target)
+            )
+        except Exception as e:  # noqa: BLE001 - shapes are checked: a read error is damage
+            raise DamagedCheckpointError(_why(e)) from e
+        if not _has_position(data_iterator):
+            return items, False
+        if not (step_dir / "data").exists():  # saved with every position, so it was lost
+            raise DamagedCheckpointError(f"{step_dir / 'data'} (the data position) is missing")
+        shard = self.data_shard
+        args = DataIteratorRestore(data_iterator, shard.index, shard.count, allow_reshuffle)
+        return items, DataIteratorHandler().restore(step_dir / "data", args)
+
+    def _set_aside(self, steps: list[int], why: str) -> None:
+        """Renames each `<step>` folder to `<step>.<why>-<time>` (process 0; a copy, then the
+        original removed, on object stores); every process then re-lists the steps."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for s in steps:
+                src, dst = self.directory / str(s), self.directory / f"{s}.{why}-{stamp}"
+                _move(src, dst)
+                console(f"kept {src} aside as {dst.name} ({why}; nothing deleted)")
+        if jax.process_count() > 1:
+            distributed.barrier(f"set_aside_{why}")
+        self.manager.reload()
+
+    def _check_shapes(self, step_dir: epath.Path, target: PyTree) -> None:
+        meta = state_metadata(step_dir / "state")
         if meta is None:
             return
         flat_meta = flat_tree(meta)
@@ -256,13 +403,13 @@ class Checkpointer:
                 continue
             if tuple(getattr(m, "shape", ())) != tuple(t.shape):
                 raise CheckpointError(
-                    f"{self.directory / str(step)}: {name} has shape {tuple(m.shape)} in the "
+                    f"{step_dir}: {name} has shape {tuple(m.shape)} in the "
                     f"checkpoint but {tuple(t.shape)} in this model; restore a checkpoint of the "
                     "same model config (or use restore_from for a partial warm start)"
                 )
         if missing:
             raise CheckpointError(
-                f"{self.directory / str(step)}: the checkpoint has no {', '.join(missing[:5])}"
+                f"{step_dir}: the checkpoint has no {', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''}; it was written by a different model "
                 "or optimizer (use restore_from to warm-start parameters only)"
             )
@@ -273,6 +420,48 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _quiet_abandoned_reads() -> None:
+    """Drops the echoes of a failed read: orbax closes its event loop while TensorStore's
+    other reads of the step are in flight, and each then reports 'Event loop is closed'
+    (dozens of tracebacks) or an unretrieved future. Other reports pass as before."""
+    if getattr(sys.unraisablehook, "quiet_abandoned_reads", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (
+            isinstance(unraisable.exc_value, RuntimeError)
+            and "loop is closed" in str(unraisable.exc_value)
+        ):
+            previous(unraisable)
+
+    hook.quiet_abandoned_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda r: not str(r.msg).startswith("Future exception was never retrieved")
+    )
+
+
+def report(message: str) -> None:
+    """A line on the console of process 0, or in this process's log on another process."""
+    if jax.process_index() == 0:
+        console(message)
+    else:
+        print(f"process {jax.process_index()}: {message}", flush=True)
+
+
+def _move(src: epath.Path, dst: epath.Path) -> None:
+    """Renames a folder; object stores (no folder rename) get a copy, then the original goes."""
+    if "://" not in str(src):
+        os.rename(src, dst)
+        return
+    for f in src.rglob("*"):
+        if f.is_file():
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            f.copy(dst / f.relative_to(src))
+    src.rmtree()
 
 
 def _absolute(path: str | Path) -> str:
@@ -325,6 +514,7 @@ def restore_params_from(
     include: str | None = None,
     convert: Callable[[PyTree], PyTree] | None = None,
     step: int | None = None,
+    fix: str = "change the model config to match or exclude it from restore_from",
 ) -> tuple[PyTree, list[str]]:
     """Warm-starts `params` (concrete, sharded) from another run's checkpoint.
 
@@ -340,6 +530,7 @@ def restore_params_from(
         makes the checkpoint's names match this model's better (a scanned
         checkpoint into unrolled layers or back), else the same layout.
       step: which step (default: the latest).
+      fix: how a shape mismatch is fixed (the end of its error message).
 
     Returns:
       (params, names of restored parameters).
@@ -359,7 +550,7 @@ def restore_params_from(
     if convert is None:
         # Same layout: restore only the wanted arrays, straight onto their shardings.
         flat_meta = flat_tree(meta["params"])
-        _check_warm_start(step_dir, wanted, flat_target, flat_meta, include)
+        _check_warm_start(step_dir, wanted, flat_target, flat_meta, include, fix)
         item = _subset_tree(meta["params"], set(wanted), flat_target)
         restored = ocp.PyTreeCheckpointer().restore(
             step_dir / "state",
@@ -382,7 +573,7 @@ def restore_params_from(
         )["params"]
         converted = convert(restored)
         flat_conv = flat_tree(converted)
-        _check_warm_start(step_dir, wanted, flat_target, flat_conv, include)
+        _check_warm_start(step_dir, wanted, flat_target, flat_conv, include, fix)
         flat_restored = {
             n: jax.device_put(
                 np.asarray(flat_conv[n], flat_target[n].dtype), _sharding(flat_target[n])
@@ -423,7 +614,7 @@ def _layout_converter(ckpt_params: PyTree, want: set[str]) -> Callable[[PyTree],
     return best
 
 
-def _check_warm_start(step_dir, wanted, flat_target, flat_ckpt, include) -> None:
+def _check_warm_start(step_dir, wanted, flat_target, flat_ckpt, include, fix) -> None:
     missing = [n for n in wanted if n not in flat_ckpt]
     if include is not None and missing:
         raise CheckpointError(
@@ -443,8 +634,7 @@ def _check_warm_start(step_dir, wanted, flat_target, flat_ckpt, include) -> None
             if have != want:
                 raise CheckpointError(
                     f"{step_dir}: parameter {n} has shape {have} in the checkpoint but "
-                    f"{want} in this model; change the model config to match or exclude it "
-                    "from restore_from"
+                    f"{want} in this model; {fix}"
                 )
 
 

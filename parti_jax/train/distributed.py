@@ -16,9 +16,13 @@ flags and the launch environment only:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -117,6 +121,7 @@ def maybe_initialize_distributed(
         kwargs = {k: v for k, v in settings.items() if v is not None}
         log.info("jax.distributed.initialize(%s)", kwargs)
         jax.distributed.initialize(**kwargs)
+        _watch_for_failures(_client())
     configure_for_backend()
     return settings is not None
 
@@ -148,10 +153,101 @@ def barrier(name: str, timeout_s: float = 900.0) -> None:
         client.wait_at_barrier(f"parti_jax/{name}", int(timeout_s * 1000))
 
 
+# ------------------------------------------------------------- fail fast
+# A process that fails in a multi-process run would otherwise wait in jax's
+# shutdown for the others, while they wait in a collective for it: until a
+# heartbeat or barrier timeout (minutes), or forever. Instead it writes its error
+# under every other process's key in the coordination service's key-value store
+# and exits; a watcher thread in each process, blocked reading its own key, ends
+# that process too. All within seconds.
+_STOP_KEY = "parti_jax/stop/{}"  # per process: the failure to stop for ("": a normal exit)
+_STOP_BARRIER = "parti_jax/stop"
+_STOP_WAIT_MS = 10_000  # how long the processes wait for each other before exiting
+_stopping = threading.Lock()  # held by whichever path ends the process (or a normal exit)
+
+
+def is_multiprocess() -> bool:
+    """Whether this process is part of an initialised multi-process run."""
+    return _client() is not None
+
+
+def stop_all_processes(message: str, code: int) -> None:
+    """Ends this failed process and every other process of the run, within seconds.
+
+    Tells the others `message` (they print it and exit 1), then exits with
+    `code` without jax's shutdown. Output is flushed first; no other cleanup
+    runs (like a kill: checkpoints stay intact). Returns at once in a single
+    process run.
+    """
+    client, state = _client(), _state()
+    if client is None:
+        return
+    if not _stopping.acquire(blocking=False):  # the watcher is ending this process already
+        threading.Event().wait()
+    for i in range(state.num_processes):
+        # A failure: raises for a process already told (another process failed too).
+        with contextlib.suppress(Exception):
+            if i != state.process_id:
+                client.key_value_set(
+                    _STOP_KEY.format(i), f"process {state.process_id} failed: {message}"
+                )
+    _exit_together(client, code)
+
+
+def _watch_for_failures(client: Any) -> None:
+    """Starts the thread that ends this process when another one reports a failure."""
+    key = _STOP_KEY.format(_state().process_id)
+
+    def watch() -> None:
+        while True:
+            try:
+                message = client.blocking_key_value_get(key, 3_600_000)
+            except Exception as e:  # noqa: BLE001 - jax raises JaxRuntimeError
+                if "DEADLINE_EXCEEDED" in str(e):
+                    continue  # nothing reported within the hour
+                message = f"lost the coordination service: {str(e).strip().splitlines()[0]}"
+            if message and _stopping.acquire(blocking=False):  # not exiting already
+                print(f"parti-jax: error: stopping: {message}", file=sys.stderr, flush=True)
+                _exit_together(client, 1)
+            return
+
+    watcher = threading.Thread(target=watch, name="parti_jax_failure_watch", daemon=True)
+    watcher.start()
+
+    def normal_exit() -> None:
+        # Before jax's shutdown (atexit runs last-registered first). The watcher must have
+        # returned before Python finalizes: a thread coming back from jax's C++ then aborts
+        # the process ("FATAL: exception not rethrown"). An empty message wakes it.
+        _stopping.acquire()
+        with contextlib.suppress(Exception):  # already woken by a failure, or no service
+            client.key_value_set(key, "")
+        watcher.join(timeout=30)
+
+    atexit.register(normal_exit)
+
+
+def _exit_together(client: Any, code: int) -> None:
+    """Waits (bounded) until every process knows of the failure, then exits at once."""
+    with contextlib.suppress(Exception):  # a process that cannot take part is ended anyway
+        client.wait_at_barrier(_STOP_BARRIER, _STOP_WAIT_MS)
+    if getattr(_state(), "service", None) is not None:
+        time.sleep(0.5)  # this process hosts the coordination service: the others leave first
+    from parti_jax import workdir  # a hard exit skips atexit: give the work dirs' locks up
+
+    workdir.release_all()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _state() -> Any:
+    """jax.distributed's state (None before jax is imported)."""
+    return getattr(sys.modules.get("jax._src.distributed"), "global_state", None)
+
+
 def _client() -> Any:
     """jax's coordination-service client (None before `jax.distributed.initialize`)."""
-    state = getattr(sys.modules.get("jax._src.distributed"), "global_state", None)
-    return getattr(state, "client", None)
+    return getattr(_state(), "client", None)
 
 
 # ------------------------------------------------------------- data shards

@@ -41,9 +41,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from parti_jax import partitioning
 from parti_jax.train import distributed
 from parti_jax.train import metrics as metrics_lib
-from parti_jax.train.checkpoints import Checkpointer, DataShard
+from parti_jax.train.checkpoints import Checkpointer, DataShard, process_max
 from parti_jax.train.state import TrainState, sharded_train_state
-from parti_jax.workdir import check_workdir
+from parti_jax.workdir import claim_workdir
 
 PyTree = Any
 LossFn = Callable[[PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
@@ -81,8 +81,10 @@ class LoopConfig:
     eval_every: int | None = None
     # Save a checkpoint every this many steps (and always at the end).
     checkpoint_every: int = 1000
-    # Newest checkpoints kept.
+    # Newest checkpoints kept (at least 2: a damaged newest one falls back to the one before).
     keep_checkpoints: int = 3
+    # Resume from this step instead of the newest intact checkpoint (newer ones are kept aside).
+    restore_step: int | None = None
     # Write checkpoints in the background while training goes on.
     async_checkpoints: bool = True
     # 'stop': raise naming the first step whose loss is not finite; 'skip': drop that update.
@@ -102,7 +104,8 @@ class LoopConfig:
         _check_int("LoopConfig.log_every", self.log_every, 1)
         _check_int("LoopConfig.eval_every", self.eval_every, 1, optional=True)
         _check_int("LoopConfig.checkpoint_every", self.checkpoint_every, 1)
-        _check_int("LoopConfig.keep_checkpoints", self.keep_checkpoints, 1)
+        _check_int("LoopConfig.keep_checkpoints", self.keep_checkpoints, 2)
+        _check_int("LoopConfig.restore_step", self.restore_step, 0, optional=True)
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(
                 f"LoopConfig.nan_policy={self.nan_policy!r}: expected one of {NAN_POLICIES}"
@@ -258,14 +261,13 @@ def start_run(
     default_mesh: partitioning.MeshConfig = DATA_PARALLEL_MESH,
     where: str = "train",
 ) -> Run:
-    """Checks the work dir, builds the mesh and finds this host's data shard.
+    """Claims the work dir (its kind, one writer), builds the mesh, finds this host's data shard.
 
     `mesh_config` is a MeshConfig or a ready Mesh (default `default_mesh`);
     `rules` a rule-table name or table (default the MeshConfig's). The global
     `batch_size` must divide over the data shards (hosts) and over the devices
     of the batch axes; the errors name `<where>.batch_size`.
     """
-    workdir = check_workdir(workdir)
     _check_int(f"{where}.batch_size", batch_size, 1)
     if isinstance(mesh_config, jax.sharding.Mesh):
         mesh = mesh_config
@@ -282,6 +284,8 @@ def start_run(
                 f"{where}.batch_size={batch_size} does not divide over the mesh's {n} {what}; "
                 f"choose a multiple of {n}"
             )
+    # The kind marker and the lock, before anything is written (re-entrant in a process).
+    workdir = claim_workdir(workdir, where.replace("_", "-"))
     return Run(workdir, mesh, rules, batch_size, DataShard(index, count, writer))
 
 
@@ -338,24 +342,31 @@ def run_training(run: Run, task: TrainTask, config: LoopConfig) -> TrainResult:
         async_save=config.async_checkpoints,
         data_shard=run.shard,
     )
-    writer = metrics_lib.MetricWriter(
-        run.workdir, tensorboard=config.tensorboard, is_primary=run.is_primary
-    )
+    writer = None
     try:
         data = task.data(config.seed)
         state, shardings, data = _init_or_restore(run, task, config, checkpointer, data)
+        # A resumed run logs the steps after its checkpoint again: their old lines go.
+        writer = metrics_lib.MetricWriter(
+            run.workdir,
+            tensorboard=config.tensorboard,
+            is_primary=run.is_primary,
+            start_step=int(jax.device_get(state.step)),
+        )
         step_fn = compile_step(task, shardings, config.nan_policy)
         with partitioning.with_sharding_rules(run.mesh, run.rules):
             return _loop(run, task, config, checkpointer, writer, state, step_fn, data)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         checkpointer.close()
 
 
 def _init_or_restore(
     run: Run, task: TrainTask, config: LoopConfig, checkpointer: Checkpointer, data: Any
 ) -> tuple[TrainState, TrainState, Any]:
-    """(state, state shardings, data): the latest checkpoint, or a new (warm-started) state.
+    """(state, state shardings, data): the newest intact checkpoint (or
+    `config.restore_step`), or a new (warm-started) state.
 
     A resume restores straight into the shardings (nothing is initialised
     first) along with the data position; when that position was saved for
@@ -364,7 +375,7 @@ def _init_or_restore(
     `PRNGKey(seed)`, the state's key is its fold-in 1.
     """
     key = jax.random.PRNGKey(config.seed)
-    fresh = checkpointer.latest_step() is None
+    fresh = checkpointer.latest_step() is None and config.restore_step is None
     state, shardings = sharded_train_state(
         task.init,
         task.optimizer,
@@ -379,7 +390,10 @@ def _init_or_restore(
             state = task.warm_start(state)
         return state, shardings, data
     state, data_restored = checkpointer.restore(
-        state, data_iterator=data, allow_data_reshuffle=config.allow_data_reshuffle
+        state,
+        step=config.restore_step,
+        data_iterator=data,
+        allow_data_reshuffle=config.allow_data_reshuffle,
     )
     step = int(jax.device_get(state.step))
     if not data_restored and config.allow_data_reshuffle:
@@ -445,17 +459,10 @@ _ALLGATHER_READY = False
 
 def _any_process(flag: bool) -> bool:
     """True if `flag` is set on any process (a collective; only when multi-process)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
     global _ALLGATHER_READY
-    if not _ALLGATHER_READY:
-        # First use compiles a small program; see `distributed.barrier`.
-        distributed.barrier("any_process_first_use")
-        _ALLGATHER_READY = True
-    flags = multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))
-    return bool(np.max(flags))
+    # First use compiles a small program: every process waits for the others first.
+    first, _ALLGATHER_READY = not _ALLGATHER_READY, True
+    return process_max(int(flag), barrier="any_process_first_use" if first else None) > 0
 
 
 def batch_hash(local: Mapping[str, np.ndarray]) -> int:
@@ -501,8 +508,9 @@ def _loop(
     t_start = time.perf_counter()
     hash_file = None
     if config.log_data_hash:
-        name = f"data_hash.process_{jax.process_index()}.jsonl"
-        hash_file = open(workdir / name, "a", buffering=1)  # noqa: SIM115
+        name = workdir / f"data_hash.process_{jax.process_index()}.jsonl"
+        metrics_lib.drop_lines_after(name, start_step)
+        hash_file = open(name, "a", buffering=1)  # noqa: SIM115
     constants = tuple(jax.device_put(c, run.replicated) for c in task.constants)
 
     def flush() -> None:

@@ -3,8 +3,10 @@
 `<workdir>/metrics.jsonl` gets one JSON object per logged step
 (`{"step": 100, "loss": 2.3, ...}`) and one per evaluation (`{"step": 500,
 "eval/loss": ...}`); the demo report draws loss curves from it and the resume
-test compares it line by line. TensorBoard gets the same scalars and image
-summaries (tensorboardX: no TensorFlow needed).
+test compares it line by line. A resumed run first drops the lines of steps
+after its checkpoint (the run before it died past that step; those steps
+are logged again), so each step appears once. TensorBoard gets the same
+scalars and image summaries (tensorboardX: no TensorFlow needed).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class MetricWriter:
 
     TensorBoard event files (`<workdir>/tensorboard`) are written with
     tensorboardX, which needs no TensorFlow; `tensorboard=False` turns them off.
+    A run resumed at `start_step` drops what was logged for later steps (the
+    lines of metrics.jsonl; TensorBoard hides those events).
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class MetricWriter:
         tensorboard: bool = True,
         is_primary: bool = True,
         filename: str = "metrics.jsonl",
+        start_step: int | None = None,
     ) -> None:
         self.is_primary = is_primary
         self.path = Path(workdir) / filename
@@ -57,11 +62,17 @@ class MetricWriter:
         if not is_primary:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start_step is not None:
+            drop_lines_after(self.path, start_step)
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), flush_secs=30)
+            self._tb = SummaryWriter(
+                str(Path(workdir) / "tensorboard"),
+                flush_secs=30,
+                purge_step=start_step + 1 if start_step else None,
+            )
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         if self._file is None:
@@ -96,6 +107,29 @@ def _to_float(v: Any) -> float | int:
     if isinstance(v, int | bool):
         return int(v)
     return float(v)
+
+
+def drop_lines_after(path: Path, step: int) -> None:
+    """Rewrites a JSON-lines log without the lines of steps after `step` (and a last
+    line cut short by a kill); lines without a step or that do not parse are kept."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        lines = f.readlines()
+
+    def keep(line: str) -> bool:
+        if not line.endswith("\n"):
+            return False
+        try:
+            return not json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError, TypeError):
+            return True
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

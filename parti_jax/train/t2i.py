@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from parti_jax import partitioning
-from parti_jax.models.config import ModelConfig
+from parti_jax.models.config import ModelConfig, check_counts
 from parti_jax.models.transformer import EncoderDecoder
 from parti_jax.train import checkpoints, optimizers
 from parti_jax.train import loop as loop_lib
@@ -366,6 +366,7 @@ def train(
       peak_flops: per-device peak FLOP/s for MFU (default: known devices).
     """
     optimizer_config = optimizer_config or OptimizerConfig()
+    check_counts("train", text_length=text_length, eval_steps=eval_steps)
     if num_micro_batches < 1 or batch_size % num_micro_batches:
         raise ValueError(
             f"train.num_micro_batches={num_micro_batches} must be >= 1 and divide "

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from parti_jax.models.config import check_counts
 from parti_jax.train import loop as loop_lib
 from parti_jax.train.optimizers import OptimizerConfig
 from parti_jax.train.state import TrainState
@@ -211,6 +212,7 @@ def train_upsampler(
         loss_config = dataclasses.replace(
             loss_config, adversarial_start_step=int(adversarial_start_step)
         )
+    check_counts("train_upsampler", eval_steps=eval_steps)
     if not 0.0 <= clean_fraction <= 1.0:
         raise ValueError(f"train_upsampler.clean_fraction={clean_fraction} must be in [0, 1]")
     out_size, scale = upsampler_config.output_size, upsampler_config.scale

@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from parti_jax.data import codes as codes_lib
 from parti_jax.data import pipeline
+from parti_jax.models.config import check_counts
 from parti_jax.train import distributed
 from parti_jax.vqgan.tokenizer import ImageTokenizer
 
@@ -137,8 +138,8 @@ def precompute_codes(
     Returns:
       PrecomputeResult; `meta` is the written codes_meta.json on process 0.
     """
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be >= 1")
+    check_counts("precompute_codes", shard_size=shard_size, batch_size=batch_size)
+    check_counts("precompute_codes", max_shards=max_shards)
     host, num_hosts = jax.process_index(), jax.process_count()
     tokenizer = ImageTokenizer.load(vqgan, step=vqgan_step, batch_size=batch_size)
     provider = _source_task(task, split)

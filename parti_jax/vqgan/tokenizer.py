@@ -103,6 +103,28 @@ def config_differences(saved: VQGANConfig, given: VQGANConfig) -> list[str]:
 # ------------------------------------------------------------------ helpers
 
 
+def _check_fits(step_dir: Any, target: Any, meta_file: str) -> None:
+    """Raises ValueError when a parameter of `target` (built from the meta's config) is
+    missing from the checkpoint or has another shape there: the meta file and the
+    checkpoint are not of the same run."""
+    from parti_jax.train import checkpoints
+
+    saved = checkpoints.state_metadata(step_dir / "state")
+    if not saved or "params" not in saved:
+        return  # not a parti_jax checkpoint: restore_params_from says so
+    have = checkpoints.flat_tree(saved["params"])
+    for name, want in checkpoints.flat_tree(target).items():
+        found = "missing" if name not in have else f"of shape {tuple(have[name].shape)}"
+        if name not in have or tuple(have[name].shape) != tuple(want.shape):
+            raise ValueError(
+                f"{meta_file}: its VQGANConfig does not fit the checkpoint {step_dir}: "
+                f"parameter {name} is {found} there but has shape {tuple(want.shape)} under "
+                "that config; the meta file was edited or comes from another run: use the "
+                "train-vqgan work directory that wrote the checkpoint, with its own "
+                f"{META_FILE}"
+            )
+
+
 def local_mesh(devices: list[Any] | None = None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh of this process's devices, all on 'data' (the
     default for encoding and sampling: each host works on its own rows)."""
@@ -243,6 +265,7 @@ class ImageTokenizer:
             nn.unbox(abstract),
             shardings,
         )
+        _check_fits(step_dir, {GENERATOR: target}, meta["_path"])
         try:
             restored, _ = checkpoints.restore_params_from(
                 step_dir, {GENERATOR: target}, include=f"^{GENERATOR}/"

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parti_jax.models.config import check_counts
 from parti_jax.train import checkpoints
 from parti_jax.train import loop as loop_lib
 from parti_jax.train import metrics as metrics_lib
@@ -291,8 +292,14 @@ def train_vqgan(
             "train_vqgan.dead_code_reinit=True changes the codebook, which "
             f"freeze={freeze!r} keeps fixed; turn one of them off"
         )
-    if codebook_window < 1:
-        raise ValueError(f"train_vqgan.codebook_window={codebook_window} must be >= 1")
+    check_counts(
+        "train_vqgan",
+        codebook_window=codebook_window,
+        num_grid_images=num_grid_images,
+        num_eval_images=num_eval_images,
+        dead_code_buffer=dead_code_buffer,
+    )
+    check_counts("train_vqgan", low=0, init_step=init_step)
     size = vqgan_config.image_size
     gan = GanSetup.create(
         loss_config,

@@ -130,3 +130,31 @@ def test_over_long_prompt_warns_on_stderr(tiny_pipeline, tmp_path, capsys):
     assert "#0 'a red circle and a big blue square" in err
     manifest = json.loads((tmp_path / "long" / "manifest.json").read_text())
     assert all(e["truncated"] for e in manifest["images"])
+
+
+def test_prompts_checked_at_the_door(tiny_pipeline, tmp_path, capsys):
+    """A non-UTF-8 --prompt (bytes in argv) was a 40-line SentencePiece traceback after the
+    models loaded: now one line naming the flag, exit 2, and nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "bytes"
+    argv = [sys.executable, "-m", "parti_jax", "sample", f"--workdir={out}",
+            *model_flags(tiny_pipeline), "--prompt=a red circle", b"--prompt=a \xff circle",
+            "--no_progress", *SETTINGS]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, timeout=300, env=dict(os.environ))
+    err = proc.stderr.decode(errors="replace").strip().splitlines()
+    assert proc.returncode == 2, err[-5:]
+    assert err == ["parti-jax: error: --prompt 2: not valid Unicode (lone surrogate '\\udcff' "
+                   "at character 2: byte 0xff that is not UTF-8); use UTF-8 text"]  # fmt: skip
+    assert not out.exists()
+
+    # An empty prompt samples unconditionally: refused unless asked for.
+    assert run(f"--workdir={out}", *model_flags(tiny_pipeline), "--prompt=", *SETTINGS) == 2
+    assert "--prompt 1: empty prompt" in capsys.readouterr().err and not out.exists()
+    code = run(f"--workdir={out}", *model_flags(tiny_pipeline), "--prompt=", "--allow_empty_prompt",
+               *SETTINGS)  # fmt: skip
+    assert (
+        code == 0 and json.loads((out / "manifest.json").read_text())["images"][0]["prompt"] == ""
+    )

@@ -66,7 +66,7 @@ def test_folder_task_reads_every_format(photos):
     gray = images[3]
     np.testing.assert_allclose(gray[..., 0], gray[..., 1])
     assert images[4][:, :10].min() > 0.95  # transparent half composited on white
-    assert it.stats == {"examples": 6, "text_truncated": 0}
+    assert it.stats == {"examples": 6, "text_truncated": 0, "skipped_at_read": 0}
     with pytest.raises(ValueError, match="image_size=64 was asked"):
         pipeline.make_pixels_iterator("photos_pixels", batch_size=2, image_size=64)
 
@@ -128,6 +128,26 @@ BAD_JSONL = [
     ),
     ("empty_caption", b'{"file": "good.png", "caption": "  "}', {}, r"empty caption"),
     ("non_utf8", b'{"file": "good.png", "caption": "caf\xe9"}', {}, r"not valid UTF-8"),
+    (
+        "lone_surrogate_caption",  # legal JSON, but no UTF-8: used to fail inside TensorFlow
+        b'{"file": "good.png", "caption": "x \\ud800"}',
+        {},
+        r"\"caption\" is not valid Unicode \(lone surrogate '\\ud800' at character 2\)",
+    ),
+    (
+        "lone_surrogate_file",
+        b'{"file": "good\\udc80.png", "caption": "x"}',
+        {},
+        r"\"file\" is not valid Unicode",
+    ),
+    (
+        "split_case",
+        b'{"file": "good.png", "caption": "x", "split": "TRAIN"}',
+        {},
+        r"\"split\" 'TRAIN' is not a split: use one of train, validation, test "
+        r"\(did you mean 'train'\?\)",
+    ),
+    ("split_number", b'{"file": "good.png", "caption": "x", "split": 1}', {}, r"1 is not a split"),
     ("malformed_json", b'{"file": "good.png", "caption": ', {}, r"malformed JSON"),
     ("missing_file_key", b'{"caption": "x"}', {}, r'missing key "file"'),
     ("missing_caption_key", b'{"file": "good.png"}', {}, r'missing key "caption"'),
@@ -176,6 +196,43 @@ def test_symlink_leaving_folder_and_tsv_missing_column(tmp_path):
     assert "line 3: missing caption column" in index.skipped[1]
     task = register_folder_task("skippy", str(root), image_size=16, skip_bad_examples=True)
     assert len(task.source.index.skipped) == 2
+
+
+def test_tsv_extra_columns_and_unknown_splits_are_bad_rows(tmp_path):
+    _good_png(tmp_path / "good.png")
+    (tmp_path / "captions.tsv").write_bytes(
+        b"\xef\xbb\xbffile\tcaption\tsplit\n"  # a BOM before the header
+        b"good.png\tfine\ttrain\n"
+        b"good.png\ta tab\tinside the caption\n"
+        b"good.png\tshouting\tVALIDATION\n"
+        b"good.png\ttoo\tmany\tcolumns\n"
+    )
+    with pytest.raises(
+        folder.FolderDataError,
+        match=r"captions\.tsv: line 3: third column \(file<TAB>caption<TAB>split\) "
+        r"'inside the caption' is not a split: use one of train, validation, test "
+        r"\(fix the row, or pass skip_bad_examples=True to skip it\)",
+    ):
+        folder.scan_folder(str(tmp_path))
+    index = folder.scan_folder(str(tmp_path), skip_bad_examples=True)
+    assert [r.line for r in index.records] == [2] and index.splits == ["train"]
+    assert [m.split(": ")[1] for m in index.skipped] == ["line 3", "line 4", "line 5"]
+    assert "did you mean 'validation'?" in index.skipped[1]
+    assert "4 columns" in index.skipped[2]
+
+
+def test_bom_is_stripped_and_invalid_unicode_never_reaches_tensorflow(tmp_path):
+    _good_png(tmp_path / "good.png")
+    (tmp_path / "captions.jsonl").write_bytes(
+        b'\xef\xbb\xbf{"file": "good.png", "caption": "first"}\n'
+        b'{"file": "good.png", "caption": "x \\ud800"}\n'
+        b'{"file": "good.png", "caption": "third"}\n'
+    )
+    task = register_folder_task("unicode", str(tmp_path), image_size=16, skip_bad_examples=True)
+    assert [r.caption for r in task.source.index.records] == ["first", "third"]
+    assert 'line 2: "caption" is not valid Unicode' in task.source.index.skipped[0]
+    it = pipeline.make_pixels_iterator("unicode_pixels", batch_size=2, shuffle=False, repeat=False)
+    assert list(next(it)["text"]) == ["first", "third"]
 
 
 def test_bad_image_found_while_reading_names_the_file(tmp_path):

@@ -156,7 +156,7 @@ def test_truncations_are_counted(tmp_path):
     batch = next(it)
     assert batch["encoder_input_tokens"].shape == (4, 3)
     assert (batch["encoder_input_tokens"][:, -1] == 1).all()  # cut, EOS kept
-    assert it.stats == {"examples": 4, "text_truncated": 4}
+    assert it.stats == {"examples": 4, "text_truncated": 4, "skipped_at_read": 0}
 
 
 def test_benchmark_input_reports(codes_task):

@@ -104,7 +104,7 @@ def test_codes_task_batches_are_offset(tmp_path, vocabulary):
         for row in b["encoder_input_tokens"]
     }
     assert decoded <= {t for t, _ in written.values()}
-    assert it.stats == {"examples": 12, "text_truncated": 0}
+    assert it.stats == {"examples": 12, "text_truncated": 0, "skipped_at_read": 0}
 
     with pytest.raises(
         ValueError,

@@ -194,3 +194,39 @@ def test_cli_train_vocab_errors(tmp_path, capsys):
         f"--input={tmp_path}/nope.txt", f"--output_prefix={tmp_path}/x", "--vocab_size=9"
     )
     assert code == 2 and "no such file" in err
+
+
+def test_caption_files_are_checked_at_the_door(tmp_path):
+    txt = tmp_path / "c.txt"
+    txt.write_bytes(b"\xef\xbb\xbfa red circle\nbad \xff byte\na blue square\n")
+    with pytest.raises(
+        vocab.VocabularyError,
+        match=r"c\.txt:2: not valid UTF-8 \(invalid start byte at byte 4\) "
+        r"\(fix the line, or pass --skip_bad_examples\)",
+    ):
+        list(vocab.read_captions(txt))
+    skipped = []
+    assert list(vocab.read_captions(txt, skipped=skipped)) == ["a red circle", "a blue square"]
+    assert len(skipped) == 1 and skipped[0].startswith(f"{txt}:2: not valid UTF-8")
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"caption": "fine"}\n{"caption": "x \\ud800"}\n')
+    with pytest.raises(vocab.VocabularyError, match=r"c\.jsonl:2: not valid Unicode \(lone"):
+        list(vocab.read_captions(jsonl))
+    tsv = tmp_path / "c.tsv"
+    tsv.write_bytes(b"\xef\xbb\xbfCategory\tPrompt\nshapes\ta red circle\n")
+    assert list(vocab.read_captions(tsv)) == ["a red circle"]  # the header, BOM and all
+
+
+def test_cli_train_vocab_skips_bad_lines(tmp_path, capsys):
+    lines = [json.dumps({"caption": c}) for c in _shapes_captions(30)]
+    lines.insert(3, '{"caption": "x \\ud800"}')
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    args = ["train-vocab", f"--input={jsonl}", f"--output_prefix={tmp_path}/sp", "--vocab_size=60"]
+    assert cli_main.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"parti-jax: error: {jsonl}:4: not valid Unicode") and "\n" not in err
+    assert cli_main.main([*args, "--skip_bad_examples"]) == 0
+    assert (
+        f"skipped 1 bad line(s) (--skip_bad_examples); first: {jsonl}:4:" in capsys.readouterr().out
+    )

@@ -40,8 +40,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(workdir, bindings: list[str], *, num_processes=2, devices=4, timeout=400):
-    """`parti-jax train` as `num_processes` processes on 127.0.0.1, each with `devices` CPUs."""
+def start_processes(args: list[str], *, num_processes=2, devices=4) -> list[subprocess.Popen]:
+    """`args` as `num_processes` processes of one jax.distributed run on 127.0.0.1, each
+    with `devices` CPUs; stdout and stderr together, as text."""
     port = free_port()
     procs = []
     for i in range(num_processes):
@@ -53,13 +54,14 @@ def run_processes(workdir, bindings: list[str], *, num_processes=2, devices=4, t
         )
         procs.append(
             subprocess.Popen(
-                train_args(workdir, *bindings),
-                env=e,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
+                args, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
         )
+    return procs
+
+
+def finish_processes(procs: list[subprocess.Popen], *, timeout=400) -> list[str]:
+    """The outputs of `procs` once all have exited (each waited for `timeout` s, then killed)."""
     outputs = []
     try:
         for p in procs:
@@ -69,6 +71,16 @@ def run_processes(workdir, bindings: list[str], *, num_processes=2, devices=4, t
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.communicate()
+    return outputs
+
+
+def run_processes(workdir, bindings: list[str], *, num_processes=2, devices=4, timeout=400):
+    """`parti-jax train` as `num_processes` processes on 127.0.0.1, each with `devices` CPUs."""
+    procs = start_processes(
+        train_args(workdir, *bindings), num_processes=num_processes, devices=devices
+    )
+    outputs = finish_processes(procs, timeout=timeout)
     for i, (p, out) in enumerate(zip(procs, outputs)):
         if p.returncode != 0:
             raise AssertionError(f"process {i} exited {p.returncode}:\n{out[-4000:]}")

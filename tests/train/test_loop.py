@@ -1,6 +1,7 @@
 """The one training loop on a tiny flax model: loss falls, logs, checkpoints and resumes,
 micro-batches, NaN policies, SIGTERM, hooks, evaluation, settings checked, shardings."""
 
+import dataclasses
 import os
 import signal
 
@@ -137,15 +138,23 @@ def test_loss_falls_logs_checkpoints_and_resumes_exactly(tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [20, 40]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
-    # Drop step 40 and run again: it resumes from step 20 (parameters, optimizer, data
-    # position) and logs the same losses at steps 30 and 40.
-    import shutil
-
-    shutil.rmtree(tmp_path / "checkpoints" / "40")
-    resumed = train(tmp_path, config)
+    # Resume by hand from step 20 (parameters, optimizer, data position): step 40 is kept
+    # aside, steps 30 and 40 get the same losses, and metrics.jsonl has each step once.
+    resumed = train(tmp_path, dataclasses.replace(config, restore_step=20))
     assert resumed.step == 40
-    again = metrics.read_metrics(tmp_path / "metrics.jsonl")[4:]
-    assert [(r["step"], r["loss"]) for r in again] == [(r["step"], r["loss"]) for r in lines[2:]]
+    again = metrics.read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in again] == [(r["step"], r["loss"]) for r in lines]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names[:2] == ["20", "40"] and names[2].startswith("40.replaced-"), names
+    with pytest.raises(checkpoints.CheckpointError, match=r"no checkpoint for step 30; steps t"):
+        train(tmp_path, dataclasses.replace(config, restore_step=30))
+
+
+def test_resumed_logs_drop_the_lines_past_the_checkpoint(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 4, "loss": 1}\nnot json\n{"note": 1}\n{"step": 5}\n{"step": 6, "lo')
+    metrics.drop_lines_after(log, 4)  # the kill cut the last line short
+    assert log.read_text() == '{"step": 4, "loss": 1}\nnot json\n{"note": 1}\n'
 
 
 def test_micro_batches_match_full_batch():
@@ -200,6 +209,7 @@ def test_sigterm_saves_and_stops(tmp_path):
     _, data_ok = other.restore(state, data_iterator=Batches(), allow_data_reshuffle=True)
     assert data_ok is False
     other.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]  # not set aside
 
 
 def test_hooks_evaluation_and_warm_start(tmp_path):
@@ -236,6 +246,11 @@ def test_settings_are_checked_naming_the_field(tmp_path):
         (dict(num_steps="ten"), r"LoopConfig.num_steps='ten' must be an integer >= 1"),
         (dict(num_steps=0), r"LoopConfig.num_steps=0 must be an integer >= 1"),
         (dict(num_steps=5, log_every=0), r"LoopConfig.log_every=0"),
+        (
+            dict(num_steps=5, keep_checkpoints=1),
+            r"LoopConfig.keep_checkpoints=1 must be an .* >= 2",
+        ),
+        (dict(num_steps=5, restore_step=-1), r"LoopConfig.restore_step=-1 must be an .* or None"),
         (dict(num_steps=5, eval_every=-1), r"LoopConfig.eval_every=-1 .* or None"),
         (dict(num_steps=5, nan_policy="ignore"), r"LoopConfig.nan_policy='ignore'"),
         (dict(num_steps=5, profile_steps=(3, 1)), r"LoopConfig.profile_steps=\(3, 1\)"),

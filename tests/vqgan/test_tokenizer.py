@@ -102,15 +102,21 @@ def test_load_errors(vqgan_dir, tmp_path):
         ImageTokenizer.load(vqgan_dir, config=dataclasses.replace(TINY, codebook_size=128))
     with pytest.raises(CheckpointError, match="no checkpoint for step 7"):
         ImageTokenizer.load(vqgan_dir, step=7)
-    # A meta whose config disagrees with the checkpoint: the parameter is named.
-    forged = tmp_path / "forged"
-    forged.mkdir()
-    (forged / "checkpoints").symlink_to(vqgan_dir / "checkpoints")
+    # A meta whose config disagrees with the checkpoint (a wrong size, or a part the
+    # checkpoint lacks): the parameter is named, and the fix fits loading (not restore_from).
     meta = json.loads((vqgan_dir / "vqgan_meta.json").read_text())
-    meta["config"]["decoder_mlp_dim"] = 48
-    (forged / "vqgan_meta.json").write_text(json.dumps(meta))
-    with pytest.raises(
-        ValueError,
-        match=r"parameter generator/decoder/\S+ has shape \(64,\) in the checkpoint but \(48,\)",
+    for field, value, found in (
+        ("decoder_mlp_dim", 48, r"\S+ is of shape \(64,\) there but has shape \(48,\)"),
+        ("decoder_depth", 2, r"\S+ is missing there"),
     ):
-        ImageTokenizer.load(forged)
+        forged = tmp_path / field
+        forged.mkdir()
+        (forged / "checkpoints").symlink_to(vqgan_dir / "checkpoints")
+        (forged / "vqgan_meta.json").write_text(
+            json.dumps(meta | {"config": meta["config"] | {field: value}})
+        )
+        with pytest.raises(
+            ValueError, match=f"vqgan_meta.json: .* parameter generator/{found}"
+        ) as e:
+            ImageTokenizer.load(forged)
+        assert "restore_from" not in str(e.value) and "train-vqgan work directory" in str(e.value)
