@@ -425,7 +425,7 @@ class Checkpointer:
 def _quiet_abandoned_reads() -> None:
     """Drops the echoes of a failed read: orbax closes its event loop while TensorStore's
     other reads of the step are in flight, and each then reports 'Event loop is closed'
-    (dozens of tracebacks) or an unretrieved future. Other reports pass as before."""
+    (dozens of tracebacks) or an unretrieved future or task. Other reports pass as before."""
     if getattr(sys.unraisablehook, "quiet_abandoned_reads", False):
         return
     previous = sys.unraisablehook
@@ -440,7 +440,7 @@ def _quiet_abandoned_reads() -> None:
     hook.quiet_abandoned_reads = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(
-        lambda r: not str(r.msg).startswith("Future exception was never retrieved")
+        lambda r: not str(r.msg).startswith(("Future exception", "Task exception"))
     )
 
 
