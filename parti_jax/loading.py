@@ -10,7 +10,9 @@ another kind's directory is an error naming both. Configs come from
 `abstract_params` on a mesh, and `check_compatibility` names both values and
 files of every disagreement. The Generator, eval, export and the bundle (which
 reads safetensors instead) load through here; orbax and the training code are
-imported only by the work-directory restores.
+imported only by the work-directory restores. Work directories and vocabularies
+may be URLs (gs://...): records are read through parti_jax/storage.py, arrays by
+orbax/TensorStore.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -29,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from parti_jax import partitioning
-from parti_jax.data.vocab import SentencePieceTokenizer, default_vocab_path
+from parti_jax import partitioning, storage
+from parti_jax.data.vocab import SentencePieceTokenizer, VocabularyError, default_vocab_path
 from parti_jax.models.config import ModelConfig
 from parti_jax.models.transformer import EncoderDecoder
 from parti_jax.upsampler.config import UpsamplerConfig
@@ -78,7 +79,7 @@ KINDS = (T2I, VQGAN, UPSAMPLER)
 
 def read_record(workdir: str | os.PathLike, kind: WorkdirKind) -> tuple[dict[str, Any], str]:
     """(contents, path) of a work directory's record; another kind's directory is named."""
-    root = Path(workdir).expanduser()
+    root = storage.path(workdir)
     path = root / kind.file
     if not path.is_file():
         other = next((k for k in KINDS if (root / k.file).is_file()), None)
@@ -88,7 +89,7 @@ def read_record(workdir: str | os.PathLike, kind: WorkdirKind) -> tuple[dict[str
             f"--workdir of `{kind.command}`"
         )
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(info, dict) or kind.config_key not in info:
@@ -238,7 +239,7 @@ def load_upsampler(
     config = config_from_record(UpsamplerConfig, meta["upsampler_config"], where)
     target = {GENERATOR: upsampler_abstract_params(config)}
     params, step_dir = restore_params(path, target, meta_path, step)
-    step = int(Path(step_dir).name)
+    step = int(storage.path(step_dir).name)
     return LoadedUpsampler(config, params[GENERATOR], meta, step, step_dir, meta_path)
 
 
@@ -314,7 +315,20 @@ class LoadedModels:
 
 
 def _workdir(path: str | os.PathLike) -> str:
-    return str(Path(path).expanduser().absolute())
+    return os.fspath(storage.path(path))
+
+
+def read_vocabulary(vocab: str | os.PathLike) -> SentencePieceTokenizer:
+    """The SentencePiece model at a local path or a URL (read through storage)."""
+    if not storage.is_url(vocab):
+        return SentencePieceTokenizer(vocab)
+    try:
+        data = storage.read_bytes(vocab)
+    except OSError as e:
+        raise VocabularyError(f"{vocab}: cannot read the SentencePiece model ({e})") from None
+    tokenizer = SentencePieceTokenizer(model_bytes=data)
+    tokenizer.model_path = os.fspath(vocab)
+    return tokenizer
 
 
 def load_models(
@@ -348,11 +362,11 @@ def load_models(
     t2i = t2i_record(*read_record(t2i_workdir, T2I), config_overrides)
     image_tokenizer = vqgan_tokenizer.ImageTokenizer.load(vqgan_path, mesh=mesh)
     vocab = vocab_path or t2i.info.get("vocab_path") or default_vocab_path()
-    text_tokenizer = SentencePieceTokenizer(vocab)
+    tokenizer = read_vocabulary(vocab)
     up_record = read_record(upsampler_path, UPSAMPLER) if upsampler_path is not None else None
     # Check before restoring any weights: a mismatch costs nothing to find.
     vq_file = str(vqgan_tokenizer.meta_path(vqgan_path))
-    vocab_record = (text_tokenizer.vocab_size, str(vocab))
+    vocab_record = (tokenizer.vocab_size, str(vocab))
     check_compatibility(t2i, (image_tokenizer.meta, vq_file), up_record, vocab_record)
     target = t2i_abstract_params(t2i.config, t2i.text_length, mesh=mesh, rules=rules)
     params, t2i_ckpt = restore_params(t2i_workdir, target, t2i.path, t2i_step)
@@ -362,7 +376,7 @@ def load_models(
         "encoder_decoder": {
             "workdir": _workdir(t2i_workdir),
             "checkpoint": t2i_ckpt,
-            "step": int(Path(t2i_ckpt).name),
+            "step": int(storage.path(t2i_ckpt).name),
             "params_hash": params_fingerprint(params) if fingerprint else None,
             "codes_codebook_hash": (t2i.info.get("codes_meta") or {}).get("codebook_hash"),
         },
@@ -378,10 +392,10 @@ def load_models(
             "codebook_hash": upsampler.codebook_hash,
             "output_size": upsampler.config.output_size,
         },
-        "vocabulary": {"path": str(vocab), "sha256": text_tokenizer.fingerprint},
+        "vocabulary": {"path": str(vocab), "sha256": tokenizer.fingerprint},
         "codebook_hash": vq.get("codebook_hash"),
     }
     return LoadedModels(
-        t2i.config, params, t2i.text_length, text_tokenizer, image_tokenizer, upsampler,
+        t2i.config, params, t2i.text_length, tokenizer, image_tokenizer, upsampler,
         records, t2i.info,
     )  # fmt: skip

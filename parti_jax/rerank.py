@@ -8,9 +8,9 @@ A scorer follows the contract of docs/DESIGN.md section 3::
 Rows are prompt-major (`parti_jax.decoding.sample_ids`). The paper's CoCa-style
 contrastive reranker plugs in as such a class (cosine similarity of image and
 prompt embeddings per row); without its weights `LikelihoodScorer` (the
-model's own log-likelihood, built on a teacher-forced logits callback: no
-model code here) is the generic fallback, and the shapes world has its exact
-pixel judge (`parti_jax.data.judge`).
+model's own log-likelihood through a teacher-forced scoring callback,
+`parti_jax.sampling.token_scores`: no model code here) is the generic
+fallback, and the shapes world has its exact pixel judge (`parti_jax.data.judge`).
 """
 
 from __future__ import annotations
@@ -111,18 +111,23 @@ def score_and_rerank(
 class LikelihoodScorer:
     """Scores image tokens by the model's own mean log-probability given the prompt.
 
-    Runs the decoder teacher-forced on each row's image tokens and averages
-    `log p(token_t | tokens_<t, prompt)` over the grid, id 0 and the vocabulary
-    padding masked as in sampling. It ignores the pixels: it needs `image_tokens`.
+    The model's decoder runs teacher-forced on each row's image tokens
+    (`score_fn`, e.g. `parti_jax.sampling.token_scores` jitted: on the device,
+    only one float per row comes back). It ignores the pixels: it needs
+    `image_tokens`.
 
     Args:
-      logits_fn: `(encoder_input_tokens int32 [B, L], decoder_input_tokens
-        int32 [B, N]) -> logits [B, N, V]`, e.g. a jitted
-        `lambda e, d: model.apply(variables, e, d)`.
+      score_fn: `(encoder_input_tokens int32 [B, L], image_tokens int32 [B, N]
+        [, unconditional_tokens int32 [B, L], unconditional_weight float])
+        -> float [B]`: each row's mean over the grid of `log p(token_t |
+        tokens_<t, text)`, id 0 and the vocabulary padding masked as in
+        sampling, minus `unconditional_weight` times that given
+        `unconditional_tokens` (passed only when unconditional_weight > 0).
       encode_prompts: prompts -> encoder_input_tokens int32 [B, L] (the text
         vocabulary with EOS, padded), as used for sampling.
-      num_valid_tokens: codebook_size + 1; None masks only id 0.
-      batch_size: rows per `logits_fn` call (None: all at once).
+      num_valid_tokens: codebook_size + 1 (image tokens must lie below it);
+        None checks only that id 0 is absent.
+      batch_size: rows per `score_fn` call (None: all at once).
       unconditional_weight: w in `log p(x | prompt) - w log p(x | "")` (per-token
         means). 0 is the plain likelihood; 1 the pointwise mutual information of
         image and prompt (a model trained with conditioning dropout has it): it
@@ -134,7 +139,7 @@ class LikelihoodScorer:
 
     def __init__(
         self,
-        logits_fn: Callable[[np.ndarray, np.ndarray], ArrayLike],
+        score_fn: Callable[..., ArrayLike],
         encode_prompts: Callable[[Sequence[str]], np.ndarray],
         *,
         num_valid_tokens: int | None = None,
@@ -146,7 +151,7 @@ class LikelihoodScorer:
                 f"LikelihoodScorer: unconditional_weight={unconditional_weight} must be in "
                 "[0, 1] (0: likelihood, 1: pointwise mutual information)"
             )
-        self.logits_fn = logits_fn
+        self.score_fn = score_fn
         self.encode_prompts = encode_prompts
         self.num_valid_tokens = num_valid_tokens
         self.batch_size = batch_size
@@ -173,6 +178,12 @@ class LikelihoodScorer:
                 "LikelihoodScorer.score: image_tokens contain id 0 (pad/BOS); pass decoder "
                 "ids (codes + 1), not codes"
             )
+        limit = self.num_valid_tokens
+        if limit is not None and tokens.max(initial=0) >= limit:
+            raise ValueError(
+                f"LikelihoodScorer: image token {int(tokens.max())} is >= num_valid_tokens "
+                f"{limit} (codebook_size + 1); the tokens do not come from this model"
+            )
         step = self.batch_size or len(prompts)
         out = [
             self._score_batch(list(prompts[i : i + step]), tokens[i : i + step])
@@ -181,30 +192,16 @@ class LikelihoodScorer:
         return np.concatenate(out).astype(np.float32)
 
     def _score_batch(self, prompts: list[str], tokens: np.ndarray) -> np.ndarray:
-        score = self._mean_log_prob(prompts, tokens)
-        if not self.unconditional_weight:
-            return score
-        return score - self.unconditional_weight * self._mean_log_prob([""] * len(prompts), tokens)
-
-    def _mean_log_prob(self, prompts: list[str], tokens: np.ndarray) -> np.ndarray:
-        encoder_input = np.asarray(self.encode_prompts(prompts), np.int32)
-        decoder_input = np.concatenate([np.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
-        logits = np.asarray(self.logits_fn(encoder_input, decoder_input), np.float64)
-        rows, length, vocab = logits.shape
-        if (rows, length) != tokens.shape:
+        text = np.asarray(self.encode_prompts(prompts), np.int32)
+        if self.unconditional_weight:
+            empty = np.asarray(self.encode_prompts([""]), np.int32)
+            args = (np.repeat(empty, len(prompts), axis=0), self.unconditional_weight)
+        else:
+            args = ()
+        scores = np.asarray(self.score_fn(text, tokens, *args))
+        if scores.shape != (len(prompts),):
             raise ValueError(
-                f"LikelihoodScorer: logits_fn returned {logits.shape}, expected "
-                f"[{tokens.shape[0]}, {tokens.shape[1]}, vocab]"
+                f"LikelihoodScorer: score_fn returned shape {scores.shape}, expected "
+                f"[{len(prompts)}] (one score per row)"
             )
-        limit = vocab if self.num_valid_tokens is None else self.num_valid_tokens
-        if tokens.max() >= limit:
-            raise ValueError(
-                f"LikelihoodScorer: image token {int(tokens.max())} is >= num_valid_tokens "
-                f"{limit} (codebook_size + 1); the tokens do not come from this model"
-            )
-        ids = np.arange(vocab)
-        logits = np.where((ids > 0) & (ids < limit), logits, -np.inf)
-        top = logits.max(-1, keepdims=True)
-        log_z = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
-        chosen = np.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-        return (chosen - log_z).mean(-1)
+        return scores

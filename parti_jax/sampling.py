@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import io
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,15 +29,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from parti_jax import decoding, loading, partitioning, rerank
+from parti_jax import decoding, loading, partitioning, rerank, storage
 from parti_jax.data.vocab import EOS_ID, text_lines, text_problem
 from parti_jax.loading import LoadedModels
+from parti_jax.models.chunked import chunked_token_sums
 from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
 from parti_jax.vqgan.tokenizer import local_mesh
 
 PyTree = Any
 SCORERS = ("likelihood", "pmi", "shapes_judge", "none")
 _DEFAULT_MAX_ROWS = 64
+# Bytes of float32 logits one scoring chunk may hold (`score_chunk_size`): 128 MiB.
+SCORE_CHUNK_BYTES = 2**27
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -147,6 +149,61 @@ def sample_tokens(
     return out.tokens
 
 
+def score_chunk_size(
+    rows: int, num_tokens: int, vocab: int, budget: int = SCORE_CHUNK_BYTES
+) -> int:
+    """The largest divisor of `num_tokens` whose float32 logits [rows, chunk, vocab] fit in
+    `budget` bytes (1 when none does)."""
+    most = min(num_tokens, max(1, budget // (rows * vocab * 4)))
+    return max(c for c in range(1, most + 1) if num_tokens % c == 0)
+
+
+def token_scores(
+    model: EncoderDecoder,
+    params: PyTree,
+    text: jax.Array,
+    image_tokens: jax.Array,
+    unconditional_text: jax.Array | None = None,
+    unconditional_weight: Any = 1.0,
+    *,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """Each row's mean log p(image_tokens | text) over the grid, float32 [B], minus
+    `unconditional_weight` times that given `unconditional_text` when it is given (1: PMI).
+
+    Teacher-forced on decoder tokens (codes + 1) [B, N] with ids 0 and the
+    vocabulary padding masked as in sampling. The log-softmax runs `chunk_size`
+    image tokens at a time (default `score_chunk_size`) through the training
+    loss's `chunked_token_sums`, so the [B, N, V] logits never exist at once and
+    only [B] floats leave the device. Pure: jit it.
+    """
+    cfg = model.config
+    rows, length = image_tokens.shape
+    ids = jnp.arange(cfg.decoder_vocab_size)
+    valid = (ids > 0) & (ids <= cfg.codebook_size)
+    chunk = chunk_size or score_chunk_size(rows, length, cfg.decoder_vocab_size)
+    decoder_input = jnp.pad(image_tokens[:, :-1], ((0, 0), (1, 0)))  # BOS = 0 first
+    variables = {"params": params}
+
+    def project(hidden: jax.Array) -> jax.Array:
+        return model.apply(variables, hidden, method=EncoderDecoder.logits_from_hidden)
+
+    def row_sums(logits: jax.Array, targets: jax.Array) -> jax.Array:
+        logits = jnp.where(valid, logits.astype(jnp.float32), -jnp.inf)
+        chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(chosen - jax.nn.logsumexp(logits, axis=-1), axis=-1)
+
+    def mean_log_prob(text: jax.Array) -> jax.Array:
+        hidden = model.apply(variables, text, decoder_input, method=EncoderDecoder.hidden_states)
+        sums = chunked_token_sums(hidden, project, (image_tokens,), row_sums, chunk, "chunk_size")
+        return sums / length
+
+    score = mean_log_prob(text)
+    if unconditional_text is not None:
+        score = score - unconditional_weight * mean_log_prob(unconditional_text)
+    return score
+
+
 # ------------------------------------------------------------------ generator
 
 
@@ -169,8 +226,7 @@ class Generator:
         self._batch_devices = partitioning.batch_devices(self.mesh)
         self._rows = partitioning.batch_sharding(self.mesh)
         self._sample_fns: dict[tuple, Callable] = {}
-        apply = jax.jit(lambda p, e, d: self._model.apply({"params": p}, e, d))
-        self._logits_fn = functools.partial(apply, self.params)
+        self._score_fn = jax.jit(functools.partial(token_scores, self._model))
         self._upsample_fn = None  # (images) -> images, with the upsampler's params replicated
         if self.upsampler is not None:
             replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -260,13 +316,18 @@ class Generator:
         self, rows: int, *, unconditional_weight: float = 0.0
     ) -> rerank.LikelihoodScorer:
         """The model's own mean log-likelihood of its tokens given the prompt, minus
-        `unconditional_weight` times that given the empty prompt (1: PMI)."""
+        `unconditional_weight` times that given the empty prompt (1: PMI), computed on
+        the devices `rows` rows per call (`token_scores`)."""
 
-        def logits_fn(encoder_input, decoder_input):
-            return self._padded(self._logits_fn, rows, encoder_input, decoder_input)
+        def score_fn(text, image_tokens, unconditional_text=None, weight=0.0):
+            weight = jnp.asarray(weight, jnp.float32)
+            arrays = [a for a in (text, image_tokens, unconditional_text) if a is not None]
+            return self._padded(
+                lambda t, x, u=None: self._score_fn(self.params, t, x, u, weight), rows, *arrays
+            )
 
         return rerank.LikelihoodScorer(
-            logits_fn,
+            score_fn,
             lambda ps: self.encode_prompts(ps)[0],
             num_valid_tokens=self.model_config.codebook_size + 1,
             unconditional_weight=unconditional_weight,
@@ -395,16 +456,18 @@ class Generator:
 
 def read_prompts_file(path: str | os.PathLike) -> list[str]:
     """One prompt per line (a UTF-8 BOM dropped, blank lines skipped); a file that cannot
-    be read, is not UTF-8 or holds no prompt is an error naming it (and the line)."""
+    be read, is not UTF-8 or holds no prompt is an error naming it (and the line); a URL's
+    file is read through storage."""
     prompts = []
     try:
-        for line, text, problem in text_lines(Path(path).expanduser()):
-            if problem is None:
-                problem = text_problem(text)
-            if problem:
-                raise ValueError(f"{path}:{line}: {problem}; write UTF-8, one prompt per line")
-            if text.strip():
-                prompts.append(text.strip())
+        with storage.fetched(path, kind="file") as local:
+            for line, text, problem in text_lines(local):
+                if problem is None:
+                    problem = text_problem(text)
+                if problem:
+                    raise ValueError(f"{path}:{line}: {problem}; write UTF-8, one prompt per line")
+                if text.strip():
+                    prompts.append(text.strip())
     except OSError as e:
         raise FileNotFoundError(
             f"{path}: cannot read the prompts file ({e.strerror or e})"
@@ -427,19 +490,24 @@ def write_results(
     sampling: Mapping[str, Any] | None = None,
     save_low_res: bool = False,
 ) -> dict[str, Any]:
-    """Writes `<out>/<prompt_id>_<rank>.png` (+ `low_res/` copies) and `manifest.json`; returns
-    the manifest: the models' records, the sampling settings and one entry per image."""
+    """Writes `<out>/<prompt_id>_<rank>.png` (+ `low_res/` copies) and `manifest.json` (a
+    folder or a URL: parti_jax/storage.py); returns the manifest: the models' records, the
+    sampling settings and one entry per image."""
     from PIL import Image
 
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    if save_low_res:
-        (out / "low_res").mkdir(exist_ok=True)
+    out = storage.path(out_dir)
+    storage.makedirs(out)
+
+    def save_png(name: str, image: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        Image.fromarray(to_uint8(image)).save(buffer, format="PNG")
+        storage.write_bytes(out / name, buffer.getvalue())
+
     images = []
     for r in results:
         for rank in range(len(r.sample_indices)):
             name = f"{r.prompt_id}_{rank}.png"
-            Image.fromarray(to_uint8(r.images[rank])).save(out / name)
+            save_png(name, r.images[rank])
             entry = {
                 "prompt": r.prompt,
                 "prompt_id": r.prompt_id,
@@ -453,7 +521,7 @@ def write_results(
             }
             if save_low_res:
                 low = f"low_res/{name}"
-                Image.fromarray(to_uint8(r.low_res_images[rank])).save(out / low)
+                save_png(low, r.low_res_images[rank])
                 entry["low_res_file"] = low
             images.append(entry)
     records = dict(records or {})
@@ -465,9 +533,7 @@ def write_results(
         "num_prompts": len(results),
         "images": images,
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
+    storage.write_json(out / "manifest.json", manifest, default=str)  # atomic
     return manifest
 
 

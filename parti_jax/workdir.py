@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from parti_jax import storage
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "parti_jax.lock"
@@ -67,26 +69,43 @@ class WorkdirError(PermissionError):
 
 def check_workdir(
     workdir: str | os.PathLike, *, fix: str = "pass a folder you can write to"
-) -> Path:
+) -> storage.Path:
     """Creates `workdir` and fails at start (not after hours) if it is not writable.
 
+    A URL (gs://bucket/run) stays a URL: nothing local is created; the probe is an object
+    written and removed through the kvstore that holds the lock (TensorStore). A URL that
+    only TensorStore reaches (memory://, the lease's tests) comes back as its string.
     `fix` ends the error message (the CLI names its flag). Every process of a
-    multi-process run calls this at once on the same folder, so each writes and
-    removes its own probe file (host name and pid in its name).
+    multi-process run calls this at once on the same folder, so each writes and removes
+    its own probe file (host name and pid in its name).
     """
-    path = Path(workdir).expanduser()
+    probe = f".write_probe_{HOST}_{os.getpid()}"
     if _is_url(workdir):
-        return path
+        where = location(workdir)
+        try:
+            store = _store(where)
+            store.write(probe, b"ok").result()
+            store.write(probe, None).result()
+        except Exception as e:  # noqa: BLE001 - the store's client: credentials, bucket
+            raise PermissionError(
+                f"work directory {where} is not writable ({_first_line(e)}); {fix}"
+            ) from e
+        return storage.path(where) if storage.reaches(where) else where
+    path = storage.path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe_{HOST}_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        (path / probe).write_text("ok")
+        (path / probe).unlink()
     except OSError as e:
         raise PermissionError(
             f"work directory {path} is not writable ({e.strerror or e}); {fix}"
         ) from e
     return path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def is_primary() -> bool:
@@ -104,7 +123,7 @@ def claim_workdir(
     primary: bool | None = None,
     timeout_s: float | None = None,
     fix: str = "pass a folder you can write to",
-) -> Path:
+) -> storage.Path:
     """`check_workdir`, after refusing another kind's folder; then, on process 0 (`primary`,
     default `is_primary()`), the lock and the kind marker. Raises `WorkdirError`."""
     where = location(workdir)
@@ -202,7 +221,7 @@ def location(workdir: str | os.PathLike) -> str:
 
 
 def _is_url(workdir: str | os.PathLike) -> bool:
-    return "://" in os.fspath(workdir)
+    return storage.is_url(workdir)
 
 
 @functools.cache

@@ -3,7 +3,8 @@
 Reads the precomputed codes of a folder written by precompute-codes
 (`parti_jax.data.codes`). `codes_dir` is either one codes folder (its
 codes_meta.json names the split) or a folder of per-split codes folders
-(`codes_dir/train/codes_meta.json`, `codes_dir/validation/...`).
+(`codes_dir/train/codes_meta.json`, `codes_dir/validation/...`), locally or at a
+URL (gs://...; parti_jax/storage.py).
 
 Features: inputs (caption tokens with EOS), targets (image codes + 1 in a
 pass-through vocabulary of K + 1, no EOS), text_truncated.
@@ -11,26 +12,25 @@ pass-through vocabulary of K + 1, no EOS), text_truncated.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import seqio
-import tensorflow as tf
 
+from parti_jax import storage
 from parti_jax.data import codes as codes_lib
 from parti_jax.data import features, preprocessors
 
 
 def find_split_dirs(codes_dir: str) -> dict[str, str]:
     """{split: folder} from one codes folder or a folder of per-split codes folders."""
-    if tf.io.gfile.exists(os.path.join(codes_dir, codes_lib.META_FILE)):
+    if storage.exists(storage.join(codes_dir, codes_lib.META_FILE)):
         return {codes_lib.load_codes_meta(codes_dir)["split"]: codes_dir}
-    if not tf.io.gfile.isdir(codes_dir):
+    if not storage.isdir(codes_dir):
         raise FileNotFoundError(f"{codes_dir}: no such codes folder")
     split_dirs = {}
-    for child in sorted(tf.io.gfile.listdir(codes_dir)):
-        child_dir = os.path.join(codes_dir, child.rstrip("/"))
-        if tf.io.gfile.exists(os.path.join(child_dir, codes_lib.META_FILE)):
+    for child in storage.listdir(codes_dir):
+        child_dir = storage.join(codes_dir, child.rstrip("/"))
+        if storage.exists(storage.join(child_dir, codes_lib.META_FILE)):
             split = codes_lib.load_codes_meta(child_dir)["split"]
             if split in split_dirs:
                 raise ValueError(

@@ -41,3 +41,23 @@ def cpu_devices():
     devices = jax.devices()
     assert len(devices) == 8, f"tests expect 8 CPU devices, got {len(devices)}"
     return devices
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """One GCS emulator for this test process (tests/gcs_testing.py); stopped at the end."""
+    from parti_jax import workdir
+    from tests.gcs_testing import start_emulator
+
+    emulator, server = start_emulator()
+    yield emulator
+    workdir.release_all()  # a lock left held in the bucket would be retried at exit, for minutes
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_emulator, request):
+    """The emulator with a prefix of this test's own: `gcs.url("run")` is gs://bucket/<p>/run."""
+    from tests.gcs_testing import unique_prefix
+
+    return gcs_emulator.with_prefix(unique_prefix(request.node.name))

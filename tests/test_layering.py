@@ -26,7 +26,7 @@ SOURCES = {
 # subpackage of parti_jax) may import units of its own layer or of those below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # the model and what it is sharded and decoded with; small helpers
-    ("models", "partitioning", "decoding", "rerank", "devices", "workdir"),
+    ("models", "partitioning", "decoding", "rerank", "devices", "workdir", "storage"),
     ("data",),  # the input pipeline: the shapes world, codes, vocabularies
     ("tasks",),  # SeqIO registrations over data/
     ("train",),  # the encoder-decoder's trainer and the training loop

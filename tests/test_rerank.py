@@ -1,4 +1,9 @@
-"""Tests for parti_jax.rerank: keep-top-k ordering and the likelihood scorer."""
+"""Tests for parti_jax.rerank: keep-top-k ordering and the likelihood scorer.
+
+`mean_log_probs_reference` is the float64 host computation the scorer used to
+run on whole logits; tests/test_sampling.py checks the device scorer
+(`sampling.token_scores`) against it.
+"""
 
 from __future__ import annotations
 
@@ -63,10 +68,41 @@ def _tables():
     return bigram, prompt
 
 
+def mean_log_probs_reference(logits, tokens, num_valid_tokens):
+    """Each row's mean log-softmax of its tokens over ids 1..num_valid_tokens - 1, in float64
+    (logits [B, N, V], tokens [B, N])."""
+    logits = np.asarray(logits, np.float64)
+    ids = np.arange(logits.shape[-1])
+    logits = np.where((ids > 0) & (ids < num_valid_tokens), logits, -np.inf)
+    top = logits.max(-1, keepdims=True)
+    log_z = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
+    chosen = np.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return (chosen - log_z).mean(-1)
+
+
+def score_fn_of(logits_fn, num_valid_tokens=NUM_VALID):
+    """A LikelihoodScorer `score_fn` over a host logits model [B, N, V], by the reference."""
+
+    def mean_log_prob(text, tokens):
+        decoder_input = np.concatenate([np.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+        return mean_log_probs_reference(logits_fn(text, decoder_input), tokens, num_valid_tokens)
+
+    def score_fn(text, tokens, unconditional_text=None, unconditional_weight=0.0):
+        score = mean_log_prob(text, tokens)
+        if unconditional_text is None:
+            return score
+        return score - unconditional_weight * mean_log_prob(unconditional_text, tokens)
+
+    return score_fn
+
+
 def _logits_fn(encoder_input_tokens, decoder_input_tokens):
     """A prompt-conditioned bigram model: logits [B, N, V]."""
     bigram, prompt = _tables()
     return bigram[decoder_input_tokens] + prompt[encoder_input_tokens[:, 0]][:, None]
+
+
+_score_fn = score_fn_of(_logits_fn)
 
 
 def _encode(prompts):
@@ -84,7 +120,7 @@ def _greedy_path(prompt_id, length):
 
 
 def test_likelihood_scorer_prefers_the_likelier_tokens():
-    scorer = rerank.LikelihoodScorer(_logits_fn, _encode, num_valid_tokens=NUM_VALID)
+    scorer = rerank.LikelihoodScorer(_score_fn, _encode, num_valid_tokens=NUM_VALID)
     assert isinstance(scorer, rerank.Scorer)
     red = _greedy_path(0, 5)
     blue = _greedy_path(1, 5)
@@ -109,15 +145,15 @@ def test_likelihood_scorer_prefers_the_likelier_tokens():
         total += logits[tok - 1] - np.log(np.exp(logits).sum())
         prev = tok
     assert scores[1] == pytest.approx(total / 5, rel=1e-5)
-    # Chunked scoring gives the same numbers.
-    chunked = rerank.LikelihoodScorer(_logits_fn, _encode, num_valid_tokens=NUM_VALID, batch_size=3)
+    # Scoring 3 rows per call gives the same numbers.
+    chunked = rerank.LikelihoodScorer(_score_fn, _encode, num_valid_tokens=NUM_VALID, batch_size=3)
     np.testing.assert_allclose(
         chunked.score(images, prompts, image_tokens=tokens), scores, rtol=1e-6
     )
 
 
 def test_likelihood_scorer_errors_name_the_fix():
-    scorer = rerank.LikelihoodScorer(_logits_fn, _encode, num_valid_tokens=NUM_VALID)
+    scorer = rerank.LikelihoodScorer(_score_fn, _encode, num_valid_tokens=NUM_VALID)
     images = np.zeros((1, 2, 2, 3), np.float32)
     with pytest.raises(ValueError, match="needs image_tokens"):
         scorer.score(images, ["a red circle"])
@@ -125,6 +161,9 @@ def test_likelihood_scorer_errors_name_the_fix():
         scorer.score(images, ["a red circle"], image_tokens=np.array([[0, 1]]))
     with pytest.raises(ValueError, match="num_valid_tokens"):
         scorer.score(images, ["a red circle"], image_tokens=np.array([[1, NUM_VALID]]))
+    per_prompt = rerank.LikelihoodScorer(lambda text, tokens: np.zeros(1), _encode)
+    with pytest.raises(ValueError, match=r"score_fn returned shape \(1,\), expected \[2\]"):
+        per_prompt.score(None, ["a red circle"] * 2, image_tokens=np.ones((2, 3), np.int32))
 
 
 def test_pmi_scorer_prefers_what_the_prompt_adds_over_what_any_prompt_favours():
@@ -148,9 +187,9 @@ def test_pmi_scorer_prefers_what_the_prompt_adds_over_what_any_prompt_favours():
     prompts = ["a red circle"] * 2
     tokens = np.array([[1, 1, 1, 1], [1, 2, 2, 1]], np.int32)
     images = np.zeros((2, 2, 2, 3), np.float32)
-    plain = rerank.LikelihoodScorer(logits_fn, encode, num_valid_tokens=NUM_VALID)
+    plain = rerank.LikelihoodScorer(score_fn_of(logits_fn), encode, num_valid_tokens=NUM_VALID)
     pmi = rerank.LikelihoodScorer(
-        logits_fn, encode, num_valid_tokens=NUM_VALID, unconditional_weight=1.0
+        score_fn_of(logits_fn), encode, num_valid_tokens=NUM_VALID, unconditional_weight=1.0
     )
     likelihood = plain.score(images, prompts, image_tokens=tokens)
     assert likelihood[0] > likelihood[1]
@@ -159,4 +198,4 @@ def test_pmi_scorer_prefers_what_the_prompt_adds_over_what_any_prompt_favours():
     unconditional = plain.score(images, ["", ""], image_tokens=tokens)
     np.testing.assert_allclose(scores, likelihood - unconditional, rtol=1e-5)
     with pytest.raises(ValueError, match="unconditional_weight=2"):
-        rerank.LikelihoodScorer(logits_fn, encode, unconditional_weight=2.0)
+        rerank.LikelihoodScorer(score_fn_of(logits_fn), encode, unconditional_weight=2.0)

@@ -3,17 +3,23 @@
 Seeds reproduce across batch sizes and meshes; outputs are reranked and
 upsampled; over-long prompts are truncated with a warning naming them; a
 trio whose grid, codebook hash or resolution disagree fails naming both values.
+The likelihood / PMI scorer (`token_scores`) runs on the device a chunk of
+logits at a time: tested on its own tiny models, without the pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import jax.extend.core as jax_core
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,13 +27,18 @@ from parti_jax import partitioning
 from parti_jax.data.vocab import EOS_ID
 from parti_jax.decoding import SamplingConfig
 from parti_jax.loading import CompatibilityError, LoadError
+from parti_jax.models.config import ModelConfig
+from parti_jax.models.transformer import EncoderDecoder
 from parti_jax.sampling import (
     Generator,
     PromptTruncatedWarning,
     check_prompts,
     read_prompts_file,
     sample_to_folder,
+    score_chunk_size,
+    token_scores,
 )
+from tests.test_rerank import mean_log_probs_reference
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -117,6 +128,110 @@ def test_scorers(generator):
     )
     with pytest.raises(ValueError, match="scorer='clip'"):
         generator.generate(PROMPTS[:1], sampling_config=cfg, scorer="clip")
+
+
+# ------------------------------------------------------------------ scoring on the device
+
+
+def _config(**changes) -> ModelConfig:
+    """The pipeline's tiny model with `changes` (imported here: the module is a plugin)."""
+    from tests.pipeline_fixtures import TINY_MODEL
+
+    return ModelConfig(**dict(TINY_MODEL, **changes))
+
+
+def _abstract_params(model, rows, text_length):
+    text = jax.ShapeDtypeStruct((rows, text_length), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((rows, model.config.num_image_tokens), jnp.int32)
+    return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), text, tokens)["params"])
+
+
+def _small_model():
+    """The tiny model with 100 codes (the vocabulary pads to 128: ids 101..127 and 0 are
+    masked) and random weights spread enough that every token differs; 4 prompts and
+    sampled tokens (codes + 1)."""
+    cfg = _config(codebook_size=100)
+    model, rng = EncoderDecoder(cfg), np.random.default_rng(0)
+    text = np.zeros((4, cfg.max_text_length), np.int32)
+    text[:, :3] = rng.integers(2, cfg.text_vocab_size, (4, 3))
+    text[:, 3] = EOS_ID
+    tokens = rng.integers(1, cfg.codebook_size + 1, (4, cfg.num_image_tokens), dtype=np.int32)
+    params = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), jnp.float32),
+        _abstract_params(model, 4, cfg.max_text_length),
+    )
+    return model, params, text, tokens
+
+
+def _reference(model, params, text, tokens):
+    """The float64 host computation on the whole logits."""
+    decoder_input = np.pad(tokens[:, :-1], ((0, 0), (1, 0)))
+    logits = jax.jit(model.apply)({"params": params}, text, decoder_input)
+    return mean_log_probs_reference(logits, tokens, model.config.codebook_size + 1)
+
+
+def test_token_scores_match_the_float64_reference_in_any_chunking():
+    model, params, text, tokens = _small_model()
+    empty = np.zeros_like(text)
+    empty[:, 0] = EOS_ID
+    cond, uncond = _reference(model, params, text, tokens), _reference(model, params, empty, tokens)
+    assert np.ptp(cond) > 0.1 and np.ptp(cond - uncond) > 0.01  # rows really differ
+    # The default chunking (here all 16 tokens in one chunk), the likelihood alone.
+    scores = jax.jit(functools.partial(token_scores, model))(params, text, tokens)
+    assert scores.shape == (4,) and scores.dtype == jnp.float32
+    np.testing.assert_allclose(scores, cond, rtol=1e-5)
+    # 4 chunks of 4 tokens, with the unconditional pass: weight 0 is the likelihood, 1 PMI.
+    chunked = jax.jit(functools.partial(token_scores, model, chunk_size=4))
+    for weight in (0.0, 1.0, 0.5):
+        pmi = chunked(params, text, tokens, empty, weight)
+        assert pmi.shape == (4,) and pmi.dtype == jnp.float32
+        np.testing.assert_allclose(pmi, cond - weight * uncond, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size=5 must be None or a positive divisor"):
+        token_scores(model, params, text, tokens, chunk_size=5)
+
+
+def _shapes_made(jaxpr) -> set[tuple[int, ...]]:
+    """The shape of every value a jaxpr, and every jaxpr inside it, makes."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        shapes |= {tuple(v.aval.shape) for v in eqn.outvars}
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = sub.jaxpr if isinstance(sub, jax_core.ClosedJaxpr) else sub
+                if isinstance(sub, jax_core.Jaxpr):
+                    shapes |= _shapes_made(sub)
+    return shapes
+
+
+def test_token_scores_never_make_the_whole_logits():
+    model, params, text, tokens = _small_model()
+    vocab = model.config.decoder_vocab_size
+    whole = (4, model.config.num_image_tokens, vocab)
+    fn = functools.partial(token_scores, model, chunk_size=4)
+    shapes = _shapes_made(jax.make_jaxpr(fn)(params, text, tokens, text, 1.0).jaxpr)
+    assert (4, 4, vocab) in shapes and whole not in shapes
+    # What the scorer copied to the host before: the whole logits, found by the same walk.
+    logits = jax.make_jaxpr(lambda p, e, d: model.apply({"params": p}, e, d))(params, text, tokens)
+    assert whole in _shapes_made(logits.jaxpr)
+
+
+def test_token_scores_compile_far_below_the_whole_logits():
+    """64 rows x 1,024 tokens x 8,192 codes, the default chunking, compiled (not run) on the
+    CPU: the whole float32 logits would be 2 GiB; the PMI scorer's temporaries are much less
+    (the decoder's attention over 1,024 tokens is most of them) and 64 floats come back."""
+    config = _config(codebook_size=8191, image_grid=(32, 32), d_model=64, num_heads=1)
+    rows, n, vocab = 64, config.num_image_tokens, config.decoder_vocab_size
+    assert (n, vocab) == (1024, 8192) and score_chunk_size(rows, n, vocab) == 64
+    model = EncoderDecoder(config)
+    text = jax.ShapeDtypeStruct((rows, 8), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((rows, n), jnp.int32)
+    weight = jax.ShapeDtypeStruct((), jnp.float32)
+    fn = jax.jit(functools.partial(token_scores, model))
+    compiled = fn.lower(_abstract_params(model, rows, 8), text, tokens, text, weight).compile()
+    memory = compiled.memory_analysis()
+    whole_logits = rows * n * vocab * 4
+    assert memory.output_size_in_bytes == rows * 4
+    assert memory.temp_size_in_bytes < whole_logits / 2, memory.temp_size_in_bytes
 
 
 def test_bad_prompts(generator, tmp_path):

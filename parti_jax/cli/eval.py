@@ -11,13 +11,13 @@ reconstruction, fid, coco_fid; parti_jax/eval/suites.py), each into
 `<workdir>/<suite>/` with metrics.json and a report, and prints the headline
 numbers. Prompts are split across processes (several hosts, or
 --process_index/--process_count to split the work by hand) and a rerun
-skips the prompts already generated.
+skips the prompts already generated. --workdir may be a URL (gs://...;
+parti_jax/storage.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from parti_jax.cli import flags
 
@@ -78,20 +78,22 @@ def _suites_main(argv: list[str]) -> int:
     ns = args.namespace
     if (ns.process_index is None) != (ns.process_count is None):
         raise flags.UsageError("give --process_index and --process_count together")
-    workdir = flags.start_distributed_run(
+    flags.start_distributed_run(
         args, workdir_holds="each suite writes a folder there", gin_example="runs/eval_shapes.gin"
     )
 
     import gin
+    from parti_jax import storage
     from parti_jax.eval import runner
     from parti_jax.eval import suites as S
 
+    workdir = storage.join(args.workdir)  # as given: a URL keeps its scheme
     eval_fn = gin.config.get_configurable("eval")
     suite_fns = {name: gin.config.get_configurable(name) for name in S.SUITE_NAMES}
     try:
         with flags.usage_errors(ValueError, FileNotFoundError, PermissionError):
             results = eval_fn(
-                workdir=str(workdir),
+                workdir=workdir,
                 suite_fns=suite_fns,
                 process_index=ns.process_index,
                 process_count=ns.process_count,
@@ -109,7 +111,7 @@ def _suites_main(argv: list[str]) -> int:
             for k, v in runner.headline(name, metrics)
         )
         print(f"{name}: {numbers}")
-    print(f"report: {Path(workdir) / 'index.html'}")
+    print(f"report: {storage.join(workdir, 'index.html')}")
     return 0
 
 

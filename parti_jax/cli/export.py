@@ -11,7 +11,8 @@ Gin binds `export.*` (parti_jax.export.export_bundle): `export.t2i_path`,
 --upsampler flags override them), `export.sampling_config =
 @SamplingConfig()` (Bundle.generate's default and what the jax.export
 sampler compiles in), `export.vocab_path`, `export.t2i_step`. The bundle is
---workdir: it must be new or empty, or hold a bundle and --overwrite be given.
+--workdir (a folder or a URL such as gs://bucket/bundles/shapes): it must be
+new or empty, or hold a bundle and --overwrite be given.
 After the export the gin config is written into the bundle (config.gin,
 operative_config.gin). Layout: docs/EXPORT.md.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 from parti_jax.cli import flags
 
@@ -64,8 +64,9 @@ def main(argv: Sequence[str]) -> int:
     flags.setup_gin(args)
 
     import gin
+    from parti_jax import storage
 
-    out = Path(args.workdir).expanduser()
+    out = storage.path(args.workdir)  # a URL keeps its scheme
     kwargs = flags.model_dir_kwargs(ns, "platforms", "export_batch_size")
     if ns.no_jax_export:
         kwargs["jax_export"] = False
@@ -76,7 +77,7 @@ def main(argv: Sequence[str]) -> int:
     )
     try:
         with flags.usage_errors(ValueError, FileNotFoundError):
-            export.check_destination(out.absolute(), overwrite=ns.overwrite)
+            export.check_destination(out, overwrite=ns.overwrite)
             info = gin.get_configurable("export")(out, overwrite=ns.overwrite, **kwargs)
     except OSError as e:
         raise flags.UsageError(

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from parti_jax import storage
+
 EXIT_PREEMPTED = 143  # a run told to stop (SIGTERM) saved and exits 128 + 15
 
 
@@ -74,7 +76,10 @@ def make_parser(prog: str, description: str, *, workdir: bool = True) -> argpars
     )
     if workdir:
         parser.add_argument(
-            "--workdir", default=None, help="Work directory (checkpoints, logs, config)."
+            "--workdir",
+            default=None,
+            help="Work directory (checkpoints, logs, config): a local folder or a URL such as "
+            "gs://bucket/run.",
         )
     return parser
 
@@ -193,8 +198,9 @@ def run_main(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str]) -> 
 
 def check_workdir(
     workdir: str | os.PathLike, kind: str | None = None, *, share: int | None = None
-) -> Path:
-    """Creates the work directory and fails early (not after hours) if it is not writable.
+) -> storage.Path:
+    """Creates the work directory and fails early (not after hours) if it is not writable
+    (a local folder or a URL such as gs://bucket/run: parti_jax/storage.py).
 
     With `kind` (the subcommand) the run also claims it (`parti_jax.workdir.claim_workdir`):
     another kind's folder, or one that another run writes, is refused before anything is
@@ -230,16 +236,16 @@ def check_workdir(
         return path
 
 
-def write_config(workdir: str | os.PathLike, *, operative: bool = False) -> Path:
+def write_config(workdir: str | os.PathLike, *, operative: bool = False) -> storage.Path:
     """Writes the parsed (`config.gin`) or operative (`operative_config.gin`) gin config
-    from the first process."""
+    from the first process (atomically: a reader never sees half of it)."""
     import gin
     from parti_jax.workdir import is_primary
 
     name = "operative_config.gin" if operative else "config.gin"
-    path = Path(workdir) / name
+    path = storage.path(storage.join(workdir, name))
     if is_primary():
-        path.write_text(gin.operative_config_str() if operative else gin.config_str())
+        storage.write_text(path, gin.operative_config_str() if operative else gin.config_str())
     return path
 
 
@@ -260,7 +266,7 @@ def init_distributed(ns: argparse.Namespace) -> None:
         )
 
 
-def start_run(args: CommonArgs, *, share: int | None = None) -> Path:
+def start_run(args: CommonArgs, *, share: int | None = None) -> storage.Path:
     """Claims the work directory for the subcommand (`check_workdir`), parses gin and
     writes `config.gin` there."""
     workdir = check_workdir(args.workdir, args.kind or None, share=share)
@@ -269,7 +275,9 @@ def start_run(args: CommonArgs, *, share: int | None = None) -> Path:
     return workdir
 
 
-def start_distributed_run(args: CommonArgs, *, workdir_holds: str, gin_example: str) -> Path:
+def start_distributed_run(
+    args: CommonArgs, *, workdir_holds: str, gin_example: str
+) -> storage.Path:
     """A run's start: --workdir and a --gin_file required, jax.distributed, then `start_run`."""
     if not args.workdir:
         raise UsageError(f"--workdir is required ({workdir_holds})")

@@ -7,7 +7,8 @@ Gin binds `precompute_codes.*` (parti_jax.vqgan.precompute.precompute_codes):
 `task`, `batch_size`, `shard_size`, ...; the flags `--vqgan`, `--output_dir`
 and `--split` (repeatable: with several splits each goes to
 `<output_dir>/<split>`, the layout `register_codes_task(codes_dir=...)` reads)
-override them. Interrupted runs resume: run the same command again. With
+override them. `--output_dir` may be a URL (gs://...; parti_jax/storage.py).
+Interrupted runs resume: run the same command again. With
 several processes (hosts), start it on every host; each writes its own shards
 and process 0 writes codes_meta.json last.
 """
@@ -50,14 +51,16 @@ def main(argv: Sequence[str]) -> int:
     flags.check_required_bindings(
         "precompute_codes", ["task"], "e.g. precompute_codes.task = @register_shapes_task()"
     )
-    out = flags.check_workdir(output_dir, "precompute-codes")
-    flags.write_config(out)
-
+    from parti_jax import storage
     from parti_jax.train import checkpoints
     from parti_jax.vqgan import precompute
 
+    flags.check_workdir(output_dir, "precompute-codes")
+    out = storage.join(output_dir)  # as given, normalised: a URL keeps its scheme
+    flags.write_config(out)
+
     fn = gin.config.get_configurable("precompute_codes")
-    for split, folder in precompute.output_dirs(str(out), splits).items():
+    for split, folder in precompute.output_dirs(out, splits).items():
         kwargs = {"vqgan": vqgan, "output_dir": folder, "split": split}
         if ns.vqgan_step is not None:
             kwargs["vqgan_step"] = ns.vqgan_step

@@ -15,7 +15,8 @@ from the flags: --prompt (repeatable), --prompts_file (one per line) or
 built-in 'shapes_world'; the prompt id is the example's index in the split).
 Prompts must be UTF-8 text; an empty one (an unconditional sample) needs
 --allow_empty_prompt.
-Writes `<workdir>/<prompt_id>_<rank>.png` and `<workdir>/manifest.json`.
+Writes `<workdir>/<prompt_id>_<rank>.png` and `<workdir>/manifest.json`; --workdir,
+--prompts_file and the work directories may be URLs (gs://...; parti_jax/storage.py).
 """
 
 from __future__ import annotations
@@ -67,13 +68,15 @@ def main(argv: Sequence[str]) -> int:
             )
         elif ns.prompts_file is not None:
             prompts = sampling.read_prompts_file(ns.prompts_file)
-    workdir = flags.start_run(args)
+    flags.start_run(args)
 
     import gin
+    from parti_jax import storage
     from parti_jax.data.vocab import VocabularyError
     from parti_jax.train.checkpoints import CheckpointError
 
-    kwargs = {"workdir": str(workdir), "progress": not ns.no_progress, **flags.model_dir_kwargs(ns)}
+    out = storage.join(args.workdir)  # as given: a URL keeps its scheme
+    kwargs = {"workdir": out, "progress": not ns.no_progress, **flags.model_dir_kwargs(ns)}
     if ns.allow_empty_prompt:
         kwargs["allow_empty_prompt"] = True
     flags.check_required_bindings(
@@ -93,8 +96,8 @@ def main(argv: Sequence[str]) -> int:
             warnings.simplefilter("always", sampling.PromptTruncatedWarning)
             warnings.showwarning = _show_warning
             manifest = gin.get_configurable("sample")(**kwargs)
-    flags.write_config(workdir, operative=True)
-    print(f"wrote {len(manifest['images'])} image(s) and manifest.json to {workdir}")
+    flags.write_config(out, operative=True)
+    print(f"wrote {len(manifest['images'])} image(s) and manifest.json to {out}")
     return 0
 
 

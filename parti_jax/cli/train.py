@@ -19,7 +19,9 @@ trainer's name: `train.loop = @train/LoopConfig()` with
 --coordinator_address / --num_processes / --process_id. A run told to stop
 (SIGTERM) saves a checkpoint and exits with status 143; run the same command
 again to resume: from the newest intact checkpoint (a damaged one is kept
-aside as `<step>.corrupt-<time>`), or from --restore_step=N.
+aside as `<step>.corrupt-<time>`), or from --restore_step=N. --workdir may be a
+URL (gs://bucket/run): every file of the run goes there (parti_jax/storage.py),
+nothing to the local disk but temporary staging folders.
 """
 
 from __future__ import annotations

@@ -10,7 +10,17 @@ The meta holds the fields of docs/DESIGN.md §3 "Compatibility records" (shard
 paths relative to the folder) plus codes_dtype and format_version. Writing is
 crash-safe: `CodesShardWriter` renames `<shard>.incomplete` to `<shard>` only
 when closed, so a complete-looking shard is complete, and `finalize_codes_meta`
-writes the meta last, after every shard is complete.
+writes the meta last (atomically), after every shard is complete.
+
+Folders may be URLs (`gs://...`, parti_jax/storage.py). TensorFlow's file system
+never sees one (its GCS client cannot be pointed at an emulator, so it would be
+an untested path): a shard for a URL is written to a local file and uploaded as
+one object when closed (on object stores that upload is the atomic commit: there
+is no rename there), and training reads a URL's shards through storage into
+memory, record by record in a stateless numpy function over the record's index,
+splitting the TFRecord framing in `parti_jax.data.tfrecords` (crc32c-checked), so the
+tf.data iterator's saved position stays exact. Local folders keep TensorFlow's
+TFRecord reader and writer.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +36,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from parti_jax.data import features
+from parti_jax import storage
+from parti_jax.data import features, tfrecords
 
 META_FILE = "codes_meta.json"
 RECORD_FEATURES = ("id", "text", "image_codes")  # each a bytes feature of a record
@@ -73,12 +85,29 @@ def _check_codes(
     return codes
 
 
+def _url_record(path: bytes, index: np.int64, expected: np.int64) -> bytes:
+    """Record `index` of the shard at URL `path` (a stateless function of its arguments:
+    tf.data saves only the index); a shard holding other than `expected` records (the
+    count in its meta) is an error naming it."""
+    where = path.decode("utf-8")
+    data, starts, lengths = tfrecords.SHARDS.get(where)
+    if len(starts) != int(expected):
+        raise ValueError(
+            f"{where}: holds {len(starts)} records, its codes_meta.json says {int(expected)}; "
+            "the shard was replaced after the meta was written: run precompute-codes again"
+        )
+    begin = int(starts[index])
+    return data[begin : begin + int(lengths[index])]
+
+
 # ------------------------------------------------------------------ writing
 class CodesShardWriter:
     """Writes one shard atomically: `.write(...)` records, `.close()` publishes it.
 
-    Use as a context manager: on an exception the partial `.incomplete` file is
-    removed and the shard name never appears.
+    Use as a context manager: on an exception the partial file is removed and the
+    shard name never appears. Locally the records go to `<shard>.incomplete`,
+    renamed at close; for a URL to a local temporary file uploaded at close as one
+    object (no `.incomplete` object ever exists).
     """
 
     def __init__(
@@ -92,14 +121,19 @@ class CodesShardWriter:
         self.grid = tuple(int(g) for g in grid)
         self.num_codes = self.grid[0] * self.grid[1]
         self.dtype = codes_dtype_for(self.codebook_size)
-        self.path = os.path.join(codes_dir, shard_name)
-        self.tmp_path = self.path + INCOMPLETE_SUFFIX
-        if tf.io.gfile.exists(self.path):
+        self.path = storage.join(codes_dir, shard_name)
+        if storage.exists(self.path):
             raise FileExistsError(
                 f"{self.path}: a complete shard already exists; skip it when resuming "
                 "(codes.shard_is_complete) or delete it to rewrite it"
             )
-        tf.io.gfile.makedirs(codes_dir)
+        self._staging = None
+        if storage.is_url(self.path):  # a local file, uploaded by close()
+            self._staging = tempfile.TemporaryDirectory(prefix="parti_jax_shard_")
+            self.tmp_path = os.path.join(self._staging.name, shard_name)
+        else:
+            storage.makedirs(codes_dir)
+            self.tmp_path = self.path + INCOMPLETE_SUFFIX
         self._writer = tf.io.TFRecordWriter(self.tmp_path)
         self.count = 0
         self._closed = False
@@ -126,10 +160,19 @@ class CodesShardWriter:
         self.count += 1
 
     def close(self) -> int:
-        """Flushes, renames `<shard>.incomplete` to `<shard>` and returns the record count."""
+        """Flushes and publishes the shard (rename, or upload for a URL); returns the count."""
         if not self._closed:
             self._writer.close()
-            tf.io.gfile.rename(self.tmp_path, self.path, overwrite=False)
+            if self._staging is not None:
+                try:
+                    with open(self.tmp_path, "rb") as f:
+                        # One object, one request (storage.write_bytes). Not storage.copy: its
+                        # gcsfs put_file loses a last b"\r" on the emulator.
+                        storage.write_bytes(self.path, f.read())
+                finally:
+                    self._staging.cleanup()
+            else:
+                tf.io.gfile.rename(self.tmp_path, self.path, overwrite=False)
             self._closed = True
         return self.count
 
@@ -137,7 +180,9 @@ class CodesShardWriter:
         """Drops the partial shard (the final name is never created)."""
         if not self._closed:
             self._writer.close()
-            if tf.io.gfile.exists(self.tmp_path):
+            if self._staging is not None:
+                self._staging.cleanup()  # nothing was uploaded
+            elif tf.io.gfile.exists(self.tmp_path):
                 tf.io.gfile.remove(self.tmp_path)
             self._closed = True
 
@@ -153,11 +198,13 @@ class CodesShardWriter:
 
 def shard_is_complete(codes_dir: str, shard_name: str) -> bool:
     """True when `shard_name` was closed by a writer (resume skips it)."""
-    return tf.io.gfile.exists(os.path.join(codes_dir, shard_name))
+    return storage.exists(storage.join(codes_dir, shard_name))
 
 
 def count_records(path: str) -> int:
-    """Number of records in a TFRecord file (reads it once, in C++)."""
+    """Number of records in a TFRecord file (locally in C++; a URL's through storage)."""
+    if storage.is_url(path):
+        return len(tfrecords.record_offsets(storage.read_bytes(path), path)[0])
     ds = tf.data.TFRecordDataset(path)
     count = tf.autograph.experimental.do_not_convert(lambda n, _: n + 1)
     return int(ds.reduce(np.int64(0), count).numpy())
@@ -181,16 +228,16 @@ def finalize_codes_meta(
     Refuses while `.incomplete` files remain (an interrupted writer: resume it
     first), so a meta never describes a partial set.
     """
-    leftovers = tf.io.gfile.glob(os.path.join(codes_dir, "*" + INCOMPLETE_SUFFIX))
+    leftovers = storage.glob(codes_dir, "*" + INCOMPLETE_SUFFIX)
     if leftovers:
         raise ValueError(
             f"{codes_dir}: {len(leftovers)} unfinished shard(s), e.g. {leftovers[0]}; "
             "resume precompute-codes to finish them (or delete them) before writing the meta"
         )
-    paths = sorted(tf.io.gfile.glob(os.path.join(codes_dir, shard_pattern)))
+    paths = storage.glob(codes_dir, shard_pattern)
     if not paths:
         raise ValueError(f"{codes_dir}: no shards matching {shard_pattern!r}")
-    shards = [{"path": os.path.basename(p), "count": count_records(p)} for p in paths]
+    shards = [{"path": storage.path(p).name, "count": count_records(p)} for p in paths]
     meta = {
         "format_version": FORMAT_VERSION,
         "codebook_size": int(codebook_size),
@@ -205,10 +252,7 @@ def finalize_codes_meta(
         "num_examples": sum(s["count"] for s in shards),
         "shards": shards,
     }
-    path = os.path.join(codes_dir, META_FILE)
-    with tf.io.gfile.GFile(path + INCOMPLETE_SUFFIX, "w") as f:
-        f.write(json.dumps(meta, indent=2) + "\n")
-    tf.io.gfile.rename(path + INCOMPLETE_SUFFIX, path, overwrite=True)
+    storage.write_json(storage.join(codes_dir, META_FILE), meta)
     return meta
 
 
@@ -216,17 +260,17 @@ def finalize_codes_meta(
 def load_codes_meta(codes_dir: str) -> dict:
     """Reads and checks `<codes_dir>/codes_meta.json` (or a meta file's path);
     `meta["_path"]` records where from."""
-    path = codes_dir if codes_dir.endswith(".json") else os.path.join(codes_dir, META_FILE)
-    if not tf.io.gfile.exists(path):
+    path = codes_dir if codes_dir.endswith(".json") else storage.join(codes_dir, META_FILE)
+    path = os.fspath(storage.path(path))
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"{path}: not found; the meta is written when precompute-codes finishes, so "
             "this folder is unfinished or not a codes folder"
         )
-    with tf.io.gfile.GFile(path) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    try:
+        meta = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     missing = [k for k in REQUIRED_META_KEYS if k not in meta]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}; rerun precompute-codes")
@@ -269,8 +313,8 @@ def validate_codes_meta(
 
 def shard_paths(meta: Mapping) -> list[str]:
     """Absolute shard paths listed in a loaded meta, in meta order."""
-    base = os.path.dirname(meta["_path"])
-    return [os.path.join(base, s["path"]) for s in meta["shards"]]
+    base = os.fspath(storage.path(meta["_path"]).parent)
+    return [storage.join(base, s["path"]) for s in meta["shards"]]
 
 
 # ------------------------------------------------------------------ reading
@@ -294,9 +338,13 @@ def read_codes(
     dtype = "<u2" if meta["codes_dtype"] == "uint16" else "<i4"
     num_codes = int(meta["grid"][0]) * int(meta["grid"][1])
     for path in shard_paths(meta):
-        if not tf.io.gfile.exists(path):
+        if not storage.exists(path):
             raise FileNotFoundError(f"{meta['_path']}: lists shard {path}, which is missing")
-        for index, raw in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+        if storage.is_url(path):
+            raws = tfrecords.read_records(path)
+        else:
+            raws = tf.data.TFRecordDataset(path).as_numpy_iterator()
+        for index, raw in enumerate(raws):
             where = f"{path}: record {index}"
             feature = tf.train.Example.FromString(raw).features.feature
             for key in RECORD_FEATURES:
@@ -320,6 +368,7 @@ class CodesDataSource(features.HostShardedSource):
     record fails with "<shard>: record <i>: image code c outside [0, K)".
     Host sharding: whole files when there are at least as many files as
     shards, else every num_shards-th example (so every host reads all files).
+    Shards at URLs are read through storage, record by record (`_url_record`).
     """
 
     def __init__(
@@ -355,22 +404,34 @@ class CodesDataSource(features.HostShardedSource):
     ) -> tf.data.Dataset:
         meta = self.metas[split]
         files = self.list_shards(split)
-        missing = [p for p in files if not tf.io.gfile.exists(p)]
+        counts = [int(s["count"]) for s in meta["shards"]]
+        missing = _missing(files)
         if missing:
             raise FileNotFoundError(
                 f"{meta['_path']}: lists {len(missing)} missing shard(s), e.g. {missing[0]}"
             )
         shard_examples = len(files) < num_shards  # else whole files
         if not shard_examples:
-            files = files[shard_index::num_shards]
-        ds = tf.data.Dataset.from_tensor_slices(files)
+            files, counts = files[shard_index::num_shards], counts[shard_index::num_shards]
+        ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(counts, np.int64)))
         if shuffle:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
         parse = _make_parser(self.codebook_size, self.grid, meta["codes_dtype"])
+        url = storage.is_url(meta["_path"])
+        if url:
+            tfrecords.SHARDS.forget(files)
 
         @tf.autograph.experimental.do_not_convert
-        def read_file(path):
-            records = tf.data.TFRecordDataset(path).enumerate()
+        def read_file(path, count):
+            if url:  # never a URL for TensorFlow: storage reads it, tf.data keeps the index
+
+                def record(i):
+                    raw = tf.numpy_function(_url_record, [path, i, count], tf.string)
+                    return i, tf.reshape(raw, [])
+
+                records = tf.data.Dataset.range(count).map(record)
+            else:
+                records = tf.data.TFRecordDataset(path).enumerate()
             return records.map(lambda i, raw: parse(path, i, raw))
 
         ds = ds.interleave(
@@ -381,6 +442,21 @@ class CodesDataSource(features.HostShardedSource):
             deterministic=True,
         )
         return ds.shard(num_shards, shard_index) if shard_examples else ds
+
+
+def _missing(files: Sequence[str]) -> list[str]:
+    """The files that do not exist, found with one listing per folder (not one request
+    per shard: an object store holds thousands)."""
+    listings: dict[str, set[str]] = {}
+    missing = []
+    for file in files:
+        p = storage.path(file)
+        folder = os.fspath(p.parent)
+        if folder not in listings:
+            listings[folder] = set(storage.listdir(folder))
+        if p.name not in listings[folder]:
+            missing.append(file)
+    return missing
 
 
 def _make_parser(codebook_size: int, grid: Sequence[int], codes_dtype: str):
@@ -395,7 +471,8 @@ def _make_parser(codebook_size: int, grid: Sequence[int], codes_dtype: str):
         num = tf.size(codes)
         low = tf.reduce_min(tf.concat([codes, [0]], 0))
         high = tf.reduce_max(tf.concat([codes, [0]], 0))
-        where = tf.strings.format("{}: record {}: ", [path, index])
+        # format() would quote the path: join it as written
+        where = tf.strings.join([path, ": record ", tf.strings.as_string(index), ": "])
         count_error = tf.strings.format("{} image codes, expected {}", [num, num_codes])
         range_error = tf.strings.format(
             "image code outside [0, {}) (min {}, max {}); these codes come from another VQGAN "

@@ -26,7 +26,7 @@ it had printed the error.
 from __future__ import annotations
 
 import atexit
-import json
+import codecs
 import logging
 import os
 import re
@@ -37,6 +37,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from parti_jax import storage
 from parti_jax.data import preprocessors
 from parti_jax.data.features import ImageCodesFeatureConverter
 from parti_jax.data.preprocessors import TEXT_LENGTH, TEXT_TRUNCATED
@@ -125,8 +126,9 @@ def _clean_error(error: tf.errors.OpError) -> str:
     """The one useful line of a tf.data error (assert message or Python exception)."""
     message = error.message
     match = _ASSERT.search(message)
-    if match:
-        return match.group(1).replace('\\"', '"').replace('"', "")
+    if match:  # TensorFlow prints the message C-escaped: undo it (quotes, '\\', octal bytes)
+        raw = codecs.escape_decode(match.group(1).encode("utf-8"))[0]
+        return raw.decode("utf-8", "replace")
     for marker in ("ImageDecodeError: ", "ValueError: "):
         if marker in message:
             return message.split(marker, 1)[1].split("\n", 1)[0]
@@ -223,20 +225,22 @@ class DataIterator:
         }
 
     def save(self, path: str) -> str:
-        """Writes the data position under the prefix `path` (+ `path.json` describing it)."""
-        tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-        written = self._open().write(path)
-        with tf.io.gfile.GFile(path + ".json", "w") as f:
-            json.dump(self.description, f, indent=2, sort_keys=True)
-        return written
+        """Writes the data position under the prefix `path` (+ `path.json` describing it).
+
+        `path` may be a URL (gs://...): TensorFlow writes into a local temporary folder
+        whose files are then uploaded (parti_jax/storage.py; TensorFlow's own GCS client
+        is never given a URL)."""
+        with storage.staged(path, kind="prefix") as local:
+            written = self._open().write(local)
+            storage.write_json(f"{local}.json", self.description, sort_keys=True)
+        return os.fspath(path) if storage.is_url(path) else written
 
     def restore(self, path: str) -> None:
         """Continues from a position saved by `save(path)` of an identically built iterator."""
-        sidecar = path + ".json"
-        if not tf.io.gfile.exists(sidecar):
+        sidecar = f"{path}.json"
+        if not storage.exists(sidecar):
             raise FileNotFoundError(f"{sidecar}: no saved data position at {path}")
-        with tf.io.gfile.GFile(sidecar) as f:
-            saved = json.load(f)
+        saved = storage.read_json(sidecar)
         diffs = [
             f"{k}: saved {saved.get(k)!r}, now {v!r}"
             for k, v in self.description.items()
@@ -248,7 +252,8 @@ class DataIterator:
                 "resume with the same data settings and number of data shards, or start a "
                 "fresh data order (train.allow_data_reshuffle=True)"
             )
-        self._open().read(path).assert_consumed()
+        with storage.fetched(path, kind="prefix") as local:  # a URL: a local copy
+            self._open().read(local).assert_consumed()
 
 
 def _settings(arguments: Mapping) -> dict:

@@ -21,9 +21,9 @@ import math
 import os
 import statistics
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+from parti_jax import storage
 from parti_jax.eval import html as H
 from parti_jax.eval.records import is_int, write_atomic
 
@@ -95,9 +95,9 @@ def parse_votes(obj: Any, *, where: str = "votes") -> VoteFile:
 
 def read_votes(path: str | os.PathLike) -> VoteFile:
     """Reads one exported votes JSON file."""
-    path = Path(path)
+    path = storage.path(path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise VotesError(f"{path}: no such vote file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -232,14 +232,17 @@ def aggregate_votes(vote_files: Sequence[str | os.PathLike | Mapping[str, Any]])
     )
 
 
-def write_compare_report(report: CompareReport, out_dir: str | os.PathLike) -> dict[str, Path]:
+def write_compare_report(
+    report: CompareReport, out_dir: str | os.PathLike
+) -> dict[str, storage.Path]:
     """Writes compare.json, compare.md and compare.html into `out_dir`; returns the paths."""
     texts = {
         "json": json.dumps(report.to_json(), indent=2) + "\n",
         "md": report.markdown(),
         "html": report.html(),
     }
-    return {k: write_atomic(Path(out_dir) / f"compare.{k}", text) for k, text in texts.items()}
+    out = storage.path(out_dir)
+    return {k: write_atomic(out / f"compare.{k}", text) for k, text in texts.items()}
 
 
 def main_compare(argv: Sequence[str]) -> int:
@@ -253,7 +256,7 @@ def main_compare(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(list(argv))
     report = aggregate_votes(args.votes)
-    out_dir = args.out_dir or str(Path(args.votes[0]).parent)
+    out_dir = args.out_dir or os.fspath(storage.path(args.votes[0]).parent)
     paths = write_compare_report(report, out_dir)
     print(report.markdown())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

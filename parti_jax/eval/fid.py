@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -28,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+
+from parti_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -112,21 +115,24 @@ class FeatureStats:
         return self._m2 / (self.count - 1)
 
 
-def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> Path:
-    """Writes reference statistics as an .npz with keys `mu` and `sigma`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> storage.Path:
+    """Writes reference statistics as an .npz with keys `mu` and `sigma` (a local file or
+    a URL, atomically)."""
+    path = storage.path(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    storage.write_bytes(path, buffer.getvalue())
     return path
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Reads an .npz with `mu` [d] and `sigma` [d, d]; errors name the file and key."""
-    path = Path(path)
+    """Reads an .npz with `mu` [d] and `sigma` [d, d] (local or at a URL); errors name the
+    file and key."""
+    path = storage.path(path)
     if not path.is_file():
         raise FIDError(f"{path}: no such reference statistics file")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as data:
             found = sorted(data.files)
             arrays = {k: np.asarray(data[k], np.float64) for k in found if k in ("mu", "sigma")}
     except Exception as e:
@@ -281,7 +287,7 @@ def iter_image_batches(
 
     def load(path: str | os.PathLike) -> np.ndarray:
         try:
-            with Image.open(path) as im:
+            with storage.open(path, "rb") as f, Image.open(f) as im:
                 return np.asarray(im.convert("RGB"))
         except OSError as e:
             raise FIDError(f"{path}: cannot read image ({e})") from None
@@ -305,5 +311,6 @@ def eval_dir_batches(
     from parti_jax.eval import records
 
     recs = records.read_manifest(eval_dir, check_images=True, allow_torn_tail=True)
-    paths = [Path(eval_dir) / i for r in recs for i in (r.images[:1] if first_only else r.images)]
+    folder = storage.path(eval_dir)
+    paths = [folder / i for r in recs for i in (r.images[:1] if first_only else r.images)]
     yield from iter_image_batches(paths, batch_size)

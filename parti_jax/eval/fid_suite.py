@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from parti_jax import storage
 from parti_jax.eval import fid as F
 from parti_jax.eval import gallery
 from parti_jax.eval import html as H
@@ -33,7 +33,7 @@ from parti_jax.models.config import check_counts
 PROMPTS_FILE = "prompts.jsonl"
 
 
-def _write_metrics_and_report(out_dir: Path, title: str, metrics: dict[str, Any]) -> dict:
+def _write_metrics_and_report(out_dir: storage.Path, title: str, metrics: dict[str, Any]) -> dict:
     """Merges `metrics` into metrics.json and writes report.html with the FID and its status."""
     R.update_metrics(out_dir, metrics)
     status = metrics.get("fid_status")
@@ -67,23 +67,24 @@ def run_fid(
         return skipped
     if not eval_dir:
         raise S.SuiteError("fid.eval_dir: give the eval folder to score (e.g. 'parti_prompts')")
-    folder = Path(eval_dir)
-    if not folder.is_absolute() and workdir is not None:
-        folder = Path(workdir) / folder
+    folder = os.fspath(eval_dir)
+    if not (storage.is_url(folder) or os.path.isabs(folder)) and workdir is not None:
+        folder = storage.join(workdir, folder)
+    folder = storage.path(folder)
     batches = F.eval_dir_batches(folder, batch_size, first_only=first_only)
     result = F.compute_fid(batches, inception_params_path, ref_stats_path, feature_fn=feature_fn)
     metrics = {"suite": "fid", "eval_dir": str(folder), **result.to_metrics()}
-    return _write_metrics_and_report(Path(out_dir), "FID", metrics)
+    return _write_metrics_and_report(storage.path(out_dir), "FID", metrics)
 
 
 def draw_prompts(
-    out_dir: Path, fingerprint: dict, pool: Callable[[], Sequence[str]], num: int, seed: int
+    out_dir: storage.Path, fingerprint: dict, pool: Callable[[], Sequence[str]], num: int, seed: int
 ) -> list[R.PromptRecord]:
     """`num` captions of `pool()` drawn without replacement (prompt_id = position in the
     draw), kept in prompts.jsonl: a resumed run reads them back instead of drawing."""
     path = out_dir / PROMPTS_FILE
     if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = storage.read_text(path).splitlines()
         head = json.loads(lines[0])
         if head != fingerprint:
             raise S.SuiteError(
@@ -144,7 +145,7 @@ def run_coco_fid(
       feature_fn: replaces the Inception network (tests); the figure is then unvalidated.
     """
     settings = S.GenerationSettings.from_args(locals())
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     check_counts("coco_fid", num_prompts=num_prompts, inception_batch_size=inception_batch_size)
     if feature_fn is None:
         early = F.compute_fid(iter(()), inception_params_path, ref_stats_path)
@@ -153,7 +154,7 @@ def run_coco_fid(
             metrics["fid_reason"] += "; no images generated (coco_fid.generate_without_fid)"
             return _write_metrics_and_report(out_dir, "COCO FID", metrics)
     if isinstance(captions, str):
-        captions = Path(captions).read_text(encoding="utf-8").splitlines()
+        captions = storage.read_text(captions).splitlines()
         captions = [c for c in captions if c.strip()]
     source = "captions" if captions is not None else str(getattr(task, "name", task))
     if captions is None and task is None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
+from parti_jax import storage
 from parti_jax.eval import html as H
 from parti_jax.eval import records as R
 
@@ -169,13 +169,13 @@ def write_gallery(
     title: str = "PartiPrompts",
     *,
     out_path: str | os.PathLike | None = None,
-) -> Path:
+) -> storage.Path:
     """Writes the gallery of an eval folder to `out_path` (default `<eval_dir>/index.html`;
     image links are relative to its folder, so it works from file://); returns its path."""
-    eval_dir = Path(eval_dir)
+    eval_dir = storage.path(eval_dir)
     records = R.read_manifest(eval_dir, allow_torn_tail=True)
     metrics = R.read_metrics(eval_dir)
-    out = Path(out_path) if out_path is not None else eval_dir / R.INDEX
+    out = storage.path(out_path) if out_path is not None else eval_dir / R.INDEX
     prefix = H.folder_prefix(eval_dir, out.parent)
     by_cat: dict[str, list[str]] = {}
     for r in sorted(records, key=lambda r: r.prompt_id):

@@ -4,7 +4,8 @@ Prompts are untrusted text, so every page builds markup only through these
 helpers: `esc` for text and attributes, `script_json` for data (read back with
 `JSON.parse` and put into the DOM with `textContent`), `image_src` for links.
 Pages are single files that work from file://: inline CSS and JS, images linked
-by relative path, nothing fetched from the network.
+by relative path, nothing fetched from the network. Pages may be written to URLs
+(gs://...; parti_jax/storage.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import html
 import json
 import os
+import posixpath
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from parti_jax import storage
 from parti_jax.eval.records import write_atomic
 
 CSS = """
@@ -85,7 +88,15 @@ def image_src(path: str | os.PathLike) -> str:
 
 
 def relative_path(target: str | os.PathLike, start_dir: str | os.PathLike) -> str:
-    """`target` relative to the folder `start_dir`, with '/' separators (for links)."""
+    """`target` relative to the folder `start_dir`, with '/' separators (for links); URLs
+    in the same bucket are related by their paths, in another the target's URL is kept."""
+    if storage.is_url(target) or storage.is_url(start_dir):
+        url, start = os.fspath(storage.path(target)), os.fspath(storage.path(start_dir))
+        bucket, _, key = url.partition("://")[2].partition("/")
+        start_bucket, _, start_key = start.partition("://")[2].partition("/")
+        if url.split("://")[0] != start.split("://")[0] or bucket != start_bucket:
+            return url
+        return posixpath.relpath("/" + key, "/" + start_key)
     rel = os.path.relpath(Path(target).resolve(), Path(start_dir).resolve())
     return rel.replace(os.sep, "/")
 
@@ -144,7 +155,7 @@ def page(title: str, body: str, *, script: str = "", head_extra: str = "") -> st
     )
 
 
-def write_page(path: str | os.PathLike, title: str, body: str, **page_kwargs: str) -> Path:
+def write_page(path: str | os.PathLike, title: str, body: str, **page_kwargs: str) -> storage.Path:
     """Writes `page(title, body, ...)` atomically, so a reader never sees half a page."""
     return write_atomic(path, page(title, body, **page_kwargs))
 

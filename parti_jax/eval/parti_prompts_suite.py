@@ -19,6 +19,7 @@ an eval folder (parti_jax/eval/records.py) with the gallery as `index.html`;
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from parti_jax import storage
 from parti_jax.eval import gallery
 from parti_jax.eval import records as R
 from parti_jax.eval import suites as S
@@ -102,10 +104,13 @@ def run_parti_prompts(
 
     check_counts("parti_prompts", limit=limit)
     settings = S.GenerationSettings.from_args(locals())
+    # A URL's file is read through storage (a local copy while it is parsed).
+    fetched = storage.fetched(prompts_path, kind="file") if prompts_path else None
     try:
-        rows = load_parti_prompts(
-            prompts_path, categories=categories, challenges=challenges, limit=limit
-        )
+        with fetched or contextlib.nullcontext() as local:
+            rows = load_parti_prompts(
+                local, categories=categories, challenges=challenges, limit=limit
+            )
     except ValueError as e:
         raise S.SuiteError(f"{NAME}: {e}") from None
     prompts = [R.PromptRecord(p.index, p.prompt, p.category, p.challenge, p.note) for p in rows]

@@ -28,11 +28,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from parti_jax import storage
 from parti_jax.eval import html as H
 from parti_jax.eval import records as R
 from parti_jax.eval import suites as S
@@ -187,7 +187,7 @@ def evaluate_reconstruction(
     """
     from parti_jax.upsampler.data import area_downsample, bicubic_upsample
 
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     size, k = tokenizer_size(tokenizer, "image_size"), tokenizer_size(tokenizer, "codebook_size")
     upsample = upsample_fn_of(upsampler) if upsampler is not None else None
     hi_size = upsampler_output_size(upsampler, size) if upsampler is not None else size
@@ -246,7 +246,9 @@ def evaluate_reconstruction(
     return metrics
 
 
-def _write_report(out_dir: Path, metrics: dict[str, Any], shown: list[dict]) -> Path:
+def _write_report(
+    out_dir: storage.Path, metrics: dict[str, Any], shown: list[dict]
+) -> storage.Path:
     rows = []
     for i, images in enumerate(shown):
         cells = []

@@ -23,6 +23,9 @@ fields; any other key is an error, so a misspelt field is caught.
 The manifest is append-only and each line is fsynced, so a crashed eval keeps
 every record it wrote; a last line cut short by a crash is dropped with a
 warning on resume, any other bad line is an error naming the file and line.
+An eval folder may be a URL (gs://...): every file goes through
+parti_jax/storage.py, and there the manifest object is rewritten whole when
+lines are added (object stores cannot append; an object is never torn).
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
+
+from parti_jax import storage
 
 MANIFEST = "manifest.jsonl"
 METRICS = "metrics.json"
@@ -150,9 +155,9 @@ def image_path_problem(path: Any) -> str | None:
     return None
 
 
-def _parse(path: Path, *, drop_torn_tail: bool) -> tuple[list[PromptRecord], bytes, int]:
+def _parse(path: storage.Path, *, drop_torn_tail: bool) -> tuple[list[PromptRecord], bytes, int]:
     """Reads a manifest; returns its records, its bytes and the length of the valid prefix."""
-    raw = path.read_bytes()
+    raw = storage.read_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -194,7 +199,7 @@ def read_manifest(
     """Reads and validates `<eval_dir>/manifest.jsonl` (or a manifest file given directly);
     `check_images`: every image file must exist; `allow_torn_tail`: skip a last line cut short
     by a crash instead of failing."""
-    path = Path(eval_dir)
+    path = storage.path(eval_dir)
     if path.is_dir():
         path = path / MANIFEST
     if not path.exists():
@@ -212,11 +217,11 @@ def read_manifest(
 
 def read_metrics(eval_dir: str | os.PathLike) -> dict[str, Any]:
     """Reads `<eval_dir>/metrics.json`; an absent file is an empty dict."""
-    path = Path(eval_dir) / METRICS
+    path = storage.path(eval_dir) / METRICS
     if not path.exists():
         return {}
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise RecordError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(obj, dict):
@@ -224,23 +229,17 @@ def read_metrics(eval_dir: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
-def write_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:
-    """Writes a text file through a temp file and a rename (creating its folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_atomic(path: str | os.PathLike, text: str) -> storage.Path:
+    """Writes a text file so that a reader sees the old or the new text, never a part
+    (`storage.write_text`: a fsynced temp file and a rename locally, one object at a URL)."""
+    path = storage.path(path)
+    storage.write_text(path, text)
     return path
 
 
-def write_metrics(eval_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
+def write_metrics(eval_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> storage.Path:
     """Writes `metrics.json` atomically; values must be JSON-able."""
-    path = Path(eval_dir) / METRICS
+    path = storage.path(eval_dir) / METRICS
     try:
         text = json.dumps(dict(metrics), indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -263,15 +262,17 @@ def manifest_line(record: PromptRecord) -> str:
 
 class ManifestWriter:
     """Append-only writer for `manifest.jsonl`, a context manager: one durable line per
-    finished prompt; a resumed run skips the ids in `done_ids` (written by an earlier run)."""
+    finished prompt; a resumed run skips the ids in `done_ids` (written by an earlier run).
+    At a URL, the object is rewritten whole at each durable point (`storage.Appender`)."""
 
     def __init__(self, eval_dir: str | os.PathLike, *, fsync_each: bool = True):
-        self.eval_dir = Path(eval_dir)
+        self.eval_dir = storage.path(eval_dir)
         self.fsync_each = fsync_each
         self._unsynced = False
+        self._url = storage.is_url(self.eval_dir)
         self.path = self.eval_dir / MANIFEST
         try:
-            (self.eval_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+            storage.makedirs(self.eval_dir / IMAGES_DIR)
         except OSError as e:
             raise RecordError(f"{self.eval_dir}: cannot create the eval folder ({e})") from None
         self.records: list[PromptRecord] = []
@@ -279,7 +280,9 @@ class ManifestWriter:
             self.records, raw, valid_len = _parse(self.path, drop_torn_tail=True)
             valid = raw[:valid_len]
             newline = b"\n" if valid and not valid.endswith(b"\n") else b""
-            if valid + newline != raw:  # cut a torn last line, or end a complete one
+            if valid + newline != raw and self._url:  # an object is whole: a written one
+                storage.write_bytes(self.path, valid + newline)
+            elif valid + newline != raw:  # cut a torn last line, or end a complete one
                 with open(self.path, "r+b") as f:
                     f.truncate(valid_len)
                     f.seek(valid_len)
@@ -287,7 +290,11 @@ class ManifestWriter:
                     f.flush()
                     os.fsync(f.fileno())
         self.done_ids: set[int] = {r.prompt_id for r in self.records}
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        if self._url:
+            self._file: Any = storage.Appender(self.path)
+        else:
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._closed = False
 
     def append(self, record: PromptRecord) -> None:
         """Writes one record and fsyncs it; a prompt id already written is an error."""
@@ -303,19 +310,24 @@ class ManifestWriter:
                     f"which does not exist under {self.eval_dir}; write the image first"
                 )
         self._file.write(manifest_line(record))
-        self._file.flush()
-        if self.fsync_each:
-            os.fsync(self._file.fileno())
-        else:
+        if not self.fsync_each:
             self._unsynced = True
+        elif self._url:
+            self._file.flush()  # the object, rewritten with this line
+        else:
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self.done_ids.add(record.prompt_id)
         self.records.append(record)
 
     def close(self) -> None:
-        if not self._file.closed:
-            if self._unsynced:
-                os.fsync(self._file.fileno())
-            self._file.close()
+        if self._closed:
+            return
+        self._closed = True
+        if self._unsynced and not self._url:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self._file.close()  # an Appender writes the object here
 
     def __enter__(self) -> ManifestWriter:
         return self
@@ -324,7 +336,7 @@ class ManifestWriter:
         self.close()
 
 
-def write_manifest(eval_dir: str | os.PathLike, records: Sequence[PromptRecord]) -> Path:
+def write_manifest(eval_dir: str | os.PathLike, records: Sequence[PromptRecord]) -> storage.Path:
     """Appends `records` to the eval folder's manifest (creating it), with one fsync at the
     end; returns its path."""
     with ManifestWriter(eval_dir, fsync_each=False) as writer:

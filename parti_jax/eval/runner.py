@@ -11,9 +11,9 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+from parti_jax import storage
 from parti_jax.decoding import SamplingConfig
 from parti_jax.eval import html as H
 from parti_jax.eval import records as R
@@ -70,9 +70,11 @@ def headline(name: str, metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return out
 
 
-def write_summary(workdir: str | os.PathLike, results: Mapping[str, Mapping[str, Any]]) -> Path:
+def write_summary(
+    workdir: str | os.PathLike, results: Mapping[str, Mapping[str, Any]]
+) -> storage.Path:
     """`<workdir>/metrics.json` (merged per suite) and `<workdir>/index.html` linking reports."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     merged = R.update_metrics(workdir, {k: dict(v) for k, v in results.items()})
     rows = []
     for name, metrics in merged.items():
@@ -118,7 +120,7 @@ def run_eval_suites(
     model is loaded once, when a suite first needs it.
 
     Args:
-      workdir: where each suite writes its folder and the summary.
+      workdir: where each suite writes its folder and the summary (a folder or a URL).
       suites: names from SUITE_NAMES, run in order.
       suite_fns: each suite's entry with its options bound (gin: `parti_prompts.*`, ...).
       checkpoint_dir: the encoder-decoder's `parti-jax train` work directory.
@@ -131,7 +133,7 @@ def run_eval_suites(
     Returns:
       {suite: metrics}.
     """
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     unknown = [s for s in suites if s not in SUITE_NAMES]
     if unknown or not suites:
         raise SuiteError(

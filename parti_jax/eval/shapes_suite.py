@@ -35,11 +35,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from parti_jax import storage
 from parti_jax.eval import gallery
 from parti_jax.eval import html as H
 from parti_jax.eval import records as R
@@ -260,7 +260,7 @@ def write_report(
     metrics: dict[str, Any],
     *,
     max_scenes: int = 48,
-) -> Path:
+) -> storage.Path:
     """`report.html`: the accuracy tables and a grid of images with their verdicts."""
     scorer = {
         None: "the model's likelihood",
@@ -289,7 +289,7 @@ def write_report(
         f'<div id="tables">{_tables(metrics)}</div>'
         f'<p><a href="{R.INDEX}">All images (gallery)</a> · metrics.json</p>' + "".join(grids)
     )
-    return H.write_page(Path(out_dir) / S.REPORT, "Shapes-world faithfulness", body)
+    return H.write_page(storage.path(out_dir) / S.REPORT, "Shapes-world faithfulness", body)
 
 
 def run_shapes(

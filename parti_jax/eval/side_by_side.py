@@ -26,10 +26,10 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
+from parti_jax import storage
 from parti_jax.eval import html as H
 from parti_jax.eval import records as R
 
@@ -86,7 +86,7 @@ def plan_pairs(
 
 def read_page_data(page: str | os.PathLike) -> dict:
     """The data embedded in a written page (prompts, sides, names, page id)."""
-    text = Path(page).read_text(encoding="utf-8")
+    text = storage.read_text(page)
     _, tag, rest = text.partition('<script type="application/json" id="sbs-data">')
     if not tag:
         raise R.RecordError(f"{page}: not a side-by-side page (no sbs-data element)")
@@ -219,14 +219,14 @@ def write_side_by_side(
     seed: int = 0,
     title: str = "Side-by-side",
     max_images: int | None = None,
-) -> Path:
+) -> storage.Path:
     """Writes a blind side-by-side page comparing two eval folders; returns its path.
 
     `name_a`, `name_b` go into the exported votes (default: the folder paths); `seed`
     draws the sides (same seed, same page id); `max_images` caps the images per side
     (both sides always show the same number).
     """
-    out = Path(out_path)
+    out = storage.path(out_path)
     name_a = name_a if name_a is not None else str(eval_dir_a)
     name_b = name_b if name_b is not None else str(eval_dir_b)
     if name_a == name_b:
@@ -235,8 +235,8 @@ def write_side_by_side(
         R.read_manifest(eval_dir_a, allow_torn_tail=True),
         R.read_manifest(eval_dir_b, allow_torn_tail=True),
         seed=seed,
-        where_a=str(Path(eval_dir_a) / R.MANIFEST),
-        where_b=str(Path(eval_dir_b) / R.MANIFEST),
+        where_a=storage.join(eval_dir_a, R.MANIFEST),
+        where_b=storage.join(eval_dir_b, R.MANIFEST),
     )
     # A stable page id (same inputs, same id): keys localStorage and the exports.
     key = json.dumps([name_a, name_b, seed, [p.a.prompt_id for p in pairs]], separators=(",", ":"))

@@ -18,23 +18,25 @@ loses at most the prompts in flight. Resuming with other generation settings
 
 Suites take any object with `parti_jax.sampling.Generator.generate` (tests pass
 stand-ins); a prompt to generate for is a `records.PromptRecord` without images.
+Folders may be URLs (gs://...): every file goes through parti_jax/storage.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from parti_jax import storage
 from parti_jax.eval import records as R
 from parti_jax.rerank import name_of
 
@@ -137,15 +139,17 @@ def process_0_only(name: str, process_index: int | None) -> dict[str, Any] | Non
     )
 
 
-def shard_dir(out_dir: str | os.PathLike, index: int, count: int) -> Path:
-    return Path(out_dir) / SHARDS_DIR / f"process_{index}_of_{count}"
+def shard_dir(out_dir: str | os.PathLike, index: int, count: int) -> storage.Path:
+    return storage.path(out_dir) / SHARDS_DIR / f"process_{index}_of_{count}"
 
 
-def _shard_dirs(out_dir: Path) -> list[Path]:
-    return sorted(p.parent for p in (out_dir / SHARDS_DIR).glob(f"*/{R.MANIFEST}"))
+def _shard_dirs(out_dir: storage.Path) -> list[storage.Path]:
+    """The shard folders that hold a manifest, sorted."""
+    shards = out_dir / SHARDS_DIR
+    return [shards / n for n in storage.listdir(shards) if (shards / n / R.MANIFEST).exists()]
 
 
-def _gather(out_dir: Path) -> tuple[list[R.PromptRecord], int]:
+def _gather(out_dir: storage.Path) -> tuple[list[R.PromptRecord], int]:
     """The suite folder's records, then each prompt found only in a shard (image paths
     prefixed by the shard folder); and how many came from the suite folder."""
     main = out_dir / R.MANIFEST
@@ -163,10 +167,10 @@ def _gather(out_dir: Path) -> tuple[list[R.PromptRecord], int]:
 def merge_shards(out_dir: str | os.PathLike) -> list[R.PromptRecord]:
     """Folds every shard's records into the suite folder's manifest (rewritten atomically,
     each prompt id once); returns all records."""
-    records, num_main = _gather(Path(out_dir))
+    records, num_main = _gather(storage.path(out_dir))
     if len(records) > num_main:
         text = "".join(R.manifest_line(r) for r in records)
-        R.write_atomic(Path(out_dir) / R.MANIFEST, text, fsync=True)
+        R.write_atomic(storage.path(out_dir) / R.MANIFEST, text)
     return records
 
 
@@ -189,20 +193,26 @@ def to_uint8(image: Any) -> np.ndarray:
     return np.round(np.clip(image.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def save_png(path: Path, image: np.ndarray, size: int | None = None) -> None:
+def save_png(path: str | os.PathLike, image: np.ndarray, size: int | None = None) -> None:
+    """Writes a PNG (a URL's as one object through storage)."""
     from PIL import Image
 
     pil = Image.fromarray(image)
     if size is not None and pil.size != (size, size):
         pil = pil.resize((size, size), Image.Resampling.BICUBIC)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pil.save(path, optimize=False, compress_level=1)
+    if storage.is_url(path):
+        buffer = io.BytesIO()
+        pil.save(buffer, format="PNG", optimize=False, compress_level=1)
+        storage.write_bytes(path, buffer.getvalue())
+        return
+    storage.makedirs(storage.path(path).parent)
+    pil.save(os.fspath(path), optimize=False, compress_level=1)
 
 
 def load_png(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
+    with storage.open(path, "rb") as f, Image.open(f) as im:
         return np.asarray(im.convert("RGB"))
 
 
@@ -231,12 +241,12 @@ class SuiteRun:
                 "scorer": name_of(self.settings.scorer), "this_run": this_run}  # fmt: skip
 
 
-def _check_settings(out_dir: Path, settings: GenerationSettings) -> None:
+def _check_settings(out_dir: storage.Path, settings: GenerationSettings) -> None:
     path = out_dir / SETTINGS_FILE
     new = settings.record()
     if path.exists():
         try:
-            old = json.loads(path.read_text(encoding="utf-8"))
+            old = json.loads(storage.read_text(path))
         except json.JSONDecodeError as e:
             raise SuiteError(f"{path}: not valid JSON ({e}); delete it to start over") from None
         for key, value in new.items():
@@ -245,7 +255,7 @@ def _check_settings(out_dir: Path, settings: GenerationSettings) -> None:
                     f"{out_dir}: images there were made with {key}={old[key]!r}, this run has "
                     f"{key}={value!r}; use another work directory or the same settings"
                 )
-    else:  # every process writes the same record; the rename is atomic
+    else:  # every process writes the same record, atomically
         R.write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
@@ -281,12 +291,12 @@ def generate_suite(
     `run.records` holds every record of the suite folder (shards merged).
     """
     index, count, real_multihost = resolve_processes(process_index, process_count)
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     ids = [p.prompt_id for p in prompts]
     if len(set(ids)) != len(ids):
         raise SuiteError(f"{name}: prompt ids are not unique")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(out_dir)
     except OSError as e:
         raise SuiteError(f"{out_dir}: cannot create the suite folder ({e})") from None
     _check_settings(out_dir, settings)
@@ -295,8 +305,8 @@ def generate_suite(
         folder = out_dir
     else:
         folder = shard_dir(out_dir, index, count)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / DONE_FILE).unlink(missing_ok=True)
+        storage.makedirs(folder)
+        storage.remove(folder / DONE_FILE)
     mine = list(prompts[index::count])
     done = {r.prompt_id: r.prompt for r in _gather(out_dir)[0]}
     for p in prompts:
@@ -336,7 +346,7 @@ def generate_suite(
         key = f"{count}|" + "".join(f"{p.prompt_id}," for p in prompts)
         plan = hashlib.sha256(key.encode()).hexdigest()[:16]
         marker = {"plan": plan, "prompts": len(mine), "generated": len(todo)}
-        (folder / DONE_FILE).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        storage.write_text(folder / DONE_FILE, json.dumps(marker) + "\n")
         if real_multihost:
             from parti_jax.train import distributed
 
@@ -359,7 +369,7 @@ def generate_suite(
 
 
 def _save_result(
-    folder: Path, prompt: R.PromptRecord, result: Any, settings: GenerationSettings,
+    folder: storage.Path, prompt: R.PromptRecord, result: Any, settings: GenerationSettings,
     on_result: ResultHook | None, name: str,
 ) -> R.PromptRecord:  # fmt: skip
     """Writes one prompt's images; returns its manifest record."""
@@ -381,8 +391,8 @@ def _save_result(
     )
 
 
-def _marker_plan(folder: Path) -> str | None:
+def _marker_plan(folder: storage.Path) -> str | None:
     try:
-        return json.loads((folder / DONE_FILE).read_text(encoding="utf-8")).get("plan")
+        return json.loads(storage.read_text(folder / DONE_FILE)).get("plan")
     except (OSError, json.JSONDecodeError):
         return None

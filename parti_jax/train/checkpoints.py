@@ -12,10 +12,15 @@ restoring it, data position included; a damaged one is reported in one line,
 kept aside as `<step>.corrupt-<time>` (never deleted; orbax ignores the name)
 and the next older one is tried, every process agreeing on the outcome.
 Temporary folders of saves cut short by a kill are removed when the next run
-starts. Each data shard's iterator state is written by one process (the
-first process that reads that shard) next to the arrays of the same step, so
-a resumed run neither repeats nor skips examples; a resume with another
-number of data shards is refused unless `allow_data_reshuffle=True`.
+starts. The work dir may be a URL (gs://bucket/run): orbax writes there through
+TensorStore and finishes a save with `commit_success.txt` instead of a rename (a save
+cut short is a `<step>` folder without it, removed the same way), and a step is kept
+aside by a copy of its objects, then the originals' removal (`storage.move`).
+
+Each data shard's iterator state is written by one process (the first process that
+reads that shard) next to the arrays of the same step, so a resumed run neither
+repeats nor skips examples; a resume with another number of data shards is refused
+unless `allow_data_reshuffle=True`.
 
 `restore_params_from` warm-starts parameters from another run: all of them or
 those whose path matches a regex, converting the layer layout (scanned <->
@@ -33,7 +38,6 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -41,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from parti_jax import storage
 from parti_jax.train import distributed
 from parti_jax.train.metrics import console
 from parti_jax.train.optimizers import path_name
@@ -84,9 +89,9 @@ class DamagedCheckpointError(CheckpointError):
     """A checkpoint that cannot be read: a file missing, cut short or garbled."""
 
 
-def _why(error: BaseException) -> str:
+def _why(error: BaseException, local: str = "", where: Any = "") -> str:
     """One line saying what is wrong: the innermost message of the exception chain,
-    without TensorStore's spec dump."""
+    without TensorStore's spec dump (a temporary copy's path `local` named as `where`)."""
     chain = [error]
     while (inner := chain[-1].__cause__ or chain[-1].__context__) and inner not in chain:
         chain.append(inner)
@@ -94,6 +99,8 @@ def _why(error: BaseException) -> str:
     text = str(error).strip()
     text = text.splitlines()[0] if text else type(error).__name__
     text = re.sub(r'Error opening "\w+" driver: ', "", text.split(" [tensorstore_spec")[0])
+    if local and local != os.fspath(where):
+        text = text.replace(local, os.fspath(where))
     return text.rstrip(": ")
 
 
@@ -116,17 +123,24 @@ def process_max(value: int, barrier: str | None = None) -> int:
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-    """Writes/reads one data shard's iterator state per process (`it.save` / `it.restore`)."""
+    """Writes/reads one data shard's iterator state per process (`it.save` / `it.restore`).
+
+    An iterator is handed a local path prefix: in an object store's checkpoint (gs://)
+    it saves into a local temporary folder whose files are then uploaded, and restores
+    from a downloaded copy of its shard's files (`storage.staged` / `storage.fetched`),
+    so iterators that know only local files (tf.train.Checkpoint) work there too.
+    """
 
     def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
         if args.write:
-            args.iterator.save(str(directory / f"shard_{args.shard_index}_of_{args.shard_count}"))
+            prefix = directory / f"shard_{args.shard_index}_of_{args.shard_count}"
+            with storage.staged(prefix, kind="prefix") as local:
+                args.iterator.save(local)
 
     def restore(self, directory: epath.Path, args: DataIteratorRestore) -> bool:
         """Restores the iterator; False when the shard count changed and reshuffle is allowed."""
-        counts = sorted(
-            {int(m.group(2)) for p in directory.iterdir() if (m := _SHARD_RE.match(p.name))}
-        )
+        names = [p.name for p in directory.iterdir()]
+        counts = sorted({int(m.group(2)) for n in names if (m := _SHARD_RE.match(n))})
         if not counts:
             raise DamagedCheckpointError(f"{directory}: no data position file (shard_*)")
         if counts != [args.shard_count]:
@@ -144,17 +158,17 @@ class DataIteratorHandler(ocp.CheckpointHandler):
                 "shards, or pass allow_data_reshuffle=True to start a fresh data order"
             )
         path = directory / f"shard_{args.shard_index}_of_{args.shard_count}"
-        matches = [p for p in directory.iterdir() if p.name.startswith(path.name)]
-        if not matches:
+        if not [n for n in names if n.startswith(path.name)]:
             raise DamagedCheckpointError(f"{path}: no saved data position for this data shard")
-        try:
-            args.iterator.restore(str(path))
-        except ValueError as e:  # data settings that differ are not damage; garbled files are
-            if not isinstance(e, json.JSONDecodeError | UnicodeDecodeError):
-                raise
-            raise DamagedCheckpointError(f"{path}: {_why(e)}") from e
-        except Exception as e:  # noqa: BLE001 - a file missing or cut short
-            raise DamagedCheckpointError(f"{path}: {_why(e)}") from e
+        with storage.fetched(path, kind="prefix") as local:
+            try:
+                args.iterator.restore(local)
+            except ValueError as e:  # data settings that differ are not damage; garbled are
+                if not isinstance(e, json.JSONDecodeError | UnicodeDecodeError):
+                    raise
+                raise DamagedCheckpointError(f"{path}: {_why(e, local, path)}") from e
+            except Exception as e:  # noqa: BLE001 - a file missing or cut short
+                raise DamagedCheckpointError(f"{path}: {_why(e, local, path)}") from e
         return True
 
     def metadata(self, directory: epath.Path) -> None:
@@ -206,7 +220,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        workdir: str | Path,
+        workdir: str | os.PathLike,
         *,
         save_interval_steps: int = 1000,
         max_to_keep: int | None = 3,
@@ -453,21 +467,14 @@ def report(message: str) -> None:
 
 
 def _move(src: epath.Path, dst: epath.Path) -> None:
-    """Renames a folder; object stores (no folder rename) get a copy, then the original goes."""
-    if "://" not in str(src):
-        os.rename(src, dst)
-        return
-    for f in src.rglob("*"):
-        if f.is_file():
-            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-            f.copy(dst / f.relative_to(src))
-    src.rmtree()
+    """Renames a folder; object stores (no folder rename) get a copy of every file, then
+    the original goes (storage.move)."""
+    storage.move(src, dst)
 
 
-def _absolute(path: str | Path) -> str:
-    """orbax needs absolute paths; cloud paths (gs://...) are kept as they are."""
-    path = str(path)
-    return path if "://" in path else str(Path(path).expanduser().absolute())
+def _absolute(path: str | os.PathLike) -> str:
+    """orbax needs absolute paths; URLs (gs://...) are kept as they are."""
+    return os.fspath(storage.path(path))
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
@@ -488,7 +495,7 @@ def state_metadata(state_dir: epath.Path) -> PyTree | None:
 # ------------------------------------------------------------- warm starts
 
 
-def resolve_checkpoint_dir(path: str | Path, step: int | None = None) -> epath.Path:
+def resolve_checkpoint_dir(path: str | os.PathLike, step: int | None = None) -> epath.Path:
     """The `<step>` directory of a work directory, a checkpoints folder or a step folder."""
     p = epath.Path(_absolute(path))
     if (p / "state").exists():
@@ -508,7 +515,7 @@ def resolve_checkpoint_dir(path: str | Path, step: int | None = None) -> epath.P
 
 
 def restore_params_from(
-    path: str | Path,
+    path: str | os.PathLike,
     params: PyTree,
     *,
     include: str | None = None,

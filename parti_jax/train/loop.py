@@ -22,15 +22,16 @@ Pieces a step function reuses: `accumulate_gradients` (micro-batches under
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from parti_jax import partitioning
+from parti_jax import partitioning, storage
 from parti_jax.train import distributed
 from parti_jax.train import metrics as metrics_lib
 from parti_jax.train.checkpoints import Checkpointer, DataShard, process_max
@@ -211,7 +212,7 @@ def keep_if_finite(ok: jax.Array, new_state: TrainState, old_state: TrainState) 
 class Run:
     """Where a training run happens: work dir, mesh and rules, this host's data shard."""
 
-    workdir: Path
+    workdir: storage.Path  # a local folder or a URL (gs://bucket/run): parti_jax/storage.py
     mesh: jax.sharding.Mesh
     rules: tuple
     batch_size: int  # global, all hosts together
@@ -245,15 +246,13 @@ class Run:
         }
 
     def write_json(self, name: str, content: Any) -> None:
-        """`<workdir>/<name>` from process 0 (written whole, then renamed into place)."""
+        """`<workdir>/<name>` from process 0, atomically (a reader sees it whole or not)."""
         if self.is_primary:
-            tmp = self.workdir / f"{name}.tmp"
-            tmp.write_text(json.dumps(content, indent=2, default=str) + "\n")
-            tmp.replace(self.workdir / name)
+            storage.write_json(storage.join(self.workdir, name), content, default=str)
 
 
 def start_run(
-    workdir: str | Path,
+    workdir: str | os.PathLike,
     *,
     batch_size: int,
     mesh_config: Any = None,
@@ -508,9 +507,10 @@ def _loop(
     t_start = time.perf_counter()
     hash_file = None
     if config.log_data_hash:
-        name = workdir / f"data_hash.process_{jax.process_index()}.jsonl"
+        name = storage.join(workdir, f"data_hash.process_{jax.process_index()}.jsonl")
         metrics_lib.drop_lines_after(name, start_step)
-        hash_file = open(name, "a", buffering=1)  # noqa: SIM115
+        hash_file = storage.Appender(name)
+    profile = contextlib.ExitStack()  # the trace's folder: staged locally for a URL
     constants = tuple(jax.device_put(c, run.replicated) for c in task.constants)
 
     def flush() -> None:
@@ -549,6 +549,11 @@ def _loop(
         )
 
     def save(at: int) -> None:
+        # The logs reach the work dir before the checkpoint does: a resume from it finds
+        # every line up to its step (on an object store they are written at flushes).
+        writer.flush()
+        if hash_file is not None:
+            hash_file.flush()
         if checkpointer.save(at, state, data) and task.on_save is not None:
             task.on_save(at, state)
 
@@ -556,7 +561,8 @@ def _loop(
         with StopSignal() as stop:
             while step < num_steps:
                 if config.profile_steps and step == config.profile_steps[0] and not profiling:
-                    jax.profiler.start_trace(str(workdir / "profile"))
+                    trace_dir = storage.join(workdir, "profile")
+                    jax.profiler.start_trace(profile.enter_context(storage.staged(trace_dir)))
                     profiling = True
                 try:
                     local = next(data)
@@ -589,6 +595,7 @@ def _loop(
                 if profiling and step >= config.profile_steps[1]:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
+                    profile.close()  # uploads the trace (a URL)
                     profiling = False
                 will_save = checkpointer.should_save(step) or step == num_steps
                 if step % config.log_every == 0 or will_save:
@@ -611,6 +618,7 @@ def _loop(
             if profiling:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
+                profile.close()
             if status == "data_exhausted":
                 save(step)
             if (
@@ -624,6 +632,7 @@ def _loop(
     finally:
         if hash_file is not None:
             hash_file.close()
+        profile.close()  # after an error too: what was traced is kept
     writer.flush()
     elapsed = time.perf_counter() - t_start
     metrics_lib.console(f"{status}: step {step} ({step - start_step} steps in {elapsed:.1f}s)")

@@ -6,7 +6,8 @@
 test compares it line by line. A resumed run first drops the lines of steps
 after its checkpoint (the run before it died past that step; those steps
 are logged again), so each step appears once. TensorBoard gets the same
-scalars and image summaries (tensorboardX: no TensorFlow needed).
+scalars and image summaries (tensorboardX: no TensorFlow needed). Both go through
+parti_jax/storage.py, so the work dir may be a URL (gs://bucket/run).
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from parti_jax import devices
+from parti_jax import devices, storage
 
 
 # Dense bf16 peak FLOP/s per device (no sparsity).
@@ -41,36 +43,49 @@ def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int, peak: 
 class MetricWriter:
     """Scalars to `<workdir>/metrics.jsonl`, scalars and images to TensorBoard (process 0 only).
 
-    TensorBoard event files (`<workdir>/tensorboard`) are written with
-    tensorboardX, which needs no TensorFlow; `tensorboard=False` turns them off.
-    A run resumed at `start_step` drops what was logged for later steps (the
-    lines of metrics.jsonl; TensorBoard hides those events).
+    The work dir may be a URL (gs://bucket/run; parti_jax/storage.py). metrics.jsonl is a
+    `storage.Appender`: appended line by line on a local disk; on an object store it is
+    rewritten whole at `flush()` (the loop flushes at each checkpoint), at `close()`, and
+    every `flush_secs` while scalars come in, as TensorFlow's own GCS writer does.
+    TensorBoard event files (`<workdir>/tensorboard`) are written with tensorboardX,
+    which needs no TensorFlow; for a URL it writes them into a local temporary folder
+    and the event files that changed are uploaded at the same moments, so TensorBoard
+    pointed at gs://bucket/run/tensorboard sees them. `tensorboard=False` turns them off.
+    A run resumed at `start_step` drops what was logged for later steps (the lines of
+    metrics.jsonl; TensorBoard hides those events).
     """
 
     def __init__(
         self,
-        workdir: str | Path,
+        workdir: str | os.PathLike,
         *,
         tensorboard: bool = True,
         is_primary: bool = True,
         filename: str = "metrics.jsonl",
         start_step: int | None = None,
+        flush_secs: float = 30.0,
     ) -> None:
         self.is_primary = is_primary
-        self.path = Path(workdir) / filename
-        self._file = self._tb = None
+        self.path = storage.join(workdir, filename)
+        self.flush_secs = flush_secs
+        self._file: storage.Appender | None = None
+        self._tb = self._tb_sync = None
+        self._flushed = time.monotonic()
         if not is_primary:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if start_step is not None:
             drop_lines_after(self.path, start_step)
-        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
+        self._file = storage.Appender(self.path)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
+            logdir = storage.join(workdir, "tensorboard")
+            if storage.is_url(logdir):
+                self._tb_sync = _FolderSync(logdir)
+                logdir = self._tb_sync.local
             self._tb = SummaryWriter(
-                str(Path(workdir) / "tensorboard"),
-                flush_secs=30,
+                logdir,
+                flush_secs=flush_secs,
                 purge_step=start_step + 1 if start_step else None,
             )
 
@@ -82,6 +97,8 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, int(step))
+        if time.monotonic() - self._flushed > self.flush_secs:
+            self.flush()
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """uint8 [H, W, 3] images (e.g. sample grids) as TensorBoard image summaries."""
@@ -90,17 +107,47 @@ class MetricWriter:
                 self._tb.add_image(k, np.asarray(image), int(step), dataformats="HWC")
 
     def flush(self) -> None:
+        """Makes everything written so far visible in the work dir."""
+        self._flushed = time.monotonic()
         if self._file is not None:
             self._file.flush()
         if self._tb is not None:
             self._tb.flush()
+        if self._tb_sync is not None:
+            self._tb_sync.upload()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
-        self._file = self._tb = None
+        if self._tb_sync is not None:
+            self._tb_sync.upload()
+            self._tb_sync.close()
+        self._file = self._tb = self._tb_sync = None
+
+
+class _FolderSync:
+    """A local temporary folder mirrored to a URL: `upload()` copies the files that
+    changed since the last upload (a TensorBoard event file grows: it is copied whole)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.local = tempfile.mkdtemp(prefix="parti_jax_tensorboard_")
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def upload(self) -> None:
+        for folder, _, files in os.walk(self.local):
+            for name in files:
+                file = os.path.join(folder, name)
+                stat = os.stat(file)
+                if self._seen.get(file) != (stat.st_size, stat.st_mtime_ns):
+                    rel = os.path.relpath(file, self.local)
+                    storage.copy(file, storage.join(self.url, *rel.split(os.sep)))
+                    self._seen[file] = (stat.st_size, stat.st_mtime_ns)
+
+    def close(self) -> None:
+        shutil.rmtree(self.local, ignore_errors=True)
 
 
 def _to_float(v: Any) -> float | int:
@@ -109,13 +156,13 @@ def _to_float(v: Any) -> float | int:
     return float(v)
 
 
-def drop_lines_after(path: Path, step: int) -> None:
-    """Rewrites a JSON-lines log without the lines of steps after `step` (and a last
-    line cut short by a kill); lines without a step or that do not parse are kept."""
-    if not path.exists():
+def drop_lines_after(path: str | os.PathLike, step: int) -> None:
+    """Rewrites a JSON-lines log (a local file or a URL) without the lines of steps after
+    `step` (and a last line cut short by a kill); lines without a step or that do not
+    parse are kept. The rewrite is atomic."""
+    if not storage.exists(path):
         return
-    with open(path) as f:
-        lines = f.readlines()
+    lines = storage.read_text(path).splitlines(keepends=True)
 
     def keep(line: str) -> bool:
         if not line.endswith("\n"):
@@ -127,15 +174,12 @@ def drop_lines_after(path: Path, step: int) -> None:
 
     kept = [line for line in lines if keep(line)]
     if len(kept) < len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        storage.write_text(path, "".join(kept))
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The logged lines of a metrics.jsonl (for reports and tests)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The logged lines of a metrics.jsonl, a local file or a URL (for reports and tests)."""
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 class Throughput:

@@ -17,10 +17,11 @@ differs instead of silently resuming on other data.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import numpy as np
+
+from parti_jax import storage
 
 EOS_ID = 1
 FIRST_TEXT_ID = 3  # after pad 0, eos 1, unk 2
@@ -45,15 +46,13 @@ class StepPositionIterator:
         return self
 
     def save(self, path: str) -> None:
-        """Writes the step and the settings to `<path>.json` (the Checkpointer's data hook)."""
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".json", "w") as f:
-            json.dump({"step": self.step, **self.settings}, f)
+        """Writes the step and the settings to `<path>.json` (the Checkpointer's data hook;
+        a local path or a URL), atomically."""
+        storage.write_json(f"{path}.json", {"step": self.step, **self.settings}, indent=None)
 
     def restore(self, path: str) -> None:
         """Reads `<path>.json`; fails if it was saved with other data settings."""
-        with open(path + ".json") as f:
-            saved = json.load(f)
+        saved = storage.read_json(f"{path}.json")
         for k, v in json.loads(json.dumps(self.settings)).items():
             if saved.get(k) != v:
                 raise ValueError(

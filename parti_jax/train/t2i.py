@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from parti_jax import partitioning
+from parti_jax.models.chunked import check_loss_chunk_size, chunked_token_sums
 from parti_jax.models.config import ModelConfig, check_counts
 from parti_jax.models.transformer import EncoderDecoder
 from parti_jax.train import checkpoints, optimizers
@@ -59,55 +60,6 @@ def cross_entropy_sums(
     }
 
 
-def check_loss_chunk_size(loss_chunk_size: int | None, num_image_tokens: int) -> None:
-    """Fails naming `loss_chunk_size` unless it is None or a positive divisor of the tokens."""
-    if loss_chunk_size is None:
-        return
-    if (
-        not isinstance(loss_chunk_size, int)
-        or loss_chunk_size < 1
-        or num_image_tokens % loss_chunk_size
-    ):
-        raise ValueError(
-            f"loss_chunk_size={loss_chunk_size!r} must be None or a positive divisor of the "
-            f"{num_image_tokens} image tokens"
-        )
-
-
-def chunked_cross_entropy_sums(
-    hidden: jax.Array,
-    project: Callable[[jax.Array], jax.Array],
-    targets: jax.Array,
-    weights: jax.Array,
-    z_loss: float,
-    chunk_size: int,
-) -> dict[str, jax.Array]:
-    """`cross_entropy_sums` of `project(hidden)`, computed `chunk_size` image tokens at a time.
-
-    hidden [B, N, D]; `project(h [B, n, D]) -> logits [B, n, V]`. Each chunk
-    runs under `jax.checkpoint` inside a scan, so forward and backward hold
-    one chunk's float32 logits (and their gradient), never all [B, N, V].
-    """
-    batch, length = hidden.shape[:2]
-    check_loss_chunk_size(chunk_size, length)
-    num_chunks = length // chunk_size
-
-    def chunks(x: jax.Array) -> jax.Array:
-        return jnp.moveaxis(x.reshape(batch, num_chunks, chunk_size, *x.shape[2:]), 1, 0)
-
-    @jax.checkpoint
-    def chunk_sums(h: jax.Array, t: jax.Array, w: jax.Array) -> dict[str, jax.Array]:
-        return cross_entropy_sums(project(h), t, w, z_loss)
-
-    def body(totals, xs):
-        return jax.tree.map(jnp.add, totals, chunk_sums(*xs)), None
-
-    zero = jnp.zeros((), jnp.float32)
-    totals = {"ce": zero, "z_loss": zero, "correct": zero, "weight": zero}
-    totals, _ = jax.lax.scan(body, totals, (chunks(hidden), chunks(targets), chunks(weights)))
-    return totals
-
-
 def _token_sums(
     model: EncoderDecoder,
     params: PyTree,
@@ -117,7 +69,7 @@ def _token_sums(
     loss_chunk_size: int | None = None,
     **apply_kw: Any,
 ) -> dict[str, jax.Array]:
-    """Cross-entropy sums of a batch: whole logits, or chunked (`chunked_cross_entropy_sums`)."""
+    """Cross-entropy sums of a batch: whole logits, or chunked (`chunked_token_sums`)."""
     enc, dec = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
     variables = {"params": params}
@@ -129,7 +81,8 @@ def _token_sums(
     def project(h: jax.Array) -> jax.Array:
         return model.apply(variables, h, method=EncoderDecoder.logits_from_hidden)
 
-    return chunked_cross_entropy_sums(hidden, project, targets, weights, z_loss, loss_chunk_size)
+    sums = functools.partial(cross_entropy_sums, z_loss=z_loss)
+    return chunked_token_sums(hidden, project, (targets, weights), sums, loss_chunk_size)
 
 
 def _loss_fn(params, batch, rng, *, model, z_loss, scale, loss_chunk_size=None):
@@ -167,7 +120,7 @@ def train_step(
     The weighted mean is exact under gradient accumulation: each micro-batch
     normalises by the whole batch's weight (times the number of slices).
     `loss_chunk_size` computes the loss that many image tokens at a time
-    (`chunked_cross_entropy_sums`): same loss and gradients, without the
+    (`chunked_token_sums`): same loss and gradients, without the
     whole [B, N, V] float32 logits in memory.
     """
     weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from parti_jax import storage
 from parti_jax.models.config import check_counts
 from parti_jax.train import loop as loop_lib
 from parti_jax.train.optimizers import OptimizerConfig
@@ -324,7 +325,7 @@ def _vqgan_record(vqgan_path: str | None, tokenizer: Any) -> dict[str, Any] | No
         return None
     meta = dict(tokenizer.meta)
     return {
-        "path": str(Path(vqgan_path).expanduser().absolute()),
+        "path": os.fspath(storage.path(vqgan_path)),
         "codebook_hash": meta.get("codebook_hash"),
         "codebook_size": meta.get("codebook_size"),
         "grid": meta.get("grid"),

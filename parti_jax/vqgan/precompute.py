@@ -15,24 +15,22 @@ complete shards are exactly the first ones of each host; a resumed run skips
 them and the examples they hold, and writes the rest byte-for-byte as an
 uninterrupted run would (encoding does not depend on the batch an image is
 in). Example ids are `<split>/<host>/<position>` (position in the host's
-order). Progress is shown with tqdm on process 0.
+order). Progress is shown with tqdm on process 0. `output_dir` may be a URL
+(`gs://...`): every file goes through parti_jax/storage.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import seqio
-import tensorflow as tf
 
+from parti_jax import storage
 from parti_jax.data import codes as codes_lib
 from parti_jax.data import pipeline
 from parti_jax.models.config import check_counts
@@ -48,7 +46,7 @@ def shard_name(host: int, index: int) -> str:
 
 
 def _done_file(output_dir: str, host: int) -> str:
-    return os.path.join(output_dir, f"host-{host:03d}.done")
+    return storage.join(output_dir, f"host-{host:03d}.done")
 
 
 @dataclasses.dataclass
@@ -62,10 +60,9 @@ class PrecomputeResult:
 
 
 def _check_settings(output_dir: str, settings: dict) -> None:
-    path = os.path.join(output_dir, SETTINGS_FILE)
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            saved = json.load(f)
+    path = storage.join(output_dir, SETTINGS_FILE)
+    if storage.exists(path):
+        saved = storage.read_json(path)
         diffs = [
             f"{k}: earlier run {saved.get(k)!r}, now {v!r}"
             for k, v in settings.items()
@@ -77,10 +74,7 @@ def _check_settings(output_dir: str, settings: dict) -> None:
                 "resume with the same settings or write to an empty output_dir"
             )
         return
-    tf.io.gfile.makedirs(output_dir)
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        f.write(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    storage.write_json(path, settings, sort_keys=True)
 
 
 def _resume_point(output_dir: str, host: int, shard_size: int) -> tuple[int, bool]:
@@ -88,10 +82,10 @@ def _resume_point(output_dir: str, host: int, shard_size: int) -> tuple[int, boo
     index = 0
     while codes_lib.shard_is_complete(output_dir, shard_name(host, index)):
         index += 1
-    last = os.path.join(output_dir, shard_name(host, index - 1))
+    last = storage.join(output_dir, shard_name(host, index - 1))
     if index and codes_lib.count_records(last) < shard_size:
         return index, True  # a short shard is the host's last one
-    return index, tf.io.gfile.exists(_done_file(output_dir, host))
+    return index, storage.exists(_done_file(output_dir, host))
 
 
 def _source_task(task: Any, split: str) -> seqio.Task:
@@ -143,8 +137,9 @@ def precompute_codes(
     host, num_hosts = jax.process_index(), jax.process_count()
     tokenizer = ImageTokenizer.load(vqgan, step=vqgan_step, batch_size=batch_size)
     provider = _source_task(task, split)
-    meta_file = os.path.join(output_dir, codes_lib.META_FILE)
-    if tf.io.gfile.exists(meta_file):
+    output_dir = storage.join(output_dir)  # `~` expanded, absolute; URLs as given
+    meta_file = storage.join(output_dir, codes_lib.META_FILE)
+    if storage.exists(meta_file):
         existing = codes_lib.load_codes_meta(output_dir)
         tokenizer.check_codes_meta(existing)
         if existing["source_task"] != provider.name or existing["split"] != split:
@@ -226,13 +221,12 @@ def precompute_codes(
                     return PrecomputeResult(
                         output_dir, "stopped", written, shards_written, first_shard, None
                     )
-        with tf.io.gfile.GFile(_done_file(output_dir, host), "w") as f:
-            f.write(json.dumps({"host": host, "examples": position}) + "\n")
+        storage.write_json(_done_file(output_dir, host), {"host": host, "examples": position})
 
     distributed.barrier("precompute_done")
     meta = None
     if host == 0:
-        missing = [h for h in range(num_hosts) if not tf.io.gfile.exists(_done_file(output_dir, h))]
+        missing = [h for h in range(num_hosts) if not storage.exists(_done_file(output_dir, h))]
         if missing:
             raise RuntimeError(
                 f"{output_dir}: host(s) {missing} have not finished their shards; rerun "
@@ -247,4 +241,4 @@ def output_dirs(output_dir: str, splits: list[str]) -> dict[str, str]:
     """{split: folder}: `output_dir` itself for one split, `output_dir/<split>` for several."""
     if len(splits) == 1:
         return {splits[0]: output_dir}
-    return {s: str(Path(output_dir) / s) for s in splits}
+    return {s: storage.join(output_dir, s) for s in splits}

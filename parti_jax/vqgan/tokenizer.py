@@ -12,7 +12,8 @@ holds this process's devices, so hosts encode independently (precompute-codes
 relies on that); with a multi-process mesh every process passes as many rows.
 `vqgan_meta.json` (docs/DESIGN.md §3) records the config, codebook size and
 hash, grid, image size and steps; `load` restores only the generator
-parameters and checks the codebook hash recomputed from them. TensorFlow-free.
+parameters and checks the codebook hash recomputed from them. Work directories
+may be URLs (gs://...; parti_jax/storage.py). TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from parti_jax import partitioning
+from parti_jax import partitioning, storage
 from parti_jax.vqgan.config import VQGANConfig
 from parti_jax.vqgan.quantizer import codebook_hash
 from parti_jax.vqgan.vit_vqgan import ViTVQGAN
@@ -44,9 +44,9 @@ GENERATOR = "generator"
 # ------------------------------------------------------------------ meta
 
 
-def meta_path(path: str | os.PathLike) -> Path:
+def meta_path(path: str | os.PathLike) -> storage.Path:
     """`<workdir>/vqgan_meta.json` (or `path` itself when it names a .json file)."""
-    p = Path(path).expanduser()
+    p = storage.path(path)
     return p if p.suffix == ".json" else p / META_FILE
 
 
@@ -59,7 +59,7 @@ def load_vqgan_meta(path: str | os.PathLike) -> dict[str, Any]:
             f"{META_FILE} with every checkpoint)"
         )
     try:
-        meta = json.loads(file.read_text())
+        meta = json.loads(storage.read_text(file))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
     required = ("config", "codebook_size", "grid", "codebook_hash", "image_size", "step")
@@ -70,12 +70,10 @@ def load_vqgan_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def write_vqgan_meta(workdir: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
+def write_vqgan_meta(workdir: str | os.PathLike, meta: Mapping[str, Any]) -> storage.Path:
     """Atomically (re)writes `<workdir>/vqgan_meta.json`."""
     file = meta_path(workdir)
-    tmp = file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({k: v for k, v in meta.items() if k != "_path"}, indent=2) + "\n")
-    os.replace(tmp, file)
+    storage.write_json(file, {k: v for k, v in meta.items() if k != "_path"})
     return file
 
 
@@ -286,7 +284,7 @@ class ImageTokenizer:
         info = {
             "step": loaded_step,
             "checkpoint": str(step_dir),
-            "workdir": str(Path(path).expanduser().absolute()),
+            "workdir": os.fspath(storage.path(path)),
             "config": dataclasses.asdict(saved),
         }
         return cls(saved, params, meta=info, mesh=tok_mesh, rules=tok_rules, batch_size=batch_size)

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parti_jax import storage
 from parti_jax.models.config import check_counts
 from parti_jax.train import checkpoints
 from parti_jax.train import loop as loop_lib
@@ -110,7 +111,7 @@ def _state_codebook_hash(state: TrainState) -> str:
     return codebook_hash(_host_array(state.params[GENERATOR]["quantizer"]["codebook"]))
 
 
-def _check_same_config(workdir: Path, config: VQGANConfig) -> None:
+def _check_same_config(workdir: str | os.PathLike, config: VQGANConfig) -> None:
     if not tokenizer_lib.meta_path(workdir).exists():
         return
     saved = tokenizer_lib.config_from_meta(tokenizer_lib.load_vqgan_meta(workdir))
@@ -166,7 +167,7 @@ def _warm_start(
         f"{', frozen' if freeze else ''})"
     )
     return state, {
-        "path": str(Path(init_from).expanduser().absolute()),
+        "path": os.fspath(storage.path(init_from)),
         "step": base_step,
         "codebook_hash": restored_hash,
         "include": include,
@@ -204,8 +205,10 @@ def _make_evaluate(
         out = {k: _host_array(v) for k, v in evaluate(params, x, lpips_params).items()}
         n = min(num_grid_images, len(images))
         grid = train_data.image_grid([images[:n], out["recon"][:n]])
-        if run.is_primary:
-            train_data.write_png(run.workdir / "images" / f"step_{step}.png", grid)
+        if run.is_primary:  # written locally, then uploaded for a URL work dir
+            png = storage.join(run.workdir, "images", f"step_{step}.png")
+            with storage.staged(png, kind="file") as local:
+                train_data.write_png(local, grid)
         return {
             "reconstructions": grid,
             "psnr": float(out["psnr"]),

@@ -192,3 +192,25 @@ def test_meta_errors(tmp_path):
         FileNotFoundError, match=r"lists shard .*shard-000-00000\.tfrecord, which is missing"
     ):
         list(codes.read_codes(str(sub)))
+
+
+def test_shard_at_a_url_appears_only_when_closed(gcs, tmp_path, monkeypatch):
+    """A URL's shard is written locally and uploaded once, at close; an aborted one leaves
+    no object and no local file."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = gcs.url("codes")
+    with codes.CodesShardWriter(folder, "a.tfrecord", codebook_size=8, grid=(1, 2)) as w:
+        w.write("a", "first", [1, 2])
+        assert gcs.objects() == [] and len(os.listdir(tmp_path)) == 1  # the staging folder
+    second = codes.CodesShardWriter(folder, "b.tfrecord", codebook_size=8, grid=(1, 2))
+    with pytest.raises(RuntimeError, match="preempted"), second as w:
+        w.write("b", "second", [3, 4])
+        raise RuntimeError("preempted")
+    assert gcs.objects("codes") == ["a.tfrecord"] and os.listdir(tmp_path) == []
+    assert codes.shard_is_complete(folder, "a.tfrecord")
+    assert not codes.shard_is_complete(folder, "b.tfrecord")
+    assert codes.count_records(f"{folder}/a.tfrecord") == 1
+    with pytest.raises(FileExistsError, match="a.tfrecord: a complete shard already exists"):
+        codes.CodesShardWriter(folder, "a.tfrecord", codebook_size=8, grid=(1, 2))

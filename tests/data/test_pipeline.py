@@ -174,3 +174,19 @@ def test_benchmark_input_reports(codes_task):
     ):
         assert isinstance(result[key], float) and result[key] > 0
     assert isinstance(result["text_truncated"], int) and isinstance(result["tensorflow"], str)
+
+
+def test_a_tf_data_assertion_comes_back_as_written():
+    """TensorFlow C-escapes an assertion's text (quotes, backslashes); the one-line error
+    the user sees is the message as written, non-ASCII file names included."""
+    import tensorflow as tf
+
+    message = "ü/caps.jsonl: line 6: \"caption\" is not valid (lone surrogate '\\ud800')"
+
+    def check(x):
+        tf.debugging.Assert(tf.equal(x, tf.constant(5, tf.int64)), [tf.constant(message)])
+        return x
+
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        list(tf.data.Dataset.range(1).map(check))
+    assert pipeline._clean_error(error.value) == message

@@ -1,10 +1,16 @@
-"""Helpers for tests that run `parti-jax train` in subprocesses."""
+"""Helpers for tests that run `parti-jax train` in subprocesses; a work dir may be a local
+folder or a URL (gs://..., read through parti_jax/storage.py)."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+
+from parti_jax import storage
 
 TRAIN = [sys.executable, "-m", "parti_jax", "train", "--gin_file=runs/tiny_train.gin"]
 
@@ -22,10 +28,10 @@ def train_args(workdir, *bindings: str) -> list[str]:
     return [*TRAIN, f"--workdir={workdir}", *(f"--gin.{b}" for b in bindings)]
 
 
-def run(args: list[str], *, environ: dict | None = None, timeout: int = 300):
+def run(args: list[str], *, environ: dict | None = None, timeout: int = 300, cwd=None):
     """Runs to completion; fails the test with the tail of the output on error."""
     proc = subprocess.run(
-        args, env=environ or env(), capture_output=True, text=True, timeout=timeout
+        args, env=environ or env(), capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
     if proc.returncode != 0:
         raise AssertionError(
@@ -88,9 +94,43 @@ def run_processes(workdir, bindings: list[str], *, num_processes=2, devices=4, t
 
 
 def read_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def losses(path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_jsonl(path) if "loss" in m}
+
+
+def committed_steps(workdir) -> list[int]:
+    """The finished checkpoints' steps: `<step>` folders (orbax renames a finished save's
+    temporary folder there), on GCS those holding orbax's commit_success.txt."""
+    root = storage.join(workdir, "checkpoints")
+    steps = sorted(int(n) for n in storage.listdir(root) if n.isdigit())
+    if storage.is_url(root):
+        steps = [s for s in steps if storage.exists(f"{root}/{s}/commit_success.txt")]
+    return steps
+
+
+def kill_after_checkpoint(
+    args: list[str], workdir, *, step: int, environ: dict | None = None, cwd=None, poll=0.05
+) -> int:
+    """Starts `args`, SIGKILLs it once a checkpoint of `step` or later is committed, and
+    returns the newest committed step (what the next run resumes from)."""
+    with tempfile.TemporaryFile() as log:  # the test's own temporary folder, not the run's
+        proc = subprocess.Popen(
+            args, env=environ or env(), cwd=cwd, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.time() + 300
+            while not any(s >= step for s in committed_steps(workdir)):
+                if proc.poll() is not None:
+                    log.seek(0)
+                    out = log.read().decode()[-3000:]
+                    raise AssertionError(f"the run ended (exit {proc.returncode}):\n{out}")
+                assert time.time() < deadline, "no checkpoint after 300 s"
+                time.sleep(poll)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    return committed_steps(workdir)[-1]

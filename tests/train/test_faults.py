@@ -3,7 +3,9 @@ one, say which step was bad and why in one line, keep the bad one aside), and ki
 SIGTERM at random points of `parti-jax train`, during saves too (the same losses and data
 order as an uninterrupted run, each step logged once, no temporary folders left).
 
-The fault-injection test runs 8 kill points; a larger sweep is opt-in:
+The fault-injection test runs 8 kill points on a local work dir and 3 on a gs:// one (the
+GCS emulator, tests/gcs_testing.py: saves there are not renamed into place but finished
+by orbax's commit_success.txt); a larger sweep is opt-in:
 
     PARTI_JAX_FAULT_KILLS=40 PARTI_JAX_FAULT_SEED=1 \\
         .venv/bin/python -m pytest -n 0 -q tests/train/test_faults.py -k kill
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from parti_jax import storage
 from parti_jax.train import checkpoints, loop, metrics
 from tests.train import cli_testing as ct
 from tests.train.test_loop import train
@@ -49,12 +52,13 @@ DAMAGE = {
 TOY = loop.LoopConfig(num_steps=12, log_every=1, checkpoint_every=4, keep_checkpoints=2)
 
 
-def _steps_and_losses(workdir: Path) -> list[tuple[int, float]]:
-    return [(m["step"], m["loss"]) for m in metrics.read_metrics(workdir / "metrics.jsonl")]
+def _steps_and_losses(workdir) -> list[tuple[int, float]]:
+    lines = metrics.read_metrics(storage.join(workdir, "metrics.jsonl"))
+    return [(m["step"], m["loss"]) for m in lines]
 
 
-def _folders(workdir: Path) -> list[str]:
-    return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+def _folders(workdir) -> list[str]:
+    return storage.listdir(storage.join(workdir, "checkpoints"))
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +106,9 @@ COMMON = (
 )
 
 
-def _records(workdir: Path) -> tuple[list, list]:
+def _records(workdir) -> tuple[list, list]:
     """(step, loss) of metrics.jsonl and (step, hash) of the data-hash log."""
-    hashes = ct.read_jsonl(workdir / "data_hash.process_0.jsonl")
+    hashes = ct.read_jsonl(storage.join(workdir, "data_hash.process_0.jsonl"))
     return _steps_and_losses(workdir), [(h["step"], h["data_hash"]) for h in hashes]
 
 
@@ -166,28 +170,37 @@ PLAN = [
     ("preempt", signal.SIGTERM),
     ("start", signal.SIGTERM),
 ]
+# On gs:// (each run also talks to the emulator in the test process): a kill during a save,
+# a preemption whose save is cut short, a kill during start-up.
+GCS_PLAN = [("save", signal.SIGKILL), ("preempt", signal.SIGTERM), ("start", signal.SIGKILL)]
 TMP = ".orbax-checkpoint-tmp"
 
 
-def _tmp_folders(workdir: Path) -> list[str]:
-    root = workdir / "checkpoints"
-    return [p.name for p in root.iterdir() if TMP in p.name] if root.exists() else []
+def _tmp_folders(workdir) -> list[str]:
+    """Saves under way or cut short: orbax's temporary folders; on GCS, where a save is
+    written in place, `<step>` folders without commit_success.txt."""
+    names = _folders(workdir)
+    if not storage.is_url(workdir):
+        return [n for n in names if TMP in n]
+    committed = set(ct.committed_steps(workdir))
+    return [n for n in names if n.isdigit() and int(n) not in committed]
 
 
-def _last_step(workdir: Path) -> int:
+def _last_step(workdir) -> int:
     try:
-        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        lines = storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()
     except FileNotFoundError:
         return 0
     found = re.search(r'"step": (\d+)', lines[-1]) if lines else None
     return int(found.group(1)) if found else 0
 
 
-def _kill_at(workdir: Path, args: list[str], moment: str, sig: int, rng, log) -> dict:
+def _kill_at(workdir, args: list[str], moment: str, sig: int, rng, log) -> dict:
     """Starts the run and sends `sig` at `moment`: while a new save's temporary folder
     exists, a few steps after the resume, at a random time during start-up, or (preempt)
     SIGTERM a few steps after the resume and SIGKILL during the save that starts."""
-    committed = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    committed = ct.committed_steps(workdir)
+    poll = 0.05 if storage.is_url(workdir) else 0.002  # the emulator serves this process too
     target_step = max([*committed, _last_step(workdir)]) + rng.randint(1, 6)
     after_s = rng.uniform(0.2, 3.0)
     stale = set(_tmp_folders(workdir))  # left by an earlier kill, removed at start
@@ -205,7 +218,7 @@ def _kill_at(workdir: Path, args: list[str], moment: str, sig: int, rng, log) ->
                 or (moment in ("step", "preempt") and _last_step(workdir) >= target_step)
                 or (moment == "start" and time.monotonic() - start >= after_s)
             ):
-                time.sleep(0.002)
+                time.sleep(poll)
                 continue
             proc.send_signal(sig)
             if moment != "preempt" or sig == signal.SIGKILL:
@@ -221,22 +234,25 @@ def _kill_at(workdir: Path, args: list[str], moment: str, sig: int, rng, log) ->
 
 
 @pytest.mark.slow
-def test_kill_9_and_sigterm_at_random_points_resume_identically(tmp_path):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_kill_9_and_sigterm_at_random_points_resume_identically(where, tmp_path, request):
     t0 = time.monotonic()
     rng = random.Random(SEED)
-    plan = PLAN[:KILLS] + [
+    base = PLAN if where == "local" else GCS_PLAN
+    count = KILLS if where == "local" else min(KILLS, len(GCS_PLAN))
+    plan = base[:count] + [
         (
             rng.choice(["save", "step", "start", "preempt"]),
             rng.choice([signal.SIGKILL, signal.SIGTERM]),
         )
-        for _ in range(KILLS - len(PLAN))
+        for _ in range(count - len(base))
     ]
-    num_steps = 40 + 12 * KILLS  # more than the kills can reach: every kill lands
+    num_steps = 40 + 12 * count  # more than the kills can reach: every kill lands
     args = lambda w: ct.train_args(w, f"train/LoopConfig.num_steps={num_steps}", *COMMON)  # noqa: E731
     reference = tmp_path / "reference"
     ct.run(args(reference))
 
-    workdir = tmp_path / "killed"
+    workdir = tmp_path / "killed" if where == "local" else request.getfixturevalue("gcs").url("k")
     kills = []
     with open(tmp_path / "killed.log", "w") as log:
         for moment, sig in plan:
@@ -246,11 +262,11 @@ def test_kill_9_and_sigterm_at_random_points_resume_identically(tmp_path):
     assert _records(workdir) == _records(reference)  # losses and data order, each step once
     assert _tmp_folders(workdir) == []  # the next run removed the cut saves' folders
     assert _folders(workdir) == _folders(reference)  # and no checkpoint was ever damaged
-    if len(kills) >= len(PLAN):
+    if len(kills) >= len(base):
         assert any(k["tmp_left"] for k in kills), "no kill cut a save short"
     print(
-        f"fault injection: {len(kills)} kill points ({sum(k['during_save'] for k in kills)} "
-        f"during a save, {sum(k['tmp_left'] for k in kills)} leaving its temporary folder), "
+        f"fault injection ({where}): {len(kills)} kill points "
+        f"({sum(k['during_save'] for k in kills)} during a save, {sum(k['tmp_left'] for k in kills)} leaving its temporary folder), "
         f"{len(kills) + 2} runs with the reference and the final one, resumed identically, "
         f"{time.monotonic() - t0:.0f} s"
     )

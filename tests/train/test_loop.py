@@ -4,6 +4,7 @@ micro-batches, NaN policies, SIGTERM, hooks, evaluation, settings checked, shard
 import dataclasses
 import os
 import signal
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec
 
-from parti_jax import partitioning
+from parti_jax import partitioning, storage
 from parti_jax.partitioning import EMBED, MLP
 from parti_jax.train import checkpoints, loop, metrics, optimizers
 from parti_jax.train.optimizers import OptimizerConfig
@@ -126,28 +127,32 @@ def train(workdir, config, data=None, mesh=None, rules=None, **task_overrides):
     return loop.run_training(run, task(data, **task_overrides), config)
 
 
-def test_loss_falls_logs_checkpoints_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_loss_falls_logs_checkpoints_and_resumes_exactly(where, tmp_path, request):
+    """On a local folder and on gs:// (the GCS emulator): there the data position (this
+    iterator writes a local file) is staged, and the step kept aside is a copy."""
+    workdir = str(tmp_path) if where == "local" else request.getfixturevalue("gcs").url("run")
     config = loop.LoopConfig(num_steps=40, log_every=10, checkpoint_every=20, tensorboard=True)
-    result = train(tmp_path, config)
+    result = train(workdir, config)
     assert result.status == "done" and result.step == 40
-    lines = metrics.read_metrics(tmp_path / "metrics.jsonl")
+    lines = metrics.read_metrics(storage.join(workdir, "metrics.jsonl"))
     assert [line["step"] for line in lines] == [10, 20, 30, 40]
     assert lines[-1]["loss"] < 0.7 * lines[0]["loss"]
     assert lines[0]["learning_rate"] == pytest.approx(3e-2)
     assert {"seconds_per_step", "examples_per_second"} <= set(lines[-1])
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [20, 40]
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert storage.listdir(storage.join(workdir, "checkpoints")) == ["20", "40"]
+    assert storage.glob(storage.join(workdir, "tensorboard"), "events.out.tfevents.*")
 
     # Resume by hand from step 20 (parameters, optimizer, data position): step 40 is kept
     # aside, steps 30 and 40 get the same losses, and metrics.jsonl has each step once.
-    resumed = train(tmp_path, dataclasses.replace(config, restore_step=20))
+    resumed = train(workdir, dataclasses.replace(config, restore_step=20))
     assert resumed.step == 40
-    again = metrics.read_metrics(tmp_path / "metrics.jsonl")
+    again = metrics.read_metrics(storage.join(workdir, "metrics.jsonl"))
     assert [(r["step"], r["loss"]) for r in again] == [(r["step"], r["loss"]) for r in lines]
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    names = storage.listdir(storage.join(workdir, "checkpoints"))
     assert names[:2] == ["20", "40"] and names[2].startswith("40.replaced-"), names
     with pytest.raises(checkpoints.CheckpointError, match=r"no checkpoint for step 30; steps t"):
-        train(tmp_path, dataclasses.replace(config, restore_step=30))
+        train(workdir, dataclasses.replace(config, restore_step=30))
 
 
 def test_resumed_logs_drop_the_lines_past_the_checkpoint(tmp_path):
@@ -358,9 +363,14 @@ def test_two_param_groups_with_their_own_optimizers():
         state.apply_gradients({"critic": grads["generator"]})
 
 
-def test_profile_window_writes_a_trace_and_images_reach_tensorboard(tmp_path):
-    train(tmp_path, loop.LoopConfig(num_steps=3, log_every=3, profile_steps=(1, 2)))
-    assert any((tmp_path / "profile").rglob("*.xplane.pb"))
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_profile_window_writes_a_trace_and_images_reach_tensorboard(where, tmp_path, request):
+    workdir = str(tmp_path) if where == "local" else request.getfixturevalue("gcs").url("run")
+    train(workdir, loop.LoopConfig(num_steps=3, log_every=3, profile_steps=(1, 2)))
+    with storage.fetched(storage.join(workdir, "profile")) as profile:  # a URL: uploaded
+        assert any(Path(profile).rglob("*.xplane.pb"))
+    if where == "gs":
+        return
 
     writer = metrics.MetricWriter(tmp_path / "tb")
     writer.write_images(5, {"grid": np.zeros((4, 6, 3), np.uint8)})

@@ -1,8 +1,10 @@
 """`parti-jax train` as 2 processes x 4 CPU devices (gloo collectives on 127.0.0.1):
-the same losses as 1 process x 8 devices; processes on the tensor axis read the same data."""
+the same losses as 1 process x 8 devices, with a local or a gs:// work dir (the GCS
+emulator, tests/gcs_testing.py); processes on the tensor axis read the same data."""
 
 import pytest
 
+from parti_jax import storage
 from tests.train import cli_testing as ct
 
 STEPS = (
@@ -13,27 +15,30 @@ STEPS = (
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_two_processes_match_one_process(where, tmp_path, request):
     one = tmp_path / "one"
     ct.run(ct.train_args(one, *STEPS))
     expected = ct.losses(one / "metrics.jsonl")
     assert sorted(expected) == list(range(1, 7))
 
     # Data parallel over both processes: each reads its own half of the batch.
-    two = tmp_path / "two"
+    two = str(tmp_path / "two") if where == "local" else request.getfixturevalue("gcs").url("two")
     ct.run_processes(two, list(STEPS))
-    got = ct.losses(two / "metrics.jsonl")
+    got = ct.losses(storage.join(two, "metrics.jsonl"))
     assert sorted(got) == sorted(expected)
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), step
-    h0 = ct.read_jsonl(two / "data_hash.process_0.jsonl")
-    h1 = ct.read_jsonl(two / "data_hash.process_1.jsonl")
+    h0 = ct.read_jsonl(storage.join(two, "data_hash.process_0.jsonl"))
+    h1 = ct.read_jsonl(storage.join(two, "data_hash.process_1.jsonl"))
     assert [h["shard"] for h in h0] == [0] * 6 and [h["shard"] for h in h1] == [1] * 6
     assert all(a["data_hash"] != b["data_hash"] for a, b in zip(h0, h1))
-    assert sorted(p.name for p in (two / "checkpoints" / "6" / "data").glob("shard_*")) == [
+    positions = storage.listdir(storage.join(two, "checkpoints", "6", "data"))
+    assert [n for n in positions if n.startswith("shard_")] == [
         "shard_0_of_2.json",
         "shard_1_of_2.json",
     ]
+    assert ct.committed_steps(two) == [6]
 
 
 @pytest.mark.slow

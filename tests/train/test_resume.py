@@ -2,10 +2,7 @@
 (metrics.jsonl holding each step once); bad command-line input fails with one line
 naming the problem."""
 
-import os
-import signal
 import subprocess
-import time
 
 import pytest
 
@@ -18,11 +15,6 @@ COMMON = (
 )
 
 
-def _committed_steps(workdir):
-    root = workdir / "checkpoints"
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
-
-
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference"
@@ -31,23 +23,8 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     assert sorted(expected) == list(range(1, 61))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        ct.train_args(killed, "train/LoopConfig.num_steps=100000", *COMMON),
-        env=ct.env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 300
-        while not any(s >= 8 for s in _committed_steps(killed)):
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    resume_from = _committed_steps(killed)[-1]
+    args = ct.train_args(killed, "train/LoopConfig.num_steps=100000", *COMMON)
+    resume_from = ct.kill_after_checkpoint(args, killed, step=8)
     assert resume_from < 56, resume_from
     before = ct.read_jsonl(killed / "metrics.jsonl")
     for m in before:  # the killed run agrees with the reference up to its death
