@@ -69,6 +69,8 @@ _LAZY = {
     "register_shapes_task": "parti_jax.tasks:register_shapes_task",
     "register_coco_task": "parti_jax.tasks:register_coco_task",
     "register_folder_task": "parti_jax.tasks:register_folder_task",
+    "register_webdataset_task": "parti_jax.tasks:register_webdataset_task",
+    "register_parquet_task": "parti_jax.tasks:register_parquet_task",
     "register_codes_task": "parti_jax.tasks:register_codes_task",
     "register_mixture": "parti_jax.tasks:register_mixture",
     "precompute_codes": "parti_jax.vqgan.precompute:precompute_codes",

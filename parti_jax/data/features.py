@@ -64,6 +64,27 @@ def add_task(name: str, **kwargs) -> seqio.Task:
     return seqio.TaskRegistry.add(name, **kwargs)
 
 
+# ---------------------------------------------------- bad examples at read time
+def checked_example(example: dict, problem: tf.Tensor, skip_bad_examples: bool):
+    """Inside a `map`: an example whose reader returned `problem` ('' when good). Failing,
+    the pipeline stops through an assertion carrying the message (one line, not a traceback
+    from inside numpy_function); skipping, it returns (example, ok) for `drop_bad_examples`."""
+    ok = tf.equal(problem, "")
+    if skip_bad_examples:
+        return example, ok
+    with tf.control_dependencies([tf.debugging.Assert(ok, [problem])]):
+        return {k: tf.identity(v) for k, v in example.items()}
+
+
+def drop_bad_examples(ds: tf.data.Dataset, skip_bad_examples: bool) -> tf.data.Dataset:
+    """After a `map` of `checked_example`: drops the bad examples when skipping them."""
+    if not skip_bad_examples:
+        return ds
+    ok = tf.autograph.experimental.do_not_convert(lambda example, ok: ok)
+    example = tf.autograph.experimental.do_not_convert(lambda example, ok: example)
+    return ds.filter(ok).map(example)
+
+
 class HostShardedSource(seqio.DataSource):
     """A seqio data source that splits its examples among any number of hosts itself.
 

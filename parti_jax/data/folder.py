@@ -17,7 +17,8 @@ lone surrogate), a missing file, an unsafe path, an empty, truncated or
 undecodable image — is an error naming the captions file and its line, or,
 with `skip_bad_examples=True`, is counted, logged and skipped
 (`FolderIndex.skipped` holds the reasons). An image that turns bad after the
-scan (or is not checked, `verify_images=False`) is met while reading: the same
+scan (or is not checked: `verify_images=False`, or 'auto', the default, for a
+folder of more than EAGER_VERIFY_LIMIT rows) is met while reading: the same
 one-line error, or with `skip_bad_examples=True` skipped and counted
 (`FolderDataSource.skipped_at_read`, the iterator's `stats`).
 
@@ -34,6 +35,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import tensorflow as tf
@@ -45,6 +47,9 @@ from parti_jax.data.vocab import CAPTION_KEYS, text_lines, text_problem
 CAPTION_FILES = ("captions.jsonl", "captions.tsv")
 FILE_KEYS = ("file", "image")
 SPLITS = ("train", "validation", "test")  # the split names a row may give
+# verify_images='auto' decodes every image at registration up to this many rows (every
+# host does it: ~1000 photos take seconds); larger folders are checked as they are read.
+EAGER_VERIFY_LIMIT = 1000
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +106,16 @@ def hash_split(file: str, validation_fraction: float) -> str:
     return "validation" if position < validation_fraction else "train"
 
 
-def resolve_inside(folder: str, file: str) -> str:
-    """The real path of `file` inside `folder`; ValueError if it would leave the folder."""
+def resolve_inside(folder: str, file: str, *, root: str | None = None) -> str:
+    """The real path of `file` inside `folder` (whose real path `root` is, when the caller
+    knows it); ValueError if it would leave the folder."""
     if not file:
         raise ValueError("empty file name")
     if os.path.isabs(file) or file.startswith(("/", "\\")) or (len(file) > 1 and file[1] == ":"):
         raise ValueError(
             f"absolute path {file!r} is not allowed; give a path relative to the folder"
         )
-    root = os.path.realpath(folder)
+    root = root or os.path.realpath(folder)
     resolved = os.path.realpath(os.path.join(root, file))
     if os.path.commonpath([root, resolved]) != root:
         raise ValueError(f"path {file!r} leaves the folder (via '..' or a symlink); refused")
@@ -188,26 +194,43 @@ def scan_folder(
     *,
     validation_fraction: float = 0.0,
     skip_bad_examples: bool = False,
-    verify_images: bool = True,
+    verify_images: bool | Literal["auto"] = "auto",
 ) -> FolderIndex:
-    """Reads and validates the captions file (and, by default, decodes every image once).
+    """Reads and validates the captions file (and, for small folders, decodes every image).
 
     Args:
       folder: the folder holding the images and captions.jsonl / captions.tsv.
       validation_fraction: share of images hashed into 'validation' when rows
         carry no split.
       skip_bad_examples: count and skip bad rows instead of raising.
-      verify_images: decode every image up front, so undecodable files are
-        found (and counted) here rather than mid-training. Without it a bad
-        image fails when the pipeline reaches it, naming the file.
+      verify_images: True: decode every image up front, so undecodable files are
+        found (and counted) here rather than mid-training. False: a bad image
+        fails (or is skipped and counted) when the pipeline reaches it, naming
+        the captions file, line and image. 'auto': True for up to
+        EAGER_VERIFY_LIMIT rows, else False (decoding a web-scale folder on every
+        host at start-up takes minutes to hours).
 
     Raises:
       FolderDataError naming the captions file, the line and the fix.
     """
     if not 0.0 <= validation_fraction <= 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1], got {validation_fraction}")
+    if verify_images not in (True, False, "auto"):
+        raise ValueError(f"verify_images must be True, False or 'auto', got {verify_images!r}")
     captions_file = find_captions_file(folder)
     parse_row = _jsonl_row if captions_file.endswith(".jsonl") else _tsv_row
+    rows = list(_rows(captions_file, parse_row))
+    if verify_images == "auto":
+        verify_images = len(rows) <= EAGER_VERIFY_LIMIT
+        if not verify_images:
+            logger.info(
+                "%s: %d rows; images are checked as they are read (verify_images='auto' "
+                "decodes them at registration up to %d rows; pass True to force it)",
+                captions_file,
+                len(rows),
+                EAGER_VERIFY_LIMIT,
+            )
+    root = os.path.realpath(folder)
     records, skipped = [], []
 
     def bad(line: int, message: str) -> None:
@@ -218,7 +241,7 @@ def scan_folder(
             )
         skipped.append(full)
 
-    for line, row, problem in _rows(captions_file, parse_row):
+    for line, row, problem in rows:
         if problem is not None:
             bad(line, problem)
             continue
@@ -227,7 +250,7 @@ def scan_folder(
             bad(line, f"empty caption for {file!r}")
             continue
         try:
-            path = resolve_inside(folder, file)
+            path = resolve_inside(folder, file, root=root)
         except ValueError as e:
             bad(line, str(e))
             continue
@@ -334,15 +357,8 @@ class FolderDataSource(features.HostShardedSource):
                 self._load, [row["line"]], (tf.uint8, tf.string), stateful=False
             )
             image.set_shape([None, None, 3])
-            ok = tf.equal(problem, "")
-            if self.skip_bad_examples:
-                return {"file": row["file"], "text": row["text"], "image": image}, ok
-            with tf.control_dependencies([tf.debugging.Assert(ok, [problem])]):
-                return {"file": row["file"], "text": row["text"], "image": tf.identity(image)}
+            example = {"file": row["file"], "text": row["text"], "image": image}
+            return features.checked_example(example, problem, self.skip_bad_examples)
 
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-        if self.skip_bad_examples:
-            ok = tf.autograph.experimental.do_not_convert(lambda example, ok: ok)
-            example = tf.autograph.experimental.do_not_convert(lambda example, ok: example)
-            ds = ds.filter(ok).map(example)
-        return ds
+        return features.drop_bad_examples(ds, self.skip_bad_examples)

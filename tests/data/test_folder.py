@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 
 import numpy as np
@@ -251,3 +252,28 @@ def test_bad_image_found_while_reading_names_the_file(tmp_path):
 def test_no_captions_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no captions file"):
         folder.scan_folder(str(tmp_path))
+
+
+def test_verify_images_auto_decodes_small_folders_only(tmp_path, monkeypatch, caplog):
+    """'auto' (the default) decodes every image at registration up to EAGER_VERIFY_LIMIT
+    rows; a larger folder is checked as it is read: the same one-line error, later."""
+    _good_png(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    row = '{"file": "%s.png", "caption": "%s"}\n'
+    (tmp_path / "captions.jsonl").write_text((row % ("good", "fine") + row % ("bad", "broken")) * 2)
+    monkeypatch.setattr(folder, "EAGER_VERIFY_LIMIT", 4)
+    with pytest.raises(folder.FolderDataError, match=r"line 2: bad\.png: cannot decode image"):
+        folder.scan_folder(str(tmp_path))
+    monkeypatch.setattr(folder, "EAGER_VERIFY_LIMIT", 3)
+    with caplog.at_level(logging.INFO, logger=folder.__name__):
+        assert len(folder.scan_folder(str(tmp_path)).records) == 4
+    assert "4 rows; images are checked as they are read" in caplog.text
+    with pytest.raises(folder.FolderDataError, match=r"line 2: bad\.png"):
+        folder.scan_folder(str(tmp_path), verify_images=True)
+    with pytest.raises(ValueError, match=r"verify_images must be True, False or 'auto', got 'yes'"):
+        folder.scan_folder(str(tmp_path), verify_images="yes")
+    register_folder_task("auto", str(tmp_path), image_size=16)
+    it = pipeline.make_pixels_iterator("auto_pixels", batch_size=1, shuffle=False, repeat=False)
+    assert list(next(it)["text"]) == ["fine"]
+    with pytest.raises(pipeline.DataPipelineError, match=r"line 2: bad\.png: cannot decode image"):
+        next(it)
