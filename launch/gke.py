@@ -9,6 +9,12 @@ GKE also injects TPU_WORKER_ID / TPU_WORKER_HOSTNAMES and, for multi-slice,
 MEGASCALE_*, so JAX's own detection would agree.) When any pod fails, JobSet
 restarts all of them (`failurePolicy.maxRestarts`), because JAX cannot replace
 one lost process; the trainer resumes from its checkpoint.
+
+The image: the repository's Dockerfile installs the wheel from
+`scripts/build_wheel.sh` with constraints.txt and the accelerator's jax. With
+`--registry=REGISTRY` (and no --image) the pods run `REGISTRY/parti-jax:<version>-tpu`
+(or `-cuda` on GPU node pools), and `--dry_run` prints the docker commands that
+build and push it.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from parti_jax.launch import common, tpu
+from parti_jax.launch import common, install, tpu
 from parti_jax.launch.common import LaunchError, LaunchSpec
 
 REPLICATED_JOB = "slice"
+IMAGE_REPOSITORY = "parti-jax"  # REGISTRY/parti-jax:<version>-<tpu|cuda>
 JOB_INDEX_ANNOTATION = "jobset.sigs.k8s.io/job-index"
 ENV_SLICE_INDEX = "PARTI_JAX_SLICE_INDEX"
 
@@ -71,7 +78,8 @@ def gke_tpu_topology(s: tpu.TpuSlice) -> str:
 class GkeTarget:
     """A GKE cluster with a TPU or GPU node pool (the `gke` flags / `GkeTarget.*` gin bindings)."""
 
-    image: str = ""  # container image with parti_jax installed
+    image: str = ""  # container image with parti_jax installed; empty: the registry's default
+    registry: str = ""  # e.g. 'us-docker.pkg.dev/PROJECT/REPO': image REGISTRY/parti-jax:<ver>-tpu
     accelerator: str = ""  # TPU type ('v5litepod-16') or GKE GPU type ('nvidia-h100-80gb')
     topology: str = ""  # TPU only: node pool topology; empty: the default for the type
     namespace: str = ""  # empty: kubectl's current namespace
@@ -87,11 +95,24 @@ class GkeTarget:
     def is_tpu(self) -> bool:
         return not self.accelerator.startswith("nvidia-")
 
+    @property
+    def variant(self) -> str:
+        """The Dockerfile's ACCELERATOR build argument for this node pool."""
+        return "tpu" if self.is_tpu else "cuda"
+
+    @property
+    def image_name(self) -> str:
+        """--image, else the image the Dockerfile builds, in --registry."""
+        if self.image:
+            return self.image
+        return f"{self.registry.rstrip('/')}/{IMAGE_REPOSITORY}:{install.VERSION}-{self.variant}"
+
     def validate(self, spec: LaunchSpec) -> tpu.TpuSlice | None:
-        if not self.image:
+        if not self.image and not self.registry:
             raise LaunchError(
-                "the gke target needs a container image with parti_jax installed: pass --image "
-                "(or bind GkeTarget.image)"
+                "the gke target needs an image: pass --registry=REGISTRY to run "
+                f"REGISTRY/{IMAGE_REPOSITORY}:{install.VERSION}-<tpu|cuda> built from the "
+                "repository's Dockerfile (docs/LAUNCH.md), or --image=IMAGE"
             )
         if not self.accelerator:
             raise LaunchError(
@@ -179,7 +200,7 @@ def jobset_manifest(spec: LaunchSpec, target: GkeTarget) -> dict[str, Any]:
     pod_spec["containers"] = [
         {
             "name": "parti-jax",
-            "image": target.image,
+            "image": target.image_name,
             "command": pod_command(spec),
             "env": env,
             "ports": [{"containerPort": target.coordinator_port}],
@@ -275,6 +296,7 @@ class GkePlan:
     apply: tuple[str, ...]
     logs: tuple[str, ...]
     delete: tuple[str, ...]
+    build: tuple[tuple[str, ...], ...]  # build and push the default image ((): --image given)
 
 
 def gke_plan(spec: LaunchSpec, target: GkeTarget) -> GkePlan:
@@ -300,13 +322,30 @@ def gke_plan(spec: LaunchSpec, target: GkeTarget) -> GkePlan:
             *ns,
         ),
         delete=("kubectl", "delete", "jobset", spec.name, *ns),
+        build=image_build_commands(target) if not target.image else (),
+    )
+
+
+def image_build_commands(target: GkeTarget) -> tuple[tuple[str, ...], ...]:
+    """From the repository root: build the wheel, build the image from the Dockerfile, push."""
+    image = target.image_name
+    return (
+        ("scripts/build_wheel.sh",),
+        ("docker", "build", "--build-arg", f"ACCELERATOR={target.variant}", "-t", image, "."),
+        ("docker", "push", image),
     )
 
 
 def describe(plan: GkePlan) -> str:
     """What `--dry_run` prints: the manifest and the commands that use it."""
+    build = ""
+    if plan.build:
+        build = (
+            "# build and push the image (from the repository root), once per version:\n"
+            + "".join(shlex.join(c) + "\n" for c in plan.build)
+        )
     return (
-        f"# {plan.manifest_path}\n{plan.manifest_yaml}"
+        f"{build}# {plan.manifest_path}\n{plan.manifest_yaml}"
         f"# submit (needs the JobSet controller in the cluster):\n{shlex.join(plan.apply)}\n"
         f"# follow the logs of every pod:\n{shlex.join(plan.logs)}\n"
         f"# delete:\n{shlex.join(plan.delete)}\n"

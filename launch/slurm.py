@@ -8,6 +8,13 @@ agree.) `--signal=B:TERM@<s>` delivers SIGTERM to the batch shell before the
 time limit; the shell forwards it to srun, whose tasks (our trainer) save a
 checkpoint, and then requeues the job (`--requeue`), which resumes from it.
 Preemption by a higher-priority job requeues it the same way.
+
+Installing (`--venv=/shared/venvs/parti_jax-<version>`): the batch script first runs
+a generated set-up script (`launch/install.py`) that makes that Python 3.11 venv on
+the shared filesystem, installs the wheel from `scripts/build_wheel.sh` and the
+jax for the nodes (`jax[cuda12]==<pin>`, or `jax==<pin>` with `--no-gpus`) with
+`-c constraints.txt`, and puts it first on PATH for every task. The install is
+skipped when the venv already has that wheel (requeues, later jobs).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from parti_jax.launch import common
+from parti_jax.launch import common, install
 from parti_jax.launch.common import LaunchError, LaunchSpec
 
 
@@ -39,6 +46,29 @@ class SlurmTarget:
     setup: str = ""  # shell lines run before srun, e.g. 'source ~/venv/bin/activate'
     sbatch_args: tuple[str, ...] = ()  # extra '#SBATCH' options, e.g. ('--exclusive',)
     script: str = ""  # where to write the script; empty: <name>.sbatch
+    # Install parti_jax into a venv on the shared filesystem (empty: `setup` provides it).
+    venv: str = ""  # e.g. '/shared/venvs/parti_jax-0.1.0'
+    wheel: str = ""  # empty: dist/parti_jax-<version>-py3-none-any.whl
+    constraints: str = ""  # empty: constraints.txt next to the wheel
+    python: str = ""  # a Python 3.11 on the nodes (e.g. after `module load`); empty: uv
+    jax: str = ""  # jax requirement; empty: jax[cuda12]==<pin> (jax==<pin> with --no-gpus)
+    extras: str = ""  # parti_jax extras, e.g. 'data'
+
+    def worker_install(self) -> install.WorkerInstall:
+        venv = self.venv
+        if venv.startswith("~/"):
+            venv = "$HOME/" + venv[2:]
+        elif not venv.startswith("$"):
+            venv = os.path.abspath(venv)
+        return install.WorkerInstall(
+            wheel=self.wheel,
+            constraints=self.constraints,
+            accelerator="cuda" if self.gpus else "cpu",
+            venv=venv,
+            python=self.python,
+            jax=self.jax,
+            extras=self.extras,
+        )
 
     def validate(self, spec: LaunchSpec) -> None:
         if self.one_process_per_device and spec.processes_per_host != spec.devices_per_host:
@@ -63,11 +93,25 @@ class SlurmTarget:
         for arg in self.sbatch_args:
             if not arg.startswith("--") or "\n" in arg:
                 raise LaunchError(f"SlurmTarget.sbatch_args: {arg!r} is not one '--option[=value]'")
+        if self.venv:
+            self.worker_install().validate()
+        elif any((self.wheel, self.constraints, self.python, self.jax, self.extras)):
+            raise LaunchError(
+                "--wheel/--constraints/--python/--jax/--extras install into a venv: pass "
+                "--venv=/shared/PATH (on the filesystem every node sees)"
+            )
         spec.validate()
 
 
+def setup_path(spec: LaunchSpec, target: SlurmTarget) -> str:
+    """Where the set-up script goes: next to the batch script, as an absolute path (SLURM
+    runs a spooled copy of the batch script, so paths relative to it would not resolve)."""
+    script = os.path.abspath(target.script or f"{spec.name}.sbatch")
+    return str(Path(script).parent / f"{spec.name}.setup.sh")
+
+
 def sbatch_script(spec: LaunchSpec, target: SlurmTarget) -> str:
-    """The batch script: #SBATCH header, coordinator and env, signal trap, srun."""
+    """The batch script: #SBATCH header, install (with --venv), env, signal trap, srun."""
     target.validate(spec)
     gpus = target.gpus
     tasks_per_node = spec.processes_per_host
@@ -107,6 +151,16 @@ def sbatch_script(spec: LaunchSpec, target: SlurmTarget) -> str:
         "",
         *([target.setup] if target.setup else []),
         "set -uo pipefail",
+    ]
+    if target.venv:
+        venv = target.worker_install().venv
+        body += [
+            "# The wheel and its pins into the shared venv (a no-op once installed).",
+            f"bash {shlex.quote(setup_path(spec, target))} || "
+            '{ echo "parti-jax: installing parti_jax failed (see above)" >&2; exit 1; }',
+            f'export PATH={install.bash_value(venv + "/bin")}:"$PATH"',
+        ]
+    body += [
         f"PORT={port}",
         f'export {common.ENV_COORDINATOR}="$(scontrol show hostnames "$SLURM_JOB_NODELIST" '
         '| head -n 1):${PORT}"',
@@ -147,29 +201,53 @@ class SlurmPlan:
     script_path: str
     script: str
     submit: tuple[str, ...]
+    setup_path: str = ""  # the set-up script the batch script runs ('' without --venv)
+    setup_script: str = ""
 
 
 def slurm_plan(spec: LaunchSpec, target: SlurmTarget) -> SlurmPlan:
-    """Builds (without running) the batch script and the sbatch command."""
-    script = sbatch_script(spec, target)
+    """Builds (without running) the batch script, the set-up script and the sbatch command."""
     path = target.script or f"{spec.name}.sbatch"
+    script = sbatch_script(spec, target)
+    setup, setup_text = "", ""
+    if target.venv:
+        worker = target.worker_install()
+        setup = setup_path(spec, target)
+        setup_text = install.setup_script(
+            worker,
+            wheel=worker.wheel_path,
+            constraints=worker.constraints_path,
+            origin="parti-jax launch slurm",
+        )
     return SlurmPlan(
-        spec=spec, target=target, script_path=path, script=script, submit=("sbatch", path)
+        spec=spec,
+        target=target,
+        script_path=path,
+        script=script,
+        submit=("sbatch", path),
+        setup_path=setup,
+        setup_script=setup_text,
     )
 
 
 def describe(plan: SlurmPlan) -> str:
-    return (
-        f"# {plan.script_path}\n{plan.script}"
+    text = f"# {plan.script_path}\n{plan.script}"
+    if plan.setup_path:
+        text += f"# ---- {plan.setup_path}: run by the batch script ----\n{plan.setup_script}"
+    return text + (
         f"# submit:\nmkdir -p {shlex.quote(plan.target.log_dir)}\n{shlex.join(plan.submit)}\n"
     )
 
 
 def run_slurm(plan: SlurmPlan) -> int:
-    """Writes the script, creates the log folder and submits with sbatch."""
+    """Writes the scripts, creates the log folder and submits with sbatch."""
     common.require_binary("sbatch")
+    if plan.setup_path:
+        plan.target.worker_install().check_files()
     os.makedirs(plan.target.log_dir, exist_ok=True)
     path = Path(plan.script_path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if plan.setup_path:
+        Path(plan.setup_path).write_text(plan.setup_script)
     path.write_text(plan.script)
     return subprocess.call(list(plan.submit))

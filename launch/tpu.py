@@ -8,6 +8,13 @@ set), so the launcher exports PARTI_JAX_NUM_PROCESSES and
 PARTI_JAX_AUTO_DETECT=1. A generated bash script drives the run: after a spot
 preemption it re-creates the queued resource and re-runs the same command, and
 the trainer resumes from its last checkpoint.
+
+Installing: TPU VM images have Python 3.10 and parti_jax is on no index, so the
+driver copies the wheel from `scripts/build_wheel.sh`, constraints.txt and a
+generated set-up script (`launch/install.py`) to `~/parti_jax/dist/` on every
+worker and runs the script there: a Python 3.11 venv in `~/parti_jax/venv` with
+the wheel and `jax[tpu]==<pin>` installed `-c constraints.txt`. The command then
+runs with that venv first on PATH.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from parti_jax.launch import common
+from parti_jax.launch import common, install
 from parti_jax.launch.common import LaunchError, LaunchSpec
 
 
@@ -149,9 +156,13 @@ class TpuTarget:
     runtime_version: str = ""  # empty: the usual image for the generation
     spot: bool = False  # spot capacity; implies queued resources and the restart loop
     queued: bool = False  # create through queued resources (forced for spot and multi-slice)
-    install_command: str = ""  # run on every worker first; empty: pip install jax[tpu] + package
-    package: str = "parti_jax"  # pip requirement for the default install command
-    install: bool = True  # False: the image already has parti_jax
+    install: bool = True  # False: the image already has parti_jax (nothing copied or installed)
+    install_command: str = ""  # run on every worker instead of shipping the wheel
+    wheel: str = ""  # the wheel to ship; empty: dist/parti_jax-<version>-py3-none-any.whl
+    constraints: str = ""  # exact pins; empty: constraints.txt next to the wheel
+    python: str = ""  # a Python 3.11 on the workers; empty: uv fetches one (images have 3.10)
+    jax: str = ""  # jax requirement; empty: jax[tpu]==<constraints.txt's jax pin>
+    extras: str = ""  # parti_jax extras on the workers, e.g. 'data' (TensorFlow, SeqIO)
     remote_log: str = "/tmp/parti_jax/run.log"  # log file on every worker
     log_dir: str = "tpu_logs"  # local folder for the collected worker logs
     max_restarts: int = 10  # re-creations after a lost (preempted) slice
@@ -162,6 +173,21 @@ class TpuTarget:
     @property
     def uses_queued_resources(self) -> bool:
         return self.queued or self.spot
+
+    @property
+    def ships_wheel(self) -> bool:
+        return self.install and not self.install_command
+
+    def worker_install(self) -> install.WorkerInstall:
+        return install.WorkerInstall(
+            wheel=self.wheel,
+            constraints=self.constraints,
+            accelerator="tpu",
+            venv=f"$HOME/{REMOTE_VENV}",
+            python=self.python,
+            jax=self.jax,
+            extras=self.extras,
+        )
 
     def validate(self, spec: LaunchSpec) -> TpuSlice:
         if not self.zone:
@@ -175,7 +201,14 @@ class TpuTarget:
             raise LaunchError("TpuTarget.max_restarts must be >= 0 and poll_seconds >= 1")
         s = check_spec_matches_slice(spec, self.accelerator_type)
         spec.validate()
+        if self.ships_wheel:
+            self.worker_install().validate()
         return s
+
+
+# On every worker, relative to its home directory: what the driver copies, and the venv.
+REMOTE_DIST = f"{install.REMOTE_DIR}/dist"
+REMOTE_VENV = f"{install.REMOTE_DIR}/venv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,11 +223,15 @@ class TpuPlan:
     create: tuple[str, ...]
     state: tuple[str, ...]  # prints ACTIVE (queued) / READY (node) when healthy
     healthy_state: str
-    install: tuple[tuple[str, ...], ...]  # one per node
+    install: tuple[tuple[tuple[str, ...], ...], ...]  # per node: steps run one after another
     run: tuple[tuple[str, ...], ...]  # one per node: the same command on --worker=all
     logs: tuple[tuple[tuple[str, ...], str], ...]  # (argv, local file) per node and worker
     delete: tuple[str, ...]
     remote_command: str  # the shell line every worker runs
+    script_path: str  # where run_tpu writes the driver script
+    setup_path: str  # where run_tpu writes the worker set-up script ('' when none is shipped)
+    setup_script: str  # its text
+    shipped: tuple[str, ...]  # local files copied to ~/parti_jax/dist/ on every worker
 
 
 def _gcloud(target: TpuTarget, *words: str) -> list[str]:
@@ -208,14 +245,20 @@ def _ssh(target: TpuTarget, node: str, worker: str, command: str) -> tuple[str, 
     return (*_gcloud(target, "tpu-vm", "ssh", node), f"--worker={worker}", f"--command={command}")
 
 
+def _scp_all(target: TpuTarget, node: str, files: tuple[str, ...], dest: str) -> tuple[str, ...]:
+    return (*_gcloud(target, "tpu-vm", "scp", *files, f"{node}:{dest}/"), "--worker=all")
+
+
 def remote_run_command(spec: LaunchSpec, target: TpuTarget) -> str:
     """The shell line every worker runs: env, the command, output appended to the log."""
     # No coordinator / process id: JAX reads them from the TPU VM metadata.
     env = spec.process_env(auto_detect=True)
     log = target.remote_log
-    # ~/.local/bin holds pip --user scripts (parti-jax); ssh commands get no login PATH.
+    # The venv the set-up script made; ~/.local/bin for a --install_command with pip --user.
+    # ssh commands get no login PATH.
     return (
-        f'export PATH="$HOME/.local/bin:$PATH" {common.env_assignments(env)} && '
+        f'export PATH="$HOME/{REMOTE_VENV}/bin:$HOME/.local/bin:$PATH" '
+        f"{common.env_assignments(env)} && "
         f"mkdir -p {shlex.quote(os.path.dirname(log) or '.')} && "
         f"{spec.shell_command()} 2>&1 | tee -a {shlex.quote(log)}; "
         "exit ${PIPESTATUS[0]}"
@@ -252,10 +295,29 @@ def tpu_plan(spec: LaunchSpec, target: TpuTarget) -> TpuPlan:
         delete = (*_gcloud(target, "tpu-vm", "delete", name), "--quiet")
     if target.spot:
         create.append("--spot")
-    install_line = target.install_command or (
-        f"python3 -m pip install --upgrade 'jax[tpu]' {shlex.quote(target.package)}"
-    )
-    install = tuple(_ssh(target, node, "all", install_line) for node in nodes)
+    script_path = os.path.abspath(target.script or f"{name}.tpu.sh")
+    setup_path, setup_text, shipped = "", "", ()
+    if target.ships_wheel:
+        worker = target.worker_install()
+        setup_path = str(Path(script_path).parent / f"{name}.setup.sh")
+        shipped = (worker.wheel_path, worker.constraints_path, setup_path)
+        setup_text = install.setup_script(
+            worker,
+            wheel=os.path.basename(worker.wheel_path),
+            constraints=os.path.basename(worker.constraints_path),
+            origin="parti-jax launch tpu",
+        )
+    installs = []
+    for node in nodes if target.install else ():
+        if target.ships_wheel:
+            steps = (
+                _ssh(target, node, "all", f"mkdir -p {REMOTE_DIST}"),
+                _scp_all(target, node, shipped, REMOTE_DIST),
+                _ssh(target, node, "all", f"bash {REMOTE_DIST}/{os.path.basename(setup_path)}"),
+            )
+        else:
+            steps = (_ssh(target, node, "all", target.install_command),)
+        installs.append(steps)
     remote = remote_run_command(spec, target)
     run = tuple(_ssh(target, node, "all", remote) for node in nodes)
     logs = tuple(
@@ -275,20 +337,26 @@ def tpu_plan(spec: LaunchSpec, target: TpuTarget) -> TpuPlan:
         create=tuple(create),
         state=state,
         healthy_state=healthy,
-        install=install if target.install else (),
+        install=tuple(installs),
         run=run,
         logs=logs,
         delete=delete,
         remote_command=remote,
+        script_path=script_path,
+        setup_path=setup_path,
+        setup_script=setup_text,
+        shipped=shipped,
     )
 
 
-def _in_parallel(commands: tuple[tuple[str, ...], ...], indent: str = "  ") -> list[str]:
-    """Bash lines that run the commands concurrently and fail if any fails."""
-    if len(commands) == 1:
-        return [indent + shlex.join(commands[0])]
+def _in_parallel(jobs: tuple[tuple[tuple[str, ...], ...], ...], indent: str = "  ") -> list[str]:
+    """Bash lines that run the jobs (each a chain of commands) concurrently; fail if any fails."""
+    chains = [f" \\\n{indent}  && ".join(shlex.join(c) for c in job) for job in jobs]
+    if len(chains) == 1:
+        return [indent + chains[0]]
     lines = [indent + "local pids=() rc=0 p"]
-    lines += [f"{indent}{shlex.join(c)} &\n{indent}pids+=($!)" for c in commands]
+    for job, chain in zip(jobs, chains):
+        lines += [f"{indent}{f'({chain})' if len(job) > 1 else chain} &", f"{indent}pids+=($!)"]
     lines.append(f'{indent}for p in "${{pids[@]}}"; do wait "$p" || rc=$?; done')
     lines.append(f"{indent}return $rc")
     return lines
@@ -309,6 +377,18 @@ def tpu_script(plan: TpuPlan) -> str:
         "# from the TPU metadata. When the slice is lost (spot preemption, maintenance)",
         "# it is re-created and the same command re-run: the run resumes from its last",
         "# checkpoint in its work directory.",
+        *(
+            [
+                f"# Install: {os.path.basename(plan.shipped[0])}, constraints.txt and "
+                f"{os.path.basename(plan.setup_path)} are copied to",
+                f"# ~/{REMOTE_DIST}/ on every worker; the set-up script makes a Python 3.11 venv "
+                f"in ~/{REMOTE_VENV}",
+                f"# and installs the wheel{f'[{target.extras}]' if target.extras else ''} and "
+                f"{target.worker_install().jax_line()} with -c constraints.txt.",
+            ]
+            if plan.shipped
+            else []
+        ),
         "set -uo pipefail",
         f"MAX_RESTARTS={target.max_restarts}",
         f"POLL_SECONDS={target.poll_seconds}",
@@ -333,7 +413,7 @@ def tpu_script(plan: TpuPlan) -> str:
         *(_in_parallel(plan.install) if plan.install else ["  true"]),
         "}",
         "run_command() {",
-        *_in_parallel(plan.run),
+        *_in_parallel(tuple((argv,) for argv in plan.run)),
         "}",
         "collect_logs() {",
         f"  mkdir -p {shlex.quote(target.log_dir)}",
@@ -386,12 +466,30 @@ def tpu_script(plan: TpuPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_tpu(plan: TpuPlan, script_path: str | os.PathLike) -> int:
-    """Writes the script and runs it with bash; returns its exit code."""
+def describe(plan: TpuPlan) -> str:
+    """What `--dry_run` prints: the driver script, then the set-up script it ships."""
+    text = f"# {plan.script_path}\n{tpu_script(plan)}"
+    if plan.setup_path:
+        missing = [p for p in plan.shipped[:2] if not os.path.isfile(p)]
+        text += (
+            f"# ---- {plan.setup_path}: copied with the wheel and constraints.txt to "
+            f"~/{REMOTE_DIST}/ on every worker and run there ----\n{plan.setup_script}"
+        )
+        if missing:
+            text += f"# note: not built yet: {', '.join(missing)}; {install.BUILD_HINT}\n"
+    return text
+
+
+def run_tpu(plan: TpuPlan) -> int:
+    """Writes the driver (and set-up) script and runs the driver with bash; returns its exit code."""
     common.require_binary("gcloud")
     bash = common.require_binary("bash")
-    path = Path(script_path)
+    if plan.shipped:
+        plan.target.worker_install().check_files()
+    path = Path(plan.script_path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if plan.setup_path:
+        Path(plan.setup_path).write_text(plan.setup_script)
     path.write_text(tpu_script(plan))
     path.chmod(0o755)
     return subprocess.call([bash, str(path)])

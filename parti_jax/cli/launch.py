@@ -53,13 +53,22 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("tpu", "accelerator_type", {"help": f"e.g. {tpu.EXAMPLES}"}),
     ("tpu", "runtime_version", {}),
     ("tpu", "queued", {**_BOOL, "help": "use queued resources"}),
-    ("tpu", "install_command", {"help": "run on every worker before the command"}),
-    ("tpu", "package", {"help": "pip requirement installed on every worker"}),
-    ("tpu", "install", {**_BOOL, "help": "install the package (--no-install: image has it)"}),
+    (
+        "tpu",
+        "install",
+        {**_BOOL, "help": "ship and install the wheel (--no-install: image has it)"},
+    ),
+    ("tpu", "install_command", {"help": "run on every worker instead of shipping the wheel"}),
+    ("tpu slurm", "wheel", {"help": "wheel to install (default: dist/parti_jax-<version>-...whl)"}),
+    ("tpu slurm", "constraints", {"help": "pins to install with (default: next to the wheel)"}),
+    ("tpu slurm", "python", {"help": "a Python 3.11 on the hosts (default: uv fetches one)"}),
+    ("tpu slurm", "jax", {"help": "jax requirement (default: jax[tpu|cuda12]==the pin)"}),
+    ("tpu slurm", "extras", {"help": "parti_jax extras to install, e.g. data"}),
     ("tpu", "remote_log", {"help": "log file on every worker"}),
     ("tpu", "poll_seconds", _INT),
     ("tpu", "delete_at_end", {**_BOOL, "help": "delete the slice when the run ends"}),
-    ("gke", "image", {"help": "container image with parti_jax installed"}),
+    ("gke", "image", {"help": "container image with parti_jax (default: from --registry)"}),
+    ("gke", "registry", {"help": "registry of REGISTRY/parti-jax:<version>-<tpu|cuda>"}),
     ("gke", "accelerator", {"help": "TPU type (v5litepod-16) or GPU (nvidia-h100-80gb)"}),
     ("gke", "topology", {"help": "TPU node pool topology, e.g. 4x4"}),
     ("gke", "namespace", {}),
@@ -79,6 +88,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("slurm", "requeue", _BOOL),
     ("slurm", "setup", {"help": "shell lines before srun"}),
     ("slurm", "sbatch_arg", {"action": "append", "help": "extra #SBATCH option"}),
+    ("slurm", "venv", {"help": "install the wheel into this venv on the shared filesystem"}),
     ("local", "num_processes", _INT),
     ("local", "devices_per_process", _INT),
     ("local", "term_timeout_s", {"type": float}),
@@ -216,11 +226,7 @@ def _dispatch(name: str, spec: LaunchSpec, target: Any, *, dry_run: bool) -> int
             return 0
         return local.run_local(*args, term_timeout_s=target.term_timeout_s, echo=sys.stdout)
     plan_fn, describe, run = {
-        "tpu": (
-            tpu.tpu_plan,
-            tpu.tpu_script,
-            lambda plan: tpu.run_tpu(plan, target.script or f"{spec.name}.tpu.sh"),
-        ),
+        "tpu": (tpu.tpu_plan, tpu.describe, tpu.run_tpu),
         "gke": (gke.gke_plan, gke.describe, gke.run_gke),
         "slurm": (slurm.slurm_plan, slurm.describe, slurm.run_slurm),
     }[name]

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from parti_jax.launch import gke, tpu
+from parti_jax.launch import gke, install, tpu
 from parti_jax.launch.common import LaunchError, LaunchSpec
 
 yaml = pytest.importorskip("yaml")  # test-only: the manifest is written without PyYAML
@@ -122,7 +122,7 @@ def test_topology_table(accelerator, topology):
 
 def test_bad_input_is_named():
     spec = _tpu_spec("v4-32")
-    with pytest.raises(LaunchError, match="--image"):
+    with pytest.raises(LaunchError, match="pass --registry=REGISTRY .* or --image=IMAGE"):
         gke.jobset_manifest(spec, gke.GkeTarget(accelerator="v4-32"))
     with pytest.raises(LaunchError, match="no v3 node pools"):
         gke.jobset_manifest(_tpu_spec("v3-32"), gke.GkeTarget(image="i", accelerator="v3-32"))
@@ -140,3 +140,29 @@ def test_bad_input_is_named():
 def test_yaml_writer_quotes_everything():
     tricky = {"a": "x: y # z", "b": ["- item", "'q'", 'say "hi"\nnext'], "c": True, "n": 3, "e": {}}
     assert yaml.safe_load(gke.to_yaml(tricky)) == tricky
+
+
+@pytest.mark.parametrize(
+    "accelerator,spec_kw,variant",
+    [("v5p-16", {}, "tpu"), ("nvidia-h100-80gb", {"num_hosts": 2, "devices_per_host": 8}, "cuda")],
+)
+def test_default_image_from_the_registry(accelerator, spec_kw, variant):
+    """Without --image the pods run REGISTRY/parti-jax:<version>-<tpu|cuda>, and the plan
+    carries the commands that build it from the Dockerfile and push it."""
+    spec = LaunchSpec(command=CMD, name="job", **spec_kw)
+    if variant == "tpu":
+        spec = tpu.spec_for_slice(spec, accelerator)
+    target = gke.GkeTarget(registry="us-docker.pkg.dev/p/r/", accelerator=accelerator)
+    image = f"us-docker.pkg.dev/p/r/parti-jax:{install.VERSION}-{variant}"
+    plan = gke.gke_plan(spec, target)
+    assert _pod(yaml.safe_load(plan.manifest_yaml))["containers"][0]["image"] == image
+    assert plan.build == (
+        ("scripts/build_wheel.sh",),
+        ("docker", "build", "--build-arg", f"ACCELERATOR={variant}", "-t", image, "."),
+        ("docker", "push", image),
+    )
+    text = gke.describe(plan)
+    assert text.index("docker build") < text.index('kind: "JobSet"') < text.index("kubectl apply")
+    # --image wins, and then there is nothing to build.
+    own = gke.gke_plan(spec, gke.GkeTarget(image="mine:1", registry="r", accelerator=accelerator))
+    assert own.build == () and '"mine:1"' in own.manifest_yaml

@@ -10,6 +10,7 @@ import pytest
 
 from parti_jax.cli import flags
 from parti_jax.cli import main as cli
+from parti_jax.launch import install
 
 TRAIN = ["parti-jax", "train", "--gin_file=runs/x.gin", "--workdir=gs://bucket/run1"]
 
@@ -45,12 +46,61 @@ def test_tpu_dry_run(capsys):
     assert "PARTI_JAX_NUM_PROCESSES=8" in remote and shlex.join(TRAIN) in remote
 
 
+def test_install_flags_reach_the_setup_scripts(capsys, tmp_path):
+    wheel = tmp_path / install.wheel_name()
+    rc, out, _ = _launch(
+        capsys,
+        "tpu",
+        "--zone=z",
+        "--accelerator_type=v5p-8",
+        "--name=w",
+        f"--wheel={wheel}",
+        "--python=/usr/bin/python3.11",
+        "--extras=data",
+        f"--script={tmp_path / 'w.tpu.sh'}",
+        "--dry_run",
+        "--",
+        *TRAIN,
+    )
+    assert rc == 0
+    driver, setup = out.split(f"# ---- {tmp_path / 'w.setup.sh'}: copied", 1)
+    scp = next(line for line in driver.splitlines() if "tpu-vm scp" in line)
+    assert (
+        f"{wheel} {tmp_path / 'constraints.txt'} {tmp_path / 'w.setup.sh'} w:parti_jax/dist/" in scp
+    )
+    assert "PYTHON=/usr/bin/python3.11 " in setup and "EXTRAS=data " in setup
+    assert "ACCELERATOR=tpu " in setup and f"# note: not built yet: {wheel}" in setup
+
+    rc, out, _ = _launch(
+        capsys,
+        "slurm",
+        "--name=j",
+        "--num_hosts=2",
+        "--devices_per_host=8",
+        f"--venv={tmp_path / 'venvs' / 'pj'}",
+        f"--wheel={wheel}",
+        f"--script={tmp_path / 'j.sbatch'}",
+        "--dry_run",
+        "--",
+        *TRAIN,
+    )
+    assert rc == 0
+    assert f"bash {tmp_path / 'j.setup.sh'} || " in out
+    assert f"export PATH={tmp_path / 'venvs' / 'pj' / 'bin'}:" in out
+    # The wheel is found where it was built (shared filesystem), CUDA jax for GPU nodes.
+    assert f"WHEEL={wheel}  " in out and "ACCELERATOR=cuda " in out
+    rc, _, err = _launch(capsys, "slurm", f"--wheel={wheel}", "--dry_run", "--", *TRAIN)
+    assert rc == 2 and "pass --venv=/shared/PATH" in err
+    rc, _, err = _launch(capsys, "tpu", "--registry=r", "--dry_run", "--", *TRAIN)
+    assert rc == 2 and "--registry does not apply to the tpu target" in err
+
+
 def test_gke_dry_run(capsys):
     yaml = pytest.importorskip("yaml")
     rc, out, _ = _launch(
         capsys,
         "gke",
-        "--image=img:1",
+        "--registry=europe-docker.pkg.dev/proj/repo",
         "--accelerator=v6e-16",
         "--name=g",
         "--dry_run",
@@ -58,7 +108,10 @@ def test_gke_dry_run(capsys):
         shlex.join(TRAIN),
     )
     assert rc == 0
-    manifest_text, commands = out.split("# submit", 1)
+    build, rest = out.split("# g.jobset.yaml\n", 1)
+    image = f"europe-docker.pkg.dev/proj/repo/parti-jax:{install.VERSION}-tpu"
+    assert f"docker build --build-arg ACCELERATOR=tpu -t {image} .\n" in build
+    manifest_text, commands = rest.split("# submit", 1)
     manifest = yaml.safe_load(manifest_text)
     container = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
         "containers"
@@ -66,6 +119,7 @@ def test_gke_dry_run(capsys):
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["PARTI_JAX_COORDINATOR"] == "g-slice-0-0.g:8482"
     assert env["PARTI_JAX_NUM_PROCESSES"] == "4"
+    assert container["image"] == image
     assert container["command"][-1].endswith("exec " + shlex.join(TRAIN))
     assert "kubectl apply -f g.jobset.yaml" in commands
 

@@ -189,3 +189,52 @@ def test_bad_input_is_named():
         slurm.sbatch_script(
             LaunchSpec(command=("x",)), slurm.SlurmTarget(sbatch_args=("exclusive",))
         )
+
+
+def test_venv_is_installed_before_srun_and_first_on_path(tmp_path):
+    """With --venv the batch script runs the set-up script first (here a stand-in that
+    makes the venv's bin/), then every task finds the venv's programs first on PATH; a
+    failed install ends the job before srun."""
+    out = tmp_path / "out"
+    out.mkdir()
+    venv = tmp_path / "shared" / "venv"
+    spec = LaunchSpec(command=("where-am-i", str(out)), name="job", num_hosts=2)
+    target = slurm.SlurmTarget(gpus=False, venv=str(venv), script=str(tmp_path / "job.sbatch"))
+    plan = slurm.slurm_plan(spec, target)
+    assert plan.setup_path == str(tmp_path / "job.setup.sh")
+    assert "ACCELERATOR=cpu " in plan.setup_script and f"VENV={venv} " in plan.setup_script
+    Path(plan.script_path).write_text(plan.script)
+    stand_in = (
+        f"mkdir -p {venv}/bin && printf '#!/bin/sh\\ntouch \"$1/task_$PARTI_JAX_PROCESS_ID\"\\n' "
+        f"> {venv}/bin/where-am-i && chmod +x {venv}/bin/where-am-i && echo installed >> {out}/log"
+    )
+    Path(plan.setup_path).write_text(stand_in)
+    env = _fake_env(tmp_path, ntasks=2, tasks_per_node=1)
+    proc = subprocess.run(
+        ["bash", plan.script_path], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "log").read_text() == "installed\n"
+    assert sorted(p.name for p in out.glob("task_*")) == ["task_0", "task_1"]
+
+    Path(plan.setup_path).write_text("exit 3")
+    (tmp_path / "fake" / "calls").unlink()
+    proc = subprocess.run(
+        ["bash", plan.script_path], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1 and "installing parti_jax failed" in proc.stderr
+    assert not (tmp_path / "fake" / "calls").exists()  # srun never ran
+
+
+def test_install_flags_need_a_venv_and_a_built_wheel(tmp_path, monkeypatch):
+    spec = LaunchSpec(command=("x",))
+    with pytest.raises(LaunchError, match="pass --venv=/shared/PATH"):
+        slurm.sbatch_script(spec, slurm.SlurmTarget(extras="data"))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    target = slurm.SlurmTarget(venv=str(tmp_path / "v"), wheel=str(tmp_path / "missing.whl"))
+    with pytest.raises(LaunchError, match=r"missing.whl does not exist; build it with"):
+        slurm.run_slurm(slurm.slurm_plan(spec, target))

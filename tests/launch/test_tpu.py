@@ -3,19 +3,19 @@ run against a fake `gcloud` that simulates preemptions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
-import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from parti_jax.launch import tpu
+from parti_jax.launch import install, tpu
 from parti_jax.launch.common import LaunchError, LaunchSpec
+from tests.launch.fake_gcloud import calls, fake_gcloud_env
 
 CMD = ("parti-jax", "train", "--gin_file=runs/x.gin", "--workdir=gs://bucket/run 1")
 
@@ -113,36 +113,9 @@ def test_script_is_valid_bash():
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
 
 
-FAKE_GCLOUD = textwrap.dedent(
-    """\
-    #!/bin/bash
-    # Simulates gcloud for one queued resource; preempts the first $PREEMPTIONS runs.
-    echo "$*" >> "$FAKE_DIR/calls"
-    cmd=""
-    for a in "$@"; do case "$a" in --command=*) cmd="${a#--command=}" ;; esac; done
-    case "$3 $4" in
-      "queued-resources create") echo ACTIVE > "$FAKE_DIR/state"; exit 0 ;;
-      "queued-resources describe") cat "$FAKE_DIR/state" 2>/dev/null; exit 0 ;;
-      "queued-resources delete") rm -f "$FAKE_DIR/state"; exit 0 ;;
-      "tpu-vm ssh")
-        if [[ "$cmd" == *PARTI_JAX_NUM_PROCESSES* ]]; then
-          n=$(cat "$FAKE_DIR/runs" 2>/dev/null || echo 0)
-          echo $((n + 1)) > "$FAKE_DIR/runs"
-          if (( n < PREEMPTIONS )); then echo SUSPENDED > "$FAKE_DIR/state"; exit 255; fi
-        fi
-        bash -c "$cmd"; exit $? ;;
-    esac
-    exit 1
-    """
-)
-
-
 def _run_script(tmp_path: Path, command, *, preemptions: int, max_restarts: int = 3):
     fake = tmp_path / "fake"
-    fake.mkdir()
-    gcloud = fake / "gcloud"
-    gcloud.write_text(FAKE_GCLOUD)
-    gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
+    env = fake_gcloud_env(fake, preemptions=preemptions)
     spec = tpu.spec_for_slice(LaunchSpec(command=tuple(command), name="job"), "v4-16")
     target = tpu.TpuTarget(
         zone="z",
@@ -156,13 +129,10 @@ def _run_script(tmp_path: Path, command, *, preemptions: int, max_restarts: int 
     )
     script = tmp_path / "job.tpu.sh"
     script.write_text(tpu.tpu_script(tpu.tpu_plan(spec, target)))
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", FAKE_DIR=str(fake))
-    env["PREEMPTIONS"] = str(preemptions)
     proc = subprocess.run(
         ["bash", str(script)], env=env, capture_output=True, text=True, timeout=60
     )
-    calls = (fake / "calls").read_text().splitlines()
-    return proc, calls
+    return proc, calls(fake)
 
 
 def test_script_recreates_slice_after_preemption_and_reruns(tmp_path):
@@ -201,3 +171,89 @@ def test_script_gives_up_after_max_restarts(tmp_path):
     assert proc.returncode == 1
     assert sum("queued-resources create" in c for c in calls) == 2
     assert "giving up after 1 restart(s)" in proc.stderr
+
+
+def test_install_ships_wheel_constraints_and_setup_script(tmp_path):
+    spec = _spec("v4-32", num_slices=2)
+    wheel = tmp_path / "dist" / install.wheel_name()
+    target = tpu.TpuTarget(
+        zone="z", accelerator_type="v4-32", wheel=str(wheel), script=str(tmp_path / "job.tpu.sh")
+    )
+    plan = tpu.tpu_plan(spec, target)
+    setup = str(tmp_path / "job.setup.sh")
+    constraints = str(tmp_path / "dist" / "constraints.txt")
+    assert plan.shipped == (str(wheel), constraints, setup) and plan.setup_path == setup
+    for node, steps in zip(plan.nodes, plan.install):
+        mkdir, scp, run = steps
+        assert mkdir[-1] == "--command=mkdir -p parti_jax/dist"
+        assert scp[3:5] == ("tpu-vm", "scp") and "--worker=all" in scp
+        assert scp[5:9] == (str(wheel), constraints, setup, f"{node}:parti_jax/dist/")
+        assert run[-1] == "--command=bash parti_jax/dist/job.setup.sh"
+    # The set-up script finds the files next to itself and installs jax[tpu] at the pin.
+    assert 'WHEEL="$HERE"/' + install.wheel_name() in plan.setup_script
+    assert 'CONSTRAINTS="$HERE"/constraints.txt' in plan.setup_script
+    assert (
+        "ACCELERATOR=tpu" in plan.setup_script
+        and 'VENV="$HOME"/parti_jax/venv' in plan.setup_script
+    )
+    # The command runs with that venv first on PATH.
+    assert plan.remote_command.startswith('export PATH="$HOME/parti_jax/venv/bin:')
+    subprocess.run(["bash", "-n"], input=tpu.describe(plan), text=True, check=True)
+
+    custom = tpu.tpu_plan(spec, dataclasses.replace(target, install_command="pip install x"))
+    assert [len(steps) for steps in custom.install] == [1, 1] and not custom.shipped
+    assert custom.install[0][0][-1] == "--command=pip install x" and not custom.setup_path
+    assert tpu.tpu_plan(spec, dataclasses.replace(target, install=False)).install == ()
+
+
+def test_run_tpu_names_a_missing_wheel(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{tmp_path / 'fake'}:{os.environ['PATH']}")
+    fake_gcloud_env(tmp_path / "fake")
+    target = tpu.TpuTarget(
+        zone="z", accelerator_type="v4-8", wheel=str(tmp_path / install.wheel_name())
+    )
+    plan = tpu.tpu_plan(_spec("v4-8"), target)
+    with pytest.raises(
+        LaunchError, match=r"wheel file .* does not exist; build it with `scripts/build_wheel.sh`"
+    ):
+        tpu.run_tpu(plan)
+    assert "# note: not built yet: " in tpu.describe(plan)  # the dry run says so too
+
+
+def test_driver_copies_files_to_every_worker_and_stops_when_setup_fails(tmp_path):
+    """The install step end to end under the fake gcloud: the files arrive in the worker's
+    ~/parti_jax/dist, the set-up script runs there and fails (no Python 3.11 given), and
+    the driver stops without running the command or retrying."""
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / install.wheel_name()).write_bytes(b"not really a wheel")
+    (dist / "constraints.txt").write_text("jax==0.10.2\n")
+    not_311 = tmp_path / "python3.10"
+    not_311.write_text("#!/bin/sh\nexit 1\n")
+    not_311.chmod(0o755)
+    spec = tpu.spec_for_slice(LaunchSpec(command=("true",), name="job"), "v4-8")
+    target = tpu.TpuTarget(
+        zone="z",
+        accelerator_type="v4-8",
+        spot=True,
+        poll_seconds=1,
+        wheel=str(dist / install.wheel_name()),
+        python=str(not_311),
+        script=str(tmp_path / "job.tpu.sh"),
+        log_dir=str(tmp_path / "logs"),
+    )
+    plan = tpu.tpu_plan(spec, target)
+    env = fake_gcloud_env(tmp_path / "fake", home=tmp_path / "worker")
+    Path(plan.setup_path).write_text(plan.setup_script)
+    Path(plan.script_path).write_text(tpu.tpu_script(plan))
+    proc = subprocess.run(
+        ["bash", plan.script_path], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    shipped = sorted(p.name for p in (tmp_path / "worker" / "parti_jax" / "dist").iterdir())
+    assert shipped == sorted([install.wheel_name(), "constraints.txt", "job.setup.sh"])
+    assert f"PARTI_JAX_PYTHON={not_311} is not a Python 3.11" in proc.stderr
+    assert "installing on the workers failed (not a preemption)" in proc.stderr
+    made = calls(tmp_path / "fake")
+    assert not any("PARTI_JAX_NUM_PROCESSES" in c for c in made)  # the command never ran
+    assert sum("queued-resources create" in c for c in made) == 1
