@@ -6,7 +6,15 @@ loads an inference bundle written by `parti-jax export` (parti_jax/bundle.py).
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# The storage layer's client choice (parti_jax/storage.py), made before any module can ask
+# etils.epath for a backend: gs:// goes through fsspec/gcsfs, never TensorFlow's GCS client
+# (which no emulator reaches); gcsfs's zonal-bucket probe (60 s of gRPC against anything but
+# real GCS) is off: set GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=true for zonal buckets.
+os.environ.setdefault("EPATH_USE_TF", "false")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "load_bundle"]

@@ -7,7 +7,7 @@ collapse `gs://b/x` to `gs:/b/x`). Another scheme is a one-line error.
 
 - **One client per scheme.** epath would use TensorFlow's GCS client when TensorFlow is
   importable; that client cannot be pointed at an emulator, so the tested path and the
-  production path would differ. This module sets `EPATH_USE_TF=false` before epath picks
+  production path would differ. parti_jax (its `__init__`) sets `EPATH_USE_TF=false` before epath picks
   a backend: `gs://` always goes through fsspec/gcsfs, which honours
   `STORAGE_EMULATOR_HOST`. Arrays go through orbax/TensorStore, which reads
   `TENSORSTORE_GCS_HTTP_URL`. TensorFlow's own file system is used for local paths only.
@@ -42,14 +42,11 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any, Literal
 
-os.environ.setdefault("EPATH_USE_TF", "false")  # before epath is asked for a backend
-# gcsfs's zonal-bucket support first probes each bucket over gRPC (60 s against anything but
-# real GCS); the plain JSON-API client serves every bucket. Set it to "true" for zonal buckets.
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-import fsspec.config  # noqa: E402
-import fsspec.core  # noqa: E402
-from etils import epath  # noqa: E402
+# EPATH_USE_TF=false and GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false are set by parti_jax/__init__.py,
+# which runs before this module and before anything else of parti_jax can reach epath.
+import fsspec.config
+import fsspec.core
+from etils import epath
 
 fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
