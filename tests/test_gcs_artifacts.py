@@ -171,6 +171,27 @@ def test_precompute_to_gcs_then_read_like_a_local_copy(gcs, tiny_pipeline, tmp_p
     for it in (remote, copy, resumed):
         it.close()
 
+    # `train` reads those shards, its work dir in the bucket too.
+    from parti_jax.models.config import ModelConfig
+    from parti_jax.train import t2i
+    from parti_jax.train.optimizers import OptimizerConfig
+    from tests.pipeline_fixtures import TINY_MODEL, _loop, _mesh_config
+
+    result = t2i.train(
+        workdir=gcs.url("t2i"),
+        model_config=ModelConfig(**TINY_MODEL),
+        batch_size=8,
+        loop=_loop(2),
+        mesh_config=_mesh_config(),
+        optimizer_config=OptimizerConfig(learning_rate=1e-2, min_dim_size_to_factor=16),
+        task=remote_task,
+        text_length=16,
+        codebook_hash=meta["codebook_hash"],
+    )
+    assert result.status == "done", result
+    objects = gcs.objects("t2i")
+    assert "metrics.jsonl" in objects and "checkpoints/2/commit_success.txt" in objects, objects
+
 
 # ------------------------------------------------------------------ export / load_bundle
 
