@@ -42,6 +42,10 @@ UPSAMPLER_CONFIG_FILE = "upsampler_config.json"
 SAMPLING_CONFIG_FILE = "sampling_config.json"
 CONFIG_FILES = (MODEL_CONFIG_FILE, VQGAN_CONFIG_FILE, UPSAMPLER_CONFIG_FILE)
 VOCAB_FILE = "spm.model"
+# The optional contrastive model (scorer='contrastive'): its record and, when it was
+# trained with another vocabulary than the encoder-decoder's, that vocabulary.
+CONTRASTIVE_CONFIG_FILE = "contrastive_config.json"
+CONTRASTIVE_VOCAB_FILE = "contrastive_spm.model"
 EXPORT_FILE = "sample.jax_export"
 # Weight groups: name -> (file, name prefix). The prefix is the first path
 # component of every tensor name, e.g. 't2i/decoder/layers_0/self_attention/query/kernel'.
@@ -49,6 +53,7 @@ WEIGHTS = {
     "t2i": ("t2i.safetensors", "t2i"),
     "vqgan": ("vqgan_decoder.safetensors", "vqgan"),
     "upsampler": ("upsampler.safetensors", "upsampler"),
+    "contrastive": ("contrastive.safetensors", "contrastive"),
 }
 # The VQGAN parts a bundle keeps: image tokens -> pixels needs no encoder.
 VQGAN_DECODER_PARTS = ("quantizer", "decoder")
@@ -188,7 +193,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_weights(path: str | os.PathLike, info: Mapping[str, Any], group: str) -> dict:
-    """{name: numpy array} of one weight group ('t2i', 'vqgan', 'upsampler')."""
+    """{name: numpy array} of one weight group ('t2i', 'vqgan', 'upsampler', 'contrastive')."""
     from safetensors import SafetensorError
     from safetensors.numpy import load, load_file
 
@@ -325,7 +330,11 @@ def _jax_platform() -> str:
 
 @dataclasses.dataclass
 class Bundle:
-    """A loaded bundle: `generate` (the Generator of `parti-jax sample`) plus its records."""
+    """A loaded bundle: `generate` (the Generator of `parti-jax sample`) plus its records.
+
+    A bundle exported with a contrastive model has it loaded as
+    `generator.contrastive`, so `generate(..., scorer='contrastive')` reranks with it.
+    """
 
     path: storage.Path
     info: dict[str, Any]  # bundle.json
@@ -364,6 +373,9 @@ def load_bundle(
         on GPUs or {'dtype': 'float32'} (the bundle stores attention_impl='xla').
       verify: check every file's size and sha256 against bundle.json first (reads
         each file once more; False skips it for very large bundles).
+
+    A contrastive model in the bundle (`parti-jax export --contrastive`) is loaded
+    too (host arrays): the Generator's `contrastive`, for scorer='contrastive'.
     """
     from parti_jax import loading
     from parti_jax.decoding import SamplingConfig
@@ -399,13 +411,57 @@ def load_bundle(
         up_params = _read_group(root, info, "upsampler", loading.upsampler_abstract_params, config)
         upsampler = LoadedUpsampler(config, up_params, dict(up_info), up_info.get("step"),
                                     up_info.get("checkpoint"), up_file)  # fmt: skip
+    contrastive = _load_contrastive(root, info) if "contrastive" in info["weights"] else None
     records = dict(info.get("sources") or {})
     records["bundle"] = {"path": os.fspath(root), "created": info.get("created")}
     models = loading.LoadedModels(
         t2i.config, params, t2i.text_length, text_tokenizer,
         _load_vqgan_decoder(root, info, vq_info, mesh, rules), upsampler, records, t2i.info,
     )  # fmt: skip
-    return Bundle(root, info, Generator(models, mesh=mesh, rules=rules), sampling)
+    generator = Generator(models, mesh=mesh, rules=rules, contrastive=contrastive)
+    if contrastive is not None:  # the source's record (work dir, params hash) and the model's
+        generator.records["contrastive"] = dict(
+            records.get("contrastive") or {}, **contrastive.record()
+        )
+    return Bundle(root, info, generator, sampling)
+
+
+def _load_contrastive(root: storage.Path, info: dict) -> Any:
+    """The bundle's contrastive model (`ContrastiveModel`, host arrays) from
+    contrastive.safetensors, contrastive_config.json and the vocabulary it names."""
+    import jax
+
+    from parti_jax import loading
+    from parti_jax.contrastive.model import ContrastiveConfig
+    from parti_jax.contrastive.scorer import ContrastiveModel, abstract_params
+    from parti_jax.models.transformer import unscanned_to_scan
+
+    file = root / CONTRASTIVE_CONFIG_FILE
+    record = read_json(file)
+    missing = [k for k in ("config", "text_length") if k not in record]
+    if missing:
+        raise BundleError(f"{file}: no {missing} entry; export the bundle again")
+    config = loading.config_from_record(ContrastiveConfig, record["config"], f"{file}: config")
+    text_length = int(record["text_length"])
+    vocab_file = root / record.get("vocab_file", CONTRASTIVE_VOCAB_FILE)
+    tokenizer = loading.read_vocabulary(vocab_file)
+    if record.get("vocab_sha256") and tokenizer.fingerprint != record["vocab_sha256"]:
+        raise BundleError(
+            f"{vocab_file}: sha256 {tokenizer.fingerprint[:12]}…, but {file} records the "
+            f"contrastive model's vocabulary as {record['vocab_sha256'][:12]}…; the file was "
+            "replaced: export the bundle again"
+        )
+    # Stored per layer: read as unrolled, then the text tower restacked when it scans.
+    unrolled = dataclasses.replace(config, text=dataclasses.replace(config.text, scan_layers=False))
+    params = _read_group(root, info, "contrastive", lambda c: abstract_params(c, text_length),
+                         unrolled)  # fmt: skip
+    if config.text.scan_layers:
+        tower = jax.tree.map(np.asarray, unscanned_to_scan(params["text_encoder"]))
+        params = dict(params, text_encoder=tower)
+    step = record.get("step")
+    return ContrastiveModel(config, params, tokenizer, text_length, dict(record),
+                            int(step) if step is not None else -1,
+                            str(record.get("checkpoint", file)))  # fmt: skip
 
 
 def _read_group(

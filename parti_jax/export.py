@@ -1,13 +1,14 @@
 """`parti-jax export`: write a self-contained inference bundle, or inspect weights.
 
     info = export_bundle("/models/shapes", t2i_path="/runs/t2i", vqgan_path="/runs/vqgan",
-                         upsampler_path="/runs/upsampler")
+                         upsampler_path="/runs/upsampler", contrastive_path="/runs/clip")
     report = inspect_path("/runs/t2i")      # or a VQGAN / upsampler work dir, or a bundle
     print(format_inspection(report))
 
 A bundle (layout: docs/EXPORT.md; read by `parti_jax.load_bundle`) holds the
-encoder-decoder, the VQGAN decoder half and the upsampler as safetensors with
-stable per-layer names, their JSON configs, the SentencePiece model,
+encoder-decoder, the VQGAN decoder half, the upsampler and (optionally) the
+contrastive reranker as safetensors with stable per-layer names, their JSON
+configs, the SentencePiece model(s),
 `bundle.json` (versions, sources, hashes and sizes of every file) and a
 `jax.export` sampler for one batch shape taking the weights as arguments. The
 models are loaded and cross-checked by `parti_jax.loading.load_models` before
@@ -53,6 +54,10 @@ FILE_ROLES = {
     WEIGHTS["t2i"][0]: "encoder-decoder weights",
     WEIGHTS["vqgan"][0]: "VQGAN quantizer + decoder weights (image tokens -> pixels)",
     WEIGHTS["upsampler"][0]: "upsampler weights",
+    WEIGHTS["contrastive"][0]: "contrastive image-text model weights (scorer='contrastive')",
+    bundle_lib.CONTRASTIVE_CONFIG_FILE: "ContrastiveConfig, text length, training record, "
+    "the vocabulary file it reads",
+    bundle_lib.CONTRASTIVE_VOCAB_FILE: "SentencePiece model of the contrastive model's text tower",
     bundle_lib.EXPORT_FILE: "jax.export sampler: text tokens -> (codes, images)",
 }
 
@@ -66,6 +71,7 @@ def export_bundle(
     t2i_path: str,
     vqgan_path: str,
     upsampler_path: str | None = None,
+    contrastive_path: str | None = None,
     vocab_path: str | None = None,
     t2i_step: int | None = None,
     sampling_config: SamplingConfig | None = None,
@@ -80,6 +86,9 @@ def export_bundle(
       out_dir: the bundle directory (or URL): new, empty, or (with `overwrite`) a bundle.
       t2i_path, vqgan_path, upsampler_path: the work directories of `parti-jax train`,
         `train-vqgan` and `train-upsampler` (no upsampler: images at the VQGAN's size).
+      contrastive_path: a `parti-jax train-contrastive` work directory (latest
+        checkpoint): bundled with its config and vocabulary, so the loaded bundle
+        reranks with scorer='contrastive'; None: no contrastive model.
       vocab_path, t2i_step: see `parti_jax.loading.load_models`.
       sampling_config: a `decoding.SamplingConfig`: stored as Bundle.generate's
         default, and what the jax.export sampler compiles in (top_k, and whether
@@ -101,9 +110,19 @@ def export_bundle(
         raise ValueError(f"export_batch_size={export_batch_size} must be >= 1")
     models = loading.load_models(t2i_path, vqgan_path, upsampler_path, mesh=local_mesh(),
                                  vocab_path=vocab_path, t2i_step=t2i_step)  # fmt: skip
+    contrastive = None
+    if contrastive_path is not None:
+        from parti_jax.contrastive.scorer import ContrastiveModel
+
+        contrastive = ContrastiveModel.load(contrastive_path)
+        models.records["contrastive"] = {
+            "workdir": os.fspath(storage.path(contrastive_path)),
+            **contrastive.record(),
+            "params_hash": loading.params_fingerprint(contrastive.params),
+        }
 
     def write(tmp: Path) -> dict[str, Any]:
-        info = _write_bundle(tmp, models, vqgan_path, sampling)
+        info = _write_bundle(tmp, models, vqgan_path, sampling, contrastive)
         if jax_export:
             info["jax_export"] = _write_exported(tmp, models, sampling, batch, platforms)
             _add_file(tmp, info, bundle_lib.EXPORT_FILE)
@@ -235,7 +254,7 @@ def _save_weights(root: Path, info: dict, group: str, params: Any, extra: dict) 
 
     file, prefix = WEIGHTS[group]
     flat = bundle_lib.flatten(scan_to_unscanned(_host(params)), prefix)
-    flat = {n: np.ascontiguousarray(a) for n, a in sorted(flat.items())}
+    flat = {n: np.asarray(a, order="C") for n, a in sorted(flat.items())}  # 0-d stays 0-d
     metadata = {"format": bundle_lib.FORMAT, "group": group, "layout": "per-layer", **extra}
     save_file(flat, str(root / file), metadata={k: str(v) for k, v in metadata.items()})
     count = int(sum(a.size for a in flat.values()))
@@ -245,8 +264,9 @@ def _save_weights(root: Path, info: dict, group: str, params: Any, extra: dict) 
 
 
 def _write_bundle(
-    root: Path, models: loading.LoadedModels, vqgan_path: str, sampling: Any
-) -> dict[str, Any]:
+    root: Path, models: loading.LoadedModels, vqgan_path: str, sampling: Any,
+    contrastive: Any = None,
+) -> dict[str, Any]:  # fmt: skip
     """Weights, configs and vocabulary into `root`; the bundle.json contents (without export)."""
     import flax
 
@@ -300,10 +320,31 @@ def _write_bundle(
             checkpoint=up.checkpoint,
         ))  # fmt: skip
 
+    if contrastive is not None:
+        _write_contrastive(root, info, contrastive, models.text_tokenizer)
     (root / bundle_lib.VOCAB_FILE).write_bytes(models.text_tokenizer.model_bytes)
     _add_file(root, info, bundle_lib.VOCAB_FILE)
     _write_json(root, info, bundle_lib.SAMPLING_CONFIG_FILE, dataclasses.asdict(sampling))
     return info
+
+
+def _write_contrastive(root: Path, info: dict[str, Any], model: Any, t2i_vocab: Any) -> None:
+    """The contrastive model: weights, contrastive_config.json (its training record,
+    config, step) and its vocabulary (the encoder-decoder's spm.model when the same)."""
+    fingerprint = model.tokenizer.fingerprint
+    vocab_file = bundle_lib.VOCAB_FILE
+    if fingerprint != t2i_vocab.fingerprint:
+        vocab_file = bundle_lib.CONTRASTIVE_VOCAB_FILE
+        (root / vocab_file).write_bytes(model.tokenizer.model_bytes)
+        _add_file(root, info, vocab_file)
+    config = dataclasses.replace(  # the portable attention path, as for the encoder-decoder
+        model.config, text=model.config.text.replace(attention_impl="xla")
+    )
+    _save_weights(root, info, "contrastive", model.params, {"vocab_sha256": fingerprint})
+    _write_json(root, info, bundle_lib.CONTRASTIVE_CONFIG_FILE, dict(
+        model.meta, config=config.to_json(), text_length=model.text_length, step=model.step,
+        checkpoint=model.checkpoint, vocab_file=vocab_file, vocab_sha256=fingerprint,
+    ))  # fmt: skip
 
 
 # ------------------------------------------------------------------ jax.export
@@ -439,7 +480,8 @@ def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
     ):
         raise FileNotFoundError(
             f"{p}: not a bundle (no {BUNDLE_FILE}), work directory (no model_config.json, "
-            "vqgan_meta.json or upsampler_meta.json) or checkpoint (no state/); pass one of those"
+            "vqgan_meta.json, upsampler_meta.json or contrastive_meta.json) or checkpoint "
+            "(no state/); pass one of those"
         )
     from parti_jax.train import checkpoints
 

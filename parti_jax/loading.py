@@ -71,7 +71,9 @@ VQGAN = WorkdirKind("vqgan", "a VQGAN", vqgan_tokenizer.META_FILE, "parti-jax tr
                     "config")  # fmt: skip
 UPSAMPLER = WorkdirKind("upsampler", "an upsampler", UPSAMPLER_META_FILE,
                         "parti-jax train-upsampler", "upsampler_config")  # fmt: skip
-KINDS = (T2I, VQGAN, UPSAMPLER)
+CONTRASTIVE = WorkdirKind("contrastive", "a contrastive model", "contrastive_meta.json",
+                          "parti-jax train-contrastive", "config")  # fmt: skip
+KINDS = (T2I, VQGAN, UPSAMPLER, CONTRASTIVE)
 
 
 # ------------------------------------------------------------------ records and configs

@@ -37,7 +37,7 @@ from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
 from parti_jax.vqgan.tokenizer import local_mesh
 
 PyTree = Any
-SCORERS = ("likelihood", "pmi", "shapes_judge", "none")
+SCORERS = ("likelihood", "pmi", "contrastive", "shapes_judge", "none")
 _DEFAULT_MAX_ROWS = 64
 # Bytes of float32 logits one scoring chunk may hold (`score_chunk_size`): 128 MiB.
 SCORE_CHUNK_BYTES = 2**27
@@ -62,15 +62,28 @@ class PromptResult:
     truncated: bool  # the prompt was cut to the encoder's text length
 
 
-def resolve_scorer(scorer: Any, *, likelihood: Callable[[float], rerank.Scorer]) -> Any:
+def resolve_scorer(
+    scorer: Any, *, likelihood: Callable[[float], rerank.Scorer], contrastive: Any = None
+) -> Any:
     """A Scorer object from a name (SCORERS), None or an object.
 
     `likelihood(unconditional_weight)` builds the model's own scorer:
     'likelihood' (None too) is weight 0, 'pmi' weight 1 (`rerank.LikelihoodScorer`).
+    'contrastive' scores with `contrastive` (a loaded `ContrastiveModel`).
     """
     check_scorer(scorer)
     if scorer is None or scorer in ("likelihood", "pmi"):
         return likelihood(1.0 if scorer == "pmi" else 0.0)
+    if scorer == "contrastive":
+        if contrastive is None:
+            raise ValueError(
+                "scorer='contrastive' needs a contrastive model: pass the work directory of "
+                "`parti-jax train-contrastive` (sample.contrastive_path, eval.contrastive_dir, "
+                "Generator.load(contrastive_path=...)) or load a bundle exported with one"
+            )
+        from parti_jax.contrastive.scorer import ContrastiveScorer
+
+        return ContrastiveScorer(contrastive)
     if scorer == "shapes_judge":
         from parti_jax.data.judge import ShapesJudgeScorer
 
@@ -204,6 +217,16 @@ def token_scores(
     return score
 
 
+def load_contrastive(path: str | os.PathLike | None) -> Any:
+    """A `ContrastiveModel` from a train-contrastive work dir (None: None); its record
+    goes into the generator's records."""
+    if path is None:
+        return None
+    from parti_jax.contrastive.scorer import ContrastiveModel
+
+    return ContrastiveModel.load(path)
+
+
 # ------------------------------------------------------------------ generator
 
 
@@ -211,15 +234,25 @@ class Generator:
     """The loaded text-to-image pipeline; see the module docstring."""
 
     def __init__(
-        self, models: LoadedModels, *, mesh: Mesh | None = None, rules: Any = "data_parallel"
+        self,
+        models: LoadedModels,
+        *,
+        mesh: Mesh | None = None,
+        rules: Any = "data_parallel",
+        contrastive: Any = None,
     ) -> None:
         """Wraps `loading.LoadedModels` (the encoder-decoder's params on `mesh`; made by
         `Generator.load` or `parti_jax.load_bundle`); `mesh, rules`: where the
-        encoder-decoder runs (default: local devices on 'data')."""
+        encoder-decoder runs (default: local devices on 'data'); `contrastive`: a
+        `ContrastiveModel` for scorer='contrastive'."""
         self.model_config, self.params = models.model_config, models.params
+        # The reranker of scorer='contrastive' (a ContrastiveModel), when one was loaded.
+        self.contrastive = contrastive
         self.text_tokenizer, self.image_tokenizer = models.text_tokenizer, models.image_tokenizer
         self.text_length, self.upsampler = int(models.text_length), models.upsampler
         self.records = dict(models.records)
+        if contrastive is not None:
+            self.records["contrastive"] = contrastive.record()
         self.mesh = mesh or local_mesh()
         self.rules = loading.rule_table(rules)
         self._model = EncoderDecoder(self.model_config)
@@ -242,16 +275,18 @@ class Generator:
         *,
         mesh: Mesh | None = None,
         rules: Any = "data_parallel",
+        contrastive_path: str | os.PathLike | None = None,
         **options: Any,
     ) -> Generator:
         """The Generator of three work directories, loaded and cross-checked by
         `parti_jax.loading.load_models` (its Args: vocab_path, t2i_step,
-        config_overrides, fingerprint); mesh default: local devices on 'data'."""
+        config_overrides, fingerprint); mesh default: local devices on 'data';
+        `contrastive_path`: a `parti-jax train-contrastive` work dir (scorer='contrastive')."""
         mesh = mesh or local_mesh()
         models = loading.load_models(
             t2i_workdir, vqgan_path, upsampler_path, mesh=mesh, rules=rules, **options
         )
-        return cls(models, mesh=mesh, rules=rules)
+        return cls(models, mesh=mesh, rules=rules, contrastive=load_contrastive(contrastive_path))
 
     # ------------------------------------------------------------- pieces
 
@@ -362,8 +397,9 @@ class Generator:
           keep_top_k: how many of them to keep, best first.
           sampling_config: temperature, top-k/top-p, guidance_scale, num_samples, seed.
           seed: overrides sampling_config.seed.
-          scorer: 'likelihood' (default), 'shapes_judge', 'none' (keep draw
-            order) or an object with `score(images, prompts, *, image_tokens)`.
+          scorer: 'likelihood' (default), 'pmi', 'contrastive' (the loaded
+            contrastive model), 'shapes_judge', 'none' (keep draw order) or an
+            object with `score(images, prompts, *, image_tokens)`.
           batch_size: rows (prompt x sample draws) per device call, rounded up
             to a multiple of the mesh's batch devices; does not change the images.
           prompt_ids: global id of each prompt (default 0..P-1); the key of
@@ -399,7 +435,9 @@ class Generator:
         rows = self.rows_per_call(total, batch_size)
         row_prompt, row_sample = decoding.sample_ids(len(prompts), num_samples)
         scorer = resolve_scorer(
-            scorer, likelihood=lambda w: self.likelihood_scorer(rows, unconditional_weight=w)
+            scorer,
+            likelihood=lambda w: self.likelihood_scorer(rows, unconditional_weight=w),
+            contrastive=self.contrastive,
         )
         fn, scalars = self.sample_function(cfg, seed=seed)
         mc = self.model_config
@@ -556,6 +594,7 @@ def sample_to_folder(
     config_overrides: Mapping[str, Any] | None = None,
     progress: bool = True,
     allow_empty_prompt: bool = False,
+    contrastive_path: str | None = None,
 ) -> dict[str, Any]:
     """`parti-jax sample`: prompts -> reranked (upsampled) PNGs and manifest.json in `workdir`.
 
@@ -568,11 +607,13 @@ def sample_to_folder(
         guidance_scale, num_samples, seed).
       keep_top_k: images kept (and written) per prompt.
       batch_size: rows per device call (see Generator.generate).
-      scorer: 'likelihood', 'shapes_judge', 'none' or a scorer object.
+      scorer: 'likelihood', 'pmi', 'contrastive', 'shapes_judge', 'none' or a scorer object.
       save_low_res: also write the VQGAN's images to `low_res/`.
       vocab_path, t2i_step, config_overrides: see Generator.load.
       progress: tqdm progress bar.
       allow_empty_prompt: accept empty prompts (unconditional samples); else an error.
+      contrastive_path: a `parti-jax train-contrastive` work dir: scorer='contrastive'
+        needs it.
     Returns:
       The manifest written to `<workdir>/manifest.json`.
     """
@@ -591,8 +632,14 @@ def sample_to_folder(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"sample.batch_size={batch_size} must be >= 1")
     check_scorer(scorer)
+    if scorer == "contrastive" and contrastive_path is None:
+        raise ValueError(
+            "sample.scorer='contrastive' needs sample.contrastive_path (the work directory of "
+            "`parti-jax train-contrastive`)"
+        )
     generator = Generator.load(t2i_path, vqgan_path, upsampler_path, vocab_path=vocab_path,
-                               t2i_step=t2i_step, config_overrides=config_overrides)  # fmt: skip
+                               t2i_step=t2i_step, config_overrides=config_overrides,
+                               contrastive_path=contrastive_path)  # fmt: skip
     results = generator.generate(prompts, keep_top_k=keep_top_k, sampling_config=cfg,
                                  scorer=scorer, batch_size=batch_size, prompt_ids=prompt_ids,
                                  progress=progress)  # fmt: skip

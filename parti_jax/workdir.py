@@ -49,6 +49,7 @@ LEGACY_FILES = (
     ("demo.json", "demo"),
     ("vqgan_meta.json", "train-vqgan"),
     ("upsampler_meta.json", "train-upsampler"),
+    ("contrastive_meta.json", "train-contrastive"),
     ("model_config.json", "train"),
     ("manifest.json", "sample"),
     ("codes_meta.json", "precompute-codes"),

@@ -65,7 +65,12 @@ TINY_MODEL = dict(
     dropout_rate=0.0,
 )
 TINY_UPSAMPLER = dict(scale=4, input_size=16, num_blocks=1, channels=8, expansion=2)
+TINY_CONTRASTIVE = dict(
+    image_size=16, patch_size=4, image_width=64, image_depth=1, image_heads=2,
+    image_mlp_dim=128, embed_dim=64,
+)  # fmt: skip
 TEXT_LENGTH = 16
+CONTRASTIVE_STEPS = 300
 NUM_CODE_EXAMPLES = 48
 BATCH = 8
 VQGAN_STEPS = 6
@@ -228,17 +233,42 @@ def build_upsampler(workdir: Path, vqgan_dir: Path) -> Path:
     return workdir
 
 
+def build_contrastive(workdir: Path) -> Path:
+    """The tiny dual encoder: its text tower is TINY_MODEL's encoder (a warm start fits),
+    trained on 16px shapes-world scenes with 2 hard negatives each."""
+    from parti_jax.contrastive.model import ContrastiveConfig
+    from parti_jax.contrastive.train import train_contrastive
+    from parti_jax.models.config import ModelConfig
+    from parti_jax.train.optimizers import OptimizerConfig
+
+    config = ContrastiveConfig(text=ModelConfig(**TINY_MODEL), **TINY_CONTRASTIVE)
+    train_contrastive(
+        workdir=str(workdir),
+        config=config,
+        batch_size=32,
+        loop=_loop(CONTRASTIVE_STEPS),
+        optimizer_config=OptimizerConfig.adamw_defaults(
+            learning_rate=2e-3, warmup_steps=10, decay_end_step=CONTRASTIVE_STEPS
+        ),
+        text_length=TEXT_LENGTH,
+        hard_negatives=2,
+        mesh_config=_mesh_config(),
+    )
+    return workdir
+
+
 def build_tiny_pipeline(root: str | os.PathLike, *, verbose: bool = False) -> dict[str, str]:
     """Builds (or reuses, when `root` already holds them) the four tiny work directories.
 
-    Returns {'vqgan', 'codes', 't2i', 'upsampler', 'vocab', 'root'} as strings.
+    Returns {'vqgan', 'codes', 't2i', 'upsampler', 'contrastive', 'vocab', 'root'} as
+    strings.
     """
     from parti_jax.data.vocab import default_vocab_path
     from parti_jax.vqgan.tokenizer import load_vqgan_meta
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    paths = {k: root / k for k in ("vqgan", "codes", "t2i", "upsampler")}
+    paths = {k: root / k for k in ("vqgan", "codes", "t2i", "upsampler", "contrastive")}
     timings = {}
 
     def stage(name, done: bool, fn) -> None:
@@ -256,6 +286,9 @@ def build_tiny_pipeline(root: str | os.PathLike, *, verbose: bool = False) -> di
           lambda: build_t2i(paths["t2i"], paths["codes"], codebook_hash))  # fmt: skip
     stage("upsampler", (paths["upsampler"] / "checkpoints" / str(UPSAMPLER_STEPS)).exists(),
           lambda: build_upsampler(paths["upsampler"], paths["vqgan"]))  # fmt: skip
+    stage("contrastive",
+          (paths["contrastive"] / "checkpoints" / str(CONTRASTIVE_STEPS)).exists(),
+          lambda: build_contrastive(paths["contrastive"]))  # fmt: skip
     if verbose:
         print("build_tiny_pipeline:", {k: round(v, 1) for k, v in timings.items()})
     out = {k: str(v) for k, v in paths.items()}

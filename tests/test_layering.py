@@ -31,7 +31,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tasks",),  # SeqIO registrations over data/
     ("train",),  # the encoder-decoder's trainer and the training loop
     ("vqgan", "upsampler"),  # the image tokenizer and the upsampler, with their trainers
-    ("loading", "memory"),  # reading trained work dirs; memory plans
+    # reading trained work dirs; memory plans; the contrastive model (its scorer loads one)
+    ("loading", "memory", "contrastive"),
     ("sampling", "benchmark"),  # generation, timings
     ("eval",),  # eval suites and reports
     ("bundle", "export", "demo", "__init__"),  # inference bundles; the whole-pipeline demo

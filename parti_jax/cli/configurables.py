@@ -51,6 +51,8 @@ _CONFIGURABLES = {
     "train_vqgan": "parti_jax.vqgan.train:train_vqgan",
     "UpsamplerConfig": "parti_jax.upsampler.config:UpsamplerConfig",
     "train_upsampler": "parti_jax.upsampler.train:train_upsampler",
+    "ContrastiveConfig": "parti_jax.contrastive.model:ContrastiveConfig",
+    "train_contrastive": "parti_jax.contrastive.train:train_contrastive",
     "SamplingConfig": "parti_jax.decoding:SamplingConfig",
     "sample": "parti_jax.sampling:sample_to_folder",
     "ShapesWorldConfig": "parti_jax.data.shapes:ShapesWorldConfig",

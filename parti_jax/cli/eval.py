@@ -2,6 +2,9 @@
 
     parti-jax eval --gin_file=runs/eval_shapes.gin --workdir=/tmp/eval \\
         --gin.eval.checkpoint_dir="'/tmp/shapes_train'" --gin.eval.vqgan_dir="'/tmp/vqgan'"
+    parti-jax eval --gin_file=runs/eval_shapes.gin --workdir=/tmp/eval ... \\
+        --gin.eval.contrastive_dir="'/tmp/contrastive'" --gin.shapes.num_samples=4 \\
+        --gin.shapes.keep_top_k=4 --gin.shapes.scorer="'contrastive'"
     parti-jax eval --side_by_side /tmp/evalA/parti_prompts /tmp/evalB/parti_prompts \\
         --out /tmp/sbs.html [--name_a A --name_b B --seed 0]
     parti-jax eval --compare votes1.json votes2.json [--out_dir /tmp/compare]
@@ -9,7 +12,10 @@
 The first form runs the suites named in `eval.suites` (parti_prompts, shapes,
 reconstruction, fid, coco_fid; parti_jax/eval/suites.py), each into
 `<workdir>/<suite>/` with metrics.json and a report, and prints the headline
-numbers. Prompts are split across processes (several hosts, or
+numbers. With eval.contrastive_dir (a `parti-jax train-contrastive` work
+directory) scorer='contrastive' reranks by that model and the generating
+suites add its CLIP score and R-precision (shapes: also its agreement with
+the judge). Prompts are split across processes (several hosts, or
 --process_index/--process_count to split the work by hand) and a rerun
 skips the prompts already generated. --workdir may be a URL (gs://...;
 parti_jax/storage.py).

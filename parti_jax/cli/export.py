@@ -1,14 +1,17 @@
 """`parti-jax export`: write or inspect a self-contained inference bundle.
 
     parti-jax export --workdir=/models/shapes --t2i /runs/t2i --vqgan /runs/vqgan \\
-        --upsampler /runs/upsampler [--gin_file=runs/shapes_sample.gin] \\
-        [--platforms=cpu,cuda,tpu] [--export_batch_size=16] [--no_jax_export] [--overwrite]
+        --upsampler /runs/upsampler [--contrastive /runs/clip] \\
+        [--gin_file=runs/shapes_sample.gin] [--platforms=cpu,cuda,tpu] \\
+        [--export_batch_size=16] [--no_jax_export] [--overwrite]
     parti-jax export --inspect /runs/t2i          # or a VQGAN / upsampler work dir, a bundle
     parti-jax export --inspect /models/shapes --json
 
 Gin binds `export.*` (parti_jax.export.export_bundle): `export.t2i_path`,
-`export.vqgan_path`, `export.upsampler_path` (the --t2i / --vqgan /
---upsampler flags override them), `export.sampling_config =
+`export.vqgan_path`, `export.upsampler_path`, `export.contrastive_path` (the
+--t2i / --vqgan / --upsampler / --contrastive flags override them; a
+contrastive model makes the bundle rerank with scorer='contrastive'),
+`export.sampling_config =
 @SamplingConfig()` (Bundle.generate's default and what the jax.export
 sampler compiles in), `export.vocab_path`, `export.t2i_step`. The bundle is
 --workdir (a folder or a URL such as gs://bucket/bundles/shapes): it must be
@@ -32,10 +35,16 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--inspect", default=None, metavar="PATH",
         help="List parameter names, shapes, dtypes and totals of a bundle, a train / "
-        "train-vqgan / train-upsampler work directory or a checkpoint, then exit.",
+        "train-vqgan / train-upsampler / train-contrastive work directory or a checkpoint, "
+        "then exit.",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="With --inspect: print JSON.")
     flags.add_model_dir_flags(parser)
+    parser.add_argument(
+        "--contrastive", default=None,
+        help="Contrastive model work directory (`parti-jax train-contrastive`): bundled for "
+        "scorer='contrastive'.",
+    )  # fmt: skip
     parser.add_argument(
         "--platforms", default=None,
         help="jax.export lowering platforms, comma separated (default cpu,cuda,tpu).",
@@ -68,6 +77,8 @@ def main(argv: Sequence[str]) -> int:
 
     out = storage.path(args.workdir)  # a URL keeps its scheme
     kwargs = flags.model_dir_kwargs(ns, "platforms", "export_batch_size")
+    if ns.contrastive is not None:
+        kwargs["contrastive_path"] = ns.contrastive
     if ns.no_jax_export:
         kwargs["jax_export"] = False
     flags.check_required_bindings(

@@ -19,6 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("parti_jax.cli.train", "train the text-to-image encoder-decoder"),
     "sample": ("parti_jax.cli.sample", "generate images from prompts"),
     "train-upsampler": ("parti_jax.cli.train:main_upsampler", "train the super-resolution network"),
+    "train-contrastive": (
+        "parti_jax.cli.train:main_contrastive",
+        "train the contrastive image-text model (reranker, text-encoder warm start)",
+    ),
     "eval": ("parti_jax.cli.eval", "run eval suites (PartiPrompts, shapes, FID, ...)"),
     "export": ("parti_jax.cli.export", "write or inspect a self-contained inference bundle"),
     "launch": ("parti_jax.cli.launch", "run on TPU pods, GKE, SLURM or local processes"),

@@ -5,11 +5,15 @@
     parti-jax sample --gin_file=runs/shapes_sample.gin --workdir=/tmp/samples --prompts_file p.txt
     parti-jax sample --gin_file=runs/shapes_sample.gin --workdir=/tmp/samples \\
         --task shapes_world --split validation --num_prompts 16
+    parti-jax sample --gin_file=runs/shapes_sample.gin --workdir=/tmp/samples \\
+        --prompt "a red circle" --contrastive /runs/clip --gin.sample.scorer="'contrastive'"
 
 Gin binds `sample.*` (parti_jax.sampling.sample_to_folder): the three work
 directories (`sample.t2i_path`, `sample.vqgan_path`, `sample.upsampler_path`;
 the --t2i / --vqgan / --upsampler flags override them), `SamplingConfig`,
-`sample.keep_top_k`, `sample.scorer`, `sample.batch_size`. The prompts come
+`sample.keep_top_k`, `sample.scorer`, `sample.batch_size`, and
+`sample.contrastive_path` (--contrastive: a `parti-jax train-contrastive` work
+directory, for `sample.scorer = 'contrastive'`). The prompts come
 from the flags: --prompt (repeatable), --prompts_file (one per line) or
 --task/--split (the captions of a `<name>_pixels` task split, or of the
 built-in 'shapes_world'; the prompt id is the example's index in the split).
@@ -45,6 +49,11 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--split", default="validation", help="Split of --task.")
     parser.add_argument("--num_prompts", type=int, default=16, help="Prompts taken from --task.")
     flags.add_model_dir_flags(parser)
+    parser.add_argument(
+        "--contrastive", default=None,
+        help="Contrastive model work directory (`parti-jax train-contrastive`) for "
+        "sample.scorer='contrastive' (overrides sample.contrastive_path).",
+    )  # fmt: skip
     parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
     parser.add_argument(
         "--allow_empty_prompt", action="store_true",
@@ -77,6 +86,8 @@ def main(argv: Sequence[str]) -> int:
 
     out = storage.join(args.workdir)  # as given: a URL keeps its scheme
     kwargs = {"workdir": out, "progress": not ns.no_progress, **flags.model_dir_kwargs(ns)}
+    if ns.contrastive is not None:
+        kwargs["contrastive_path"] = ns.contrastive
     if ns.allow_empty_prompt:
         kwargs["allow_empty_prompt"] = True
     flags.check_required_bindings(

@@ -1,16 +1,19 @@
-"""`parti-jax train`, `train-vqgan` and `train-upsampler`: the three trainers, one loop.
+"""`parti-jax train`, `train-vqgan`, `train-upsampler`, `train-contrastive`: four trainers, one loop.
 
     parti-jax train --gin_file=runs/tiny_train.gin --workdir=/tmp/tiny_train
     parti-jax train --gin_file=runs/shapes_train.gin --workdir=/tmp/shapes \\
         --gin.train/LoopConfig.num_steps=2000 --restore_from=/tmp/other_run
+    parti-jax train --gin_file=runs/shapes_train.gin --workdir=/tmp/shapes \\
+        --text_encoder_from=/tmp/tiny_clip
     parti-jax train-vqgan --gin_file=runs/tiny_vqgan.gin --workdir=/tmp/tiny_vqgan
     parti-jax train-vqgan --gin_file=runs/vqgan_finetune_decoder.gin \\
         --workdir=/tmp/vqgan_ft --init_from=/tmp/vqgan_base
     parti-jax train-upsampler --gin_file=runs/tiny_upsampler.gin --workdir=/tmp/tiny_up
+    parti-jax train-contrastive --gin_file=runs/tiny_contrastive.gin --workdir=/tmp/tiny_clip
 
 Gin binds the trainer's arguments (`train.*`, `train_vqgan.*`,
-`train_upsampler.*`), the config classes (`ModelConfig`, `VQGANConfig`,
-`UpsamplerConfig`, `LossConfig`, `DiscriminatorConfig`, `MeshConfig`,
+`train_upsampler.*`, `train_contrastive.*`), the config classes (`ModelConfig`,
+`VQGANConfig`, `UpsamplerConfig`, `ContrastiveConfig`, `LossConfig`, `DiscriminatorConfig`, `MeshConfig`,
 `OptimizerConfig` or `adamw_optimizer`, scoped `generator/...` and
 `discriminator/...` where a trainer has two) and the loop, scoped by the
 trainer's name: `train.loop = @train/LoopConfig()` with
@@ -58,6 +61,12 @@ TRAINERS = {
                 "(used only when --workdir has no checkpoint yet).",
             ),
             ("restore_include", "Regex of parameter paths to warm-start, e.g. 'encoder/.*'."),
+            (
+                "text_encoder_from",
+                "Start the text encoder from a `parti-jax train-contrastive` work directory's "
+                "text tower (after --restore_from when both are given; used only when "
+                "--workdir has no checkpoint yet).",
+            ),
         ),
     ),
     "train-vqgan": Trainer(
@@ -81,6 +90,13 @@ TRAINERS = {
         "Train the super-resolution network on VQGAN reconstructions.",
         "runs/tiny_upsampler.gin",
         "checkpoints, metrics.jsonl, meta",
+    ),
+    "train-contrastive": Trainer(
+        "train-contrastive",
+        "parti_jax.contrastive.train:train_contrastive",
+        "Train the contrastive image-text model (the reranker and text-encoder warm start).",
+        "runs/tiny_contrastive.gin",
+        "checkpoints, metrics.jsonl, contrastive_meta.json",
     ),
 }
 
@@ -131,3 +147,7 @@ def main_vqgan(argv: Sequence[str]) -> int:
 
 def main_upsampler(argv: Sequence[str]) -> int:
     return run(TRAINERS["train-upsampler"], argv)
+
+
+def main_contrastive(argv: Sequence[str]) -> int:
+    return run(TRAINERS["train-contrastive"], argv)

@@ -575,12 +575,23 @@ def all_caption_words() -> list[str]:
 
 
 def near_miss_captions(
-    spec: SceneSpec, rng: np.random.Generator, config: ShapesWorldConfig | None = None
+    spec: SceneSpec,
+    rng: np.random.Generator,
+    config: ShapesWorldConfig | None = None,
+    *,
+    stated: CaptionRequirements | None = None,
 ) -> list[tuple[str, str]]:
     """Captions that differ from a true description of `spec` in exactly one attribute.
 
     Returns (caption, changed attribute) for attribute in colour, shape, size,
     position, relation (two objects) and count. A faithful judge rejects all of them.
+
+    stated: what the true caption states (`Example.requirements`). Without it the
+    near misses state everything the judge checks (sizes, and positions of one
+    object or the relation of two). With it they state what it states, as it
+    does, and only stated attributes change (no size near miss where sizes are
+    not stated, ...): only the changed attribute tells them from a true caption
+    (the contrastive model's hard negatives and its R-precision).
     """
     config = config or ShapesWorldConfig()
     objs = spec.objects
@@ -589,12 +600,20 @@ def near_miss_captions(
     i = int(rng.integers(len(objs)))  # which object to change
     o = objs[i]
     other = objs[1 - i] if two else None
+    if stated is None:
+        state = dict(size=True, position=not two, relation=True)
+    else:
+        state = dict(
+            size=all(r.size is not None for r in stated.objects),
+            position=all(r.cell is not None for r in stated.objects),
+            relation=stated.relation is not None,
+        )
 
     def with_object(new: ObjectSpec) -> str:
-        # One object: state its position too; two: state the relation.
+        # As stated; by default one object states its position, two their relation.
         changed = list(objs)
         changed[i] = new
-        req = requirements_of(dataclasses.replace(spec, objects=tuple(changed)), position=not two)
+        req = requirements_of(dataclasses.replace(spec, objects=tuple(changed)), **state)
         return caption_from_requirements(req, rng)
 
     # Keep the two objects distinguishable: a changed (colour, shape) differs from the other's.
@@ -604,23 +623,35 @@ def near_miss_captions(
     shapes = [s for s in config.shapes if s != o.shape and (o.color, s) not in taken]
     out.append((with_object(dataclasses.replace(o, shape=_pick(rng, shapes))), "shape"))
     flipped = "large" if o.size == "small" else "small"
-    out.append((with_object(dataclasses.replace(o, size=flipped)), "size"))
+    if state["size"]:
+        out.append((with_object(dataclasses.replace(o, size=flipped)), "size"))
     cells = [c for c in CELL_NAMES if c != o.cell and (other is None or c != other.cell)]
     new_cell = _pick(rng, cells)
     if two:
-        # Only positions are stated, so the relation is not part of the change.
-        changed = list(objs)
-        changed[i] = dataclasses.replace(o, cell=new_cell)
-        req = requirements_of(SceneSpec(objects=tuple(changed)), relation=False)
-        out.append((caption_from_requirements(req, rng), "position"))
-        rel = OPPOSITE_RELATION[spec.relation]
-        req = requirements_of(dataclasses.replace(spec, relation=rel), position=False)
-        out.append((caption_from_requirements(req, rng), "relation"))
-        # Count: describe only one of the two objects, fully.
-        req = requirements_of(SceneSpec(objects=(o,)))
+        if stated is None or state["position"]:
+            # Only positions are stated, so the relation is not part of the change.
+            changed = list(objs)
+            changed[i] = dataclasses.replace(o, cell=new_cell)
+            req = requirements_of(
+                SceneSpec(objects=tuple(changed)), size=state["size"], relation=False
+            )
+            out.append((caption_from_requirements(req, rng), "position"))
+        if state["relation"]:
+            rel = OPPOSITE_RELATION[spec.relation]
+            req = requirements_of(
+                dataclasses.replace(spec, relation=rel), size=state["size"], position=False
+            )
+            out.append((caption_from_requirements(req, rng), "relation"))
+        # Count: describe only one of the two objects (fully, or as stated).
+        single = SceneSpec(objects=(o,))
+        if stated is None:
+            req = requirements_of(single)
+        else:
+            req = requirements_of(single, size=state["size"], position=state["position"])
         out.append((caption_from_requirements(req, rng), "count"))
     else:
-        out.append((with_object(dataclasses.replace(o, cell=new_cell)), "position"))
+        if state["position"]:
+            out.append((with_object(dataclasses.replace(o, cell=new_cell)), "position"))
         # Count: the real object plus one that is not there.
         pairs = [
             p for p in config.allowed_pairs() + config.heldout_pairs() if p != (o.color, o.shape)
@@ -629,6 +660,8 @@ def near_miss_captions(
         extra_cell = _pick(rng, [c for c in CELL_NAMES if c != o.cell])
         extra = ObjectSpec(shape, color, _pick(rng, SIZES), extra_cell, (0.5, 0.5), 0.2)
         rel = _pick(rng, true_relations(o, extra))
-        req = requirements_of(SceneSpec(objects=(o, extra), relation=rel), position=False)
+        req = requirements_of(
+            SceneSpec(objects=(o, extra), relation=rel), size=state["size"], position=False
+        )
         out.append((caption_from_requirements(req, rng), "count"))
     return out

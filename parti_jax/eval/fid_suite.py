@@ -9,8 +9,13 @@ Without Inception weights or reference statistics the metric is skipped and
 metrics.json says why (`fid: null`, `fid_status: "skipped"`); coco_fid then
 stops before generating (unless `generate_without_fid`). metrics.json holds
 "suite", "fid", "fid_status", "fid_reason", "fid_num_images", "eval_dir";
-coco_fid adds "num_prompts", "image_size" and the generation summary.
-`report.html` shows the figure with its status.
+coco_fid adds "num_prompts", "image_size" and the generation summary, and
+with a contrastive model (the generator's, from eval.contrastive_dir)
+"clip_score" (mean cosine of each image with its caption), "r_precision" (the
+caption above 99 other drawn captions), "r_precision_distractors",
+"contrastive_num_images" and "contrastive_model"
+(parti_jax/eval/contrastive_metrics.py: a relative measure).
+`report.html` shows the figure with its status (and every metric).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from parti_jax import storage
+from parti_jax.eval import contrastive_metrics as CM
 from parti_jax.eval import fid as F
 from parti_jax.eval import gallery
 from parti_jax.eval import html as H
@@ -127,6 +133,7 @@ def run_coco_fid(
     inception_batch_size: int = 50,
     generate_without_fid: bool = False,
     feature_fn: Callable[[np.ndarray], Any] | None = None,
+    r_precision_seed: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> dict[str, Any]:
@@ -143,6 +150,8 @@ def run_coco_fid(
         statistics; without them the suite stops before generating unless
         `generate_without_fid`.
       feature_fn: replaces the Inception network (tests); the figure is then unvalidated.
+      r_precision_seed: draws each caption's R-precision distractors (with a
+        contrastive model: the generator's, from eval.contrastive_dir).
     """
     settings = S.GenerationSettings.from_args(locals())
     out_dir = storage.path(out_dir)
@@ -179,6 +188,9 @@ def run_coco_fid(
     result = F.compute_fid(batches, inception_params_path, ref_stats_path, feature_fn=feature_fn)
     metrics = {**run.summary(), "eval_dir": str(out_dir), **result.to_metrics()}
     metrics.update(num_prompts=len(run.records), image_size=image_size)
+    model = S.contrastive_model(generator)
+    if model is not None:
+        metrics.update(CM.retrieval_metrics(model, out_dir, run.records, seed=r_precision_seed))
     _write_metrics_and_report(out_dir, "COCO FID", metrics)
     gallery.write_gallery(out_dir, "COCO captions")
     return metrics

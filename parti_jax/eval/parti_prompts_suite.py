@@ -14,7 +14,17 @@ an eval folder (parti_jax/eval/records.py) with the gallery as `index.html`;
      "mean_rerank_score_per_category": {...}, "mean_rerank_score_per_challenge": {...},
      "num_samples": 16, "keep_top_k": 4, "seed": 0, "scorer": "likelihood" | null,
      "filters": {"categories": null, "challenges": null, "limit": null},
-     "this_run": {"generated": 1632, "skipped": 0, "seconds": 812.4}}
+     "this_run": {"generated": 1632, "skipped": 0, "seconds": 812.4},
+     # with a contrastive model (eval.contrastive_dir; parti_jax/eval/contrastive_metrics.py):
+     "clip_score": 0.27,                     # mean cosine of each best image with its prompt
+     "clip_score_per_category": {...}, "clip_score_per_challenge": {...},
+     "r_precision": 0.61,                    # prompt above 99 other prompts of the suite
+     "r_precision_per_category": {...}, "r_precision_per_challenge": {...},
+     "r_precision_distractors": 99, "contrastive_num_images": 1632,
+     "contrastive_model": {"checkpoint", "step", "vocab_sha256", "image_size"}}
+
+An in-project contrastive model scoring these images gives a relative measure
+(checkpoints or settings against each other under one contrastive model).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from parti_jax import storage
+from parti_jax.eval import contrastive_metrics as CM
 from parti_jax.eval import gallery
 from parti_jax.eval import records as R
 from parti_jax.eval import suites as S
@@ -79,6 +90,7 @@ def run_parti_prompts(
     prompts_per_call: int | None = None,
     image_size: int | None = None,
     title: str = "PartiPrompts",
+    r_precision_seed: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> dict[str, Any]:
@@ -94,6 +106,8 @@ def run_parti_prompts(
       batch_size: rows per sampling batch; prompts_per_call: prompts per
         `generate` call (default batch_size // num_samples).
       image_size: resize saved images to this side (default: as generated).
+      r_precision_seed: draws each prompt's R-precision distractors (with a
+        contrastive model: the generator's, from eval.contrastive_dir).
       process_index, process_count: this host's share (default: jax's).
 
     Returns:
@@ -127,6 +141,15 @@ def run_parti_prompts(
             "limit": limit,
         },
     }
+    model = S.contrastive_model(generator)
+    if model is not None:
+        order = {
+            "category": lambda names: gallery.ordered_groups(names, gallery.PARTI_CATEGORIES),
+            "challenge": lambda names: gallery.ordered_groups(names, gallery.PARTI_CHALLENGES),
+        }
+        metrics.update(
+            CM.retrieval_metrics(model, out_dir, run.records, seed=r_precision_seed, groups=order)
+        )
     R.update_metrics(out_dir, metrics)
     gallery.write_gallery(out_dir, title)
     return metrics

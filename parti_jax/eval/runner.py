@@ -2,6 +2,9 @@
 
 Each suite writes its own folder (layout in parti_jax/eval/suites.py); the
 summary is `OUT/metrics.json` ({suite: metrics}) and `OUT/index.html`.
+With `eval.contrastive_dir` the generator carries a contrastive model: the
+suites' scorer='contrastive' reranks with it, and the generating suites add
+its figures (CLIP score, R-precision; shapes: agreement with the judge).
 """
 
 from __future__ import annotations
@@ -49,16 +52,27 @@ class SuiteInputs:
 def headline(name: str, metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """A few numbers per suite for the summary page and the console."""
     picks = {
-        "parti_prompts": ["num_prompts", "num_images", "mean_rerank_score"],
+        "parti_prompts": [
+            "num_prompts",
+            "num_images",
+            "mean_rerank_score",
+            "clip_score",
+            "r_precision",
+        ],
         "shapes": [
             "in_distribution.accuracy",
             "in_distribution.two_object_share",
             "heldout.accuracy",
             "in_distribution.near_miss.false_accept_rate",
+            "in_distribution.one_draw.accuracy",
+            "in_distribution.oracle.accuracy",
+            "in_distribution.contrastive.clip_score",
+            "in_distribution.contrastive.r_precision_real.r_precision",
+            "in_distribution.contrastive.agreement_with_judge.auc",
         ],
         "reconstruction": ["vqgan.psnr", "vqgan.lpips", "vqgan.codebook_usage", "upsampler.psnr"],
         "fid": ["fid", "fid_status"],
-        "coco_fid": ["fid", "fid_status", "num_prompts"],
+        "coco_fid": ["fid", "fid_status", "num_prompts", "clip_score", "r_precision"],
     }.get(name, [])
     out = []
     for key in [*picks, "status"]:
@@ -106,6 +120,7 @@ def run_eval_suites(
     vqgan_dir: str | None = None,
     upsampler_dir: str | None = None,
     vocab_path: str | None = None,
+    contrastive_dir: str | None = None,
     sampling_config: SamplingConfig | None = None,
     seed: int | None = None,
     batch_size: int | None = None,
@@ -126,6 +141,10 @@ def run_eval_suites(
       checkpoint_dir: the encoder-decoder's `parti-jax train` work directory.
       vqgan_dir, upsampler_dir: `train-vqgan` / `train-upsampler` work directories.
       vocab_path: the SentencePiece model, if the checkpoint does not record it.
+      contrastive_dir: a `parti-jax train-contrastive` work directory: the generator
+        loads its model (`Generator.load(contrastive_path=...)`), so a suite's
+        scorer='contrastive' works, and the generating suites add its metrics
+        (clip_score, r_precision; shapes: a `contrastive` block per group).
       sampling_config, seed, batch_size: shared by the generating suites.
       process_index, process_count: simulate or override this host's share.
       inputs: preloaded models (tests); default: loaded from the paths above.
@@ -142,7 +161,9 @@ def run_eval_suites(
     if batch_size is not None and batch_size < 1:
         raise SuiteError(f"eval.batch_size={batch_size} must be >= 1 (or None: each suite's own)")
     if inputs is None:
-        inputs = _inputs_from_paths(checkpoint_dir, vqgan_dir, upsampler_dir, vocab_path)
+        inputs = _inputs_from_paths(
+            checkpoint_dir, vqgan_dir, upsampler_dir, vocab_path, contrastive_dir
+        )
     index, count, _ = resolve_processes(process_index, process_count)
     shared = {"sampling_config": sampling_config, "seed": seed, "batch_size": batch_size}
     results: dict[str, dict] = {}
@@ -169,7 +190,7 @@ def run_eval_suites(
 
 def _inputs_from_paths(
     checkpoint_dir: str | None, vqgan_dir: str | None, upsampler_dir: str | None,
-    vocab_path: str | None,
+    vocab_path: str | None, contrastive_dir: str | None = None,
 ) -> SuiteInputs:  # fmt: skip
     """Loaders of the models named by the eval paths (each run when first needed)."""
 
@@ -181,7 +202,8 @@ def _inputs_from_paths(
             )
         from parti_jax.sampling import Generator
 
-        return Generator.load(checkpoint_dir, vqgan_dir, upsampler_dir, vocab_path=vocab_path)
+        return Generator.load(checkpoint_dir, vqgan_dir, upsampler_dir, vocab_path=vocab_path,
+                              contrastive_path=contrastive_dir)  # fmt: skip
 
     def tokenizer() -> Any:
         if not vqgan_dir:

@@ -18,6 +18,9 @@ loses at most the prompts in flight. Resuming with other generation settings
 
 Suites take any object with `parti_jax.sampling.Generator.generate` (tests pass
 stand-ins); a prompt to generate for is a `records.PromptRecord` without images.
+A generator's contrastive model (`Generator.contrastive`, loaded from
+`eval.contrastive_dir`) reranks with scorer='contrastive' and adds the suites'
+contrastive metrics (parti_jax/eval/contrastive_metrics.py).
 Folders may be URLs (gs://...): every file goes through parti_jax/storage.py.
 """
 
@@ -64,7 +67,7 @@ class GenerationSettings:
     sampling_config: Any = None
     seed: int = 0
     scorer: Any = None  # None (the generator's default), a name it knows ('likelihood',
-    # 'pmi', 'shapes_judge', 'none') or a Scorer object
+    # 'pmi', 'contrastive', 'shapes_judge', 'none') or a Scorer object
     batch_size: int | None = None  # rows per sampling batch (the generator's batch_size)
     prompts_per_call: int | None = None  # prompts per generate() call (resume granularity)
     image_size: int | None = None  # saved images are resized to this side when set
@@ -137,6 +140,21 @@ def process_0_only(name: str, process_index: int | None) -> dict[str, Any] | Non
     return (
         None if index == 0 else {"suite": name, "status": "skipped", "reason": "runs on process 0"}
     )
+
+
+def contrastive_model(generator: Any) -> Any:
+    """The generator's contrastive model (`Generator.contrastive`: a `ContrastiveModel`
+    loaded from eval.contrastive_dir), or None (none loaded, or a stand-in without one)."""
+    return getattr(generator, "contrastive", None)
+
+
+def check_contrastive_scorer(name: str, settings: GenerationSettings, generator: Any) -> None:
+    """Refuses scorer='contrastive' without a contrastive model, naming the setting."""
+    if settings.scorer == "contrastive" and contrastive_model(generator) is None:
+        raise SuiteError(
+            f"{name}.scorer='contrastive' needs a contrastive model: set eval.contrastive_dir "
+            "to a `parti-jax train-contrastive` work directory (or choose another scorer)"
+        )
 
 
 def shard_dir(out_dir: str | os.PathLike, index: int, count: int) -> storage.Path:
@@ -290,6 +308,7 @@ def generate_suite(
     `generate`. When `run.pending` is None this process writes the reports:
     `run.records` holds every record of the suite folder (shards merged).
     """
+    check_contrastive_scorer(name, settings, generator)
     index, count, real_multihost = resolve_processes(process_index, process_count)
     out_dir = storage.path(out_dir)
     ids = [p.prompt_id for p in prompts]

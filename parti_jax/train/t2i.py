@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from parti_jax import partitioning
+from parti_jax import partitioning, storage
 from parti_jax.models.chunked import check_loss_chunk_size, chunked_token_sums
 from parti_jax.models.config import ModelConfig, check_counts
 from parti_jax.models.transformer import EncoderDecoder
@@ -232,6 +233,152 @@ def _make_iterator(
     )
 
 
+# ------------------------------------------------- text encoder warm start
+# The contrastive model's record (`parti-jax train-contrastive`); its 'config'
+# holds the text tower's ModelConfig under 'text' (parti_jax/contrastive sits
+# above this package, so the record is read here as plain JSON).
+CONTRASTIVE_META = "contrastive_meta.json"
+# ModelConfig fields that shape the encoder's parameters (a warm start needs them
+# equal; scan_layers converts, head_dim compares as the width used).
+ENCODER_FIELDS = (
+    "text_vocab_size", "max_text_length", "text_positions", "d_model", "num_heads", "head_dim",
+    "mlp_dim", "num_encoder_layers", "mlp_activation", "norm_type",
+)  # fmt: skip
+
+
+def check_text_encoder_fit(tower: ModelConfig, config: ModelConfig, where: str) -> None:
+    """Raises ValueError naming every encoder field that differs between a contrastive
+    text tower's ModelConfig and the encoder-decoder's, and the fix."""
+
+    def value(c: ModelConfig, field: str) -> Any:
+        return c.kv_dim if field == "head_dim" else getattr(c, field)
+
+    diff = [
+        f"{f}: tower {value(tower, f)!r} vs train {value(config, f)!r}"
+        for f in ENCODER_FIELDS
+        if value(tower, f) != value(config, f)
+    ]
+    if diff:
+        raise ValueError(
+            f"{where}: the contrastive text tower does not fit this encoder ({'; '.join(diff)}); "
+            "train the contrastive model with ContrastiveConfig.text = the same ModelConfig "
+            "(gin: ContrastiveConfig.text = @ModelConfig()) or change train's ModelConfig to "
+            "match"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderWarmStart:
+    """`TrainState -> TrainState`: the encoder-decoder's 'encoder' parameters set to a
+    contrastive checkpoint's text tower ('text_encoder'); made by
+    `text_encoder_warm_start`, which checks the fit and finds the checkpoint first.
+    With source='encoder', target='text_encoder' it goes the other way: a contrastive
+    model's text tower from an encoder-decoder's encoder (`train_contrastive`)."""
+
+    contrastive_dir: str  # the work dir read from
+    checkpoint: str  # the <step> folder whose text tower is used
+    vocab_sha256: str | None  # the vocabulary the tower was trained with
+    relayout: Callable[[PyTree], PyTree] | None = None  # scan <-> unrolled layers
+    source: str = "text_encoder"  # the checkpoint's subtree
+    target: str = "encoder"  # this model's subtree
+
+    def record(self) -> dict[str, Any]:
+        """model_config.json's 'text_encoder_from'."""
+        return {"workdir": self.contrastive_dir, "checkpoint": self.checkpoint,
+                "step": int(storage.path(self.checkpoint).name),
+                "vocab_sha256": self.vocab_sha256}  # fmt: skip
+
+    def _convert(self, params: PyTree) -> PyTree:
+        tower = params[self.source]
+        return {self.target: self.relayout(tower) if self.relayout else tower}
+
+    def __call__(self, state: TrainState) -> TrainState:
+        params, names = checkpoints.restore_params_from(
+            self.checkpoint, state.params, include=f"^{self.target}/", convert=self._convert,
+            fix="give the text tower and the encoder-decoder the same encoder ModelConfig",
+        )  # fmt: skip
+        metrics_lib.console(
+            f"warm start: '{self.target}' ({len(names)} arrays) from '{self.source}' of "
+            f"{self.checkpoint}"
+        )
+        return state.replace(params=params)
+
+
+def text_encoder_warm_start(
+    contrastive_dir: str, model_config: ModelConfig, *, step: int | None = None
+) -> TextEncoderWarmStart:
+    """The warm start of the encoder from a `parti-jax train-contrastive` work dir's text
+    tower (latest or `step` checkpoint). Reads its contrastive_meta.json and checks the
+    tower's fit (ValueError naming each differing field) and that a checkpoint exists
+    (CheckpointError): nothing is restored or compiled yet."""
+    from parti_jax.models.layers import scan_to_unscanned, unscanned_to_scan
+
+    where = f"train.text_encoder_from={contrastive_dir}"
+    file = storage.join(contrastive_dir, CONTRASTIVE_META)
+    try:
+        meta = json.loads(storage.read_text(file))
+        text = meta["config"]["text"]
+        tower = ModelConfig(**dict(text, image_grid=tuple(text["image_grid"])))
+    except FileNotFoundError:
+        raise ValueError(
+            f"{where}: no {CONTRASTIVE_META}; pass the --workdir of `parti-jax train-contrastive`"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{file}: not a readable contrastive record ({type(e).__name__}: {e}); pass the "
+            "--workdir of `parti-jax train-contrastive`"
+        ) from None
+    check_text_encoder_fit(tower, model_config, where)
+    relayout = None
+    if tower.scan_layers != model_config.scan_layers:
+        relayout = unscanned_to_scan if model_config.scan_layers else scan_to_unscanned
+    step_dir = checkpoints.resolve_checkpoint_dir(contrastive_dir, step)
+    return TextEncoderWarmStart(
+        str(contrastive_dir), str(step_dir), meta.get("vocab_sha256"), relayout
+    )
+
+
+def _tower_record(run: loop_lib.Run, tower: Any) -> dict[str, Any] | None:
+    """model_config.json's 'text_encoder_from': the tower's workdir and checkpoint. A
+    resumed run keeps its first launch's record (the warm start happened then, or not
+    at all: the contrastive work dir may have newer checkpoints since, and a warm start
+    added on a resume is not applied)."""
+    record = None if tower is None else tower.record()
+    try:
+        checkpoints.resolve_checkpoint_dir(run.workdir)  # raises on a fresh run
+        previous = json.loads(storage.read_text(storage.join(run.workdir, "model_config.json")))
+    except (OSError, ValueError):
+        return record
+    return previous.get("text_encoder_from") if isinstance(previous, dict) else record
+
+
+def _check_tower_vocabulary(task: Any, tower: Any) -> None:
+    """Raises ValueError when a codes task tokenizes captions with another vocabulary than
+    the one the contrastive text tower was trained with (its embeddings would be another
+    vocabulary's)."""
+    import hashlib
+
+    import seqio
+
+    if not tower.vocab_sha256:
+        return
+    provider = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
+    tasks = list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+    for t in tasks:
+        vocabulary = t.output_features["inputs"].vocabulary
+        model = getattr(vocabulary, "sp_model", None)
+        if model is None:
+            continue
+        if hashlib.sha256(model).hexdigest() != tower.vocab_sha256:
+            raise ValueError(
+                f"train.text_encoder_from={tower.contrastive_dir}: its text tower was trained "
+                f"with the vocabulary {tower.vocab_sha256[:12]}…, but task {t.name} tokenizes "
+                f"captions with {getattr(vocabulary, 'sentencepiece_model_file', '?')} "
+                f"({hashlib.sha256(model).hexdigest()[:12]}…); train the contrastive model "
+                "with train_contrastive.vocab_path = the codes task's vocabulary"
+            )
+
+
 # ------------------------------------------------------------------ train
 
 
@@ -281,6 +428,7 @@ def train(
     eval_split: str = "validation",
     restore_from: str | None = None,
     restore_include: str | None = None,
+    text_encoder_from: str | None = None,
     codebook_hash: str | None = None,
     peak_flops: float | None = None,
 ) -> loop_lib.TrainResult:
@@ -315,6 +463,12 @@ def train(
         directory or checkpoint, when this workdir has no checkpoint yet;
         scanned/unscanned layouts are converted.
       restore_include: regex of parameter paths to warm-start (e.g. 'encoder/.*').
+      text_encoder_from: a `parti-jax train-contrastive` work directory: when this
+        workdir has no checkpoint yet, the text encoder starts from its latest
+        checkpoint's text tower (after `restore_from`, when both are set, so the
+        tower's encoder wins). The tower must have this ModelConfig's encoder
+        fields (checked before anything compiles; scanned/unscanned layers are
+        converted) and, for a codes task, the task's vocabulary.
       codebook_hash: expected codebook hash of the codes (checked when set).
       peak_flops: per-device peak FLOP/s for MFU (default: known devices).
     """
@@ -334,6 +488,9 @@ def train(
             f"train.text_length={text_length} exceeds ModelConfig.max_text_length="
             f"{model_config.max_text_length}"
         )
+    tower = None
+    if text_encoder_from:  # checked before anything runs or compiles
+        tower = text_encoder_warm_start(text_encoder_from, model_config)
     run = loop_lib.start_run(
         workdir,
         batch_size=batch_size,
@@ -353,6 +510,8 @@ def train(
             codebook_hash=codebook_hash,
             eval_split=eval_split if loop.eval_every else None,
         )
+        if tower is not None:
+            _check_tower_vocabulary(task, tower)
     make_data = functools.partial(
         _make_iterator,
         task=task,
@@ -366,12 +525,14 @@ def train(
     )
 
     def warm_start(state: TrainState) -> TrainState:
-        step_dir = checkpoints.resolve_checkpoint_dir(restore_from)
-        params, names = checkpoints.restore_params_from(
-            step_dir, state.params, include=restore_include
-        )
-        metrics_lib.console(f"warm start: {len(names)} parameter(s) from {step_dir}")
-        return state.replace(params=params)
+        if restore_from:
+            step_dir = checkpoints.resolve_checkpoint_dir(restore_from)
+            params, names = checkpoints.restore_params_from(
+                step_dir, state.params, include=restore_include
+            )
+            metrics_lib.console(f"warm start: {len(names)} parameter(s) from {step_dir}")
+            state = state.replace(params=params)
+        return tower(state) if tower is not None else state
 
     run.write_json(
         "model_config.json",
@@ -382,6 +543,7 @@ def train(
             "text_length": text_length,
             "task": getattr(task, "name", task) or "synthetic",
             "codes_meta": {k: v for k, v in codes_meta.items() if k != "shards"},
+            "text_encoder_from": _tower_record(run, tower),
         },
     )
     task_spec = train_task(
@@ -405,7 +567,7 @@ def train(
         task_spec,
         data=lambda seed: make_data(seed=seed, split="train"),
         evaluate=evaluate,
-        warm_start=warm_start if restore_from else None,
+        warm_start=warm_start if restore_from or tower is not None else None,
         flops_per_step=t2i_flops_per_step(model_config, batch_size, text_length),
         tokens_per_step=batch_size * (text_length + model_config.num_image_tokens),
         peak_flops=peak_flops,

@@ -18,6 +18,7 @@ class Result:
     prompt_id: int
     images: list[np.ndarray]
     scores: list[float] | None
+    sample_indices: list[int] | None = None  # which draw each kept image is
 
 
 class RecordingGenerator:
@@ -41,7 +42,10 @@ class RecordingGenerator:
                 samples.append(rng.uniform(size=(self.size, self.size, 3)).astype(np.float32))
             scores = [float(im.mean()) for im in samples]
             order = np.argsort(scores)[::-1][:keep_top_k]
-            out.append(Result(prompt, pid, [samples[i] for i in order], [scores[i] for i in order]))
+            kept = [int(i) for i in order]
+            out.append(
+                Result(prompt, pid, [samples[i] for i in kept], [scores[i] for i in kept], kept)
+            )
         return out
 
     @property

@@ -14,6 +14,7 @@ import pytest
 
 from parti_jax.data import prompts as P
 from parti_jax.data.shapes import HELDOUT_COMBINATIONS
+from parti_jax.eval import contrastive_metrics as CM
 from parti_jax.eval import fid as F
 from parti_jax.eval import fid_suite, gallery, parti_prompts_suite, reconstruction, shapes_suite
 from parti_jax.eval import records as R
@@ -200,6 +201,86 @@ def test_shapes_report_escapes_captions(tmp_path):
     }
     page = shapes_suite.write_report(tmp_path, records, metrics).read_text()
     assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def _judged(pid, group, num_objects, matches, draws=None):
+    extra = {
+        "num_objects": num_objects,
+        "verdicts": [{"match": m, "attributes": {"color": m}} for m in matches],
+        "near_misses": [],
+    }
+    if draws is not None:
+        extra["sample_indices"] = draws
+    images = tuple(f"images/{pid:05d}_{i}.png" for i in range(len(matches)))
+    challenge = shapes_suite.ONE if num_objects == 1 else shapes_suite.TWO
+    return R.PromptRecord(pid, f"caption {pid}", group, challenge, images=images, extra=extra)
+
+
+def test_every_draw_judged_gives_one_draw_best_of_n_oracle_and_scorer_agreement(tmp_path):
+    ind, held = "in_distribution", "heldout"
+    records = [
+        _judged(0, ind, 1, [True, False, False], [2, 0, 1]),  # pick accepted, draw 0 not
+        _judged(1, ind, 2, [False, True, False], [0, 1, 2]),  # pick (draw 0) rejected
+        _judged(2, ind, 1, [False, False, True], [1, 2, 0]),  # draw 0 accepted, pick not
+        _judged(3, ind, 2, [True, True, True], [0, 1, 2]),  # all accepted: no disagreement
+        _judged(1_000_000, held, 1, [False, False, False], [0, 1, 2]),
+        _judged(1_000_001, held, 2, [False, True, False]),  # judged before draws were recorded
+    ]
+    m = shapes_suite.shapes_metrics(records, num_samples=3, keep_top_k=3)
+    g = m[ind]
+    assert (g["one_draw"]["num_accepted"], g["one_draw"]["num_scenes"]) == (2, 4)
+    assert g["one_draw"]["one_object"]["accuracy"] == 0.5
+    assert g["one_draw"]["two_objects"]["accuracy"] == 0.5
+    assert g["best_of_n"]["accuracy"] == g["accuracy"] == 0.5
+    assert g["oracle"]["accuracy"] == 1.0 and g["oracle"]["num_accepted"] == 4
+    agree = g["scorer_agreement"]
+    assert (agree["num_agree"], agree["num_scenes"]) == (1, 3)
+    assert agree["rate"] == pytest.approx(1 / 3)
+    assert (agree["one_object"]["num_scenes"], agree["two_objects"]["num_scenes"]) == (2, 1)
+    h = m[held]
+    assert h["one_draw"]["num_scenes"] == 1 and h["one_draw"]["accuracy"] == 0.0
+    assert h["oracle"]["accuracy"] == 0.5 and h["best_of_n"]["accuracy"] == 0.0
+    assert h["scorer_agreement"]["num_scenes"] == 1 and h["scorer_agreement"]["rate"] == 0.0
+    # Not every draw kept (or one draw): no such blocks.
+    for kw in ({}, {"num_samples": 4, "keep_top_k": 3}):
+        assert not {"one_draw", "oracle"} & set(shapes_suite.shapes_metrics(records, **kw)[ind])
+    metrics = {"num_samples": 3, "keep_top_k": 3, "scorer": "contrastive", **m}
+    page = shapes_suite.write_report(tmp_path, records, metrics).read_text()
+    assert "one draw (draw 0" in page and "oracle (any of 3 draws accepted)" in page
+    assert "scorer agreement" in page and "contrastive model&#x27;s image-caption" in page
+    assert 'id="contrastive"' not in page
+
+
+def test_auc_and_r_precision_distractors():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 40).astype(float)
+    labels = rng.uniform(size=40) < 0.4
+    brute = np.mean([(a > b) + 0.5 * (a == b) for a in scores[labels] for b in scores[~labels]])
+    assert CM.auc(scores, labels) == pytest.approx(brute)
+    assert CM.auc([0.1, 0.9], [False, True]) == 1.0 and CM.auc([1, 2], [True, True]) is None
+    d = CM.distractors(5, 200, prompt_id=7, seed=0)
+    assert len(set(d.tolist())) == 99 and 5 not in d and d.min() >= 0 and d.max() < 200
+    np.testing.assert_array_equal(d, CM.distractors(5, 200, prompt_id=7, seed=0))
+    assert sorted(CM.distractors(3, 10, prompt_id=1, seed=0).tolist()) == [
+        0,
+        1,
+        2,
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+    ]
+    assert len(CM.distractors(0, 1, prompt_id=1, seed=0)) == 0
+
+
+def test_contrastive_scorer_without_a_model_names_eval_contrastive_dir(tmp_path):
+    gen = RecordingGenerator()
+    with pytest.raises(S.SuiteError, match="eval.contrastive_dir"):
+        parti_prompts_suite.run_parti_prompts(gen, tmp_path / "p2", limit=2, scorer="contrastive",
+                                              process_index=0, process_count=1)  # fmt: skip
+    assert gen.calls == [] and not (tmp_path / "p2").exists()
 
 
 # --------------------------------------------------------------------------- reconstruction

@@ -137,6 +137,106 @@ def test_shapes_suite_metrics_structure_on_tiny_checkpoints(generator, tmp_path)
     assert "the reranker is the judge itself" in (tmp_path / "shapes" / S.REPORT).read_text()
 
 
+@pytest.fixture()
+def with_contrastive(generator, tiny_pipeline, monkeypatch):
+    """The module's generator carrying the tiny contrastive model (as eval.contrastive_dir
+    loads it), so the compiled sampler is reused."""
+    from parti_jax.contrastive.scorer import ContrastiveModel
+
+    model = ContrastiveModel.load(tiny_pipeline["contrastive"])
+    monkeypatch.setattr(generator, "contrastive", model, raising=False)
+    return generator
+
+
+def _in(value, low=0.0, high=1.0):
+    return value is None or low <= value <= high
+
+
+def test_shapes_suite_every_draw_and_contrastive_blocks(with_contrastive, tmp_path):
+    n, out = 8, tmp_path / "shapes"
+    kw = dict(num_in_distribution=n, num_heldout=n, batch_size=512, process_index=0,
+              process_count=1)  # fmt: skip
+    m = shapes_suite.run_shapes(
+        with_contrastive, out, num_samples=2, keep_top_k=2, scorer="contrastive", **kw
+    )
+    assert m["scorer"] == "contrastive" and m["contrastive_model"]["image_size"] == 16
+    for group in ("in_distribution", "heldout"):
+        g = m[group]
+        for name in ("one_draw", "best_of_n", "oracle"):
+            block = g[name]
+            assert block["num_scenes"] == n and _in(block["accuracy"]), (group, name)
+            assert block["one_object"]["num_scenes"] + block["two_objects"]["num_scenes"] == n
+        assert g["best_of_n"]["accuracy"] == g["accuracy"]
+        assert g["oracle"]["accuracy"] >= g["best_of_n"]["accuracy"]
+        assert g["oracle"]["accuracy"] >= g["one_draw"]["accuracy"]
+        agree = g["scorer_agreement"]
+        assert 0 <= agree["num_scenes"] <= n and _in(agree["rate"])
+        c = g["contrastive"]
+        assert c["num_scenes"] == n
+        assert _in(c["clip_score"], -1.0, 1.0) and _in(c["clip_score_real"], -1.0, 1.0)
+        for kind in ("r_precision_generated", "r_precision_real"):
+            rp = c[kind]
+            assert rp["num_scenes"] == n and 0.0 <= rp["r_precision"] <= 1.0
+            assert set(rp["per_attribute"]) == set(g["attributes"])
+            assert rp["num_near_misses"] >= 3 * n  # colour, shape and count at least
+            for a in ("color", "shape", "count"):
+                assert rp["per_attribute"][a]["num_near_misses"] == n
+            assert all(_in(v["r_precision"]) for v in rp["per_attribute"].values())
+        agreement = c["agreement_with_judge"]
+        assert agreement["num_images"] == 2 * n and _in(agreement["auc"])
+    records = R.read_manifest(out, check_images=True)
+    assert all(sorted(r.extra["sample_indices"]) == [0, 1] for r in records)
+    assert all(r.scores[0] >= r.scores[1] for r in records)  # reranked by the contrastive model
+    # The clip score is the contrastive model's similarity of the saved best images.
+    ind = [r for r in records if r.category == "in_distribution"]
+    images = np.stack([S.load_png(out / r.images[0]) for r in ind]).astype(np.float32) / 255
+    sims = with_contrastive.contrastive.similarity(images, [r.prompt for r in ind])
+    assert m["in_distribution"]["contrastive"]["clip_score"] == pytest.approx(sims.mean(), abs=1e-5)
+    report = (out / S.REPORT).read_text()
+    expected = [
+        "one draw (draw 0", "best of 2", "oracle (any of 2 draws", "scorer agreement",
+        "An in-project contrastive model scores in-project images", "R-precision, real",
+        "agreement with the judge (AUC", "contrastive model&#x27;s image-caption",
+    ]  # fmt: skip
+    for text in expected:
+        assert text in report, text
+
+    # Draw 0 is the image of a 1-draw eval with the same seed.
+    one = shapes_suite.run_shapes(with_contrastive, tmp_path / "one", scorer="none", **kw)
+    assert "one_draw" not in one["in_distribution"]
+    singles = {r.prompt_id: r for r in R.read_manifest(tmp_path / "one")}
+    for r in records:
+        first = S.load_png(out / r.images[r.extra["sample_indices"].index(0)])
+        np.testing.assert_array_equal(
+            first, S.load_png(tmp_path / "one" / singles[r.prompt_id].images[0])
+        )
+    for group in ("in_distribution", "heldout"):
+        assert m[group]["one_draw"]["accuracy"] == one[group]["accuracy"]
+
+
+def test_parti_prompts_and_coco_with_a_contrastive_model(with_contrastive, tmp_path):
+    from parti_jax.eval import fid_suite
+
+    kw = dict(num_samples=1, seed=0, batch_size=512, process_index=0, process_count=1)
+    m = parti_prompts_suite.run_parti_prompts(with_contrastive, tmp_path / "p2", limit=30, **kw)
+    assert m["contrastive_num_images"] == 30 and m["r_precision_distractors"] == 29
+    assert -1.0 <= m["clip_score"] <= 1.0 and 0.0 <= m["r_precision"] <= 1.0
+    for group in ("category", "challenge"):
+        assert list(m[f"clip_score_per_{group}"]) == list(m[f"prompts_per_{group}"])
+        assert set(m[f"r_precision_per_{group}"]) == set(m[f"prompts_per_{group}"])
+        assert all(0.0 <= v <= 1.0 for v in m[f"r_precision_per_{group}"].values())
+    assert R.read_metrics(tmp_path / "p2")["contrastive_model"]["step"] > 0
+
+    captions = [s.caption for s in shapes_suite.shapes_scenes(12, 0)]
+    c = fid_suite.run_coco_fid(with_contrastive, tmp_path / "coco", captions=captions,
+                               num_prompts=12, image_size=None, generate_without_fid=True,
+                               **kw)  # fmt: skip
+    assert c["fid_status"] == "skipped" and c["contrastive_num_images"] == 12
+    assert -1.0 <= c["clip_score"] <= 1.0 and 0.0 <= c["r_precision"] <= 1.0
+    assert c["r_precision_distractors"] == len(set(captions)) - 1
+    assert "clip_score" in (tmp_path / "coco" / S.REPORT).read_text()
+
+
 def test_reconstruction_suite_on_tiny_vqgan_and_upsampler(tiny_pipeline, tmp_path):
     from parti_jax.loading import load_upsampler
     from parti_jax.vqgan.tokenizer import ImageTokenizer
@@ -183,3 +283,34 @@ def test_eval_cli_runs_gin_selected_suites(tiny_pipeline, tmp_path, capsys):
     assert summary["shapes"]["in_distribution"]["num_scenes"] == 4
     assert summary["reconstruction"]["lpips_net"] is None
     assert (work / "shapes" / S.REPORT).exists() and (work / "operative_config.gin").exists()
+
+
+def test_eval_cli_contrastive_dir_and_its_clear_absence(tiny_pipeline, tmp_path, capsys):
+    p = tiny_pipeline
+    common = [
+        "eval", "--gin_file=runs/eval_shapes.gin", f"--gin.eval.checkpoint_dir='{p['t2i']}'",
+        f"--gin.eval.vqgan_dir='{p['vqgan']}'", f"--gin.eval.vocab_path='{p['vocab']}'",
+        "--gin.eval.batch_size=512", "--gin.eval.suites=['shapes']",
+        "--gin.shapes.num_in_distribution=4", "--gin.shapes.num_heldout=4",
+        "--gin.shapes.num_samples=2", "--gin.shapes.keep_top_k=2",
+        "--gin.shapes.scorer='contrastive'",
+    ]  # fmt: skip
+    work = tmp_path / "work"
+    try:
+        argv = [*common, f"--workdir={work}", f"--gin.eval.contrastive_dir='{p['contrastive']}'"]
+        assert cli.main(argv) == 0
+        out = capsys.readouterr().out
+        assert "in_distribution.oracle.accuracy=" in out
+        assert "in_distribution.contrastive.clip_score=" in out
+        shapes = R.read_metrics(work)["shapes"]
+        assert shapes["scorer"] == "contrastive" and "contrastive" in shapes["heldout"]
+        assert "contrastive_dir" in (work / "operative_config.gin").read_text()
+    finally:
+        gin.clear_config()
+    try:
+        assert cli.main([*common, f"--workdir={tmp_path / 'none'}"]) == 2
+    finally:
+        gin.clear_config()
+    err = capsys.readouterr().err
+    assert "shapes.scorer='contrastive' needs a contrastive model" in err
+    assert "eval.contrastive_dir" in err

@@ -1,0 +1,1 @@
+"""The contrastive image-text model (CoCa role): dual encoder, trainer, scorer, warm start."""
