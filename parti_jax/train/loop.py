@@ -1,4 +1,5 @@
-"""The one training loop: every trainer (encoder-decoder, ViT-VQGAN, upsampler) runs on it.
+"""The one training loop: all four trainers (encoder-decoder, ViT-VQGAN, upsampler,
+contrastive) run on it.
 
 A trainer validates its own settings, then
 
