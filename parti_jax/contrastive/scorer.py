@@ -46,15 +46,12 @@ class ContrastiveModel:
     @classmethod
     def load(cls, workdir: str | os.PathLike, *, step: int | None = None) -> ContrastiveModel:
         """The latest (or `step`) checkpoint of a `parti-jax train-contrastive` work dir
-        (or of an exported bundle's contrastive/ folder)."""
+        (an export bundle builds its own from its files: parti_jax/bundle.py)."""
         meta, meta_path = loading.read_record(workdir, CONTRASTIVE)
         config = loading.config_from_record(
             ContrastiveConfig, meta["config"], f"{meta_path}: config"
         )
         vocab = meta.get("vocab_path")
-        bundled = storage.path(workdir) / "vocab.model"
-        if bundled.is_file():  # an export bundle carries its vocabulary
-            vocab = os.fspath(bundled)
         tokenizer = loading.read_vocabulary(vocab)
         if meta.get("vocab_sha256") and tokenizer.fingerprint != meta["vocab_sha256"]:
             raise loading.LoadError(
