@@ -154,9 +154,10 @@ def train_contrastive(
       mesh_config, rules: as for the other trainers (default: all devices on 'data').
       eval_steps, eval_split: held-out batches of the periodic evaluation.
       text_tower_from: a `parti-jax train` work dir: a fresh run starts its text tower
-        from that encoder-decoder's text encoder (the same ModelConfig encoder fields
-        and vocabulary; the error names what differs), a tower that already reads
-        captions, so only the image side and projections start from scratch.
+        from that encoder-decoder's text encoder (the same ModelConfig encoder fields,
+        checked: the error names what differs; pass its vocabulary as vocab_path),
+        a tower that already reads captions: only the image side and the
+        projections start from scratch.
     """
     from parti_jax.data.vocab import default_vocab_path
 
