@@ -104,9 +104,9 @@ class ContrastiveModel:
         """Cosine similarity of each image with its own caption, float32 [B]."""
         if len(texts) != len(images):
             raise ValueError(f"similarity: {len(images)} images for {len(texts)} captions")
-        unique = list(dict.fromkeys(texts))  # prompt-major rows repeat each prompt
-        text = self.embed_texts(unique)
-        rows = np.asarray([unique.index(t) for t in texts])
+        unique = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # rows repeat prompts
+        text = self.embed_texts(list(unique))
+        rows = np.asarray([unique[t] for t in texts])
         return np.sum(self.embed_images(images) * text[rows], axis=1).astype(np.float32)
 
     def similarity_matrix(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray:

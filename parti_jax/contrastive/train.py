@@ -188,7 +188,7 @@ def train_contrastive(
         )
     warm_start = None  # checked before the work dir is claimed
     if text_tower_from is not None:
-        warm_start = tower_from_encoder(text_tower_from, config, tokenizer.fingerprint)
+        warm_start = tower_from_encoder(text_tower_from, config)
     run = loop_lib.start_run(
         workdir, batch_size=batch_size, mesh_config=mesh_config, rules=rules,
         where="train_contrastive",
@@ -249,7 +249,7 @@ def train_contrastive(
 
 
 def tower_from_encoder(
-    t2i_dir: str | os.PathLike, config: ContrastiveConfig, vocab_sha256: str
+    t2i_dir: str | os.PathLike, config: ContrastiveConfig
 ) -> Callable[[TrainState], TrainState]:
     """`TrainState -> TrainState`: the text tower ('text_encoder') from a `parti-jax train`
     work dir's encoder ('encoder'); the fit is checked now."""
@@ -264,6 +264,6 @@ def tower_from_encoder(
         relayout = unscanned_to_scan if config.text.scan_layers else scan_to_unscanned
     step_dir = checkpoints.resolve_checkpoint_dir(t2i_dir)
     return t2i.TextEncoderWarmStart(
-        os.fspath(t2i_dir), str(step_dir), vocab_sha256, relayout,
+        os.fspath(t2i_dir), str(step_dir), None, relayout,
         source="encoder", target="text_encoder",
     )  # fmt: skip

@@ -26,6 +26,7 @@ TFRecord reader and writer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -499,11 +500,16 @@ def check_codes_task(
     grid: Sequence[int],
     codebook_hash: str | None,
     eval_split: str | None,
+    vocab_sha256: str | None = None,
+    vocab_where: str = "the model",
+    vocab_fix: str = "train it with the codes task's vocabulary",
 ) -> dict:
     """Checks every codes_meta of a codes task or mixture (name or object) against a model.
 
-    Also checks that each task has `eval_split` (None: not evaluated). Returns
-    the first meta (empty when the sources carry none).
+    Also checks that each task has `eval_split` (None: not evaluated) and, with
+    `vocab_sha256`, that its captions are tokenized by that SentencePiece model
+    (`vocab_where` names whose it is in the error, `vocab_fix` the fix). Returns the first meta (empty
+    when the sources carry none).
     """
 
     provider = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
@@ -520,4 +526,15 @@ def check_codes_task(
                 f"task {t.name} has no {eval_split!r} split for evaluation (it has "
                 f"{sorted(t.splits)}); set train.eval_split to one of them or train/LoopConfig.eval_every=None"
             )
+        vocabulary = t.output_features["inputs"].vocabulary
+        model = getattr(vocabulary, "sp_model", None)
+        if vocab_sha256 and model is not None:
+            found = hashlib.sha256(model).hexdigest()
+            if found != vocab_sha256:
+                raise ValueError(
+                    f"{vocab_where} was trained with the vocabulary {vocab_sha256[:12]}…, but "
+                    f"task {t.name} tokenizes captions with "
+                    f"{getattr(vocabulary, 'sentencepiece_model_file', '?')} ({found[:12]}…); "
+                    f"{vocab_fix}"
+                )
     return first

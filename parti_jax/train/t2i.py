@@ -352,33 +352,6 @@ def _tower_record(run: loop_lib.Run, tower: Any) -> dict[str, Any] | None:
     return previous.get("text_encoder_from") if isinstance(previous, dict) else record
 
 
-def _check_tower_vocabulary(task: Any, tower: Any) -> None:
-    """Raises ValueError when a codes task tokenizes captions with another vocabulary than
-    the one the contrastive text tower was trained with (its embeddings would be another
-    vocabulary's)."""
-    import hashlib
-
-    import seqio
-
-    if not tower.vocab_sha256:
-        return
-    provider = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
-    tasks = list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
-    for t in tasks:
-        vocabulary = t.output_features["inputs"].vocabulary
-        model = getattr(vocabulary, "sp_model", None)
-        if model is None:
-            continue
-        if hashlib.sha256(model).hexdigest() != tower.vocab_sha256:
-            raise ValueError(
-                f"train.text_encoder_from={tower.contrastive_dir}: its text tower was trained "
-                f"with the vocabulary {tower.vocab_sha256[:12]}…, but task {t.name} tokenizes "
-                f"captions with {getattr(vocabulary, 'sentencepiece_model_file', '?')} "
-                f"({hashlib.sha256(model).hexdigest()[:12]}…); train the contrastive model "
-                "with train_contrastive.vocab_path = the codes task's vocabulary"
-            )
-
-
 # ------------------------------------------------------------------ train
 
 
@@ -509,9 +482,11 @@ def train(
             grid=model_config.image_grid,
             codebook_hash=codebook_hash,
             eval_split=eval_split if loop.eval_every else None,
+            vocab_sha256=tower.vocab_sha256 if tower is not None else None,
+            vocab_where=f"train.text_encoder_from={text_encoder_from}: its text tower",
+            vocab_fix="train the contrastive model with train_contrastive.vocab_path = the "
+            "codes task's vocabulary",
         )
-        if tower is not None:
-            _check_tower_vocabulary(task, tower)
     make_data = functools.partial(
         _make_iterator,
         task=task,
