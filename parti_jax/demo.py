@@ -8,9 +8,13 @@ Stages, in order, each in its own folder of the demo's work directory:
     vqgan      vqgan/       train-vqgan work directory
     codes      codes/       precompute-codes output (codes/train, codes/validation)
     t2i        t2i/         train work directory (encoder-decoder on the codes)
+    contrastive contrastive/ train-contrastive work directory (the eval's reranker): its
+                            text tower is t2i's text encoder, kept as it is
     upsampler  upsampler/   train-upsampler work directory
     sample     samples/     sample_to_folder output for `sample_prompts`
-    eval       eval/        parti-jax eval (shapes faithfulness + reconstruction)
+    eval       eval/        parti-jax eval (shapes faithfulness + reconstruction): N draws
+                            per caption, judged each; one draw, best-of-N by the
+                            contrastive model and by the judge (the oracle)
     report     report/      index.html: sample grids, accuracy, loss curves, stage times
 
 A finished stage writes `stages/<name>.json` (its wall time, interrupted
@@ -41,7 +45,8 @@ from parti_jax.eval import demo_report
 from parti_jax.eval.demo_report import _read_json as read_json  # {} when missing or torn
 
 STAGES: tuple[str, ...] = (
-    "world", "vocab", "vqgan", "codes", "t2i", "upsampler", "sample", "eval", "report",
+    "world", "vocab", "vqgan", "codes", "t2i", "contrastive", "upsampler", "sample", "eval",
+    "report",
 )  # fmt: skip
 FOLDERS: dict[str, str] = {**{s: s for s in STAGES}, "sample": "samples"}  # in the work dir
 MARKER = "demo.json"
@@ -53,7 +58,8 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "t2i": ("vqgan", "codes"),
     "upsampler": ("vqgan",),
     "sample": ("vqgan", "t2i", "upsampler"),
-    "eval": ("vqgan", "t2i", "upsampler"),
+    "contrastive": ("vocab", "t2i"),
+    "eval": ("vqgan", "t2i", "upsampler", "contrastive"),
 }
 # Prompts of the sample stage's grid: in-distribution scenes, then held-out pairs
 # (shapes.HELDOUT_COMBINATIONS: blue triangle, red square, green circle, ...).
@@ -88,8 +94,10 @@ class DemoStageFns:
     train_t2i(workdir=, codebook_hash=)                    -> result with .status
         (its task reads the codes folder; the caller points it there)
     train_upsampler(workdir=, vqgan_path=)                 -> result with .status
+    train_contrastive(workdir=, text_tower_from=, vocab_path=) -> result with .status
     sample(workdir=, prompts=, t2i_path=, vqgan_path=, upsampler_path=) -> manifest
-    evaluate(workdir=, t2i_path=, vqgan_path=, upsampler_path=) -> {suite: metrics}
+    evaluate(workdir=, t2i_path=, vqgan_path=, upsampler_path=, contrastive_path=)
+                                                           -> {suite: metrics}
     train_vocab(output_prefix=) -> model path (only with `train_vocab=True`)
     """
 
@@ -100,6 +108,7 @@ class DemoStageFns:
     sample: Callable[..., Any]
     evaluate: Callable[..., Any]
     train_vocab: Callable[..., str] | None = None
+    train_contrastive: Callable[..., Any] | None = None
 
 
 @dataclasses.dataclass
@@ -197,6 +206,19 @@ def _console(message: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(message)
+
+
+def last_eval(metrics_file: Path) -> dict[str, float]:
+    """The last evaluation a trainer logged to metrics.jsonl ({name: value}, 'eval/' dropped)."""
+    found: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(metrics_file).read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                evals = {k[5:]: v for k, v in row.items() if k.startswith("eval/")}
+                if evals:
+                    found = {"eval_step": row.get("step"), **evals}
+    return found
 
 
 def last_logged_step(metrics_file: Path) -> int:
@@ -338,9 +360,30 @@ def headline(
     vqgan stage's summary (the judge's acceptance of reconstructions)."""
     shapes_m, recon = eval_metrics.get("shapes", {}), eval_metrics.get("reconstruction", {})
     ind, held = shapes_m.get("in_distribution", {}), shapes_m.get("heldout", {})
+
+    def rate(group: Mapping[str, Any], *keys: str) -> Any:
+        for key in keys[:-1]:
+            group = group.get(key) or {}
+        return group.get(keys[-1])
+
+    # With N judged draws per caption: draw 0 is the one-draw figure, the scorer's pick
+    # the best-of-N, any accepted draw the judge's own best-of-N (the oracle).
+    one_draw = "one_draw" in ind
+    contrastive = ind.get("contrastive") or {}
     return {
-        "in_distribution_accuracy": ind.get("accuracy"),
-        "heldout_accuracy": held.get("accuracy"),
+        "in_distribution_accuracy": rate(ind, "one_draw", "accuracy")
+        if one_draw
+        else ind.get("accuracy"),
+        "heldout_accuracy": rate(held, "one_draw", "accuracy")
+        if one_draw
+        else held.get("accuracy"),
+        "in_distribution_best_of_n": ind.get("accuracy") if one_draw else None,
+        "heldout_best_of_n": held.get("accuracy") if one_draw else None,
+        "in_distribution_oracle": rate(ind, "oracle", "accuracy"),
+        "heldout_oracle": rate(held, "oracle", "accuracy"),
+        "scorer_agreement": rate(ind, "scorer_agreement", "rate"),
+        "contrastive_r_precision": rate(contrastive, "r_precision_real", "r_precision"),
+        "contrastive_judge_auc": rate(contrastive, "agreement_with_judge", "auc"),
         "two_object_share": ind.get("two_object_share"),
         "in_distribution_scenes": ind.get("num_scenes"),
         "heldout_scenes": held.get("num_scenes"),
@@ -371,6 +414,7 @@ def run_demo(
     vqgan_steps: int | None = None,
     t2i_steps: int | None = None,
     upsampler_steps: int | None = None,
+    contrastive_steps: int | None = None,
     sample_prompts: Sequence[str] = DEFAULT_SAMPLE_PROMPTS,
     num_heldout_sample_prompts: int = NUM_HELDOUT_SAMPLE_PROMPTS,
     progress: bool = True,
@@ -388,8 +432,8 @@ def run_demo(
       vqgan_judge_images: validation scenes on which the vqgan stage measures
         the judge's acceptance of reconstructions (0: not measured).
       vocab_path, train_vocab: the vocabulary stage (default: the shipped model).
-      vqgan_steps, t2i_steps, upsampler_steps: the trainers' num_steps, for
-        the progress bars only.
+      vqgan_steps, t2i_steps, upsampler_steps, contrastive_steps: the trainers'
+        num_steps, for the progress bars only.
       sample_prompts: the sample stage's prompts (the report's grid); the last
         `num_heldout_sample_prompts` are marked as held-out combinations.
       progress: tqdm bars per stage.
@@ -445,6 +489,15 @@ def run_demo(
             out[split] = int((getattr(result, "meta", None) or {}).get("num_examples", 0))
         return {"num_examples": out}
 
+    def do_contrastive() -> dict[str, Any]:
+        if fns.train_contrastive is None:
+            raise DemoError("the contrastive stage needs DemoStageFns.train_contrastive")
+        # The tower reads captions as t2i's encoder does (the same vocabulary).
+        vocab = read_json(paths["vocab"] / "vocab.json").get("path")
+        out = train("contrastive", fns.train_contrastive, contrastive_steps,
+                    text_tower_from=str(paths["t2i"]), vocab_path=vocab)  # fmt: skip
+        return {**out, **last_eval(paths["contrastive"] / "metrics.jsonl")}
+
     def do_sample() -> dict[str, Any]:
         manifest = fns.sample(
             workdir=str(paths["sample"]), prompts=list(sample_prompts), **trained_models()
@@ -479,9 +532,17 @@ def run_demo(
         "upsampler": lambda: train(
             "upsampler", fns.train_upsampler, upsampler_steps, vqgan_path=str(paths["vqgan"])
         ),
+        "contrastive": do_contrastive,
         "sample": do_sample,
         "eval": lambda: {
-            "headline": headline(fns.evaluate(workdir=str(paths["eval"]), **trained_models()), {})
+            "headline": headline(
+                fns.evaluate(
+                    workdir=str(paths["eval"]),
+                    contrastive_path=str(paths["contrastive"]),
+                    **trained_models(),
+                ),
+                {},
+            )
         },
         "report": do_report,
     }
@@ -572,11 +633,26 @@ def format_headline(result: DemoResult) -> str:
     return "\n".join(
         [
             f"demo report: {result.report}",
-            f"  in-distribution accuracy (judge): {pct(h.get('in_distribution_accuracy'))} "
+            f"  in-distribution accuracy (judge, one draw): "
+            f"{pct(h.get('in_distribution_accuracy'))} "
             f"of {h.get('in_distribution_scenes')} scenes "
             f"(two-object share {pct(h.get('two_object_share'))})",
-            f"  held-out accuracy (judge):        {pct(h.get('heldout_accuracy'))} "
+            f"  held-out accuracy (judge, one draw):        {pct(h.get('heldout_accuracy'))} "
             f"of {h.get('heldout_scenes')} scenes",
+            *(
+                [
+                    f"  best of {h.get('num_samples')} draws, in-distribution / held-out: "
+                    f"{pct(h.get('in_distribution_best_of_n'))} / "
+                    f"{pct(h.get('heldout_best_of_n'))} by the {h.get('scorer')} scorer, "
+                    f"{pct(h.get('in_distribution_oracle'))} / {pct(h.get('heldout_oracle'))} "
+                    "by the judge (oracle)",
+                    f"  contrastive model: near-miss R-precision on real scenes "
+                    f"{pct(h.get('contrastive_r_precision'))}, picks an accepted draw when "
+                    f"there is one {pct(h.get('scorer_agreement'))}",
+                ]
+                if h.get("in_distribution_best_of_n") is not None
+                else []
+            ),
             f"  VQGAN reconstructions accepted by the judge: "
             f"{pct(h.get('vqgan_judge_acceptance'))}",
             f"  total time: {h.get('total_seconds')} s over all stages ({times})",

@@ -80,8 +80,25 @@ train_upsampler/LoopConfig.log_every = 1
 train_upsampler/LoopConfig.checkpoint_every = 2
 train_upsampler/LoopConfig.eval_every = None
 
+ContrastiveConfig.image_size = 16
+ContrastiveConfig.patch_size = 4
+ContrastiveConfig.image_width = 32
+ContrastiveConfig.image_depth = 1
+ContrastiveConfig.image_heads = 2
+ContrastiveConfig.image_mlp_dim = 64
+ContrastiveConfig.embed_dim = 32
+ContrastiveConfig.image_pool_grid = 2
+contrastive/adamw_optimizer.warmup_steps = 1
+CONTRASTIVE_STEPS = 4
+train_contrastive.batch_size = 8
+train_contrastive.text_length = 16
+train_contrastive.hard_negatives = 2
+train_contrastive.eval_steps = 1
+
 SamplingConfig.num_samples = 1
 sample.keep_top_k = 1
+shapes.num_samples = 2
+shapes.keep_top_k = 2
 shapes.num_in_distribution = 3
 shapes.num_heldout = 2
 shapes.report_scenes = 3
@@ -162,6 +179,16 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_run):
     assert f"demo report: {wd / 'report' / 'index.html'}" in out
     assert "in-distribution accuracy" in out and "held-out accuracy" in out
     assert "two-object share" in out and "total time" in out
+    # Two judged draws per caption: one draw beside best-of-2 by the contrastive
+    # model (the contrastive stage's) and by the judge, in the printout and the page.
+    one = metrics["in_distribution"]["one_draw"]["accuracy"]
+    assert f"in-distribution accuracy (judge, one draw): {100 * one:.1f}%" in out
+    assert "best of 2 draws, in-distribution / held-out" in out and "(oracle)" in out
+    assert "near-miss R-precision on real scenes" in out
+    assert metrics["scorer"] == "contrastive"
+    assert "best of 2 by the contrastive scorer" in page
+    contrastive = json.loads((wd / "stages" / "contrastive.json").read_text())["summary"]
+    assert contrastive["step"] == 4 and "near_miss_accuracy" in contrastive
     accepted = vqgan["reconstruction_judge_acceptance"]
     assert f"VQGAN reconstructions accepted by the judge: {100 * accepted:.1f}%" in out
 
@@ -214,4 +241,4 @@ def test_bad_stage_name(tmp_path, capsys):
 def test_stage_without_its_inputs(tmp_path, tiny_gin, capsys):
     assert run_cli(f"--workdir={tmp_path / 'd'}", f"--gin_file={tiny_gin}", "--stage=eval") == 2
     err = capsys.readouterr().err
-    assert "stage 'eval' needs stage(s) ['vqgan', 't2i', 'upsampler']" in err
+    assert "stage 'eval' needs stage(s) ['vqgan', 't2i', 'upsampler', 'contrastive']" in err

@@ -86,7 +86,7 @@ _PASSED_BY_CLI = {
     ),
     "demo": (
         "parti_jax.demo:run_demo",
-        ["workdir", "fns", "vqgan_steps", "t2i_steps", "upsampler_steps"],
+        ["workdir", "fns", "vqgan_steps", "t2i_steps", "upsampler_steps", "contrastive_steps"],
     ),
     "export": ("parti_jax.export:export_bundle", ["out_dir", "overwrite"]),
 }

@@ -5,7 +5,7 @@
     parti-jax demo --stage=eval --stage=report  # only some stages (earlier ones done)
     parti-jax demo --gin.train/LoopConfig.num_steps=500    # any knob of gin/runs/demo.gin
 
-Stages: world, vocab, vqgan, codes, t2i, upsampler, sample, eval, report
+Stages: world, vocab, vqgan, codes, t2i, contrastive, upsampler, sample, eval, report
 (parti_jax/demo.py). `gin/runs/demo.gin` is always parsed first (it includes
 each stage's run file); `--gin_file`s given here are parsed after it, as
 overrides. The demo's folder fixes every path: the codes task reads
@@ -33,7 +33,7 @@ def main(argv: Sequence[str]) -> int:
         action="append",
         default=[],
         help="run only this stage (repeatable); default: all. Stages: world, vocab, vqgan, "
-        "codes, t2i, upsampler, sample, eval, report.",
+        "codes, t2i, contrastive, upsampler, sample, eval, report.",
     )
     args = flags.parse_args(parser, argv)
     args.gin_files = [DEMO_GIN, *args.gin_files]
@@ -62,13 +62,15 @@ def main(argv: Sequence[str]) -> int:
     suite_fns = {name: get(name) for name in S.SUITE_NAMES}
     eval_fn = get("eval")
 
-    def evaluate(*, workdir: str, t2i_path: str, vqgan_path: str, upsampler_path: str):
+    def evaluate(*, workdir: str, t2i_path: str, vqgan_path: str, upsampler_path: str,
+                 contrastive_path: str | None = None):  # fmt: skip
         return eval_fn(
             workdir=workdir,
             suite_fns=suite_fns,
             checkpoint_dir=t2i_path,
             vqgan_dir=vqgan_path,
             upsampler_dir=upsampler_path,
+            contrastive_dir=contrastive_path,
         )
 
     fns = demo_lib.DemoStageFns(
@@ -79,6 +81,7 @@ def main(argv: Sequence[str]) -> int:
         sample=get("sample"),
         evaluate=evaluate,
         train_vocab=make_shapes_vocab,
+        train_contrastive=get("train_contrastive"),
     )
 
     def num_steps(scope: str) -> int | None:  # for the progress bars
@@ -96,6 +99,7 @@ def main(argv: Sequence[str]) -> int:
             vqgan_steps=num_steps("train_vqgan"),
             t2i_steps=num_steps("train"),
             upsampler_steps=num_steps("train_upsampler"),
+            contrastive_steps=num_steps("train_contrastive"),
         )
     flags.write_config(workdir, operative=True)
     print(demo_lib.format_headline(result))

@@ -17,6 +17,7 @@ negatives, 'negatives' int32 [B, K, L].
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,9 +31,13 @@ def tokenize(tokenizer: Any, texts: Sequence[str], text_length: int) -> np.ndarr
     return np.asarray(tokenizer.encode_batch(list(texts), text_length)[0], np.int32)
 
 
-def shapes_near_misses(example: Any, count: int, seed: int, config: Any = None) -> list[str]:
+def shapes_near_misses(
+    example: Any, count: int, seed: int, config: Any = None, *, swap: bool = False
+) -> list[str]:
     """`count` captions of `example` (a shapes.Example), each wrong in one stated attribute,
-    drawn without replacement from its near misses (repeated when it has fewer)."""
+    drawn without replacement from its near misses (repeated when it has fewer). With
+    `swap`, the first is its caption with the two objects swapped (`swapped_objects`)
+    when it names two."""
     from parti_jax.data import shapes
 
     rng = np.random.default_rng([int(seed), 7, int(example.index)])
@@ -43,7 +48,27 @@ def shapes_near_misses(example: Any, count: int, seed: int, config: Any = None) 
         )
     ]
     order = rng.permutation(len(misses))
-    return [misses[order[j % len(misses)]] for j in range(count)]
+    out = [misses[order[j % len(misses)]] for j in range(count)]
+    swapped = swapped_objects(example.caption) if swap else None
+    return out if swapped is None else [swapped, *out[: count - 1]]
+
+
+def swapped_objects(caption: str) -> str | None:
+    """The caption with its two object phrases ("[size] colour shape") swapped, or None
+    when it names fewer or more than two. With a stated relation this is a minimal
+    pair of the caption: the same words, the relation reversed ("a red circle above
+    a blue square" -> "a blue square above a red circle")."""
+    from parti_jax.data import shapes
+
+    sizes = "|".join(w for words in shapes.SIZE_WORDS.values() for w in words)
+    pattern = (rf"\b(?:(?:{sizes}) )?(?:{'|'.join(shapes.COLORS)}) "
+               rf"(?:{'|'.join(shapes.SHAPES)})\b")  # fmt: skip
+    found = list(re.finditer(pattern, caption))
+    if len(found) != 2 or found[0].group() == found[1].group():
+        return None
+    (a, b) = found
+    return (caption[: a.start()] + b.group() + caption[a.end() : b.start()] + a.group()
+            + caption[b.end() :])  # fmt: skip
 
 
 class ShapesCaptionsIterator(StepPositionIterator):
@@ -57,6 +82,7 @@ class ShapesCaptionsIterator(StepPositionIterator):
         text_length: int,
         split: str = "train",
         hard_negatives: int = 0,
+        swap_negatives: bool = False,
         **kw: Any,
     ) -> None:
         from parti_jax.data import shapes
@@ -66,6 +92,7 @@ class ShapesCaptionsIterator(StepPositionIterator):
             text_length=text_length,
             split=split,
             hard_negatives=hard_negatives,
+            swap_negatives=swap_negatives,
             vocabulary=tokenizer.fingerprint,
             **kw,
         )
@@ -101,7 +128,11 @@ class ShapesCaptionsIterator(StepPositionIterator):
         }
         if self.hard_negatives:
             k = self.hard_negatives
-            misses = [m for e in examples for m in shapes_near_misses(e, k, self.seed, self._world)]
+            misses = [
+                m
+                for e in examples
+                for m in shapes_near_misses(e, k, self.seed, self._world, swap=self.swap_negatives)
+            ]
             ids = tokenize(self._tokenizer, misses, self.text_length)
             batch["negatives"] = ids.reshape(len(examples), k, self.text_length)
         return batch

@@ -2,7 +2,7 @@
 
     model = DualEncoder(config)
     variables = model.init(key, images, tokens)            # images [B, S, S, 3] in [0, 1]
-    image_emb, text_emb, scale = model.apply(variables, images, tokens)
+    out = model.apply(variables, images, tokens, negatives)  # {'image', 'text', 'scale', ...}
     text_emb = model.apply(variables, tokens, method=DualEncoder.embed_text)
     image_emb = model.apply(variables, images, method=DualEncoder.embed_image)
 
@@ -14,7 +14,8 @@ can start its text encoder from them (`train.text_encoder_from`), and
 (`train_contrastive.text_tower_from`).
 The image tower is a ViT from the same layers (models/layers.py): patches,
 learned positions, pre-norm blocks, a final norm. Each tower mean-pools its
-outputs (the text over its non-pad tokens) and projects them to `embed_dim`;
+outputs (the text over its non-pad tokens; the image over all patches, or over
+each cell of an `image_pool_grid` grid, kept apart) and projects them to `embed_dim`;
 embeddings are L2-normalised and compared by cosine similarity times a
 learned scale exp(logit_scale) (CLIP's temperature, capped at 100).
 
@@ -73,6 +74,11 @@ class ContrastiveConfig(CheckedConfig):
     image_mlp_dim: int = 512
     # Width of the shared embedding space.
     embed_dim: int = 128
+    # How the image tower's patch features become one vector: 1 averages them all
+    # (CLIP); g > 1 averages each cell of a g x g grid of patches and projects the
+    # g*g averages together, so where a feature is stays in the embedding (a
+    # relation, "X above Y", is a fact about where two objects are).
+    image_pool_grid: int = 1
     # Initial softmax temperature (CLIP: 0.07); learned as log(1 / temperature).
     init_temperature: float = 0.07
     # Compute and parameter dtypes of the image tower and projections.
@@ -84,7 +90,7 @@ class ContrastiveConfig(CheckedConfig):
             object.__setattr__(self, "text", ModelConfig(**self.text))
         self.check(isinstance(self.text, ModelConfig), f"text={self.text!r} must be a ModelConfig")
         for name in ("image_size", "patch_size", "image_width", "image_depth", "image_heads",
-                     "image_mlp_dim", "embed_dim"):  # fmt: skip
+                     "image_mlp_dim", "embed_dim", "image_pool_grid"):  # fmt: skip
             value = getattr(self, name)
             self.check(
                 isinstance(value, int) and not isinstance(value, bool) and value > 0,
@@ -93,6 +99,12 @@ class ContrastiveConfig(CheckedConfig):
         self.check(
             self.image_size % self.patch_size == 0,
             f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}",
+        )
+        side = self.image_size // self.patch_size
+        self.check(
+            side % self.image_pool_grid == 0,
+            f"image_pool_grid={self.image_pool_grid} must divide the {side} patches per side "
+            f"(image_size={self.image_size} / patch_size={self.patch_size})",
         )
         self.check(
             self.image_width % self.image_heads == 0,
@@ -162,6 +174,12 @@ class ImageTower(nn.Module):
         return spec.norm(name="final_norm")(x)
 
 
+def _mean_over_tokens(x: Array, lengths: Array) -> Array:
+    """[B, L, D] -> [B, D]: the mean over each row's first `lengths` positions."""
+    valid = (jnp.arange(x.shape[1])[None] < lengths[:, None]).astype(x.dtype)
+    return jnp.sum(x * valid[..., None], 1) / jnp.maximum(valid.sum(1), 1.0)[:, None]
+
+
 def _normalize(x: Array) -> Array:
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
@@ -199,31 +217,56 @@ class DualEncoder(nn.Module):
             jnp.float32,
         )
 
+    def encode_text(self, tokens: Array, enable_dropout: bool = False) -> Array:
+        """Text ids [B, L] -> the text tower's token states float32 [B, L, D]."""
+        return self.text_encoder(tokens, enable_dropout=enable_dropout).astype(jnp.float32)
+
     def embed_text(self, tokens: Array, enable_dropout: bool = False) -> Array:
         """Text ids [B, L] (0-padded, EOS last) -> unit embeddings float32 [B, E]."""
-        hidden = self.text_encoder(tokens, enable_dropout=enable_dropout).astype(jnp.float32)
-        lengths = text_lengths(tokens)
-        valid = (jnp.arange(tokens.shape[-1])[None] < lengths[:, None]).astype(jnp.float32)
-        pooled = jnp.sum(hidden * valid[..., None], 1) / jnp.maximum(valid.sum(1), 1.0)[:, None]
-        return _normalize(self.text_projection(pooled))
+        return self._pool_text(self.encode_text(tokens, enable_dropout), tokens)
+
+    def _pool_text(self, hidden: Array, tokens: Array) -> Array:
+        return _normalize(self.text_projection(_mean_over_tokens(hidden, text_lengths(tokens))))
 
     def embed_image(self, images: Array, enable_dropout: bool = False) -> Array:
         """Images [B, S, S, 3] in [0, 1] -> unit embeddings float32 [B, E]."""
-        features = self.image_encoder(images, enable_dropout=enable_dropout)
-        return _normalize(self.image_projection(jnp.mean(features.astype(jnp.float32), 1)))
+        return self._pool_image(self.image_encoder(images, enable_dropout=enable_dropout))
+
+    def _pool_image(self, features: Array) -> Array:
+        features = features.astype(jnp.float32)
+        g = self.config.image_pool_grid
+        if g == 1:
+            return _normalize(self.image_projection(jnp.mean(features, 1)))
+        b, n, w = features.shape
+        side = math.isqrt(n)
+        cells = features.reshape(b, g, side // g, g, side // g, w).mean(axis=(2, 4))
+        return _normalize(self.image_projection(cells.reshape(b, g * g * w)))
 
     def scale(self) -> Array:
         """exp(logit_scale), capped at MAX_LOGIT_SCALE."""
         return jnp.minimum(jnp.exp(self.logit_scale), MAX_LOGIT_SCALE)
 
     def __call__(
-        self, images: Array, tokens: Array, enable_dropout: bool = False
-    ) -> tuple[Array, Array, Array]:
-        return (
-            self.embed_image(images, enable_dropout),
-            self.embed_text(tokens, enable_dropout),
-            self.scale(),
-        )
+        self,
+        images: Array,
+        tokens: Array,
+        negatives: Array | None = None,
+        enable_dropout: bool = False,
+    ) -> dict[str, Array]:
+        """The training pass: images [B, S, S, 3], their captions [B, L] and optional
+        hard negatives [B, K, L] -> {'image', 'text' [B, E], 'scale', 'negatives'
+        [B, K, E] (with negatives)}: one pass of the text tower over captions and
+        negatives together."""
+        features = self.image_encoder(images, enable_dropout=enable_dropout)
+        b, length = tokens.shape
+        k = 0 if negatives is None else negatives.shape[1]
+        every = tokens if not k else jnp.concatenate([tokens, negatives.reshape(b * k, length)])
+        hidden = self.encode_text(every, enable_dropout)
+        embedded = self._pool_text(hidden, every)
+        out = {"image": self._pool_image(features), "text": embedded[:b], "scale": self.scale()}
+        if k:
+            out["negatives"] = embedded[b:].reshape(b, k, -1)
+        return out
 
 
 def contrastive_loss(

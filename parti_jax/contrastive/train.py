@@ -43,27 +43,21 @@ MAX_HARD_NEGATIVES = 6
 
 
 def _loss(params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array, *, model: DualEncoder,
-          enable_dropout: bool) -> tuple[jax.Array, dict]:  # fmt: skip
-    variables = {"params": params}
+          enable_dropout: bool, freeze_text: bool = False) -> tuple[jax.Array, dict]:  # fmt: skip
     rngs = {"dropout": rng} if enable_dropout else None
-    image, text, scale = model.apply(
-        variables, batch["image"], batch["text"], enable_dropout, rngs=rngs
-    )
-    negatives = None
-    if "negatives" in batch:
-        b, k, length = batch["negatives"].shape
-        flat = batch["negatives"].reshape(b * k, length)
-        negatives = model.apply(
-            variables, flat, enable_dropout, method=DualEncoder.embed_text, rngs=rngs
-        ).reshape(b, k, -1)
-    return contrastive_loss(image, text, scale, negatives)
+    if freeze_text:  # no backward pass through the text tower
+        params = dict(params, text_encoder=jax.lax.stop_gradient(params["text_encoder"]))
+    out = model.apply({"params": params}, batch["image"], batch["text"], batch.get("negatives"),
+                      enable_dropout, rngs=rngs)  # fmt: skip
+    return contrastive_loss(out["image"], out["text"], out["scale"], out.get("negatives"))
 
 
 def train_step(
-    state: TrainState, batch: Mapping[str, jax.Array], *, model: DualEncoder
-) -> tuple[TrainState, dict[str, jax.Array]]:
+    state: TrainState, batch: Mapping[str, jax.Array], *, model: DualEncoder,
+    freeze_text: bool = False,
+) -> tuple[TrainState, dict[str, jax.Array]]:  # fmt: skip
     """One optimizer step on the symmetric InfoNCE loss; pure, jitted once by the loop."""
-    loss_fn = functools.partial(_loss, model=model, enable_dropout=True)
+    loss_fn = functools.partial(_loss, model=model, enable_dropout=True, freeze_text=freeze_text)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, state.step_rng("dropout")
     )
@@ -93,6 +87,7 @@ def make_data(
     seed: int,
     split: str,
     hard_negatives: int,
+    swap_negatives: bool = False,
     data_factory: Callable[..., Iterator] | None = None,
 ) -> Iterator[Mapping[str, np.ndarray]]:
     """Host-local batches of {'image', 'text'[, 'negatives']} for `split`."""
@@ -103,7 +98,7 @@ def make_data(
     if task in (None, SHAPES_WORLD):
         return ShapesCaptionsIterator(
             tokenizer=tokenizer, image_size=image_size, text_length=text_length, split=split,
-            hard_negatives=hard_negatives, seed=seed, **kw,
+            hard_negatives=hard_negatives, swap_negatives=swap_negatives, seed=seed, **kw,
         )  # fmt: skip
     from parti_jax.data import pipeline  # TensorFlow: only for seqio tasks
 
@@ -131,6 +126,8 @@ def train_contrastive(
     eval_steps: int = 4,
     eval_split: str = "validation",
     text_tower_from: str | None = None,
+    freeze_text_tower: bool = False,
+    swap_negatives: bool = False,
 ) -> loop_lib.TrainResult:
     """Trains the dual encoder; resumes from `<workdir>/checkpoints` when present.
 
@@ -158,6 +155,14 @@ def train_contrastive(
         checked: the error names what differs; pass its vocabulary as vocab_path),
         a tower that already reads captions: only the image side and the
         projections start from scratch.
+      freeze_text_tower: keep the text tower as it starts (LiT's locked tower, here
+        the text side): no gradient through it, no update, no optimizer state.
+        With `text_tower_from`, the image tower learns to meet the encoder-
+        decoder's own reading of captions, and a step costs about a third.
+      swap_negatives: on the shapes world, the first hard negative of a caption
+        that names two objects is the caption with the two swapped ("a red
+        circle above a blue square" -> "a blue square above a red circle"):
+        the minimal pair of a relation.
     """
     from parti_jax.data.vocab import default_vocab_path
 
@@ -173,6 +178,11 @@ def train_contrastive(
         raise ValueError(
             "train_contrastive.hard_negatives needs task='shapes_world' (near misses come from "
             "the world's scene specs); set it to 0 for other data"
+        )
+    if swap_negatives and not hard_negatives:
+        raise ValueError(
+            "train_contrastive.swap_negatives=True puts the swapped caption among the hard "
+            "negatives: set train_contrastive.hard_negatives >= 1"
         )
     if text_length > config.text.max_text_length:
         raise ValueError(
@@ -217,9 +227,14 @@ def train_contrastive(
             "batch_size": batch_size,
             "hard_negatives": hard_negatives,
             "text_tower_from": None if text_tower_from is None else os.fspath(text_tower_from),
+            "freeze_text_tower": bool(freeze_text_tower),
+            "swap_negatives": bool(swap_negatives),
             "optimizer_config": dataclasses.asdict(optimizer_config),
         },
     )
+    optimizer = optimizers.make_optimizer(optimizer_config)
+    if freeze_text_tower:
+        optimizer = optimizers.freeze(optimizer, r"^text_encoder/")
     eval_jit = jax.jit(functools.partial(eval_step, model=model))
     # The evaluation always asks for near misses on the shapes world (its R-precision).
     eval_negatives = 5 if data_factory is None and task in (None, SHAPES_WORLD) else 0
@@ -235,10 +250,15 @@ def train_contrastive(
         run,
         loop_lib.TrainTask(
             init=init,
-            optimizer=optimizers.make_optimizer(optimizer_config),
-            step=functools.partial(train_step, model=model),
+            optimizer=optimizer,
+            step=functools.partial(train_step, model=model, freeze_text=freeze_text_tower),
             batch_keys=batch_keys,
-            data=lambda seed: data(seed=seed, split="train", hard_negatives=hard_negatives),
+            data=lambda seed: data(
+                seed=seed,
+                split="train",
+                hard_negatives=hard_negatives,
+                swap_negatives=swap_negatives,
+            ),
             learning_rate_fn=optimizers.learning_rate_fn(optimizer_config),
             evaluate=evaluate,
             evaluate_at_end=True,

@@ -23,6 +23,7 @@ PLOTS_DIR = "plots"
 CURVES: dict[str, tuple[str, tuple[str, ...]]] = {
     "vqgan": ("vqgan", ("loss", "l2", "eval/psnr")),
     "t2i": ("t2i", ("loss", "eval/loss")),
+    "contrastive": ("contrastive", ("loss", "eval/loss")),
     "upsampler": ("upsampler", ("loss", "psnr", "eval/psnr")),
 }
 # The stages in the time table, with what each does (the report's own stage is not listed).
@@ -32,6 +33,7 @@ STAGE_WORDS: dict[str, str] = {
     "vqgan": "train the ViT-VQGAN",
     "codes": "precompute image codes",
     "t2i": "train the encoder-decoder",
+    "contrastive": "train the contrastive model (the reranker)",
     "upsampler": "train the upsampler",
     "sample": "sample the prompt grid",
     "eval": "eval: shapes judge + reconstruction",
@@ -113,21 +115,50 @@ def _headline_section(
         return '<p id="headline" class="muted">No eval results yet (stage eval has not run).</p>'
     scorer = shapes_m.get("scorer")
     draws = shapes_m.get("num_samples")
+    every_draw = "one_draw" in ind  # N draws, each judged: one draw beside best-of-N
     how = (
-        f"{draws} draw(s) per caption, reranked by the judge itself (best-of-{draws})"
+        f"{draws} draws per caption, each judged: one draw is draw 0 (as a one-draw eval), "
+        f"best-of-{draws} the {scorer} scorer's pick, the oracle any accepted draw"
+        if every_draw
+        else f"{draws} draw(s) per caption, reranked by the judge itself (best-of-{draws})"
         if scorer == "shapes_judge"
         else f"{draws} draw(s) per caption, reranked by {scorer or 'the likelihood'}"
         if draws and draws > 1
         else "one draw per caption, no reranking"
     )
+
+    def block(group: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+        return group.get(name) or {}
+
+    contrastive = block(block(ind, "contrastive"), "r_precision_real")
+    reranked = (
+        [
+            ["in-distribution accuracy, one draw", H.pct(block(ind, "one_draw").get("accuracy")),
+             ind.get("num_scenes")],
+            [f"  best of {draws} by the {scorer} scorer", H.pct(ind.get("accuracy")), ""],
+            [f"  best of {draws} by the judge (oracle)",
+             H.pct(block(ind, "oracle").get("accuracy")), ""],
+            ["held-out accuracy, one draw / best of N / oracle",
+             " / ".join(H.pct(block(held, k).get("accuracy")) if k else H.pct(held.get("accuracy"))
+                        for k in ("one_draw", None, "oracle")), held.get("num_scenes")],
+            ["scorer picks an accepted draw (scenes with one accepted and one not)",
+             H.pct(block(ind, "scorer_agreement").get("rate")),
+             block(ind, "scorer_agreement").get("num_scenes")],
+            ["contrastive model: near-miss R-precision on the real scenes",
+             H.pct(contrastive.get("r_precision")), contrastive.get("num_scenes")],
+        ]
+        if every_draw
+        else [["in-distribution accuracy", H.pct(ind.get("accuracy")), ind.get("num_scenes")]]
+    )  # fmt: skip
+    which = f" (best of {draws})" if every_draw else ""
     rows = [
-        ["in-distribution accuracy", H.pct(ind.get("accuracy")), ind.get("num_scenes")],
-        ["  one-object scenes", H.pct((ind.get("one_object") or {}).get("accuracy")),
+        *reranked,
+        [f"  one-object scenes{which}", H.pct((ind.get("one_object") or {}).get("accuracy")),
          (ind.get("one_object") or {}).get("num_scenes")],
-        ["  two-object scenes", H.pct((ind.get("two_objects") or {}).get("accuracy")),
+        [f"  two-object scenes{which}", H.pct((ind.get("two_objects") or {}).get("accuracy")),
          (ind.get("two_objects") or {}).get("num_scenes")],
-        ["held-out accuracy (unseen colour-shape pairs)", H.pct(held.get("accuracy")),
-         held.get("num_scenes")],
+        *([] if every_draw else [["held-out accuracy (unseen colour-shape pairs)",
+                                  H.pct(held.get("accuracy")), held.get("num_scenes")]]),
         ["two-object share (in-distribution)", H.pct(ind.get("two_object_share")), ""],
         ["judge false-accept rate on near misses",
          H.pct((ind.get("near_miss") or {}).get("false_accept_rate")),

@@ -288,6 +288,20 @@ def scale_by_muon(config: OptimizerConfig) -> optax.GradientTransformation:
     )
 
 
+def freeze(optimizer: optax.GradientTransformation, pattern: str) -> optax.GradientTransformation:
+    """`optimizer` on every parameter whose path ('text_encoder/layers_0/...') does not
+    match the regex `pattern`; those that do never change (no update, no weight
+    decay, no optimizer state)."""
+    regex = re.compile(pattern)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if regex.search(path_name(path)) else "trained", params
+        )
+
+    return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
 def _decay_mask(exclude: str | None) -> Callable[[PyTree], PyTree] | None:
     if not exclude:
         return None

@@ -48,6 +48,10 @@ def test_config_errors_name_the_field():
         ContrastiveConfig(text=ModelConfig(**TINY_MODEL), image_size=30)
     with pytest.raises(ValueError, match="image_width=30 must be divisible by image_heads=4"):
         ContrastiveConfig(text=ModelConfig(**TINY_MODEL), image_width=30)
+    with pytest.raises(ValueError, match="image_pool_grid=3 must divide the 4 patches per side"):
+        ContrastiveConfig(
+            text=ModelConfig(**TINY_MODEL), **dict(TINY_CONTRASTIVE, image_pool_grid=3)
+        )
     model = DualEncoder(ContrastiveConfig(text=ModelConfig(**TINY_MODEL), **TINY_CONTRASTIVE))
     with pytest.raises(ValueError, match=r"image_size\); resize"):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 4), jnp.int32))
@@ -76,6 +80,20 @@ def test_near_misses_state_what_the_caption_states_and_change_one_attribute():
                 assert len(req.objects) == len(ex.requirements.objects), caption
                 for got, want in zip(req.objects, ex.requirements.objects, strict=True):
                     assert (got.size is None) == (want.size is None), caption
+    # The swapped-object negative: the same words, the two object phrases exchanged.
+    from parti_jax.contrastive.data import shapes_near_misses, swapped_objects
+
+    assert swapped_objects("a big green diamond with a large red triangle under it") == (
+        "a large red triangle with a big green diamond under it"
+    )
+    assert swapped_objects("a red circle above a red circle") is None
+    assert swapped_objects("a small red circle in the upper right") is None
+    two = next(
+        e for i in range(40)
+        if len((e := shapes.generate_example(i, "train", 0, world)).spec.objects) == 2
+    )  # fmt: skip
+    misses = shapes_near_misses(two, 3, 0, world, swap=True)
+    assert misses[0] == swapped_objects(two.caption) and len(misses) == 3
     tokenizer = read_vocabulary(default_vocab_path())
     it = ShapesCaptionsIterator(tokenizer=tokenizer, image_size=16, text_length=20,
                                 hard_negatives=3, batch_size=4, seed=1)  # fmt: skip
@@ -165,26 +183,47 @@ def test_text_tower_from_an_encoder_decoder(tiny_pipeline, tmp_path):
     from parti_jax.vqgan.tokenizer import local_mesh
     from tests.pipeline_fixtures import TINY_CONTRASTIVE, TINY_MODEL, _mesh_config
 
-    def run(text: ModelConfig, workdir):
+    def run(text: ModelConfig, workdir, steps=1, warmup=5, **kw):
         return train_contrastive(
             workdir=str(workdir), config=ContrastiveConfig(text=text, **TINY_CONTRASTIVE),
             batch_size=8, text_length=16, mesh_config=_mesh_config(),
-            loop=LoopConfig(num_steps=1, log_every=1, checkpoint_every=1, eval_every=None,
-                            async_checkpoints=False, tensorboard=False),
-            optimizer_config=OptimizerConfig.adamw_defaults(warmup_steps=5),
-            text_tower_from=tiny_pipeline["t2i"],
+            loop=LoopConfig(num_steps=steps, log_every=1, checkpoint_every=steps,
+                            eval_every=None, async_checkpoints=False, tensorboard=False),
+            optimizer_config=OptimizerConfig.adamw_defaults(warmup_steps=warmup,
+                                                            decay_end_step=warmup + 10),
+            text_tower_from=tiny_pipeline["t2i"], **kw,
         )  # fmt: skip
+
+    leaves = jax.tree_util.tree_leaves_with_path
+
+    def flat(tree):
+        return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves(tree)}
 
     run(ModelConfig(**TINY_MODEL), tmp_path / "clip")
     tower = ContrastiveModel.load(tmp_path / "clip").params["text_encoder"]
     p = tiny_pipeline
     encoder = load_models(p["t2i"], p["vqgan"], mesh=local_mesh(), fingerprint=False)
-    leaves = jax.tree_util.tree_leaves_with_path
-    want = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves(encoder.params["encoder"])}
-    got = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves(tower)}
+    want = flat(encoder.params["encoder"])
+    got = flat(tower)
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    # freeze_text_tower: three steps at a real learning rate (and swapped-object
+    # negatives) move the image side and leave the tower exactly the encoder.
+    result = run(ModelConfig(**TINY_MODEL), tmp_path / "locked", steps=3, warmup=1,
+                 freeze_text_tower=True, hard_negatives=2, swap_negatives=True)  # fmt: skip
+    locked = ContrastiveModel.load(tmp_path / "locked")
+    for k, v in flat(locked.params["text_encoder"]).items():
+        np.testing.assert_array_equal(v, want[k], err_msg=k)
+    start = flat(ContrastiveModel.load(tmp_path / "clip").params["image_encoder"])
+    moved = flat(locked.params["image_encoder"])
+    assert any(not np.array_equal(moved[k], start[k]) for k in start)
+    assert np.isfinite(result.last_metrics["loss"])
+    assert locked.meta["freeze_text_tower"] and locked.meta["swap_negatives"]
+    with pytest.raises(
+        ValueError, match="swap_negatives=True puts .* set train_contrastive.hard_negatives >= 1"
+    ):
+        run(ModelConfig(**TINY_MODEL), tmp_path / "no_negatives", swap_negatives=True)
     wider = ModelConfig(**dict(TINY_MODEL, d_model=64))
     with pytest.raises(ValueError, match="d_model: tower 64 vs train 32"):
         run(wider, tmp_path / "other")
