@@ -113,7 +113,7 @@ demo.num_preview = 4
 demo.vqgan_judge_images = 8
 demo.sample_prompts = ['a red circle', 'a large blue triangle above a green square']
 demo.num_heldout_sample_prompts = 1
-demo.progress = False
+demo.progress = True
 """
 
 

@@ -86,7 +86,11 @@ def main(argv: Sequence[str]) -> int:
 
     def num_steps(scope: str) -> int | None:  # for the progress bars
         name = f"{scope}/LoopConfig.num_steps"
-        return gin.query_parameter(name) if flags.is_bound(name) else None
+        if not flags.is_bound(name):
+            return None
+        value = gin.query_parameter(name)
+        # A macro (`num_steps = %STEPS`) comes back as a reference: its value is a call.
+        return value.scoped_configurable_fn() if hasattr(value, "scoped_configurable_fn") else value
 
     chosen = {"stages": stages} if args.namespace.stage else {}
     with flags.usage_errors(

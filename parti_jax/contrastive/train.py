@@ -158,7 +158,7 @@ def train_contrastive(
       freeze_text_tower: keep the text tower as it starts (LiT's locked tower, here
         the text side): no gradient through it, no update, no optimizer state.
         With `text_tower_from`, the image tower learns to meet the encoder-
-        decoder's own reading of captions, and a step costs about a third.
+        decoder's own reading of captions, and a step costs about half.
       swap_negatives: on the shapes world, the first hard negative of a caption
         that names two objects is the caption with the two swapped ("a red
         circle above a blue square" -> "a blue square above a red circle"):
