@@ -630,14 +630,18 @@ def format_headline(result: DemoResult) -> str:
         return "n/a" if v is None else f"{100.0 * float(v):.1f}%"
 
     times = ", ".join(f"{k} {v:.0f}s" for k, v in result.stage_seconds.items())
+    draws = h.get("num_samples") or 1
+    # Draw 0 when every draw was judged (or there is one); else the scorer's pick.
+    which = ("one draw" if draws == 1 or h.get("in_distribution_best_of_n") is not None
+             else f"best of {draws} by the {h.get('scorer')} scorer")  # fmt: skip
     return "\n".join(
         [
             f"demo report: {result.report}",
-            f"  in-distribution accuracy (judge, one draw): "
+            f"  in-distribution accuracy (judge, {which}): "
             f"{pct(h.get('in_distribution_accuracy'))} "
             f"of {h.get('in_distribution_scenes')} scenes "
             f"(two-object share {pct(h.get('two_object_share'))})",
-            f"  held-out accuracy (judge, one draw):        {pct(h.get('heldout_accuracy'))} "
+            f"  held-out accuracy (judge, {which}):        {pct(h.get('heldout_accuracy'))} "
             f"of {h.get('heldout_scenes')} scenes",
             *(
                 [

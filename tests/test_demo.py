@@ -242,3 +242,27 @@ def test_stage_without_its_inputs(tmp_path, tiny_gin, capsys):
     assert run_cli(f"--workdir={tmp_path / 'd'}", f"--gin_file={tiny_gin}", "--stage=eval") == 2
     err = capsys.readouterr().err
     assert "stage 'eval' needs stage(s) ['vqgan', 't2i', 'upsampler', 'contrastive']" in err
+
+
+def test_headline_names_what_each_figure_is():
+    """Every draw judged: one draw (draw 0) beside best-of-N and the oracle; a reranked
+    eval that judged only its pick: the figure is named as the scorer's best-of-N."""
+
+    def lines(shapes: dict) -> str:
+        h = demo_lib.headline({"shapes": shapes}, {"eval": 1.0})
+        return demo_lib.format_headline(
+            demo_lib.DemoResult(Path("w"), Path("w/report/index.html"), {"eval": 1.0}, [], [], h)
+        )
+
+    group = {"accuracy": 0.9, "num_scenes": 10, "one_draw": {"accuracy": 0.8},
+             "oracle": {"accuracy": 1.0}, "scorer_agreement": {"rate": 0.5}}  # fmt: skip
+    every = lines({"num_samples": 4, "scorer": "contrastive", "in_distribution": group,
+                   "heldout": dict(group, accuracy=0.1)})  # fmt: skip
+    assert "in-distribution accuracy (judge, one draw): 80.0% of 10 scenes" in every
+    assert "best of 4 draws, in-distribution / held-out: 90.0% / 10.0% by the contrastive " in every
+    assert "100.0% / 100.0% by the judge (oracle)" in every
+    picked = {"accuracy": 0.7, "num_scenes": 10}
+    only = lines({"num_samples": 4, "scorer": "contrastive", "in_distribution": picked,
+                  "heldout": picked})  # fmt: skip
+    assert "in-distribution accuracy (judge, best of 4 by the contrastive scorer): 70.0%" in only
+    assert "oracle" not in only
