@@ -76,8 +76,9 @@ class ContrastiveConfig(CheckedConfig):
     embed_dim: int = 128
     # How the image tower's patch features become one vector: 1 averages them all
     # (CLIP); g > 1 averages each cell of a g x g grid of patches and projects the
-    # g*g averages together, so where a feature is stays in the embedding (a
-    # relation, "X above Y", is a fact about where two objects are).
+    # g*g averages together, so where a feature is stays in the embedding
+    # (shapes world, 300 steps: position near misses 74% -> 97%; relations
+    # stayed at chance either way, README "Measured").
     image_pool_grid: int = 1
     # Initial softmax temperature (CLIP: 0.07); learned as log(1 / temperature).
     init_temperature: float = 0.07
