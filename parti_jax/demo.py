@@ -209,15 +209,16 @@ def _console(message: str) -> None:
 
 
 def last_eval(metrics_file: Path) -> dict[str, float]:
-    """The last evaluation a trainer logged to metrics.jsonl ({name: value}, 'eval/' dropped)."""
+    """The last evaluation a trainer logged to metrics.jsonl ({name: value}, 'eval/' dropped;
+    {} when there is none or the file cannot be read)."""
+    from parti_jax.train import metrics as metrics_lib
+
     found: dict[str, float] = {}
-    with contextlib.suppress(OSError):
-        for line in Path(metrics_file).read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                row = json.loads(line)
-                evals = {k[5:]: v for k, v in row.items() if k.startswith("eval/")}
-                if evals:
-                    found = {"eval_step": row.get("step"), **evals}
+    with contextlib.suppress(OSError, ValueError):
+        for row in metrics_lib.read_metrics(metrics_file):
+            evals = {k[5:]: v for k, v in row.items() if k.startswith("eval/")}
+            if evals:
+                found = {"eval_step": row.get("step"), **evals}
     return found
 
 

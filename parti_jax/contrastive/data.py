@@ -17,6 +17,7 @@ negatives, 'negatives' int32 [B, K, L].
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -53,17 +54,22 @@ def shapes_near_misses(
     return out if swapped is None else [swapped, *out[: count - 1]]
 
 
+@functools.cache
+def _object_phrase() -> re.Pattern[str]:
+    """ "[size] colour shape" in the shapes world's words (built once)."""
+    from parti_jax.data import shapes
+
+    sizes = "|".join(w for words in shapes.SIZE_WORDS.values() for w in words)
+    return re.compile(rf"\b(?:(?:{sizes}) )?(?:{'|'.join(shapes.COLORS)}) "
+                      rf"(?:{'|'.join(shapes.SHAPES)})\b")  # fmt: skip
+
+
 def swapped_objects(caption: str) -> str | None:
     """The caption with its two object phrases ("[size] colour shape") swapped, or None
     when it names fewer or more than two. With a stated relation this is a minimal
     pair of the caption: the same words, the relation reversed ("a red circle above
     a blue square" -> "a blue square above a red circle")."""
-    from parti_jax.data import shapes
-
-    sizes = "|".join(w for words in shapes.SIZE_WORDS.values() for w in words)
-    pattern = (rf"\b(?:(?:{sizes}) )?(?:{'|'.join(shapes.COLORS)}) "
-               rf"(?:{'|'.join(shapes.SHAPES)})\b")  # fmt: skip
-    found = list(re.finditer(pattern, caption))
+    found = list(_object_phrase().finditer(caption))
     if len(found) != 2 or found[0].group() == found[1].group():
         return None
     (a, b) = found
