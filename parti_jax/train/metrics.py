@@ -1,4 +1,4 @@
-"""Metric writing (metrics.jsonl and TensorBoard), throughput and MFU.
+"""Metric writing (metrics.jsonl, TensorBoard, Weights & Biases), throughput and MFU.
 
 `<workdir>/metrics.jsonl` gets one JSON object per logged step
 (`{"step": 100, "loss": 2.3, ...}`) and one per evaluation (`{"step": 500,
@@ -6,15 +6,22 @@
 test compares it line by line. A resumed run first drops the lines of steps
 after its checkpoint (the run before it died past that step; those steps
 are logged again), so each step appears once. TensorBoard gets the same
-scalars and image summaries (tensorboardX: no TensorFlow needed). Both go through
+scalars, image summaries (sample grids, reconstructions) and histograms
+(e.g. the VQGAN's per-code usage), through tensorboardX: no TensorFlow needed.
+Weights & Biases (optional, `WriterConfig.wandb`; offline by default) gets the
+same three. `WriterConfig` chooses the writers (gin: `LoopConfig.writers =
+@WriterConfig()`); metrics.jsonl is always written. Everything goes through
 parti_jax/storage.py, so the work dir may be a URL (gs://bucket/run).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -40,8 +47,44 @@ def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int, peak: 
     return flops_per_step / seconds_per_step / (num_devices * peak)
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class WriterConfig:
+    """Where a training run's metrics go besides metrics.jsonl (always written: the demo
+    report and the resume checks read it). Bound in gin as `LoopConfig.writers =
+    @WriterConfig()`, e.g. `WriterConfig.wandb = True`."""
+
+    # TensorBoard event files in <workdir>/tensorboard: scalars, images, histograms.
+    tensorboard: bool = True
+    # Weights & Biases (needs `pip install wandb`); the run's files go to <workdir>/wandb.
+    wandb: bool = False
+    # The W&B project and entity (team or user; None: W&B's default for the account).
+    wandb_project: str = "parti_jax"
+    wandb_entity: str | None = None
+    # 'offline' (nothing leaves the machine; `wandb sync <workdir>/wandb/offline-run-*`
+    # uploads later), 'online', or 'disabled'.
+    wandb_mode: str = "offline"
+    # The run's display name (None: the work dir's last path component).
+    wandb_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in WANDB_MODES:
+            raise ValueError(
+                f"WriterConfig.wandb_mode={self.wandb_mode!r}: expected one of {WANDB_MODES}"
+            )
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ValueError(
+                "WriterConfig.wandb=True needs the wandb package, which is not installed: "
+                "pip install wandb (or bind WriterConfig.wandb = False)"
+            )
+
+
 class MetricWriter:
-    """Scalars to `<workdir>/metrics.jsonl`, scalars and images to TensorBoard (process 0 only).
+    """Scalars to `<workdir>/metrics.jsonl`; scalars, images and histograms to TensorBoard
+    and, when `writers.wandb`, to Weights & Biases (process 0 only).
 
     The work dir may be a URL (gs://bucket/run; parti_jax/storage.py). metrics.jsonl is a
     `storage.Appender`: appended line by line on a local disk; on an object store it is
@@ -50,7 +93,11 @@ class MetricWriter:
     TensorBoard event files (`<workdir>/tensorboard`) are written with tensorboardX,
     which needs no TensorFlow; for a URL it writes them into a local temporary folder
     and the event files that changed are uploaded at the same moments, so TensorBoard
-    pointed at gs://bucket/run/tensorboard sees them. `tensorboard=False` turns them off.
+    pointed at gs://bucket/run/tensorboard sees them. TensorBoard is written when both
+    `tensorboard` (the older switch, `LoopConfig.tensorboard`) and `writers.tensorboard`
+    say so. W&B writes its run folder under `<workdir>/wandb` (for a URL: a local
+    temporary folder uploaded at the same moments); the run's id is kept in
+    `<workdir>/wandb_run_id.txt`, so a resumed run continues the same W&B run.
     A run resumed at `start_step` drops what was logged for later steps (the lines of
     metrics.jsonl; TensorBoard hides those events).
     """
@@ -60,23 +107,29 @@ class MetricWriter:
         workdir: str | os.PathLike,
         *,
         tensorboard: bool = True,
+        writers: WriterConfig | None = None,
         is_primary: bool = True,
         filename: str = "metrics.jsonl",
         start_step: int | None = None,
         flush_secs: float = 30.0,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
+        writers = writers or WriterConfig()
         self.is_primary = is_primary
         self.path = storage.join(workdir, filename)
         self.flush_secs = flush_secs
         self._file: storage.Appender | None = None
         self._tb = self._tb_sync = None
+        self._wandb = self._wandb_sync = None
         self._flushed = time.monotonic()
         if not is_primary:
             return
         if start_step is not None:
             drop_lines_after(self.path, start_step)
         self._file = storage.Appender(self.path)
-        if tensorboard:
+        if writers.wandb:
+            self._wandb, self._wandb_sync = _start_wandb(workdir, writers, run_config)
+        if tensorboard and writers.tensorboard:
             from tensorboardX import SummaryWriter
 
             logdir = storage.join(workdir, "tensorboard")
@@ -89,6 +142,11 @@ class MetricWriter:
                 purge_step=start_step + 1 if start_step else None,
             )
 
+    @property
+    def writes_summaries(self) -> bool:
+        """Whether images and histograms go anywhere (TensorBoard or W&B on, process 0)."""
+        return self._tb is not None or self._wandb is not None
+
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         if self._file is None:
             return
@@ -97,14 +155,50 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, int(step))
+        if self._wandb is not None:
+            self._wandb.log(clean, step=int(step))
         if time.monotonic() - self._flushed > self.flush_secs:
             self.flush()
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        """uint8 [H, W, 3] images (e.g. sample grids) as TensorBoard image summaries."""
+        """uint8 [H, W, 3] images (e.g. sample grids, reconstructions) as image summaries."""
+        if not images:
+            return
         if self._tb is not None:
             for k, image in images.items():
                 self._tb.add_image(k, np.asarray(image), int(step), dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+
+            logged = {k: wandb.Image(np.asarray(image)) for k, image in images.items()}
+            self._wandb.log(logged, step=int(step))
+
+    def write_histogram(self, step: int, name: str, values: np.ndarray, bins: int = 64) -> None:
+        """The distribution of `values` (any shape, flattened) as a histogram summary, e.g.
+        the VQGAN's per-code usage counts: a spike at 0 is the dead codes."""
+        if not self.writes_summaries:
+            return
+        values = np.asarray(values, np.float64).reshape(-1)
+        if values.size == 0:
+            return
+        counts, edges = np.histogram(values, bins=bins)
+        if self._tb is not None:
+            self._tb.add_histogram_raw(
+                name,
+                min=float(values.min()),
+                max=float(values.max()),
+                num=int(values.size),
+                sum=float(values.sum()),
+                sum_squares=float(np.square(values).sum()),
+                bucket_limits=edges[1:].tolist(),
+                bucket_counts=counts.tolist(),
+                global_step=int(step),
+            )
+        if self._wandb is not None:
+            import wandb
+
+            histogram = wandb.Histogram(np_histogram=(counts, edges))
+            self._wandb.log({name: histogram}, step=int(step))
 
     def flush(self) -> None:
         """Makes everything written so far visible in the work dir."""
@@ -115,6 +209,8 @@ class MetricWriter:
             self._tb.flush()
         if self._tb_sync is not None:
             self._tb_sync.upload()
+        if self._wandb_sync is not None:
+            self._wandb_sync.upload()
 
     def close(self) -> None:
         if self._file is not None:
@@ -124,7 +220,52 @@ class MetricWriter:
         if self._tb_sync is not None:
             self._tb_sync.upload()
             self._tb_sync.close()
-        self._file = self._tb = self._tb_sync = None
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._wandb_sync is not None:
+            self._wandb_sync.upload()
+            self._wandb_sync.close()
+        self._file = self._tb = self._tb_sync = self._wandb = self._wandb_sync = None
+
+
+def _start_wandb(
+    workdir: str | os.PathLike, writers: WriterConfig, run_config: Mapping[str, Any] | None
+) -> tuple[Any, _FolderSync | None]:
+    """A W&B run writing under <workdir>/wandb (staged locally for a URL), resumed by the id
+    kept in <workdir>/wandb_run_id.txt."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ValueError(
+            "WriterConfig.wandb=True needs the wandb package, which does not import "
+            f"({e}): pip install wandb (or bind WriterConfig.wandb = False)"
+        ) from e
+    # W&B writes into <dir>/wandb: dir is the work dir (for a URL, a local folder mirrored
+    # to it, so the run lands in <workdir>/wandb there too).
+    sync = None
+    if storage.is_url(workdir):
+        sync = _FolderSync(storage.join(workdir))
+        local = sync.local
+    else:
+        local = os.fspath(storage.path(workdir))
+    id_file = storage.join(workdir, WANDB_RUN_ID_FILE)
+    if storage.exists(id_file):
+        run_id = storage.read_text(id_file).strip()
+    else:
+        run_id = secrets.token_hex(4)  # W&B run ids: lowercase letters and digits
+        storage.write_text(id_file, run_id + "\n")
+    name = writers.wandb_name or storage.join(workdir).rstrip("/").rsplit("/", 1)[-1]
+    run = wandb.init(
+        project=writers.wandb_project,
+        entity=writers.wandb_entity,
+        name=name,
+        id=run_id,
+        resume="allow",
+        mode=writers.wandb_mode,
+        dir=local,
+        config=dict(run_config or {}),
+    )
+    return run, sync
 
 
 class _FolderSync:

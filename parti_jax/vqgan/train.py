@@ -4,7 +4,10 @@ Every checkpoint also (re)writes `<workdir>/vqgan_meta.json` (config,
 codebook size, grid, image size, the codebook hash of every step); every
 `loop.eval_every` steps fixed held-out images and their reconstructions go to
 `<workdir>/images/step_<n>.png` and TensorBoard, with PSNR, LPIPS and the
-codebook share they use.
+codebook share they use. At every log point TensorBoard (and W&B, when on) also
+gets `codebook/code_counts`: a histogram of how often each code was used over
+the last `codebook_window` steps (the counts the dead-code restarts read; a
+spike at 0 is the dead codes).
 
 Decoder fine-tuning (Parti §2.1): `init_from` a base work directory with
 `freeze='encoder_and_codebook'` keeps the base's encoder, input projection
@@ -109,6 +112,13 @@ def _host_array(x: jax.Array) -> np.ndarray:
 
 def _state_codebook_hash(state: TrainState) -> str:
     return codebook_hash(_host_array(state.params[GENERATOR]["quantizer"]["codebook"]))
+
+
+def _code_count_histograms(state: TrainState, step: int) -> dict[str, np.ndarray]:
+    """Per-code usage counts summed over the codebook window (the loop's `histograms`)."""
+    del step
+    counts = _host_array(state.model_state[GENERATOR]["codebook"]["counts"])
+    return {"codebook/code_counts": counts.sum(axis=0)}
 
 
 def _check_same_config(workdir: str | os.PathLike, config: VQGANConfig) -> None:
@@ -396,6 +406,7 @@ def train_vqgan(
             batch_keys=("image",),
             evaluate=evaluate,
             evaluate_at_end=True,
+            histograms=_code_count_histograms,
             warm_start=warm_start if init_from else None,
             on_save=write_meta,
             tokens_per_step=tokens_per_step,
