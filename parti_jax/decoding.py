@@ -9,7 +9,7 @@ The sampler knows nothing about the model (contract: docs/DESIGN.md section 3)::
 token whose logits come back. The caller preallocates the cache; `sample`
 threads it through one `lax.scan` over the whole grid (no EOS). With
 classifier-free guidance R = 2B: rows [B, 2B) hold the empty prompt `[EOS]`
-and the guided token is fed to both halves. Row i draws with
+(or a negative prompt) and the guided token is fed to both halves. Row i draws with
 `fold_in(fold_in(key(seed), prompt_ids[i]), sample_indices[i])`, folded with
 the step, so its tokens do not depend on batch size or composition. `sample`
 is traceable: callers jit prefill + `sample` with the parameters as arguments.

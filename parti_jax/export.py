@@ -8,7 +8,7 @@
 A bundle (layout: docs/EXPORT.md; read by `parti_jax.load_bundle`) holds the
 encoder-decoder, the VQGAN decoder half, the upsampler and (optionally) the
 contrastive reranker as safetensors with stable per-layer names, their JSON
-configs, the SentencePiece model(s),
+configs, the SentencePiece model(s), a model card (README.md, parti_jax/model_card.py),
 `bundle.json` (versions, sources, hashes and sizes of every file) and a
 `jax.export` sampler for one batch shape taking the weights as arguments. The
 models are loaded and cross-checked by `parti_jax.loading.load_models` before
@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ from parti_jax import bundle as bundle_lib
 from parti_jax import loading, storage
 from parti_jax.bundle import BUNDLE_FILE, WEIGHTS, BundleError
 from parti_jax.decoding import SamplingConfig
+from parti_jax.model_card import CARD_FILE, model_card
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -59,6 +61,7 @@ FILE_ROLES = {
     "the vocabulary file it reads",
     bundle_lib.CONTRASTIVE_VOCAB_FILE: "SentencePiece model of the contrastive model's text tower",
     bundle_lib.EXPORT_FILE: "jax.export sampler: text tokens -> (codes, images)",
+    CARD_FILE: "model card: data, sizes, training steps, eval figures, intended use and limits",
 }
 
 
@@ -126,6 +129,11 @@ def export_bundle(
         if jax_export:
             info["jax_export"] = _write_exported(tmp, models, sampling, batch, platforms)
             _add_file(tmp, info, bundle_lib.EXPORT_FILE)
+        sources = {"t2i": t2i_path, "vqgan": vqgan_path, "upsampler": upsampler_path,
+                   "contrastive": contrastive_path}  # fmt: skip
+        card = model_card(info, models, sources=sources, contrastive=contrastive)
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        _add_file(tmp, info, CARD_FILE)
         (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         return info
 
@@ -270,14 +278,18 @@ def _write_bundle(
     """Weights, configs and vocabulary into `root`; the bundle.json contents (without export)."""
     import flax
 
-    import parti_jax
     from parti_jax.vqgan.tokenizer import load_vqgan_meta
+
+    # The package's version from the package module (always loaded before this one),
+    # not by importing it: parti_jax/__init__.py lazily imports the Pipeline, which
+    # imports this module (tests/test_layering.py: no import cycles).
+    version = sys.modules[__name__.partition(".")[0]].__version__
 
     records = models.records
     info: dict[str, Any] = {
         "format": bundle_lib.FORMAT,
         "format_version": bundle_lib.FORMAT_VERSION,
-        "parti_jax_version": parti_jax.__version__,
+        "parti_jax_version": version,
         "jax_version": jax.__version__,
         "flax_version": flax.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

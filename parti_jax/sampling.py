@@ -144,14 +144,24 @@ def sample_tokens(
     *,
     seed: Any,
     guidance_scale: Any = None,
+    unconditional_text: jax.Array | None = None,
     **sampling: Any,
 ) -> jax.Array:
     """Decoder tokens int32 [B, N] (codes + 1) for text tokens [B, L]: prefill, then
     `decoding.sample` (`sampling`: temperature, top_k, top_p, mesh). With guidance the
-    unconditional rows (the empty prompt, [EOS]) are appended here. Pure: jit it."""
+    unconditional rows are appended here: the empty prompt, [EOS], or
+    `unconditional_text` [B, L] (a negative prompt per row) in its place. Pure: jit it."""
     if guidance_scale is not None:
-        empty = jnp.zeros_like(text).at[:, 0].set(EOS_ID)
+        if unconditional_text is None:
+            empty = jnp.zeros_like(text).at[:, 0].set(EOS_ID)
+        else:
+            empty = jnp.asarray(unconditional_text, text.dtype)
         text = jnp.concatenate([text, empty], axis=0)
+    elif unconditional_text is not None:
+        raise ValueError(
+            "unconditional_text (a negative prompt) needs classifier-free guidance; set "
+            "guidance_scale (SamplingConfig.guidance_scale, e.g. 1.2)"
+        )
     tokens_to_logits, cache = make_tokens_to_logits(model, params, text)
     cfg = model.config
     out = decoding.sample(
@@ -309,21 +319,23 @@ class Generator:
         """(fn, scalars): the jitted sampler for `sampling_config` and its scalar arguments.
 
         `fn(params, text [B, L], prompt_ids [B], sample_indices [B], seed, temperature,
-        top_p, guidance_scale) -> decoder tokens int32 [B, N]` (codes + 1): which
-        filters are on is compiled in, their values are arguments. Call it under
-        `partitioning.with_sharding_rules(self.mesh, self.rules)`.
+        top_p, guidance_scale[, negative_text [B, L]]) -> decoder tokens int32 [B, N]`
+        (codes + 1): which filters are on is compiled in, their values are arguments;
+        `negative_text` (guided only) replaces the empty prompt of the unconditional
+        rows. Call it under `partitioning.with_sharding_rules(self.mesh, self.rules)`.
         """
         cfg = sampling_config
         guided, greedy, top_p = cfg.guidance_scale is not None, cfg.temperature == 0, cfg.top_p
         key = (guided, greedy, cfg.top_k, top_p is not None)
         if key not in self._sample_fns:
 
-            def fn(params, text, prompt_ids, sample_indices, seed, temperature, p, scale):
+            def fn(params, text, prompt_ids, sample_indices, seed, temperature, p, scale,
+                   negative_text=None):  # fmt: skip
                 return sample_tokens(
                     self._model, params, text, prompt_ids, sample_indices, seed=seed,
                     temperature=0.0 if greedy else temperature, top_k=cfg.top_k,
                     top_p=None if top_p is None else p, guidance_scale=scale if guided else None,
-                    mesh=self.mesh,
+                    unconditional_text=negative_text, mesh=self.mesh,
                 )  # fmt: skip
 
             self._sample_fns[key] = jax.jit(fn)
@@ -387,7 +399,8 @@ class Generator:
         scorer: Any = None,
         batch_size: int | None = None,
         prompt_ids: Sequence[int] | None = None,
-        progress: bool = False,
+        progress: bool | Callable[[int, int], None] = False,
+        negative_prompts: Sequence[str] | None = None,
     ) -> list[PromptResult]:
         """Samples, reranks and upsamples images for `prompts`; one PromptResult per prompt.
 
@@ -404,7 +417,12 @@ class Generator:
             to a multiple of the mesh's batch devices; does not change the images.
           prompt_ids: global id of each prompt (default 0..P-1); the key of
             its randomness, so a prompt keeps its images in any batch or list.
-          progress: show a tqdm bar over batches.
+          progress: show a tqdm bar over batches (True), or a callable called with
+            (rows sampled, total rows) after each batch (a server's progress).
+          negative_prompts: one per prompt (or one for all): the text whose
+            unconditional rows guidance steers away from, in place of the empty
+            prompt; needs guidance. "" is the empty prompt (the default's images).
+            The 'pmi' scorer still subtracts the empty prompt's likelihood.
         """
         prompts = check_prompts(prompts)
         cfg = sampling_config or decoding.SamplingConfig()
@@ -431,6 +449,7 @@ class Generator:
                 PromptTruncatedWarning,
                 stacklevel=2,
             )
+        negative = self._negative_text(negative_prompts, prompts, cfg)
         total = len(prompts) * num_samples
         rows = self.rows_per_call(total, batch_size)
         row_prompt, row_sample = decoding.sample_ids(len(prompts), num_samples)
@@ -470,23 +489,62 @@ class Generator:
             ]
 
         batches = range(0, total, rows)
-        if progress:
+        report = progress if callable(progress) else None
+        if progress and report is None:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=-(-total // rows), unit="batch", desc="sampling")
         results: list[PromptResult] = []
         for start in batches:
             sl = slice(start, min(start + rows, total))
+            row_arrays = [text[row_prompt[sl]], ids[row_prompt[sl]].astype(np.int32),
+                          row_sample[sl]]  # fmt: skip
+            if negative is not None:
+                row_arrays.append(negative[row_prompt[sl]])
             tokens[sl] = self._padded(
-                lambda *a: fn(self.params, *a, *scalars),
-                rows,
-                text[row_prompt[sl]],
-                ids[row_prompt[sl]].astype(np.int32),
-                row_sample[sl],
+                lambda *a: fn(self.params, *a[:3], *scalars, *a[3:]), rows, *row_arrays
             )
             if sl.stop // num_samples > len(results):  # prompts finished
                 results += finish(range(len(results), sl.stop // num_samples))
+            if report is not None:
+                report(sl.stop, total)
         return results
+
+    def _negative_text(
+        self, negative_prompts: Sequence[str] | None, prompts: list[str], cfg: Any
+    ) -> np.ndarray | None:
+        """int32 [P, text_length] tokens of the negative prompts (one for all is repeated);
+        None without any. Checked: strings, valid Unicode, guidance on."""
+        if negative_prompts is None:
+            return None
+        if isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts]
+        negative = list(negative_prompts)
+        if len(negative) == 1:
+            negative = negative * len(prompts)
+        if len(negative) != len(prompts):
+            raise ValueError(
+                f"negative_prompts: {len(negative)} given for {len(prompts)} prompts; pass one "
+                "per prompt or a single one for all"
+            )
+        for i, text in enumerate(negative, 1):
+            if not isinstance(text, str):
+                raise ValueError(f"negative prompt {i}: {text!r} is not a string")
+            check_text(text, f"negative prompt {i}")
+        if cfg.guidance_scale is None:
+            raise ValueError(
+                "negative_prompts need classifier-free guidance (they replace its empty "
+                "prompt): set SamplingConfig.guidance_scale (e.g. 1.2)"
+            )
+        tokens, truncated = self.encode_prompts(negative)
+        if truncated:
+            warnings.warn(
+                f"{len(truncated)} negative prompt(s) longer than the encoder's "
+                f"{self.text_length} text tokens were truncated",
+                PromptTruncatedWarning,
+                stacklevel=3,
+            )
+        return tokens.astype(np.int32)
 
 
 # ------------------------------------------------------------------ output folder

@@ -35,7 +35,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("loading", "memory", "contrastive"),
     ("sampling", "benchmark"),  # generation, timings
     ("eval",),  # eval suites and reports
-    ("bundle", "export", "demo", "__init__"),  # inference bundles; the whole-pipeline demo
+    # inference bundles and their model card, the Pipeline and its web server; the demo
+    ("bundle", "export", "model_card", "pipeline", "serve", "demo", "__init__"),
     ("launch",),  # launchers for clusters
     ("cli", "__main__"),  # the command line
 )
