@@ -15,6 +15,8 @@ Stages, in order, each in its own folder of the demo's work directory:
     eval       eval/        parti-jax eval (shapes faithfulness + reconstruction): N draws
                             per caption, judged each; one draw, best-of-N by the
                             contrastive model and by the judge (the oracle)
+    inspect    inspect/     parti-jax inspect: cross-attention, per-position probabilities,
+                            teacher-forced and linear probes, the tokenizer check
     report     report/      index.html: sample grids, accuracy, loss curves, stage times
 
 A finished stage writes `stages/<name>.json` (its wall time, interrupted
@@ -46,7 +48,7 @@ from parti_jax.eval.demo_report import _read_json as read_json  # {} when missin
 
 STAGES: tuple[str, ...] = (
     "world", "vocab", "vqgan", "codes", "t2i", "contrastive", "upsampler", "sample", "eval",
-    "report",
+    "inspect", "report",
 )  # fmt: skip
 FOLDERS: dict[str, str] = {**{s: s for s in STAGES}, "sample": "samples"}  # in the work dir
 MARKER = "demo.json"
@@ -60,7 +62,38 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "sample": ("vqgan", "t2i", "upsampler"),
     "contrastive": ("vocab", "t2i"),
     "eval": ("vqgan", "t2i", "upsampler", "contrastive"),
+    "inspect": ("vqgan", "codes", "t2i"),
 }
+# The inspect stage (`parti-jax inspect` on the demo's models): two scenes of each group
+# viewed, the probes on 50 scenes per group and 1000 captions (~25 s on 2 cores).
+INSPECT_OPTIONS: dict[str, Any] = dict(
+    num_in_distribution=2, num_heldout=2, num_probe_scenes=50, num_probe_captions=1000
+)
+
+
+def inspect_summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The inspect stage's record: per group the tokenizer and teacher-forced figures, and
+    the probe of object 1's colour from its shape word's state."""
+    out: dict[str, Any] = {}
+    for group, g in (record.get("groups") or {}).items():
+        tf = g["teacher_forced_one_object"]
+        out[group] = {
+            "reconstruction_accepted": g["tokenizer"]["reconstruction_accepted"],
+            "object_codes_never_a_target": g["tokenizer"].get("object_codes_never_a_target"),
+            "p_true_first_object_cell": tf["mean_p_true_first_object_cell"],
+            "first_object_cell_mass_stated_color": tf["first_object_cell_mass_stated_color"],
+            "first_object_cell_mass_background": tf["first_object_cell_mass_background"],
+        }
+    probe = ((record.get("linear_probes") or {}).get("probes") or {}).get(
+        "object1_color_from_at_shape"
+    )
+    if probe:
+        out["probe_color_at_shape_word"] = {
+            "seen_pairs": probe["seen_pairs"], "heldout_pairs": probe["heldout_pairs"],
+        }  # fmt: skip
+    return out
+
+
 # Prompts of the sample stage's grid: in-distribution scenes, then held-out pairs
 # (shapes.HELDOUT_COMBINATIONS: blue triangle, red square, green circle, ...).
 DEFAULT_SAMPLE_PROMPTS: tuple[str, ...] = (
@@ -420,6 +453,7 @@ def run_demo(
     num_heldout_sample_prompts: int = NUM_HELDOUT_SAMPLE_PROMPTS,
     progress: bool = True,
     machine: str | None = None,
+    inspect_options: Mapping[str, Any] | None = None,
 ) -> DemoResult:
     """Runs (or resumes) the demo's stages in `workdir`; see the module docstring.
 
@@ -439,6 +473,8 @@ def run_demo(
         `num_heldout_sample_prompts` are marked as held-out combinations.
       progress: tqdm bars per stage.
       machine: a description of the machine for the report (default: CPU count).
+      inspect_options: keyword arguments of the inspect stage's
+        `inspection_report.run_inspection` (default INSPECT_OPTIONS).
     """
     wanted = check_stages(stages)
     if not sample_prompts:
@@ -505,6 +541,15 @@ def run_demo(
         )
         return {"num_images": len((manifest or {}).get("images", []))}
 
+    def do_inspect() -> dict[str, Any]:
+        from parti_jax.eval.inspection_report import run_inspection
+
+        record = run_inspection(
+            paths["t2i"], paths["vqgan"], paths["inspect"], codes_dir=paths["codes"],
+            **{**INSPECT_OPTIONS, **(inspect_options or {})},
+        )  # fmt: skip
+        return inspect_summary(record)
+
     def do_report() -> dict[str, Any]:
         page = demo_report.write_demo_report(
             wd,
@@ -545,6 +590,7 @@ def run_demo(
                 {},
             )
         },
+        "inspect": do_inspect,
         "report": do_report,
     }
     from tqdm import tqdm

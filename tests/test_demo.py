@@ -114,6 +114,7 @@ demo.vqgan_judge_images = 8
 demo.sample_prompts = ['a red circle', 'a large blue triangle above a green square']
 demo.num_heldout_sample_prompts = 1
 demo.progress = True
+demo.inspect_options = {'num_probe_scenes': 4, 'num_probe_captions': 40}
 """
 
 
@@ -191,6 +192,13 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_run):
     assert contrastive["step"] == 4 and "near_miss_accuracy" in contrastive
     accepted = vqgan["reconstruction_judge_acceptance"]
     assert f"VQGAN reconstructions accepted by the judge: {100 * accepted:.1f}%" in out
+    # The inspect stage: its page framed in the report, its figures in the stage record.
+    inspect = json.loads((wd / "stages" / "inspect.json").read_text())["summary"]
+    assert set(inspect) >= {"in_distribution", "heldout", "probe_color_at_shape_word"}
+    assert 0.0 <= inspect["heldout"]["p_true_first_object_cell"] <= 1.0
+    section = page[page.index('id="inspect"') :]
+    assert 'src="../inspect/index.html"' in section and "Where held-out pairs fail" in section
+    assert (wd / "inspect" / "index.html").exists()
 
 
 def test_second_run_skips_completed_stages(demo_run, tiny_gin, capsys):

@@ -5,7 +5,7 @@
     parti-jax demo --stage=eval --stage=report  # only some stages (earlier ones done)
     parti-jax demo --gin.train/LoopConfig.num_steps=500    # any knob of gin/runs/demo.gin
 
-Stages: world, vocab, vqgan, codes, t2i, contrastive, upsampler, sample, eval, report
+Stages: world, vocab, vqgan, codes, t2i, contrastive, upsampler, sample, eval, inspect, report
 (parti_jax/demo.py). `gin/runs/demo.gin` is always parsed first (it includes
 each stage's run file); `--gin_file`s given here are parsed after it, as
 overrides. The demo's folder fixes every path: the codes task reads
@@ -33,7 +33,7 @@ def main(argv: Sequence[str]) -> int:
         action="append",
         default=[],
         help="run only this stage (repeatable); default: all. Stages: world, vocab, vqgan, "
-        "codes, t2i, contrastive, upsampler, sample, eval, report.",
+        "codes, t2i, contrastive, upsampler, sample, eval, inspect, report.",
     )
     args = flags.parse_args(parser, argv)
     args.gin_files = [DEMO_GIN, *args.gin_files]

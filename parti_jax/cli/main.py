@@ -24,10 +24,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "train the contrastive image-text model (reranker, text-encoder warm start)",
     ),
     "eval": ("parti_jax.cli.eval", "run eval suites (PartiPrompts, shapes, FID, ...)"),
+    "inspect": (
+        "parti_jax.cli.inspect_model",
+        "look inside a trained model: cross-attention, probabilities, probes",
+    ),
     "export": ("parti_jax.cli.export", "write or inspect a self-contained inference bundle"),
     "launch": ("parti_jax.cli.launch", "run on TPU pods, GKE, SLURM or local processes"),
     "demo": ("parti_jax.cli.demo", "the whole pipeline on the shapes world, on CPU"),
     "benchmark": ("parti_jax.cli.benchmark", "speed of train step, sampling, VQGAN, input"),
+    "serve": ("parti_jax.cli.serve", "a local web page: prompts -> reranked image grids"),
     "train-vocab": ("parti_jax.cli.train_vocab", "train the SentencePiece text vocabulary"),
 }
 

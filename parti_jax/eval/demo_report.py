@@ -37,6 +37,7 @@ STAGE_WORDS: dict[str, str] = {
     "upsampler": "train the upsampler",
     "sample": "sample the prompt grid",
     "eval": "eval: shapes judge + reconstruction",
+    "inspect": "parti-jax inspect: attention, probabilities, probes",
 }
 
 
@@ -243,6 +244,26 @@ def _curves_section(workdir: Path, report_dir: Path) -> str:
     return '<section id="curves"><h2>Loss curves</h2>' + "".join(figures) + "</section>"
 
 
+def _inspect_section(workdir: Path, report_dir: Path) -> str:
+    """The inspect stage's figures (`parti-jax inspect`) and its page, framed in place."""
+    from parti_jax.eval.inspection_report import JSON_FILE, PAGE_FILE, _summary_tables
+
+    record = _read_json(workdir / "inspect" / JSON_FILE)
+    page = workdir / "inspect" / PAGE_FILE
+    if not record or not page.exists():
+        return ""
+    src = H.image_src(H.relative_path(page, report_dir))
+    return (
+        '<section id="inspect"><h2>Inside the model: why held-out pairs fail</h2>'
+        f"<p>{_link(page, report_dir, 'the whole inspect page')} (cross-attention of every "
+        "caption word, per-position probabilities, the teacher-forced probe per scene; "
+        "docs/COMPOSITIONALITY.md reads these figures).</p>"
+        + _summary_tables(record)
+        + f'<iframe src="{H.esc(src)}" title="parti-jax inspect" loading="lazy" '
+        'style="width:100%;height:900px;border:1px solid var(--line)"></iframe></section>'
+    )
+
+
 def write_demo_report(
     workdir: str | os.PathLike,
     *,
@@ -294,6 +315,7 @@ def write_demo_report(
         + _stage_table(stage_seconds, workdir)
         + _samples_section(workdir, report_dir, heldout_prompts)
         + _curves_section(workdir, report_dir)
+        + _inspect_section(workdir, report_dir)
         + '<section id="pictures"><h2>World and tokenizer</h2>'
         + f'<div class="images">{pictures}</div>'
         + (

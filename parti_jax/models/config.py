@@ -99,6 +99,10 @@ class ModelConfig(CheckedConfig):
     mlp_dim: int = 4096
     # Transformer layers in the text encoder.
     num_encoder_layers: int = 12
+    # False: the encoder's layers are MLPs only, each token on its own (with learned
+    # positions), so a word's state cannot carry its neighbours' attributes (the
+    # context-free encoder of the compositionality experiments, docs/COMPOSITIONALITY.md).
+    encoder_attention: bool = True
     # Transformer layers in the image-token decoder.
     num_decoder_layers: int = 12
     # 'gelu' / 'relu': plain 2-matrix MLP (Parti); 'gated_gelu' / 'swiglu': gated, 3 matrices.
@@ -162,6 +166,11 @@ class ModelConfig(CheckedConfig):
         self.check_choices(mlp_activation=MLP_ACTIVATIONS, attention_impl=ATTENTION_IMPLS)
         self.check_choices(decoder_attention=DECODER_ATTENTIONS, remat_policy=REMAT_POLICIES)
         self.check_choices(norm_type=NORM_TYPES, text_positions=TEXT_POSITIONS, logits_dtype=DTYPES)
+        check(
+            self.encoder_attention or self.text_positions == "learned",
+            "encoder_attention=False with text_positions='rotary': rotary positions act only "
+            "in attention, so the encoder would not see word order; set text_positions='learned'",
+        )
         if self.text_positions == "rotary":
             check(
                 self.kv_dim % 2 == 0,

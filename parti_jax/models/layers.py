@@ -303,6 +303,17 @@ class Attention(nn.Module):
         )
         return self.project_output(out)
 
+    def probabilities(self, query: Array, key: Array, kv_lengths: Array | None = None) -> Array:
+        """The attention weights `attend` uses (no causal mask), written out for inspection:
+        float32 [B, heads, T, S], rows summing to 1 over keys < `kv_lengths`."""
+        scale = 1.0 / np.sqrt(query.shape[-1])
+        logits = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
+        logits = logits * scale
+        if kv_lengths is not None:
+            valid = jnp.arange(key.shape[1])[None, :] < kv_lengths[:, None]
+            logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+        return jax.nn.softmax(logits, axis=-1)
+
     def project_output(self, x: Array) -> Array:
         """Per-head outputs [B, T, heads, kv] -> [B, T, D]."""
         return self.out(constrain(x, QKV_AXES))

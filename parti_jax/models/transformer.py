@@ -15,6 +15,8 @@ API (other modules rely on it):
     hidden = model.apply(variables, enc, dec, method=EncoderDecoder.hidden_states)
     logits = model.apply(variables, hidden, method=EncoderDecoder.logits_from_hidden)
     tokens_to_logits, cache = make_tokens_to_logits(model, params, enc)
+    encoded, logits, cross_attention = model.apply(variables, enc, dec,
+                                                   method=EncoderDecoder.inspect)
 
 Text is right-padded with 0 and ends in EOS; decoder slot t holds the token
 of cell t - 1 (slot 0 holds BOS = 0) and predicts cell t.
@@ -119,6 +121,18 @@ class DecoderLayer(nn.Module):
         self, x: Array, per_layer: None, shared: tuple[Array, Array], enable_dropout: bool = False
     ) -> tuple[Array, None]:
         """Teacher-forced pass over x [B, N, D]; `shared` = (encoded, text lengths)."""
+        return self._forward(x, shared, enable_dropout, with_probabilities=False)
+
+    def with_cross_attention(
+        self, x: Array, per_layer: None, shared: tuple[Array, Array], enable_dropout: bool = False
+    ) -> tuple[Array, Array]:
+        """`__call__`, also returning this layer's cross-attention weights
+        float32 [B, heads, N, Lt] (slot t's row: where the prediction of cell t looks)."""
+        return self._forward(x, shared, enable_dropout, with_probabilities=True)
+
+    def _forward(
+        self, x: Array, shared: tuple[Array, Array], enable_dropout: bool, with_probabilities: bool
+    ) -> tuple[Array, Array | None]:
         encoded, lengths = shared
         drop = functools.partial(self.dropout, deterministic=not enable_dropout)
         att = self.self_attention
@@ -128,9 +142,15 @@ class DecoderLayer(nn.Module):
         causal = dict(is_causal=True) if mask is None else dict(mask=jnp.asarray(mask)[None, None])
         x = x + drop(att.attend(att.project_query(h), key, value, **causal))
         h = self.pre_cross_attention_norm(x)
+        probabilities = None
+        if with_probabilities:
+            cross = self.cross_attention
+            probabilities = cross.probabilities(
+                cross.project_query(h), cross.project_key_value(encoded)[0], lengths
+            )
         x = x + drop(self.cross_attention(h, encoded, kv_lengths=lengths))
         x = x + drop(self.mlp(self.pre_mlp_norm(x)))
-        return constrain(x, HIDDEN_AXES), None
+        return constrain(x, HIDDEN_AXES), probabilities
 
     def cross_kv(
         self, carry: Array, per_layer: None, encoded: Array, enable_dropout: bool = False
@@ -250,7 +270,10 @@ class Encoder(nn.Module):
         x = nn.Dropout(cfg.dropout_rate, deterministic=not enable_dropout)(x)
         x = constrain(x, HIDDEN_AXES)
         spec = layer_spec(cfg)
-        layer = functools.partial(EncoderLayer, spec, rotary=cfg.text_positions == "rotary")
+        layer = functools.partial(
+            EncoderLayer, spec, attention=cfg.encoder_attention,
+            rotary=cfg.text_positions == "rotary",
+        )  # fmt: skip
         shared = (text_lengths(encoder_input_tokens), None)
         stack = _stack(layer, cfg, cfg.num_encoder_layers)
         x, _ = run_stack(stack, x, None, shared, enable_dropout)
@@ -270,7 +293,7 @@ class Decoder(nn.Module):
         self.position_embedder = ImagePositions(cfg.image_grid, cfg.d_model, **kw)
         # Named as when this was a compact method, so a seed's dropout masks stay the same.
         self.embedding_dropout = nn.Dropout(cfg.dropout_rate, name="Dropout_0")
-        methods = ("__call__", "cross_kv", "step")
+        methods = ("__call__", "cross_kv", "step", "with_cross_attention")
         self.layers = _stack(
             functools.partial(DecoderLayer, cfg), cfg, cfg.num_decoder_layers, methods=methods
         )
@@ -294,6 +317,18 @@ class Decoder(nn.Module):
             self.layers, constrain(x, HIDDEN_AXES), None, (encoded, lengths), enable_dropout
         )
         return self.final_norm(x)
+
+    def with_cross_attention(
+        self, tokens: Array, encoded: Array, lengths: Array
+    ) -> tuple[Array, Array]:
+        """`__call__` (no dropout) plus every layer's cross-attention weights, stacked:
+        float32 [L, B, heads, N, Lt]."""
+        x = self.token_embedder(tokens) + self.position_embedder(jnp.arange(tokens.shape[-1]))[None]
+        x, probabilities = run_stack(
+            self.layers, constrain(x, HIDDEN_AXES), None, (encoded, lengths),
+            method="with_cross_attention",
+        )  # fmt: skip
+        return self.final_norm(x), probabilities
 
     def logits(self, hidden: Array) -> Array:
         """Hidden states [B, n, D] -> logits [B, n, decoder_vocab_size] (logits_dtype)."""
@@ -363,6 +398,19 @@ class EncoderDecoder(nn.Module):
         lengths = text_lengths(encoder_input_tokens)
         hidden = self.decoder(decoder_input_tokens, encoded, lengths, enable_dropout)
         return constrain(hidden, HIDDEN_AXES)
+
+    def inspect(
+        self, encoder_input_tokens: Array, decoder_input_tokens: Array
+    ) -> tuple[Array, Array, Array]:
+        """Teacher-forced, for instruments (parti_jax/eval/inspection.py): encoded text
+        [B, Lt, D], logits [B, N, V] and the cross-attention weights of every decoder
+        layer, float32 [L, B, heads, N, Lt] (slot t predicts cell t)."""
+        encoded = self.encode(encoder_input_tokens)
+        lengths = text_lengths(encoder_input_tokens)
+        hidden, probabilities = self.decoder.with_cross_attention(
+            decoder_input_tokens, encoded, lengths
+        )
+        return encoded, self.decoder.logits(hidden), probabilities
 
     def logits_from_hidden(self, hidden: Array) -> Array:
         """Decoder hidden states [B, n, D] -> logits [B, n, decoder_vocab_size]."""

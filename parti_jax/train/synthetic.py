@@ -157,26 +157,48 @@ class SyntheticImagesIterator(StepPositionIterator):
         return {"image": images}
 
 
+# Where the unpaired 'heldout' scenes of `unpaired_heldout_every` start in that split:
+# far past the scenes the evals draw (indices 0..a few thousand).
+UNPAIRED_HELDOUT_OFFSET = 10_000_000
+
+
 class ShapesPixelsIterator(StepPositionIterator):
     """Shapes-world images drawn at `image_size`: {'image' float32 [B, S, S, 3] in [0, 1]}.
 
-    Row r of batch t on shard i is example (t * batch_size + r) * num_shards + i
+    Row r of batch t on shard i is example g = (t * batch_size + r) * num_shards + i
     of `split` (the world's scenes are already random per index).
+
+    `unpaired_heldout_every` = n > 0 makes every n-th example (g % n == n - 1) a scene
+    of the 'heldout' split instead (index UNPAIRED_HELDOUT_OFFSET + g, never an eval
+    scene): a tokenizer trained on images of every colour-shape pair, without their
+    captions, as tokenizers are trained on far more images than have captions.
     """
 
-    def __init__(self, *, image_size: int, split: str = "train", **kw: Any) -> None:
+    def __init__(
+        self, *, image_size: int, split: str = "train", unpaired_heldout_every: int = 0, **kw: Any
+    ) -> None:
         from parti_jax.data import shapes
 
+        if unpaired_heldout_every < 0:
+            raise ValueError(
+                f"unpaired_heldout_every={unpaired_heldout_every}: must be 0 (off) or n >= 1"
+            )
+        if unpaired_heldout_every:  # in the settings a resumed run checks (only when on)
+            kw["unpaired_heldout_every"] = unpaired_heldout_every
         super().__init__(image_size=image_size, split=split, **kw)
         self._generate = shapes.generate_example
         self._world = shapes.ShapesWorldConfig(resolution=image_size)
+        self._every = int(unpaired_heldout_every)
+
+    def _example(self, g: int) -> np.ndarray:
+        if self._every and g % self._every == self._every - 1:
+            return self._generate(UNPAIRED_HELDOUT_OFFSET + g, "heldout", self.seed, self._world)
+        return self._generate(g, self.split, self.seed, self._world)
 
     def __next__(self) -> dict[str, np.ndarray]:
         first = self.step * self.batch_size
         images = [
-            self._generate(
-                r * self.num_shards + self.shard_index, self.split, self.seed, self._world
-            ).image
+            self._example(r * self.num_shards + self.shard_index).image
             for r in range(first, first + self.batch_size)
         ]
         self.step += 1

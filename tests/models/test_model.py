@@ -7,6 +7,7 @@ compiled; `model.init` itself is compiled in test_partitioning.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -378,3 +379,22 @@ def test_config_derived_sizes():
     assert ModelConfig().decoder_vocab_size == 8320  # 8192 + 1 -> multiple of 128
     assert CFG.decoder_vocab_size == 128 and CFG.num_image_tokens == 12
     assert CFG.replace(head_dim=8).kv_dim == 8 and CFG.kv_dim == 16
+
+
+def test_context_free_encoder_keeps_each_word_to_itself():
+    """encoder_attention=False: MLP-only encoder layers, so a token's state depends on the
+    token and its position only (the compositionality experiment's text side)."""
+    cfg = dataclasses.replace(CFG, encoder_attention=False, text_positions="learned")
+    params = random_params(cfg)
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert not [p for p in paths if "encoder" in p and "attention" in p]
+    model = EncoderDecoder(cfg)
+    encode = jax.jit(lambda p, t: model.apply({"params": p}, t, method=EncoderDecoder.encode))
+    a = np.asarray(encode(params, ENC))
+    other = ENC.copy()
+    other[0, 0] = 11  # another first word
+    b = np.asarray(encode(params, other))
+    np.testing.assert_array_equal(a[0, 1:], b[0, 1:])
+    assert not np.allclose(a[0, 0], b[0, 0])
+    with pytest.raises(ValueError, match="text_positions='learned'"):
+        dataclasses.replace(CFG, encoder_attention=False, text_positions="rotary")
