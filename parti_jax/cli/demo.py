@@ -16,6 +16,7 @@ report is `<workdir>/report/index.html`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def main(argv: Sequence[str]) -> int:
     from parti_jax.data.vocab import make_shapes_vocab
     from parti_jax.eval import suites as S
     from parti_jax.train import checkpoints
+    from parti_jax.vqgan.tokenizer import code_decoder
 
     get = gin.config.get_configurable
     suite_fns = {name: get(name) for name in S.SUITE_NAMES}
@@ -76,7 +78,7 @@ def main(argv: Sequence[str]) -> int:
     fns = demo_lib.DemoStageFns(
         train_vqgan=get("train_vqgan"),
         precompute_codes=get("precompute_codes"),
-        train_t2i=get("train"),
+        train_t2i=functools.partial(get("train"), code_decoder_loader=code_decoder),
         train_upsampler=get("train_upsampler"),
         sample=get("sample"),
         evaluate=evaluate,

@@ -129,6 +129,10 @@ def run(trainer: Trainer, argv: Sequence[str]) -> int:
     kwargs = {"workdir": str(workdir)}
     kwargs.update({f: getattr(args.namespace, f) for f, _ in trainer.flags})
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if trainer.command == "train":  # the VQGAN decoder of the eval sample grid (a layer above)
+        from parti_jax.vqgan.tokenizer import code_decoder
+
+        kwargs["code_decoder_loader"] = code_decoder
     with flags.training_usage_errors():
         result = gin.config.get_configurable(name)(**kwargs)
     flags.write_config(workdir, operative=True)

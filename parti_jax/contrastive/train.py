@@ -7,7 +7,9 @@ optional hard negatives from its near-miss captions) or any seqio
 `<name>_pixels` task (images and captions; captions tokenized with the
 vocabulary). The periodic evaluation measures, on held-out batches, in-batch
 retrieval both ways and, on the shapes world, near-miss R-precision: how often
-an image's own caption scores above all of its near misses.
+an image's own caption scores above all of its near misses. It returns scalars
+only: a dual encoder makes no images, so it writes no image summaries (the other
+three trainers return an image grid from their evaluation).
 
 `contrastive_meta.json` records the config, the vocabulary and the text length:
 what `load_contrastive` (the scorer, the eval suites, a warm start) needs.

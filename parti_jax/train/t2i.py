@@ -9,20 +9,24 @@ library entry point that `parti-jax train` wraps with gin.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from parti_jax import partitioning, storage
+from parti_jax import decoding, partitioning, storage
 from parti_jax.models.chunked import check_loss_chunk_size, chunked_token_sums
 from parti_jax.models.config import ModelConfig, check_counts
-from parti_jax.models.transformer import EncoderDecoder
+from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
 from parti_jax.train import checkpoints, optimizers
 from parti_jax.train import loop as loop_lib
 from parti_jax.train import metrics as metrics_lib
@@ -172,7 +176,8 @@ def t2i_flops_per_step(config: ModelConfig, batch_size: int, text_len: int) -> f
     mlp_mats = 3 if config.mlp_activation in ("gated_gelu", "swiglu") else 2
     mlp = 2 * mlp_mats * d * config.mlp_dim  # per token
     qkvo = 2 * 4 * d * attn
-    enc_layer = text_len * (qkvo + mlp) + 2 * 2 * text_len * text_len * attn
+    enc_attention = text_len * qkvo + 2 * 2 * text_len * text_len * attn
+    enc_layer = text_len * mlp + (enc_attention if config.encoder_attention else 0)
     dec_layer = (
         n_img * (qkvo + mlp)  # self-attention projections + MLP
         + 2 * 2 * attn * n_img * (n_img + 1) / 2  # causal self-attention scores
@@ -242,7 +247,7 @@ CONTRASTIVE_META = "contrastive_meta.json"
 # equal; scan_layers converts, head_dim compares as the width used).
 ENCODER_FIELDS = (
     "text_vocab_size", "max_text_length", "text_positions", "d_model", "num_heads", "head_dim",
-    "mlp_dim", "num_encoder_layers", "mlp_activation", "norm_type",
+    "mlp_dim", "num_encoder_layers", "mlp_activation", "norm_type", "encoder_attention",
 )  # fmt: skip
 
 
@@ -352,6 +357,121 @@ def _tower_record(run: loop_lib.Run, tower: Any) -> dict[str, Any] | None:
     return previous.get("text_encoder_from") if isinstance(previous, dict) else record
 
 
+# ------------------------------------------------------- eval sample grid
+CodeDecoder = Callable[[np.ndarray], np.ndarray]  # codes int [B, h, w] -> float32 [B, H, W, 3]
+# codes_meta.json -> the decoder of the VQGAN that made the codes (raises ValueError or
+# OSError when it cannot). parti_jax.vqgan sits a layer above train, so the caller passes
+# it (the CLI and the demo: parti_jax.vqgan.tokenizer.code_decoder).
+CodeDecoderLoader = Callable[[Mapping[str, Any]], CodeDecoder]
+
+
+@contextlib.contextmanager
+def outside_training_mesh() -> Iterator[None]:
+    """No mesh and no logical rules around the body: the VQGAN loads and runs on its own
+    (local) mesh, not under the training loop's."""
+    with jax.set_mesh(None), nn.logical_axis_rules(()):
+        yield
+
+
+def image_rows_grid(rows: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
+    """Image batches [N, H, W, 3] in [0, 1] as the rows of one white-padded uint8 grid."""
+    n, h, w, _ = rows[0].shape
+    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
+    for r, batch in enumerate(rows):
+        pixels = np.round(np.clip(np.asarray(batch, np.float32), 0.0, 1.0) * 255.0)
+        for i in range(n):
+            y, x = pad + r * (h + pad), pad + i * (w + pad)
+            grid[y : y + h, x : x + w] = pixels[i].astype(np.uint8)
+    return grid
+
+
+class EvalSampleGrid:
+    """At each evaluation: greedy samples for the first `num` captions of the eval split,
+    decoded by the VQGAN that made the codes, above those captions' own images: one uint8
+    [H, W, 3] grid, returned as eval/samples for the loop's image writers.
+
+    Set up at the first evaluation (the captions, the jitted sampler, the VQGAN on
+    process 0). Every process draws (a collective on the training mesh); process 0
+    decodes. When the VQGAN cannot be loaded, or drawing fails, one line says so and the
+    grid is off for the rest of the run: a picture never stops training.
+    """
+
+    def __init__(
+        self, run: loop_lib.Run, model: EncoderDecoder, codes_meta: Mapping[str, Any], num: int,
+        load_decoder: CodeDecoderLoader,
+    ) -> None:  # fmt: skip
+        self.run, self.config, self.codes_meta, self.num = run, model.config, codes_meta, num
+        self.load_decoder = load_decoder
+        self.on: bool | None = None  # None: not set up yet
+        self.decode: CodeDecoder | None = None
+        self.text: jax.Array | None = None
+        self.references: np.ndarray | None = None
+        cfg = model.config
+
+        def draw(params: PyTree, text: jax.Array) -> jax.Array:
+            tokens_to_logits, cache = make_tokens_to_logits(model, params, text)
+            rows = text.shape[0]
+            return decoding.sample(
+                tokens_to_logits, cache, num_steps=cfg.num_image_tokens,
+                prompt_ids=jnp.arange(rows, dtype=jnp.int32),
+                sample_indices=jnp.zeros((rows,), jnp.int32), seed=0, temperature=0.0,
+                num_valid_tokens=cfg.codebook_size + 1, mesh=run.mesh,
+            ).tokens  # fmt: skip
+
+        self._draw = jax.jit(draw, out_shardings=run.replicated)
+
+    def _off(self, why: str) -> dict[str, np.ndarray]:
+        metrics_lib.console(f"eval samples: off ({why})")
+        self.on = False
+        return {}
+
+    def _set_up(self, batch: Mapping[str, np.ndarray]) -> None:
+        """The captions (and their images' codes) of the eval split's first batch, padded
+        to rows that split over the mesh's batch devices; the VQGAN on process 0."""
+        run = self.run
+        text = np.asarray(batch["encoder_input_tokens"])[: self.num]
+        targets = np.asarray(batch["decoder_target_tokens"])[: len(text)]
+        self.num = len(text)
+        devices, hosts = partitioning.batch_devices(run.mesh), run.shard.count
+        per_host = devices // hosts if devices % hosts == 0 else devices
+        rows = -(-self.num // per_host) * per_host
+        padded = np.concatenate([text, np.repeat(text[-1:], rows - self.num, axis=0)])
+        self.text = run.global_batch({"text": padded})["text"]
+        problem = ""
+        if run.is_primary:
+            try:
+                with outside_training_mesh():
+                    self.decode = self.load_decoder(self.codes_meta)
+                    codes = decoding.tokens_to_codes(targets).reshape(-1, *self.config.image_grid)
+                    self.references = self.decode(codes)
+            except Exception as e:  # noqa: BLE001 - any reason: the run goes on without it
+                problem = f"the VQGAN does not load: {type(e).__name__}: {e}".splitlines()[0]
+        # Every process draws or none does (the draw is a collective).
+        if checkpoints.process_max(int(bool(problem))):
+            self._off(problem or "the VQGAN does not load on process 0")
+        else:
+            self.on = True
+
+    def __call__(self, params: PyTree, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{'samples': grid} (process 0), {} elsewhere or when off; `batch`: the eval
+        split's first batch (read at the first call only)."""
+        if self.on is None:
+            self._set_up(batch)
+        if not self.on:
+            return {}
+        try:
+            tokens = self._draw(params, self.text)
+            tokens = np.asarray(tokens.addressable_data(0))[: self.num]
+            if not self.run.is_primary:
+                return {}
+            codes = decoding.tokens_to_codes(tokens, self.config.codebook_size)
+            with outside_training_mesh():
+                samples = self.decode(codes.reshape(-1, *self.config.image_grid))
+        except Exception as e:  # noqa: BLE001 - a picture never stops training
+            return self._off(f"drawing failed: {type(e).__name__}: {e}".splitlines()[0])
+        return {"samples": image_rows_grid([samples, self.references])}
+
+
 # ------------------------------------------------------------------ train
 
 
@@ -399,6 +519,8 @@ def train(
     loss_chunk_size: int | None = None,
     eval_steps: int = 10,
     eval_split: str = "validation",
+    num_eval_samples: int | None = 4,
+    code_decoder_loader: CodeDecoderLoader | None = None,
     restore_from: str | None = None,
     restore_include: str | None = None,
     text_encoder_from: str | None = None,
@@ -432,6 +554,13 @@ def train(
         exist whole; None: all at once (same values either way).
       eval_steps, eval_split: batches and split of the validation loss, every
         `loop.eval_every` steps.
+      num_eval_samples: at each evaluation of a codes task, greedy samples for the
+        first this many captions of `eval_split`, decoded by the VQGAN that made the
+        codes (codes_meta.json's vqgan_checkpoint), above those captions' own images:
+        the image eval/samples (TensorBoard, W&B). 0 or None: off; off with one line
+        when that VQGAN does not load; synthetic codes and `data_factory` have none.
+      code_decoder_loader: codes_meta -> that VQGAN's decoder (the CLI and the demo
+        pass parti_jax.vqgan.tokenizer.code_decoder); None: no sample grid.
       restore_from: warm start (params only) from another run's work
         directory or checkpoint, when this workdir has no checkpoint yet;
         scanned/unscanned layouts are converted.
@@ -447,6 +576,7 @@ def train(
     """
     optimizer_config = optimizer_config or OptimizerConfig()
     check_counts("train", text_length=text_length, eval_steps=eval_steps)
+    check_counts("train", 0, num_eval_samples=num_eval_samples)
     if num_micro_batches < 1 or batch_size % num_micro_batches:
         raise ValueError(
             f"train.num_micro_batches={num_micro_batches} must be >= 1 and divide "
@@ -532,11 +662,23 @@ def train(
     model = EncoderDecoder(model_config)
     eval_jit = jax.jit(functools.partial(eval_step, model=model, loss_chunk_size=loss_chunk_size))
 
-    def evaluate(state: TrainState, step: int) -> dict[str, float]:
+    samples = None
+    wants_grid = num_eval_samples and code_decoder_loader is not None
+    if wants_grid and task not in (None, "synthetic") and data_factory is None:
+        samples = EvalSampleGrid(run, model, codes_meta, num_eval_samples, code_decoder_loader)
+
+    def evaluate(state: TrainState, step: int) -> dict[str, Any]:
         batches = make_data(seed=loop.seed, split=eval_split)
+        out: dict[str, Any] = {}
+        if samples is not None:
+            first = next(batches, None)  # the sample captions are its first rows
+            if first is not None:
+                batches = itertools.chain([first], batches)
+                out.update(samples(state.params, first))
         totals = loop_lib.evaluate_sums(run, eval_jit, state.params, batches, eval_steps)
         w = max(totals.get("weight", 0.0), 1.0)
-        return {"loss": totals.get("ce", 0.0) / w, "accuracy": totals.get("correct", 0.0) / w}
+        out.update(loss=totals.get("ce", 0.0) / w, accuracy=totals.get("correct", 0.0) / w)
+        return out
 
     task_spec = dataclasses.replace(
         task_spec,

@@ -7,7 +7,9 @@ of the rows, drawn per step from the state's key, get the clean downsample;
 without a VQGAN all do). The loss is `generator_loss` without VQ terms, with
 the discriminator of `GanSetup`. Metrics: the loss parts, `psnr`,
 `bicubic_psnr` (the baseline to beat) and `psnr_gain`; the evaluation
-measures them on held-out VQGAN inputs. `upsampler_meta.json` records the
+measures them on held-out VQGAN inputs and returns the image eval/upsampled
+(rows: a few held-out inputs, enlarged, their upsampled images and the
+targets) for the loop's image writers. `upsampler_meta.json` records the
 configs and the VQGAN (codebook hash) the upsampler was trained on.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from parti_jax import storage
 from parti_jax.models.config import check_counts
@@ -35,7 +39,7 @@ from parti_jax.upsampler.model import Upsampler
 from parti_jax.vqgan.discriminator import DiscriminatorConfig
 from parti_jax.vqgan.losses import LossConfig, generator_loss, psnr
 from parti_jax.vqgan.lpips import LPIPS
-from parti_jax.vqgan.train_data import SHAPES_WORLD, pixel_source
+from parti_jax.vqgan.train_data import SHAPES_WORLD, image_grid, pixel_source
 from parti_jax.vqgan.train_step import GENERATOR, GanSetup, apply_adversarial_gradients
 
 log = logging.getLogger(__name__)
@@ -142,6 +146,17 @@ def eval_step(params: PyTree, batch: Mapping[str, Array], *, model: Upsampler) -
     }
 
 
+def grid_rows(
+    params: PyTree, batch: Mapping[str, Array], *, model: Upsampler, num: int
+) -> tuple[Array, Array, Array]:
+    """(inputs, upsampled, targets) of the batch's first `num` rows, the inputs as
+    `eval_step` sees them (VQGAN reconstructions when present)."""
+    batch = {k: v[:num] for k, v in batch.items()}
+    inputs, _ = make_inputs(batch, jax.random.key(0), scale=model.config.scale, clean_fraction=0.0)
+    pred = jnp.clip(model.apply({"params": params}, inputs), 0.0, 1.0)
+    return inputs, pred, batch["image"].astype(jnp.float32)
+
+
 # ------------------------------------------------------------------ train
 
 
@@ -178,6 +193,7 @@ def train_upsampler(
     rules: Any = None,
     eval_steps: int = 4,
     eval_split: str = "validation",
+    num_grid_images: int = 4,
 ) -> loop_lib.TrainResult:
     """Trains the upsampler; resumes from `<workdir>/checkpoints` when present.
 
@@ -207,6 +223,8 @@ def train_upsampler(
       mesh_config: partitioning.MeshConfig or a Mesh; default all devices on 'data'.
       rules: rule table name or table (default the MeshConfig's).
       eval_steps, eval_split: the held-out batches of the periodic evaluation.
+      num_grid_images: held-out images in the evaluation's image eval/upsampled (rows:
+        the input enlarged to the output size, the upsampled image, the target); 0: none.
     """
     loss_config = loss_config or LossConfig()
     if adversarial_start_step is not None:
@@ -214,6 +232,7 @@ def train_upsampler(
             loss_config, adversarial_start_step=int(adversarial_start_step)
         )
     check_counts("train_upsampler", eval_steps=eval_steps)
+    check_counts("train_upsampler", 0, num_grid_images=num_grid_images)
     if not 0.0 <= clean_fraction <= 1.0:
         raise ValueError(f"train_upsampler.clean_fraction={clean_fraction} must be in [0, 1]")
     out_size, scale = upsampler_config.output_size, upsampler_config.scale
@@ -293,14 +312,28 @@ def train_upsampler(
         },
     )
     eval_jit = jax.jit(functools.partial(eval_step, model=model))
+    grid_jit = jax.jit(
+        functools.partial(grid_rows, model=model, num=num_grid_images),
+        out_shardings=run.replicated,
+    )
 
-    def evaluate(state: TrainState, step: int) -> dict[str, float]:
+    def evaluate(state: TrainState, step: int) -> dict[str, Any]:
+        params = state.params[GENERATOR]
         batches = make_data(loop.seed, eval_split)
-        totals = loop_lib.evaluate_sums(run, eval_jit, state.params[GENERATOR], batches, eval_steps)
+        grid = {}
+        first = next(batches, None) if num_grid_images else None
+        if first is not None:  # the grid's images are its first rows
+            batches = itertools.chain([first], batches)
+            low, pred, target = (
+                np.asarray(x.addressable_data(0)) for x in grid_jit(params, run.global_batch(first))
+            )
+            low = np.repeat(np.repeat(low, scale, axis=1), scale, axis=2)  # nearest neighbour
+            grid["upsampled"] = image_grid([low, pred, target])
+        totals = loop_lib.evaluate_sums(run, eval_jit, params, batches, eval_steps)
         n = max(totals.pop("count", 0.0), 1.0)
         out = {k: v / n for k, v in totals.items()}
         out["psnr_gain"] = out.get("psnr", 0.0) - out.get("bicubic_psnr", 0.0)
-        return out
+        return {**grid, **out}
 
     return loop_lib.run_training(
         run,

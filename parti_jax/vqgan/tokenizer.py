@@ -388,3 +388,24 @@ class ImageTokenizer:
         """Image tokens int [B, h, w] (or [B, h*w]) in [0, K) -> images float32 [B, H, W, 3] in [0, 1]."""
         codes = check_codes(codes, self.config)
         return self._run(self._decode_fn, codes, np.float32)
+
+
+def code_decoder(codes_meta: Mapping[str, Any]) -> Any:
+    """`decode` of the VQGAN that made a set of codes: codes_meta.json's
+    `vqgan_checkpoint` (`<vqgan workdir>/checkpoints/<step>`), or the work dir's latest
+    step when that one was deleted (keep-N) and its codebook is the same. The encoder-
+    decoder trainer's eval sample grid (`t2i.train(code_decoder_loader=...)`). Raises
+    ValueError (or OSError) saying why not."""
+    from parti_jax.train import checkpoints
+
+    checkpoint = codes_meta.get("vqgan_checkpoint")
+    if not checkpoint:
+        raise ValueError("codes_meta.json records no vqgan_checkpoint")
+    step_dir = storage.path(checkpoint)
+    workdir = step_dir.parent.parent
+    try:
+        tokenizer = ImageTokenizer.load(workdir, step=int(step_dir.name))
+    except (OSError, ValueError, checkpoints.CheckpointError):
+        tokenizer = ImageTokenizer.load(workdir)
+    tokenizer.check_codes_meta(codes_meta)
+    return tokenizer.decode
