@@ -301,6 +301,14 @@ def teacher_forced_probes(
         first_object = int(np.argmax(objects)) if objects.any() else None
         first_wrong = int(np.argmax(wrong)) if wrong.any() else None
         p_true = np.exp(lp[np.arange(len(true)), true])
+        looks = None
+        stated = caption_objects(scene.caption)
+        if first_object is not None and stated:
+            words, owner = caption_words(inspector.text_tokenizer, tf["text"][b])
+            att = word_attention(tf["attention"][:, b], owner, len(words)).mean(0)
+            _, _, ci, si = stated[0]
+            looks = {"color_word": float(att[ci, first_object]),
+                     "shape_word": float(att[si, first_object])}  # fmt: skip
         mass = None
         if colors is not None and first_object is not None:
             p = np.exp(lp[first_object])
@@ -320,6 +328,9 @@ def teacher_forced_probes(
             if first_object is None
             else float(p_true[first_object]),
             "first_object_cell_mass": mass,
+            # Cross-attention (layers and heads averaged) of the first object cell on the
+            # first object's colour word and shape word.
+            "first_object_cell_attention": looks,
             "object_cell_accuracy": float((argmax == true)[objects].mean())
             if objects.any()
             else None,
@@ -379,6 +390,12 @@ def summarize_probes(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 (r["first_object_cell_mass"] or {}).get(k) for r in rows
             )
             for k in ("stated_color", "background", "other_color")
+        },
+        **{
+            f"first_object_cell_attention_{k}": mean(
+                (r["first_object_cell_attention"] or {}).get(k) for r in rows
+            )
+            for k in ("color_word", "shape_word")
         },
     }
 

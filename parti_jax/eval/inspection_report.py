@@ -224,6 +224,10 @@ def _summary_tables(summary: dict[str, Any]) -> str:
              "first_object_cell_mass_other_color"),
             ("first error at the first object cell", "teacher_forced_one_object",
              "first_error_at_first_object_cell"),
+            ("cross-attention there on the colour word", "teacher_forced_one_object",
+             "first_object_cell_attention_color_word"),
+            ("cross-attention there on the shape word", "teacher_forced_one_object",
+             "first_object_cell_attention_shape_word"),
         ]  # fmt: skip
         for label, block, key in labels:
             rows.append([label, *(_pct((groups.get(g, {}).get(block) or {}).get(key))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 # Decoder vocabulary is padded to a multiple of this (MXU/tensor-core friendly,
 # and divisible by any tensor-parallel degree up to 128).
@@ -44,6 +45,26 @@ def check_counts(where: str, low: int = 1, **values: Any) -> None:
             isinstance(value, bool) or not isinstance(value, int) or value < low
         ):
             raise ValueError(f"{where}.{name}={value!r} must be an integer >= {low} or None")
+
+
+def digit_weights(sizes: Sequence[int]) -> list[int]:
+    """Place values of a product codebook's digits: code = sum_g digit_g * weight_g, the
+    first digit most significant (weight_g = product of the later groups' sizes)."""
+    return [int(np.prod(sizes[g + 1 :], dtype=np.int64)) for g in range(len(sizes))]
+
+
+def check_group_sizes(sizes: Sequence[int], codebook_size: int, where: str) -> str | None:
+    """Why `sizes` is not a product codebook of `codebook_size` codes (None when it is)."""
+    if not sizes:
+        return None
+    if len(sizes) < 2 or min(sizes) < 2:
+        return f"{where}.code_group_sizes={tuple(sizes)}: give () or two or more sizes >= 2"
+    if int(np.prod(sizes, dtype=np.int64)) != codebook_size:
+        return (
+            f"{where}.code_group_sizes={tuple(sizes)} multiply to "
+            f"{int(np.prod(sizes, dtype=np.int64))}, not codebook_size={codebook_size}"
+        )
+    return None
 
 
 class CheckedConfig:
@@ -97,6 +118,12 @@ class ModelConfig(CheckedConfig):
     head_dim: int | None = None
     # Hidden width of the feed-forward block.
     mlp_dim: int = 4096
+    # Image codes as digits of a product codebook (VQGANConfig.code_group_sizes, e.g.
+    # (128, 8)): the decoder embeds a code as the sum of one embedding per digit and
+    # predicts each digit with its own head (a code's log-probability is the sum of its
+    # digits'), so a code never seen as a target still gets its digits' probability.
+    # (): one embedding and one softmax over the codebook (the paper's).
+    code_group_sizes: tuple[int, ...] = ()
     # Transformer layers in the text encoder.
     num_encoder_layers: int = 12
     # False: the encoder's layers are MLPs only, each token on its own (with learned
@@ -142,6 +169,7 @@ class ModelConfig(CheckedConfig):
     def __post_init__(self) -> None:
         check = self.check
         object.__setattr__(self, "image_grid", tuple(int(v) for v in self.image_grid))
+        object.__setattr__(self, "code_group_sizes", tuple(int(v) for v in self.code_group_sizes))
         check(len(self.image_grid) == 2, f"image_grid={self.image_grid} must be (rows, columns)")
         positive = ["text_vocab_size", "codebook_size", "max_text_length", "d_model", "num_heads"]
         positive += ["mlp_dim", "num_encoder_layers", "num_decoder_layers", "conv_kernel_size"]
@@ -166,6 +194,8 @@ class ModelConfig(CheckedConfig):
         self.check_choices(mlp_activation=MLP_ACTIVATIONS, attention_impl=ATTENTION_IMPLS)
         self.check_choices(decoder_attention=DECODER_ATTENTIONS, remat_policy=REMAT_POLICIES)
         self.check_choices(norm_type=NORM_TYPES, text_positions=TEXT_POSITIONS, logits_dtype=DTYPES)
+        problem = check_group_sizes(self.code_group_sizes, self.codebook_size, "ModelConfig")
+        check(problem is None, f"{problem}; use the VQGAN's code_group_sizes")
         check(
             self.encoder_attention or self.text_positions == "learned",
             "encoder_attention=False with text_positions='rotary': rotary positions act only "

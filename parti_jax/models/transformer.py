@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parti_jax.models.config import DTYPES, ModelConfig
+from parti_jax.models.config import DTYPES, ModelConfig, digit_weights
 from parti_jax.models.layers import (
     HIDDEN_AXES,
     Attention,
@@ -94,6 +94,60 @@ def _stack(
         remat_policy=getattr(jax.checkpoint_policies, policy) if named else None,
         **kw,
     )
+
+
+# ------------------------------------------------------------ product codes
+class ProductCodes(nn.Module):
+    """Embedding and output head of a decoder whose codes are digits of a product
+    codebook (ModelConfig.code_group_sizes; VQGANConfig.code_group_sizes makes them).
+
+    A decoder id t > 0 is code c = t - 1 with digits a_g (c = sum_g a_g * weight_g,
+    `digit_weights`): it embeds as the sum of one table per digit (id 0, BOS, has its
+    own vector); the head gives each digit its own logits, and code c's logit is the
+    sum of its digits' (so the softmax over codes is the product of the digits'
+    softmaxes). Id 0 and the padding ids past K get a logit of -1e9.
+    """
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
+        sizes = cfg.code_group_sizes
+        self.digit_embedders = [
+            Embed(k, cfg.d_model, name=f"digit_embedder_{g}", **kw) for g, k in enumerate(sizes)
+        ]
+        self.bos = Embed(1, cfg.d_model, name="bos_embedder", **kw)
+        self.heads = [
+            DenseGeneral((k,), (EMBED, VOCAB), accum_dtype=jnp.float32,
+                         name=f"digit_head_{g}", **kw)  # fmt: skip
+            for g, k in enumerate(sizes)
+        ]
+
+    def digits(self, tokens: Array) -> list[Array]:
+        """Decoder ids [...] -> each digit [...] (most significant first; id 0 -> 0s)."""
+        code = jnp.maximum(tokens - 1, 0)
+        sizes = self.config.code_group_sizes
+        return [(code // w) % k for w, k in zip(digit_weights(sizes), sizes, strict=True)]
+
+    def embed(self, tokens: Array) -> Array:
+        x = sum(e(d) for e, d in zip(self.digit_embedders, self.digits(tokens), strict=True))
+        bos = self.bos(jnp.zeros_like(tokens))
+        return jnp.where((tokens == 0)[..., None], bos, x)
+
+    def logits(self, hidden: Array) -> Array:
+        """Hidden [B, n, D] -> logits [B, n, decoder_vocab_size] (float32)."""
+        joint = None
+        for head in self.heads:
+            part = head(hidden).astype(jnp.float32)  # [B, n, k]
+            joint = part if joint is None else (joint[..., :, None] + part[..., None, :])
+            joint = joint.reshape(*hidden.shape[:-1], -1)
+        cfg = self.config
+        pad = cfg.decoder_vocab_size - cfg.codebook_size - 1
+        fill = functools.partial(jnp.full, dtype=jnp.float32, fill_value=-1e9)
+        return jnp.concatenate(
+            [fill((*hidden.shape[:-1], 1)), joint, fill((*hidden.shape[:-1], pad))], axis=-1
+        )
 
 
 # -------------------------------------------------------------------- blocks
@@ -289,7 +343,9 @@ class Decoder(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
-        self.token_embedder = Embed(cfg.decoder_vocab_size, cfg.d_model, **kw)
+        self.product = ProductCodes(cfg) if cfg.code_group_sizes else None
+        if self.product is None:
+            self.token_embedder = Embed(cfg.decoder_vocab_size, cfg.d_model, **kw)
         self.position_embedder = ImagePositions(cfg.image_grid, cfg.d_model, **kw)
         # Named as when this was a compact method, so a seed's dropout masks stay the same.
         self.embedding_dropout = nn.Dropout(cfg.dropout_rate, name="Dropout_0")
@@ -298,9 +354,16 @@ class Decoder(nn.Module):
             functools.partial(DecoderLayer, cfg), cfg, cfg.num_decoder_layers, methods=methods
         )
         self.final_norm = layer_spec(cfg).norm()
-        self.logits_dense = DenseGeneral(
-            (cfg.decoder_vocab_size,), (EMBED, VOCAB), accum_dtype=jnp.float32, **kw
-        )
+        if self.product is None:
+            self.logits_dense = DenseGeneral(
+                (cfg.decoder_vocab_size,), (EMBED, VOCAB), accum_dtype=jnp.float32, **kw
+            )
+
+    def embed_tokens(self, tokens: Array) -> Array:
+        """Decoder ids -> embeddings [..., D] (a product codebook's digits summed)."""
+        if self.product is not None:
+            return self.product.embed(tokens)
+        return self.token_embedder(tokens)
 
     def __call__(
         self, tokens: Array, encoded: Array, lengths: Array, enable_dropout: bool = False
@@ -311,7 +374,7 @@ class Decoder(nn.Module):
         length = tokens.shape[-1]
         (rows, cols), n = cfg.image_grid, cfg.num_image_tokens
         _check_length("decoder_input_tokens", length, n, f"image_grid {rows}x{cols} = {n} tokens")
-        x = self.token_embedder(tokens) + self.position_embedder(jnp.arange(length))[None]
+        x = self.embed_tokens(tokens) + self.position_embedder(jnp.arange(length))[None]
         x = self.embedding_dropout(x, deterministic=not enable_dropout)
         x, _ = run_stack(
             self.layers, constrain(x, HIDDEN_AXES), None, (encoded, lengths), enable_dropout
@@ -323,7 +386,7 @@ class Decoder(nn.Module):
     ) -> tuple[Array, Array]:
         """`__call__` (no dropout) plus every layer's cross-attention weights, stacked:
         float32 [L, B, heads, N, Lt]."""
-        x = self.token_embedder(tokens) + self.position_embedder(jnp.arange(tokens.shape[-1]))[None]
+        x = self.embed_tokens(tokens) + self.position_embedder(jnp.arange(tokens.shape[-1]))[None]
         x, probabilities = run_stack(
             self.layers, constrain(x, HIDDEN_AXES), None, (encoded, lengths),
             method="with_cross_attention",
@@ -332,7 +395,10 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: Array) -> Array:
         """Hidden states [B, n, D] -> logits [B, n, decoder_vocab_size] (logits_dtype)."""
-        logits = self.logits_dense(hidden).astype(DTYPES[self.config.logits_dtype])
+        if self.product is not None:
+            logits = self.product.logits(hidden).astype(DTYPES[self.config.logits_dtype])
+        else:
+            logits = self.logits_dense(hidden).astype(DTYPES[self.config.logits_dtype])
         return constrain(logits, (ACT_BATCH, ACT_LENGTH, ACT_VOCAB))
 
     def cross_kv(self, encoded: Array) -> tuple[Array, Array]:
@@ -345,7 +411,7 @@ class Decoder(nn.Module):
         self, tokens: Array, cache: Mapping[str, Array], step: Array
     ) -> tuple[Array, dict[str, Array]]:
         """One cached step: tokens [B, 1] at slot `step` -> (logits [B, V], updated cache)."""
-        x = self.token_embedder(tokens) + self.position_embedder(jnp.reshape(step, (1,)))[None]
+        x = self.embed_tokens(tokens) + self.position_embedder(jnp.reshape(step, (1,)))[None]
         # The self-attention caches travel whole through the layers (the carry of
         # the layer scan), each layer writing its new position in place; only the
         # read-only cross-attention K/V are split per layer.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from parti_jax.models.config import CheckedConfig
+from parti_jax.models.config import CheckedConfig, check_group_sizes
 
 OUTPUTS = ("sigmoid", "linear")
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
@@ -43,6 +43,21 @@ class VQGANConfig(CheckedConfig):
     codebook_size: int = 8192
     # Width of the factorized lookup space (the encoder output is projected to it).
     code_dim: int = 32
+    # Product quantization: the lookup vector splits into len(code_group_sizes) equal
+    # slices, each l2-normalised and matched against its own codebook of that many
+    # entries; a code is the slices' indices as digits, most significant first
+    # (code = a_0 * k_1 * ... + ... + a_last; their product is codebook_size).
+    # (): one codebook (the paper's). With an encoder-decoder of the same
+    # ModelConfig.code_group_sizes, each image position is predicted digit by digit
+    # (docs/COMPOSITIONALITY.md).
+    code_group_sizes: tuple[int, ...] = ()
+    # What each group's slice reads: 'shared' (the encoder's output on the image, all
+    # groups) or 'value_color' (two groups, a patch-only encoder: group 0 reads the
+    # image's value, max over channels, so it sees shape and not hue; group 1 reads
+    # each patch's value-weighted mean colour scaled to a maximum of 1, so it sees hue
+    # and not shape): image tokens whose two digits split shape from colour
+    # (docs/COMPOSITIONALITY.md).
+    code_group_views: str = "shared"
     # Commitment weight in the VQ loss ||sg[z] - e||^2 + beta ||z - sg[e]||^2.
     beta: float = 0.25
     # Decoder output: 'sigmoid' squashes pixels into [0, 1]; 'linear' (Parti's
@@ -92,6 +107,7 @@ class VQGANConfig(CheckedConfig):
 
     def __post_init__(self) -> None:
         check = self.check
+        object.__setattr__(self, "code_group_sizes", tuple(int(v) for v in self.code_group_sizes))
         check(
             self.image_size % self.patch_size == 0,
             f"image_size={self.image_size} is not a multiple of VQGANConfig.patch_size="
@@ -108,6 +124,23 @@ class VQGANConfig(CheckedConfig):
                 width % heads == 0,
                 f"{side}_width={width} is not divisible by VQGANConfig.{side}_heads={heads}",
             )
+        problem = check_group_sizes(self.code_group_sizes, self.codebook_size, "VQGANConfig")
+        check(problem is None, str(problem))
+        groups = max(1, len(self.code_group_sizes))
+        check(
+            self.code_dim % groups == 0,
+            f"code_dim={self.code_dim} is not divisible by the {groups} code groups",
+        )
+        check(
+            self.code_group_views in ("shared", "value_color"),
+            f"code_group_views={self.code_group_views!r}: one of 'shared', 'value_color'",
+        )
+        check(
+            self.code_group_views == "shared"
+            or (len(self.code_group_sizes) == 2 and self.encoder_context == "patch"),
+            "code_group_views='value_color' needs two code_group_sizes and encoder_context='patch' "
+            "(each digit a function of one view of its own patch)",
+        )
         self.check_choices(output=OUTPUTS, position_embedding=POSITION_EMBEDDINGS)
         self.check_choices(encoder_context=ENCODER_CONTEXTS, attention_impl=ATTENTION_IMPLS)
         self.check_choices(decoder_tanh_ffn=TANH_FFN_PLACES)

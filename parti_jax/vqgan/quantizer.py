@@ -51,6 +51,11 @@ class FactorizedQuantizer(nn.Module):
     beta: float = 0.25
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # Product quantization (VQGANConfig.code_group_sizes): the lookup vector is G equal
+    # slices, each normalised and matched against its own rows of the codebook parameter
+    # ([sum(sizes), code_dim / G], group g's rows after the earlier groups'); a code is
+    # the slices' row indices as digits, most significant first. (): one codebook.
+    group_sizes: tuple[int, ...] = ()
 
     def setup(self) -> None:
         kw = dict(
@@ -64,25 +69,77 @@ class FactorizedQuantizer(nn.Module):
             nn.with_logical_partitioning(
                 nn.initializers.normal(stddev=self.code_dim**-0.5), (CODEBOOK, CODE_DIM)
             ),
-            (self.codebook_size, self.code_dim),
+            self._table_shape(),
             self.param_dtype,
         )
 
+    @property
+    def groups(self) -> int:
+        return max(1, len(self.group_sizes))
+
+    def _table_shape(self) -> tuple[int, int]:
+        if self.groups == 1:
+            return (self.codebook_size, self.code_dim)
+        return (sum(self.group_sizes), self.code_dim // self.groups)
+
+    def _split(self, x: Array) -> Array:
+        """[..., code_dim] -> [..., G, code_dim / G]."""
+        return x.reshape(*x.shape[:-1], self.groups, self.code_dim // self.groups)
+
+    def _offsets(self) -> list[int]:
+        return [sum(self.group_sizes[:g]) for g in range(self.groups)]
+
     def project(self, z: Array) -> Array:
-        """Encoder output [..., D_enc] -> normalised lookup-space latents [..., code_dim] (f32)."""
-        return l2_normalize(self.in_proj(z))
+        """Encoder output [..., D_enc] -> normalised lookup-space latents [..., code_dim]
+        (f32; with groups, each slice normalised on its own)."""
+        x = self.in_proj(z)
+        if self.groups == 1:
+            return l2_normalize(x)
+        return l2_normalize(self._split(x)).reshape(x.shape)
+
+    def project_views(self, features: list[Array]) -> Array:
+        """Product codes whose groups read different views of the image: group g's
+        slice comes from `features[g]` (the encoder's output on view g), normalised."""
+        if len(features) != self.groups:
+            raise ValueError(f"project_views: {len(features)} views for {self.groups} groups")
+        slices = [self._split(self.in_proj(f))[..., g, :] for g, f in enumerate(features)]
+        return l2_normalize(jnp.stack(slices, axis=-2)).reshape(*slices[0].shape[:-1], -1)
 
     def lookup(self, latents: Array) -> Array:
         """Normalised latents [..., code_dim] -> nearest code indices [...] (int32)."""
         codebook = l2_normalize(jnp.asarray(self.codebook, jnp.float32))
-        # For unit vectors, argmin ||z - e||^2 = argmax <z, e>.
-        sim = jnp.einsum("...d,kd->...k", latents, codebook)
-        return jnp.argmax(sim, axis=-1).astype(jnp.int32)
+        if self.groups == 1:
+            # For unit vectors, argmin ||z - e||^2 = argmax <z, e>.
+            sim = jnp.einsum("...d,kd->...k", latents, codebook)
+            return jnp.argmax(sim, axis=-1).astype(jnp.int32)
+        from parti_jax.models.config import digit_weights
+
+        slices = self._split(latents)
+        code = jnp.zeros(latents.shape[:-1], jnp.int32)
+        weights = digit_weights(self.group_sizes)
+        for g, (size, start) in enumerate(zip(self.group_sizes, self._offsets(), strict=True)):
+            sim = jnp.einsum("...d,kd->...k", slices[..., g, :], codebook[start : start + size])
+            code = code + jnp.argmax(sim, axis=-1).astype(jnp.int32) * weights[g]
+        return code
+
+    def vectors(self, codes: Array) -> Array:
+        """Code indices [...] -> their normalised lookup-space vectors [..., code_dim]."""
+        codebook = l2_normalize(jnp.asarray(self.codebook, jnp.float32))
+        if self.groups == 1:
+            return jnp.take(codebook, codes, axis=0)
+        from parti_jax.models.config import digit_weights
+
+        rows = [
+            (codes // w) % size + start
+            for w, size, start in zip(
+                digit_weights(self.group_sizes), self.group_sizes, self._offsets(), strict=True
+            )
+        ]
+        return jnp.concatenate([jnp.take(codebook, r, axis=0) for r in rows], axis=-1)
 
     def embed_codes(self, codes: Array) -> Array:
         """Code indices [...] -> decoder-width vectors [..., out_dim] (no gradient tricks)."""
-        codebook = l2_normalize(jnp.asarray(self.codebook, jnp.float32))
-        return self.out_proj(jnp.take(codebook, codes, axis=0))
+        return self.out_proj(self.vectors(codes))
 
     def __call__(self, z: Array) -> tuple[Array, dict[str, Array]]:
         """Quantizes encoder outputs z [B, N, D_enc].
@@ -96,10 +153,13 @@ class FactorizedQuantizer(nn.Module):
           entropy of the batch's code distribution); `usage` (fraction of the
           codebook used in the batch).
         """
-        latents = self.project(z)
+        return self.quantize(self.project(z))
+
+    def quantize(self, latents: Array) -> tuple[Array, dict[str, Array]]:
+        """`__call__` from lookup-space latents [B, N, code_dim] (`project` or
+        `project_views`)."""
         codes = self.lookup(latents)
-        codebook = l2_normalize(jnp.asarray(self.codebook, jnp.float32))
-        quantized = jnp.take(codebook, codes, axis=0)
+        quantized = self.vectors(codes)
         # Means over tokens and code_dim (the VQ-VAE / taming convention): a sum over
         # code_dim would make the commitment pull code_dim times stronger than the
         # pixel-mean reconstruction loss and collapse the encoder onto few codes.

@@ -195,6 +195,7 @@ def _update_codebook_stats(
     *,
     dead_code_reinit: bool,
     threshold: float,
+    group_sizes: tuple[int, ...] = (),
 ) -> tuple[dict, jax.Array, dict]:
     """Adds this step's counts/latents; restarts dead codes at the end of each window."""
     window = stats["counts"].shape[0]
@@ -217,8 +218,24 @@ def _update_codebook_stats(
     due = ((step + 1) % window == 0) & (step + 1 >= window)
 
     def restart(codebook):
-        replaced, dead = reinit_dead_codes(codebook, window_counts, buffer, reinit_rng, threshold)
-        return replaced, jnp.sum(dead.astype(jnp.int32))
+        if not group_sizes:
+            replaced, dead = reinit_dead_codes(
+                codebook, window_counts, buffer, reinit_rng, threshold
+            )
+            return replaced, jnp.sum(dead.astype(jnp.int32))
+        # A product codebook (code_group_sizes): each group's rows restart from that
+        # group's slices of recent latents, by how often that digit was used.
+        groups = len(group_sizes)
+        digits = window_counts.reshape(group_sizes)
+        slices = buffer.reshape(buffer.shape[0], groups, -1)
+        parts, num, start = [], jnp.zeros([], jnp.int32), 0
+        for g, rng in enumerate(jax.random.split(reinit_rng, groups)):
+            counts_g = digits.sum(axis=tuple(a for a in range(groups) if a != g))
+            rows = codebook[start : start + group_sizes[g]]
+            replaced, dead = reinit_dead_codes(rows, counts_g, slices[:, g], rng, threshold)
+            parts.append(replaced)
+            num, start = num + jnp.sum(dead.astype(jnp.int32)), start + group_sizes[g]
+        return jnp.concatenate(parts, axis=0), num
 
     # Only at the end of a window: a cond, not a where, so the other steps skip the work.
     codebook, num_dead = jax.lax.cond(
@@ -308,6 +325,7 @@ def train_step(
         state.step_rng("dead_codes"),
         dead_code_reinit=dead_code_reinit,
         threshold=dead_code_threshold,
+        group_sizes=tuple(cfg.code_group_sizes),
     )
     metrics.update(stat_metrics)
     g_new = dict(g_new, quantizer=dict(g_new["quantizer"], codebook=codebook))

@@ -190,7 +190,9 @@ class ViTVQGAN(nn.Module):
         cfg = self.config
         self.encoder = ViTStack(cfg, "encoder")
         sizes = (cfg.codebook_size, cfg.code_dim, cfg.decoder_width, cfg.beta)
-        self.quantizer = FactorizedQuantizer(*sizes, cfg.compute_dtype, cfg.param_dtype)
+        self.quantizer = FactorizedQuantizer(
+            *sizes, cfg.compute_dtype, cfg.param_dtype, group_sizes=tuple(cfg.code_group_sizes)
+        )
         self.decoder = ViTStack(cfg, "decoder")
 
     def _check_images(self, images: Array) -> None:
@@ -210,8 +212,7 @@ class ViTVQGAN(nn.Module):
           what losses.logit_laplace_nll reads).
         """
         self._check_images(images)
-        features = self.encoder(images, enable_dropout)
-        quantized, aux = self.quantizer(features)
+        quantized, aux = self.quantizer.quantize(self._latents(images, enable_dropout))
         output = self.decoder(quantized, enable_dropout)
         b, g = images.shape[0], self.config.grid
         aux = dict(aux, codes=aux["codes"].reshape(b, g, g), decoder_output=output)
@@ -220,9 +221,18 @@ class ViTVQGAN(nn.Module):
     def encode(self, images: Array) -> Array:
         """Images [B, H, W, 3] in [0, 1] -> image tokens int32 [B, grid, grid]."""
         self._check_images(images)
-        latents = self.quantizer.project(self.encoder(images))
+        latents = self._latents(images)
         g = self.config.grid
         return self.quantizer.lookup(latents).reshape(images.shape[0], g, g)
+
+    def _latents(self, images: Array, enable_dropout: bool = False) -> Array:
+        """Lookup-space latents [B, N, code_dim]: the encoder on the image, or with
+        code_group_views='value_color' on its value view (group 0) and its colour view
+        (group 1)."""
+        if self.config.code_group_views == "shared":
+            return self.quantizer.project(self.encoder(images, enable_dropout))
+        views = value_color_views(images, self.config.patch_size)
+        return self.quantizer.project_views([self.encoder(v, enable_dropout) for v in views])
 
     def decode_codes(self, codes: Array) -> Array:
         """Image tokens int32 [B, grid, grid] (or [B, grid*grid]) -> images [B, H, W, 3] in [0, 1]."""
@@ -247,3 +257,22 @@ class ViTVQGAN(nn.Module):
         quantized = self.quantizer.embed_codes(codes.reshape(b, cfg.num_tokens).astype(jnp.int32))
         output = self.decoder(quantized)
         return jnp.clip(decoder_output_to_images(output, cfg), 0.0, 1.0)
+
+
+def value_color_views(images: Array, patch: int) -> tuple[Array, Array]:
+    """(value view, colour view) of images [B, H, W, 3] in [0, 1], per patch:
+
+    - value: the max over channels divided by the patch's largest value, in all three
+      channels: where the patch is bright, not how bright or in what hue (shape);
+    - colour: the patch filled with one colour, sum(rgb) / sum(value) (the hue and
+      saturation of its pixels) times the patch's largest value (colour, not shape).
+    """
+    b, h, w, _ = images.shape
+    tiles = (b, h // patch, patch, w // patch, patch)
+    rgb = images.reshape(*tiles, 3)
+    value = jnp.max(rgb, axis=-1, keepdims=True)
+    peak = jnp.max(value, axis=(2, 4), keepdims=True)
+    shape = jnp.broadcast_to(value / (peak + 1e-6), (*tiles, 3)).reshape(images.shape)
+    chroma = rgb.sum((2, 4), keepdims=True) / (value.sum((2, 4), keepdims=True) + 1e-6)
+    color = jnp.broadcast_to(chroma * peak, (*tiles, 3)).reshape(images.shape)
+    return shape, color
