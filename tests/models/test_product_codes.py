@@ -39,7 +39,7 @@ def test_product_quantizer_is_the_nearest_product_code():
     assert variables["params"]["codebook"].shape == (8, 4)  # 2 groups x 4 rows, 4 dims each
     out, aux = q.apply(variables, z)
     codes = np.asarray(aux["codes"])
-    assert codes.shape == (3, 5) and 0 <= codes.min() and codes.max() < 16
+    assert codes.shape == (3, 5) and codes.min() >= 0 and codes.max() < 16
     # Brute force over all 16 product codes: the highest total similarity of the slices.
     latents = np.asarray(aux["latents"]).reshape(-1, 2, 4)
     table = np.asarray(l2_normalize(variables["params"]["codebook"])).reshape(2, 4, 4)
