@@ -53,15 +53,15 @@ def digit_weights(sizes: Sequence[int]) -> list[int]:
     return [int(np.prod(sizes[g + 1 :], dtype=np.int64)) for g in range(len(sizes))]
 
 
-def check_group_sizes(sizes: Sequence[int], codebook_size: int, where: str) -> str | None:
+def check_group_sizes(sizes: Sequence[int], codebook_size: int) -> str | None:
     """Why `sizes` is not a product codebook of `codebook_size` codes (None when it is)."""
     if not sizes:
         return None
     if len(sizes) < 2 or min(sizes) < 2:
-        return f"{where}.code_group_sizes={tuple(sizes)}: give () or two or more sizes >= 2"
+        return f"code_group_sizes={tuple(sizes)}: give () or two or more sizes >= 2"
     if int(np.prod(sizes, dtype=np.int64)) != codebook_size:
         return (
-            f"{where}.code_group_sizes={tuple(sizes)} multiply to "
+            f"code_group_sizes={tuple(sizes)} multiply to "
             f"{int(np.prod(sizes, dtype=np.int64))}, not codebook_size={codebook_size}"
         )
     return None
@@ -194,7 +194,7 @@ class ModelConfig(CheckedConfig):
         self.check_choices(mlp_activation=MLP_ACTIVATIONS, attention_impl=ATTENTION_IMPLS)
         self.check_choices(decoder_attention=DECODER_ATTENTIONS, remat_policy=REMAT_POLICIES)
         self.check_choices(norm_type=NORM_TYPES, text_positions=TEXT_POSITIONS, logits_dtype=DTYPES)
-        problem = check_group_sizes(self.code_group_sizes, self.codebook_size, "ModelConfig")
+        problem = check_group_sizes(self.code_group_sizes, self.codebook_size)
         check(problem is None, f"{problem}; use the VQGAN's code_group_sizes")
         check(
             self.encoder_attention or self.text_positions == "learned",

@@ -119,8 +119,9 @@ class ProductCodes(nn.Module):
         ]
         self.bos = Embed(1, cfg.d_model, name="bos_embedder", **kw)
         self.heads = [
-            DenseGeneral((k,), (EMBED, VOCAB), accum_dtype=jnp.float32,
-                         name=f"digit_head_{g}", **kw)  # fmt: skip
+            DenseGeneral(
+                (k,), (EMBED, VOCAB), accum_dtype=jnp.float32, name=f"digit_head_{g}", **kw
+            )  # fmt: skip
             for g, k in enumerate(sizes)
         ]
 

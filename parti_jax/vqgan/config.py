@@ -124,7 +124,7 @@ class VQGANConfig(CheckedConfig):
                 width % heads == 0,
                 f"{side}_width={width} is not divisible by VQGANConfig.{side}_heads={heads}",
             )
-        problem = check_group_sizes(self.code_group_sizes, self.codebook_size, "VQGANConfig")
+        problem = check_group_sizes(self.code_group_sizes, self.codebook_size)
         check(problem is None, str(problem))
         groups = max(1, len(self.code_group_sizes))
         check(
