@@ -31,7 +31,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,7 @@ def export_bundle(
     """
     from parti_jax.vqgan.tokenizer import local_mesh
 
-    url = storage.is_url(out_dir)
-    out = storage.path(out_dir) if url else Path(out_dir).expanduser().absolute()
+    out = destination(out_dir)
     check_destination(out, overwrite=overwrite)
     sampling = sampling_config or SamplingConfig()
     platforms = check_platforms(platforms)
@@ -137,21 +136,35 @@ def export_bundle(
         (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         return info
 
-    if url:
+    return publish(out, write)
+
+
+def destination(out_dir: str | os.PathLike) -> Path | storage.Path:
+    """A bundle's folder: a URL through the storage layer, a local path made absolute."""
+    if storage.is_url(out_dir):
+        return storage.path(out_dir)
+    return Path(out_dir).expanduser().absolute()
+
+
+def publish(out: Path | storage.Path, write: Callable[[Path], Any]) -> Any:
+    """Fills a local staging folder with `write(folder)` and publishes it as `out` (checked
+    by `check_destination` first): moved into place whole on a local disk, uploaded with
+    bundle.json last to a URL. Returns what `write` returned."""
+    if storage.is_url(os.fspath(out)):
         with tempfile.TemporaryDirectory(prefix="parti_jax_export_") as tmp:
-            info = write(Path(tmp))
+            result = write(Path(tmp))
             _upload(Path(tmp), out)
-        return info
+        return result
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        info = write(tmp)
+        result = write(tmp)
         _default_permissions(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return info
+    return result
 
 
 def check_destination(out: Path | storage.Path, *, overwrite: bool) -> None:

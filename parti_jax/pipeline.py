@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -383,9 +382,8 @@ def _copy_bundle(
 
     src = storage.path(source)
     info = bundle_lib.read_bundle_info(src)
-    url = storage.is_url(directory)
-    out = storage.path(directory) if url else Path(directory).expanduser().absolute()
-    if not url and out == Path(os.fspath(src)).absolute():
+    out = export.destination(directory)
+    if os.fspath(out) == os.fspath(export.destination(source)):
         raise ValueError(f"{out}: the pipeline was loaded from there; save to another directory")
     export.check_destination(out, overwrite=overwrite)
 
@@ -395,18 +393,5 @@ def _copy_bundle(
                 shutil.copyfileobj(f, g, 16 << 20)
         bundle_lib.verify_files(tmp, info)  # what was read is what export wrote
 
-    if url:
-        with tempfile.TemporaryDirectory(prefix="parti_jax_save_") as tmp:
-            fill(Path(tmp))
-            export._upload(Path(tmp), out)
-        return info
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        fill(tmp)
-        export._default_permissions(tmp)
-        export._move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    export.publish(out, fill)
     return info

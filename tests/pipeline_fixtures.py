@@ -296,6 +296,17 @@ def build_tiny_pipeline(root: str | os.PathLike, *, verbose: bool = False) -> di
     return out
 
 
+def export_tiny_bundle(paths: dict[str, str], out: str | os.PathLike, sampling_config) -> Path:
+    """`export_bundle` of the whole tiny pipeline (all four models, no jax.export artefact)
+    into `out`, with `sampling_config` as the bundle's default."""
+    from parti_jax.export import export_bundle
+
+    export_bundle(out, t2i_path=paths["t2i"], vqgan_path=paths["vqgan"],
+                  upsampler_path=paths["upsampler"], contrastive_path=paths["contrastive"],
+                  sampling_config=sampling_config, jax_export=False)  # fmt: skip
+    return Path(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> dict[str, str]:
     """Paths of the tiny trained pipeline (see build_tiny_pipeline); read-only, shared.

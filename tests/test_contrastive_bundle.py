@@ -15,6 +15,7 @@ import pytest
 from parti_jax.bundle import BundleError, load_bundle
 from parti_jax.decoding import SamplingConfig
 from parti_jax.export import export_bundle, inspect_path
+from tests.pipeline_fixtures import export_tiny_bundle
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -25,12 +26,8 @@ FILES = ("contrastive.safetensors", "contrastive_config.json")
 
 @pytest.fixture(scope="module")
 def contrastive_bundle(tiny_pipeline, tmp_path_factory):
-    p = tiny_pipeline
     out = tmp_path_factory.mktemp("contrastive_export") / "bundle"
-    export_bundle(out, t2i_path=p["t2i"], vqgan_path=p["vqgan"], upsampler_path=p["upsampler"],
-                  contrastive_path=p["contrastive"], sampling_config=CONFIG,
-                  jax_export=False)  # fmt: skip
-    return out
+    return export_tiny_bundle(tiny_pipeline, out, CONFIG)
 
 
 def _check_scores(bundle, contrastive_dir):

@@ -20,8 +20,8 @@ import parti_jax
 from parti_jax import bundle as bundle_lib
 from parti_jax.bundle import BundleError, load_bundle
 from parti_jax.decoding import SamplingConfig
-from parti_jax.export import export_bundle
 from parti_jax.pipeline import Pipeline, PipelineOutput
+from tests.pipeline_fixtures import export_tiny_bundle
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -31,12 +31,7 @@ CONFIG = SamplingConfig(temperature=1.0, top_k=32, guidance_scale=1.5, num_sampl
 
 @pytest.fixture(scope="module")
 def bundle_dir(tiny_pipeline, tmp_path_factory):
-    p = tiny_pipeline
-    out = tmp_path_factory.mktemp("pipeline") / "bundle"
-    export_bundle(out, t2i_path=p["t2i"], vqgan_path=p["vqgan"], upsampler_path=p["upsampler"],
-                  contrastive_path=p["contrastive"], sampling_config=CONFIG,
-                  jax_export=False)  # fmt: skip
-    return out
+    return export_tiny_bundle(tiny_pipeline, tmp_path_factory.mktemp("pipeline") / "bundle", CONFIG)
 
 
 @pytest.fixture(scope="module")

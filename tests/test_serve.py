@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 
 from parti_jax.decoding import SamplingConfig
-from parti_jax.export import export_bundle
 from parti_jax.pipeline import Pipeline
 from parti_jax.serve import ServeConfig, Server, ServerThread, parse_request
 from tests.eval.test_browser import driver  # noqa: F401 - the headless Chromium fixture
+from tests.pipeline_fixtures import export_tiny_bundle
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -42,11 +42,8 @@ RSS_BOUND_MB = 100.0
 
 @pytest.fixture(scope="module")
 def server_url(tiny_pipeline, tmp_path_factory):
-    p = tiny_pipeline
-    bundle = tmp_path_factory.mktemp("serve") / "bundle"
-    export_bundle(bundle, t2i_path=p["t2i"], vqgan_path=p["vqgan"], upsampler_path=p["upsampler"],
-                  contrastive_path=p["contrastive"], jax_export=False,
-                  sampling_config=SamplingConfig(num_samples=4, top_k=32))  # fmt: skip
+    bundle = export_tiny_bundle(tiny_pipeline, tmp_path_factory.mktemp("serve") / "bundle",
+                                SamplingConfig(num_samples=4, top_k=32))  # fmt: skip
     server = Server(Pipeline.from_pretrained(bundle), CONFIG)
     server.warm_up()
     with ServerThread(server) as url:

@@ -400,3 +400,15 @@ def console(message: str) -> None:
     if jax is not None and jax.process_index() != 0:
         return
     print(message, flush=True)
+
+
+def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+    """Stacks image batches as rows of a grid: uint8 [R*(H+pad)+pad, N*(W+pad)+pad, 3]."""
+    n, h, w, _ = rows[0].shape
+    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
+    for r, batch in enumerate(rows):
+        pixels = np.round(np.clip(np.asarray(batch, np.float32), 0.0, 1.0) * 255.0)
+        for i in range(n):
+            y, x = pad + r * (h + pad), pad + i * (w + pad)
+            grid[y : y + h, x : x + w] = pixels[i].astype(np.uint8)
+    return grid

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import itertools
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -373,18 +373,6 @@ def outside_training_mesh() -> Iterator[None]:
         yield
 
 
-def image_rows_grid(rows: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
-    """Image batches [N, H, W, 3] in [0, 1] as the rows of one white-padded uint8 grid."""
-    n, h, w, _ = rows[0].shape
-    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
-    for r, batch in enumerate(rows):
-        pixels = np.round(np.clip(np.asarray(batch, np.float32), 0.0, 1.0) * 255.0)
-        for i in range(n):
-            y, x = pad + r * (h + pad), pad + i * (w + pad)
-            grid[y : y + h, x : x + w] = pixels[i].astype(np.uint8)
-    return grid
-
-
 class EvalSampleGrid:
     """At each evaluation: greedy samples for the first `num` captions of the eval split,
     decoded by the VQGAN that made the codes, above those captions' own images: one uint8
@@ -469,7 +457,7 @@ class EvalSampleGrid:
                 samples = self.decode(codes.reshape(-1, *self.config.image_grid))
         except Exception as e:  # noqa: BLE001 - a picture never stops training
             return self._off(f"drawing failed: {type(e).__name__}: {e}".splitlines()[0])
-        return {"samples": image_rows_grid([samples, self.references])}
+        return {"samples": metrics_lib.image_grid([samples, self.references])}
 
 
 # ------------------------------------------------------------------ train
