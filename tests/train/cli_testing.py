@@ -105,7 +105,11 @@ def committed_steps(workdir) -> list[int]:
     """The finished checkpoints' steps: `<step>` folders (orbax renames a finished save's
     temporary folder there), on GCS those holding orbax's commit_success.txt."""
     root = storage.join(workdir, "checkpoints")
-    steps = sorted(int(n) for n in storage.listdir(root) if n.isdigit())
+    try:
+        names = storage.listdir(root)
+    except FileNotFoundError:  # on GCS the folder exists only once an object is in it
+        return []
+    steps = sorted(int(n) for n in names if n.isdigit())
     if storage.is_url(root):
         steps = [s for s in steps if storage.exists(f"{root}/{s}/commit_success.txt")]
     return steps
