@@ -25,6 +25,15 @@ from tests.train import cli_testing as ct
 BROKEN_PNG = b"\x89PNG\r\n\x1a\n broken after the scan"
 
 
+def _break(path):
+    """Replace `path` by BROKEN_PNG in one rename: a reader thread running meanwhile sees the
+    old file or the broken one, never the empty file a plain write_bytes leaves for a moment
+    (which is a different error: 'image file is empty')."""
+    staging = path.with_name(path.name + ".staging")
+    staging.write_bytes(BROKEN_PNG)
+    os.replace(staging, path)
+
+
 def _folder(root, count, extra_rows=()):
     """`count` good 16x16 PNGs captioned 'picture <i>', then `extra_rows` (file, caption)."""
     root.mkdir()
@@ -65,7 +74,7 @@ def test_image_turning_bad_mid_run(tmp_path, skip, caplog):
     )
     first_epoch = [t for _ in range(3) for t in next(it)["text"]]
     assert first_epoch == [f"picture {i}" for i in range(6)]
-    (folder / "img4.png").write_bytes(BROKEN_PNG)
+    _break(folder / "img4.png")
     if not skip:
         with pytest.raises(pipeline.DataPipelineError) as error:
             for _ in range(20):
@@ -136,7 +145,7 @@ def test_bad_image_on_one_host_ends_every_process(tmp_path):
             assert all(p.poll() is None for p in procs), "a process ended before step 1"
             assert time.monotonic() - start < 300, "no training step after 300 s"
             time.sleep(0.5)
-        (folder / "img5.png").write_bytes(BROKEN_PNG)  # row 6: process 1's shard
+        _break(folder / "img5.png")  # row 6: process 1's shard
         broken = time.monotonic()
         outputs = ct.finish_processes(procs, timeout=60)
     finally:
@@ -178,7 +187,7 @@ def test_bad_image_on_one_host_is_skipped_with_skip_bad_examples(tmp_path):
         while not (metrics.exists() and '"step"' in metrics.read_text()):
             assert all(p.poll() is None for p in procs), "a process ended before step 1"
             time.sleep(0.5)
-        (folder / "img5.png").write_bytes(BROKEN_PNG)
+        _break(folder / "img5.png")
         outputs = ct.finish_processes(procs, timeout=300)
     finally:
         for p in procs:
