@@ -198,7 +198,10 @@ def test_fifty_concurrent_requests(server_url):
     print("\nserve load test:", json.dumps(figures))
     assert set(kinds) <= {"images", "busy"}, [r for r in results if r["kind"] not in
                                               ("images", "busy")][:2]  # fmt: skip
-    assert len(images) >= 1 + CONFIG.queue_size and len(busy) >= 1
+    # At least the queue is admitted: queue_size jobs waiting, plus the running one when the
+    # worker took the first job off the queue before the burst filled it (the worker runs on
+    # the same event loop, so on a busy machine all 50 requests can arrive first: 4 + 46).
+    assert len(images) >= CONFIG.queue_size and len(busy) >= 1
     assert busy and max(busy) < 10.0  # the event loop answered while a job sampled
     assert rss_after - rss_before < RSS_BOUND_MB, figures
     # The server still answers, and samples.
