@@ -298,7 +298,7 @@ class Server:
             return _error(413, None, f"request over {MAX_BODY_BYTES} bytes", wants_html)
         if len(self._waiting) >= self.config.queue_size:
             response = _error(
-                429, None, f"busy: one job is sampling and {len(self._waiting)} are waiting "
+                429, None, f"busy: {len(self._waiting)} jobs are already waiting to sample "
                 f"(the limit, --queue_size); try again in a moment", wants_html,
             )  # fmt: skip
             response.headers["Retry-After"] = "5"
