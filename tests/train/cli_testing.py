@@ -101,15 +101,20 @@ def losses(path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_jsonl(path) if "loss" in m}
 
 
+def checkpoint_folders(workdir) -> list[str]:
+    """The names in `<workdir>/checkpoints`, [] before it exists (on GCS a folder exists only
+    once an object is in it, so a run killed before its first save leaves none)."""
+    try:
+        return storage.listdir(storage.join(workdir, "checkpoints"))
+    except FileNotFoundError:
+        return []
+
+
 def committed_steps(workdir) -> list[int]:
     """The finished checkpoints' steps: `<step>` folders (orbax renames a finished save's
     temporary folder there), on GCS those holding orbax's commit_success.txt."""
     root = storage.join(workdir, "checkpoints")
-    try:
-        names = storage.listdir(root)
-    except FileNotFoundError:  # on GCS the folder exists only once an object is in it
-        return []
-    steps = sorted(int(n) for n in names if n.isdigit())
+    steps = sorted(int(n) for n in checkpoint_folders(workdir) if n.isdigit())
     if storage.is_url(root):
         steps = [s for s in steps if storage.exists(f"{root}/{s}/commit_success.txt")]
     return steps

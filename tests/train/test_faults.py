@@ -58,7 +58,7 @@ def _steps_and_losses(workdir) -> list[tuple[int, float]]:
 
 
 def _folders(workdir) -> list[str]:
-    return storage.listdir(storage.join(workdir, "checkpoints"))
+    return ct.checkpoint_folders(workdir)
 
 
 @pytest.fixture(scope="module")
