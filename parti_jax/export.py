@@ -103,7 +103,7 @@ def export_bundle(
     """
     from parti_jax.vqgan.tokenizer import local_mesh
 
-    out = destination(out_dir)
+    out = storage.path(out_dir)
     check_destination(out, overwrite=overwrite)
     sampling = sampling_config or SamplingConfig()
     platforms = check_platforms(platforms)
@@ -139,17 +139,12 @@ def export_bundle(
     return publish(out, write)
 
 
-def destination(out_dir: str | os.PathLike) -> Path | storage.Path:
-    """A bundle's folder: a URL through the storage layer, a local path made absolute."""
-    if storage.is_url(out_dir):
-        return storage.path(out_dir)
-    return Path(out_dir).expanduser().absolute()
-
-
-def publish(out: Path | storage.Path, write: Callable[[Path], Any]) -> Any:
-    """Fills a local staging folder with `write(folder)` and publishes it as `out` (checked
-    by `check_destination` first): moved into place whole on a local disk, uploaded with
-    bundle.json last to a URL. Returns what `write` returned."""
+def publish(out: storage.Path, write: Callable[[Path], Any]) -> Any:
+    """Fills a local staging folder with `write(folder)` and publishes it as `out`
+    (`storage.path` of the destination, checked by `check_destination` first): moved into
+    place whole on a local disk, uploaded with bundle.json last to a URL. The staging
+    folder is always local (safetensors and jax.export write files). Returns what `write`
+    returned."""
     if storage.is_url(os.fspath(out)):
         with tempfile.TemporaryDirectory(prefix="parti_jax_export_") as tmp:
             result = write(Path(tmp))

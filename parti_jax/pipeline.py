@@ -382,8 +382,8 @@ def _copy_bundle(
 
     src = storage.path(source)
     info = bundle_lib.read_bundle_info(src)
-    out = export.destination(directory)
-    if os.fspath(out) == os.fspath(export.destination(source)):
+    out = storage.path(directory)
+    if os.fspath(out) == os.fspath(src):
         raise ValueError(f"{out}: the pipeline was loaded from there; save to another directory")
     export.check_destination(out, overwrite=overwrite)
 

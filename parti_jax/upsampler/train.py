@@ -30,6 +30,7 @@ import numpy as np
 from parti_jax import storage
 from parti_jax.models.config import check_counts
 from parti_jax.train import loop as loop_lib
+from parti_jax.train.metrics import image_grid
 from parti_jax.train.optimizers import OptimizerConfig
 from parti_jax.train.state import TrainState
 from parti_jax.upsampler.config import UpsamplerConfig
@@ -39,7 +40,7 @@ from parti_jax.upsampler.model import Upsampler
 from parti_jax.vqgan.discriminator import DiscriminatorConfig
 from parti_jax.vqgan.losses import LossConfig, generator_loss, psnr
 from parti_jax.vqgan.lpips import LPIPS
-from parti_jax.vqgan.train_data import SHAPES_WORLD, image_grid, pixel_source
+from parti_jax.vqgan.train_data import SHAPES_WORLD, pixel_source
 from parti_jax.vqgan.train_step import GENERATOR, GanSetup, apply_adversarial_gradients
 
 log = logging.getLogger(__name__)

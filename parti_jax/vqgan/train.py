@@ -214,7 +214,7 @@ def _make_evaluate(
         params = state.params[GENERATOR]
         out = {k: _host_array(v) for k, v in evaluate(params, x, lpips_params).items()}
         n = min(num_grid_images, len(images))
-        grid = train_data.image_grid([images[:n], out["recon"][:n]])
+        grid = metrics_lib.image_grid([images[:n], out["recon"][:n]])
         if run.is_primary:  # written locally, then uploaded for a URL work dir
             png = storage.join(run.workdir, "images", f"step_{step}.png")
             with storage.staged(png, kind="file") as local:

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from parti_jax.train.metrics import image_grid  # noqa: F401 - re-exported
 from parti_jax.train.synthetic import ShapesPixelsIterator, SyntheticImagesIterator
 
 SYNTHETIC, SHAPES_WORLD = "synthetic", "shapes_world"  # the built-in pixel sources
