@@ -35,7 +35,7 @@ import numpy as np
 from parti_jax.devices import DEVICE_SPECS, device_spec  # noqa: F401 - re-exported
 from parti_jax.memory import compiled_sizes
 from parti_jax.models.config import ModelConfig
-from parti_jax.models.layers import param_count
+from parti_jax.models.layers import conv_sparse_mask, param_count
 
 PyTree = Any
 
@@ -439,6 +439,11 @@ def bench_sample(
         memory_bandwidth=bandwidth or 1.0,
         param_bytes=weights_dtype.itemsize,
         cache_bytes=jnp.dtype(cfg.compute_dtype).itemsize,
+        self_attention_positions=(
+            float(conv_sparse_mask(cfg.image_grid, cfg.conv_kernel_size).sum())
+            if cfg.decoder_attention == "conv_sparse"
+            else None
+        ),
     )
     # What the same run reads if every step reads the whole preallocated
     # self-attention cache (N positions) instead of its filled prefix (t + 1).

@@ -363,6 +363,7 @@ def sampling_bandwidth_floor(
     memory_bandwidth: float,
     param_bytes: int = 2,
     cache_bytes: int = 2,
+    self_attention_positions: float | None = None,
 ) -> BandwidthFloor:
     """Memory-bandwidth floor of one sampling run (docs/DESIGN.md section 6): per step t
     (0-based) the decoder reads its weights once, every layer's cross-attention K and V
@@ -380,8 +381,16 @@ def sampling_bandwidth_floor(
       rows: rows of the batch (2 x prompts with guidance).
       memory_bandwidth: bytes per second of the device.
       param_bytes, cache_bytes: bytes per weight / per K or V element.
+      self_attention_positions: cached positions the self-attention needs over
+        the whole grid (None: the filled prefixes, N (N + 1) / 2; conv-shaped
+        attention: the mask's count, `layers.conv_sparse_mask(...).sum()`).
     """
-    counts = {k: v for k, v in locals().items() if k != "memory_bandwidth"}  # the arguments
+    counts = {  # the integer arguments
+        k: v
+        for k, v in locals().items()
+        if k not in ("memory_bandwidth", "self_attention_positions")
+    }
+    needed = self_attention_positions
     for name, value in counts.items():
         if int(value) != value or value < 1:
             raise ValueError(
@@ -394,7 +403,12 @@ def sampling_bandwidth_floor(
     kv_per_position = num_layers * 2 * rows * kv_width * cache_bytes
     weight = float(num_steps) * decoder_params * param_bytes
     cross = float(num_steps) * kv_per_position * text_length
+    if needed is not None and not 0 < needed <= num_steps * (num_steps + 1) / 2:
+        raise ValueError(
+            f"sampling_bandwidth_floor: self_attention_positions={needed!r} must be in "
+            f"(0, {num_steps} x {num_steps + 1} / 2]"
+        )
     filled_positions = num_steps * (num_steps + 1) / 2  # sum over t of (t + 1)
-    self_attn = float(kv_per_position) * filled_positions
+    self_attn = float(kv_per_position) * (filled_positions if needed is None else needed)
     total = weight + cross + self_attn
     return BandwidthFloor(weight, cross, self_attn, total, total / memory_bandwidth)

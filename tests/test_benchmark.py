@@ -188,6 +188,12 @@ def test_flops_per_step_matches_a_count_by_hand_for_tiny():
     assert (enc, dec, logits) == (139264, 394240, 131072)
     expected = 3 * (enc + dec + logits) * batch
     assert t2i_flops_per_step(cfg, batch, lt) == expected
+    # Conv-shaped attention (3x3 window) counts only the keys each query sees: the
+    # first cell sees BOS; the rest of row 0 its left cell (3); each lower row
+    # 2 + 4 + 4 + 3 (left cell + up to 3 above): 43 pairs instead of 136.
+    conv = cfg.replace(decoder_attention="conv_sparse", conv_kernel_size=3)
+    saved = 3 * 2 * 2 * (n * (n + 1) // 2 - 43) * 32 * batch
+    assert t2i_flops_per_step(conv, batch, lt) == expected - saved
 
     # The same count from the model's real parameter shapes: every kernel times the
     # tokens that flow through it (embeddings excluded), plus the score matmuls.

@@ -421,6 +421,15 @@ def test_sampling_bandwidth_floor_hand_computed():
         decoding.sampling_bandwidth_floor(**sizes, memory_bandwidth=0.0)
     with pytest.raises(ValueError, match="kv_width must be a positive integer"):
         decoding.sampling_bandwidth_floor(**dict(sizes, kv_width=0), memory_bandwidth=1.0)
+    # Conv-shaped attention needs only its window's positions: 64 x 6 = 384.
+    conv = decoding.sampling_bandwidth_floor(
+        **sizes, memory_bandwidth=1000.0, self_attention_positions=6
+    )
+    assert conv.self_attention_bytes == 384 and conv.total_bytes == 2208 - 640 + 384
+    with pytest.raises(ValueError, match="self_attention_positions=11 must be in"):
+        decoding.sampling_bandwidth_floor(
+            **sizes, memory_bandwidth=1.0, self_attention_positions=11
+        )
 
 
 # ------------------------------------------------------------ the real model

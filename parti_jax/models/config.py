@@ -145,9 +145,11 @@ class ModelConfig(CheckedConfig):
     # cached decoding always uses 'xla' (one query row; memory bound).
     attention_impl: str = "xla"
     # Decoder self-attention: 'full' causal, or 'conv_sparse' (Parti's conv-shaped
-    # causal mask: a token sees earlier tokens in a conv_kernel_size window on the grid).
+    # causal mask: the prediction of a cell sees the earlier cells in a
+    # conv_kernel_size window centred on it; layers.conv_sparse_mask). Training
+    # computes only the mask's band (cuDNN sliding window, or blocked XLA).
     decoder_attention: str = "full"
-    # Side of the 2-D window of 'conv_sparse' attention (odd).
+    # Side of the 2-D window of 'conv_sparse' attention (odd, >= 3).
     conv_kernel_size: int = 11
     # Cached decoding of decoder_attention='full': None reads each layer's whole
     # self-attention cache per step (masked beyond the step); an integer (dividing
@@ -218,8 +220,9 @@ class ModelConfig(CheckedConfig):
                 "'conv_sparse' decoding already reads only its window (set it to None)",
             )
         check(
-            self.conv_kernel_size % 2 == 1,
-            f"conv_kernel_size={self.conv_kernel_size} must be odd (a window centred on the token)",
+            self.conv_kernel_size % 2 == 1 and self.conv_kernel_size >= 3,
+            f"conv_kernel_size={self.conv_kernel_size} must be odd and >= 3 (a window centred "
+            "on the predicted cell that holds an earlier cell)",
         )
         check(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         check(

@@ -285,12 +285,15 @@ class Attention(nn.Module):
         is_causal: bool = False,
         mask: Array | None = None,
         kv_lengths: Array | None = None,
+        local_window_size: tuple[int, int] | None = None,
     ) -> Array:
         """Attention of `query` over `key`/`value`, then the output projection.
 
         `kv_lengths` [B] masks keys at positions >= length (right padding);
-        `mask` is a boolean [.., T, S] mask (True = attend). Callers guarantee
-        every query row keeps at least one key.
+        `mask` is a boolean [.., T, S] mask (True = attend); `local_window_size`
+        (left, right) limits query t to keys [t - left, t + right] (cuDNN then
+        skips the tiles outside that band). Callers guarantee every query row
+        keeps at least one key.
         """
         out = jax.nn.dot_product_attention(
             query,
@@ -299,6 +302,7 @@ class Attention(nn.Module):
             mask=mask,
             is_causal=is_causal,
             key_value_seq_lengths=kv_lengths,
+            local_window_size=local_window_size,
             implementation=self.spec.attention_impl,
         )
         return self.project_output(out)
@@ -607,20 +611,84 @@ def blocked_single_query_attention(
 def conv_sparse_mask(grid: Sequence[int], kernel_size: int) -> np.ndarray:
     """Parti's conv-shaped causal mask over decoder slots, bool [N, N] (True = attend).
 
-    Slot t sits at grid cell (t // w, t % w). Query slot t sees key slot s iff
-    s <= t (causal) and s lies in the kernel_size x kernel_size window centred
-    on t: |row_t - row_s| <= k // 2 and |col_t - col_s| <= k // 2. The diagonal
-    is always kept, so no row is fully masked.
+    Decoder slot t predicts grid cell t = (t // w, t % w) and holds the token of
+    cell t - 1 (slot 0 holds BOS). Query slot t sees key slot s >= 1 iff cell
+    s - 1 is earlier than cell t (s <= t) and lies in the kernel_size x
+    kernel_size window centred on cell t (|row| and |column| distances <=
+    k // 2); slot 0 (BOS, no cell) is seen only by query 0, which has no
+    earlier cell. Every other query sees at least one cell when k >= 3 (its
+    left or upper neighbour). So every True entry lies in the band
+    t - `conv_band` < s <= t, which banded kernels exploit.
     """
     rows, cols = int(grid[0]), int(grid[1])
     n = rows * cols
     half = kernel_size // 2
-    idx = np.arange(n)
-    r, c = idx // cols, idx % cols
-    causal = idx[None, :] <= idx[:, None]
-    near_rows = np.abs(r[:, None] - r[None, :]) <= half
-    near_cols = np.abs(c[:, None] - c[None, :]) <= half
-    return causal & near_rows & near_cols
+    t = np.arange(n)[:, None]  # query slot = the cell it predicts
+    s = np.arange(n)[None, :]  # key slot, holding cell s - 1
+    cell = s - 1
+    near = (np.abs(t // cols - cell // cols) <= half) & (np.abs(t % cols - cell % cols) <= half)
+    return ((s >= 1) & (s <= t) & near) | ((s == 0) & (t == 0))
+
+
+def conv_band(grid: Sequence[int], kernel_size: int) -> int:
+    """Width of the band holding every key of `conv_sparse_mask`: query t's keys
+    lie in slots (t - band, t] (k // 2 grid rows and k // 2 columns back)."""
+    half = kernel_size // 2
+    return min(int(grid[0]) * int(grid[1]), half * int(grid[1]) + half)
+
+
+def banded_block_size(length: int, band: int) -> int | None:
+    """The query block of `banded_attention` for `length` slots and a `band`, or
+    None when blocks would not read at most half the keys of dense attention.
+
+    The largest divisor of `length` no wider than band / 2 (at least 8): each
+    query then reads block + band - 1 keys instead of `length`.
+    """
+    divisors = [b for b in range(1, length + 1) if length % b == 0]
+    block = max([b for b in divisors if b <= max(8, band // 2)], default=length)
+    return block if 2 * (block + band - 1) <= length else None
+
+
+def banded_attention(
+    query: Array, key: Array, value: Array, mask: np.ndarray, band: int, block: int
+) -> Array:
+    """Masked attention whose keys all lie in a causal band, computed block by block.
+
+    query, key, value [B, N, H, Dh]; `mask` static bool [N, N] (True = attend,
+    every True at t - band < s <= t, at least one per row). Queries go in blocks
+    of `block` slots (dividing N); block i reads only the keys of slots
+    [i * block - band + 1, (i + 1) * block): block + band - 1 keys per query
+    instead of N, gathered by static slices (no dynamic shapes, so XLA tiles it
+    on any backend). Scores and softmax in float32. Returns [B, N, H, Dh] in
+    the query's dtype; equals dense masked attention (tests/models).
+    """
+    batch, n, heads, dim = query.shape
+    if n % block:
+        raise ValueError(f"banded_attention: block {block} must divide the {n} slots")
+    rows, cols = np.nonzero(mask)
+    if np.any(cols > rows) or np.any(rows - cols >= band):
+        raise ValueError(f"banded_attention: mask has keys outside the causal band of {band}")
+    num_blocks, width = n // block, block + band - 1
+    pad = ((0, 0), (band - 1, 0), (0, 0), (0, 0))
+    key_p, value_p = jnp.pad(key, pad), jnp.pad(value, pad)  # padded slot j = slot j - band + 1
+
+    def windows(x: Array) -> Array:  # [B, blocks, width, H, Dh]
+        return jnp.stack([x[:, i * block : i * block + width] for i in range(num_blocks)], 1)
+
+    # Static mask per block: padded key j of block i is slot i * block + j - band + 1.
+    slots = np.arange(num_blocks)[:, None] * block + np.arange(width)[None, :] - band + 1
+    queries = np.arange(n).reshape(num_blocks, block)
+    block_mask = np.zeros((num_blocks, block, width), bool)
+    for i in range(num_blocks):
+        inside = slots[i] >= 0
+        block_mask[i][:, inside] = mask[queries[i]][:, slots[i][inside]]
+    q = query.reshape(batch, num_blocks, block, heads, dim)
+    f32 = dict(preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bnqhd,bnkhd->bnhqk", q, windows(key_p), **f32) * dim**-0.5
+    scores = jnp.where(jnp.asarray(block_mask)[None, :, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bnhqk,bnkhd->bnqhd", probs, windows(value_p), **f32)
+    return out.reshape(batch, n, heads, dim).astype(query.dtype)
 
 
 def text_lengths(encoder_input_tokens: Array) -> Array:

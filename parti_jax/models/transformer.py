@@ -44,8 +44,11 @@ from parti_jax.models.layers import (
     LayerSpec,
     LayerStack,
     Mlp,
+    banded_attention,
+    banded_block_size,
     blocked_single_query_attention,
     constrain,
+    conv_band,
     conv_sparse_mask,
     layer_stack,
     run_stack,
@@ -193,9 +196,7 @@ class DecoderLayer(nn.Module):
         att = self.self_attention
         h = self.pre_self_attention_norm(x)
         key, value = att.project_key_value(h)  # before Q: keeps the backward's gradient-sum order
-        mask = self._self_mask(x.shape[1])
-        causal = dict(is_causal=True) if mask is None else dict(mask=jnp.asarray(mask)[None, None])
-        x = x + drop(att.attend(att.project_query(h), key, value, **causal))
+        x = x + drop(self._attend_self(att.project_query(h), key, value))
         h = self.pre_cross_attention_norm(x)
         probabilities = None
         if with_probabilities:
@@ -253,11 +254,33 @@ class DecoderLayer(nn.Module):
         x = x + self.mlp(self.pre_mlp_norm(x))
         return (constrain(x, HIDDEN_AXES), cache_key, cache_value), None
 
-    def _self_mask(self, length: int) -> np.ndarray | None:
+    def _self_mask(self, length: int) -> np.ndarray:
         cfg = self.config
-        if cfg.decoder_attention != "conv_sparse":
-            return None
         return conv_sparse_mask(cfg.image_grid, cfg.conv_kernel_size)[:length, :length]
+
+    def _attend_self(self, query: Array, key: Array, value: Array) -> Array:
+        """Teacher-forced self-attention over slots [0, N), with the output projection.
+
+        'full': causal. 'conv_sparse': every key of the mask lies in a causal band
+        (`conv_band`), so only that band is computed: cuDNN's sliding window (the
+        mask shapes the window inside it) with attention_impl='cudnn', else
+        `banded_attention` (blocks of queries over static key slices, any
+        backend); dense masked attention when blocks would not halve the keys.
+        """
+        cfg, att = self.config, self.self_attention
+        if cfg.decoder_attention != "conv_sparse":
+            return att.attend(query, key, value, is_causal=True)
+        length = query.shape[1]
+        mask = self._self_mask(length)
+        band = conv_band(cfg.image_grid, cfg.conv_kernel_size)
+        dense = jnp.asarray(mask)[None, None]
+        if cfg.attention_impl == "cudnn":
+            window = (band - 1, 0)
+            return att.attend(query, key, value, is_causal=True, mask=dense, local_window_size=window)
+        block = banded_block_size(length, band)
+        if block is None:
+            return att.attend(query, key, value, mask=dense)
+        return att.project_output(banded_attention(query, key, value, mask, band, block))
 
     def _self_attend(
         self, query: Array, cache_key: Array, cache_value: Array, layer: Array, step: Array
@@ -275,10 +298,9 @@ class DecoderLayer(nn.Module):
             )
 
         if cfg.decoder_attention == "conv_sparse":
-            # Slot `step` sees at most (k // 2) grid rows + (k // 2) columns back:
-            # read that static window, not the whole cache.
-            half = cfg.conv_kernel_size // 2
-            window = min(length, half * cfg.image_grid[1] + half + 1)
+            # Slot `step` sees only slots in its band (`conv_band`): read that
+            # static window, not the whole cache.
+            window = min(length, conv_band(cfg.image_grid, cfg.conv_kernel_size))
             start = jnp.clip(step + 1 - window, 0, length - window)
             mask = jnp.asarray(self._self_mask(length))
             valid = jax.lax.dynamic_slice(mask, (step, start), (1, window))

@@ -26,6 +26,7 @@ import optax
 from parti_jax import decoding, partitioning, storage
 from parti_jax.models.chunked import check_loss_chunk_size, chunked_token_sums
 from parti_jax.models.config import ModelConfig, check_counts
+from parti_jax.models.layers import conv_sparse_mask
 from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
 from parti_jax.train import checkpoints, optimizers
 from parti_jax.train import loop as loop_lib
@@ -166,8 +167,9 @@ def t2i_flops_per_step(config: ModelConfig, batch_size: int, text_len: int) -> f
 
     Encoder weights see the text tokens; decoder self-attention and MLP
     weights the image tokens; cross-attention K/V projections the text
-    tokens and Q/O the image tokens; plus attention scores (causal for the
-    decoder's self-attention); logits projection on image tokens; embedding
+    tokens and Q/O the image tokens; plus attention scores over the keys each
+    query sees (causal for the decoder's self-attention, the conv window's
+    cells for 'conv_sparse'); logits projection on image tokens; embedding
     lookups excluded; x3 for forward + backward (remat not counted).
     """
     d = config.d_model
@@ -178,9 +180,13 @@ def t2i_flops_per_step(config: ModelConfig, batch_size: int, text_len: int) -> f
     qkvo = 2 * 4 * d * attn
     enc_attention = text_len * qkvo + 2 * 2 * text_len * text_len * attn
     enc_layer = text_len * mlp + (enc_attention if config.encoder_attention else 0)
+    if config.decoder_attention == "conv_sparse":
+        seen = float(conv_sparse_mask(config.image_grid, config.conv_kernel_size).sum())
+    else:
+        seen = n_img * (n_img + 1) / 2  # causal
     dec_layer = (
         n_img * (qkvo + mlp)  # self-attention projections + MLP
-        + 2 * 2 * attn * n_img * (n_img + 1) / 2  # causal self-attention scores
+        + 2 * 2 * attn * seen  # self-attention scores and weighted values
         + n_img * 2 * 2 * d * attn  # cross-attention Q, O
         + text_len * 2 * 2 * d * attn  # cross-attention K, V
         + 2 * 2 * n_img * text_len * attn  # cross-attention scores

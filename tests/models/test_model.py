@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 
 from parti_jax.models.config import ModelConfig
-from parti_jax.models.layers import conv_sparse_mask, param_count, rotary
+from parti_jax.models import transformer
+from parti_jax.models.layers import (
+    banded_attention,
+    banded_block_size,
+    conv_band,
+    conv_sparse_mask,
+    param_count,
+    rotary,
+)
 from parti_jax.models.transformer import (
     CACHE_KEYS,
     EncoderDecoder,
@@ -223,30 +231,118 @@ def test_text_padding_is_masked(params):
 
 
 def _naive_conv_mask(rows: int, cols: int, k: int) -> np.ndarray:
+    """By hand, from grid cells: query slot t predicts cell t; key slot s >= 1 holds
+    cell s - 1 (slot 0: BOS, which only the first prediction sees)."""
     n = rows * cols
     mask = np.zeros((n, n), bool)
+    mask[0, 0] = True
     for t in range(n):
-        for s in range(n):
-            tr, tc = divmod(t, cols)
-            sr, sc = divmod(s, cols)
-            mask[t, s] = s <= t and abs(tr - sr) <= k // 2 and abs(tc - sc) <= k // 2
+        tr, tc = divmod(t, cols)
+        for cell in range(t):  # the cells written before cell t
+            cr, cc = divmod(cell, cols)
+            mask[t, cell + 1] = abs(tr - cr) <= k // 2 and abs(tc - cc) <= k // 2
     return mask
 
 
 @pytest.mark.parametrize(
-    "grid,k", [((3, 4), 3), ((4, 4), 3), ((5, 3), 5), ((2, 6), 1), ((6, 6), 5)]
+    "grid,k", [((3, 4), 3), ((4, 4), 3), ((5, 3), 5), ((2, 6), 3), ((6, 6), 5), ((8, 8), 7)]
 )
 def test_conv_sparse_mask_matches_reference(grid, k):
     mask = conv_sparse_mask(grid, k)
     np.testing.assert_array_equal(mask, _naive_conv_mask(*grid, k))
     assert not np.triu(mask, 1).any()  # causal
-    assert mask.diagonal().all()  # no row is fully masked
+    assert mask.any(axis=1).all()  # no row is fully masked
+    rows, cols = np.nonzero(mask)
+    assert (rows - cols < conv_band(grid, k)).all()  # every key in the band
     if k < 2 * max(grid) - 1:
         assert mask.sum() < np.tril(np.ones_like(mask)).sum()  # really sparse
 
 
-def test_conv_sparse_mask_with_a_wide_kernel_is_full_causal():
-    np.testing.assert_array_equal(conv_sparse_mask((3, 4), 9), np.tril(np.ones((12, 12), bool)))
+def test_conv_sparse_window_is_centred_on_the_predicted_cell():
+    # 4x4 grid, k = 3: slot 4 predicts cell (1, 0); slot s holds cell s - 1.
+    mask = conv_sparse_mask((4, 4), 3)
+    assert np.flatnonzero(mask[4]).tolist() == [1, 2]  # cells (0, 0) and (0, 1)
+    assert np.flatnonzero(mask[0]).tolist() == [0]  # the first prediction sees BOS
+    # Cell (2, 2) = slot 10 sees (1, 1), (1, 2), (1, 3) and (2, 1).
+    assert np.flatnonzero(mask[10]).tolist() == [6, 7, 8, 10]
+
+
+def test_conv_sparse_mask_with_a_wide_kernel_is_causal_over_cells():
+    expected = np.tril(np.ones((12, 12), bool))
+    expected[1:, 0] = False  # BOS only for the first prediction
+    np.testing.assert_array_equal(conv_sparse_mask((3, 4), 9), expected)
+
+
+def test_conv_kernel_size_is_validated():
+    for k in (1, 4):
+        with pytest.raises(ValueError, match=f"conv_kernel_size={k} must be odd and >= 3"):
+            CFG.replace(conv_kernel_size=k)
+
+
+def _dense_masked(q, k, v, mask):
+    return jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)[None, None])
+
+
+@pytest.mark.parametrize("grid,k,block", [((8, 8), 3, 8), ((6, 10), 5, 12), ((8, 8), 5, 4)])
+def test_banded_attention_matches_dense_masked_attention(grid, k, block):
+    n, band = grid[0] * grid[1], conv_band(grid, k)
+    mask = conv_sparse_mask(grid, k)
+    rng = np.random.default_rng(1)
+    q, key, v = (jnp.asarray(rng.normal(size=(2, n, 3, 8)).astype(np.float32)) for _ in range(3))
+    out = banded_attention(q, key, v, mask, band, block)
+    np.testing.assert_allclose(out, _dense_masked(q, key, v, mask), atol=1e-5, rtol=1e-5)
+
+    # Gradients too (training runs the banded path).
+    def loss(fn):
+        return lambda q, key, v: jnp.sum(jnp.sin(fn(q, key, v)))
+
+    banded = jax.grad(loss(lambda *a: banded_attention(*a, mask, band, block)), (0, 1, 2))
+    dense = jax.grad(loss(lambda *a: _dense_masked(*a, mask)), (0, 1, 2))
+    for a, b in zip(banded(q, key, v), dense(q, key, v), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    # The cuDNN route's arguments (sliding window + mask) mean the same attention.
+    window = jax.nn.dot_product_attention(
+        q, key, v, mask=jnp.asarray(mask)[None, None], is_causal=True,
+        local_window_size=(band - 1, 0),
+    )  # fmt: skip
+    np.testing.assert_allclose(window, out, atol=1e-5, rtol=1e-5)
+
+
+def test_banded_attention_rejects_a_mask_outside_its_band():
+    mask = np.tril(np.ones((16, 16), bool))
+    x = jnp.zeros((1, 16, 1, 4))
+    with pytest.raises(ValueError, match="outside the causal band of 5"):
+        banded_attention(x, x, x, mask, 5, 4)
+
+
+def test_banded_block_size_reads_at_most_half_the_keys():
+    # Parti's 32x32 grid with an 11x11 kernel: band 165, blocks of 64 -> 228 of 1024 keys.
+    assert conv_band((32, 32), 11) == 165
+    assert banded_block_size(1024, 165) == 64
+    assert banded_block_size(12, 5) is None  # tiny grids stay dense
+
+
+def test_conv_sparse_banded_model_matches_dense_and_cached_decoding(monkeypatch):
+    # An 8x8 grid with k = 3: band 9, so teacher forcing takes the banded path.
+    cfg = CFG.replace(
+        image_grid=(8, 8), decoder_attention="conv_sparse", scan_layers=False, dropout_rate=0.0
+    )
+    assert banded_block_size(cfg.num_image_tokens, conv_band(cfg.image_grid, 3)) == 8
+    p = random_params(cfg)
+    dec = np.random.default_rng(2).integers(1, cfg.codebook_size + 1, (2, 64)).astype(np.int32)
+    dec[:, 0] = 0
+    model = EncoderDecoder(cfg)
+    banded = np.asarray(jax.jit(model.apply)({"params": p}, ENC, dec))
+    monkeypatch.setattr(transformer, "banded_block_size", lambda *a: None)
+    dense = np.asarray(jax.jit(model.apply)({"params": p}, ENC, dec))
+    np.testing.assert_allclose(banded, dense, atol=1e-4, rtol=1e-4)
+    monkeypatch.undo()
+    # Cached decoding (static window reads) gives the teacher-forced logits.
+    tokens_to_logits, cache = make_tokens_to_logits(model, p, ENC)
+    step = jax.jit(tokens_to_logits)
+    for t in range(64):
+        logits, cache = step(jnp.asarray(dec[:, t : t + 1]), cache, jnp.int32(t))
+        np.testing.assert_allclose(np.asarray(logits), banded[:, t], atol=2e-4, rtol=2e-4)
 
 
 def test_scan_and_unscanned_layers_agree(params):
