@@ -276,7 +276,9 @@ class DecoderLayer(nn.Module):
         dense = jnp.asarray(mask)[None, None]
         if cfg.attention_impl == "cudnn":
             window = (band - 1, 0)
-            return att.attend(query, key, value, is_causal=True, mask=dense, local_window_size=window)
+            return att.attend(
+                query, key, value, is_causal=True, mask=dense, local_window_size=window
+            )
         block = banded_block_size(length, band)
         if block is None:
             return att.attend(query, key, value, mask=dense)

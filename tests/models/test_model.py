@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parti_jax.models.config import ModelConfig
 from parti_jax.models import transformer
+from parti_jax.models.config import ModelConfig
 from parti_jax.models.layers import (
     banded_attention,
     banded_block_size,
