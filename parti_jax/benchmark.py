@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gzip
 import importlib.metadata
 import json
 import os
@@ -25,6 +26,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -76,6 +78,87 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "load_avg_1m": load,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        # What else changes a figure: compiler flags, the default PRNG, the memory cap.
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "prng_impl": str(jax.config.jax_default_prng_impl),
+        "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+        **_cuda_versions(),
+    }
+
+
+def _cuda_versions() -> dict[str, Any]:
+    """CUDA runtime and cuDNN versions jax loaded ({} without its CUDA plugin)."""
+    try:
+        from jax._src.lib import cuda_versions  # private: present with jax[cuda] only
+    except ImportError:
+        return {}
+    if cuda_versions is None:
+        return {}
+    versions = {}
+    for name, getter in (("cuda", "cuda_runtime_get_version"), ("cudnn", "cudnn_get_version")):
+        try:
+            versions[name] = getattr(cuda_versions, getter)()
+        except Exception:  # noqa: BLE001 - a version is a note, never a failure
+            versions[name] = None
+    return versions
+
+
+# Kernel categories of a device profile, tried in order on the kernel's name and its
+# HLO annotations (lowercase); the first match wins, anything else is 'other'.
+PROFILE_CATEGORIES = (
+    ("attention", ("fmha", "flash", "cudnn", "attention", "splash")),
+    ("rng", ("threefry", "philox", "rng", "random")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "dot", "matmul", "convolution")),
+    ("collectives", ("nccl", "all-reduce", "all_reduce", "all-gather", "reduce-scatter")),
+    ("copies", ("memcpy", "memset", "copy", "transpose", "dynamic-update-slice", "concatenate")),
+    ("reductions", ("reduce",)),
+)
+
+
+def profile_categories(trace_dir: str) -> dict[str, Any]:
+    """Device kernel time of a jax.profiler trace (made with create_perfetto_trace),
+    summed by PROFILE_CATEGORIES, plus 'idle': the device's span not covered by any
+    kernel. Seconds per category and shares of the span; {} when the trace has no
+    device ('/device:...') events (CPU runs)."""
+    traces = sorted(Path(trace_dir).glob("plugins/profile/*/perfetto_trace.json.gz"))
+    if not traces:
+        return {}
+    with gzip.open(traces[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    devices = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and str(e.get("args", {}).get("name", "")).startswith("/device:")
+    }
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in devices]
+    if not kernels:
+        return {}
+    seconds = {name: 0.0 for name, _ in PROFILE_CATEGORIES} | {"other": 0.0}
+    for e in kernels:
+        text = " ".join([e.get("name", ""), *map(str, e.get("args", {}).values())]).lower()
+        category = next(
+            (name for name, keys in PROFILE_CATEGORIES if any(k in text for k in keys)), "other"
+        )
+        seconds[category] += float(e.get("dur", 0.0)) * 1e-6
+    # Busy time = the union of kernel intervals (streams overlap); idle = span - busy.
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in kernels)
+    busy, (start, end) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > end:
+            busy, start, end = busy + (end - start), a, b
+        else:
+            end = max(end, b)
+    busy += end - start
+    span = max(b for _, b in spans) - spans[0][0]
+    seconds["idle"] = max(0.0, span - busy) * 1e-6
+    total = span * 1e-6
+    return {
+        "span_s": total,
+        "seconds": seconds,
+        "shares": {k: (v / total if total else 0.0) for k, v in seconds.items()},
     }
 
 
@@ -201,7 +284,8 @@ def _random_params(model: nn.Module, seed: int, dtype: Any, *inputs: Any) -> PyT
 
 def _model_fields(config: ModelConfig) -> dict[str, Any]:
     names = ("d_model", "num_encoder_layers", "num_decoder_layers", "dtype", "attention_impl")
-    names += ("remat_policy", "scan_layers", "decoder_attention", "decode_block_size")
+    names += ("remat_policy", "scan_layers", "decoder_attention", "conv_kernel_size")
+    names += ("decode_block_size", "decode_segments", "dropout_rate", "dropout_rng_impl")
     return {"image_tokens": config.num_image_tokens, **{k: getattr(config, k) for k in names}}
 
 
@@ -307,7 +391,7 @@ def bench_train_step(
         _, metrics = call()
         loss = float(jax.device_get(metrics["loss"]))
         if profile_dir:
-            jax.profiler.start_trace(profile_dir)
+            jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
             for i in range(profile_steps):
                 with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
                     jax.block_until_ready(call())
@@ -328,6 +412,7 @@ def bench_train_step(
         **_model_fields(cfg),
         params=param_count(state.params),
         optimizer=opt.name,
+        momentum_dtype=opt.momentum_dtype,
         batch_size=batch_size,
         text_length=text_length,
         num_micro_batches=num_micro_batches,
@@ -342,6 +427,7 @@ def bench_train_step(
         mfu=(flops / step_s / (n * peak)) if peak else None,
         loss=loss,
         profile_dir=profile_dir,
+        profile=profile_categories(profile_dir) if profile_dir else None,
         **_compiled_memory(compiled),
         **_device_peak_memory(),
     )

@@ -225,6 +225,8 @@ def sample(
     num_valid_tokens: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     cache_batch_axis: int | None = 1,
+    segments: int = 1,
+    resize_cache: Callable[[Cache, int], Cache] | None = None,
 ) -> SampleOutput:
     """Draws `num_steps` image tokens for each of B rows, starting from BOS (id 0).
 
@@ -251,6 +253,14 @@ def sample(
       cache_batch_axis: the axis of cache leaves that indexes rows (1 for a
         per-layer stacked cache [L, R, ...]; leaves without R rows there are left
         alone). None: do not constrain the cache.
+      segments: run the grid as this many loops of static length (1: one loop).
+        Before segment j, which ends at step e_j, `resize_cache(cache, e_j)`
+        gives the cache that holds positions [0, e_j) only, so every step reads
+        a static prefix of the cache instead of all `num_steps` positions (about
+        half the self-attention reads over a grid with many segments), with no
+        traced loop bounds (no device-host round trip per step).
+      resize_cache: `(cache, length) -> cache` (the model's: zero-padded or cut
+        self-attention positions); needed when segments > 1.
 
     Order of operations per step: guidance -> mask invalid ids -> temperature ->
     top-k -> top-p -> draw with the row's step key.
@@ -258,6 +268,10 @@ def sample(
     _check_filters(temperature, top_k, top_p, guidance_scale, where="sample")
     if int(num_steps) < 1:
         raise ValueError(f"sample: num_steps must be >= 1 (the grid size), got {num_steps!r}")
+    if not 1 <= int(segments) <= int(num_steps):
+        raise ValueError(f"sample: segments={segments!r} must be in [1, num_steps={num_steps}]")
+    if segments > 1 and resize_cache is None:
+        raise ValueError(f"sample: segments={segments} needs resize_cache (the model's)")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     sample_indices = jnp.asarray(sample_indices, jnp.int32)
     if prompt_ids.ndim != 1 or prompt_ids.shape != sample_indices.shape:
@@ -313,12 +327,22 @@ def sample(
         cache = constrain_cache(cache)
         return (constrain(fed), cache), (new, chosen)
 
-    bos = constrain(jnp.full((rows,), BOS_ID, jnp.int32))
-    cache = constrain_cache(cache)
-    steps = jnp.arange(num_steps, dtype=jnp.int32)
-    _, (tokens, log_probs) = jax.lax.scan(step_fn, (bos, cache), steps)
+    carry = (constrain(jnp.full((rows,), BOS_ID, jnp.int32)), constrain_cache(cache))
+    drawn = []
+    for start, end in segment_bounds(num_steps, segments):
+        if segments > 1:
+            carry = (carry[0], constrain_cache(resize_cache(carry[1], end)))
+        carry, out = jax.lax.scan(step_fn, carry, jnp.arange(start, end, dtype=jnp.int32))
+        drawn.append(out)
+    tokens, log_probs = (jnp.concatenate(parts) for parts in zip(*drawn, strict=True))
     names = (ACT_BATCH, ACT_LENGTH)  # the logical names of [B, num_steps] (without a mesh)
     return SampleOutput(constrain(tokens.T, names=names), constrain(log_probs.T, names=names))
+
+
+def segment_bounds(num_steps: int, segments: int) -> list[tuple[int, int]]:
+    """`segments` near-equal static (start, end) step ranges covering [0, num_steps)."""
+    ends = [(j + 1) * num_steps // segments for j in range(segments)]
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def tokens_to_codes(tokens: np.ndarray | Array, codebook_size: int | None = None) -> np.ndarray:

@@ -25,8 +25,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from parti_jax import partitioning
-from parti_jax.models.config import ModelConfig
-from parti_jax.models.layers import GATED_ACTIVATIONS
+from parti_jax.models.config import NAMED_REMAT_POLICIES, ModelConfig
+from parti_jax.models.layers import GATED_ACTIVATIONS, banded_block_size, conv_band
 from parti_jax.partitioning import MeshConfig
 from parti_jax.train.optimizers import OptimizerConfig
 
@@ -174,11 +174,15 @@ def activation_bytes(config: ModelConfig, rows: int, text_length: int, tensor: i
       norm outputs: 3; attention q, k, v, context: 4/t (self), q + context 2/t
       plus k, v over the text (cross); MLP pre- and post-activation 2 F/D/t;
       attention probabilities in float32 plus the compute-dtype copy
-      (heads/t x queries x keys); dropout masks 1 byte per element, 3 per layer.
+      (heads/t x queries x keys; 'conv_sparse' self-attention computed in
+      blocks: keys = block + band - 1, `layers.banded_block_size`); dropout
+      masks 1 byte per element, 3 per layer.
     remat_policy 'none' keeps that for every layer, plus one layer's set of
     backward temporaries. 'full' / 'nothing_saveable'
     keep only the carry per layer plus twice one layer's set (recompute and
-    its gradient). Other policies (dots saveable) keep the carry and the
+    its gradient). The named policies (NAMED_REMAT_POLICIES) keep the carry,
+    the attention q, k, v and context (and the MLP input) per layer plus twice
+    one layer's set. Other policies (dots saveable) keep the carry and the
     matmul outputs (everything but norm outputs and masks) per layer, plus
     one layer's set. Logits are counted apart (`train_memory`).
     """
@@ -187,31 +191,42 @@ def activation_bytes(config: ModelConfig, rows: int, text_length: int, tensor: i
     d, f, h = config.d_model, config.mlp_dim, config.num_heads
     n, s = config.num_image_tokens, text_length
     attn, mlp_mats = _widths(config)
+    keys = n
+    if config.decoder_attention == "conv_sparse":
+        band = conv_band(config.image_grid, config.conv_kernel_size)
+        block = banded_block_size(n, band)
+        keys = n if block is None else block + band - 1
+    named = NAMED_REMAT_POLICIES.get(config.remat_policy, ())
 
-    def layer(q_len: int, cross: bool) -> tuple[float, float, float]:
-        """(whole saved set, matmul outputs only, carry) in bytes for one layer."""
+    def layer(q_len: int, cross: bool) -> tuple[float, float, float, float]:
+        """(whole saved set, matmul outputs only, named activations, carry) in bytes
+        for one layer (the named ones with the carry)."""
         tokens = rows * q_len
         residual = 3 if cross else 2
         norms = 3 if cross else 2
-        dots = tokens * attn * 4 / t + tokens * f * mlp_mats / t
-        probs = rows * h / t * q_len * q_len * (4 + c)
+        attention = tokens * attn * 4 / t  # q, k, v, context
+        probs = rows * h / t * q_len * (keys if cross else q_len) * (4 + c)
         if cross:
-            dots += tokens * attn * 2 / t + rows * s * attn * 2 / t
+            attention += tokens * attn * 2 / t + rows * s * attn * 2 / t
             probs += rows * h / t * q_len * s * (4 + c)
-        dots_bytes = dots * c + probs
+        dots_bytes = (attention + tokens * f * mlp_mats / t) * c + probs
         whole = dots_bytes + (residual + norms) * tokens * d * c + residual * tokens * d
-        return whole, dots_bytes + tokens * d * c, tokens * d * c
+        carry = tokens * d * c
+        named_bytes = attention * c + carry * (1 + ("mlp_in" in named))
+        return whole, dots_bytes + carry, named_bytes, carry
 
     total = 0.0
     for q_len, cross, num_layers in (
         (s, False, config.num_encoder_layers),
         (n, True, config.num_decoder_layers),
     ):
-        whole, dots, carry = layer(q_len, cross)
+        whole, dots, named_bytes, carry = layer(q_len, cross)
         if config.remat_policy == "none":
             total += (num_layers + 1) * whole  # + one layer's backward temporaries
         elif config.remat_policy in ("full", "nothing_saveable"):
             total += num_layers * carry + 2 * whole
+        elif named:
+            total += num_layers * named_bytes + 2 * whole
         else:
             total += num_layers * dots + whole
         # Embeddings, dropout mask and final norm of the stack.

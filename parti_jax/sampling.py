@@ -33,7 +33,7 @@ from parti_jax import decoding, loading, partitioning, rerank, storage
 from parti_jax.data.vocab import EOS_ID, text_lines, text_problem
 from parti_jax.loading import LoadedModels
 from parti_jax.models.chunked import chunked_token_sums
-from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
+from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits, sampler_options
 from parti_jax.vqgan.tokenizer import local_mesh
 
 PyTree = Any
@@ -167,7 +167,7 @@ def sample_tokens(
     out = decoding.sample(
         tokens_to_logits, cache, num_steps=cfg.num_image_tokens, prompt_ids=prompt_ids,
         sample_indices=sample_indices, seed=seed, guidance_scale=guidance_scale,
-        num_valid_tokens=cfg.codebook_size + 1, **sampling,
+        num_valid_tokens=cfg.codebook_size + 1, **sampler_options(cfg), **sampling,
     )  # fmt: skip
     return out.tokens
 

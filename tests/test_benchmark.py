@@ -2,6 +2,7 @@
 FLOP count, a run without TensorFlow (parti_jax.benchmark, parti_jax.cli.benchmark)."""
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -26,7 +27,17 @@ FAST += ["--batch_size=2", "--num_devices=1", "--mesh=data=1,fsdp=1,tensor=1"]
 # A binding on top of the size file (both tests use it, so the subprocess finds the
 # in-process test's executables in the persistent compile cache).
 FAST += ["--gin.ModelConfig.num_decoder_layers=2"]
-ENV_KEYS = ("device", "platform", "device_count", "jax", "flax", "optax", "date")
+ENV_KEYS = (
+    "device",
+    "platform",
+    "device_count",
+    "jax",
+    "flax",
+    "optax",
+    "date",
+    "xla_flags",
+    "prng_impl",
+)
 POSITIVE = {
     "train_step": (
         "step_time_s",
@@ -268,3 +279,42 @@ def _gin_configs(path):
         )
     )
     return {name: gin.get_configurable(name)() for name in ("ModelConfig", "VQGANConfig")}
+
+
+def _write_trace(folder, events):
+    run = folder / "plugins" / "profile" / "2026_12_07"
+    run.mkdir(parents=True)
+    with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def test_profile_categories_sum_kernel_time_and_idle(tmp_path):
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+    ]
+    kernel = lambda name, ts, dur, **args: {  # noqa: E731
+        "ph": "X", "pid": 7, "tid": 1, "name": name, "ts": ts, "dur": dur, "args": args,
+    }  # fmt: skip
+    events = meta + [
+        {"ph": "X", "pid": 1, "tid": 1, "name": "PjitFunction", "ts": 0, "dur": 500},  # host
+        kernel("sm90_xmma_gemm_bf16", 0, 100),
+        kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 100, 50),
+        kernel("loop_fusion", 150, 20, hlo_op="rng-bit-generator.3"),  # by its annotation
+        kernel("input_reduce_fusion", 170, 10),
+        kernel("wrapped_transpose", 200, 10),  # 20 us idle before it
+        kernel("loop_add_fusion", 205, 15),  # overlaps the transpose on another stream
+    ]
+    _write_trace(tmp_path, events)
+    table = bench.profile_categories(str(tmp_path))
+    seconds = {k: round(v * 1e6, 6) for k, v in table["seconds"].items()}
+    assert seconds == {
+        "matmul": 100, "attention": 50, "rng": 20, "reductions": 10, "copies": 10,
+        "collectives": 0, "other": 15, "idle": 20,
+    }  # fmt: skip
+    assert table["span_s"] == pytest.approx(220e-6)
+    assert table["shares"]["matmul"] == pytest.approx(100 / 220)
+    # A CPU trace has no device events.
+    _write_trace(tmp_path / "cpu", meta[:1] + events[2:3])
+    assert bench.profile_categories(str(tmp_path / "cpu")) == {}
+    assert bench.profile_categories(str(tmp_path / "none")) == {}

@@ -132,7 +132,8 @@ def main(argv: Sequence[str]) -> int:
         "train_step": [(bench.bench_train_step, dict(
             common, model_config=model, batch_size=ns.batch_size, mesh_config=mesh,
             text_length=ns.text_length, peak_flops=ns.peak_flops, num_devices=ns.num_devices,
-            num_micro_batches=ns.num_micro_batches, profile_dir=ns.profile_dir))],
+            num_micro_batches=ns.num_micro_batches, profile_dir=ns.profile_dir,
+            optimizer_config=gin.get_configurable("OptimizerConfig")()))],
         "sample": [(bench.bench_sample, dict(sample, model_config=model, guidance_scale=s))
                    for s in scales[ns.guidance]],
         "vqgan": [(bench.bench_vqgan, dict(

@@ -21,11 +21,20 @@ VOCAB_MULTIPLE = 128
 MLP_ACTIVATIONS = ("gelu", "relu", "gated_gelu", "swiglu")
 ATTENTION_IMPLS = ("xla", "cudnn")
 DECODER_ATTENTIONS = ("full", "conv_sparse")
+DROPOUT_RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
 NORM_TYPES = ("layernorm", "rmsnorm")
 TEXT_POSITIONS = ("learned", "rotary")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Policies that save only activations named with `jax.ad_checkpoint.checkpoint_name`
+# in models/layers.py: 'query', 'key', 'value' (the projections), 'attention_out'
+# (the heads' output before the output projection), 'mlp_in' (the MLP's normed input).
+NAMED_REMAT_POLICIES = {
+    "save_qkv_attention_out": ("query", "key", "value", "attention_out"),
+    "save_qkv_attention_out_mlp_in": ("query", "key", "value", "attention_out", "mlp_in"),
+}
 # 'none': no rematerialisation; 'full': save nothing (recompute the whole block);
-# the others name a policy in `jax.checkpoint_policies`.
+# NAMED_REMAT_POLICIES' keys: save those names only; the others name a policy in
+# `jax.checkpoint_policies`.
 REMAT_POLICIES = (
     "none",
     "full",
@@ -35,6 +44,7 @@ REMAT_POLICIES = (
     "checkpoint_dots_with_no_batch_dims",
     "everything_saveable",
     "nothing_saveable",
+    *NAMED_REMAT_POLICIES,
 )
 
 
@@ -157,6 +167,17 @@ class ModelConfig(CheckedConfig):
     # (~half the cache traffic over a grid, but a dynamic loop: one host round-trip
     # per block on XLA:GPU). 'conv_sparse' decoding reads only its mask's window.
     decode_block_size: int | None = None
+    # Cached decoding of decoder_attention='full' in this many loops of static
+    # length (decoding.sample's `segments`): segment j's steps read the cache's
+    # first e_j positions only (e_j: where it ends), a static slice; 1 reads the
+    # whole preallocated cache every step. ~(1 + 1/S) / 2 of the reads, no
+    # dynamic loop; each segment compiles its own loop body.
+    decode_segments: int = 1
+    # Generator of the dropout masks in training: 'threefry' (jax's default; the
+    # same masks on every backend) or XLA's RngBitGenerator, 'rbg' / 'unsafe_rbg'
+    # (far fewer operations per random bit on GPU/TPU; other masks, seeded from
+    # the step's threefry key).
+    dropout_rng_impl: str = "threefry"
     # Scan over layers (one compiled block, parameters stacked on a LAYERS axis).
     scan_layers: bool = True
     # Rematerialisation of each block in training: see REMAT_POLICIES.
@@ -175,6 +196,7 @@ class ModelConfig(CheckedConfig):
         check(len(self.image_grid) == 2, f"image_grid={self.image_grid} must be (rows, columns)")
         positive = ["text_vocab_size", "codebook_size", "max_text_length", "d_model", "num_heads"]
         positive += ["mlp_dim", "num_encoder_layers", "num_decoder_layers", "conv_kernel_size"]
+        positive.append("decode_segments")
         optional = [n for n in ("head_dim", "decode_block_size") if getattr(self, n) is not None]
         for name in positive + optional:
             value = getattr(self, name)
@@ -195,6 +217,7 @@ class ModelConfig(CheckedConfig):
             )
         self.check_choices(mlp_activation=MLP_ACTIVATIONS, attention_impl=ATTENTION_IMPLS)
         self.check_choices(decoder_attention=DECODER_ATTENTIONS, remat_policy=REMAT_POLICIES)
+        self.check_choices(dropout_rng_impl=DROPOUT_RNG_IMPLS)
         self.check_choices(norm_type=NORM_TYPES, text_positions=TEXT_POSITIONS, logits_dtype=DTYPES)
         problem = check_group_sizes(self.code_group_sizes, self.codebook_size)
         check(problem is None, f"{problem}; use the VQGAN's code_group_sizes")
@@ -218,6 +241,17 @@ class ModelConfig(CheckedConfig):
                 self.decoder_attention == "full",
                 f"decode_block_size={block} applies to decoder_attention='full'; "
                 "'conv_sparse' decoding already reads only its window (set it to None)",
+            )
+        if self.decode_segments > 1:
+            check(
+                self.decode_segments <= self.num_image_tokens,
+                f"decode_segments={self.decode_segments} exceeds the {self.num_image_tokens} "
+                f"image tokens of image_grid={self.image_grid}",
+            )
+            check(
+                self.decoder_attention == "full" and self.decode_block_size is None,
+                f"decode_segments={self.decode_segments} applies to decoder_attention='full' "
+                "without decode_block_size (those already read less than the whole cache)",
             )
         check(
             self.conv_kernel_size % 2 == 1 and self.conv_kernel_size >= 3,

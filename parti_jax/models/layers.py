@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
+from jax.ad_checkpoint import checkpoint_name
 
 from parti_jax.partitioning import (
     ACT_BATCH,
@@ -240,6 +241,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         s = self.spec
+        x = checkpoint_name(x, "mlp_in")  # saved by the named remat policies
         act = ACTIVATIONS[s.activation]
         hidden = ((s.mlp_dim,), (EMBED, MLP))
         if s.activation in GATED_ACTIVATIONS:
@@ -270,11 +272,12 @@ class Attention(nn.Module):
 
     def project_query(self, x: Array) -> Array:
         """[B, T, D] -> [B, T, heads, kv]."""
-        return constrain(self.query(x), QKV_AXES)
+        return checkpoint_name(constrain(self.query(x), QKV_AXES), "query")
 
     def project_key_value(self, x: Array) -> tuple[Array, Array]:
         """[B, S, D] -> keys, values [B, S, heads, kv]."""
-        return constrain(self.key(x), QKV_AXES), constrain(self.value(x), QKV_AXES)
+        key = checkpoint_name(constrain(self.key(x), QKV_AXES), "key")
+        return key, checkpoint_name(constrain(self.value(x), QKV_AXES), "value")
 
     def attend(
         self,
@@ -320,7 +323,7 @@ class Attention(nn.Module):
 
     def project_output(self, x: Array) -> Array:
         """Per-head outputs [B, T, heads, kv] -> [B, T, D]."""
-        return self.out(constrain(x, QKV_AXES))
+        return self.out(checkpoint_name(constrain(x, QKV_AXES), "attention_out"))
 
     def __call__(
         self,

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parti_jax.models.config import DTYPES, ModelConfig, digit_weights
+from parti_jax.models.config import DTYPES, NAMED_REMAT_POLICIES, ModelConfig, digit_weights
 from parti_jax.models.layers import (
     HIDDEN_AXES,
     Attention,
@@ -88,15 +88,30 @@ def _stack(
 ) -> LayerStack:
     """`num_layers` layers, scanned and rematerialised as the config says."""
     policy = config.remat_policy  # 'full' rematerialises with no policy: it saves nothing
-    named = policy not in ("none", "full")
+    if policy in NAMED_REMAT_POLICIES:
+        remat_policy = jax.checkpoint_policies.save_only_these_names(*NAMED_REMAT_POLICIES[policy])
+    elif policy not in ("none", "full"):
+        remat_policy = getattr(jax.checkpoint_policies, policy)
+    else:
+        remat_policy = None
     return layer_stack(
         layer,
         num_layers,
         scan=config.scan_layers,
         remat=policy != "none",
-        remat_policy=getattr(jax.checkpoint_policies, policy) if named else None,
+        remat_policy=remat_policy,
         **kw,
     )
+
+
+def dropout_key(config: ModelConfig, key: Array) -> Array:
+    """The key of a training step's dropout masks (`rngs={'dropout': ...}`), from
+    the step's raw threefry key: itself, or a key of ModelConfig.dropout_rng_impl
+    seeded by 32 bits drawn from it."""
+    if config.dropout_rng_impl == "threefry":
+        return key
+    seed = jax.random.bits(key, (), jnp.uint32)
+    return jax.random.key(seed, impl=config.dropout_rng_impl)
 
 
 # ------------------------------------------------------------ product codes
@@ -544,6 +559,29 @@ class EncoderDecoder(nn.Module):
 
 
 # --------------------------------------------------------------- sampling
+def resize_self_cache(cache: Mapping[str, Array], length: int) -> dict[str, Array]:
+    """The cache with `length` self-attention positions: the first `length` kept,
+    zeros appended past the old length. Cached steps at slots < `length` read
+    exactly these positions (`DecoderLayer._self_attend` reads the cache whole)."""
+
+    def resize(x: Array) -> Array:
+        if x.shape[2] >= length:
+            return x[:, :, :length]
+        pad = [(0, 0)] * x.ndim
+        pad[2] = (0, length - x.shape[2])
+        return jnp.pad(x, pad)
+
+    return dict(cache, self_key=resize(cache["self_key"]), self_value=resize(cache["self_value"]))
+
+
+def sampler_options(config: ModelConfig) -> dict[str, Any]:
+    """`decoding.sample`'s arguments that follow from the model config: its static
+    segments (ModelConfig.decode_segments) and how to resize the cache for them."""
+    if config.decode_segments == 1:
+        return {}
+    return dict(segments=config.decode_segments, resize_cache=resize_self_cache)
+
+
 def make_tokens_to_logits(
     model: EncoderDecoder, params: PyTree, encoder_input_tokens: Array
 ) -> tuple[TokensToLogits, dict[str, Array]]:

@@ -27,7 +27,12 @@ from parti_jax import decoding, partitioning, storage
 from parti_jax.models.chunked import check_loss_chunk_size, chunked_token_sums
 from parti_jax.models.config import ModelConfig, check_counts
 from parti_jax.models.layers import conv_sparse_mask
-from parti_jax.models.transformer import EncoderDecoder, make_tokens_to_logits
+from parti_jax.models.transformer import (
+    EncoderDecoder,
+    dropout_key,
+    make_tokens_to_logits,
+    sampler_options,
+)
 from parti_jax.train import checkpoints, optimizers
 from parti_jax.train import loop as loop_lib
 from parti_jax.train import metrics as metrics_lib
@@ -93,6 +98,8 @@ def _token_sums(
 
 def _loss_fn(params, batch, rng, *, model, z_loss, scale, loss_chunk_size=None):
     """Loss of a (micro-)batch, normalised by `scale` = whole-batch weight / micro-batches."""
+    if isinstance(model, EncoderDecoder):  # (tests pass stand-ins without a config)
+        rng = dropout_key(model.config, rng)
     sums = _token_sums(
         model,
         params,
@@ -409,7 +416,7 @@ class EvalSampleGrid:
                 tokens_to_logits, cache, num_steps=cfg.num_image_tokens,
                 prompt_ids=jnp.arange(rows, dtype=jnp.int32),
                 sample_indices=jnp.zeros((rows,), jnp.int32), seed=0, temperature=0.0,
-                num_valid_tokens=cfg.codebook_size + 1, mesh=run.mesh,
+                num_valid_tokens=cfg.codebook_size + 1, mesh=run.mesh, **sampler_options(cfg),
             ).tokens  # fmt: skip
 
         self._draw = jax.jit(draw, out_shardings=run.replicated)

@@ -49,7 +49,9 @@ def test_paper_run_fits_its_target(path):
     rules, degrees = PAPER_RUNS[path]
     assert setup["mesh_config"].rules == rules
     assert setup["batch_size"] == 8192 and setup["text_length"] == 128
-    assert setup["optimizer_config"] == OptimizerConfig()  # the paper's Adafactor
+    # The paper's Adafactor, with the first moment in int8.
+    assert setup["optimizer_config"] == OptimizerConfig(momentum_dtype="int8")
+    assert setup["config"].decoder_attention == "conv_sparse"  # the paper's attention
     with gin.config_scope("train"):
         assert gin.get_configurable("LoopConfig")().num_steps == 450_000
     est = memory.train_memory(**setup)

@@ -140,10 +140,65 @@ def test_decoding_variants_match_teacher_forcing(changes, params):
     np.testing.assert_allclose(np.asarray(step_logits), full, atol=2e-4, rtol=2e-4)
 
 
-def test_decode_block_size_is_validated():
-    with pytest.raises(ValueError, match="decode_block_size=5 must divide the 12 image tokens"):
-        CFG.replace(decode_block_size=5)
-    with pytest.raises(ValueError, match="decode_block_size=4 applies to decoder_attention='full'"):
-        CFG.replace(decode_block_size=4, decoder_attention="conv_sparse")
-    with pytest.raises(ValueError, match="decode_block_size=0 must be a positive integer"):
-        CFG.replace(decode_block_size=0)
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(decode_block_size=5), "decode_block_size=5 must divide the 12 image tokens"),
+        (
+            dict(decode_block_size=4, decoder_attention="conv_sparse"),
+            "decode_block_size=4 applies to decoder_attention='full'",
+        ),
+        (dict(decode_block_size=0), "decode_block_size=0 must be a positive integer"),
+        (dict(decode_segments=13), "decode_segments=13 exceeds the 12 image tokens"),
+        (
+            dict(decode_segments=2, decoder_attention="conv_sparse"),
+            "decode_segments=2 applies to decoder_attention='full'",
+        ),
+        (dict(decode_segments=0), "decode_segments=0 must be a positive integer"),
+    ],
+)
+def test_decode_options_are_validated(changes, message):
+    with pytest.raises(ValueError, match=message):
+        CFG.replace(**changes)
+
+
+def _sample_fn(cfg: ModelConfig, guidance_scale=1.5):
+    from parti_jax import decoding, sampling
+
+    model = EncoderDecoder(cfg)
+    prompt_ids, sample_indices = decoding.sample_ids(ENC.shape[0], 1)
+
+    def run(params, text):
+        return sampling.sample_tokens(
+            model, params, text, prompt_ids, sample_indices, seed=3,
+            guidance_scale=guidance_scale, temperature=0.7,
+        )  # fmt: skip
+
+    return jax.jit(run)
+
+
+def test_segmented_sampling_draws_the_same_tokens_from_static_prefixes():
+    cfg = CFG.replace(dropout_rate=0.0)
+    params = random_params(cfg)
+    whole = np.asarray(_sample_fn(cfg)(params, ENC))
+    segmented_cfg = cfg.replace(decode_segments=3)
+    segmented = _sample_fn(segmented_cfg)
+    np.testing.assert_array_equal(np.asarray(segmented(params, ENC)), whole)
+    # Each segment's loop carries a cache of its end's length (4, 8, 12 positions
+    # for 2 prompts x 2 guidance rows), not the whole grid's.
+    hlo = segmented.lower(params, ENC).compile().as_text()
+    heads, kv = cfg.num_heads, cfg.kv_dim
+    for length in (4, 8, 12):
+        assert f"f32[2,4,{length},{heads},{kv}]" in hlo, length
+    plain = _sample_fn(cfg).lower(params, ENC).compile().as_text()
+    assert f"f32[2,4,4,{heads},{kv}]" not in plain
+
+
+def test_segments_need_the_models_resize_cache():
+    from parti_jax import decoding
+
+    with pytest.raises(ValueError, match="segments=2 needs resize_cache"):
+        decoding.sample(
+            lambda *a: None, {}, num_steps=4, prompt_ids=[0], sample_indices=[0], seed=0,
+            segments=2, cache_batch_axis=None,
+        )  # fmt: skip

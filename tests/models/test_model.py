@@ -7,8 +7,10 @@ compiled; `model.init` itself is compiled in test_partitioning.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 
 import flax.linen as nn
 import jax
@@ -410,6 +412,55 @@ def test_remat_policies_are_applied_and_keep_gradients(params):
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(remat), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(remat)) > 0
+
+
+def _saved_shapes(fn, *args) -> list[str]:
+    """Shapes of the residuals the backward pass of `fn` keeps (jax's own listing)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    return [line.split()[0] for line in out.getvalue().splitlines()]
+
+
+def test_named_remat_policies_save_the_named_activations(params):
+    # Per-head activations of the scanned decoder layers: [layers, B, N, heads, kv].
+    layers = CFG.num_decoder_layers
+    heads = f"f32[{layers},2,{N},{CFG.num_heads},{CFG.kv_dim}]"
+    hidden = f"f32[{layers},2,{N},{CFG.d_model}]"  # [layers, B, N, D]
+    counts = {}
+    for policy in ("full", "save_qkv_attention_out", "save_qkv_attention_out_mlp_in"):
+        saved = _saved_shapes(_loss(CFG.replace(remat_policy=policy)), params)
+        counts[policy] = (saved.count(heads), saved.count(hidden))
+    # 'full' keeps no per-head activation; the named policies keep the self-attention
+    # Q, K, V and output and the cross-attention Q and output; + the MLP input.
+    assert counts["full"][0] == 0
+    assert counts["save_qkv_attention_out"][0] == 6
+    assert counts["save_qkv_attention_out_mlp_in"] == (6, counts["save_qkv_attention_out"][1] + 1)
+    grads = jax.jit(
+        lambda p: (
+            jax.grad(_loss(CFG))(p),
+            jax.grad(_loss(CFG.replace(remat_policy="save_qkv_attention_out_mlp_in")))(p),
+        )
+    )(params)
+    for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_dropout_rng_impls_draw_other_fixed_masks(params, impl):
+    cfg = CFG.replace(dropout_rng_impl=impl)
+    raw = jax.random.PRNGKey(3)
+    key = transformer.dropout_key(cfg, raw)
+    assert str(jax.random.key_impl(key)) == impl
+    assert transformer.dropout_key(CFG, raw) is raw  # threefry: the step's key itself
+    base = logits_of(CFG, params)
+    drop = logits_of(cfg, params, enable_dropout=True, rngs={"dropout": key})
+    again = logits_of(cfg, params, enable_dropout=True, rngs={"dropout": key})
+    threefry = logits_of(CFG, params, enable_dropout=True, rngs={"dropout": raw})
+    np.testing.assert_array_equal(drop, again)
+    assert np.abs(drop - base).max() > 1e-3 and np.abs(drop - threefry).max() > 1e-3
+    with pytest.raises(ValueError, match="dropout_rng_impl"):
+        CFG.replace(dropout_rng_impl="philox")
 
 
 def test_dropout_only_when_enabled(params):

@@ -137,6 +137,25 @@ def test_micro_batches_are_exact_with_uneven_weights():
     assert not np.allclose(jax.tree.leaves(s1.params)[0], jax.tree.leaves(params)[0])
 
 
+def test_dropout_rng_impl_reaches_the_train_step():
+    batch = _batch(batch_size=2)
+    losses = {}
+    for impl in ("threefry", "unsafe_rbg"):
+        cfg = dataclasses.replace(TINY, dropout_rate=0.3, dropout_rng_impl=impl)
+        model = transformer.EncoderDecoder(cfg)
+        params = model.init(
+            jax.random.PRNGKey(0), batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+        )["params"]
+        tx = optimizers.make_optimizer(OPT)
+        state = TrainState.create(params=params, tx=tx, rng=jax.random.PRNGKey(1))
+        step = jax.jit(functools.partial(t2i.train_step, model=model))
+        losses[impl] = [float(step(state, batch)[1]["loss"]) for _ in range(2)]
+    # Each generator draws fixed masks (same loss twice), and other masks than threefry's.
+    for impl, (a, b) in losses.items():
+        assert a == b and np.isfinite(a), impl
+    assert losses["threefry"][0] != losses["unsafe_rbg"][0]
+
+
 def test_flops_count_matches_xla_forward():
     cfg = dataclasses.replace(TINY, d_model=64, mlp_dim=256, image_grid=(8, 8), scan_layers=False)
     model = transformer.EncoderDecoder(cfg)
