@@ -285,6 +285,7 @@ def _random_params(model: nn.Module, seed: int, dtype: Any, *inputs: Any) -> PyT
 def _model_fields(config: ModelConfig) -> dict[str, Any]:
     names = ("d_model", "num_encoder_layers", "num_decoder_layers", "dtype", "attention_impl")
     names += ("remat_policy", "scan_layers", "decoder_attention", "conv_kernel_size")
+    names += ("conv_attention_kernel",)
     names += ("decode_block_size", "decode_segments", "dropout_rate", "dropout_rng_impl")
     return {"image_tokens": config.num_image_tokens, **{k: getattr(config, k) for k in names}}
 
@@ -535,6 +536,11 @@ def bench_sample(
     # self-attention cache (N positions) instead of its filled prefix (t + 1).
     full_cache_bytes = floor.total_bytes - floor.self_attention_bytes
     full_cache_bytes += floor.self_attention_bytes * 2 * n / (n + 1)
+    # The same floor with the guidance rows' cross-attention K/V read once: those
+    # rows all hold the one [EOS] prompt (the definition above counts them per row).
+    unique_bytes = floor.total_bytes
+    if rows > num_prompts:
+        unique_bytes -= floor.cross_attention_bytes * (rows - num_prompts - 1) / rows
     return _result(
         "sample",
         label,
@@ -558,6 +564,8 @@ def bench_sample(
         floor_s=floor.seconds if bandwidth else None,
         floor_ratio=seconds / floor.seconds if bandwidth else None,
         full_cache_read_s=full_cache_bytes / bandwidth if bandwidth else None,
+        floor_unique_cross_bytes=unique_bytes,
+        floor_unique_cross_ratio=seconds * bandwidth / unique_bytes if bandwidth else None,
         **_compiled_memory(compiled),
     )
 

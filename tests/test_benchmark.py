@@ -109,6 +109,10 @@ def test_all_benchmarks_print_json_lines(capsys, tmp_path):
     assert guided["floor_weight_bytes"] == plain["floor_weight_bytes"]
     assert guided["floor_self_attention_bytes"] == 2 * plain["floor_self_attention_bytes"]
     assert plain["full_cache_read_bytes"] > plain["floor_bytes"]
+    # With 2 prompts the 2 [EOS] rows' cross-attention K/V count once, not twice.
+    assert plain["floor_unique_cross_bytes"] == plain["floor_bytes"]
+    once = guided["floor_bytes"] - guided["floor_cross_attention_bytes"] / 4
+    assert guided["floor_unique_cross_bytes"] == pytest.approx(once)
     assert [json.loads(line) for line in out.read_text().splitlines()] == results
 
 

@@ -22,6 +22,7 @@ MLP_ACTIVATIONS = ("gelu", "relu", "gated_gelu", "swiglu")
 ATTENTION_IMPLS = ("xla", "cudnn")
 DECODER_ATTENTIONS = ("full", "conv_sparse")
 DROPOUT_RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
+CONV_ATTENTION_KERNELS = ("auto", "cudnn", "splash", "banded", "dense")
 NORM_TYPES = ("layernorm", "rmsnorm")
 TEXT_POSITIONS = ("learned", "rotary")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -161,6 +162,13 @@ class ModelConfig(CheckedConfig):
     decoder_attention: str = "full"
     # Side of the 2-D window of 'conv_sparse' attention (odd, >= 3).
     conv_kernel_size: int = 11
+    # How training computes 'conv_sparse' attention: 'cudnn' (sliding window plus
+    # the mask; needs attention_impl='cudnn'), 'splash' (Pallas TPU block-sparse
+    # kernel; grids of a multiple of 128 tokens), 'banded' (blocks of queries over
+    # static key slices, XLA on any backend), 'dense' (the masked N x N). 'auto':
+    # cudnn with attention_impl='cudnn', else splash on TPU, else banded where it
+    # reads at most half the keys, else dense.
+    conv_attention_kernel: str = "auto"
     # Cached decoding of decoder_attention='full': None reads each layer's whole
     # self-attention cache per step (masked beyond the step); an integer (dividing
     # the image tokens) reads only the blocks of this many positions up to the step
@@ -218,6 +226,11 @@ class ModelConfig(CheckedConfig):
         self.check_choices(mlp_activation=MLP_ACTIVATIONS, attention_impl=ATTENTION_IMPLS)
         self.check_choices(decoder_attention=DECODER_ATTENTIONS, remat_policy=REMAT_POLICIES)
         self.check_choices(dropout_rng_impl=DROPOUT_RNG_IMPLS)
+        self.check_choices(conv_attention_kernel=CONV_ATTENTION_KERNELS)
+        check(
+            self.conv_attention_kernel != "cudnn" or self.attention_impl == "cudnn",
+            "conv_attention_kernel='cudnn' needs attention_impl='cudnn'",
+        )
         self.check_choices(norm_type=NORM_TYPES, text_positions=TEXT_POSITIONS, logits_dtype=DTYPES)
         problem = check_group_sizes(self.code_group_sizes, self.codebook_size)
         check(problem is None, f"{problem}; use the VQGAN's code_group_sizes")

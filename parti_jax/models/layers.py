@@ -10,6 +10,7 @@ matmuls run in `dtype`; norms and softmax statistics in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -640,16 +641,17 @@ def conv_band(grid: Sequence[int], kernel_size: int) -> int:
     return min(int(grid[0]) * int(grid[1]), half * int(grid[1]) + half)
 
 
-def banded_block_size(length: int, band: int) -> int | None:
+def banded_block_size(length: int, band: int, require_saving: bool = True) -> int | None:
     """The query block of `banded_attention` for `length` slots and a `band`, or
-    None when blocks would not read at most half the keys of dense attention.
+    None when blocks would not read at most half the keys of dense attention
+    (`require_saving`).
 
     The largest divisor of `length` no wider than band / 2 (at least 8): each
     query then reads block + band - 1 keys instead of `length`.
     """
     divisors = [b for b in range(1, length + 1) if length % b == 0]
     block = max([b for b in divisors if b <= max(8, band // 2)], default=length)
-    return block if 2 * (block + band - 1) <= length else None
+    return block if 2 * (block + band - 1) <= length or not require_saving else None
 
 
 def banded_attention(
@@ -692,6 +694,44 @@ def banded_attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
     out = jnp.einsum("bnhqk,bnkhd->bnqhd", probs, windows(value_p), **f32)
     return out.reshape(batch, n, heads, dim).astype(query.dtype)
+
+
+def splash_attention(query: Array, key: Array, value: Array, mask: np.ndarray) -> Array:
+    """Block-sparse attention with a static mask through the Pallas TPU splash kernel:
+    blocks of 128 x 128 that the mask leaves empty are skipped, forward and backward.
+
+    query, key, value [B, N, H, Dh] with N a multiple of 128; `mask` bool [N, N]
+    (True = attend, at least one per row). Returns [B, N, H, Dh]. Under a mesh
+    (jax.set_mesh + flax logical rules, as in training) it runs per shard
+    (`jax.shard_map` over the batch and head axes of QKV_AXES); off TPU the
+    kernel is interpreted (slow: for tests).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    n, dim = query.shape[1], query.shape[-1]
+    if n % 128:
+        raise ValueError(
+            f"splash attention needs a multiple of 128 positions, got {n}; use "
+            "conv_attention_kernel='banded' (or 'auto') for this grid"
+        )
+    interpret = jax.default_backend() != "tpu"
+
+    def run(q: Array, k: Array, v: Array) -> Array:
+        heads = q.shape[2]  # this shard's heads
+        masks = sm.MultiHeadMask([sm.NumpyMask(mask) for _ in range(heads)])
+        kernel = sk.make_splash_mha(masks, head_shards=1, q_seq_shards=1, interpret=interpret)
+        heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # [B, H, N, Dh]
+        out = jax.vmap(kernel)(heads_first(q * dim**-0.5), heads_first(k), heads_first(v))
+        return heads_first(out).astype(q.dtype)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = nn.logical_to_mesh_axes(QKV_AXES)
+    if mesh.empty or all(axis is None for axis in spec):
+        return run(query, key, value)
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
+        query, key, value
+    )
 
 
 def text_lengths(encoder_input_tokens: Array) -> Array:

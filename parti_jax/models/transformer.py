@@ -54,6 +54,7 @@ from parti_jax.models.layers import (
     run_stack,
     scan_to_unscanned,  # noqa: F401 - re-exported
     single_query_attention,
+    splash_attention,
     text_lengths,
     unscanned_to_scan,  # noqa: F401 - re-exported
 )
@@ -277,10 +278,11 @@ class DecoderLayer(nn.Module):
         """Teacher-forced self-attention over slots [0, N), with the output projection.
 
         'full': causal. 'conv_sparse': every key of the mask lies in a causal band
-        (`conv_band`), so only that band is computed: cuDNN's sliding window (the
-        mask shapes the window inside it) with attention_impl='cudnn', else
-        `banded_attention` (blocks of queries over static key slices, any
-        backend); dense masked attention when blocks would not halve the keys.
+        (`conv_band`), so only that band is computed (ModelConfig.conv_attention_kernel):
+        cuDNN's sliding window (the mask shapes the window inside it), splash's
+        block-sparse TPU kernel, or `banded_attention` (blocks of queries over
+        static key slices, any backend); dense masked attention when blocks would
+        not halve the keys.
         """
         cfg, att = self.config, self.self_attention
         if cfg.decoder_attention != "conv_sparse":
@@ -288,16 +290,27 @@ class DecoderLayer(nn.Module):
         length = query.shape[1]
         mask = self._self_mask(length)
         band = conv_band(cfg.image_grid, cfg.conv_kernel_size)
+        block = banded_block_size(length, band)
+        kernel = cfg.conv_attention_kernel
+        if kernel == "auto":
+            if cfg.attention_impl == "cudnn":
+                kernel = "cudnn"
+            elif jax.default_backend() == "tpu" and length % 128 == 0:
+                kernel = "splash"
+            else:
+                kernel = "dense" if block is None else "banded"
         dense = jnp.asarray(mask)[None, None]
-        if cfg.attention_impl == "cudnn":
+        if kernel == "cudnn":
             window = (band - 1, 0)
             return att.attend(
                 query, key, value, is_causal=True, mask=dense, local_window_size=window
             )
-        block = banded_block_size(length, band)
-        if block is None:
-            return att.attend(query, key, value, mask=dense)
-        return att.project_output(banded_attention(query, key, value, mask, band, block))
+        if kernel == "splash":
+            return att.project_output(splash_attention(query, key, value, mask))
+        if kernel == "banded":
+            block = block or banded_block_size(length, band, require_saving=False)
+            return att.project_output(banded_attention(query, key, value, mask, band, block))
+        return att.attend(query, key, value, mask=dense)
 
     def _self_attend(
         self, query: Array, cache_key: Array, cache_value: Array, layer: Array, step: Array

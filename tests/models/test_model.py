@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 
 from parti_jax.models import transformer
 from parti_jax.models.config import ModelConfig
@@ -27,6 +28,7 @@ from parti_jax.models.layers import (
     conv_sparse_mask,
     param_count,
     rotary,
+    splash_attention,
 )
 from parti_jax.models.transformer import (
     CACHE_KEYS,
@@ -35,7 +37,7 @@ from parti_jax.models.transformer import (
     scan_to_unscanned,
     unscanned_to_scan,
 )
-from parti_jax.partitioning import EMBED, LAYERS
+from parti_jax.partitioning import EMBED, LAYERS, get_rules
 
 # A 3x4 grid (not square) so that row/column positions cannot be swapped unnoticed.
 CFG = ModelConfig(
@@ -310,6 +312,51 @@ def test_banded_attention_matches_dense_masked_attention(grid, k, block):
     np.testing.assert_allclose(window, out, atol=1e-5, rtol=1e-5)
 
 
+def test_splash_attention_matches_dense_masked_attention_on_a_mesh(cpu_devices):
+    # The Pallas TPU kernel, interpreted on the CPU: a 16x16 grid (256 slots, two
+    # 128-blocks), k = 5, forward and gradients; then per shard under a
+    # data=2 x fsdp=2 x tensor=2 mesh with the fsdp_tp rules (batch and heads split).
+    grid, k = (16, 16), 5
+    mask = conv_sparse_mask(grid, k)
+    rng = np.random.default_rng(3)
+    q, key, v = (jnp.asarray(rng.normal(size=(4, 256, 2, 8)).astype(np.float32)) for _ in range(3))
+    reference = _dense_masked(q, key, v, mask)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(jnp.sin(fn(*a)))
+
+    splash = jax.jit(jax.value_and_grad(loss(lambda *a: splash_attention(*a, mask)), (0, 1, 2)))
+    dense = jax.value_and_grad(loss(lambda *a: _dense_masked(*a, mask)), (0, 1, 2))
+    (value, grads), (value_ref, grads_ref) = splash(q, key, v), dense(q, key, v)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    for a, b in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules("fsdp_tp")):
+        sharded = jax.jit(lambda *a: splash_attention(*a, mask))
+        hlo = sharded.lower(q, key, v).as_text()
+        out = sharded(q, key, v)
+    assert "shard_map" in hlo or "sdy.manual_computation" in hlo  # run per shard
+    np.testing.assert_allclose(out, reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 128 positions, got 64"):
+        splash_attention(q[:, :64], key[:, :64], v[:, :64], mask[:64, :64])
+    # Chosen in the model (ModelConfig.conv_attention_kernel; 'auto' picks it on TPU).
+    cfg = CFG.replace(image_grid=grid, conv_kernel_size=k, decoder_attention="conv_sparse")
+    params = random_params(cfg)
+    dec = np.random.default_rng(4).integers(1, cfg.codebook_size + 1, (2, 256)).astype(np.int32)
+    dec[:, 0] = 0
+    logits = {
+        kernel: np.asarray(
+            EncoderDecoder(cfg.replace(conv_attention_kernel=kernel)).apply(
+                {"params": params}, ENC, dec
+            )
+        )
+        for kernel in ("splash", "dense")
+    }
+    np.testing.assert_allclose(logits["splash"], logits["dense"], atol=1e-4, rtol=1e-4)
+
+
 def test_banded_attention_rejects_a_mask_outside_its_band():
     mask = np.tril(np.ones((16, 16), bool))
     x = jnp.zeros((1, 16, 1, 4))
@@ -339,6 +386,13 @@ def test_conv_sparse_banded_model_matches_dense_and_cached_decoding(monkeypatch)
     dense = np.asarray(jax.jit(model.apply)({"params": p}, ENC, dec))
     np.testing.assert_allclose(banded, dense, atol=1e-4, rtol=1e-4)
     monkeypatch.undo()
+    # The explicit kernel choices agree ('banded' even where it would not save keys).
+    for kernel in ("banded", "dense"):
+        chosen = EncoderDecoder(cfg.replace(conv_attention_kernel=kernel))
+        out = np.asarray(jax.jit(chosen.apply)({"params": p}, ENC, dec))
+        np.testing.assert_allclose(out, banded, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="conv_attention_kernel='cudnn' needs attention_impl"):
+        cfg.replace(conv_attention_kernel="cudnn")
     # Cached decoding (static window reads) gives the teacher-forced logits.
     tokens_to_logits, cache = make_tokens_to_logits(model, p, ENC)
     step = jax.jit(tokens_to_logits)
