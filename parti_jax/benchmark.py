@@ -285,7 +285,7 @@ def _random_params(model: nn.Module, seed: int, dtype: Any, *inputs: Any) -> PyT
 def _model_fields(config: ModelConfig) -> dict[str, Any]:
     names = ("d_model", "num_encoder_layers", "num_decoder_layers", "dtype", "attention_impl")
     names += ("remat_policy", "scan_layers", "decoder_attention", "conv_kernel_size")
-    names += ("conv_attention_kernel",)
+    names += ("conv_attention_kernel", "decode_attention_kernel")
     names += ("decode_block_size", "decode_segments", "dropout_rate", "dropout_rng_impl")
     return {"image_tokens": config.num_image_tokens, **{k: getattr(config, k) for k in names}}
 

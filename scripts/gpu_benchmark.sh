@@ -128,6 +128,7 @@ NAMED=(--remat_policy=save_qkv_attention_out_mlp_in)
 INT8=(--gin.OptimizerConfig.momentum_dtype="'int8'")
 SAMPLE=(sample "${GPU[@]}" "${M350[@]}" --num_prompts=16 --guidance=on --steps=3)
 FAST_SAMPLE=(--no-scan_layers --gin.ModelConfig.decode_segments=8)
+FUSED=(--gin.ModelConfig.decode_attention_kernel="'fused'")  # cuDNN decode attention
 # XLA:GPU command buffers (CUDA graphs), loops and conditionals included: the
 # sampling step is ~1.5 ms of many small kernels (BENCHMARKS.md).
 CMDBUF="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
@@ -137,9 +138,9 @@ if [[ "$QUICK" == 1 ]]; then
   QTRAIN=(train_step "${GPU[@]}" --steps=10 --warmup=2)
   bench "${QTRAIN[@]}" "${M350[@]}" --batch_size=32 --remat_policy=none "${FULL[@]}"
   bench "${QTRAIN[@]}" "${M350[@]}" --batch_size=32 --remat_policy=none "${FULL[@]}" "${RBG[@]}" --label=parti_350m_rbg
-  bench "${QTRAIN[@]}" "${M350[@]}" --batch_size=32 --remat_policy=none "${CONV[@]}" "${RBG[@]}" --label=parti_350m_conv_rbg
   bench "${SAMPLE[@]}" "${FULL[@]}"
   XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF" bench "${SAMPLE[@]}" "${FULL[@]}" "${FAST_SAMPLE[@]}" --label=parti_350m_unscanned_seg8_cmdbuf
+  bench "${QTRAIN[@]}" "${M350[@]}" --batch_size=32 --remat_policy=none "${CONV[@]}" "${RBG[@]}" --label=parti_350m_conv_rbg
   BENCH_TIMEOUT=0 bench "${QTRAIN[@]}" "${M3B[@]}" --batch_size=16 "${NAMED[@]}" "${INT8[@]}" "${CONV[@]}" "${RBG[@]}" --label=parti_3b_named_int8_conv_rbg
 else
 # 1. Parti-350M training (target >= 45% MFU at 128 text / 1024 image tokens).
@@ -181,7 +182,8 @@ done
 # 3. Parti-350M sampling of full 32x32 grids, with and without guidance
 #    (target: batch 16 with guidance within 2x the memory-bandwidth floor), then
 #    the levers one at a time: unscanned layers, static prefix segments, command
-#    buffers, conv-shaped attention (reads its window only).
+#    buffers, one fused (cuDNN) attention per step, conv-shaped attention (reads
+#    its window only).
 for p in 1 16; do bench sample "${GPU[@]}" "${M350[@]}" --num_prompts=$p --guidance=both --steps=3 "${FULL[@]}"; done
 bench "${SAMPLE[@]}" "${FULL[@]}" --no-scan_layers --label=parti_350m_unscanned
 for s in 4 8 16; do
@@ -189,6 +191,9 @@ for s in 4 8 16; do
 done
 XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF" bench "${SAMPLE[@]}" "${FULL[@]}" --label=parti_350m_cmdbuf
 XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF" bench "${SAMPLE[@]}" "${FULL[@]}" "${FAST_SAMPLE[@]}" --label=parti_350m_unscanned_seg8_cmdbuf
+bench "${SAMPLE[@]}" "${FULL[@]}" "${FUSED[@]}" --label=parti_350m_fused
+XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF" bench "${SAMPLE[@]}" "${FULL[@]}" "${FAST_SAMPLE[@]}" "${FUSED[@]}" \
+  --label=parti_350m_unscanned_seg8_fused_cmdbuf
 bench "${SAMPLE[@]}" "${CONV[@]}" --label=parti_350m_conv
 XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF" bench "${SAMPLE[@]}" "${CONV[@]}" --no-scan_layers --label=parti_350m_conv_unscanned_cmdbuf
 

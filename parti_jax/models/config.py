@@ -23,6 +23,7 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 DECODER_ATTENTIONS = ("full", "conv_sparse")
 DROPOUT_RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
 CONV_ATTENTION_KERNELS = ("auto", "cudnn", "splash", "banded", "dense")
+DECODE_ATTENTION_KERNELS = ("reduce", "fused")
 NORM_TYPES = ("layernorm", "rmsnorm")
 TEXT_POSITIONS = ("learned", "rotary")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -181,6 +182,12 @@ class ModelConfig(CheckedConfig):
     # whole preallocated cache every step. ~(1 + 1/S) / 2 of the reads, no
     # dynamic loop; each segment compiles its own loop body.
     decode_segments: int = 1
+    # Attention of a cached step: 'reduce' (multiply + reduce in float32, which
+    # XLA fuses with the slice of the stacked cache) or 'fused' (one
+    # jax.nn.dot_product_attention per attention with the filled lengths as
+    # key_value_seq_lengths, through attention_impl: a cuDNN kernel with 'cudnn').
+    # 'full' self-attention without decode_block_size only.
+    decode_attention_kernel: str = "reduce"
     # Generator of the dropout masks in training: 'threefry' (jax's default; the
     # same masks on every backend) or XLA's RngBitGenerator, 'rbg' / 'unsafe_rbg'
     # (far fewer operations per random bit on GPU/TPU; other masks, seeded from
@@ -227,6 +234,13 @@ class ModelConfig(CheckedConfig):
         self.check_choices(decoder_attention=DECODER_ATTENTIONS, remat_policy=REMAT_POLICIES)
         self.check_choices(dropout_rng_impl=DROPOUT_RNG_IMPLS)
         self.check_choices(conv_attention_kernel=CONV_ATTENTION_KERNELS)
+        self.check_choices(decode_attention_kernel=DECODE_ATTENTION_KERNELS)
+        check(
+            self.decode_attention_kernel == "reduce"
+            or (self.decoder_attention == "full" and self.decode_block_size is None),
+            "decode_attention_kernel='fused' applies to decoder_attention='full' without "
+            "decode_block_size",
+        )
         check(
             self.conv_attention_kernel != "cudnn" or self.attention_impl == "cudnn",
             "conv_attention_kernel='cudnn' needs attention_impl='cudnn'",

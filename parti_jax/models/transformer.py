@@ -265,10 +265,25 @@ class DecoderLayer(nn.Module):
         h = self.pre_cross_attention_norm(x)
         cross = self.cross_attention
         valid = jnp.arange(cross_key.shape[1])[None, :] < lengths[:, None]
-        out = single_query_attention(cross.project_query(h), cross_key, cross_value, valid)
+        if self.config.decode_attention_kernel == "fused":
+            out = self._fused_step_attention(
+                cross.project_query(h), cross_key, cross_value, lengths
+            )
+        else:
+            out = single_query_attention(cross.project_query(h), cross_key, cross_value, valid)
         x = x + cross.project_output(out)
         x = x + self.mlp(self.pre_mlp_norm(x))
         return (constrain(x, HIDDEN_AXES), cache_key, cache_value), None
+
+    def _fused_step_attention(
+        self, query: Array, key: Array, value: Array, lengths: Array
+    ) -> Array:
+        """One query row over the first `lengths` [B] keys by one
+        jax.nn.dot_product_attention (decode_attention_kernel='fused')."""
+        return jax.nn.dot_product_attention(
+            query, key, value, key_value_seq_lengths=lengths,
+            implementation=self.config.attention_impl,
+        )  # fmt: skip
 
     def _self_mask(self, length: int) -> np.ndarray:
         cfg = self.config
@@ -336,6 +351,9 @@ class DecoderLayer(nn.Module):
             valid = jax.lax.dynamic_slice(mask, (step, start), (1, window))
             return single_query_attention(query, *read(start, window), valid)
         block = cfg.decode_block_size
+        if block is None and cfg.decode_attention_kernel == "fused":
+            filled = jnp.full((batch,), step + 1, jnp.int32)
+            return self._fused_step_attention(query, *read(zero, length), filled)
         if block is None:
             valid = (jnp.arange(length) <= step)[None]
             return single_query_attention(query, *read(zero, length), valid)

@@ -128,9 +128,11 @@ def params():
     [
         dict(decode_block_size=4),  # 3 blocks over the 12 slots
         dict(decode_block_size=3, scan_layers=False),
-        dict(decoder_attention="conv_sparse"),  # scanned; window of 6 of 12 slots
+        dict(decoder_attention="conv_sparse"),  # scanned; window of 5 of 12 slots
+        dict(decode_attention_kernel="fused"),  # jax.nn.dot_product_attention with lengths
+        dict(decode_attention_kernel="fused", scan_layers=False),
     ],
-    ids=["blocked_scanned", "blocked_unscanned", "conv_sparse_scanned"],
+    ids=["blocked_scanned", "blocked_unscanned", "conv_sparse_scanned", "fused", "fused_unscanned"],
 )
 def test_decoding_variants_match_teacher_forcing(changes, params):
     cfg = CFG.replace(**changes)
@@ -155,6 +157,11 @@ def test_decoding_variants_match_teacher_forcing(changes, params):
             "decode_segments=2 applies to decoder_attention='full'",
         ),
         (dict(decode_segments=0), "decode_segments=0 must be a positive integer"),
+        (
+            dict(decode_attention_kernel="fused", decode_block_size=4),
+            "decode_attention_kernel='fused' applies to decoder_attention='full'",
+        ),
+        (dict(decode_attention_kernel="cudnn"), "decode_attention_kernel"),
     ],
 )
 def test_decode_options_are_validated(changes, message):
