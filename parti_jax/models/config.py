@@ -159,7 +159,7 @@ class ModelConfig(CheckedConfig):
     # Decoder self-attention: 'full' causal, or 'conv_sparse' (Parti's conv-shaped
     # causal mask: the prediction of a cell sees the earlier cells in a
     # conv_kernel_size window centred on it; layers.conv_sparse_mask). Training
-    # computes only the mask's band (cuDNN sliding window, or blocked XLA).
+    # computes only the mask's band (conv_attention_kernel).
     decoder_attention: str = "full"
     # Side of the 2-D window of 'conv_sparse' attention (odd, >= 3).
     conv_kernel_size: int = 11
