@@ -151,13 +151,18 @@ done
 for b in 128 256; do bench "${TRAIN[@]}" "${M350[@]}" --batch_size=$b --remat_policy=full "${FULL[@]}"; done
 # Levers, one at a time against batch 32 above: unrolled layers, XLA attention,
 # no dropout, cheaper dropout generators, conv-shaped attention (cuDNN sliding
-# window; and the blocked XLA path), then the best combination.
+# window; and the blocked XLA path), bf16 logits (float32 loss math), XLA's
+# dynamic-slice fusion for the scanned layers, then the best combination.
 bench "${TRAIN[@]}" "${M350[@]}" --batch_size=32 --no-scan_layers "${FULL[@]}"
 bench "${TRAIN[@]}" "${M350[@]}" --batch_size=32 "${FULL[@]}" --gin.ModelConfig.dropout_rate=0.0 --label=parti_350m_nodrop
 for impl in rbg unsafe_rbg; do
   bench "${TRAIN[@]}" "${M350[@]}" --batch_size=32 "${FULL[@]}" --gin.ModelConfig.dropout_rng_impl="'$impl'" --label=parti_350m_$impl
 done
 bench "${TRAIN[@]}" "${M350[@]}" --batch_size=32 "${CONV[@]}" --label=parti_350m_conv
+bench "${TRAIN[@]}" "${M350[@]}" --batch_size=32 "${FULL[@]}" --gin.ModelConfig.logits_dtype="'bfloat16'" \
+  --label=parti_350m_bf16_logits
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" \
+  bench "${TRAIN[@]}" "${M350[@]}" --batch_size=32 "${FULL[@]}" --label=parti_350m_dynamic_slice_fusion
 bench train_step --dtype=bfloat16 --attention_impl=xla --steps="$STEPS" --warmup=3 \
   "${M350[@]}" --batch_size=32 "${CONV[@]}" --label=parti_350m_conv_xla_banded
 bench train_step --dtype=bfloat16 --attention_impl=xla --steps="$STEPS" --warmup=3 \
