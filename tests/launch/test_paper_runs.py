@@ -142,3 +142,23 @@ def test_analytic_estimate_matches_compiled_memory_analysis(cpu_devices):
         analytic.gib(),
         compiled.compiled,
     )
+
+
+def test_activation_estimate_orders_the_remat_policies_and_counts_the_conv_band():
+    cfg = ModelConfig(num_encoder_layers=2, num_decoder_layers=4, d_model=256, mlp_dim=1024)
+
+    def act(**changes):
+        return memory.activation_bytes(cfg.replace(**changes), rows=4, text_length=32, tensor=1)
+
+    full, none = act(remat_policy="full"), act(remat_policy="none")
+    named = act(remat_policy="save_qkv_attention_out")
+    named_mlp = act(remat_policy="save_qkv_attention_out_mlp_in")
+    dots = act(remat_policy="dots_with_no_batch_dims_saveable")
+    # The named policies keep Q, K, V and the context per layer: more than 'full',
+    # less than keeping every matmul output. The MLP input adds one [rows, tokens,
+    # d_model] bfloat16 tensor per layer: 4 decoder layers x 1024 image tokens and
+    # 2 encoder layers x 32 text tokens.
+    assert full < named < named_mlp < dots < none
+    assert named_mlp - named == (4 * 1024 + 2 * 32) * 4 * 256 * 2
+    # Conv-shaped attention's probabilities span its blocks' 228 keys, not 1024.
+    assert act(decoder_attention="conv_sparse") < none
