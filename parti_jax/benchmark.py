@@ -26,7 +26,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parti_jax import storage
 from parti_jax.devices import DEVICE_SPECS, device_spec  # noqa: F401 - re-exported
 from parti_jax.memory import compiled_sizes
 from parti_jax.models.config import ModelConfig
@@ -120,11 +120,13 @@ def profile_categories(trace_dir: str) -> dict[str, Any]:
     summed by PROFILE_CATEGORIES, plus 'idle': the device's span not covered by any
     kernel. Seconds per category and shares of the span; {} when the trace has no
     device ('/device:...') events (CPU runs)."""
-    traces = sorted(Path(trace_dir).glob("plugins/profile/*/perfetto_trace.json.gz"))
+    runs = storage.listdir(storage.join(trace_dir, "plugins", "profile"))
+    traces = [storage.join(trace_dir, "plugins", "profile", run, "perfetto_trace.json.gz")
+              for run in runs]  # fmt: skip
+    traces = [t for t in traces if storage.exists(t)]
     if not traces:
         return {}
-    with gzip.open(traces[-1], "rt") as f:
-        data = json.load(f)
+    data = json.loads(gzip.decompress(storage.read_bytes(traces[-1])))
     events = data["traceEvents"] if isinstance(data, dict) else data
     devices = {
         e["pid"]

@@ -67,6 +67,22 @@ def _provider(name: str | seqio.Task | seqio.Mixture):
         ) from None
 
 
+def single_task(task: str | seqio.Task, split: str, *, where: str) -> seqio.Task:
+    """The registered task `task` (a name or a task) that has `split`; a mixture is an
+    error naming the `where` field (its tasks are encoded one by one)."""
+    provider = _provider(task)
+    if not isinstance(provider, seqio.Task):
+        raise ValueError(
+            f"{where}={getattr(provider, 'name', task)!r} is a {type(provider).__name__}; "
+            "encode each `<name>_pixels` task of a mixture separately"
+        )
+    if split not in provider.splits:
+        raise ValueError(
+            f"task {provider.name!r} has no split {split!r}; it has {list(provider.splits)}"
+        )
+    return provider
+
+
 def _tasks_of(provider) -> list[seqio.Task]:
     return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
 

@@ -305,7 +305,6 @@ class DecoderLayer(nn.Module):
         length = query.shape[1]
         mask = self._self_mask(length)
         band = conv_band(cfg.image_grid, cfg.conv_kernel_size)
-        block = banded_block_size(length, band)
         kernel = cfg.conv_attention_kernel
         if kernel == "auto":
             if cfg.attention_impl == "cudnn":
@@ -313,7 +312,7 @@ class DecoderLayer(nn.Module):
             elif jax.default_backend() == "tpu" and length % 128 == 0:
                 kernel = "splash"
             else:
-                kernel = "dense" if block is None else "banded"
+                kernel = "banded" if banded_block_size(length, band) else "dense"
         dense = jnp.asarray(mask)[None, None]
         if kernel == "cudnn":
             window = (band - 1, 0)
@@ -323,7 +322,7 @@ class DecoderLayer(nn.Module):
         if kernel == "splash":
             return att.project_output(splash_attention(query, key, value, mask))
         if kernel == "banded":
-            block = block or banded_block_size(length, band, require_saving=False)
+            block = banded_block_size(length, band, require_saving=False)
             return att.project_output(banded_attention(query, key, value, mask, band, block))
         return att.attend(query, key, value, mask=dense)
 

@@ -28,7 +28,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import seqio
 
 from parti_jax import storage
 from parti_jax.data import codes as codes_lib
@@ -88,20 +87,11 @@ def _resume_point(output_dir: str, host: int, shard_size: int) -> tuple[int, boo
     return index, storage.exists(_done_file(output_dir, host))
 
 
-def _source_task(task: Any, split: str) -> seqio.Task:
+def _source_task(task: Any, split: str) -> Any:
     """The seqio task to encode (a name or a task), checked for `split`."""
     if isinstance(task, str):
         import parti_jax.tasks  # noqa: F401  (registers the built-in tasks)
-
-        task = seqio.get_mixture_or_task(task)
-    if not isinstance(task, seqio.Task):
-        raise ValueError(
-            f"precompute_codes.task={getattr(task, 'name', task)!r} is a "
-            f"{type(task).__name__}; encode each `<name>_pixels` task of a mixture separately"
-        )
-    if split not in task.splits:
-        raise ValueError(f"task {task.name!r} has no split {split!r}; it has {list(task.splits)}")
-    return task
+    return pipeline.single_task(task, split, where="precompute_codes.task")
 
 
 def precompute_codes(

@@ -57,10 +57,6 @@ def _steps_and_losses(workdir) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in lines]
 
 
-def _folders(workdir) -> list[str]:
-    return ct.checkpoint_folders(workdir)
-
-
 @pytest.fixture(scope="module")
 def toy_reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
@@ -81,7 +77,7 @@ def test_damaged_latest_checkpoint_falls_back(damage, toy_reference, tmp_path, c
     assert re.search(rf"checkpoints/8 is damaged: .*{why}", line), line
     assert f"resumed from {tmp_path}/checkpoints/4" in out
     assert _steps_and_losses(tmp_path) == toy_reference  # each step once, the same losses
-    folders = _folders(tmp_path)
+    folders = ct.checkpoint_folders(tmp_path)
     assert folders[:2] == ["12", "8"] and re.fullmatch(r"8\.corrupt-\d{8}-\d{6}", folders[2])
 
 
@@ -95,7 +91,7 @@ def test_no_intact_checkpoint_or_a_damaged_choice_is_one_line(tmp_path):
     pattern = r"checkpoints/4 is damaged \(see above\); restore another step \(steps there are"
     with pytest.raises(checkpoints.CheckpointError, match=pattern):
         train(tmp_path, dataclasses.replace(TOY, restore_step=4))
-    assert _folders(tmp_path) == ["4", "8"]  # nothing set aside when nothing restores
+    assert ct.checkpoint_folders(tmp_path) == ["4", "8"]  # nothing set aside when nothing restores
 
 
 COMMON = (
@@ -124,7 +120,7 @@ def test_cli_falls_back_from_a_cut_array_file(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
     assert f"resumed from {run}/checkpoints/8" in proc.stdout
     assert _records(run) == uninterrupted  # steps 9-12 again: the same losses and data
-    assert re.fullmatch(r"12\.corrupt-\d{8}-\d{6}", _folders(run)[1])
+    assert re.fullmatch(r"12\.corrupt-\d{8}-\d{6}", ct.checkpoint_folders(run)[1])
 
     # --restore_step names a step that is not there: one line listing the steps there.
     args = [*ct.train_args(run, "train/LoopConfig.num_steps=12", *COMMON), "--restore_step=5"]
@@ -150,7 +146,7 @@ def test_processes_agree_on_the_fallback(tmp_path):
     after = _steps_and_losses(tmp_path)
     assert [s for s, _ in after] == list(range(1, 9))
     assert all(loss == pytest.approx(before[s], rel=1e-6) for s, loss in after)
-    assert re.fullmatch(r"8\.corrupt-\d{8}-\d{6}", _folders(tmp_path)[-1])
+    assert re.fullmatch(r"8\.corrupt-\d{8}-\d{6}", ct.checkpoint_folders(tmp_path)[-1])
 
 
 # ------------------------------------------------------------------ kill -9 / SIGTERM
@@ -179,7 +175,7 @@ TMP = ".orbax-checkpoint-tmp"
 def _tmp_folders(workdir) -> list[str]:
     """Saves under way or cut short: orbax's temporary folders; on GCS, where a save is
     written in place, `<step>` folders without commit_success.txt."""
-    names = _folders(workdir)
+    names = ct.checkpoint_folders(workdir)
     if not storage.is_url(workdir):
         return [n for n in names if TMP in n]
     committed = set(ct.committed_steps(workdir))
@@ -261,7 +257,9 @@ def test_kill_9_and_sigterm_at_random_points_resume_identically(where, tmp_path,
 
     assert _records(workdir) == _records(reference)  # losses and data order, each step once
     assert _tmp_folders(workdir) == []  # the next run removed the cut saves' folders
-    assert _folders(workdir) == _folders(reference)  # and no checkpoint was ever damaged
+    assert ct.checkpoint_folders(workdir) == ct.checkpoint_folders(
+        reference
+    )  # and no checkpoint was ever damaged
     if len(kills) >= len(base):
         assert any(k["tmp_left"] for k in kills), "no kill cut a save short"
     print(

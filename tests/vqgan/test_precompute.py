@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import seqio
 
 from parti_jax.data import codes as codes_lib
 from parti_jax.data import pipeline
@@ -108,6 +109,10 @@ def test_resume_with_other_settings_is_refused(vqgan_dir, task, tmp_path):
         run(vqgan_dir, task, out, shard_size=12)
     with pytest.raises(ValueError, match=r"no split 'heldout'"):
         run(vqgan_dir, task, tmp_path / "other", split="heldout")
+    # A mixture is refused, naming the field (its tasks are encoded one by one).
+    mixture = seqio.Mixture("precompute_test_mixture", [task], default_rate=1.0)
+    with pytest.raises(ValueError, match=r"precompute_codes.task='precompute_test_mixture' is a"):
+        run(vqgan_dir, mixture, tmp_path / "mixed")
 
 
 def test_cli(vqgan_dir, task, tmp_path):
